@@ -130,6 +130,12 @@ class Model:
         return archs[0]
 
     @property
+    def last_mlp(self) -> nn.Module | None:
+        """The feed-forward module of the last block, when the architecture names it `mlp`."""
+        mlp = getattr(self.blocks[-1], "mlp", None)
+        return mlp if isinstance(mlp, nn.Module) else None
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
