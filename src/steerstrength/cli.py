@@ -42,30 +42,6 @@ def models_show(
     print(json.dumps(model.describe(), indent=2))
 
 
-@app.command("demo-generate")
-def demo_generate(
-    model_spec: Optional[str] = ModelOpt,
-    prompt: str = typer.Option("Tell me about your weekend.", "--prompt"),
-    concept: str = typer.Option("joy", "--concept"),
-    alpha: float = typer.Option(8.0, "--alpha"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Default: the middle layer."),
-    max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-) -> None:
-    """Print an unsteered and a steered greedy generation side by side."""
-    from steerstrength.demo import steered_vs_unsteered
-
-    result = steered_vs_unsteered(
-        model_spec, prompt=prompt, concept=concept, alpha=alpha, layer=layer,
-        max_new_tokens=max_new_tokens, dtype=dtype, device=device,
-    )
-    out = Console()
-    out.print(f"[bold]model[/] {result['model']}  [bold]concept[/] {concept}  "
-              f"[bold]layer[/] {result['layer']}  [bold]alpha[/] {alpha}")
-    out.print(f"[bold]prompt[/] {prompt}")
-    out.print(f"[bold cyan]unsteered (alpha=0)[/] {result['unsteered']}")
-    out.print(f"[bold magenta]steered (alpha={alpha:g})[/] {result['steered']}")
 
 
 def main() -> None:

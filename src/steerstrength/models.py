@@ -251,6 +251,7 @@ class Model:
             "device": str(self.device),
             "chat_template": self.has_chat_template,
             "load_seconds": round(self.load_seconds, 3),
+            "import_seconds": round(float(self.info.get("import_seconds", 0.0)), 3),
             "blocks_path": self.blocks_path,
             "add_bos": self.add_bos,
         }
@@ -324,7 +325,14 @@ def find_parts(hf: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.M
         raise ArchitectureError(
             f"{arch}: found blocks at {path!r} but no final norm beside them ({', '.join(NORM_NAMES)})"
         )
-    unembed = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    unembed = None
+    try:
+        unembed = hf.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        pass
+    for name in ("lm_head", "embed_out"):
+        if unembed is None or getattr(unembed, "weight", None) is None:
+            unembed = getattr(hf, name, None)
     if unembed is None or getattr(unembed, "weight", None) is None:
         raise ArchitectureError(f"{arch}: the model has no output embedding (unembedding) matrix")
     return path, blocks, norm, unembed
@@ -335,9 +343,7 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
-    flag = getattr(tokenizer, "add_bos_token", None)
-    if isinstance(flag, bool):
-        return flag
+    # Observed, not read from `add_bos_token`: in transformers 5 the flag and the post-processor can disagree.
     try:
         ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     except Exception:  # noqa: BLE001 - a tokenizer that cannot encode "a" adds nothing we can see
@@ -466,6 +472,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     spec = DEFAULT_MODEL if spec is None else str(spec)
+    import_seconds = import_transformers()
     start = time.perf_counter()
     path = Path(spec).expanduser()
     if spec in EMBEDDED or path.suffix.lower() == ".gguf":
@@ -513,4 +520,17 @@ def load_model(
     hf = hf.to(device=torch_device, dtype=torch_dtype)
     model = wrap(hf, tok, name=name, source=source, blocks_path=blocks_path)
     model.load_seconds = time.perf_counter() - start
+    model.info["import_seconds"] = import_seconds
     return model
+
+
+def import_transformers() -> float:
+    """Import transformers' model-loading machinery once; seconds it took (0 when already imported).
+
+    Kept apart from `load_seconds` so that number measures the weights and tokenizer, not Python imports.
+    """
+    start = time.perf_counter()
+    import transformers.modeling_utils  # noqa: F401  (pulls the lazy loading modules)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    return time.perf_counter() - start
