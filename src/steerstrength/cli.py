@@ -7,8 +7,8 @@ import sys
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from steerstrength.cli_common import BlocksPathOpt, DeviceOpt, DtypeOpt, console, state, sweep_app
 from steerstrength.errors import SteerStrengthError
 
 app = typer.Typer(
@@ -19,13 +19,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-
-console = Console(stderr=True)
-
-ModelOpt = typer.Option(None, "--model", "-m", help="HF id, model directory, .gguf file or embedded name.")
-DtypeOpt = typer.Option("float32", "--dtype", help="float32 (reference), bfloat16 or float16.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
-BlocksPathOpt = typer.Option(None, "--blocks-path", help="Dotted path of the decoder blocks, for unknown architectures.")
+app.add_typer(sweep_app, name="sweep")
+# Command groups, one line each:
 
 
 @models_app.command("show")
@@ -49,6 +44,9 @@ def main() -> None:
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
+    if "--quiet" in sys.argv:  # global: no progress bars, log lines only
+        sys.argv.remove("--quiet")
+        state["quiet"] = True
     try:
         app()
     except SteerStrengthError as exc:

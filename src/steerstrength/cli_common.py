@@ -1,0 +1,45 @@
+"""Pieces the CLI modules share: options, the `sweep` group, model loading, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+state = {"quiet": False}
+
+sweep_app = typer.Typer(help="Alpha sweeps on a real model; each writes a Parquet table and a JSON summary.",
+                        no_args_is_help=True)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="HF id, model directory, .gguf file or embedded name.")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32 (reference), bfloat16 or float16.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+BlocksPathOpt = typer.Option(None, "--blocks-path", help="Dotted path of the decoder blocks, for unknown architectures.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars; log lines only.")
+
+
+def load(spec: Optional[str], dtype: str = "float32", device: str = "auto", blocks_path: Optional[str] = None):
+    from steerstrength.models import load_model
+
+    return load_model(spec, dtype=dtype, device=device, blocks_path=blocks_path)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, *, quiet: bool | None = None) -> Iterator:
+    """A rich progress bar with ETA; yields `advance(n)`. Silent when quiet."""
+    quiet = state["quiet"] if quiet is None else quiet
+    if quiet:
+        yield lambda n=1: None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def log(message: str) -> None:
+    console.print(message, highlight=False)
