@@ -1,0 +1,1 @@
+"""Measured quantities of a steered model, one module each (tokens, logodds, limits, xent, ...)."""
