@@ -8,6 +8,8 @@ from steerstrength.errors import (
     SteerStrengthError,
 )
 from steerstrength.models import Model, load_model
+from steerstrength.steering import next_token_probs, steer, steered_generate
+from steerstrength.vectors import SteeringVectors, difference_of_means
 
 __version__ = "0.1.0"
 
@@ -19,4 +21,9 @@ __all__ = [
     "RunError",
     "SteerStrengthError",
     "load_model",
+    "next_token_probs",
+    "steer",
+    "steered_generate",
+    "SteeringVectors",
+    "difference_of_means",
 ]

@@ -1,0 +1,287 @@
+"""The run configuration: one typed tree, presets, TOML files and `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from steerstrength.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    spec: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    device: str = "auto"
+    blocks_path: Optional[str] = None
+
+
+@dataclass
+class PromptsConfig:
+    n: int = 500  # texts in P and in N
+    max_new_tokens: int = 300
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    generator: Optional[str] = None  # None: the steered model generates P (and contrastive N)
+    positive_file: Optional[str] = None  # user files replace generation
+    negative_file: Optional[str] = None
+    opposite: Optional[str] = None  # contrastive setting: None asks the generator
+    batch_size: int = 16
+
+
+@dataclass
+class VectorsConfig:
+    resamples: int = 0  # bootstrap replicates of P and N, for error bands
+    skip_first_token: bool = True
+    normalize: bool = False
+    max_length: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
+class TokensConfig:
+    alpha_max: float = 200.0
+    n_alphas: int = 1024  # plus 0
+    contexts_file: Optional[str] = None  # None: built-in contexts (neutral + the concept's own)
+    n_contexts: Optional[int] = None  # keep the first n contexts (None: all)
+    top_k: int = 100
+
+
+@dataclass
+class LogOddsConfig:
+    enabled: bool = True
+    max_tokens: int = 100
+
+
+@dataclass
+class LimitConfig:
+    enabled: bool = True
+    alphas: list = field(default_factory=lambda: [1e2, 1e3, 1e4])
+
+
+@dataclass
+class XentConfig:
+    enabled: bool = True
+    corpus: str = "model"  # "model" (samples of the unsteered model), a file, or a HF dataset name
+    n_tokens: int = 1_000_000
+    seq_len: int = 128
+    alpha_max: float = 100.0
+    n_alphas: int = 128  # plus 0
+    chunk_windows: int = 16  # windows per resumable chunk
+
+
+@dataclass
+class ConceptConfig:
+    enabled: bool = True
+    judge: str = "llm"
+    judge_model: Optional[str] = None  # llm judge; None: the steered model
+    alpha_max: float = 40.0
+    n_alphas: int = 41
+    n_prompts: int = 12
+    completions: int = 32
+    max_new_tokens: int = 64
+    prompts_file: Optional[str] = None
+
+
+@dataclass
+class MmluConfig:
+    enabled: bool = True  # runs when data is available (a local dir/parquet, or the hub when online)
+    source: Optional[str] = None  # MMLU CSV dir, a Parquet file, or "cais/mmlu"
+    subjects: list = field(default_factory=list)  # empty: all found
+    k_shot: int = 5
+    max_questions: Optional[int] = None  # per subject
+    alpha_max: float = 40.0
+    n_alphas: int = 9
+    chat: bool = False
+
+
+@dataclass
+class RecommendConfig:
+    enabled: bool = True
+    kl_budget: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    concepts: list = field(default_factory=lambda: ["joy"])
+    layers: list = field(default_factory=lambda: ["middle"])  # ints, or "early" / "middle" / "late"
+    setting: str = "random"  # negatives: "random" or "contrastive"
+    positions: str = "all"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    vectors: VectorsConfig = field(default_factory=VectorsConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    logodds: LogOddsConfig = field(default_factory=LogOddsConfig)
+    limit: LimitConfig = field(default_factory=LimitConfig)
+    xent: XentConfig = field(default_factory=XentConfig)
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    mmlu: MmluConfig = field(default_factory=MmluConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *names: str) -> str:
+        import hashlib
+
+        d = self.to_dict()
+        part = {n: d[n] for n in names}
+        return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+PAPER_CONCEPTS = ["apathetic", "depression", "evil", "humorous", "impolite", "joy", "lying", "optimistic"]
+
+
+def preset(name: str) -> RunConfig:
+    """`paper`: the paper's sizes (for GPUs). `demo`: the same pipeline sized for 2 CPU cores."""
+    if name == "paper":
+        cfg = RunConfig(concepts=list(PAPER_CONCEPTS), layers=["early", "middle", "late"])
+        cfg.vectors.resamples = 10
+        cfg.concept.judge = "llm"
+        cfg.mmlu.source = "cais/mmlu"
+        return cfg
+    if name == "demo":
+        cfg = RunConfig()
+        cfg.model.device = "cpu"
+        cfg.prompts = PromptsConfig(n=24, max_new_tokens=48, batch_size=24)
+        cfg.vectors.resamples = 8
+        cfg.tokens = TokensConfig(alpha_max=200.0, n_alphas=256, n_contexts=6, top_k=100)
+        cfg.xent = XentConfig(n_tokens=8192, seq_len=64, alpha_max=100.0, n_alphas=32, chunk_windows=32)
+        cfg.concept = ConceptConfig(judge="lexicon", alpha_max=40.0, n_alphas=9, n_prompts=4, completions=4,
+                                    max_new_tokens=32)
+        cfg.mmlu = MmluConfig(source=None, k_shot=2, n_alphas=5, max_questions=8)
+        return cfg
+    raise InputError(f"unknown preset {name!r}; use demo or paper")
+
+
+def _set(obj, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    target = obj
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+            raise InputError(f"unknown config key {dotted!r}; see `steerstrength config show`")
+        target = getattr(target, part)
+    key = parts[-1]
+    if not dataclasses.is_dataclass(target) or key not in {f.name for f in dataclasses.fields(target)}:
+        raise InputError(f"unknown config key {dotted!r}; see `steerstrength config show`")
+    current = getattr(target, key)
+    if dataclasses.is_dataclass(current):
+        raise InputError(f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.<key>=...")
+    setattr(target, key, _parse(raw, current, dotted))
+
+
+def _parse(raw: Any, current: Any, dotted: str) -> Any:
+    if not isinstance(raw, str):
+        value = raw
+    elif raw.lower() in ("none", "null"):
+        return None
+    else:
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare string
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise InputError(f"{dotted} takes true or false, not {raw!r}")
+    if isinstance(current, list) and not isinstance(value, list):
+        value = [value] if not isinstance(value, str) else [v.strip() for v in value.split(",") if v.strip()]
+        value = [_scalar(v) for v in value]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, int) and not isinstance(current, bool) and not isinstance(value, int):
+        raise InputError(f"{dotted} takes an integer, not {raw!r}")
+    if isinstance(current, float) and not isinstance(value, float):
+        raise InputError(f"{dotted} takes a number, not {raw!r}")
+    return value
+
+
+def _scalar(v):
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+    return v
+
+
+def _apply(cfg, data: dict, prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _apply(cfg, value, dotted + ".")
+        else:
+            _set(cfg, dotted, value)
+
+
+def build_config(preset_name: str = "demo", config_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset, then the TOML file, then `key=value` overrides (later wins)."""
+    cfg = preset(preset_name)
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise InputError(f"config file {path} does not exist; write one with `steerstrength config show > {path}`")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"{path} is not valid TOML ({exc})") from None
+        _apply(cfg, data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"override {item!r} is not key=value (e.g. concepts=joy or xent.n_tokens=4096)")
+        key, raw = item.split("=", 1)
+        _set(cfg, key.strip(), raw.strip())
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    if not cfg.concepts:
+        raise InputError("concepts is empty; name at least one concept, e.g. concepts=joy")
+    if cfg.setting not in ("random", "contrastive"):
+        raise InputError(f"setting must be random or contrastive, not {cfg.setting!r}")
+    if cfg.positions not in ("all", "last"):
+        raise InputError(f"positions must be all or last, not {cfg.positions!r}")
+    for name, n in (("prompts.n", cfg.prompts.n), ("tokens.n_alphas", cfg.tokens.n_alphas),
+                    ("xent.n_alphas", cfg.xent.n_alphas), ("concept.n_alphas", cfg.concept.n_alphas)):
+        if n < 2:
+            raise InputError(f"{name} must be at least 2, not {n}")
+    for name, x in (("tokens.alpha_max", cfg.tokens.alpha_max), ("xent.alpha_max", cfg.xent.alpha_max),
+                    ("concept.alpha_max", cfg.concept.alpha_max)):
+        if not (x > 0 and x < float("inf")):
+            raise InputError(f"{name} must be a positive finite number, not {x}")
+
+
+def resolve_layers(spec: list, n_layers: int) -> list[int]:
+    """Layer names to indices: early = n/6, middle = n/2, late = 5n/6 (block outputs, 0-based)."""
+    named = {"early": n_layers // 6, "middle": n_layers // 2, "late": (5 * n_layers) // 6}
+    out = []
+    for item in spec:
+        if isinstance(item, str) and item in named:
+            out.append(named[item])
+        elif isinstance(item, int) and 0 <= item < n_layers:
+            out.append(item)
+        else:
+            raise InputError(f"layer {item!r} is not early/middle/late or an index in [0, {n_layers})")
+    return sorted(set(out))
+
+
+def to_toml(cfg: RunConfig) -> str:
+    import tomli_w
+
+    def clean(d):
+        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+    return tomli_w.dumps(clean(cfg.to_dict()))

