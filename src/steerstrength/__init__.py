@@ -9,6 +9,7 @@ from steerstrength.errors import (
 )
 from steerstrength.models import Model, load_model
 from steerstrength.steering import next_token_probs, steer, steered_generate
+from steerstrength.prompts import concepts, generate_prompts, load_prompts
 from steerstrength.vectors import SteeringVectors, difference_of_means
 
 __version__ = "0.1.0"
@@ -26,4 +27,7 @@ __all__ = [
     "steered_generate",
     "SteeringVectors",
     "difference_of_means",
+    "concepts",
+    "generate_prompts",
+    "load_prompts",
 ]

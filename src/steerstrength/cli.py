@@ -21,6 +21,7 @@ models_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(sweep_app, name="sweep")
 # Command groups, one line each:
+app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["app"]).app)  # prompts, vectors, export-gguf
 
 
 @models_app.command("show")

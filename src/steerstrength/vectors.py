@@ -1,7 +1,14 @@
-"""Difference-of-means steering vectors (Eq. 3), one per layer; safetensors I/O."""
+"""Difference-of-means steering vectors (Eq. 3), one per layer; safetensors and llama.cpp GGUF I/O.
+
+Layer numbering: layer l is the residual stream at the output of block l (0-based), where `steer`
+adds alpha * v. llama.cpp adds its tensor `direction.N` to the output of its layer N (also 0-based,
+`build_cvec(cur, il)` at the end of block il; `direction.0` is rejected and block 0 is never steered),
+so layer l is exported as `direction.l`, and layer 0 cannot be exported.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -15,6 +22,8 @@ from steerstrength.io import atomic_path
 from steerstrength.models import Model
 from steerstrength.steering import check_layer, hidden_at
 
+GGUF_ARCH = "controlvector"
+
 
 @dataclass
 class SteeringVectors:
@@ -24,6 +33,27 @@ class SteeringVectors:
     meta: dict = field(default_factory=dict)
     # Optional bootstrap replicates: layer -> [K, d_model], for error bars (Fig. A.3).
     resamples: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.vectors:
+            raise InputError("no steering vectors given; a SteeringVectors needs at least one layer")
+        sizes = {int(v.shape[-1]) if v.ndim else 0 for v in self.vectors.values()}
+        for layer, v in self.vectors.items():
+            if not isinstance(layer, int) or layer < 0:
+                raise InputError(f"layer keys must be non-negative integers, not {layer!r}")
+            if v.ndim != 1 or len(sizes) != 1:
+                raise InputError(f"the vector for layer {layer} has shape {tuple(v.shape)}; every layer needs one "
+                                 f"1-D vector of the same size (sizes found: {sorted(sizes)})")
+            if not torch.isfinite(v).all():
+                raise InputError(f"the vector for layer {layer} contains NaN or inf; recompute it from finite "
+                                 "activations (float32 avoids overflow)")
+        d = sizes.pop()
+        for layer, r in self.resamples.items():
+            if layer not in self.vectors or r.ndim != 2 or r.shape[1] != d:
+                raise InputError(f"resamples for layer {layer} have shape {tuple(r.shape)}; expected [K, {d}] "
+                                 "for a layer that has a vector")
+            if not torch.isfinite(r).all():
+                raise InputError(f"the resamples for layer {layer} contain NaN or inf")
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         if layer not in self.vectors:
@@ -45,6 +75,16 @@ class SteeringVectors:
     def norms(self) -> dict[int, float]:
         return {layer: float(v.double().norm()) for layer, v in sorted(self.vectors.items())}
 
+    def check(self, model: Model) -> "SteeringVectors":
+        """Raise InputError unless these vectors fit `model` (d_model and layer range)."""
+        if self.d_model != model.d_model:
+            made = self.meta.get("model") or "another model"
+            raise InputError(f"the steering vectors have size {self.d_model} but {model.name} has d_model "
+                             f"{model.d_model}; they were made for {made}")
+        for layer in self.layers:
+            check_layer(model, layer)
+        return self
+
     def to(self, device=None, dtype=None) -> "SteeringVectors":
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return SteeringVectors(
@@ -53,31 +93,39 @@ class SteeringVectors:
             {k: move(v) for k, v in self.resamples.items()},
         )
 
+    # ------------------------------------------------------------------------- safetensors
+
     def save(self, path) -> Path:
         """Safetensors: tensors `layer.{l}` (and `layer.{l}.resamples`), metadata as JSON strings."""
+        with atomic_path(path) as tmp:
+            self._write_safetensors(tmp)
+        return Path(path)
+
+    def _write_safetensors(self, path: Path) -> None:
         from safetensors.torch import save_file
 
         tensors = {f"layer.{k}": v.detach().contiguous().cpu() for k, v in self.vectors.items()}
         tensors.update({f"layer.{k}.resamples": v.detach().contiguous().cpu() for k, v in self.resamples.items()})
         meta = {"steerstrength": json.dumps(self.meta, sort_keys=True)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return Path(path)
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path) -> "SteeringVectors":
+        """Read a steerstrength safetensors file, or a llama.cpp control-vector .gguf."""
         from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise InputError(f"vector file {path} does not exist; create it with `steerstrength vectors`")
+        if path.suffix.lower() == ".gguf":
+            return cls.from_gguf(path)
         try:
             vectors, resamples = {}, {}
             with safe_open(str(path), framework="pt") as fh:
                 meta = json.loads((fh.metadata() or {}).get("steerstrength", "{}"))
                 for key in fh.keys():
                     parts = key.split(".")
-                    if parts[0] != "layer" or not parts[1].isdigit():
+                    if parts[0] != "layer" or len(parts) < 2 or not parts[1].isdigit():
                         continue
                     target = resamples if key.endswith(".resamples") else vectors
                     target[int(parts[1])] = fh.get_tensor(key)
@@ -89,9 +137,106 @@ class SteeringVectors:
             raise InputError(f"{path} holds no `layer.N` tensors; it is not a steerstrength vector file")
         return cls(vectors, meta, resamples)
 
+    # ------------------------------------------------------------------------- llama.cpp GGUF
+
+    def gguf_layers(self, layers: Sequence[int] | None = None) -> list[int]:
+        """The layers a GGUF export writes: all but 0 by default (llama.cpp never steers block 0)."""
+        if layers is None:
+            chosen = [layer for layer in self.layers if layer > 0]
+        else:
+            chosen = sorted(set(int(layer) for layer in layers))
+            for layer in chosen:
+                self[layer]  # raises for a layer this object lacks
+        if 0 in chosen or not chosen:
+            raise InputError("llama.cpp cannot steer layer 0 (the output of the first block: its loader rejects "
+                             "direction.0); export layers >= 1")
+        return chosen
+
+    def to_gguf(self, path, layers: Sequence[int] | None = None, *, model_hint: str | None = None) -> Path:
+        """llama.cpp control vector (`--control-vector`): F32 tensors `direction.{l}` [d_model], layer l >= 1."""
+        chosen = self.gguf_layers(layers)
+        with atomic_path(path) as tmp:
+            self._write_gguf(tmp, chosen, model_hint)
+        return Path(path)
+
+    def _write_gguf(self, path: Path, layers: Sequence[int], model_hint: str | None = None) -> None:
+        from gguf import GGUFWriter
+
+        hint = model_hint or self.meta.get("model_type") or self.meta.get("model") or "unknown"
+        writer = GGUFWriter(str(path), GGUF_ARCH)
+        writer.add_string(f"{GGUF_ARCH}.model_hint", str(hint))
+        writer.add_int32(f"{GGUF_ARCH}.layer_count", len(layers))
+        # Ignored by llama.cpp (it reads only direction.* tensors); kept so the file says how it was made.
+        writer.add_string("steerstrength.meta", json.dumps(self.meta, sort_keys=True))
+        for layer in layers:
+            writer.add_tensor(f"direction.{layer}", self.vectors[layer].detach().float().cpu().contiguous().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    @classmethod
+    def from_gguf(cls, path) -> "SteeringVectors":
+        """A llama.cpp control vector (ours, llama.cpp's cvector-generator's, repeng's): direction.N -> layer N."""
+        path = Path(path)
+        try:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(path))
+            vectors = {}
+            for tensor in reader.tensors:
+                prefix, _, index = tensor.name.partition(".")
+                if prefix == "direction" and index.isdigit():
+                    vectors[int(index)] = torch.tensor(tensor.data.astype("float32").reshape(-1))
+            meta_field = reader.fields.get("steerstrength.meta")
+            meta = json.loads(meta_field.contents()) if meta_field is not None else {}
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path} is not a readable GGUF control vector ({type(exc).__name__})") from None
+        if not vectors:
+            raise InputError(f"{path} holds no direction.N tensors; it is not a llama.cpp control vector")
+        return cls(vectors, meta)
+
+
+def save_vectors(sv: SteeringVectors, out, gguf_out=None, gguf_layers: Sequence[int] | None = None) -> None:
+    """Write the safetensors file and, optionally, the GGUF: both or neither (temp files, then renames)."""
+    chosen = sv.gguf_layers(gguf_layers) if gguf_out is not None else None
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out))
+        sv._write_safetensors(tmp)
+        if gguf_out is not None:
+            sv._write_gguf(stack.enter_context(atomic_path(gguf_out)), chosen)
+
 
 def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int]:
+    """Layers from "5,15,25", "all", "middle" (n_layers // 2, the paper's default) or ints; checked."""
+    if isinstance(spec, int):
+        items: list = [spec]
+    elif isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            return list(range(n_layers))
+        if text == "middle":
+            return [n_layers // 2]
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        if not items:
+            raise InputError("no layers given; use e.g. --layers 5,15,25, --layers middle or --layers all")
+        try:
+            items = [int(part) for part in items]
+        except ValueError:
+            raise InputError(f"layers {spec!r} must be integers separated by commas, 'all' or 'middle'") from None
+    else:
+        items = [int(x) for x in spec]
+    for layer in items:
+        if not 0 <= layer < n_layers:
+            raise InputError(f"layer {layer} is outside [0, {n_layers}); pick 0..{n_layers - 1}")
+    return sorted(set(items))
+
+
+# ----------------------------------------------------------------------------- activations
 
 
 @torch.inference_mode()
@@ -105,6 +250,8 @@ def mean_activations(model: Model, texts: Sequence[str], layers: Sequence[int], 
     layers = sorted(set(layers))
     for layer in layers:
         check_layer(model, layer)
+    # MPS has no float64: sum on the CPU there.
+    acc_device = torch.device("cpu") if model.device.type == "mps" else model.device
     out = {layer: torch.empty((len(texts), model.d_model), dtype=torch.float64) for layer in layers}
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
@@ -119,45 +266,85 @@ def mean_activations(model: Model, texts: Sequence[str], layers: Sequence[int], 
             raise InputError(f"text {bad[:40]!r} has fewer than {need} after tokenization; remove it or pass "
                              "skip_first_token=False")
         hidden = hidden_at(model, enc, layers)
-        w = mask.to(torch.float64).unsqueeze(-1)
+        w = mask.to(device=acc_device, dtype=torch.float64).unsqueeze(-1)
+        n = counts.to(device=acc_device, dtype=torch.float64)[:, None]
         for layer in layers:
-            h = hidden[layer].to(torch.float64)
-            out[layer][start:start + len(chunk)] = ((h * w).sum(1) / counts[:, None].to(torch.float64)).cpu()
+            h = hidden[layer].to(device=acc_device, dtype=torch.float64)
+            out[layer][start:start + len(chunk)] = ((h * w).sum(1) / n).cpu()
         if progress is not None:
             progress(len(chunk))
     return out
 
 
-def difference_of_means(model: Model, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int] | int,
-                        *, skip_first_token: bool = True, normalize: bool = False, batch_size: int = 8,
-                        max_length: int | None = None, concept: str = "", setting: str = "",
-                        progress=None) -> SteeringVectors:
-    """Eq. (3): mean over P of token-averaged residual streams minus the same over N, per layer."""
-    if isinstance(layers, int):
-        layers = [layers]
+def bootstrap(pos: torch.Tensor, neg: torch.Tensor, k: int, *, seed: int = 0, normalize: bool = False) -> torch.Tensor:
+    """[k, d]: Eq. (3) recomputed on P and N resampled with replacement (Fig. A.3's error bars).
+
+    Works on the per-text means, so no forward pass is repeated; resampling weights are counts.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def resampled_means(acts: torch.Tensor) -> torch.Tensor:
+        n = acts.shape[0]
+        idx = torch.randint(n, (k, n), generator=gen)
+        counts = torch.zeros((k, n), dtype=torch.float64).scatter_add_(1, idx, torch.ones((k, n), dtype=torch.float64))
+        return (counts @ acts) / n
+
+    v = resampled_means(pos) - resampled_means(neg)
+    if normalize:
+        v = v / v.norm(dim=-1, keepdim=True)
+    return v
+
+
+def difference_of_means(model: Model, positive: Sequence[str | dict], negative: Sequence[str | dict],
+                        layers: Sequence[int] | int | str, *, skip_first_token: bool = True, normalize: bool = False,
+                        batch_size: int = 8, max_length: int | None = None, concept: str = "", setting: str = "",
+                        resamples: int = 0, seed: int = 0, progress=None) -> SteeringVectors:
+    """Eq. (3): mean over P of token-averaged residual streams minus the same over N, per layer.
+
+    `positive` / `negative`: texts, or prompt-set rows with a "text" field. `resamples` = K > 0 adds
+    K bootstrap replicates per layer (`.resamples[layer]`, [K, d]) for error bars.
+    """
+    positive = [t if isinstance(t, str) else t["text"] for t in positive]
+    negative = [t if isinstance(t, str) else t["text"] for t in negative]
+    layers = parse_layers(layers, model.n_layers)
     if len(positive) < 2 or len(negative) < 2:
         raise InputError(f"P has {len(positive)} and N has {len(negative)} texts; each needs at least 2")
+    if resamples < 0:
+        raise InputError(f"the number of bootstrap resamples must be 0 or more, not {resamples}")
     pos = mean_activations(model, positive, layers, skip_first_token=skip_first_token, batch_size=batch_size,
                            max_length=max_length, progress=progress)
     neg = mean_activations(model, negative, layers, skip_first_token=skip_first_token, batch_size=batch_size,
                            max_length=max_length, progress=progress)
-    vectors = {}
-    for layer in sorted(set(layers)):
+    vectors, replicates = {}, {}
+    for layer in layers:
         v = pos[layer].mean(0) - neg[layer].mean(0)
+        if not torch.isfinite(v).all():
+            raise InputError(f"layer {layer}: the activations overflowed to NaN or inf in {model.dtype}; "
+                             "recompute with --dtype float32")
         if normalize:
             v = v / v.norm()
         vectors[layer] = v.to(torch.float32)
+        if resamples:
+            replicates[layer] = bootstrap(pos[layer], neg[layer], resamples, seed=seed,
+                                          normalize=normalize).to(torch.float32)
     settings = dict(skip_first_token=skip_first_token, normalize=normalize, max_length=max_length)
     meta = dict(
         model=model.name,
         model_fingerprint=model.fingerprint(),
+        model_type=getattr(model.hf.config, "model_type", None),
+        n_layers=model.n_layers,
+        d_model=model.d_model,
+        dtype=str(model.dtype).removeprefix("torch."),
         concept=concept,
         setting=setting,
         n_positive=len(positive),
         n_negative=len(negative),
         layers=sorted(vectors),
         norms={str(k): float(v.double().norm()) for k, v in vectors.items()},
-        config_hash=config_hash(dict(settings, positive=list(positive), negative=list(negative), layers=sorted(vectors))),
+        resamples=resamples,
+        seed=seed,
+        config_hash=config_hash(dict(settings, positive=list(positive), negative=list(negative), layers=sorted(vectors),
+                                     resamples=resamples, seed=seed)),
         **settings,
     )
-    return SteeringVectors(vectors, meta)
+    return SteeringVectors(vectors, meta, replicates)
