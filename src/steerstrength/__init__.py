@@ -11,6 +11,10 @@ from steerstrength.models import Model, load_model
 from steerstrength.steering import next_token_probs, steer, steered_generate
 from steerstrength.prompts import concepts, generate_prompts, load_prompts
 from steerstrength.vectors import SteeringVectors, difference_of_means
+from steerstrength.metrics.limits import limit_check
+from steerstrength.metrics.logodds import log_odds
+from steerstrength.metrics.tokens import token_curves
+from steerstrength.metrics.xent import cross_entropy_curve
 
 __version__ = "0.1.0"
 
@@ -30,4 +34,8 @@ __all__ = [
     "concepts",
     "generate_prompts",
     "load_prompts",
+    "cross_entropy_curve",
+    "limit_check",
+    "log_odds",
+    "token_curves",
 ]

@@ -22,6 +22,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(sweep_app, name="sweep")
 # Command groups, one line each:
 app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["app"]).app)  # prompts, vectors, export-gguf
+import steerstrength.cli_sweeps  # noqa: F401,E402  (sweep tokens, logodds, limit, xent)
 
 
 @models_app.command("show")

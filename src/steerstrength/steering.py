@@ -350,3 +350,18 @@ def steered_generate(model: Model, enc: Encoded, vector, layer: int, alphas, pos
     generate_kwargs.setdefault("pad_token_id", model.pad_id)
     with steer(model, vector, layer, a, positions=positions):
         return model.hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **generate_kwargs)
+
+
+# ----------------------------------------------------------------------------- differentiable replay
+
+
+def forward_from_differentiable(model: Model, enc: Encoded, layer: int, hidden: torch.Tensor, *,
+                                logits_to_keep=0) -> torch.Tensor:
+    """`forward_from` outside inference mode, so forward-mode AD (torch.func.jvp) can carry d/d alpha.
+
+    `hidden` may be a dual tensor, e.g. h + alpha * v with alpha a jvp input; blocks 0..layer never run.
+    """
+    check_layer(model, layer)
+    with _replay_from(model, layer, hidden):
+        out = _forward(model, enc, use_cache=False, logits_to_keep=logits_to_keep)
+    return out.logits

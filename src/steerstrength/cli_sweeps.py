@@ -1,0 +1,346 @@
+"""`steerstrength sweep tokens | logodds | limit | xent`: parse, call the metrics, write Parquet + JSON."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from steerstrength.cli_common import BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, load, log, progress_bar, sweep_app
+from steerstrength.errors import InputError
+
+VectorsOpt = typer.Option(..., "--vectors", "-v", help="Steering vectors (.safetensors from `steerstrength vectors`).")
+LayersOpt = typer.Option(None, "--layers", "-l", help="e.g. 15 or 5,15,25, 'middle', 'all'; default: every layer in the vector file.")
+ConceptOpt = typer.Option(None, "--concept", help="Concept label; default: from the vector file.")
+SettingOpt = typer.Option(None, "--setting", help="Setting label (random / contrastive); default: from the vector file.")
+NormalizeOpt = typer.Option(False, "--normalize", help="Steer with v / ||v|| instead of the raw vector.")
+PositionsOpt = typer.Option("all", "--positions", help="Steer all positions or only the last one.")
+OutOpt = typer.Option(Path("."), "--out", "-o", help="Output directory.")
+AlphasOpt = typer.Option(None, "--alphas", help="Explicit comma-separated alphas (overrides the linspace), e.g. --alphas=-5,0,5.")
+ContextsOpt = typer.Option(None, "--contexts", help="Contexts: JSONL with 'text' (and optional 'id'), or one per line; "
+                                                   "default: 12 neutral + the concept's 4 built-in contexts.")
+ChatOpt = typer.Option(False, "--chat", help="Wrap contexts in the model's chat template.")
+
+
+def _parse_alphas(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InputError(f"--alphas {text!r} must be numbers separated by commas, e.g. --alphas=-5,0,5") from None
+    if not values:
+        raise InputError("--alphas is empty; give at least one alpha")
+    return values
+
+
+def _grid(alphas: Optional[str], alpha_min: float, alpha_max: float, n_alphas: int):
+    from steerstrength.metrics.grid import linspace_grid, with_zero
+
+    if alphas is not None:
+        grid, inserted = with_zero(_parse_alphas(alphas), warn=False)
+        if inserted:
+            log("note: the alpha grid had no 0; inserted alpha = 0 (the baseline of every Delta)")
+        return grid, inserted
+    return linspace_grid(alpha_min, alpha_max, n_alphas), False
+
+
+class Steering:
+    """What every sweep shares: the model, the vectors per layer, the labels of every table row."""
+
+    def __init__(self, model_spec, dtype, device, blocks_path, vectors_path: Path, layers: Optional[str],
+                 concept: Optional[str], setting: Optional[str], normalize: bool, positions: str):
+        from steerstrength.steering import check_positions
+        from steerstrength.vectors import SteeringVectors, parse_layers
+
+        check_positions(positions)
+        self.sv = SteeringVectors.load(vectors_path)
+        self.model = load(model_spec, dtype=dtype, device=device, blocks_path=blocks_path)
+        self.layers = self.sv.layers if layers is None else parse_layers(layers, self.model.n_layers)
+        for layer in self.layers:
+            self.sv[layer]  # raises a one-line error for a layer the file lacks
+        fp = self.sv.meta.get("model_fingerprint")
+        if fp and fp != self.model.fingerprint():
+            log(f"warning: {vectors_path} was made with model {self.sv.meta.get('model')!r} (fingerprint {fp}), "
+                f"not with {self.model.name}")
+        self.vectors = {}
+        for layer in self.layers:
+            v = self.sv[layer].double()
+            if normalize:
+                if v.norm() == 0:
+                    raise InputError(f"the layer-{layer} vector is zero; it cannot be normalized")
+                v = v / v.norm()
+            self.vectors[layer] = v.float()
+        self.positions = positions
+        self.labels = dict(model=self.model.name, concept=concept or self.sv.meta.get("concept") or "",
+                           setting=setting or self.sv.meta.get("setting") or "",
+                           vector="normalized" if normalize else "raw", positions=positions)
+        self.vectors_path = str(vectors_path)
+
+    def header(self) -> dict:
+        return dict(self.labels, model_fingerprint=self.model.fingerprint(), vectors_file=self.vectors_path,
+                    layers=self.layers, vector_norms={str(k): float(v.double().norm()) for k, v in self.vectors.items()})
+
+    def contexts(self, path: Optional[Path], chat: bool):
+        from steerstrength.metrics.contexts import as_contexts, builtin_concepts, builtin_contexts, read_contexts
+
+        if path is not None:
+            return as_contexts(self.model, read_contexts(path), chat=chat)
+        concept = self.labels["concept"]
+        if concept and concept.lower() not in builtin_concepts():
+            log(f"note: no built-in contexts for concept {concept!r}; using the 12 neutral ones")
+        return as_contexts(self.model, builtin_contexts(concept), chat=chat)
+
+
+def _write(out: Path, tables: dict, summary: dict) -> None:
+    from steerstrength.io import write_json, write_parquet
+
+    for name, frame in tables.items():
+        write_parquet(out / name, frame)
+    write_json(out / summary.pop("_file"), summary)
+
+
+def _token_sweep(st: Steering, contexts, grid, top_k: int, chat: bool, extra=()):
+    from steerstrength.metrics.tokens import token_curves
+
+    with progress_bar("next-token curves", len(contexts) * len(st.layers)) as advance:
+        return token_curves(st.model, st.vectors, st.layers, contexts, grid, positions=st.positions, top_k=top_k,
+                            tokens=extra, chat=chat, progress=advance)
+
+
+def _token_tables(st: Steering, result) -> dict:
+    return {"tokens.parquet": result.curves_frame(st.model, **st.labels),
+            "tokens_top.parquet": result.top_frame(st.model, **st.labels)}
+
+
+@sweep_app.command("tokens")
+def sweep_tokens(
+    vectors: Path = VectorsOpt,
+    layers: Optional[str] = LayersOpt,
+    contexts: Optional[Path] = ContextsOpt,
+    alpha_min: float = typer.Option(-200.0, "--alpha-min"),
+    alpha_max: float = typer.Option(200.0, "--alpha-max"),
+    n_alphas: int = typer.Option(1024, "--n-alphas", help="linspace points; 0 is added."),
+    alphas: Optional[str] = AlphasOpt,
+    top_k: int = typer.Option(100, "--top-k", help="Tokens stored at alpha_max and at alpha_min."),
+    positions: str = PositionsOpt,
+    normalize: bool = NormalizeOpt,
+    chat: bool = ChatOpt,
+    concept: Optional[str] = ConceptOpt,
+    setting: Optional[str] = SettingOpt,
+    out: Path = OutOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    blocks_path: Optional[str] = BlocksPathOpt,
+) -> None:
+    """Next-token curves Delta p(z, alpha) (Def. 3.1), peaks and shapes (Thm 3.3): tokens.parquet, tokens_top.parquet."""
+    start = time.perf_counter()
+    grid, inserted = _grid(alphas, alpha_min, alpha_max, n_alphas)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+    ctxs = st.contexts(contexts, chat)
+    result = _token_sweep(st, ctxs, grid, top_k, chat)
+    result.inserted_zero = inserted
+    summary = dict(st.header(), **result.summary(st.model), seconds=round(time.perf_counter() - start, 2),
+                   _file="tokens.json")
+    _write(out, _token_tables(st, result), summary)
+    log(f"wrote {out / 'tokens.parquet'}, {out / 'tokens_top.parquet'} and {out / 'tokens.json'} "
+        f"({len(ctxs)} contexts x {len(st.layers)} layer(s) x {grid.numel()} alphas)")
+
+
+@sweep_app.command("logodds")
+def sweep_logodds(
+    positive: Path = typer.Option(..., "--positive", "-p", help="P: JSONL with a 'text' field, or one text per line."),
+    negative: Path = typer.Option(..., "--negative", "-n", help="N: same formats."),
+    tokens_dir: Optional[Path] = typer.Option(None, "--tokens-dir", help="Reuse tokens.parquet / tokens_top.parquet of "
+                                                                         "`sweep tokens` from this directory."),
+    vectors: Optional[Path] = typer.Option(None, "--vectors", "-v", help="Without --tokens-dir: vectors for the token sweep."),
+    layers: Optional[str] = LayersOpt,
+    contexts: Optional[Path] = ContextsOpt,
+    alpha_min: float = typer.Option(-200.0, "--alpha-min"),
+    alpha_max: float = typer.Option(200.0, "--alpha-max"),
+    n_alphas: int = typer.Option(1024, "--n-alphas", help="linspace points; 0 is added."),
+    alphas: Optional[str] = AlphasOpt,
+    top_k: int = typer.Option(100, "--top-k"),
+    max_tokens: int = typer.Option(100, "--max-tokens", help="Each P/N text is cut to its first N tokens."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    n_dominant: int = typer.Option(8, "--n-dominant", help="Top tokens at alpha_max / alpha_min that 'dominate'."),
+    extremal_fraction: float = typer.Option(0.01, "--extremal-fraction", help="Extremal M: top / bottom fraction of the vocabulary."),
+    n_target: int = typer.Option(100, "--n-target", help="Target tokens: the n tokens of largest M."),
+    positions: str = PositionsOpt,
+    normalize: bool = NormalizeOpt,
+    chat: bool = ChatOpt,
+    concept: Optional[str] = ConceptOpt,
+    setting: Optional[str] = SettingOpt,
+    out: Path = OutOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    blocks_path: Optional[str] = BlocksPathOpt,
+) -> None:
+    """Log-odds M(z) (Def. 3.2) from P and N, and the theory-vs-practice analysis: logodds.parquet, logodds.json."""
+    import pandas as pd
+    import torch
+
+    from steerstrength.io import read_texts
+    from steerstrength.metrics.logodds import log_odds_analysis, log_odds_frame, mean_log_probs
+
+    start = time.perf_counter()
+    pos = [r["text"] for r in read_texts(positive, what="positive prompt file")]
+    neg = [r["text"] for r in read_texts(negative, what="negative prompt file")]
+    if tokens_dir is None and vectors is None:
+        raise InputError("give --tokens-dir (output of `sweep tokens`) or --vectors to run the token sweep here")
+    if tokens_dir is not None:
+        for name in ("tokens.parquet", "tokens_top.parquet"):
+            if not (tokens_dir / name).is_file():
+                raise InputError(f"{tokens_dir / name} does not exist; run `steerstrength sweep tokens --out {tokens_dir}`")
+    if vectors is not None:
+        st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+        lm, labels, header = st.model, st.labels, st.header()
+    else:
+        lm = load(model, dtype=dtype, device=device, blocks_path=blocks_path)
+        labels = dict(model=lm.name, concept=concept or "", setting=setting or "")
+        header = dict(labels, model_fingerprint=lm.fingerprint())
+    with progress_bar("log p after P and N", len(pos) + len(neg)) as advance:
+        lp_pos = mean_log_probs(lm, pos, max_tokens=max_tokens, batch_size=batch_size, chat=False, progress=advance)
+        lp_neg = mean_log_probs(lm, neg, max_tokens=max_tokens, batch_size=batch_size, chat=False, progress=advance)
+    M = lp_pos - lp_neg
+    tables = {}
+    if tokens_dir is not None:
+        top = pd.read_parquet(tokens_dir / "tokens_top.parquet")
+        curves = pd.read_parquet(tokens_dir / "tokens.parquet",
+                                 columns=["layer", "context_id", "token_id", "peak_alpha", "shape"])
+        for key in ("concept", "setting"):
+            if not labels.get(key) and key in top.columns and top[key].nunique() == 1:
+                labels[key] = header[key] = str(top[key].iloc[0])
+    else:
+        grid, _ = _grid(alphas, alpha_min, alpha_max, n_alphas)
+        ranked = torch.argsort(M, descending=True, stable=True)
+        extra = torch.cat([ranked[:n_target], ranked[-n_target:]]).tolist()  # so target tokens have curves
+        result = _token_sweep(st, st.contexts(contexts, chat), grid, top_k, chat, extra)
+        tables = _token_tables(st, result)
+        top, curves = tables["tokens_top.parquet"], tables["tokens.parquet"]
+    analysis = log_odds_analysis(M, top, curves, n_dominant=n_dominant, extremal_fraction=extremal_fraction,
+                                 n_target=n_target)
+    vocab_labels = dict(model=labels["model"], concept=labels["concept"], setting=labels["setting"])
+    frame = log_odds_frame(lm, M, positive=lp_pos, negative=lp_neg, extremal_fraction=extremal_fraction, **vocab_labels)
+    frame.insert(3, "layer", pd.array([None] * len(frame), dtype="Int64"))  # M does not depend on the layer
+    frame.insert(4, "alpha", 0.0)  # M comes from the unsteered model
+    tables["logodds.parquet"] = frame
+    top_m = frame.nsmallest(20, "rank")
+    bottom_m = frame.nlargest(20, "rank")
+    summary = dict(header, n_positive=len(pos), n_negative=len(neg), max_tokens=max_tokens,
+                   tokens_from=str(tokens_dir) if tokens_dir is not None else "computed here",
+                   top_M_tokens=top_m["token"].tolist(), bottom_M_tokens=bottom_m["token"].tolist(),
+                   **analysis, seconds=round(time.perf_counter() - start, 2), _file="logodds.json")
+    _write(out, tables, summary)
+    log(f"wrote {', '.join(str(out / n) for n in tables)} and {out / 'logodds.json'}")
+
+
+@sweep_app.command("limit")
+def sweep_limit(
+    vectors: Path = VectorsOpt,
+    layers: Optional[str] = LayersOpt,
+    contexts: Optional[Path] = ContextsOpt,
+    alphas: str = typer.Option("-1e4,-1e3,-1e2,1e2,1e3,1e4", "--alphas", help="Nonzero alphas, comma-separated."),
+    positions: str = PositionsOpt,
+    normalize: bool = NormalizeOpt,
+    chat: bool = ChatOpt,
+    concept: Optional[str] = ConceptOpt,
+    setting: Optional[str] = SettingOpt,
+    out: Path = OutOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    blocks_path: Optional[str] = BlocksPathOpt,
+) -> None:
+    """Large-alpha limit (Prop. 4.1): TV(p_alpha, softmax(LN(+/-v) W^T)) per context and alpha: limit.parquet."""
+    import pandas as pd
+
+    from steerstrength.metrics.limits import limit_check
+
+    start = time.perf_counter()
+    grid = _parse_alphas(alphas)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+    ctxs = st.contexts(contexts, chat)
+    frames, per_layer = [], {}
+    with progress_bar("large-alpha limit", len(ctxs) * len(st.layers)) as advance:
+        for layer in st.layers:
+            check = limit_check(st.model, st.vectors[layer], layer, ctxs, grid, positions=positions, chat=chat,
+                                progress=advance)
+            frames.append(check.frame(st.model, **st.labels, layer=layer))
+            per_layer[str(layer)] = check.summary()
+    summary = dict(st.header(), per_layer=per_layer, seconds=round(time.perf_counter() - start, 2), _file="limit.json")
+    _write(out, {"limit.parquet": pd.concat(frames, ignore_index=True)}, summary)
+    for layer, s in per_layer.items():
+        tv = ", ".join(f"{r['alpha']:g}: {r['tv_mean']:.3g}" for r in s["per_alpha"])
+        log(f"layer {layer}: mean TV to the limit by alpha: {tv}")
+    log(f"wrote {out / 'limit.parquet'} and {out / 'limit.json'}")
+
+
+@sweep_app.command("xent")
+def sweep_xent(
+    vectors: Path = VectorsOpt,
+    layers: Optional[str] = LayersOpt,
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="A .txt/.jsonl/.parquet file, a Parquet directory, or "
+                                                                 "hf:NAME[:CONFIG]; default: samples of the unsteered model."),
+    field: str = typer.Option("text", "--field", help="The text column / field of the corpus."),
+    split: str = typer.Option("train", "--split", help="Split of a hf: dataset."),
+    max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use the first N texts (hf: default 1000)."),
+    n_samples: int = typer.Option(64, "--n-samples", help="Model-samples corpus: number of texts."),
+    sample_tokens: int = typer.Option(256, "--sample-tokens", help="Model-samples corpus: tokens per text."),
+    seed: int = typer.Option(0, "--seed", help="Model-samples corpus: sampling seed."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Scored tokens per window (windows have seq_len + 1 tokens)."),
+    packing: bool = typer.Option(False, "--packing", help="Concatenate texts before windowing."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens."),
+    alpha_min: float = typer.Option(-100.0, "--alpha-min"),
+    alpha_max: float = typer.Option(100.0, "--alpha-max"),
+    n_alphas: int = typer.Option(128, "--n-alphas", help="linspace points; 0 is added."),
+    alphas: Optional[str] = AlphasOpt,
+    curvature: bool = typer.Option(True, "--curvature/--no-curvature", help="d2 CE/d alpha2 at 0 by jvp-of-jvp."),
+    curvature_tokens: Optional[int] = typer.Option(None, "--curvature-tokens", help="Tokens for the curvature (default: all)."),
+    positions: str = PositionsOpt,
+    normalize: bool = NormalizeOpt,
+    concept: Optional[str] = ConceptOpt,
+    setting: Optional[str] = SettingOpt,
+    out: Path = OutOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    blocks_path: Optional[str] = BlocksPathOpt,
+) -> None:
+    """Delta CE(alpha) on a corpus (Def. 3.7), curvature at 0 (Thm 3.8), plateau (Prop. 4.1): xent.parquet, xent.json."""
+    import pandas as pd
+
+    from steerstrength.corpus import load_corpus
+    from steerstrength.metrics.xent import windows, xent_sweep
+
+    start = time.perf_counter()
+    grid, inserted = _grid(alphas, alpha_min, alpha_max, n_alphas)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+    if corpus is None:
+        with progress_bar("sampling the corpus from the model", n_samples) as advance:
+            texts = load_corpus(None, model=st.model, n_samples=n_samples, sample_tokens=sample_tokens, seed=seed,
+                                cache_dir=out, progress=advance)
+    else:
+        texts = load_corpus(corpus, model=st.model, field=field, split=split, max_texts=max_texts)
+    n_windows = windows(st.model, texts, seq_len, packing=packing).shape[0]
+    if max_tokens is not None:
+        n_windows = min(n_windows, max_tokens // seq_len)
+    frames, per_layer = [], {}
+    for layer in st.layers:
+        with progress_bar(f"Delta CE, layer {layer} (windows x alphas)", n_windows * grid.numel()) as advance:
+            result = xent_sweep(st.model, st.vectors[layer], layer, texts, grid, seq_len=seq_len, positions=positions,
+                                packing=packing, max_tokens=max_tokens, curvature=curvature,
+                                curvature_tokens=curvature_tokens, progress=advance)
+        result.inserted_zero = inserted
+        frames.append(result.frame(**st.labels, layer=layer))
+        per_layer[str(layer)] = result.summary()
+        c = per_layer[str(layer)].get("curvature")
+        if c:
+            log(f"layer {layer}: CE''(0) jvp {c['jvp']:.4g}, quadratic fit {c['fit']:.4g}; CE'(0) {c['slope_jvp']:.3g}")
+    source = corpus or f"samples of {st.model.name} (seed {seed}; Delta CE estimates the mean KL(unsteered || steered))"
+    summary = dict(st.header(), corpus=source, packing=packing, per_layer=per_layer,
+                   seconds=round(time.perf_counter() - start, 2), _file="xent.json")
+    _write(out, {"xent.parquet": pd.concat(frames, ignore_index=True)}, summary)
+    log(f"wrote {out / 'xent.parquet'} and {out / 'xent.json'}")

@@ -1,0 +1,380 @@
+"""Def. 3.7 on a real model: Delta CE(alpha) over an evaluation corpus; its curvature at 0 (Thm 3.8) and plateau (Prop. 4.1).
+
+Windowing (the definition `cross_entropy_curve` follows, so numbers are comparable): each text is
+tokenized on its own with the model's BOS convention and cut into windows of seq_len + 1 tokens with
+stride seq_len (consecutive windows share one token, so predictions never overlap); an incomplete
+last window is dropped; texts are never packed together unless `packing=True`. Every window scores
+its seq_len next-token predictions; the mean is over all scored tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from steerstrength.errors import InputError
+from steerstrength.metrics.grid import linspace_grid, with_zero, zero_index
+from steerstrength.models import Encoded, Model
+from steerstrength.steering import (
+    DEFAULT_LOGIT_BUDGET,
+    DEFAULT_TOKEN_BUDGET,
+    alpha_chunks,
+    as_alphas,
+    as_vector,
+    check_layer,
+    check_positions,
+    forward_from,
+    forward_from_differentiable,
+    hidden_at,
+    repeat_rows,
+    steered_hidden,
+)
+
+Progress = Callable[[int], None]
+
+
+def default_alphas() -> torch.Tensor:
+    """linspace(-100, 100, 128) plus 0: 129 alphas."""
+    return linspace_grid(-100.0, 100.0, 128)
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def windows(model: Model, texts: Sequence[str], seq_len: int = 128, *, packing: bool = False) -> torch.Tensor:
+    """[W, seq_len + 1] token ids: per-text windows with stride seq_len, incomplete last windows dropped."""
+    return _windows(model, texts, seq_len, packing)[0]
+
+
+def _windows(model: Model, texts: Sequence[str], seq_len: int, packing: bool) -> tuple[torch.Tensor, int]:
+    """(windows, number of texts that gave at least one window)."""
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings, not one string; wrap it in a list")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise InputError(f"seq_len must be a positive integer, not {seq_len!r}")
+    if model.max_length and seq_len > model.max_length:
+        raise InputError(f"seq_len {seq_len} exceeds {model.name}'s maximum length {model.max_length}; "
+                         f"use --seq-len {model.max_length} or less")
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise InputError("the corpus is empty: no non-empty text to evaluate cross-entropy on")
+    rows = [model.token_ids(t) for t in texts]
+    if packing:
+        # One stream; without a BOS convention the texts are separated by EOS, as in pretraining.
+        sep = [] if model.add_bos or model.tokenizer.eos_token_id is None else [int(model.tokenizer.eos_token_id)]
+        rows = [[tok for row in rows for tok in row + sep]]
+    out = [row[k * seq_len: k * seq_len + seq_len + 1] for row in rows for k in range((len(row) - 1) // seq_len)]
+    if not out:
+        longest = max(len(r) for r in rows)
+        raise InputError(f"no text is at least seq_len + 1 = {seq_len + 1} tokens long (the longest has {longest}); "
+                         "give longer texts, a smaller --seq-len, or --packing")
+    used = len(texts) if packing else sum(1 for r in rows if len(r) >= seq_len + 1)
+    return torch.tensor(out, dtype=torch.long), used
+
+
+def window_encoding(model: Model, ids: torch.Tensor) -> Encoded:
+    """A batch of full windows: no padding, positions 0..T-1."""
+    ids = ids.to(model.device)
+    positions = torch.arange(ids.shape[1], device=model.device).expand(ids.shape[0], -1)
+    return Encoded(ids, torch.ones_like(ids), positions, "right")
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[rows] float64: sum over positions of -log softmax(logits)[target]; per token in float32 (or the logits' wider dtype)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (lse.double() - picked.double()).sum(-1)
+
+
+def _rows_per_forward(model: Model, seq_len: int, token_budget: int, logit_budget: int) -> int:
+    return max(1, min(token_budget // seq_len, logit_budget // (seq_len * model.vocab_size)))
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+@torch.inference_mode()
+def cross_entropy_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas, *, positions: str = "all",
+                       token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
+                       progress: Progress | None = None) -> torch.Tensor:
+    """[A] float64: summed next-token CE over windows `ids` [W, T+1] for each alpha.
+
+    Blocks 0..layer run once per window batch; alphas go in the batch through blocks layer+1..;
+    each chunk's logits [rows, T, V] are reduced to per-row sums at once and freed.
+    """
+    v = as_vector(model, vector)
+    check_layer(model, layer)
+    check_positions(positions)
+    a = as_alphas(alphas)
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise InputError("windows must be a [W, T+1] id tensor with T >= 1")
+    T = ids.shape[1] - 1
+    batch = min(ids.shape[0], _rows_per_forward(model, T, token_budget, logit_budget))
+    sums = torch.zeros(a.numel(), dtype=torch.float64)
+    for start in range(0, ids.shape[0], batch):
+        w = ids[start:start + batch]
+        enc = window_encoding(model, w[:, :-1])
+        targets = w[:, 1:].to(model.device)
+        h = hidden_at(model, enc, layer)
+        for sl in alpha_chunks(a.numel(), w.shape[0], T, token_budget=token_budget, logit_positions=T,
+                               vocab=model.vocab_size, logit_budget=logit_budget):
+            n = sl.stop - sl.start
+            logits = forward_from(model, repeat_rows(enc, n), layer, steered_hidden(h, v, a[sl], positions),
+                                  logits_to_keep=0)
+            sums[sl] += token_ce(logits, targets.repeat(n, 1)).view(n, -1).sum(1).cpu()
+            del logits
+            if progress is not None:
+                progress(n * w.shape[0])
+    return sums
+
+
+def cross_entropy_curve(model: Model, vector, layer: int, texts: Sequence[str], alphas, *, seq_len: int = 128,
+                        positions: str = "all", packing: bool = False, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                        logit_budget: int = DEFAULT_LOGIT_BUDGET, progress: Progress | None = None) -> torch.Tensor:
+    """[len(alphas)] float64: mean next-token cross-entropy CE(f_alpha) over the windows of `texts` (module doc)."""
+    ids = windows(model, texts, seq_len, packing=packing)
+    sums = cross_entropy_sums(model, vector, layer, ids, alphas, positions=positions, token_budget=token_budget,
+                              logit_budget=logit_budget, progress=progress)
+    return sums / (ids.shape[0] * seq_len)
+
+
+# ----------------------------------------------------------------------------- curvature at alpha = 0 (Thm 3.8)
+
+
+class _SecondOrderOps(torch.overrides.TorchFunctionMode):
+    """Plain formulas for ops whose nested forward-mode AD PyTorch gets wrong or lacks.
+
+    layer_norm's jvp-of-jvp is wrong (torch 2.13) and silu's is missing under no_grad; the formulas
+    below are the same functions written with ops whose nested forward AD is exact.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, torch.layer_norm):
+            return _layer_norm(*args, **kwargs)
+        if func is F.silu or func is torch.nn.functional.silu:
+            x = args[0] if args else kwargs["input"]
+            return x * torch.sigmoid(x)
+        if hasattr(F, "rms_norm") and func is F.rms_norm:
+            return _rms_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *_args):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _rms_norm(x, normalized_shape, weight=None, eps=None):
+    dims = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
+@contextlib.contextmanager
+def _forward_ad_safe() -> contextlib.AbstractContextManager:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The fused CPU/GPU attention kernels have no forward-mode AD; the math backend is composite.
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), _SecondOrderOps():
+        yield
+
+
+def ce_derivatives(model: Model, vector, layer: int, ids: torch.Tensor, *, positions: str = "all",
+                   token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
+                   progress: Progress | None = None) -> dict:
+    """Thm 3.8: mean CE, d CE / d alpha and d^2 CE / d alpha^2 at alpha = 0, by forward-over-forward AD.
+
+    One pass per window batch: torch.func.jvp of torch.func.jvp through blocks layer+1.. with the
+    tangent v at the steered layer (no finite differences). Means over all scored tokens, float64.
+    """
+    from torch.func import jvp
+
+    v = as_vector(model, vector)
+    check_layer(model, layer)
+    check_positions(positions)
+    T = ids.shape[1] - 1
+    # Forward-over-forward carries four copies of every activation (primal and three tangents).
+    batch = max(1, min(ids.shape[0], _rows_per_forward(model, T, token_budget, logit_budget) // 4))
+    totals = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, ids.shape[0], batch):
+        w = ids[start:start + batch]
+        enc = window_encoding(model, w[:, :-1])
+        targets = w[:, 1:].to(model.device)
+        h = hidden_at(model, enc, layer).clone()  # out of inference mode, for AD
+        direction = v.expand_as(h).clone()
+        if positions == "last":
+            direction[:, :-1] = 0
+
+        def ce(alpha):
+            logits = forward_from_differentiable(model, enc, layer, h + alpha * direction, logits_to_keep=0)
+            return token_ce(logits, targets).sum()
+
+        def slope(alpha):
+            value, d1 = jvp(ce, (alpha,), (torch.ones_like(alpha),))
+            return d1, value
+
+        zero = torch.zeros((), dtype=h.dtype, device=h.device)
+        with _forward_ad_safe():
+            d1, d2, value = jvp(slope, (zero,), (torch.ones_like(zero),), has_aux=True)
+        totals += torch.stack([value.detach().double().cpu(), d1.detach().double().cpu(), d2.detach().double().cpu()])
+        if progress is not None:
+            progress(w.shape[0])
+    n = ids.shape[0] * T
+    return dict(ce=float(totals[0] / n), slope=float(totals[1] / n), curvature=float(totals[2] / n))
+
+
+# ----------------------------------------------------------------------------- reading the curve
+
+
+def quadratic_fit(alphas: torch.Tensor, delta_ce: torch.Tensor, *, radius: float | None = None,
+                  min_points: int = 3) -> dict:
+    """Least squares Delta CE = b1 alpha + b2 alpha^2 on 0 < |alpha| <= radius; curvature = 2 b2 (Thm 3.8).
+
+    Default radius: 5% of max |alpha|, widened to hold `min_points` nonzero alphas on each side.
+    """
+    a, y = alphas.double(), delta_ce.double()
+    nonzero = a[a != 0].abs()
+    if nonzero.numel() < 2:
+        raise InputError("a quadratic fit needs at least two nonzero alphas")
+    if radius is None:
+        radius = 0.05 * float(a.abs().max())
+        for side in (a[a > 0], -a[a < 0]):
+            if side.numel():
+                radius = max(radius, float(torch.sort(side).values[min(min_points, side.numel()) - 1]))
+    keep = (a != 0) & (a.abs() <= radius + 1e-12)
+    x, t = a[keep], y[keep]
+    if x.numel() < 2:
+        raise InputError(f"only {x.numel()} nonzero alpha within radius {radius}; widen it")
+    design = torch.stack([x, x * x], dim=1)
+    coef = torch.linalg.lstsq(design, t[:, None]).solution[:, 0]
+    resid = t - design @ coef
+    return dict(radius=radius, n_points=int(x.numel()), slope=float(coef[0]), curvature=float(2 * coef[1]),
+                rmse=float(resid.pow(2).mean().sqrt()))
+
+
+def plateau(alphas: torch.Tensor, delta_ce: torch.Tensor, *, fraction: float = 0.1) -> dict:
+    """Prop. 4.1 reading: on each side, Delta CE over the outer `fraction` of the range, and its growth.
+
+    `growth` = Delta CE(alpha_edge) / Delta CE(alpha_edge / 2): 4 for a parabola, 1 on a flat plateau.
+    """
+    out = {}
+    for name, sign in (("positive", 1.0), ("negative", -1.0)):
+        side = sign * alphas.double() > 0
+        if not side.any():
+            continue
+        x, y = (sign * alphas.double())[side], delta_ce.double()[side]
+        edge = float(x.max())
+        outer = x >= (1 - fraction) * edge
+        vals = y[outer]
+        half = y[(x - edge / 2).abs().argmin()]
+        mean = float(vals.mean())
+        out[name] = dict(alpha_edge=sign * edge, mean=mean, min=float(vals.min()), max=float(vals.max()),
+                         relative_spread=float((vals.max() - vals.min()) / abs(mean)) if mean else math.inf,
+                         growth=float(y[x.argmax()] / half) if half != 0 else math.inf, n_points=int(outer.sum()))
+    return out
+
+
+def limit_delta_ce(model: Model, vector, ids: torch.Tensor, ce0: float) -> dict:
+    """Prop. 4.1 plateau value: CE of the input-independent limit softmax(LN(+/-v) W^T) on the same targets, minus CE(f)."""
+    from steerstrength.metrics.limits import limit_logits
+
+    counts = torch.bincount(ids[:, 1:].reshape(-1), minlength=model.vocab_size).double()
+    out = {}
+    for name, sign in (("positive", 1), ("negative", -1)):
+        logq = torch.log_softmax(limit_logits(model, vector, sign).double(), -1)
+        out[name] = float(-(counts * logq).sum() / counts.sum()) - ce0
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class XentSweep:
+    """Delta CE(alpha) on a corpus, with the curvature at 0 and the large-|alpha| plateau."""
+
+    alphas: torch.Tensor  # [A] float64, contains 0
+    ce: torch.Tensor  # [A] float64 mean CE
+    n_windows: int
+    seq_len: int
+    n_texts: int
+    n_texts_used: int
+    inserted_zero: bool
+    derivatives: dict | None = None
+    fit: dict = field(default_factory=dict)
+    plateau: dict = field(default_factory=dict)
+    limit: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_windows * self.seq_len
+
+    @property
+    def delta_ce(self) -> torch.Tensor:
+        return self.ce - self.ce[zero_index(self.alphas)]
+
+    def frame(self, **labels):
+        """One row per alpha: CE, Delta CE, scored tokens."""
+        import pandas as pd
+
+        return pd.DataFrame(dict(labels, alpha=self.alphas.numpy(), ce=self.ce.numpy(),
+                                 delta_ce=self.delta_ce.numpy(), n_tokens=self.n_tokens))
+
+    def summary(self) -> dict:
+        out = dict(n_texts=self.n_texts, n_texts_used=self.n_texts_used, n_windows=self.n_windows,
+                   seq_len=self.seq_len, n_tokens=self.n_tokens, n_alphas=int(self.alphas.numel()),
+                   alpha_min=float(self.alphas.min()), alpha_max=float(self.alphas.max()),
+                   inserted_zero=self.inserted_zero, ce0=float(self.ce[zero_index(self.alphas)]),
+                   quadratic_fit=self.fit, plateau=self.plateau, limit_delta_ce=self.limit)
+        if self.derivatives is not None:
+            d = self.derivatives
+            out["curvature"] = dict(jvp=d["curvature"], fit=self.fit.get("curvature"),
+                                    relative_difference=abs(self.fit["curvature"] - d["curvature"]) / abs(d["curvature"])
+                                    if self.fit and d["curvature"] else None,
+                                    slope_jvp=d["slope"], ce0_jvp=d["ce"], n_tokens=d.get("n_tokens"))
+        return out
+
+
+def xent_sweep(model: Model, vector, layer: int, texts: Sequence[str], alphas=None, *, seq_len: int = 128,
+               positions: str = "all", packing: bool = False, max_tokens: int | None = None, curvature: bool = True,
+               curvature_tokens: int | None = None, fit_radius: float | None = None,
+               token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
+               progress: Progress | None = None) -> XentSweep:
+    """Delta CE(alpha) = CE(f_alpha) - CE(f) (Def. 3.7) with curvature (Thm 3.8) and plateau (Prop. 4.1) readings."""
+    a, inserted = with_zero(default_alphas() if alphas is None else alphas)
+    ids, n_used = _windows(model, texts, seq_len, packing)
+    if max_tokens is not None:
+        if max_tokens < seq_len:
+            raise InputError(f"max_tokens {max_tokens} is below one window of {seq_len} scored tokens")
+        ids = ids[: max_tokens // seq_len]
+    sums = cross_entropy_sums(model, vector, layer, ids, a, positions=positions, token_budget=token_budget,
+                              logit_budget=logit_budget, progress=progress)
+    ce = sums / (ids.shape[0] * seq_len)
+    result = XentSweep(a, ce, int(ids.shape[0]), seq_len, len(texts), n_used, inserted)
+    delta = result.delta_ce
+    if (a != 0).sum() >= 2:
+        result.fit = quadratic_fit(a, delta, radius=fit_radius)
+    result.plateau = plateau(a, delta)
+    result.limit = limit_delta_ce(model, vector, ids, float(ce[zero_index(a)]))
+    if curvature:
+        sub = ids if curvature_tokens is None else ids[: max(1, curvature_tokens // seq_len)]
+        result.derivatives = ce_derivatives(model, vector, layer, sub, positions=positions, token_budget=token_budget,
+                                            logit_budget=logit_budget)
+        result.derivatives["n_tokens"] = int(sub.shape[0] * seq_len)
+    return result
