@@ -99,8 +99,12 @@ def all_contexts(vocab_size: int, groups: int, context_length: int) -> tuple[np.
 
 
 def random_simplex_weights(rng: np.random.Generator, groups: int, s: int) -> np.ndarray:
-    """App. B.3: (V,) weights, uniform on the simplex within each concept (Dirichlet(1))."""
-    return rng.dirichlet(np.ones(s), size=groups).reshape(-1)
+    """App. B.3: (V,) weights on the simplex of each concept, half uniform, half Dirichlet(1).
+
+    The uniform half keeps every weight >= 1/(2s): tiny probabilities would make the UFM's
+    unregularised training crawl (curvature of the loss along a logit scales with its probability).
+    """
+    return (0.5 / s + 0.5 * rng.dirichlet(np.ones(s), size=groups)).reshape(-1)
 
 
 def concept_dataset(
@@ -190,7 +194,7 @@ def _context_simplex(gamma, rng, context_concept, s, floor) -> np.ndarray:
     for j, k in enumerate(context_concept):
         cols = slice(k * s, (k + 1) * s)
         for _ in range(_WEIGHT_TRIES):
-            w = rng.dirichlet(np.ones(s))
+            w = random_simplex_weights(rng, 1, s)
             if np.all(w > floor[cols]):
                 g[j, cols] = w
                 break

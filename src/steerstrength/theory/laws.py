@@ -80,12 +80,16 @@ def bump_peaks(p_j: np.ndarray, M: np.ndarray, tol: float = TIE_TOL) -> np.ndarr
     """Thm 3.3: alpha_(j,z) solving E_alpha[M(Z)] = M(z); +inf on argmax M, -inf on argmin M."""
     top, bottom = extremal_sets(M, tol)
     peaks = np.where(top, np.inf, np.where(bottom, -np.inf, np.nan))
+    with np.errstate(divide="ignore"):
+        logp = np.log(p_j)
     for z in np.flatnonzero(~(top | bottom)):
         gap = M - M[z]
 
         def excess(alpha: float, gap=gap) -> float:
-            # E_alpha[M] - M(z), strictly increasing in alpha (Eq. 10)
-            return float(steered_probs(p_j, M, alpha)[0] @ gap)
+            # E_alpha[M] - M(z) by Lemma B.3, strictly increasing in alpha (Eq. 10)
+            w = logp + alpha * M
+            e = np.exp(w - w.max())
+            return float(e @ gap / e.sum())
 
         lo, hi = -1.0, 1.0
         while excess(hi) <= 0 and hi < 1e15:
