@@ -51,7 +51,7 @@ class TheoryConfig:
     eps: float = 0.05
     d: int | None = None  # default V
     negatives: str = "random"
-    q: int = 4
+    q: int = 5  # odd: in the random setting with G = 3, N cannot split evenly, so argmin M is one concept
     target: int = 0
     seed: int = 0
     alpha_max: float = 8.0
