@@ -106,8 +106,10 @@ def test_random_negatives_are_unconditional_samples_from_bos(model):
 def test_contrastive_negatives_record_the_opposite_and_where_it_came_from(model, monkeypatch):
     rows = generate_prompts(model, "joy", "negative", 3, setting="contrastive", max_new_tokens=6, opposite="sad")
     assert all(r["opposite"] == "sad" and r["opposite_source"] == "user" for r in rows)
-    texts = sample_texts(model, generator_prompt_ids(model, concept_prompt("sad")), [0, 1, 2], max_new_tokens=6)
+    seeds = [1_000_000, 1_000_001, 1_000_002]  # N's seeds never meet P's
+    texts = sample_texts(model, generator_prompt_ids(model, concept_prompt("sad")), seeds, max_new_tokens=6)
     assert [r["text"] for r in rows] == [t["text"] for t in texts if t["text"]]
+    assert {r["seed"] for r in rows} <= set(seeds)
     word, source = resolve_opposite(model, "joy")
     assert source == "generator" and word and word != "joy"
     monkeypatch.setattr("steerstrength.prompts.ask_opposite", lambda m, c: None)
@@ -119,7 +121,9 @@ def test_contrastive_negatives_record_the_opposite_and_where_it_came_from(model,
 def test_opposite_answers_are_cleaned_to_one_word():
     assert clean_opposite(" Sadness.\nJoy is", "joy") == "sadness"
     assert clean_opposite("**Honesty**", "lying") == "honesty"
+    assert clean_opposite(" **anxiety** or", "depression") == "anxiety"
     assert clean_opposite("Joy!", "joy") is None and clean_opposite("...", "joy") is None
+    assert clean_opposite(' "humor" or', "humorous") is None and clean_opposite(" not funny", "humorous") is None
 
 
 def test_bad_sampling_settings_are_refused(model):

@@ -24,7 +24,7 @@ def prompts(
     temperature: float = typer.Option(1.0, "--temperature"),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass; 1 turns it off."),
     top_k: int = typer.Option(0, "--top-k", help="Top-k sampling; 0 turns it off."),
-    seed: int = typer.Option(0, "--seed", help="Text i is sampled with seed + i (recorded per row)."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; each text gets its own seed, recorded in its row."),
     batch_size: int = typer.Option(8, "--batch-size"),
     opposite: Optional[str] = typer.Option(None, "--opposite", help="Opposite concept for contrastive N; default: ask the generator."),
     generator: Optional[str] = typer.Option(None, "--generator", help="Instruct model writing P and contrastive N; default: --model, else the embedded model."),

@@ -2,8 +2,9 @@
 
 P: an instruct model writes first-person text *as* the concept. N, contrastive: the same template with
 the opposite concept. N, random: unconditional samples from the model to be steered, from BOS alone.
-Every text has its own seed: text i of a call with seed s is sampled from a generator seeded s + i,
-so any one text can be regenerated alone, whatever the batch it was drawn in.
+Every text has its own seed, recorded in its row: text i of a call with seed s is sampled from a
+generator seeded s + i (P), s + 1,000,000 + i (contrastive N) or s + 2,000,000 + i (random N), so any
+one text can be regenerated alone, whatever the batch it was drawn in, and P and N share no draws.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ CONCEPT_TEMPLATE = (
     "claims, such as impossible facts or events). Never use the third person and never explain. "
     "After the definition, write only the first-person sentences."
 )
-OPPOSITE_QUESTION = 'What is the opposite of "{concept}"? Answer with one word only.'
+OPPOSITE_QUESTION = 'What is the opposite of "{concept}"? Answer with one word.'
+# The answer is started for the model, so that its next word is the opposite (small models restate the question).
+OPPOSITE_ANSWER = "The opposite of {concept} is"
+NOT_AN_ANSWER = {"the", "a", "an", "not", "no", "opposite", "is", "that", "it"}
+# Base seed of each prompt set: P and N never share random draws (the paper samples them independently).
+SEED_OFFSET = {"positive": 0, "contrastive": 1_000_000, "random": 2_000_000}
 # End-of-turn markers of common chat formats; generation stops at any that the tokenizer knows.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -181,6 +187,7 @@ def generator_prompt_ids(model: Model, user: str) -> list[int]:
 def ask_opposite(model: Model, concept: str) -> str | None:
     """The generator's one-word opposite of `concept` (greedy), cleaned; None when unusable."""
     ids = generator_prompt_ids(model, OPPOSITE_QUESTION.format(concept=concept))
+    ids += model.tokenizer(OPPOSITE_ANSWER.format(concept=concept), add_special_tokens=False)["input_ids"]
     enc = model.pad([ids])
     stops = stop_ids(model)
     generated = model.hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8,
@@ -191,12 +198,13 @@ def ask_opposite(model: Model, concept: str) -> str | None:
 
 
 def clean_opposite(answer: str, concept: str) -> str | None:
-    """The first word of a model's answer, lower-cased; None if there is none or it is the concept itself."""
+    """The first word of a model's answer, lower-cased; None if there is none or it is the concept again."""
     match = re.search(r"[A-Za-z][A-Za-z'-]*", answer or "")
     if match is None:
         return None
     word = match.group(0).strip("'-").lower()
-    if not word or word == concept.lower() or word in ("the", "a", "an", "opposite"):
+    # "humor" for humorous, "depress" for depression: the same word stem is no opposite.
+    if not word or word in NOT_AN_ANSWER or word[:5] == concept.lower()[:5]:
         return None
     return word
 
@@ -238,7 +246,7 @@ def generate_prompts(model: Model, concept: str, kind: str, n: int, *, setting: 
         extra = dict(opposite=word, opposite_source=source)
     else:
         prompt_ids, row_setting = list(model.start_ids), "random"  # BOS alone: no template, no chat turn
-    seeds = [seed + i for i in range(n)]
+    seeds = [seed + SEED_OFFSET[row_setting or kind] + i for i in range(n)]
     samples = sample_texts(model, prompt_ids, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, top_k=top_k, batch_size=batch_size, progress=progress)
     rows = []
