@@ -15,6 +15,8 @@ from steerstrength.metrics.limits import limit_check
 from steerstrength.metrics.logodds import log_odds
 from steerstrength.metrics.tokens import token_curves
 from steerstrength.metrics.xent import cross_entropy_curve
+from steerstrength.metrics.concept import concept_probability
+from steerstrength.metrics.mmlu import mmlu_accuracy
 
 __version__ = "0.1.0"
 
@@ -38,4 +40,6 @@ __all__ = [
     "limit_check",
     "log_odds",
     "token_curves",
+    "concept_probability",
+    "mmlu_accuracy",
 ]

@@ -363,16 +363,22 @@ def balanced_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def fit_slope(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float:
-    """Class-balanced maximum-likelihood slope s of p = sigmoid(s (x - threshold)), s in [1, 1e3]."""
+    """Slope s of p = sigmoid(s (x - threshold)) by class-balanced maximum likelihood with Platt's targets.
+
+    Targets (n+1)/(n+2) for P and 1/(n+2) for N (Platt, 1999) keep s finite when P and N separate,
+    so a judge calibrated on a few texts does not claim certainty.
+    """
     from scipy.optimize import minimize_scalar
 
-    def nll(log_s: float) -> float:
-        s = math.exp(log_s)
-        lp = -np.logaddexp(0.0, -s * (pos - threshold)).mean()  # log sigmoid on P
-        ln = -np.logaddexp(0.0, s * (neg - threshold)).mean()  # log (1 - sigmoid) on N
-        return -(lp + ln) / 2
+    t_pos = (len(pos) + 1) / (len(pos) + 2)
+    t_neg = 1 / (len(neg) + 2)
 
-    res = minimize_scalar(nll, bounds=(0.0, math.log(1e3)), method="bounded")
+    def bce(x, s, t):  # cross-entropy of sigmoid(s (x - threshold)) against target t
+        z = s * (x - threshold)
+        return (t * np.logaddexp(0.0, -z) + (1 - t) * np.logaddexp(0.0, z)).mean()
+
+    res = minimize_scalar(lambda log_s: (bce(pos, math.exp(log_s), t_pos) + bce(neg, math.exp(log_s), t_neg)) / 2,
+                          bounds=(math.log(1e-2), math.log(1e4)), method="bounded")
     return float(math.exp(res.x))
 
 
@@ -380,7 +386,8 @@ class EmbeddingJudge(Judge):
     """Cosine similarity to the concept's description; decision cut and slope calibrated on P vs N.
 
     score = sigmoid(s * (cos - t)): t maximises balanced accuracy on the calibration texts, s is the
-    class-balanced maximum-likelihood slope, so the score reads as a probability and threshold 0.5 is t.
+    class-balanced maximum-likelihood slope (Platt targets), so the score reads as a probability and
+    the 0.5 threshold is the cut t.
     """
 
     name = "embedding"

@@ -6,17 +6,18 @@ serves many (alpha, prompt, completion) rows. A judge labels each completion; th
 probability per alpha is the fraction labelled present, with a Wilson interval, pooled and per
 prompt, and a tanh fit p(alpha) = c + a tanh(b (alpha - alpha0)) in the spirit of Thm 3.6.
 
-Reproducibility: row r samples with its own uniforms u_r[t] = torch.Generator(seed_r) draws, used by
-inverse-CDF sampling at step t. A completion is therefore a function of (prompt, alpha, seed_r) and
-the sampling settings, not of which rows shared its batch (up to float rounding between batch
-shapes, which flips a token only if u_r[t] falls within ~1e-6 of a CDF boundary). Seeds are shared
-across alphas (common random numbers), so differences between alphas come from steering, not luck.
+Reproducibility: row r samples with its own generator torch.Generator(seed_r), one uniform per decode
+step, by inverse CDF (prompts.RowSampler). A completion is therefore a function of (prompt, alpha,
+seed_r), the sampling settings and the model/dtype/device, not of which rows shared its batch (up to
+float rounding between batch shapes, which flips a token only if a uniform falls within ~1e-6 of a
+CDF boundary). Seeds are shared across alphas (common random numbers), so differences between alphas
+come from steering, not from luck.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,40 +67,6 @@ def completion_seed(seed: int, prompt: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def row_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
-    """[rows, steps] float64: each row's own uniform draws, one per decode step."""
-    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                        for s in seeds])
-
-
-class SeededSampler:
-    """A logits processor that samples each row from softmax(logits / T) (top-p optional) by inverse CDF
-    with that row's uniform for the current step, and returns scores whose argmax is the sample.
-
-    Run with greedy decoding so `generate` takes exactly our token.
-    """
-
-    def __init__(self, uniforms: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0):
-        self.uniforms = uniforms
-        self.temperature = temperature
-        self.top_p = top_p
-        self.step = 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.double() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < self.top_p  # the smallest head with mass >= top_p
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        cdf = probs.cumsum(-1)
-        u = self.uniforms[:, self.step].to(cdf.device)[:, None] * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u).clamp(max=scores.shape[-1] - 1)
-        self.step += 1
-        out = torch.full_like(scores, -math.inf)
-        return out.scatter(-1, token, 0.0)
-
-
 @dataclass(frozen=True)
 class SamplingSettings:
     """Everything besides (prompt, alpha, seed) that a completion depends on."""
@@ -107,59 +74,59 @@ class SamplingSettings:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     chat: bool = True
     positions: str = "all"
 
-    def check(self) -> "SamplingSettings":
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise InputError(f"temperature must be positive, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], not {self.top_p}")
+    def check(self, batch_size: int = 1) -> "SamplingSettings":
+        from steerstrength.prompts import check_sampling
+
+        check_sampling(1, self.max_new_tokens, self.temperature, self.top_p, self.top_k, batch_size)
         check_positions(self.positions)
         return self
 
 
-def _eos_ids(model: Model) -> set[int]:
-    ids = model.hf.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-    if model.tokenizer.eos_token_id is not None:
-        ids.add(int(model.tokenizer.eos_token_id))
-    return ids
-
-
 def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple[str, float, int]],
                   settings: SamplingSettings, *, batch_size: int = 64, progress: Callable | None = None) -> list[dict]:
-    """Completions of (prompt, alpha, seed) rows; batches of rows share one `generate` call each."""
-    settings.check()
+    """Completions of (prompt, alpha, seed) rows; batches of rows share one `generate` call each.
+
+    Each row samples from its own generator (prompts.RowSampler), so its text depends on its
+    (prompt, alpha, seed) and the settings only; alpha is per row in the batch (steered_generate).
+    """
+    from transformers import LogitsProcessorList
+
+    from steerstrength.prompts import RowSampler, stop_ids
+
+    settings.check(batch_size)
     v = as_vector(model, vector)
     check_layer(model, layer)
     if settings.chat and not model.has_chat_template:
         raise InputError(f"{model.name} has no chat template; run without the chat template (--no-chat)")
-    eos = _eos_ids(model)
+    stops = stop_ids(model)
     ids = {p: model.token_ids(p, chat=settings.chat) for p in {r[0] for r in rows}}
+    longest = max((len(i) for i in ids.values()), default=0)
+    if model.max_length and longest + settings.max_new_tokens > model.max_length:
+        raise InputError(f"a prompt ({longest} tokens) plus {settings.max_new_tokens} new tokens exceeds "
+                         f"{model.name}'s maximum length {model.max_length}; lower --max-new-tokens")
     out: list[dict] = [{} for _ in rows]
     order = sorted(range(len(rows)), key=lambda i: (len(ids[rows[i][0]]), rows[i][0]))  # little padding
-    for start in range(0, len(order), max(1, batch_size)):
+    for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = model.pad([ids[rows[i][0]] for i in idx], padding_side="left")
-        sampler = SeededSampler(row_uniforms([rows[i][2] for i in idx], settings.max_new_tokens),
-                                settings.temperature, settings.top_p)
-        from transformers import LogitsProcessorList
-
-        # Greedy over the sampler's one-hot scores; explicit neutral settings so a model's own
-        # generation_config (repetition penalty, temperature, ...) cannot change the distribution.
+        sampler = RowSampler([rows[i][2] for i in idx], settings.temperature, settings.top_p, settings.top_k)
+        # Greedy over the sampler's one-hot scores; neutral values keep a model's own generation_config
+        # (repetition penalty, n-gram blocking) from changing the distribution we sample.
         gen = steered_generate(model, enc, v, layer, [rows[i][1] for i in idx], settings.positions,
                                max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
-                               temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
-                               no_repeat_ngram_size=0, min_length=0, logits_processor=LogitsProcessorList([sampler]))
+                               repetition_penalty=1.0, no_repeat_ngram_size=0,
+                               logits_processor=LogitsProcessorList([sampler]), eos_token_id=stops or None)
         new = gen[:, enc.input_ids.shape[1]:].cpu().tolist()
         for j, i in enumerate(idx):
             tokens = new[j]
-            cut = next((k for k, t in enumerate(tokens) if t in eos), None)
-            kept = tokens if cut is None else tokens[:cut]
-            out[i] = {"completion": model.decode(kept), "n_new_tokens": len(kept), "stopped": cut is not None}
+            end = next((k for k, t in enumerate(tokens) if t in stops), None)
+            kept = tokens if end is None else tokens[:end]
+            out[i] = {"completion": model.decode(kept).strip(), "n_new_tokens": len(kept),
+                      "finish": "length" if end is None else "stop"}
         if progress is not None:
             progress(len(idx))
     return out
@@ -320,7 +287,8 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
                         prompts: Sequence[str] | None = None, n_completions: int = 32, max_new_tokens: int = 64,
                         judges=("lexicon",), judge_model: Model | None = None,
                         positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
-                        temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, chat: bool | None = None,
+                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                        chat: bool | None = None,
                         positions: str = "all", setting: str = "", batch_size: int = 64, holdout: float = 0.5,
                         judge_device: str = "cpu", progress: Callable | None = None) -> ConceptResult:
     """Sec. 5: fraction of sampled steered completions a judge finds `concept` in, per alpha (Thm 3.6).
@@ -342,9 +310,9 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
         raise InputError("the prompt list is empty or has an empty prompt; give non-empty prompts")
     if n_completions < 1:
         raise InputError(f"n_completions must be at least 1, not {n_completions}")
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 chat=model.has_chat_template if chat is None else bool(chat),
-                                positions=positions).check()
+                                positions=positions).check(batch_size)
     judge_objs = _judges(judges, judge_model, judge_device)
     for j in judge_objs:
         j.check(concept)
@@ -405,8 +373,7 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
         "metric": "concept_probability", "model": model.name, "model_fingerprint": model.fingerprint(),
         "concept": concept, "layer": layer, "setting": setting, "alphas": a, "prompts": prompts,
         "n_completions": n_completions, "seed": seed, "batch_size": batch_size,
-        "sampling": {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
-                     "top_p": settings.top_p, "chat": settings.chat, "positions": settings.positions},
+        "sampling": dataclasses.asdict(settings),
         "reproduce": "a completion is regenerated by steerstrength.metrics.concept.regenerate(model, vector, layer, "
                      "prompt, alpha, seed, SamplingSettings(**sampling)) with the same model, dtype and device",
         "judges": {j.name: j.describe() for j in judge_objs},

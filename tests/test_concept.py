@@ -1,0 +1,235 @@
+"""Concept probability: seeded steered sampling, binomial intervals, the tanh fit of Thm 3.6, the CLI."""
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from steerstrength import InputError, concept_probability
+from steerstrength.metrics.concept import (
+    SamplingSettings,
+    completion_seed,
+    concept_curve,
+    fit_tanh,
+    generate_rows,
+    regenerate,
+    tanh_curve,
+    wilson_interval,
+)
+from tiny import tiny_model
+
+JOYFUL = ["i am happy and glad", "joy and love and a smile", "we laugh in the sun", "so happy today"]
+PLAIN = ["the table is in the house", "a dog walked to the kitchen", "the cat is on the table", "my friend left"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def vector(model):
+    torch.manual_seed(0)
+    return torch.randn(model.d_model)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_wilson_interval_matches_scipy():
+    from scipy.stats import binomtest
+
+    for k, n in [(0, 10), (3, 10), (10, 10), (17, 48)]:
+        lo, hi = wilson_interval(k, n)
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert lo == pytest.approx(ref.low, abs=1e-9) and hi == pytest.approx(ref.high, abs=1e-9)
+
+
+def test_tanh_fit_recovers_known_parameters():
+    alphas = np.linspace(-40, 40, 41)
+    truth = dict(c=0.45, a=0.4, b=0.08, alpha0=6.0)
+    fit = fit_tanh(alphas, tanh_curve(alphas, **truth))
+    assert fit["status"] == "ok" and fit["r2"] > 0.9999
+    for key, value in truth.items():
+        assert fit[key] == pytest.approx(value, rel=1e-3, abs=1e-3)
+    # A falling curve: a < 0 (b is kept >= 0 so the sign of a is the direction).
+    falling = fit_tanh(alphas, tanh_curve(alphas, 0.5, -0.3, 0.1, -5.0))
+    assert falling["a"] == pytest.approx(-0.3, abs=1e-3) and falling["b"] == pytest.approx(0.1, rel=1e-3)
+
+
+def test_tanh_fit_on_noisy_binomial_data_is_close():
+    rng = np.random.default_rng(0)
+    alphas = np.linspace(-40, 40, 21)
+    p = tanh_curve(alphas, 0.5, 0.4, 0.1, 0.0)
+    fit = fit_tanh(alphas, rng.binomial(400, p) / 400)
+    assert fit["status"] == "ok" and fit["r2"] > 0.95
+    assert fit["a"] == pytest.approx(0.4, abs=0.05) and fit["alpha0"] == pytest.approx(0.0, abs=3.0)
+
+
+def test_tanh_fit_reports_degenerate_curves_without_crashing():
+    assert fit_tanh(np.linspace(-1, 1, 9), np.full(9, 0.25))["status"].startswith("flat")
+    assert fit_tanh([0.0, 1.0, 2.0], [0.1, 0.2, 0.3])["status"].startswith("too few")
+    assert fit_tanh(np.linspace(-1, 1, 9), np.full(9, 0.25))["r2"] is None
+
+
+def test_concept_curve_counts_pooled_and_per_prompt():
+    rows = []
+    for alpha, hits in [(-1.0, [0, 0, 1, 0]), (1.0, [1, 1, 1, 0])]:
+        for i, h in enumerate(hits):
+            rows.append(dict(judge="lexicon", alpha=alpha, prompt_index=i % 2, judged=bool(h), score=0.9 * h))
+    curve = concept_curve(pd.DataFrame(rows))
+    pooled = curve[curve.scope == "pooled"].set_index("alpha")
+    assert pooled.loc[-1.0, "k"] == 1 and pooled.loc[1.0, "k"] == 3 and (pooled["n"] == 4).all()
+    assert pooled.loc[1.0, "p"] == 0.75 and pooled.loc[1.0, "mean_score"] == pytest.approx(0.675)
+    assert (curve.ci_low <= curve.p).all() and (curve.p <= curve.ci_high).all()
+    per = curve[(curve.scope == "prompt") & (curve.alpha == 1.0)].set_index("prompt_index")
+    assert per.loc[0, "k"] == 2 and per.loc[1, "k"] == 1 and (per["n"] == 2).all()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_a_completion_is_reproduced_from_its_seed_alone_or_in_another_batch(model, vector):
+    settings = SamplingSettings(max_new_tokens=10, chat=False)
+    long_prompt = "i walked into the kitchen this morning and saw my friend"
+    rows = [("the cat is", 4.0, completion_seed(0, "the cat is", 0)),
+            (long_prompt, -4.0, completion_seed(0, long_prompt, 1)),
+            ("the cat is", 0.0, completion_seed(0, "the cat is", 2)),
+            ("a", 8.0, 12345)]
+    batch = generate_rows(model, vector, 1, rows, settings, batch_size=4)
+    # Alone, and inside a differently composed and padded batch.
+    other = generate_rows(model, vector, 1, [rows[3], ("you are", 1.0, 7), rows[1], rows[0], rows[2]], settings,
+                          batch_size=2)
+    for i, row in enumerate(rows):
+        alone = regenerate(model, vector, 1, *row, settings)
+        assert alone == batch[i]["completion"]
+    assert [o["completion"] for o in other] == [batch[3]["completion"], other[1]["completion"],
+                                               batch[1]["completion"], batch[0]["completion"],
+                                               batch[2]["completion"]]
+    # Different seeds give different samples (the generator is really used).
+    texts = {regenerate(model, vector, 1, "the cat is", 0.0, s, settings) for s in range(6)}
+    assert len(texts) > 1
+
+
+def test_steering_reaches_decode_steps(model, vector):
+    settings = SamplingSettings(max_new_tokens=8, chat=False)
+    seed = completion_seed(0, "the cat is", 0)
+    texts = {regenerate(model, vector, 1, "the cat is", a, seed, settings) for a in (-30.0, 0.0, 30.0)}
+    assert len(texts) == 3  # same uniforms, different alphas: the steered distributions differ
+
+
+def test_seeds_are_shared_across_alphas_and_distinct_across_completions():
+    assert completion_seed(0, "p", 0) == completion_seed(0, "p", 0)
+    assert len({completion_seed(0, "p", i) for i in range(100)}) == 100
+    assert completion_seed(0, "p", 0) != completion_seed(1, "p", 0) != completion_seed(0, "q", 0)
+
+
+# ----------------------------------------------------------------------------- the measurement
+
+
+def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path):
+    prompts = ["the cat is", "i saw my friend"]
+    result = concept_probability(model, vector, 1, "joy", alphas=[-10.0, 0.0, 10.0], prompts=prompts,
+                                 n_completions=3, max_new_tokens=6, judges=["lexicon"], positive=JOYFUL,
+                                 negative=PLAIN, chat=False, batch_size=7, setting="random")
+    c = result.completions
+    assert len(c) == 3 * 2 * 3 and c["completion_id"].is_unique
+    assert set(c["alpha"]) == {-10.0, 0.0, 10.0} and (c["n_new_tokens"] <= 6).all()
+    # Common random numbers: the same seed for a (prompt, completion index) at every alpha.
+    assert (c.groupby(["prompt_index", "completion_index"])["seed"].nunique() == 1).all()
+    s = result.scores
+    assert len(s) == len(c) and set(s.columns) >= {"model", "concept", "layer", "setting", "alpha", "judge", "score",
+                                                   "judged", "seed"}
+    assert ((s.score >= 0) & (s.score <= 1)).all()
+    pooled = result.curve[result.curve.scope == "pooled"]
+    assert len(pooled) == 3 and (pooled["n"] == 6).all()
+    assert (pooled["k"] == s.groupby("alpha")["judged"].sum().to_numpy()).all()
+    summary = result.summary
+    assert summary["judge_accuracy"]["lexicon"]["n_positive"] == 2
+    assert summary["curves"]["lexicon"]["alpha"] == [-10.0, 0.0, 10.0]
+    paths = result.save(tmp_path)
+    lines = paths["completions"].read_text().splitlines()
+    assert len(lines) == len(c) and {"alpha", "prompt", "seed", "completion"} <= set(json.loads(lines[0]))
+    assert pd.read_parquet(paths["scores"]).shape[0] == len(s)
+    assert json.loads(paths["summary"].read_text())["concept"] == "joy"
+    # A stored completion is regenerated from its recorded row.
+    row = json.loads(lines[5])
+    settings = SamplingSettings(**summary["sampling"])
+    assert regenerate(model, vector, 1, row["prompt"], row["alpha"], row["seed"], settings) == row["completion"]
+
+
+def test_bad_judge_input_fails_before_any_generation(model, vector):
+    with pytest.raises(InputError, match="unknown judge"):
+        concept_probability(model, vector, 1, "joy", judges=["oracle"], prompts=["a"], n_completions=1)
+    with pytest.raises(InputError, match="cannot judge 'lying'"):
+        concept_probability(model, vector, 1, "lying", judges=["lexicon"], prompts=["a"], n_completions=1)
+    with pytest.raises(InputError, match="--positive / --negative"):
+        concept_probability(model, vector, 1, "joy", judges=["embedding"], prompts=["a"], n_completions=1)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    """The tiny model saved as a transformers directory, so the CLI can load it."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.hf.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vector_file(model, vector, tmp_path_factory):
+    from steerstrength.vectors import SteeringVectors
+
+    path = tmp_path_factory.mktemp("vectors") / "joy.safetensors"
+    SteeringVectors({1: vector.clone()}, {"concept": "joy", "setting": "random"}).save(path)
+    return path
+
+
+def run_cli(monkeypatch, *args) -> int:
+    from steerstrength.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["steerstrength", "--quiet", *map(str, args)])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_cli_sweep_concept_writes_tables(monkeypatch, capsys, tmp_path, model_dir, vector_file):
+    pos, neg = tmp_path / "P.txt", tmp_path / "N.txt"
+    pos.write_text("\n".join(JOYFUL) + "\n")
+    neg.write_text("\n".join(PLAIN) + "\n")
+    code = run_cli(monkeypatch, "sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
+                   "--judge", "lexicon", "--judge", "llm", "--alphas=-5,0,5", "--n-prompts", "2", "--completions", "2",
+                   "--max-new-tokens", "5", "--no-chat", "-p", pos, "-n", neg, "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "judge lexicon" in err and "judge llm" in err and "tanh fit" in err
+    curve = pd.read_parquet(tmp_path / "out" / "concept_curve.parquet")
+    assert set(curve["judge"]) == {"lexicon", "llm"} and set(curve["alpha"]) == {-5.0, 0.0, 5.0}
+    assert (curve["layer"] == 1).all() and (curve["concept"] == "joy").all()
+    summary = json.loads((tmp_path / "out" / "concept.json").read_text())
+    assert set(summary["per_layer"]["1"]["judge_accuracy"]) == {"lexicon", "llm"}
+    n = len((tmp_path / "out" / "concept_completions.jsonl").read_text().splitlines())
+    assert n == 3 * 2 * 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--judge", "oracle"], "unknown judge 'oracle'"),
+    (["--judge", "lexicon", "--concept", "lying"], "cannot judge 'lying'"),
+    (["--judge", "embedding"], "--positive / --negative"),
+    (["--judge", "lexicon", "--preset", "huge"], "unknown preset"),
+])
+def test_cli_sweep_concept_errors_exit_2(monkeypatch, capsys, tmp_path, model_dir, vector_file, args, message):
+    code = run_cli(monkeypatch, "sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
+                   "--n-prompts", "1", "--completions", "1", "--max-new-tokens", "2", "--out", tmp_path, *args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("concept*"))  # nothing half-written
