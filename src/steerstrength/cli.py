@@ -24,7 +24,6 @@ app.add_typer(sweep_app, name="sweep")
 app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["app"]).app)  # prompts, vectors, export-gguf
 import steerstrength.cli_sweeps  # noqa: F401,E402  (sweep tokens, logodds, limit, xent)
 import steerstrength.cli_concept  # noqa: F401,E402  (sweep concept, mmlu)
-import steerstrength.cli_concept  # noqa: F401,E402  (sweep concept, mmlu)
 from steerstrength.theory.cli import app as theory_app  # noqa: E402
 
 app.add_typer(theory_app, name="theory")
