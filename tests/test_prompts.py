@@ -139,7 +139,8 @@ def test_bad_sampling_settings_are_refused(model):
 
 
 def test_load_prompts_reads_jsonl_and_plain_text(tmp_path):
-    (tmp_path / "p.jsonl").write_text(json.dumps({"text": "a b", "seed": 1}) + "\n\n" + json.dumps({"text": "c"}) + "\n")
+    rows = json.dumps({"text": "a b", "seed": 1}) + "\n\n" + json.dumps({"text": "c"}) + "\n"
+    (tmp_path / "p.jsonl").write_text(rows)
     (tmp_path / "p.txt").write_text("first text\nsecond text\n")
     assert [r["text"] for r in load_prompts(tmp_path / "p.jsonl")] == ["a b", "c"]
     assert [r["text"] for r in load_prompts(tmp_path / "p.txt")] == ["first text", "second text"]
@@ -170,8 +171,8 @@ def test_cli_prompts_writes_jsonl_rows(tmp_path, monkeypatch, capsys, model):
     assert code == 2 and "--model" in err
     assert not (tmp_path / "x.jsonl").exists()
     (tmp_path / "mine.txt").write_text("my own happy text\nanother glad one\n")
-    code, _, _ = run_cli(["prompts", "-c", "joy", "--from-file", tmp_path / "mine.txt", "--out", tmp_path / "mine.jsonl"],
-                         monkeypatch, capsys)
+    code, _, _ = run_cli(["prompts", "-c", "joy", "--from-file", tmp_path / "mine.txt",
+                          "--out", tmp_path / "mine.jsonl"], monkeypatch, capsys)
     mine = [json.loads(line) for line in (tmp_path / "mine.jsonl").read_text().splitlines()]
     assert code == 0 and [r["text"] for r in mine] == ["my own happy text", "another glad one"]
     assert mine[0]["generator"] == "user" and mine[0]["kind"] == "positive"

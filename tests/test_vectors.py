@@ -145,7 +145,8 @@ def test_safetensors_round_trip_is_bit_for_bit(sv, tmp_path):
         assert back[layer].dtype == sv[layer].dtype and torch.equal(back[layer], sv[layer])
         assert torch.equal(back.resamples[layer], sv.resamples[layer])
     assert back.meta["concept"] == "joy" and back.meta["setting"] == "contrastive"
-    assert back.meta["skip_first_token"] is True and back.meta["n_positive"] == 4 and len(back.meta["config_hash"]) == 16
+    assert back.meta["skip_first_token"] is True and back.meta["n_positive"] == 4
+    assert len(back.meta["config_hash"]) == 16
 
 
 def test_gguf_export_has_llama_cpp_control_vector_layout(sv, tmp_path):
@@ -235,7 +236,7 @@ def test_cli_bad_prompt_files_give_one_line_and_no_output(tiny_dir, tmp_path, mo
     good = write_jsonl(tmp_path / "good.jsonl", P)
     (tmp_path / "empty.jsonl").write_text("")
     write_jsonl(tmp_path / "one.jsonl", P[:1])
-    (tmp_path / "broken.jsonl").write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": "c d"}) + "\n{oops\n")
+    (tmp_path / "broken.jsonl").write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": "c"}) + "\n{oops\n")
     cases = [
         ("empty.jsonl", ["empty.jsonl", "0 text"]),
         ("missing.jsonl", ["missing.jsonl", "does not exist"]),

@@ -15,10 +15,11 @@ app = typer.Typer()
 
 @app.command("prompts")
 def prompts(
-    concept: str = typer.Option(..., "--concept", "-c", help="The concept, e.g. joy (see docs/vectors.md for the 8 of the paper)."),
+    concept: str = typer.Option(..., "--concept", "-c", help="The concept, e.g. joy (the paper's 8: docs/vectors.md)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL: one row per text."),
     kind: str = typer.Option("positive", "--kind", help="positive (P) or negative (N)."),
-    setting: str = typer.Option("contrastive", "--setting", help="For N: contrastive (opposite concept) or random (samples from BOS)."),
+    setting: str = typer.Option("contrastive", "--setting",
+                                help="For N: contrastive (opposite concept) or random (samples from BOS)."),
     n: int = typer.Option(500, "--n", help="Number of texts to sample (empty ones are dropped and counted)."),
     max_new_tokens: int = typer.Option(300, "--max-new-tokens", help="New tokens per text at most."),
     temperature: float = typer.Option(1.0, "--temperature"),
@@ -26,16 +27,21 @@ def prompts(
     top_k: int = typer.Option(0, "--top-k", help="Top-k sampling; 0 turns it off."),
     seed: int = typer.Option(0, "--seed", help="Base seed; each text gets its own seed, recorded in its row."),
     batch_size: int = typer.Option(8, "--batch-size"),
-    opposite: Optional[str] = typer.Option(None, "--opposite", help="Opposite concept for contrastive N; default: ask the generator."),
-    generator: Optional[str] = typer.Option(None, "--generator", help="Instruct model writing P and contrastive N; default: --model, else the embedded model."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to be steered: random N is sampled from it."),
-    from_file: Optional[Path] = typer.Option(None, "--from-file", help="Use your own texts (JSONL with 'text', or one per line) instead of generating."),
+    opposite: Optional[str] = typer.Option(None, "--opposite",
+                                           help="Opposite concept for contrastive N; default: ask the generator."),
+    generator: Optional[str] = typer.Option(None, "--generator", help="Instruct model writing P and contrastive N; "
+                                            "default: --model, else the embedded model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="The model to be steered: random N is sampled from it."),
+    from_file: Optional[Path] = typer.Option(None, "--from-file", help="Use your own texts (JSONL with 'text', "
+                                             "or one per line) instead of generating."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Write a prompt set (P, or N contrastive / random) as JSONL."""
     from steerstrength.io import write_jsonl
-    from steerstrength.prompts import KINDS, SETTINGS, check_concept, check_sampling, generate_prompts, load_prompts, rows_from_texts
+    from steerstrength.prompts import (KINDS, SETTINGS, check_concept, check_sampling, generate_prompts, load_prompts,
+                                       rows_from_texts)
 
     concept = check_concept(concept)
     if kind not in KINDS:
@@ -51,7 +57,8 @@ def prompts(
     check_sampling(n, max_new_tokens, temperature, top_p, top_k, batch_size)
     random_n = kind == "negative" and setting == "random"
     if random_n and generator is not None and model is None:
-        raise InputError("the random setting samples from the model to be steered: pass it with --model, not --generator")
+        raise InputError("the random setting samples from the model to be steered: pass it with --model, "
+                         "not --generator")
     spec = model if random_n else (generator if generator is not None else model)
     lm = load(spec, dtype=dtype, device=device)
     what = "P" if kind == "positive" else f"N ({setting})"
@@ -78,7 +85,8 @@ def print_norms(sv) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"steering vectors ({sv.meta.get('concept') or 'concept ?'}, {sv.meta.get('setting') or 'setting ?'})")
+    concept, setting = sv.meta.get("concept") or "concept ?", sv.meta.get("setting") or "setting ?"
+    table = Table(title=f"steering vectors ({concept}, {setting})")
     table.add_column("layer", justify="right")
     table.add_column("norm", justify="right")
     if sv.resamples:
@@ -106,12 +114,14 @@ def vectors(
     normalize: bool = typer.Option(False, "--normalize", help="Scale each vector to unit norm."),
     skip_first_token: bool = typer.Option(True, "--skip-first-token/--no-skip-first-token",
                                           help="Leave position 0 (attention sink) out of each text's average."),
-    gguf_out: Optional[Path] = typer.Option(None, "--gguf-out", help="Also write a llama.cpp control vector (layers >= 1)."),
+    gguf_out: Optional[Path] = typer.Option(None, "--gguf-out",
+                                            help="Also write a llama.cpp control vector (layers >= 1)."),
     concept: Optional[str] = typer.Option(None, "--concept", help="Recorded in the metadata; default: from P's rows."),
     setting: Optional[str] = typer.Option(None, "--setting", help="Recorded in the metadata; default: from N's rows."),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate each text to this many tokens."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to be steered (HF id, directory, .gguf, embedded name)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="The model to be steered (HF id, directory, .gguf, embedded name)."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
@@ -146,7 +156,8 @@ def export_gguf(
     out: Path = typer.Argument(..., help="Output .gguf for llama.cpp's --control-vector."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to export (default: all >= 1)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Check the vectors against this model first."),
-    model_hint: Optional[str] = typer.Option(None, "--model-hint", help="controlvector.model_hint; default: the model type."),
+    model_hint: Optional[str] = typer.Option(None, "--model-hint",
+                                             help="controlvector.model_hint; default: the model type."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
