@@ -275,3 +275,11 @@ def test_cli_export_refuses_wrong_size_and_non_finite_vectors(tiny_dir, tmp_path
     code, _, _ = run_cli(["export-gguf", tmp_path / "ok.safetensors", tmp_path / "x.gguf", "--model", tiny_dir],
                          monkeypatch, capsys)
     assert code == 0 and SteeringVectors.load(tmp_path / "x.gguf").layers == [1]
+
+
+def test_texts_longer_than_the_model_allows_are_refused_unless_truncated(model):
+    long = " ".join(["the"] * (model.max_length + 5))
+    with pytest.raises(InputError, match="max-length"):
+        difference_of_means(model, [long, long], N[:2], 1)
+    truncated = difference_of_means(model, [long, long], N[:2], 1, max_length=16)
+    assert truncated.meta["max_length"] == 16 and torch.isfinite(truncated[1]).all()

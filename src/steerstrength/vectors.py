@@ -256,6 +256,9 @@ def mean_activations(model: Model, texts: Sequence[str], layers: Sequence[int], 
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
         enc = model.encode(chunk, padding_side="right", max_length=max_length)
+        if model.max_length and enc.input_ids.shape[1] > model.max_length:
+            raise InputError(f"a text has {enc.input_ids.shape[1]} tokens, more than {model.name}'s maximum "
+                             f"{model.max_length}; truncate with --max-length (API: max_length=)")
         mask = enc.attention_mask.clone()
         if skip_first_token:
             mask[:, 0] = 0  # right padding: column 0 is each text's first token
