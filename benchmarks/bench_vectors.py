@@ -31,13 +31,26 @@ from steerstrength import difference_of_means, generate_prompts, load_model
 from steerstrength.prompts import concept_prompt, generator_prompt_ids, stop_ids
 
 
-def best_time(fn, repeats):
-    times, result = [], None
+def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best-of-`repeats` seconds and the result of each function, run in turn within each repeat
+    so that a change in the machine's load affects every contender alike."""
+    times = {name: [] for name in fns}
+    results = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}, results
+
+
+def has_steering_vectors() -> bool:
+    try:
+        import steering_vectors  # noqa: F401
+    except ImportError:
+        print("steering-vectors is not installed: .venv/bin/pip install --no-deps steering-vectors==0.12.2")
+        return False
+    return True
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,18 +124,19 @@ def main() -> None:
                "cpu": platform.processor() or platform.machine(), "layers": layers}
     print(f"model {model.name}  threads {torch.get_num_threads()}  load average {os.getloadavg()[0]:.1f}")
 
-    # 1. Prompt generation.
-    def gen():
-        return generate_prompts(model, "joy", "positive", args.gen_texts, max_new_tokens=args.gen_tokens, seed=0,
-                                batch_size=args.gen_texts)
-    t_gen, rows = best_time(gen, args.repeats)
-    t_plain, _ = best_time(lambda: plain_sampling(model, args.gen_texts, args.gen_tokens, 0), args.repeats)
+    # 1. Prompt generation: ours (per-text seeds) and plain generate(do_sample=True), in turn.
+    t, out = best_times({
+        "ours": lambda: generate_prompts(model, "joy", "positive", args.gen_texts, max_new_tokens=args.gen_tokens,
+                                         seed=0, batch_size=args.gen_texts),
+        "plain": lambda: plain_sampling(model, args.gen_texts, args.gen_tokens, 0),
+    }, args.repeats)
+    rows = out["ours"]
     new_tokens = sum(r["n_tokens"] for r in rows)
-    results["generation"] = {"texts": args.gen_texts, "max_new_tokens": args.gen_tokens, "seconds": t_gen,
-                             "plain_generate_seconds": t_plain, "new_tokens": new_tokens,
+    results["generation"] = {"texts": args.gen_texts, "max_new_tokens": args.gen_tokens, "seconds": t["ours"],
+                             "plain_generate_seconds": t["plain"], "new_tokens": new_tokens,
                              "kept_texts": len(rows), "ended_at_eos": sum(r["finish"] == "stop" for r in rows)}
-    print(f"generate {args.gen_texts} positive prompts x {args.gen_tokens} tokens: {t_gen:.2f} s "
-          f"({new_tokens} tokens, {new_tokens / t_gen:.0f} tok/s); plain generate(do_sample) {t_plain:.2f} s")
+    print(f"generate {args.gen_texts} positive prompts x {args.gen_tokens} tokens: {t['ours']:.2f} s "
+          f"({new_tokens} tokens, {new_tokens / t['ours']:.0f} tok/s); plain generate(do_sample) {t['plain']:.2f} s")
 
     # 2. Texts for extraction: P for joy, N random (samples from BOS), 64 new tokens each.
     half = args.texts // 2
@@ -137,35 +151,36 @@ def main() -> None:
     results["extraction"] = {"n_positive": k, "n_negative": k, "tokens": n_tokens, "same_token_ids": same_ids}
     print(f"extraction texts: |P| = |N| = {k}, {n_tokens} tokens; identical token ids in both tools: {same_ids}")
 
+    # 3. Like for like (token averages, position 0 out, then in), and each tool's default.
+    compare = has_steering_vectors()
     for skip in (True, False):
-        t_ours, ours = best_time(lambda: difference_of_means(model, pos, neg, layers, skip_first_token=skip,
-                                                             batch_size=args.batch_size), args.repeats)
-        results["extraction"][f"ours_s_skip_first_{skip}"] = t_ours
-        print(f"ours (skip_first_token={skip}): {t_ours:.2f} s for {len(layers)} layers")
-        try:
-            import steering_vectors  # noqa: F401
-        except ImportError:
-            print("steering-vectors is not installed: pip install --no-deps steering-vectors==0.12.2")
+        fns = {"ours": lambda: difference_of_means(model, pos, neg, layers, skip_first_token=skip,
+                                                   batch_size=args.batch_size)}
+        if compare:
+            fns["theirs"] = lambda: sv_vectors_token_average(model, pos, neg, layers, skip, args.batch_size)
+        t, out = best_times(fns, args.repeats)
+        results["extraction"][f"ours_s_skip_first_{skip}"] = t["ours"]
+        print(f"ours (skip_first_token={skip}): {t['ours']:.2f} s for {len(layers)} layers")
+        if not compare:
             continue
-        t_sv, theirs = best_time(lambda: sv_vectors_token_average(model, pos, neg, layers, skip, args.batch_size),
-                                 args.repeats)
+        ours, theirs = out["ours"], out["theirs"]
         cos = {layer: cosine(ours[layer], theirs[layer]) for layer in layers}
         rel = {layer: float((ours[layer].double() - theirs[layer]).norm() / theirs[layer].norm()) for layer in layers}
-        results["extraction"][f"sv_token_average_skip_first_{skip}"] = {"seconds": t_sv, "cosine": cos,
+        results["extraction"][f"sv_token_average_skip_first_{skip}"] = {"seconds": t["theirs"], "cosine": cos,
                                                                         "relative_difference": rel}
-        print(f"steering-vectors hooks + token average (position 0 {'out' if skip else 'in'}): {t_sv:.2f} s; "
+        print(f"steering-vectors hooks + token average (position 0 {'out' if skip else 'in'}): {t['theirs']:.2f} s; "
               + "  ".join(f"layer {layer}: cos {cos[layer]:.7f}, |diff|/|v| {rel[layer]:.1e}" for layer in layers))
 
-    try:
-        t_def, last = best_time(lambda: sv_vectors_default(model, pos, neg, layers, args.batch_size), args.repeats)
-    except ImportError:
-        last = None
-    if last is not None:
-        ours = difference_of_means(model, pos, neg, layers, batch_size=args.batch_size)
-        cos = {layer: cosine(ours[layer], last[layer]) for layer in layers}
-        results["extraction"]["sv_default_last_token"] = {"seconds": t_def, "cosine_to_ours_default": cos}
-        print(f"steering-vectors default (last token, paired means): {t_def:.2f} s; cosine to our default "
-              + "  ".join(f"layer {layer}: {cos[layer]:.3f}" for layer in layers))
+    if compare:
+        t, out = best_times({
+            "ours": lambda: difference_of_means(model, pos, neg, layers, batch_size=args.batch_size),
+            "theirs": lambda: sv_vectors_default(model, pos, neg, layers, args.batch_size),
+        }, args.repeats)
+        cos = {layer: cosine(out["ours"][layer], out["theirs"][layer]) for layer in layers}
+        results["extraction"]["sv_default_last_token"] = {"seconds": t["theirs"], "ours_seconds": t["ours"],
+                                                          "cosine_to_ours_default": cos}
+        print(f"steering-vectors default (last token, paired means): {t['theirs']:.2f} s (ours {t['ours']:.2f} s); "
+              "cosine to our default " + "  ".join(f"layer {layer}: {cos[layer]:.3f}" for layer in layers))
 
     results["load_avg_end"] = os.getloadavg()[0]
     if args.json:
