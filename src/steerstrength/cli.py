@@ -27,6 +27,11 @@ import steerstrength.cli_concept  # noqa: F401,E402  (sweep concept, mmlu)
 from steerstrength.theory.cli import app as theory_app  # noqa: E402
 
 app.add_typer(theory_app, name="theory")
+from steerstrength import cli_run  # noqa: E402  (run, config show, plot)
+
+app.command("run")(cli_run.run)
+app.command("plot")(cli_run.plot)
+app.add_typer(cli_run.config_app, name="config")
 
 
 @models_app.command("show")
