@@ -23,7 +23,7 @@ def test_default_ufm_reaches_the_dataset_entropy_within_1e3_in_under_30s():
     assert abs(ufm.final_loss - dataset_entropy(ds)) < 1e-3
     assert elapsed < 30
     assert ufm.final_loss >= dataset_entropy(ds) - 1e-12  # the entropy is a lower bound
-    assert ufm.W.shape == (9, 9) and ufm.H.shape == (9, 81)
+    assert ufm.W.shape == (9, 3) and ufm.H.shape == (3, 81)  # d = rank(log p) = G for App. B.1
     assert np.abs(ufm.probs() - ds.p).max() < 1e-6  # Assumption 2, essentially exactly
 
 

@@ -21,7 +21,7 @@ GroupsOpt = typer.Option(_DEFAULT.groups, "--groups", help="G, the number of con
 SizeOpt = typer.Option(_DEFAULT.size, "--size", help="s, tokens per concept (V = G*s).")
 LengthOpt = typer.Option(_DEFAULT.context_length, "--context-length", help="T: contexts hold T-1 tokens of one concept.")
 EpsOpt = typer.Option(_DEFAULT.eps, "--eps", help="Smoothing eps in (0, (G-1)/G).")
-DOpt = typer.Option(None, "--d", help="Embedding dimension d; default V (always enough to fit the data).")
+DOpt = typer.Option(None, "--d", help="Embedding dimension d; default rank(log p), just large enough to fit the data.")
 NegOpt = typer.Option(_DEFAULT.negatives, "--negatives", help="random (any contexts outside the target) or contrastive (one opposite concept).")
 QOpt = typer.Option(_DEFAULT.q, "--q", help="|P| = |N| = q contexts for the steering vector.")
 TargetOpt = typer.Option(_DEFAULT.target, "--target", help="Index of the target concept T.")
