@@ -98,8 +98,11 @@ def verify_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Train a UFM, steer it, check every claim against the closed forms; exit 1 if any fails."""
+    from steerstrength.errors import InputError
     from steerstrength.theory.verify import write_verification_json
 
+    if json_path is not None and json_path.is_dir():
+        raise InputError(f"--json {json_path} is a directory; give a file path such as {json_path / 'verify.json'}")
     config = _config(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
                      negatives=negatives, q=q, target=target, seed=seed, alpha_max=alpha_max,
                      alpha_points=alpha_points, steps=steps, lr=lr, all_contexts=all_contexts)
