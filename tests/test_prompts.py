@@ -80,6 +80,28 @@ def test_top_k_one_is_greedy_decoding(model):
     assert sampled[0]["text"] == sampled[1]["text"] == model.decode(ids).strip()
 
 
+def full_sort_reference(logits, temperature, top_p, top_k):
+    """Temperature, then top-k on the logits, then the nucleus by a full sort of the vocabulary."""
+    scaled = logits / temperature
+    if top_k:
+        scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k).values[:, -1:], float("-inf"))
+    probs = torch.softmax(scaled, -1)
+    ordered, order = torch.sort(probs, descending=True)
+    ordered = ordered.masked_fill((ordered.cumsum(-1) - ordered) >= top_p, 0.0)
+    probs = torch.zeros_like(probs).scatter(-1, order, ordered)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.9, 0), (0.7, 0.5, 0), (1.0, 0.95, 50), (2.0, 0.99, 0),
+                                                      (1.0, 0.9, 3000), (1.3, 1.0, 0)])
+def test_sampling_candidates_equal_a_full_sort_of_the_vocabulary(temperature, top_p, top_k):
+    torch.manual_seed(0)
+    # Peaked rows (nucleus within the top 256) and flat rows (it needs the whole vocabulary).
+    logits = torch.cat([torch.randn(3, 5000) * 4, torch.randn(3, 5000) * 0.2])
+    want = full_sort_reference(logits, temperature, top_p, top_k)
+    torch.testing.assert_close(filtered_probs(logits, temperature, top_p, top_k), want, atol=1e-6, rtol=0)
+
+
 def test_nucleus_and_top_k_filters():
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     torch.testing.assert_close(filtered_probs(scores, 1.0, 0.75, 0), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))

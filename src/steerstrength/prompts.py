@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from importlib import resources
 from typing import Callable, Sequence
 
@@ -45,9 +44,8 @@ END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoft
 # ----------------------------------------------------------------------------- concepts
 
 
-@lru_cache(maxsize=1)
 def concepts() -> dict[str, dict]:
-    """The paper's 8 concepts (App. A): name -> {definition, opposite}."""
+    """The paper's 8 concepts (App. A): name -> {definition, opposite} (a fresh dict on each call)."""
     text = resources.files("steerstrength").joinpath("data/concepts.json").read_text(encoding="utf-8")
     return json.loads(text)
 
@@ -67,20 +65,38 @@ def check_concept(concept: str) -> str:
 # ----------------------------------------------------------------------------- sampling
 
 
-def filtered_probs(scores: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """Nucleus / top-k sampling distribution of each row of `scores` [B, V] (float32)."""
-    logits = scores.float() / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+# Nucleus sampling needs the tokens in order of probability; a full sort of the vocabulary costs ~20x
+# a top-256, and the nucleus of a language model almost always lies in its top 256 (else we widen).
+NUCLEUS_WIDTHS = (256, 4096)
+
+
+def candidates(scores: torch.Tensor, temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids), both [B, k]: what temperature, top-k and nucleus sampling may pick.
+
+    Probabilities are renormalised over the candidates; zeros mark tokens the nucleus drops.
+    """
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    vocab = probs.shape[-1]
+    if top_k > 0 and top_k < vocab:
+        values, ids = torch.topk(probs, top_k, dim=-1)
+        values = values / values.sum(-1, keepdim=True)  # the nucleus is taken within the top k
+    elif top_p < 1.0:
+        for width in NUCLEUS_WIDTHS + (vocab,):
+            values, ids = torch.topk(probs, min(width, vocab), dim=-1)
+            if width >= vocab or bool((values.sum(-1) >= top_p).all()):
+                break  # every row's nucleus lies within these candidates: the rest would be dropped anyway
+    else:
+        return probs, torch.arange(vocab, device=probs.device).expand_as(probs)
     if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        # Drop a token when the tokens strictly before it already reach top_p (the top token always stays).
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return probs / probs.sum(-1, keepdim=True)
+        # Drop a token when the tokens before it already reach top_p (the top token always stays).
+        values = values.masked_fill((values.cumsum(-1) - values) >= top_p, 0.0)
+    return values / values.sum(-1, keepdim=True), ids
+
+
+def filtered_probs(scores: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """The sampling distribution of each row of `scores` [B, V], as a dense [B, V] float32 tensor."""
+    values, ids = candidates(scores, temperature, top_p, top_k)
+    return torch.zeros(scores.shape, dtype=values.dtype, device=values.device).scatter(-1, ids, values)
 
 
 class RowSampler:
@@ -95,16 +111,16 @@ class RowSampler:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = filtered_probs(scores, self.temperature, self.top_p, self.top_k)
+        values, ids = candidates(scores, self.temperature, self.top_p, self.top_k)
         # One uniform per row from its own CPU generator, then inverse-CDF on the model's device.
         u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
-        cdf = probs.cumsum(-1)
+        cdf = values.cumsum(-1)
         target = (u.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-        chosen = torch.searchsorted(cdf, target).clamp(max=probs.shape[-1] - 1)
+        pick = torch.searchsorted(cdf, target).clamp(max=values.shape[-1] - 1)
         # Never land on a zero-probability token through rounding at a flat stretch of the CDF.
-        chosen = torch.where(probs.gather(-1, chosen) > 0, chosen, probs.argmax(-1, keepdim=True))
+        pick = torch.where(values.gather(-1, pick) > 0, pick, values.argmax(-1, keepdim=True))
         out = torch.full_like(scores, float("-inf"))
-        return out.scatter(-1, chosen, 0.0)
+        return out.scatter(-1, ids.gather(-1, pick), 0.0)
 
 
 def stop_ids(model: Model) -> list[int]:
