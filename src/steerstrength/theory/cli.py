@@ -33,10 +33,6 @@ LrOpt = typer.Option(_DEFAULT.lr, "--lr", help="Adam step size (cosine-decayed t
 QuietOpt = typer.Option(False, "--quiet", help="No progress bar.")
 
 
-def _config(**kwargs) -> TheoryConfig:
-    return TheoryConfig(**kwargs)
-
-
 def _trained(config: TheoryConfig, quiet: bool, check: bool = True):
     """verify() (or only build_world() when not checking) under a training progress bar."""
     from steerstrength.cli_common import progress_bar, state
@@ -46,6 +42,7 @@ def _trained(config: TheoryConfig, quiet: bool, check: bool = True):
         done = [0]
 
         def progress(step: int, loss: float) -> None:
+            """Advance the bar to `step`."""
             advance(step - done[0])
             done[0] = step
 
@@ -53,6 +50,7 @@ def _trained(config: TheoryConfig, quiet: bool, check: bool = True):
 
 
 def _format_value(check) -> str:
+    """'err 1.2e-15', 'margin 3.64', 'margin +inf' or '-'."""
     if check.value is None:
         return "-"
     word = "err" if check.kind == "error" else "margin"
@@ -103,7 +101,7 @@ def verify_cmd(
 
     if json_path is not None and json_path.is_dir():
         raise InputError(f"--json {json_path} is a directory; give a file path such as {json_path / 'verify.json'}")
-    config = _config(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
+    config = TheoryConfig(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
                      negatives=negatives, q=q, target=target, seed=seed, alpha_max=alpha_max,
                      alpha_points=alpha_points, steps=steps, lr=lr, all_contexts=all_contexts)
     result = _trained(config, quiet)
@@ -145,7 +143,7 @@ def figures_cmd(
     """Draw Fig. 2, 3, B.1, 4 and 5 from a trained UFM (PNG and PDF)."""
     from steerstrength.theory.figures import make_figures
 
-    config = _config(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
+    config = TheoryConfig(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
                      negatives=negatives, q=q, target=target, seed=seed, alpha_max=alpha_max,
                      alpha_points=alpha_points, steps=steps, lr=lr)
     world = _trained(config, quiet, check=False)

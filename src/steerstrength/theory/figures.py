@@ -60,6 +60,7 @@ def figure_context(world: World) -> int:
 
 
 def _context(world: World, context: int | None) -> int:
+    """The figure context: the given index (checked), or `figure_context`."""
     if context is None:
         return figure_context(world)
     if not 0 <= context < world.dataset.m:

@@ -94,7 +94,7 @@ def bump_peaks(p_j: np.ndarray, M: np.ndarray, tol: float = TIE_TOL) -> np.ndarr
         gap = M - M[z]
 
         def excess(alpha: float, gap=gap) -> float:
-            # E_alpha[M] - M(z) by Lemma B.3, strictly increasing in alpha (Eq. 10)
+            """E_alpha[M] - M(z) by Lemma B.3, strictly increasing in alpha (Eq. 10)."""
             w = logp + alpha * M
             e = np.exp(w - w.max())
             return float(e @ gap / e.sum())
@@ -145,6 +145,7 @@ def concept_log_odds_means(p_j: np.ndarray, M: np.ndarray, alphas: np.ndarray, i
         w = np.log(p_j)[None, :] + alphas[:, None] * M[None, :]
 
     def conditional_mean(mask: np.ndarray) -> np.ndarray:
+        """E[M(Z) | Z in mask] under Lemma B.3, in log space so no mass underflows."""
         wm = np.where(mask[None, :], w, -np.inf)
         return np.exp(wm - logsumexp(wm, axis=1, keepdims=True)) @ np.where(mask, M, 0.0)
 

@@ -34,6 +34,7 @@ class UFM:
 
     @property
     def d(self) -> int:
+        """Embedding dimension."""
         return self.W.shape[1]
 
     def logits(self) -> np.ndarray:

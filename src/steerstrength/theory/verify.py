@@ -62,6 +62,7 @@ class TheoryConfig:
 
     @property
     def vocab_size(self) -> int:
+        """V = G s."""
         return self.groups * self.size
 
 
@@ -85,6 +86,7 @@ class World:
 
     @property
     def in_T(self) -> np.ndarray:
+        """Boolean (V,) mask of the target concept T."""
         return self.dataset.concept_mask(self.config.target)
 
     def trained_steered_probs(self, j: int, alphas: np.ndarray | None = None) -> np.ndarray:
@@ -124,6 +126,7 @@ class Verification:
 
     @property
     def passed(self) -> bool:
+        """No row failed (skips do not count)."""
         return all(c.status != "fail" for c in self.checks)
 
 
@@ -138,7 +141,7 @@ def alpha_grid(alpha_max: float, points: int) -> np.ndarray:
     return grid
 
 
-def checked_contexts(ds: ConceptDataset, target: int, P: np.ndarray, N: np.ndarray) -> np.ndarray:
+def checked_contexts(ds: ConceptDataset, P: np.ndarray, N: np.ndarray) -> np.ndarray:
     """Representative contexts: per concept, one inside P (or N) and one outside the steering sets."""
     chosen: list[int] = []
     used = set(P.tolist()) | set(N.tolist())
@@ -166,7 +169,7 @@ def build_world(config: TheoryConfig, progress: Callable[[int, float], None] | N
     P, N = steering_sets(ds, config.target, config.q, config.negatives, seed=config.seed)
     ufm = train_ufm(ds, d=config.d, steps=config.steps, lr=config.lr, seed=config.seed, progress=progress)
     trained_p = ufm.probs()
-    checked = np.arange(ds.m) if config.all_contexts else checked_contexts(ds, config.target, P, N)
+    checked = np.arange(ds.m) if config.all_contexts else checked_contexts(ds, P, N)
     return World(
         config=config,
         dataset=ds,
@@ -188,16 +191,19 @@ def build_world(config: TheoryConfig, progress: Callable[[int, float], None] | N
 
 
 def _error(claim, ref, side, value, tol, note="") -> ClaimCheck:
+    """A row that passes when the measured error is at most `tol`."""
     ok = bool(np.isfinite(value) and value <= tol)
     return ClaimCheck(claim, ref, side, "pass" if ok else "fail", "error", float(value), tol, note)
 
 
 def _margin(claim, ref, side, value, note="") -> ClaimCheck:
+    """A row that passes when the measured margin is > 0."""
     ok = bool(value > 0)
     return ClaimCheck(claim, ref, side, "pass" if ok else "fail", "margin", float(value), None, note)
 
 
 def _skip(claim, ref, side, note, value=None, kind="margin") -> ClaimCheck:
+    """A row whose claim is vacuous or whose hypothesis does not hold here."""
     return ClaimCheck(claim, ref, side, "skip", kind, None if value is None else float(value), None, note)
 
 
@@ -266,6 +272,7 @@ def check_claims(w: World) -> list[ClaimCheck]:
 
 
 def _check_bumps(w: World, step: float) -> list[ClaimCheck]:
+    """Thm 3.3: bump, peak order, monotone extremal tokens (Lemma B.5, Eq. 10)."""
     ds, alphas, in_T = w.dataset, w.alphas, w.in_T
     top, bottom = laws.extremal_sets(w.M)
     # Closed-form signs are read where they are representable: past alpha_sat (Prop. B.1) the
@@ -349,6 +356,7 @@ def _order_margin(peaks: np.ndarray, in_T: np.ndarray) -> float:
 
 
 def _check_limits(w: World) -> list[ClaimCheck]:
+    """Prop. B.1: Delta p at +-alpha_sat against Eq. (5)."""
     ds = w.dataset
     a_sat = laws.saturating_alpha(w.M)
     err_cf = err_tr = 0.0
@@ -367,6 +375,7 @@ def _check_limits(w: World) -> list[ClaimCheck]:
 
 
 def _check_remark_3_4(w: World) -> list[ClaimCheck]:
+    """Remark 3.4: target peaks are positive for contexts outside T (App. B.3, eps small enough)."""
     ds, cfg, in_T = w.dataset, w.config, w.in_T
     claim, ref = "target peaks > 0 for contexts outside T", "Remark 3.4"
     if ds.family == "context":
@@ -391,6 +400,7 @@ def _check_remark_3_4(w: World) -> list[ClaimCheck]:
 
 
 def _check_concepts(w: World) -> list[ClaimCheck]:
+    """Thm 3.6: tanh form, increasing target concept, limits, decreasing low-log-odds concepts."""
     ds, cfg, alphas = w.dataset, w.config, w.alphas
     in_T = w.in_T
     top, bottom = laws.extremal_sets(w.M)
@@ -458,6 +468,7 @@ def _check_concepts(w: World) -> list[ClaimCheck]:
 
 
 def _check_cross_entropy(w: World) -> list[ClaimCheck]:
+    """Thm 3.8: Delta CE = c alpha^2 + o(alpha^2), no linear term, Delta CE > 0."""
     ds, alphas = w.dataset, w.alphas
     ref = "Thm 3.8"
     coef = laws.ce_quadratic_coefficient(ds.p, ds.pi, w.M)
@@ -500,6 +511,7 @@ def verify(config: TheoryConfig, progress: Callable[[int, float], None] | None =
 
 
 def _peak_list(peaks: np.ndarray) -> tuple[list, list]:
+    """Thm 3.3 peaks for JSON: numbers (null at +-inf) and their signs."""
     values = [float(x) if np.isfinite(x) else None for x in peaks]
     signs = ["+inf" if x == np.inf else "-inf" if x == -np.inf else "finite" for x in peaks]
     return values, signs
