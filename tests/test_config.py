@@ -1,0 +1,74 @@
+"""The run configuration: presets, TOML files, key=value overrides, clear errors."""
+
+import pytest
+
+from steerstrength import InputError, RunError
+from steerstrength.config import build_config, preset, resolve_layers, to_toml
+from steerstrength.runs import RunDir
+
+
+def test_presets_differ_in_size_not_in_shape():
+    demo, paper = preset("demo"), preset("paper")
+    assert paper.prompts.n == 500 and paper.prompts.max_new_tokens == 300
+    assert paper.tokens.n_alphas == 1024 and paper.xent.n_tokens == 1_000_000
+    assert (paper.concept.n_prompts, paper.concept.completions) == (12, 32)
+    assert len(paper.concepts) == 8 and paper.layers == ["early", "middle", "late"]
+    assert demo.prompts.n < paper.prompts.n and demo.concepts == ["joy"]
+
+
+def test_overrides_parse_types_and_nested_keys():
+    cfg = build_config("demo", None, ["concepts=joy,evil", "xent.n_tokens=4096", "tokens.alpha_max=50",
+                                      "layers=3,10", "vectors.normalize=true", "model.spec=none"])
+    assert cfg.concepts == ["joy", "evil"]
+    assert cfg.xent.n_tokens == 4096 and cfg.tokens.alpha_max == 50.0
+    assert cfg.layers == [3, 10] and cfg.vectors.normalize is True and cfg.model.spec is None
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = build_config("demo", None, ["concepts=joy,evil", "xent.seq_len=32"])
+    path = tmp_path / "run.toml"
+    path.write_text(to_toml(cfg))
+    again = build_config("demo", str(path), [])
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("xent.n_tokenz=3", "unknown config key"),
+    ("xent=3", "is a section"),
+    ("xent.n_tokens=abc", "takes an integer"),
+    ("vectors.normalize=maybe", "true or false"),
+    ("setting=sideways", "random or contrastive"),
+    ("tokens.n_alphas=1", "at least 2"),
+    ("tokens.alpha_max=nan", "positive finite"),
+    ("noequals", "key=value"),
+])
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(InputError, match=message):
+        build_config("demo", None, [override])
+
+
+def test_missing_and_invalid_config_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        build_config("demo", str(tmp_path / "nope.toml"), [])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("concepts = [")
+    with pytest.raises(InputError, match="not valid TOML"):
+        build_config("demo", str(bad), [])
+    with pytest.raises(InputError, match="unknown preset"):
+        build_config("huge", None, [])
+
+
+def test_layer_names_resolve_against_the_model_depth():
+    assert resolve_layers(["early", "middle", "late"], 30) == [5, 15, 25]
+    with pytest.raises(InputError):
+        resolve_layers([30], 30)
+
+
+def test_a_second_writer_gets_a_clear_error(tmp_path):
+    run = RunDir(tmp_path)
+    with run.lock():
+        with pytest.raises(RunError, match="another steerstrength run"):
+            with RunDir(tmp_path).lock():
+                pass
+    with RunDir(tmp_path).lock():  # released
+        pass
