@@ -216,7 +216,7 @@ def _peaks_both(w: World, j: int) -> tuple[np.ndarray, np.ndarray]:
 
 def check_claims(w: World) -> list[ClaimCheck]:
     """Every claim of Sec. 2-3 and App. B, on the closed form and on the trained model."""
-    ds, cfg, alphas = w.dataset, w.config, w.alphas
+    ds, alphas = w.dataset, w.alphas
     in_T = w.in_T
     step = float(alphas[1] - alphas[0])
     rows: list[ClaimCheck] = []
