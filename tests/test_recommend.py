@@ -1,0 +1,280 @@
+"""Which alpha? The selection rules on curves with known answers, the per-token KL, every method on a tiny model, the CLI."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from steerstrength import InputError, SteeringVectors, difference_of_means, next_token_probs, recommend_alpha
+from steerstrength.recommend import (
+    METHODS,
+    bisect_crossing,
+    constrained_argmax,
+    feasible_run,
+    first_crossing,
+    next_token_readings,
+    peak_report,
+    token_kl,
+)
+from steerstrength.steering import steer
+from tiny import tiny_model
+
+JOYFUL = ["i am happy and glad", "joy and love and a smile", "we laugh in the sun", "so happy today"]
+PLAIN = ["the table is in the house", "a dog walked to the kitchen", "the cat is on the table", "my friend left"]
+PROMPTS = ["i walked into the kitchen", "the cat saw a dog and"]
+LAYER = 1
+GRID = [0.0, 0.5, 1.0, 2.0, 4.0]
+SMALL = dict(n_completions=2, max_new_tokens=4, alphas=GRID)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.final_norm.weight.mul_(30.0)  # peaked next-token distributions, so steering moves them
+    return m
+
+
+@pytest.fixture(scope="module")
+def vector(model):
+    v = difference_of_means(model, JOYFUL, PLAIN, [LAYER])[LAYER]
+    return 0.05 * v / v.norm()  # residual norms are ~0.1 at this layer
+
+
+@pytest.fixture(scope="module")
+def M(model, vector):
+    """Log-odds whose top tokens are those the vector promotes (as Def. 3.2 gives on a real model)."""
+    p = next_token_probs(model, vector, LAYER, PROMPTS[0], [0.0, 4.0], chat=True).double()
+    return p[1].log() - p[0].log()
+
+
+# ----------------------------------------------------------------------------- selection rules
+
+
+def test_sweet_spot_rule_picks_the_constrained_argmax():
+    alphas = np.linspace(0, 10, 11)
+    mass = np.exp(-0.5 * (alphas - 7) ** 2)  # target mass peaks at alpha = 7
+    kl = 0.05 * alphas ** 2  # distortion grows: kl <= 1 up to alpha = 4.47
+    assert constrained_argmax(mass, kl, 1.0) == 4  # the budget binds: alpha 4, not the unconstrained peak 7
+    assert constrained_argmax(mass, kl, 100.0) == 7  # a loose budget: the peak itself
+    # A later dip below the budget does not count: feasibility is the run from alpha = 0.
+    dip = kl.copy()
+    dip[8] = 0.0
+    assert constrained_argmax(mass, dip, 1.0) == 4
+    # Entropy floor: the distribution collapses (entropy falls) from alpha = 3 on.
+    entropy = np.where(alphas < 3, 2.0, 0.1)
+    assert constrained_argmax(mass, kl, 1.0, entropy=entropy, entropy_floor=1.0) == 2
+    assert constrained_argmax(mass, kl, 1.0, entropy=entropy, entropy_floor=5.0) is None  # alpha = 0 already fails
+    # Ties go to the smaller alpha: a flat objective means "do not steer".
+    assert constrained_argmax(np.ones(11), kl, 1.0) == 0
+    assert feasible_run(kl, 1.0).tolist() == [True] * 5 + [False] * 6
+
+
+def test_iso_kl_crossing_recovers_a_known_alpha():
+    def kl(a):
+        return (a / 2.0) ** 2  # equals 1 nat at alpha = 2
+
+    grid = np.linspace(0, 5, 5)  # 0, 1.25, 2.5, ...: 2 is not a grid point
+    values = kl(grid)
+    alpha, i = first_crossing(grid, values, 1.0)
+    assert i == 1 and 1.25 < alpha < 2.5 and alpha != pytest.approx(2.0, abs=0.05)  # the chord is off ...
+    refined, measured = bisect_crossing(kl, grid[i], grid[i + 1], values[i], values[i + 1], 1.0, 30)
+    assert refined == pytest.approx(2.0, abs=1e-6) and len(measured) == 30  # ... bisection recovers it
+    # A linear curve is recovered exactly by interpolation alone.
+    assert first_crossing(grid, 0.4 * grid, 1.0) == (pytest.approx(2.5), 1)
+    # The first crossing counts, and a curve that never reaches the target says so.
+    assert first_crossing([0, 1, 2, 3], [0, 2, 0.5, 3], 1.0)[0] == pytest.approx(0.5)
+    assert first_crossing([0, 1, 2], [0, 0.1, 0.2], 1.0) == (2.0, None)
+
+
+def test_next_token_readings_and_peak_order_follow_thm_3_3():
+    # The UFM closed form p(z | alpha) = p0(z) e^{alpha M(z)} / Z (Lemma B.3): Thm 3.3 holds exactly.
+    M = torch.tensor([3.0, 2.0, 1.0, 0.5, -3.0, -4.0], dtype=torch.float64)  # E[M] < 0.5 at alpha = 0
+    alphas = torch.linspace(0, 6, 241, dtype=torch.float64)
+    probs = torch.softmax(alphas[:, None] * M[None, :], dim=-1)  # p0 uniform
+    r = next_token_readings(probs, torch.tensor([0, 1]))
+    assert r["kl"][0] == 0 and np.all(np.diff(r["kl"]) > 0)
+    assert r["entropy"][0] == pytest.approx(math.log(6)) and r["target_mass"][0] == pytest.approx(2 / 6)
+    report = peak_report(alphas, probs, torch.tensor([0, 1]), alpha=1.0, top_k=6)
+    # Token 0 (max M) only increases; token 1 (target) bumps after tokens 2, 3 (off-target); 4, 5 only fall.
+    assert report["n_target_bumps"] == 1 and report["n_off_target_bumps"] == 2
+    assert report["target_peaks_later"] is True
+    lo, hi = report["off_target_peak_alpha"], report["target_peak_alpha"]
+    assert lo < hi
+    assert peak_report(alphas, probs, torch.tensor([0, 1]), alpha=(lo + hi) / 2, top_k=6)["between_peaks"] is True
+    assert peak_report(alphas, probs, torch.tensor([0, 1]), alpha=hi + 1, top_k=6)["between_peaks"] is False
+
+
+# ----------------------------------------------------------------------------- per-token KL
+
+
+def test_token_kl_matches_a_plain_steered_forward(model, vector):
+    prompts = [model.token_ids(p, chat=True) for p in PROMPTS]
+    completions = [model.token_ids("i am happy", chat=False)[1:], model.token_ids("so", chat=False)[1:]]
+    alphas = [3.0, 3.0]
+    got = token_kl(model, vector, LAYER, prompts, completions, alphas)
+    for p, c, a, kl in zip(prompts, completions, alphas, got):
+        ids = torch.tensor([p + c])
+        with torch.no_grad(), steer(model, vector, LAYER, a):
+            steered = torch.log_softmax(model.hf(input_ids=ids).logits[0].double(), -1)
+        with torch.no_grad():
+            plain = torch.log_softmax(model.hf(input_ids=ids).logits[0].double(), -1)
+        positions = range(len(p) - 1, len(p) + len(c) - 1)  # the logits that predict the completion tokens
+        want = [float((steered[t].exp() * (steered[t] - plain[t])).sum()) for t in positions]
+        assert kl.shape == (len(c),)
+        np.testing.assert_allclose(kl, want, rtol=1e-4, atol=1e-6)
+    assert np.all(token_kl(model, vector, LAYER, prompts, completions, [0.0, 0.0])[0] == 0)
+
+
+# ----------------------------------------------------------------------------- every method on a tiny model
+
+
+BUDGETS = {"sweet-spot": 0.08, "iso-kl": 0.5, "grid-judge": 1.0, "global": 1.0}
+
+
+@pytest.fixture(scope="module")
+def recs(model, vector, M):
+    out = {"sweet-spot": recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot", budget=BUDGETS["sweet-spot"],
+                                         log_odds=M, n_target=5, alphas=GRID, concept="joy")}
+    for method in ("grid-judge", "global", "iso-kl"):
+        out[method] = recommend_alpha(model, vector, LAYER, PROMPTS, method=method, budget=BUDGETS[method],
+                                      concept="joy", judge="lexicon", positive=JOYFUL, negative=PLAIN, **SMALL)
+    return out
+
+
+def test_every_method_gives_one_alpha_per_prompt_with_its_curve(recs):
+    for method in METHODS:
+        rec = recs[method]
+        t = rec.table
+        assert len(t) == len(PROMPTS) and set(t["method"]) == {method}
+        assert {"model", "concept", "layer", "setting", "alpha", "prompt_index", "budget"} <= set(t.columns)
+        assert t["alpha"].between(0, max(GRID)).all()
+        assert len(rec.curve) and set(rec.curve["method"]) == {method}
+        assert rec.summary["seconds"] > 0
+
+
+def test_sweet_spot_stays_within_its_budget_and_bisects_to_its_edge(recs):
+    rec = recs["sweet-spot"]
+    for _, row in rec.table.iterrows():
+        assert row["kl"] <= BUDGETS["sweet-spot"]
+        curve = rec.curve[rec.curve["prompt_index"] == row["prompt_index"]].sort_values("alpha")
+        chosen = curve[curve["chosen"]]
+        assert len(chosen) == 1 and chosen["alpha"].iloc[0] == row["alpha"]
+        # Nothing feasible on the curve has more target mass than the chosen alpha.
+        assert row["target_mass"] >= curve[curve["feasible"]]["target_mass"].max() - 1e-12
+    # On the first prompt the target mass still rises where the budget binds (between grid alphas 2 and 4):
+    # two bisection steps put the alpha within a quarter grid step of the edge.
+    first = rec.table.iloc[0]
+    curve = rec.curve[rec.curve["prompt_index"] == 0]
+    assert first["status"] == "ok" and len(curve) == len(GRID) + 2
+    assert 2.0 <= first["alpha"] < 4.0
+    nearest_infeasible = curve[~curve["feasible"] & (curve["alpha"] > first["alpha"])]["alpha"].min()
+    assert nearest_infeasible - first["alpha"] <= (4.0 - 2.0) / 4 + 1e-12
+    assert first["target_mass"] > first["target_mass0"]
+    assert "theory" in rec.summary and {"between_peaks", "target_peak_alpha"} <= set(rec.table.columns)
+
+
+def test_judged_methods_respect_the_fluency_budget(recs):
+    grid_judge, glob = recs["grid-judge"], recs["global"]
+    assert glob.table["alpha"].nunique() == 1  # one alpha for all prompts
+    assert set(grid_judge.table["alpha"]) <= set(GRID) and set(glob.table["alpha"]) <= set(GRID)
+    for rec, scope in ((grid_judge, None), (glob, -1)):
+        chosen = rec.curve[rec.curve["chosen"]]
+        assert (chosen["p95_kl"] <= BUDGETS["global"]).all()
+        for _, pick in chosen.iterrows():  # the judge's best within the run of grid alphas that keep the budget
+            own = rec.curve[rec.curve["prompt_index"] == pick["prompt_index"]].sort_values("alpha")
+            run = own[np.cumprod(own["p95_kl"] <= BUDGETS["global"]).astype(bool)]
+            assert pick["concept_p"] == run["concept_p"].max() and pick["alpha"] == run[
+                run["concept_p"] == run["concept_p"].max()]["alpha"].min()
+        if scope is not None:
+            assert chosen["prompt_index"].tolist() == [scope]
+    assert glob.summary["judge_accuracy"]["judge"] == "lexicon"
+
+
+def test_iso_kl_lands_on_the_budget(recs):
+    rec = recs["iso-kl"]
+    pooled = rec.curve[rec.curve["prompt_index"] == -1].sort_values("alpha")
+    alpha = rec.summary["alpha"]
+    assert rec.table["alpha"].nunique() == 1 and rec.table["alpha"].iloc[0] == alpha
+    assert rec.summary["status"] == "ok"
+    below = pooled[pooled["p95_kl"] < BUDGETS["iso-kl"]]["alpha"]
+    above = pooled[pooled["p95_kl"] >= BUDGETS["iso-kl"]]["alpha"]
+    # The bracket around the crossing: measured below the budget just before it, at or above just after.
+    assert below.max() < alpha < above.min() and above.min() - below.max() <= (1.0 - 0.5) / 4 + 1e-12
+    assert len(pooled) == len(GRID) - 1 + 2  # the positive grid (0 needs no generation) plus two bisection points
+
+
+def test_save_writes_tables_json_texts_and_figure(recs, tmp_path):
+    paths = recs["global"].save(tmp_path)
+    assert pd.read_parquet(paths["table"])["method"].tolist() == ["global"] * len(PROMPTS)
+    assert len(pd.read_parquet(paths["curve"]))
+    assert "global" in json.loads(paths["summary"].read_text())["methods"]
+    assert paths["figure"].stat().st_size > 1000
+    rows = [json.loads(line) for line in paths["generations"].read_text().splitlines()]
+    assert len(rows) == len(PROMPTS) * len(GRID) * 2 and {"completion", "p95_kl", "judged"} <= set(rows[0])
+
+
+def test_bad_input_is_one_clear_error(model, vector):
+    with pytest.raises(InputError, match="unknown method"):
+        recommend_alpha(model, vector, LAYER, PROMPTS, method="magic")
+    with pytest.raises(InputError, match="prompt list is empty"):
+        recommend_alpha(model, vector, LAYER, [], method="iso-kl")
+    for bad in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="budget"):
+            recommend_alpha(model, vector, LAYER, PROMPTS, budget=bad)
+    with pytest.raises(InputError, match="alphas must be >= 0"):
+        recommend_alpha(model, vector, LAYER, PROMPTS, alphas=[-1, 0, 1], positive=JOYFUL, negative=PLAIN)
+    with pytest.raises(InputError, match="log-odds"):
+        recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot")
+    with pytest.raises(InputError, match="name the concept"):
+        recommend_alpha(model, vector, LAYER, PROMPTS, method="global", **SMALL)
+    with pytest.raises(InputError, match="positions='all'"):
+        recommend_alpha(model, vector, LAYER, PROMPTS, method="iso-kl", positions="last")
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, model, vector):
+    root = tmp_path_factory.mktemp("recommend")
+    model.hf.save_pretrained(root / "model")
+    model.tokenizer.save_pretrained(root / "model")
+    SteeringVectors({LAYER: vector, 2: -vector}, dict(concept="joy", setting="random")).save(root / "v.safetensors")
+    (root / "p.txt").write_text("\n".join(JOYFUL) + "\n")
+    (root / "n.txt").write_text("\n".join(PLAIN) + "\n")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return root
+
+
+def run_cli(args, monkeypatch, capsys):
+    from steerstrength.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["steerstrength", "--quiet", "recommend", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_writes_its_table_and_errors_exit_2(files, monkeypatch, capsys, tmp_path):
+    common = ["--model", files / "model", "--device", "cpu", "--vectors", files / "v.safetensors",
+              "--prompts", files / "prompts.txt", "-p", files / "p.txt", "-n", files / "n.txt"]
+    out = tmp_path / "out"
+    code, err = run_cli(common + ["--layer", LAYER, "--method", "sweet-spot", "--method", "global", "--budget", "0.5",
+                                  "--alphas", "0,2,4,8", "--completions", "1", "--max-new-tokens", "3",
+                                  "--out", out], monkeypatch, capsys)
+    assert code in (0, None), err
+    table = pd.read_parquet(out / "recommend.parquet")
+    assert sorted(set(table["method"])) == ["global", "sweet-spot"] and len(table) == 2 * len(PROMPTS)
+    assert (out / "recommend.png").is_file() and (out / "recommend.json").is_file()
+    for args, message in ((["--layer", LAYER, "--method", "magic"], "unknown method"),
+                          (["--method", "sweet-spot"], "pick one with --layer"),
+                          (["--layer", LAYER, "--budget", "-1"], "budget"),
+                          (["--layer", 7], "layer")):
+        code, err = run_cli(common + args + ["--out", tmp_path / "bad"], monkeypatch, capsys)
+        assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
