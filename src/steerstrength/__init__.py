@@ -17,6 +17,7 @@ from steerstrength.metrics.tokens import token_curves
 from steerstrength.metrics.xent import cross_entropy_curve
 from steerstrength.metrics.concept import concept_probability
 from steerstrength.metrics.mmlu import mmlu_accuracy
+from steerstrength.recommend import recommend_alpha
 
 __version__ = "0.1.0"
 
@@ -42,4 +43,5 @@ __all__ = [
     "token_curves",
     "concept_probability",
     "mmlu_accuracy",
+    "recommend_alpha",
 ]

@@ -24,6 +24,7 @@ app.add_typer(sweep_app, name="sweep")
 app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["app"]).app)  # prompts, vectors, export-gguf
 import steerstrength.cli_sweeps  # noqa: F401,E402  (sweep tokens, logodds, limit, xent)
 import steerstrength.cli_concept  # noqa: F401,E402  (sweep concept, mmlu)
+app.command("recommend")(__import__("steerstrength.cli_recommend", fromlist=["recommend"]).recommend)  # which alpha?
 from steerstrength.theory.cli import app as theory_app  # noqa: E402
 
 app.add_typer(theory_app, name="theory")
