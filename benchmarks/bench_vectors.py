@@ -44,6 +44,15 @@ def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
     return {name: min(t) for name, t in times.items()}, results
 
 
+def gflop(fn) -> float:
+    """Floating-point operations of one call, in GFLOP (torch's counter: matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def has_steering_vectors() -> bool:
     try:
         import steering_vectors  # noqa: F401
@@ -166,10 +175,14 @@ def main() -> None:
         ours, theirs = out["ours"], out["theirs"]
         cos = {layer: cosine(ours[layer], theirs[layer]) for layer in layers}
         rel = {layer: float((ours[layer].double() - theirs[layer]).norm() / theirs[layer].norm()) for layer in layers}
-        results["extraction"][f"sv_token_average_skip_first_{skip}"] = {"seconds": t["theirs"], "cosine": cos,
-                                                                        "relative_difference": rel}
+        row = {"seconds": t["theirs"], "cosine": cos, "relative_difference": rel}
+        if skip:  # the work done, independent of the machine's load
+            row["gflop"], row["ours_gflop"] = gflop(fns["theirs"]), gflop(fns["ours"])
+        results["extraction"][f"sv_token_average_skip_first_{skip}"] = row
         print(f"steering-vectors hooks + token average (position 0 {'out' if skip else 'in'}): {t['theirs']:.2f} s; "
               + "  ".join(f"layer {layer}: cos {cos[layer]:.7f}, |diff|/|v| {rel[layer]:.1e}" for layer in layers))
+        if skip:
+            print(f"  work: ours {row['ours_gflop']:.0f} GFLOP, steering-vectors {row['gflop']:.0f} GFLOP")
 
     if compare:
         t, out = best_times({
