@@ -278,3 +278,33 @@ def test_cli_writes_its_table_and_errors_exit_2(files, monkeypatch, capsys, tmp_
         code, err = run_cli(common + args + ["--out", tmp_path / "bad"], monkeypatch, capsys)
         assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- the pipeline stage
+
+
+def test_pipeline_stage_writes_its_tables(model, vector, tmp_path):
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from steerstrength.config import preset
+    from steerstrength.recommend import pipeline_recommend
+    from steerstrength.runs import RunDir
+
+    cfg = preset("demo")
+    cfg.concept.n_prompts, cfg.concept.completions, cfg.concept.max_new_tokens = 2, 1, 3
+
+    @contextmanager
+    def progress(description, total):
+        yield lambda n=1: None
+
+    sv = SteeringVectors({LAYER: vector}, dict(concept="joy"))
+    ctx = SimpleNamespace(cfg=cfg, run=RunDir(tmp_path), model=model, layers=[LAYER], vectors=lambda concept: sv,
+                          prompt_texts=lambda concept: (JOYFUL, PLAIN), progress=progress, log=lambda message: None)
+    paths = pipeline_recommend(ctx)
+    assert [p.name for p in paths] == ["recommend.parquet", "recommend_curve.parquet", "recommend.json"]
+    table = pd.read_parquet(paths[0])
+    assert sorted(set(table["method"])) == ["global", "iso-kl", "sweet-spot"] and len(table) == 3 * 2
+    assert {"model", "concept", "layer", "setting", "alpha"} <= set(table.columns)
+    summary = json.loads(paths[2].read_text())
+    assert summary["budget"] == cfg.recommend.kl_budget and any("grid-judge" in n for n in summary["notes"])

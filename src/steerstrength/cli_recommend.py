@@ -91,8 +91,8 @@ def recommend(
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The llm judge's model; default: the steered one."),
     alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="Grid linspace(0, alpha_max); default: "
                                                                         "scaled to the vector (see docs)."),
-    n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="Grid points with --alpha-max (default 61 for "
-                                                                    "sweet-spot, 7 for the others)."),
+    n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="Grid points with --alpha-max (default 41 for "
+                                                                    "sweet-spot, 6 for the others)."),
     alphas: Optional[str] = typer.Option(None, "--alphas", help="Explicit alphas >= 0, comma-separated (0 is added)."),
     n_target: int = typer.Option(100, "--n-target", help="sweet-spot: target tokens = the N of largest log-odds."),
     entropy_floor: Optional[float] = typer.Option(None, "--entropy-floor", help="sweet-spot: also keep the next-token "

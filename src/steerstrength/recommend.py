@@ -59,7 +59,7 @@ KL_PERCENTILE = 95.0
 DEFAULT_N_TARGET = 100  # as metrics.logodds: the top-M target set
 # Default grids in units of alpha_scale (the alpha at which ||alpha v|| is the median residual norm).
 SWEEP_SPAN, SWEEP_POINTS = 3.0, 41
-GRID_SPAN, GRID_POINTS = 0.6, 7
+GRID_SPAN, GRID_POINTS = 0.6, 6
 PEAK_TOP_K = 10  # theory report: tokens that reach the top 10 at some alpha of the sweep
 
 Progress = Callable[[int], None]
@@ -247,26 +247,33 @@ class Generations:
         return out
 
 
-def generate_and_measure(model: Model, vector, layer: int, prompts: Sequence[str], alphas, *, n_completions: int,
-                         max_new_tokens: int, seed: int = 0, chat: bool = True, temperature: float = 1.0,
-                         judge=None, concept: str = "", batch_size: int = 64,
-                         progress: Progress | None = None) -> Generations:
-    """Steered completions for every (prompt, alpha, completion) with their per-token KL; judged when `judge`.
+def generate_and_measure(model: Model, vector, layer: int, prompts: Sequence[str], alphas, **kwargs) -> Generations:
+    """Steered completions for every prompt at every alpha of the grid (see `measure_pairs`)."""
+    a = as_alphas(alphas).tolist()
+    return measure_pairs(model, vector, layer, [(pi, p, alpha) for pi, p in enumerate(prompts) for alpha in a],
+                         **kwargs)
 
-    Seeds come from metrics.concept.completion_seed and are shared across alphas (common random numbers).
+
+def measure_pairs(model: Model, vector, layer: int, pairs: Sequence[tuple[int, str, float]], *, n_completions: int,
+                  max_new_tokens: int, seed: int = 0, chat: bool = True, temperature: float = 1.0, judge=None,
+                  concept: str = "", batch_size: int = 64, progress: Progress | None = None) -> Generations:
+    """`n_completions` steered completions per (prompt_index, prompt, alpha), their per-token KL, judged when `judge`.
+
+    Seeds come from metrics.concept.completion_seed(seed, prompt, c), shared across alphas (common
+    random numbers): the same (prompt, alpha) always gives the same completions.
     """
     import pandas as pd
 
     from steerstrength.metrics.concept import SamplingSettings, completion_seed, generate_rows
 
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, chat=chat, positions="all")
-    a = as_alphas(alphas).tolist()
-    rows = [(p, alpha, completion_seed(seed, p, c)) for p in prompts for alpha in a for c in range(n_completions)]
-    meta = [(pi, c) for pi in range(len(prompts)) for _ in a for c in range(n_completions)]
+    rows = [(p, float(alpha), completion_seed(seed, p, c)) for _, p, alpha in pairs for c in range(n_completions)]
+    meta = [(pi, c) for pi, _, _ in pairs for c in range(n_completions)]
+    as_alphas([r[1] for r in rows] or [0.0])
     done = generate_rows(model, vector, layer, rows, settings, batch_size=batch_size, progress=progress)
     frame = pd.DataFrame([dict(prompt_index=pi, prompt=p, alpha=alpha, completion_index=c, seed=s, **g)
                           for (p, alpha, s), (pi, c), g in zip(rows, meta, done)])
-    prompt_ids = {p: model.token_ids(p, chat=chat) for p in prompts}
+    prompt_ids = {p: model.token_ids(p, chat=chat) for _, p, _ in pairs}
     completion_ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in frame["completion"]]
     kl = token_kl(model, vector, layer, [prompt_ids[p] for p in frame["prompt"]], completion_ids,
                   frame["alpha"].tolist())
