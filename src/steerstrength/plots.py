@@ -1,0 +1,570 @@
+"""The paper's figures redrawn from a run directory's tables (PNG and PDF), without a model.
+
+Figures (paper counterpart): Delta p of the top-8 tokens at alpha_max (Fig. 6) and at alpha_min
+(Fig. A.10) per concept and layer; concept probability and Delta CE against alpha with every layer
+of the run in one panel (Fig. 7; Figs. A.11-A.13 when the run has several layers); MMLU (Fig. A.6);
+the spread of the bootstrap vectors (what the tables allow of Fig. A.3); TV to the Prop. 4.1 limit.
+`figures/index.json` lists every figure with its caption, and every figure that could not be drawn
+with the reason (a stage skipped, not run, or failed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from steerstrength.errors import InputError
+from steerstrength.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+N_TOP = 8  # tokens per panel in Figs. 6 and A.10
+DPI = 120
+TARGET_STYLE = dict(lw=1.8, ls="-")
+OFF_STYLE = dict(lw=1.2, ls="--")
+
+# Which stage writes the inputs of each table, to say why a figure is missing.
+TABLE_STAGE = {"tokens": "tokens", "tokens_top": "tokens", "logodds": "logodds", "limit": "limit", "xent": "xent",
+               "concept_curve": "concept", "concept": "concept", "mmlu": "mmlu", "recommend": "recommend"}
+
+
+# ----------------------------------------------------------------------------- reading a run
+
+
+class RunTables:
+    """Read-only access to a run directory's tables and summaries; says why one is not available."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir)
+        if not self.root.is_dir():
+            raise InputError(f"run directory {self.root} does not exist; give the --out of a `steerstrength run`")
+        path = self.root / "manifest.json"
+        try:
+            self.manifest = json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError:
+            raise InputError(f"{path} is not valid JSON; rerun `steerstrength run --out {self.root}`") from None
+        self._cache: dict = {}
+
+    def has(self, name: str) -> bool:
+        return (self.root / "tables" / f"{name}.parquet").is_file()
+
+    def table(self, name: str, columns: list[str] | None = None, filters: list | None = None) -> "pd.DataFrame | None":
+        """tables/<name>.parquet (only `columns`, rows matching pyarrow `filters`), or None when absent."""
+        import pandas as pd
+
+        path = self.root / "tables" / f"{name}.parquet"
+        if not path.is_file():
+            return None
+        if filters is not None:  # filtered reads can be large (the tokens table): not kept
+            return pd.read_parquet(path, columns=columns, filters=filters)
+        key = (name, tuple(columns or ()))
+        if key not in self._cache:
+            self._cache[key] = pd.read_parquet(path, columns=columns)
+        return self._cache[key]
+
+    def summary(self, name: str) -> dict | None:
+        """tables/<name>.json, or None when absent or unreadable."""
+        path = self.root / "tables" / f"{name}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def stage_record(self, stage: str) -> dict:
+        return self.manifest.get("stages", {}).get(stage, {})
+
+    def why_missing(self, name: str) -> str:
+        """Why table `name` is not there, from the manifest's record of the stage that writes it."""
+        stage = TABLE_STAGE.get(name, name)
+        rec = self.stage_record(stage)
+        status = rec.get("status")
+        if status == "skipped":
+            return f"the {stage} stage was skipped: {rec.get('note') or 'disabled'}"
+        if status == "running":
+            return (f"the {stage} stage did not finish (failed or interrupted); rerun "
+                    f"`steerstrength run --out {self.root}`")
+        if status == "done":
+            return f"the {stage} stage ran but tables/{name} is missing"
+        return f"the {stage} stage has not run"
+
+    def concepts(self) -> list[str]:
+        listed = self.manifest.get("config", {}).get("concepts") or []
+        found: list[str] = []
+        for name in ("tokens_top", "xent", "concept_curve", "mmlu", "limit"):
+            t = self.table(name, columns=["concept"])
+            if t is not None:
+                found += [c for c in t["concept"].unique().tolist() if c not in found]
+        ordered = [c for c in listed if c in found] + [c for c in found if c not in listed]
+        return ordered or list(listed)
+
+    def layers(self) -> list[int]:
+        found: set[int] = set()
+        for name in ("tokens_top", "xent", "concept_curve", "mmlu", "limit"):
+            t = self.table(name, columns=["layer"])
+            if t is not None:
+                found |= {int(x) for x in t["layer"].unique().tolist()}
+        return sorted(found)
+
+    def context_texts(self) -> dict[str, str]:
+        """context id -> text: the built-in contexts, or the run's contexts file (best effort)."""
+        if "contexts" in self._cache:
+            return self._cache["contexts"]
+        from steerstrength.metrics.contexts import builtin_contexts, read_contexts
+
+        out: dict[str, str] = {}
+        try:
+            for concept in self.concepts() or [None]:
+                out.update({c["id"]: c["text"] for c in builtin_contexts(concept)})
+            path = self.manifest.get("config", {}).get("tokens", {}).get("contexts_file")
+            if path:
+                out.update({c["id"]: c["text"] for c in read_contexts(path)})
+        except (InputError, OSError, KeyError, ValueError):
+            pass  # texts only label panels; ids are enough
+        self._cache["contexts"] = out
+        return out
+
+    def target_tokens(self, concept: str) -> set[int] | None:
+        """The top-M token ids (log-odds rank < n_target, Def. 3.2), or None without the logodds stage."""
+        key = ("target", concept)
+        if key not in self._cache:
+            lo = self.table("logodds", columns=["token_id", "rank"], filters=[("concept", "==", concept)])
+            n_target = (self.summary("logodds") or {}).get(concept, {}).get("definitions", {}).get("n_target") or 100
+            self._cache[key] = (None if lo is None or lo.empty
+                                else set(lo.loc[lo["rank"] < n_target, "token_id"].astype(int).tolist()))
+        return self._cache[key]
+
+    def vectors(self, concept: str):
+        path = self.root / "vectors" / f"{concept}.safetensors"
+        if not path.is_file():
+            return None
+        from steerstrength.vectors import SteeringVectors
+
+        return SteeringVectors.load(path)
+
+
+# ----------------------------------------------------------------------------- style
+
+
+def token_label(text: str, limit: int = 18) -> str:
+    """A token string as a label: repr-escaped so spaces and newlines show (' joy', '\\n')."""
+    s = repr(str(text))
+    return s if len(s) <= limit else s[: limit - 2] + "…" + s[-1]
+
+
+def palette() -> list:
+    """Distinct colours for tokens: tab10, then the tab20 and Dark2 shades."""
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors
+    return list(colormaps["tab10"].colors) + list(tab20[1::2]) + list(colormaps["Dark2"].colors)
+
+
+def layer_colors(layers: list[int]) -> dict[int, tuple]:
+    """One colour per layer, early (dark) to late (light), the same in every figure of a run."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    n = len(layers)
+    return {layer: cmap(0.85 * i / max(1, n - 1)) for i, layer in enumerate(sorted(layers))}
+
+
+def _new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (4.0, 3.0), top: float = 0.55):
+    """A grid of panels with fixed margins in inches (no layout engine: drawing stays fast and repeatable)."""
+    from matplotlib.figure import Figure
+
+    left, right, bottom, gap_w, gap_h = 0.62, 0.15, 0.45, 0.62, 0.62
+    width = left + right + ncols * panel[0] + (ncols - 1) * gap_w
+    height = top + bottom + nrows * panel[1] + (nrows - 1) * gap_h
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=gap_w / panel[0], hspace=gap_h / panel[1])
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    ncols = min(max_cols, n)
+    return math.ceil(n / ncols), ncols
+
+
+def _not_available(ax, text: str) -> None:
+    ax.text(0.5, 0.5, "not available:\n" + _wrap(text, 48), ha="center", va="center", fontsize=8,
+            transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def _short(text: str, n: int = 44) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+@dataclass
+class Drawn:
+    """A figure to save, with what the report says about it."""
+
+    stem: str
+    title: str
+    paper: str
+    caption: str
+    figure: "Figure"
+    concept: str | None = None
+    layer: int | None = None
+
+
+@dataclass
+class Missing:
+    stem: str
+    title: str
+    paper: str
+    reason: str
+    concept: str | None = None
+
+
+@dataclass
+class Plan:
+    drawn: list[Drawn] = field(default_factory=list)
+    missing: list[Missing] = field(default_factory=list)
+
+
+def fig_delta_p(run: RunTables, concept: str, layer: int, side: str) -> "Figure | None":
+    """Fig. 6 (side alpha_max) / A.10 (alpha_min): Delta p(z, alpha) of the top-8 tokens at that end, per context."""
+    top = run.table("tokens_top", filters=[("concept", "==", concept), ("layer", "==", layer)])
+    if top is None or top.empty:
+        return None
+    top = top[(top["side"] == side) & (top["rank"] < N_TOP)].copy()
+    top["rank"] = top["rank"].astype(int)
+    contexts = list(dict.fromkeys(top["context_id"].tolist()))
+    ids = sorted({int(t) for t in top["token_id"]})
+    curves = run.table("tokens", columns=["context_id", "token_id", "alpha", "delta_p", "peak_alpha"],
+                       filters=[("concept", "==", concept), ("layer", "==", layer), ("token_id", "in", ids)])
+    if curves is None:
+        return None
+    positive = side == "alpha_max"
+    curves = curves[curves["alpha"] >= 0] if positive else curves[curves["alpha"] <= 0]
+    target = run.target_tokens(concept)
+    texts = run.context_texts()
+    colors = palette()
+    color_of: dict[str, tuple] = {}
+    nrows, ncols = _grid(len(contexts), 4)
+    fig, axes = _new_figure(nrows, ncols, (3.6, 2.8), top=0.62)
+    for ax in axes.flat[len(contexts):]:
+        ax.set_visible(False)
+    for ax, cid in zip(axes.flat, contexts):
+        rows = top[top["context_id"] == cid].sort_values("rank")
+        mine = curves[curves["context_id"] == cid]
+        for _, r in rows.iterrows():
+            c = mine[mine["token_id"] == r["token_id"]].sort_values("alpha")
+            label = token_label(r["token"])
+            color = color_of.setdefault(label, colors[len(color_of) % len(colors)])
+            is_target = target is not None and int(r["token_id"]) in target
+            style = TARGET_STYLE if (is_target or target is None) else OFF_STYLE
+            ax.plot(c["alpha"], c["delta_p"], color=color, label=label + (" ★" if is_target else ""), **style)
+        ax.axhline(0, color="0.7", lw=0.6)
+        ax.set_title(_short(texts.get(cid, cid)), fontsize=8)
+        ax.set_xlabel("α", fontsize=8)
+        ax.set_ylabel("Δp(z, α)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, frameon=False, loc="upper left" if positive else "upper right", ncols=1)
+    end = "α_max" if positive else "α_min"
+    key = ("solid ★: target tokens (top-M log-odds), dashed: others" if target is not None
+           else "target tokens unknown (logodds stage not available)")
+    fig.suptitle(f"{concept}, layer {layer}: Δp of the top-{N_TOP} tokens at {end}  ({key})", fontsize=9)
+    return fig
+
+
+def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure | None":
+    """Fig. 7 (A.11-A.13 with several layers): concept probability (Thm 3.6 fit) and Delta CE (Thm 3.8 quadratic)."""
+    import numpy as np
+
+    from steerstrength.metrics.concept import tanh_curve
+
+    curve = run.table("concept_curve", filters=[("concept", "==", concept)])
+    xent = run.table("xent", columns=["layer", "alpha", "delta_ce"], filters=[("concept", "==", concept)])
+    if (curve is None or curve.empty) and (xent is None or xent.empty):
+        return None
+    colors = layer_colors(layers)
+    fig, axes = _new_figure(2, 1, (5.2, 3.0), top=0.32)
+    ax = axes[0, 0]
+    if curve is None or curve.empty:
+        _not_available(ax, run.why_missing("concept_curve"))
+    else:
+        fits = run.summary("concept") or {}
+        pooled = curve[curve["scope"] == "pooled"]
+        judges = list(dict.fromkeys(pooled["judge"].tolist()))
+        for layer, lf in pooled.groupby("layer"):
+            for j, (judge, jf) in enumerate(lf.groupby("judge", sort=False)):
+                jf = jf.sort_values("alpha")
+                color = colors.get(int(layer), "k")
+                name = f"layer {int(layer)}" + (f", {judge}" if len(judges) > 1 else "")
+                ax.fill_between(jf["alpha"], jf["ci_low"], jf["ci_high"], color=color, alpha=0.18, lw=0)
+                ax.plot(jf["alpha"], jf["p"], marker="o", color=color, ms=3.5, lw=1.2, label=name,
+                        ls=["-", ":", "-."][j % 3])
+                fit = fits.get(f"{concept}/{int(layer)}", {}).get("curves", {}).get(judge, {}).get("tanh_fit", {})
+                if fit.get("status") == "ok":
+                    grid = np.linspace(jf["alpha"].min(), jf["alpha"].max(), 200)
+                    ax.plot(grid, tanh_curve(grid, fit["c"], fit["a"], fit["b"], fit["alpha0"]), color=color, lw=1,
+                            ls="--", label=f"sigmoid fit, R²={fit['r2']:.2f}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("concept probability")
+        ax.legend(fontsize=7, frameon=False)
+    ax.set_xlabel("α")
+    ax.set_title(f"{concept}: concept probability (Thm 3.6), 95% Wilson band", fontsize=9)
+    ax = axes[1, 0]
+    if xent is None or xent.empty:
+        _not_available(ax, run.why_missing("xent"))
+    else:
+        per_vector = (run.summary("xent") or {}).get("per_vector", {})
+        lo, hi = 0.0, 0.0
+        for layer, lf in xent.groupby("layer"):
+            lf = lf.sort_values("alpha")
+            color = colors.get(int(layer), "k")
+            ax.plot(lf["alpha"], lf["delta_ce"], "o-", color=color, ms=3, lw=1.2, label=f"layer {int(layer)}")
+            lo, hi = min(lo, float(lf["delta_ce"].min())), max(hi, float(lf["delta_ce"].max()))
+            info = per_vector.get(f"{concept}/{int(layer)}", {})
+            curvature, slope, source = _curvature(info)
+            if curvature is not None:
+                grid = np.linspace(lf["alpha"].min(), lf["alpha"].max(), 400)
+                ax.plot(grid, slope * grid + 0.5 * curvature * grid**2, color=color, lw=1, ls="--",
+                        label=f"local quadratic, κ={curvature:.3g} ({source})")
+        pad = 0.08 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + 3 * pad)
+        ax.axhline(0, color="0.7", lw=0.6)
+        ax.set_ylabel("ΔCE(α) (nats)")
+        ax.legend(fontsize=7, frameon=False)
+    ax.set_xlabel("α")
+    ax.set_title(f"{concept}: ΔCE (Thm 3.8 locally, Prop. 4.1 plateau)", fontsize=9)
+    return fig
+
+
+def _curvature(info: dict) -> tuple[float | None, float, str]:
+    """(curvature, slope, source) at alpha = 0: the jvp derivatives, else the quadratic fit's."""
+    c = info.get("curvature") or {}
+    if c.get("jvp") is not None:
+        return float(c["jvp"]), float(c.get("slope_jvp") or 0.0), "jvp"
+    fit = info.get("quadratic_fit") or {}
+    if fit.get("curvature") is not None:
+        return float(fit["curvature"]), float(fit.get("slope") or 0.0), "fit"
+    return None, 0.0, ""
+
+
+def fig_mmlu(run: RunTables, concepts: list[str], layers: list[int]) -> "Figure | None":
+    """Fig. A.6: MMLU accuracy (all questions) against alpha, 95% Wilson band, random guessing at 25%."""
+    acc = run.table("mmlu", filters=[("subject", "==", "ALL")])
+    if acc is None or acc.empty:
+        return None
+    colors = layer_colors(layers)
+    nrows, ncols = _grid(len(concepts), 3)
+    fig, axes = _new_figure(nrows, ncols, (4.0, 3.0), top=0.7)
+    for ax in axes.flat[len(concepts):]:
+        ax.set_visible(False)
+    for ax, concept in zip(axes.flat, concepts):
+        cf = acc[acc["concept"] == concept]
+        if cf.empty:
+            _not_available(ax, f"no MMLU rows for {concept}")
+            continue
+        for layer, lf in cf.groupby("layer"):
+            lf = lf.sort_values("alpha")
+            color = colors.get(int(layer), "k")
+            ax.fill_between(lf["alpha"], lf["ci_low"], lf["ci_high"], color=color, alpha=0.18, lw=0)
+            ax.plot(lf["alpha"], lf["accuracy"], "o-", color=color, ms=3.5, lw=1.2,
+                    label=f"layer {int(layer)} (n={int(lf['n'].iloc[0])})")
+        guess = float(cf["random_guess"].iloc[0]) if "random_guess" in cf else 0.25
+        ax.axhline(guess, color="0.5", ls=":", lw=1, label="random guessing")
+        ax.set_ylim(0, 1)
+        ax.set_title(concept, fontsize=9)
+        ax.set_xlabel("α")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7, frameon=False)
+    source = (run.summary("mmlu") or {}).get("source")
+    fig.suptitle("MMLU accuracy against α" + (f" (source: {source})" if source else ""), fontsize=9)
+    return fig
+
+
+def fig_limit(run: RunTables, concepts: list[str], layers: list[int]) -> "Figure | None":
+    """Prop. 4.1: TV between the steered next-token distribution and softmax(LN(±v) W^T) against |alpha|."""
+    lim = run.table("limit", columns=["concept", "layer", "alpha", "tv"])
+    if lim is None or lim.empty:
+        return None
+    colors = layer_colors(layers)
+    nrows, ncols = _grid(len(concepts), 3)
+    fig, axes = _new_figure(nrows, ncols, (4.0, 3.0), top=0.85)
+    for ax in axes.flat[len(concepts):]:
+        ax.set_visible(False)
+    for ax, concept in zip(axes.flat, concepts):
+        cf = lim[lim["concept"] == concept]
+        if cf.empty:
+            _not_available(ax, f"no limit rows for {concept}")
+            continue
+        for (layer, positive), lf in cf.groupby([cf["layer"], cf["alpha"] > 0]):
+            g = lf.groupby(lf["alpha"].abs())["tv"].agg(["mean", "min", "max"]).sort_index()
+            color = colors.get(int(layer), "k")
+            ax.fill_between(g.index, g["min"], g["max"], color=color, alpha=0.15, lw=0)
+            ax.plot(g.index, g["mean"], "o-" if positive else "s--", color=color, ms=4, lw=1.2,
+                    label=f"layer {int(layer)}, α {'>' if positive else '<'} 0")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("|α|")
+        ax.set_ylabel("TV to the limit")
+        ax.set_title(concept, fontsize=9)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle("Prop. 4.1: TV to softmax(LN(±v) Wᵀ)\n(mean over contexts, band: min to max)", fontsize=9)
+    return fig
+
+
+def fig_resamples(run: RunTables, concept: str) -> "Figure | None":
+    """Fig. A.3 from the tables: how much the vector moves when P and N are resampled (bootstrap replicates)."""
+    import numpy as np
+
+    sv = run.vectors(concept)
+    if sv is None or not sv.resamples:
+        return None
+    layers = sorted(sv.resamples)
+    cos, ratio = [], []
+    for layer in layers:
+        v = sv[layer].double()
+        r = sv.resamples[layer].double()
+        cos.append(((r @ v) / (r.norm(dim=1) * v.norm())).numpy())
+        ratio.append((r.norm(dim=1) / v.norm()).numpy())
+    fig, axes = _new_figure(1, 2, (3.8, 3.0), top=0.4)
+    x = np.arange(len(layers))
+    panels = ((axes[0, 0], cos, "cos(v_resampled, v)"), (axes[0, 1], ratio, "‖v_resampled‖ / ‖v‖"))
+    for ax, values, name in panels:
+        for i, vals in enumerate(values):
+            jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
+            ax.plot(x[i] + jitter, vals, "o", color="tab:blue", ms=3.5, alpha=0.7)
+            ax.errorbar(x[i] + 0.25, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else 0, fmt="s",
+                        color="k", ms=4, capsize=3)
+        ax.set_xticks(x, [str(layer) for layer in layers])
+        ax.set_xlim(-0.6, len(layers) - 0.4)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(name)
+    k = int(sv.resamples[layers[0]].shape[0])
+    fig.suptitle(f"{concept}: {k} bootstrap resamples of P and N (points; square: mean ± sd)", fontsize=9)
+    return fig
+
+
+# ----------------------------------------------------------------------------- all of them
+
+
+def plan_figures(run: RunTables) -> Plan:
+    """Every figure the run's tables allow, and the reason for each one they do not."""
+    plan = Plan()
+    concepts, layers = run.concepts(), run.layers()
+
+    def add(stem, title, paper, caption, make: Callable[[], "Figure | None"], why: Callable[[], str],
+            concept=None, layer=None):
+        try:
+            fig = make()
+        except Exception as exc:  # one broken table must not cost the rest of the report
+            plan.missing.append(Missing(stem, title, paper, f"could not be drawn: {type(exc).__name__}: {exc}",
+                                        concept))
+            return
+        if fig is None:
+            plan.missing.append(Missing(stem, title, paper, why(), concept))
+        else:
+            plan.drawn.append(Drawn(stem, title, paper, caption, fig, concept, layer))
+
+    for concept in concepts:
+        for layer in layers or [None]:
+            for side, paper, tag in (("alpha_max", "Fig. 6", "max"), ("alpha_min", "Fig. A.10", "min")):
+                end = "α_max" if side == "alpha_max" else "α_min"
+                stem = "fig6_delta_p_max" if tag == "max" else "figA10_delta_p_min"
+                add(f"{stem}_{concept}_L{layer}",
+                    f"Δp of the top-{N_TOP} tokens at {end}: {concept}, layer {layer}", paper,
+                    f"Δp(z, α) = p(z, α) − p(z, 0) (Def. 3.1) for the {N_TOP} most probable tokens at {end}, one "
+                    "panel per context. Thm 3.3 predicts bumps for most tokens and a few that keep increasing; "
+                    + ("the dominating tokens should be concept tokens." if tag == "max"
+                       else "at α < 0 they should be unrelated to the concept."),
+                    (lambda c=concept, ly=layer, s=side: fig_delta_p(run, c, ly, s) if ly is not None else None),
+                    lambda: run.why_missing("tokens_top"), concept, layer)
+        add(f"fig7_{concept}", f"Concept probability and ΔCE against α: {concept}", "Fig. 7" + (
+            ", Figs. A.11-A.13" if len(layers) > 1 else ""),
+            "Top: fraction of sampled steered completions the judge labels as showing the concept, pooled over "
+            "prompts, with 95% Wilson intervals and the sigmoid (tanh) fit of Thm 3.6. Bottom: ΔCE(α) on the "
+            "evaluation corpus with the local quadratic ½κα² (+ slope·α) from the curvature κ measured at α = 0 "
+            "by forward-mode AD (Thm 3.8); it should hold near 0 only, and ΔCE should plateau at large |α| "
+            "(Prop. 4.1). Every layer of the run is one colour.",
+            lambda c=concept: fig_concept_xent(run, c, layers),
+            lambda: f"{run.why_missing('concept_curve')}; {run.why_missing('xent')}", concept)
+        add(f"figA3_resamples_{concept}", f"Bootstrap spread of the steering vector: {concept}", "Fig. A.3 (partial)",
+            "Fig. A.3 shows Δp with error bands over vectors rebuilt from resampled P and N; redrawing that needs "
+            "the model, so this figure shows what the run's files hold: per layer, the cosine of each bootstrap "
+            "vector with the full-sample vector and its relative norm.",
+            lambda c=concept: fig_resamples(run, c),
+            lambda c=concept: (f"vectors/{c}.safetensors has no bootstrap resamples; run with vectors.resamples=K"
+                               if (run.root / "vectors" / f"{c}.safetensors").is_file()
+                               else f"vectors/{c}.safetensors is missing ({run.why_missing('vectors')})"), concept)
+    if concepts:
+        add("figA6_mmlu", "MMLU accuracy against α", "Fig. A.6",
+            "Accuracy over all questions by answer-letter likelihood, with 95% Wilson intervals; the dotted line is "
+            "random guessing (25%). Steering should lower accuracy as |α| grows.",
+            lambda: fig_mmlu(run, concepts, layers), lambda: run.why_missing("mmlu"))
+        add("figP41_limit", "Distance to the large-α limit", "Prop. 4.1",
+            "Total variation between the steered next-token distribution and the prompt-independent limit "
+            "softmax(LN(±v) Wᵀ); Prop. 4.1 predicts it shrinks towards 0 as |α| grows.",
+            lambda: fig_limit(run, concepts, layers), lambda: run.why_missing("limit"))
+    if not concepts:
+        why = "the run has no tables yet: " + run.why_missing("tokens")
+        plan.missing.append(Missing("all", "every figure", "", why))
+    return plan
+
+
+def save_figure(fig: "Figure", out_dir: Path, stem: str) -> list[Path]:
+    """`stem`.png and `stem`.pdf, each written atomically."""
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out_dir / f"{stem}.{ext}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=DPI, metadata={"CreationDate": None} if ext == "pdf" else None)
+        paths.append(path)
+    return paths
+
+
+def draw_all(run_dir: str | Path) -> list[Path]:
+    """Redraw every figure of a run from its tables into RUN/figures (PNG + PDF) and write figures/index.json."""
+    run = RunTables(run_dir)
+    out_dir = run.root / "figures"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_path = out_dir / "index.json"
+    previous = _previous_files(index_path)
+    plan = plan_figures(run)
+    written: list[Path] = []
+    entries = []
+    for d in plan.drawn:
+        files = save_figure(d.figure, out_dir, d.stem)
+        written += files
+        entries.append(dict(stem=d.stem, title=d.title, paper=d.paper, caption=d.caption, concept=d.concept,
+                            layer=d.layer, files=[str(p.relative_to(run.root)) for p in files]))
+    keep = {str(p.relative_to(run.root)) for p in written}
+    for rel in previous - keep:  # figures of an earlier drawing that this one no longer makes
+        (run.root / rel).unlink(missing_ok=True)
+    missing = [dict(stem=m.stem, title=m.title, paper=m.paper, reason=m.reason, concept=m.concept)
+               for m in plan.missing]
+    written.append(write_json(index_path, dict(figures=entries, missing=missing)))
+    return written
+
+
+def _previous_files(index_path: Path) -> set[str]:
+    try:
+        data = json.loads(index_path.read_text())
+        return {f for e in data.get("figures", []) for f in e.get("files", [])
+                if f.startswith("figures/") and "/" not in f[len("figures/"):]}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return set()
