@@ -42,4 +42,6 @@ def progress_bar(description: str, total: int, *, quiet: bool | None = None) -> 
 
 
 def log(message: str) -> None:
-    console.print(message, highlight=False)
+    from rich.markup import escape
+
+    console.print(escape(message), highlight=False)

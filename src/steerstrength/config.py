@@ -160,7 +160,7 @@ def preset(name: str) -> RunConfig:
         cfg.xent = XentConfig(n_tokens=8192, seq_len=64, alpha_max=100.0, n_alphas=32, chunk_windows=32)
         cfg.concept = ConceptConfig(judge="lexicon", alpha_max=40.0, n_alphas=9, n_prompts=4, completions=4,
                                     max_new_tokens=32)
-        cfg.mmlu = MmluConfig(source=None, k_shot=2, n_alphas=5, max_questions=8)
+        cfg.mmlu = MmluConfig(source="sample", k_shot=2, n_alphas=5, max_questions=8)
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
 

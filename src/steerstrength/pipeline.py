@@ -71,16 +71,24 @@ class Context:
         neg = texts_of(load_prompts(self.run.path("prompts", f"{concept}.negative.jsonl")))
         return pos, neg
 
-    def chunked(self, stage: str, name: str, compute: Callable[[], "pd.DataFrame"]):  # noqa: F821
-        """A finished chunk is read back; otherwise computed and written atomically."""
+    def chunked(self, stage: str, name: str, compute: Callable[[], dict]) -> dict:
+        """A finished chunk ({part: DataFrame}) is read back; otherwise computed and written atomically.
+
+        Each part is its own Parquet file (types intact); a `.done` marker, written last, says the chunk is whole.
+        """
         import pandas as pd
 
-        path = self.run.chunk_dir(stage, self.keys[stage]) / f"{name}.parquet"
-        if path.is_file():
-            return pd.read_parquet(path)
-        frame = compute()
-        write_parquet(path, frame)
-        return frame
+        directory = self.run.chunk_dir(stage, self.keys[stage])
+        marker = directory / f"{name}.done"
+        if marker.is_file():
+            parts = json.loads(marker.read_text())
+            return {part: pd.read_parquet(directory / f"{name}.{part}.parquet") for part in parts}
+        frames = compute()
+        for part, frame in frames.items():
+            write_parquet(directory / f"{name}.{part}.parquet", frame)
+        with atomic_path(marker) as tmp:
+            tmp.write_text(json.dumps(sorted(frames)))
+        return frames
 
 
 # ----------------------------------------------------------------------------- stages
@@ -176,16 +184,13 @@ def stage_tokens(ctx: Context) -> list[str]:
                     def compute(layer=layer, c=c):
                         res = token_curves(ctx.model, sv[layer], layer, [c], grid, positions=ctx.cfg.positions,
                                            top_k=t.top_k)
-                        labels = ctx.labels(concept, layer)
-                        cur = res.curves_frame(ctx.model, **{k: v for k, v in labels.items() if k != "layer"})
-                        top = res.top_frame(ctx.model, **{k: v for k, v in labels.items() if k != "layer"})
-                        cur["layer"], top["layer"] = layer, layer
-                        cur["table"], top["table"] = "curves", "top"
-                        return pd.concat([cur, top], ignore_index=True)
+                        labels = {k: v for k, v in ctx.labels(concept, layer).items() if k != "layer"}
+                        return {"curves": res.curves_frame(ctx.model, **labels).assign(layer=layer),
+                                "top": res.top_frame(ctx.model, **labels).assign(layer=layer)}
 
-                    both = ctx.chunked("tokens", f"{concept}.{layer}.{c['id']}", compute)
-                    curves.append(both[both["table"] == "curves"].dropna(axis=1, how="all").drop(columns="table"))
-                    tops.append(both[both["table"] == "top"].dropna(axis=1, how="all").drop(columns="table"))
+                    parts = ctx.chunked("tokens", f"{concept}.{layer}.{c['id']}", compute)
+                    curves.append(parts["curves"])
+                    tops.append(parts["top"])
                     advance(1)
     curves_df = pd.concat(curves, ignore_index=True)
     tops_df = pd.concat(tops, ignore_index=True)
@@ -204,7 +209,8 @@ def _shape_summary(curves, tops) -> dict:
     for layer, top_l in tops.groupby("layer"):
         dominant = top_l[(top_l["side"] == "alpha_max") & (top_l["rank"] < 8)]
         shapes = curves[(curves["layer"] == layer)].drop_duplicates(["context_id", "token_id"])
-        merged = dominant.merge(shapes[["context_id", "token_id", "shape", "peak_alpha"]], on=["context_id", "token_id"])
+        keys = ["context_id", "token_id"]
+        merged = dominant[keys].merge(shapes[keys + ["shape", "peak_alpha"]], on=keys)
         out[str(layer)] = dict(merged["shape"].value_counts().to_dict(), n=int(len(merged)))
     return out
 
@@ -293,7 +299,9 @@ def stage_concept(ctx: Context) -> list[str]:
 
     c = ctx.cfg.concept
     alphas = linspace_grid(-c.alpha_max, c.alpha_max, c.n_alphas, zero=False)
-    prompts = None
+    from steerstrength.metrics.concept import DEFAULT_PROMPTS
+
+    prompts = list(DEFAULT_PROMPTS[: c.n_prompts])
     if c.prompts_file:
         from steerstrength.io import read_texts
 
@@ -317,20 +325,14 @@ def stage_concept(ctx: Context) -> list[str]:
                         judge_model=judge_model if c.judge == "llm" else None, positive=pos, negative=neg,
                         seed=ctx.cfg.seed, positions=ctx.cfg.positions, setting=ctx.cfg.setting)
                     advance(1)
-                frames = []
-                for name in parts:
-                    f = getattr(res, name).copy()
-                    f["table"] = name
-                    frames.append(f)
-                f = pd.DataFrame([{"table": "summary", "json": json.dumps(res.summary, default=str)}])
-                return pd.concat(frames + [f], ignore_index=True)
+                summary_frame = pd.DataFrame([{"json": json.dumps(res.summary, default=str)}])
+                return {"completions": res.completions, "scores": res.scores, "curve": res.curve,
+                        "summary": summary_frame}
 
-            both = ctx.chunked("concept", f"{concept}.{layer}", compute)
+            chunk = ctx.chunked("concept", f"{concept}.{layer}", compute)
             for name in parts:
-                f = both[both["table"] == name].dropna(axis=1, how="all").drop(columns="table")
-                f["layer"] = layer
-                parts[name].append(f)
-            summary[f"{concept}/{layer}"] = json.loads(both[both["table"] == "summary"]["json"].iloc[0])
+                parts[name].append(chunk[name].assign(layer=layer))
+            summary[f"{concept}/{layer}"] = json.loads(chunk["summary"]["json"].iloc[0])
     out = [write_jsonl(ctx.run.path("tables", "concept_completions.jsonl"),
                        pd.concat(parts["completions"], ignore_index=True).to_dict(orient="records")),
            write_parquet(ctx.run.path("tables", "concept_scores.parquet"), pd.concat(parts["scores"], ignore_index=True)),
@@ -363,7 +365,7 @@ def stage_mmlu(ctx: Context) -> list[str]:
             res = mmlu_accuracy(ctx.model, sv[layer], layer, alphas=alphas, subjects=m.subjects or None,
                                 source=mmlu_source(m.source), k_shots=m.k_shot, limit=m.max_questions, chat=m.chat,
                                 positions=ctx.cfg.positions, concept=concept, setting=ctx.cfg.setting)
-            per_q.append(res.questions.assign(layer=layer))
+            per_q.append(res.table.assign(layer=layer))
             per_subject.append(res.accuracy.assign(layer=layer))
             summary[f"{concept}/{layer}"] = res.summary
     return [write_parquet(ctx.run.path("tables", "mmlu_questions.parquet"), pd.concat(per_q, ignore_index=True)),

@@ -85,12 +85,17 @@ def window_encoding(model: Model, ids: torch.Tensor) -> Encoded:
 
 
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[rows] float64: sum over positions of -log softmax(logits)[target]; per token in float32 (or the logits' wider dtype)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (lse.double() - picked.double()).sum(-1)
+    """[rows] float64: sum over positions of -log softmax(logits)[target]; per token in float32 (or wider).
+
+    Row by row: the fused log_softmax kernel (about 3x faster than logsumexp on CPU) on a slab that
+    stays in cache, then a gather; the sum is in float64.
+    """
+    sums = []
+    for row, target in zip(logits, targets):
+        if row.dtype in (torch.float16, torch.bfloat16):
+            row = row.float()
+        sums.append(-torch.log_softmax(row, dim=-1).gather(-1, target.unsqueeze(-1)).double().sum())
+    return torch.stack(sums)
 
 
 def _rows_per_forward(model: Model, seq_len: int, token_budget: int, logit_budget: int) -> int:
@@ -268,6 +273,26 @@ def quadratic_fit(alphas: torch.Tensor, delta_ce: torch.Tensor, *, radius: float
                 rmse=float(resid.pow(2).mean().sqrt()))
 
 
+def quadratic_range(alphas: torch.Tensor, delta_ce: torch.Tensor, slope: float, curvature: float, *,
+                    rel: float = 0.1) -> dict:
+    """Where Thm 3.8's local law holds on the grid: the largest |alpha| up to which every grid point has
+    |Delta CE - (slope alpha + curvature alpha^2 / 2)| <= rel * |prediction| (0 if none)."""
+    a, y = alphas.double(), delta_ce.double()
+    pred = slope * a + 0.5 * curvature * a * a
+    bad = ((y - pred).abs() > rel * pred.abs()) & (a != 0)
+    order = torch.argsort(a.abs())
+    reach = 0.0
+    for i in order.tolist():
+        if a[i] == 0:
+            continue
+        if bad[i]:
+            break
+        reach = float(a[i].abs())
+    inner = order[1:3] if a[order[0]] == 0 else order[:2]
+    return dict(rel=rel, max_abs_alpha=reach,
+                innermost=[dict(alpha=float(a[i]), delta_ce=float(y[i]), predicted=float(pred[i])) for i in inner.tolist()])
+
+
 def plateau(alphas: torch.Tensor, delta_ce: torch.Tensor, *, fraction: float = 0.1) -> dict:
     """Prop. 4.1 reading: on each side, Delta CE over the outer `fraction` of the range, and its growth.
 
@@ -345,26 +370,66 @@ class XentSweep:
         if self.derivatives is not None:
             d = self.derivatives
             out["curvature"] = dict(jvp=d["curvature"], fit=self.fit.get("curvature"),
+                                    quadratic_range=quadratic_range(self.alphas, self.delta_ce, d["slope"],
+                                                                    d["curvature"]),
                                     relative_difference=abs(self.fit["curvature"] - d["curvature"]) / abs(d["curvature"])
                                     if self.fit and d["curvature"] else None,
                                     slope_jvp=d["slope"], ce0_jvp=d["ce"], n_tokens=d.get("n_tokens"))
         return out
 
 
+def _checkpointed_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas: torch.Tensor, directory,
+                       chunk_windows: int, **kwargs) -> torch.Tensor:
+    """`cross_entropy_sums` chunk by chunk of windows; finished chunks are read back from `directory`."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from steerstrength.io import atomic_path
+
+    if chunk_windows < 1:
+        raise InputError(f"chunk_windows must be at least 1, not {chunk_windows}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    progress = kwargs.pop("progress", None)
+    total = torch.zeros(alphas.numel(), dtype=torch.float64)
+    for start in range(0, ids.shape[0], chunk_windows):
+        chunk = ids[start:start + chunk_windows]
+        path = directory / f"windows_{start:07d}_{start + chunk.shape[0]:07d}.safetensors"
+        if path.is_file():
+            sums = load_file(str(path))["sums"]
+            if progress is not None:
+                progress(chunk.shape[0] * alphas.numel())
+        else:
+            sums = cross_entropy_sums(model, vector, layer, chunk, alphas, progress=progress, **kwargs)
+            with atomic_path(path) as tmp:
+                save_file({"sums": sums.contiguous()}, str(tmp))
+        total += sums
+    return total
+
+
 def xent_sweep(model: Model, vector, layer: int, texts: Sequence[str], alphas=None, *, seq_len: int = 128,
                positions: str = "all", packing: bool = False, max_tokens: int | None = None, curvature: bool = True,
                curvature_tokens: int | None = None, fit_radius: float | None = None,
                token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
-               progress: Progress | None = None) -> XentSweep:
-    """Delta CE(alpha) = CE(f_alpha) - CE(f) (Def. 3.7) with curvature (Thm 3.8) and plateau (Prop. 4.1) readings."""
+               checkpoint_dir=None, chunk_windows: int = 16, progress: Progress | None = None) -> XentSweep:
+    """Delta CE(alpha) = CE(f_alpha) - CE(f) (Def. 3.7) with curvature (Thm 3.8) and plateau (Prop. 4.1) readings.
+
+    With `checkpoint_dir`, the windows are scored in chunks of `chunk_windows`, each chunk's float64 sums
+    saved atomically there; a rerun reads finished chunks back, so a killed sweep resumes.
+    """
     a, inserted = with_zero(default_alphas() if alphas is None else alphas)
     ids, n_used = _windows(model, texts, seq_len, packing)
     if max_tokens is not None:
         if max_tokens < seq_len:
             raise InputError(f"max_tokens {max_tokens} is below one window of {seq_len} scored tokens")
         ids = ids[: max_tokens // seq_len]
-    sums = cross_entropy_sums(model, vector, layer, ids, a, positions=positions, token_budget=token_budget,
-                              logit_budget=logit_budget, progress=progress)
+    if checkpoint_dir is None:
+        sums = cross_entropy_sums(model, vector, layer, ids, a, positions=positions, token_budget=token_budget,
+                                  logit_budget=logit_budget, progress=progress)
+    else:
+        sums = _checkpointed_sums(model, vector, layer, ids, a, checkpoint_dir, chunk_windows, positions=positions,
+                                  token_budget=token_budget, logit_budget=logit_budget, progress=progress)
     ce = sums / (ids.shape[0] * seq_len)
     result = XentSweep(a, ce, int(ids.shape[0]), seq_len, len(texts), n_used, inserted)
     delta = result.delta_ce
