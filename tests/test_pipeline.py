@@ -1,0 +1,126 @@
+"""`steerstrength run`: stages, resume after an interruption, identical tables, stage invalidation."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from steerstrength import RunError
+from steerstrength.config import build_config
+from steerstrength.pipeline import run_pipeline, stage_keys
+from tiny import tiny_model
+
+SMALL = [
+    "prompts.n=4", "prompts.max_new_tokens=12", "prompts.batch_size=4", "vectors.resamples=2",
+    "tokens.n_alphas=16", "tokens.n_contexts=2", "tokens.top_k=5",
+    "xent.n_tokens=96", "xent.seq_len=8", "xent.n_alphas=6", "xent.chunk_windows=3",
+    "concept.n_alphas=3", "concept.completions=1", "concept.n_prompts=1", "concept.max_new_tokens=4",
+    "mmlu.max_questions=2", "mmlu.n_alphas=3", "mmlu.k_shot=1", "recommend.enabled=false",
+    "layers=1", "model.device=cpu",
+]
+
+
+class Quiet:
+    def __call__(self, *args, **kwargs):
+        import contextlib
+
+        @contextlib.contextmanager
+        def bar():
+            yield lambda n=1: None
+
+        return bar()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.hf.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return path
+
+
+def config(tiny_dir, *extra):
+    return build_config("demo", None, SMALL + [f"model.spec={tiny_dir}"] + list(extra))
+
+
+def tables(run_dir: Path) -> dict:
+    out = {}
+    for path in sorted((run_dir / "tables").iterdir()):
+        if path.suffix == ".parquet":
+            out[path.name] = pd.read_parquet(path)
+        elif path.suffix == ".jsonl":
+            out[path.name] = path.read_text()
+    return out
+
+
+def run(cfg, out, **kw):
+    return run_pipeline(cfg, out, progress=Quiet(), log=lambda m: None, **kw)
+
+
+def test_interrupted_cross_entropy_sweep_resumes_to_identical_tables(tiny_dir, tmp_path, monkeypatch):
+    cfg = config(tiny_dir)
+    reference = run(cfg, tmp_path / "reference")
+    statuses = {stage: status for stage, (status, _, _) in reference.items()}
+    assert statuses.pop("recommend") == "skipped"  # disabled in SMALL
+    assert set(statuses.values()) == {"done"}, statuses
+
+    from steerstrength.metrics import xent
+
+    real = xent.cross_entropy_sums
+    calls = {"n": 0}
+
+    def dies_after_two_chunks(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the process is killed in the middle of the sweep
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xent, "cross_entropy_sums", dies_after_two_chunks)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["xent"]["status"] == "running"
+    chunk_files = list((out / ".chunks" / "xent").rglob("*.safetensors"))
+    assert len(chunk_files) == 2  # two chunks finished before the kill
+
+    recomputed = {"n": 0}
+
+    def counting(*args, **kwargs):
+        recomputed["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xent, "cross_entropy_sums", counting)
+    second = run(cfg, out)
+    assert {s: second[s][0] for s in ("prompts", "vectors", "tokens", "logodds", "limit")} == dict.fromkeys(
+        ("prompts", "vectors", "tokens", "logodds", "limit"), "cached")
+    assert second["xent"][0] == "done"
+    n_windows = 96 // 8
+    assert recomputed["n"] == -(-n_windows // 3) - 2  # only the unfinished chunks ran
+    ref_tables, new_tables = tables(tmp_path / "reference"), tables(out)
+    assert set(ref_tables) == set(new_tables)
+    for name, frame in ref_tables.items():
+        if isinstance(frame, str):
+            assert frame == new_tables[name], name
+        else:
+            pd.testing.assert_frame_equal(frame, new_tables[name], check_exact=True, obj=name)
+
+
+def test_a_config_change_recomputes_exactly_the_stages_it_invalidates(tiny_dir):
+    a = stage_keys(config(tiny_dir))
+    b = stage_keys(config(tiny_dir, "xent.n_alphas=8"))
+    changed = {s for s in a if a[s] != b[s]}
+    assert changed == {"xent", "recommend", "figures", "report"}
+    c = stage_keys(config(tiny_dir, "vectors.normalize=true"))
+    changed = {s for s in a if a[s] != c[s]}
+    assert "prompts" not in changed and {"vectors", "tokens", "xent", "concept", "mmlu"} <= changed
+
+
+def test_second_concurrent_run_is_refused(tiny_dir, tmp_path):
+    from steerstrength.runs import RunDir
+
+    with RunDir(tmp_path).lock():
+        with pytest.raises(RunError, match="another steerstrength run"):
+            run(config(tiny_dir), tmp_path)
