@@ -78,6 +78,7 @@ class XentConfig:
     alpha_max: float = 100.0
     n_alphas: int = 128  # plus 0
     chunk_windows: int = 16  # windows per resumable chunk
+    curvature_tokens: Optional[int] = None  # tokens for the jvp curvature at 0 (None: all)
 
 
 @dataclass
@@ -156,8 +157,12 @@ def preset(name: str) -> RunConfig:
         cfg.model.device = "cpu"
         cfg.prompts = PromptsConfig(n=24, max_new_tokens=48, batch_size=24)
         cfg.vectors.resamples = 8
+        # Unit vectors: on a 135M model the raw difference of means (norm ~60 at the middle layer) makes
+        # the paper's alpha grids collapse the distribution at the first step; alpha is then in residual-norm units.
+        cfg.vectors.normalize = True
         cfg.tokens = TokensConfig(alpha_max=200.0, n_alphas=256, n_contexts=6, top_k=100)
-        cfg.xent = XentConfig(n_tokens=8192, seq_len=64, alpha_max=100.0, n_alphas=32, chunk_windows=32)
+        cfg.xent = XentConfig(n_tokens=2048, seq_len=64, alpha_max=100.0, n_alphas=32, chunk_windows=8,
+                              curvature_tokens=512)
         cfg.concept = ConceptConfig(judge="lexicon", alpha_max=40.0, n_alphas=9, n_prompts=4, completions=4,
                                     max_new_tokens=32)
         cfg.mmlu = MmluConfig(source="sample", k_shot=2, n_alphas=5, max_questions=8)

@@ -284,7 +284,8 @@ def stage_xent(ctx: Context) -> list[str]:
             with ctx.progress(f"{concept}: Delta CE, layer {layer}", 1) as advance:
                 res = xent_sweep(ctx.model, sv[layer], layer, texts, grid, seq_len=x.seq_len,
                                  positions=ctx.cfg.positions, max_tokens=x.n_tokens, checkpoint_dir=chunk_dir,
-                                 chunk_windows=x.chunk_windows, progress=advance)
+                                 chunk_windows=x.chunk_windows, curvature_tokens=x.curvature_tokens,
+                                 progress=advance)
             frames.append(res.frame(**ctx.labels(concept, layer)))
             summary[f"{concept}/{layer}"] = res.summary()
     return [write_parquet(ctx.run.path("tables", "xent.parquet"), pd.concat(frames, ignore_index=True)),
