@@ -18,6 +18,10 @@ from steerstrength.metrics.xent import cross_entropy_curve
 from steerstrength.metrics.concept import concept_probability
 from steerstrength.metrics.mmlu import mmlu_accuracy
 from steerstrength.recommend import recommend_alpha
+from steerstrength.plots import draw_all
+from steerstrength.report import write_report
+from steerstrength.pipeline import run_pipeline
+from steerstrength.config import build_config
 
 __version__ = "0.1.0"
 
@@ -44,4 +48,8 @@ __all__ = [
     "concept_probability",
     "mmlu_accuracy",
     "recommend_alpha",
+    "draw_all",
+    "write_report",
+    "run_pipeline",
+    "build_config",
 ]
