@@ -44,4 +44,4 @@ def progress_bar(description: str, total: int, *, quiet: bool | None = None) -> 
 def log(message: str) -> None:
     from rich.markup import escape
 
-    console.print(escape(message), highlight=False)
+    console.print(escape(message), highlight=False, soft_wrap=True)

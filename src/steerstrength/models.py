@@ -532,5 +532,8 @@ def import_transformers() -> float:
     start = time.perf_counter()
     import transformers.modeling_utils  # noqa: F401  (pulls the lazy loading modules)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars and one-line errors stay readable
 
     return time.perf_counter() - start
