@@ -113,7 +113,7 @@ def test_a_config_change_recomputes_exactly_the_stages_it_invalidates(tiny_dir):
     b = stage_keys(config(tiny_dir, "xent.n_alphas=8"))
     changed = {s for s in a if a[s] != b[s]}
     assert changed == {"xent", "recommend", "figures", "report"}
-    c = stage_keys(config(tiny_dir, "vectors.normalize=true"))
+    c = stage_keys(config(tiny_dir, "vectors.skip_first_token=false"))
     changed = {s for s in a if a[s] != c[s]}
     assert "prompts" not in changed and {"vectors", "tokens", "xent", "concept", "mmlu"} <= changed
 
