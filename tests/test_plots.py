@@ -142,7 +142,8 @@ def mmlu_tables(concept: str, layer: int, rng: np.random.Generator):
         for subject in ("astronomy", "virology"):
             for q in range(10):
                 rows.append(dict(model=MODEL, concept=concept, layer=layer, setting=SETTING, alpha=float(alpha),
-                                 subject=subject, question_index=q, correct=bool(rng.random() < p), letter_mass=0.9))
+                                 subject=subject, question_index=q, correct=bool(rng.random() < p), letter_mass=0.9,
+                                 logp_answer=float(np.log(max(p, 1e-6)))))
     acc = accuracy_table(pd.DataFrame(rows))
     overall = acc[acc["subject"] == "ALL"].sort_values("alpha")
     summary = dict(n_questions=20, k_shots=2, accuracy=dict(alpha=overall["alpha"].tolist(),
