@@ -136,10 +136,9 @@ def log_odds_analysis(M: torch.Tensor, top, curves, *, n_dominant: int = DEFAULT
             for pt in tgt:
                 for po in off:
                     pairs["target_later" if pt > po else "tie" if pt == po else "target_earlier"] += 1
-            if len(peaks) >= 3:
-                rho = spearmanr([Ml[t] for t, _ in peaks], [p for _, p in peaks]).statistic
-                if rho == rho:  # NaN when a side is constant
-                    rhos.append(float(rho))
+            ms, ps = [Ml[t] for t, _ in peaks], [p for _, p in peaks]
+            if len(peaks) >= 3 and len(set(ms)) > 1 and len(set(ps)) > 1:  # undefined for a constant side
+                rhos.append(float(spearmanr(ms, ps).statistic))
         n_pairs = sum(pairs.values())
         per_layer[str(int(layer))] = dict(
             dominant_at_alpha_max_extremal_high=_fraction(sum(Ml[t] >= hi for t in at_max), len(at_max)),

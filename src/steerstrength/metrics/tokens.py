@@ -188,8 +188,9 @@ def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Se
     a, inserted = with_zero(default_alphas() if alphas is None else alphas)
     if a.numel() < 3:
         raise InputError("a curve needs at least 3 alphas (including 0)")
-    if not 1 <= top_k <= model.vocab_size:
-        raise InputError(f"top_k must be in [1, {model.vocab_size}], not {top_k}")
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1, not {top_k}")
+    top_k = min(top_k, model.vocab_size)
     extra = torch.as_tensor(list(tokens), dtype=torch.long)
     if extra.numel() and (extra.min() < 0 or extra.max() >= model.vocab_size):
         raise InputError(f"extra token ids must be in [0, {model.vocab_size})")
