@@ -166,12 +166,12 @@ def _mmlu_table(summary: dict) -> None:
     subjects = sorted(summary["accuracy_per_subject"])
     table = Table(title=f"MMLU accuracy, layer {summary['layer']} ({summary['n_questions']} questions, "
                         f"{summary['k_shots']}-shot; random guess {summary['random_guess']:.2f})")
-    for col in ["alpha", "accuracy", "95% CI"] + subjects:
+    for col in ["alpha", "accuracy", "95% CI", "log p(answer)"] + subjects:
         table.add_column(col, justify="right")
     acc = summary["accuracy"]
     for i, alpha in enumerate(acc["alpha"]):
         table.add_row(f"{alpha:g}", f"{acc['accuracy'][i]:.3f}", f"[{acc['ci_low'][i]:.2f}, {acc['ci_high'][i]:.2f}]",
-                      *[f"{summary['accuracy_per_subject'][s][i]:.2f}" for s in subjects])
+                      f"{acc['mean_logp_answer'][i]:.3f}", *[f"{summary['accuracy_per_subject'][s][i]:.2f}" for s in subjects])
     console.print(table)
     for note in summary["notes"]:
         log(f"note: {note}")

@@ -53,6 +53,17 @@ class Judge:
         """Learn the decision rule from texts with (P) and without (N) the concept; a no-op here."""
         return self
 
+    def accuracy(self, positive: Sequence[str], negative: Sequence[str], concept: str) -> "JudgeAccuracy":
+        """How the judge labels texts known to have (P) and not to have (N) the concept."""
+        sp, sn = self.score(positive, concept), self.score(negative, concept)
+        tpr = float((sp >= self.threshold).mean())
+        tnr = float((sn < self.threshold).mean())
+        correct = float((sp >= self.threshold).sum() + (sn < self.threshold).sum())
+        return JudgeAccuracy(
+            judge=self.name, concept=concept, n_positive=len(sp), n_negative=len(sn), n_calibration=0,
+            accuracy=correct / (len(sp) + len(sn)), balanced_accuracy=(tpr + tnr) / 2, true_positive_rate=tpr,
+            true_negative_rate=tnr, auc=roc_auc(sp, sn), threshold=float(self.threshold))
+
     def describe(self) -> dict:
         return {"judge": self.name, "threshold": self.threshold}
 
@@ -110,17 +121,9 @@ def judge_accuracy(judge: Judge, concept: str, positive: Sequence[str], negative
     n_cal, n_held = split_holdout(negative, holdout, seed + 1)
     if judge.calibrates:
         judge.calibrate(p_cal, n_cal, concept)
-    sp = judge.score(p_held, concept)
-    sn = judge.score(n_held, concept)
-    tpr = float((sp >= judge.threshold).mean())
-    tnr = float((sn < judge.threshold).mean())
-    correct = float((sp >= judge.threshold).sum() + (sn < judge.threshold).sum())
-    return JudgeAccuracy(
-        judge=judge.name, concept=concept, n_positive=len(p_held), n_negative=len(n_held),
-        n_calibration=len(p_cal) + len(n_cal) if judge.calibrates else 0,
-        accuracy=correct / (len(p_held) + len(n_held)), balanced_accuracy=(tpr + tnr) / 2,
-        true_positive_rate=tpr, true_negative_rate=tnr, auc=roc_auc(sp, sn), threshold=float(judge.threshold),
-    )
+    result = judge.accuracy(p_held, n_held, concept)
+    result.n_calibration = len(p_cal) + len(n_cal) if judge.calibrates else 0
+    return result
 
 
 # ----------------------------------------------------------------------------- llm judge
@@ -216,7 +219,7 @@ class LexiconConcept:
 
     categories: tuple[str, ...]  # a word counts when its NRC entry has any of these ...
     requires: str | None  # ... and, when set, also this NRC polarity ("positive" / "negative")
-    valence: int  # +1 / -1: VADER compound of that sign is evidence; 0: valence not used
+    valence: int  # +1 / -1: a VADER compound of the other sign counts against; 0: valence not used
 
 
 # The documented mapping from concept names to lexicon categories (docs/concept.md repeats it).
@@ -261,11 +264,12 @@ def nrc_lexicon() -> dict[str, list[str]]:
 
 
 class LexiconJudge(Judge):
-    """NRC concept words and VADER valence combined as a noisy-OR: 1 - 0.5^hits * (1 - valence evidence).
+    """NRC concept words, checked by VADER valence: (1 - 0.5^hits) * (1 - opposite valence).
 
-    Each concept word halves the remaining chance that the concept is absent; a VADER compound of the
-    concept's sign adds its size as evidence. At the 0.5 threshold, one concept word suffices (the
-    paper's permissive criterion), and so does a compound of 0.5 or more of the right sign.
+    Each NRC concept word halves the chance that the concept is absent; a VADER compound of the
+    opposite sign (a negated "not happy", a sad text that mentions a party) scales the score down by
+    its size. Valence alone never makes a yes. At the 0.5 threshold one concept word suffices when the
+    text's valence does not contradict it: the paper's permissive criterion.
     """
 
     name = "lexicon"
@@ -320,12 +324,16 @@ class LexiconJudge(Judge):
         out = np.empty(len(texts), dtype=np.float64)
         for i, text in enumerate(texts):
             hits = len(self.concept_words(text, concept))
-            valence = max(0.0, spec.valence * self.vader.polarity_scores(text)["compound"]) if spec.valence else 0.0
-            out[i] = 1.0 - 0.5 ** hits * (1.0 - valence)
+            if hits == 0:
+                out[i] = 0.0
+                continue
+            opposite = max(0.0, -spec.valence * self.vader.polarity_scores(text)["compound"]) if spec.valence else 0.0
+            out[i] = (1.0 - 0.5**hits) * (1.0 - opposite)
         return out
 
     def describe(self) -> dict:
-        return {"judge": self.name, "threshold": self.threshold, "rule": "1 - 0.5^hits * (1 - valence)"}
+        return {"judge": self.name, "threshold": self.threshold,
+                "rule": "(1 - 0.5^hits) * (1 - max(0, -sign * vader_compound))"}
 
 
 # ----------------------------------------------------------------------------- embedding judge

@@ -21,14 +21,16 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
 from steerstrength.steering import as_alphas, as_vector, check_layer, check_positions, steered_generate
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Our own wording: short, open-ended, emotionally neutral prompts that leave room for any concept.
 DEFAULT_PROMPTS = (
@@ -45,6 +47,7 @@ DEFAULT_PROMPTS = (
     "Write a few sentences about the ocean.",
     "How would you spend a free afternoon?",
 )
+
 DEFAULT_ALPHAS = tuple(float(a) for a in np.linspace(-40, 40, 41))
 
 # Sizes: (alphas, prompts, completions per prompt and alpha, new tokens).
@@ -149,7 +152,10 @@ def wilson_interval(k, n, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
     denom = 1 + z**2 / n
     center = (p + z**2 / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
+    # Exact ends at k = 0 and k = n (the formula gives them up to rounding).
+    low = np.where(k == 0, 0.0, np.clip(center - half, 0, 1))
+    high = np.where(k == n, 1.0, np.clip(center + half, 0, 1))
+    return low, high
 
 
 def tanh_curve(alpha, c, a, b, alpha0):
@@ -195,7 +201,7 @@ def fit_tanh(alphas, p) -> dict:
     return dict(result, c=float(c), a=float(a), b=float(b), alpha0=float(alpha0), r2=1.0 - sse / sst)
 
 
-def concept_curve(scores, *, group: Sequence[str] = ("judge",)) -> "pd.DataFrame":  # noqa: F821
+def concept_curve(scores, *, group: Sequence[str] = ("judge",)) -> "pd.DataFrame":
     """Per alpha, pooled over prompts and per prompt: k, n, p = k/n, Wilson 95% CI, mean judge score."""
     import pandas as pd
 
@@ -243,9 +249,9 @@ def curve_summary(curve) -> dict:
 class ConceptResult:
     """Completions (one row each), judge scores (one row per completion and judge), curve, summary."""
 
-    completions: "pd.DataFrame"  # noqa: F821
-    scores: "pd.DataFrame"  # noqa: F821
-    curve: "pd.DataFrame"  # noqa: F821
+    completions: "pd.DataFrame"
+    scores: "pd.DataFrame"
+    curve: "pd.DataFrame"
     summary: dict = field(default_factory=dict)
 
     def save(self, out_dir, prefix: str = "concept") -> dict[str, Path]:
@@ -327,8 +333,9 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
         for j in judge_objs:
             accuracy[j.name] = judge_accuracy(j, concept, positive, negative, holdout=holdout, seed=seed).to_dict()
 
-    rows = [(p, alpha, completion_seed(seed, p, c)) for pi, p in enumerate(prompts) for alpha in a
-            for c in range(n_completions)]
+    if len(set(prompts)) != len(prompts):
+        raise InputError("the prompt list repeats a prompt; give each prompt once (raise n_completions for more samples)")
+    rows = [(p, alpha, completion_seed(seed, p, c)) for p in prompts for alpha in a for c in range(n_completions)]
     meta = [(pi, c) for pi, _ in enumerate(prompts) for _ in a for c in range(n_completions)]
     t0 = time.perf_counter()
     generated = generate_rows(model, v, layer, rows, settings, batch_size=batch_size, progress=progress)

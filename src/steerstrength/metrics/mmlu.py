@@ -15,7 +15,7 @@ import csv
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from steerstrength.steering import (
     hidden_at,
     steered_hidden,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LETTERS = "ABCD"
 RANDOM_GUESS = 0.25
@@ -51,6 +54,7 @@ SUBJECTS = (
     "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
     "world_religions",
 )
+
 HOW_TO_PROVIDE = ("download the original MMLU CSV files (data/dev/*_dev.csv, data/test/*_test.csv) and pass "
                   "--mmlu-dir DIR (API: mmlu_dir=), or the cais/mmlu Parquet files and pass --mmlu-parquet DIR "
                   "(API: mmlu_parquet=)")
@@ -378,8 +382,8 @@ def subject_letter_logprobs(model: Model, v: torch.Tensor, layer: int, rows: Seq
 class MMLUResult:
     """Per (alpha, question) log-likelihood table, accuracy table per (alpha, subject), summary."""
 
-    table: "pd.DataFrame"  # noqa: F821
-    accuracy: "pd.DataFrame"  # noqa: F821
+    table: "pd.DataFrame"
+    accuracy: "pd.DataFrame"
     summary: dict = field(default_factory=dict)
 
     def save(self, out_dir, prefix: str = "mmlu") -> dict[str, Path]:
@@ -394,24 +398,25 @@ class MMLUResult:
         return paths
 
 
-def accuracy_table(table) -> "pd.DataFrame":  # noqa: F821
+def accuracy_table(table) -> "pd.DataFrame":
     """Accuracy per (alpha, subject) and over all questions (subject 'ALL'), with Wilson 95% intervals."""
     import pandas as pd
 
     from steerstrength.metrics.concept import wilson_interval
 
     keys = ["model", "concept", "layer", "setting", "alpha"]
-    per = table.groupby(keys + ["subject"], sort=True).agg(
-        k=("correct", "sum"), n=("correct", "size"), letter_mass=("letter_mass", "mean")).reset_index()
-    overall = table.groupby(keys, sort=True).agg(
-        k=("correct", "sum"), n=("correct", "size"), letter_mass=("letter_mass", "mean")).reset_index()
+    stats = dict(k=("correct", "sum"), n=("correct", "size"), mean_logp_answer=("logp_answer", "mean"),
+                 letter_mass=("letter_mass", "mean"))
+    per = table.groupby(keys + ["subject"], sort=True).agg(**stats).reset_index()
+    overall = table.groupby(keys, sort=True).agg(**stats).reset_index()
     overall["subject"] = "ALL"
     acc = pd.concat([per, overall], ignore_index=True)
     acc["k"] = acc["k"].astype(np.int64)
     acc["accuracy"] = acc["k"] / acc["n"]
     acc["ci_low"], acc["ci_high"] = wilson_interval(acc["k"].to_numpy(), acc["n"].to_numpy())
     acc["random_guess"] = RANDOM_GUESS
-    return acc[keys + ["subject", "k", "n", "accuracy", "ci_low", "ci_high", "random_guess", "letter_mass"]]
+    return acc[keys + ["subject", "k", "n", "accuracy", "ci_low", "ci_high", "random_guess", "mean_logp_answer",
+                       "letter_mass"]]
 
 
 def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, subjects: Sequence[str] | None = None,
@@ -474,7 +479,9 @@ def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, su
         "positions": positions, "limit": limit, "random_guess": RANDOM_GUESS, "subjects": per_subject,
         "n_questions": int(sum(len(t) for _, t in data.values())),
         "accuracy": {"alpha": overall["alpha"].tolist(), "accuracy": overall["accuracy"].tolist(),
-                     "ci_low": overall["ci_low"].tolist(), "ci_high": overall["ci_high"].tolist()},
+                     "ci_low": overall["ci_low"].tolist(), "ci_high": overall["ci_high"].tolist(),
+                     # log-prob of the right letter among the four (chance: log 1/4 = -1.386): moves before accuracy
+                     "mean_logp_answer": overall["mean_logp_answer"].tolist()},
         "accuracy_per_subject": {s: f.sort_values("alpha")["accuracy"].tolist()
                                  for s, f in acc[acc["subject"] != "ALL"].groupby("subject")},
         "macro_accuracy": acc[acc["subject"] != "ALL"].groupby("alpha")["accuracy"].mean().tolist(),
