@@ -74,7 +74,7 @@ def pn_sets(model, args, out: Path) -> tuple[list[str], list[str], float]:
     return [r["text"] for r in P], [r["text"] for r in N], time.perf_counter() - t0
 
 
-def evaluate(frame: pd.DataFrame, kl_tokens: list, picks: dict[int, float], delta_ce: dict[float, float]) -> dict:
+def evaluate(frame: pd.DataFrame, kl_tokens: list, picks: dict[int, float], delta_ce) -> dict:
     """The held-out numbers of one method: its rows of the evaluation completions, where prompt i used picks[i]."""
     mask = np.zeros(len(frame), dtype=bool)
     for pi, alpha in picks.items():
@@ -86,7 +86,7 @@ def evaluate(frame: pd.DataFrame, kl_tokens: list, picks: dict[int, float], delt
     return dict(mean_alpha=float(np.mean(list(picks.values()))), min_alpha=float(min(picks.values())),
                 max_alpha=float(max(picks.values())), k=k, n=n, concept_p=k / n, ci_low=float(lo), ci_high=float(hi),
                 mean_score=float(rows["score"].mean()),
-                delta_ce=float(np.mean([delta_ce[round(a, 10)] for a in picks.values()])),
+                delta_ce=float(np.mean([delta_ce(a) for a in picks.values()])),
                 p95_kl=float(np.percentile(tokens, KL_PERCENTILE)) if tokens.size else 0.0,
                 mean_kl=float(tokens.mean()) if tokens.size else 0.0, n_tokens=int(tokens.size))
 
@@ -107,7 +107,12 @@ def pareto_figure(table: pd.DataFrame, frontier: pd.DataFrame, path: Path, title
         for _, r in f.iterrows():
             ax.annotate(f"{r['alpha']:.2g}", (r[x], r["concept_p"]), fontsize=7, color="grey",
                         xytext=(3, -9), textcoords="offset points")
-        for _, r in table.iterrows():
+        sweet = table[table["method"] == "sweet-spot"].sort_values("budget")
+        ax.plot(sweet[x], sweet["concept_p"], "--", color="crimson", lw=1, zorder=2, label="sweet-spot, other budgets")
+        for _, r in sweet.iterrows():
+            ax.annotate(f"B={r['budget']:g}", (r[x], r["concept_p"]), fontsize=7, color="crimson",
+                        xytext=(4, 4), textcoords="offset points")
+        for _, r in table[table["main"]].iterrows():
             ax.errorbar(r[x], r["concept_p"], yerr=[[r["concept_p"] - r["ci_low"]], [r["ci_high"] - r["concept_p"]]],
                         fmt="o", ms=7, capsize=3, color=colors[r["method"]], zorder=3,
                         label=f"{r['method']} (mean alpha {r['mean_alpha']:.2f})")
@@ -132,6 +137,9 @@ def main() -> None:
     ap.add_argument("--completions", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--budget", type=float, default=1.0)
+    ap.add_argument("--sweet-budgets", default="0.25,0.5,2", help="sweet-spot at these budgets too (its own curve)")
+    ap.add_argument("--frontier-points", type=int, default=11, help="constant alphas evaluated, 0 to the grid's end")
+    ap.add_argument("--ce-points", type=int, default=21, help="Delta CE grid; alphas between are interpolated")
     ap.add_argument("--corpus-texts", type=int, default=32, help="model samples of seq-len + 8 tokens, one window each")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "eval_recommend")
@@ -169,9 +177,15 @@ def main() -> None:
     grid = torch.linspace(0.0, GRID_SPAN * scale, GRID_POINTS, dtype=torch.float64)
     recs = {}
 
-    # sweet-spot: one sweep per held-out prompt (plus the vector's log-odds, computed once above).
+    # sweet-spot: one sweep per held-out prompt (plus the vector's log-odds, computed once above); at the
+    # main budget, and at others to trace its own concept-vs-distortion curve.
     recs["sweet-spot"] = recommend_alpha(model, v, args.layer, heldout, method="sweet-spot", log_odds=M, **common)
     print(f"sweet-spot: {recs['sweet-spot'].summary['seconds']:.1f} s")
+    sweet_more = {}
+    for b in [float(x) for x in args.sweet_budgets.split(",") if x.strip()]:
+        if b != args.budget:
+            sweet_more[b] = recommend_alpha(model, v, args.layer, heldout, method="sweet-spot", log_odds=M,
+                                            **dict(common, budget=b))
 
     # global and iso-kl on the training prompts share one grid of generations: alpha > 0 serves iso-kl
     # (its own cost), alpha = 0 is generated apart so that each method's wall time is its own.
@@ -200,8 +214,10 @@ def main() -> None:
     picks = {m: {i: float(a) for i, a in enumerate(rec.table["alpha"])} for m, rec in recs.items()}
     picks["global"] = {i: recs["global"].summary["alpha"] for i in range(len(heldout))}
     picks["iso-kl"] = {i: recs["iso-kl"].summary["alpha"] for i in range(len(heldout))}
-    pairs = {(i, round(a, 10)) for i in range(len(heldout)) for a in grid.tolist()}
-    pairs |= {(i, round(a, 10)) for p in picks.values() for i, a in p.items()}
+    more_picks = {b: {i: float(a) for i, a in enumerate(rec.table["alpha"])} for b, rec in sweet_more.items()}
+    constant = torch.linspace(0.0, float(grid[-1]), args.frontier_points, dtype=torch.float64).tolist()
+    pairs = {(i, round(a, 10)) for i in range(len(heldout)) for a in constant}
+    pairs |= {(i, round(a, 10)) for p in list(picks.values()) + list(more_picks.values()) for i, a in p.items()}
     t0 = time.perf_counter()
     ev = measure_pairs(model, v, args.layer, [(i, heldout[i], a) for i, a in sorted(pairs)], judge=judge,
                        concept=args.concept, seed=1, n_completions=args.completions,
@@ -212,19 +228,27 @@ def main() -> None:
     t0 = time.perf_counter()
     corpus = load_corpus(None, model=model, n_samples=args.corpus_texts, sample_tokens=args.seq_len + 8, seed=0,
                          cache_dir=out)
-    alphas_used = sorted({a for _, a in pairs} | {0.0})
-    ce = cross_entropy_curve(model, v, args.layer, corpus, alphas_used, seq_len=args.seq_len)
-    ce0 = float(ce[alphas_used.index(0.0)])
-    delta_ce = {round(a, 10): float(c) - ce0 for a, c in zip(alphas_used, ce.tolist())}
+    top = max(a for _, a in pairs)
+    ce_alphas = sorted({round(a, 10) for a in np.linspace(0.0, top, args.ce_points).tolist() + constant
+                        + [picks["iso-kl"][0], picks["global"][0]]})
+    ce = cross_entropy_curve(model, v, args.layer, corpus, ce_alphas, seq_len=args.seq_len).numpy()
+    ce_curve = ce - ce[ce_alphas.index(0.0)]
+
+    def delta_ce(alpha: float) -> float:  # exact on the Delta CE grid, linear between its points
+        return float(np.interp(alpha, ce_alphas, ce_curve))
+
     seconds["delta_ce"] = time.perf_counter() - t0
 
     labels = dict(model=model.name, concept=args.concept, layer=args.layer, setting="random", budget=args.budget)
-    table = pd.DataFrame([dict(labels, method=m, seconds=recs[m].summary["seconds"],
+    table = pd.DataFrame([dict(labels, method=m, main=True, seconds=recs[m].summary["seconds"],
                                **evaluate(ev.frame, ev.kl_tokens, picks[m], delta_ce))
-                          for m in ("sweet-spot", "iso-kl", "global", "grid-judge")])
+                          for m in ("sweet-spot", "iso-kl", "global", "grid-judge")]
+                         + [dict(labels, method="sweet-spot", budget=b, main=False, seconds=rec.summary["seconds"],
+                                 **evaluate(ev.frame, ev.kl_tokens, more_picks[b], delta_ce))
+                            for b, rec in sweet_more.items()])
     frontier = pd.DataFrame([dict(labels, method="constant", alpha=a,
                                   **evaluate(ev.frame, ev.kl_tokens, {i: a for i in range(len(heldout))}, delta_ce))
-                             for a in [round(x, 10) for x in grid.tolist()]])
+                             for a in [round(x, 10) for x in constant]])
     theory = recs["sweet-spot"].table[["prompt_index", "prompt", "alpha", "kl", "target_mass", "target_mass0",
                                        "off_target_peak_alpha", "target_peak_alpha", "n_off_target_bumps",
                                        "n_target_bumps", "target_peaks_later", "between_peaks"]]
@@ -241,11 +265,13 @@ def main() -> None:
                      threads=torch.get_num_threads()),
         sizes=dict(n_pn=args.n_pn, pn_tokens=args.pn_tokens, layer=args.layer, train=train, heldout=heldout,
                    completions=args.completions, max_new_tokens=args.max_new_tokens, grid=grid.tolist(),
+                   constant_alphas=constant, ce_alphas=ce_alphas, sweet_budgets=sorted([args.budget, *sweet_more]),
                    alpha_scale=scale, vector_norm=float(v.norm()), corpus_tokens=args.corpus_texts * args.seq_len,
                    budget=args.budget),
         judge=best, judge_accuracy=accuracy, seconds=seconds,
         methods=table.to_dict(orient="records"), frontier=frontier.to_dict(orient="records"),
         theory=recs["sweet-spot"].summary["theory"],
+        theory_other_budgets={str(b): rec.summary["theory"] for b, rec in sweet_more.items()},
         choices={m: rec.summary for m, rec in recs.items()})
     write_json(out / "eval.json", summary)
 
@@ -258,7 +284,7 @@ def main() -> None:
     all_curves = pd.concat([r.curve for r in recs.values()], ignore_index=True)
     plot_recommendations(all_tables, all_curves, figures / "recommend_curves.png")
 
-    show = ["method", "mean_alpha", "min_alpha", "max_alpha", "concept_p", "ci_low", "ci_high", "delta_ce", "p95_kl",
+    show = ["method", "budget", "mean_alpha", "min_alpha", "max_alpha", "concept_p", "ci_low", "ci_high", "delta_ce", "p95_kl",
             "mean_kl", "seconds"]
     print(table[show].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(frontier[["alpha", "concept_p", "ci_low", "ci_high", "delta_ce", "p95_kl", "mean_kl"]]

@@ -143,13 +143,15 @@ def peak_report(alphas: torch.Tensor, probs: torch.Tensor, target_ids: torch.Ten
                 top_k: int = PEAK_TOP_K) -> dict:
     """Thm 3.3 in the loop: peak alphas of bumping target vs off-target tokens, and whether `alpha` lies between.
 
-    Tokens: those in the top-k at some alpha of the sweep. A token's peak is the argmax of its Delta p
-    (Def. 3.1); only bumps (interior peaks, metrics.tokens.shape_classes) count. "between" means
-    median off-target peak <= alpha <= median target peak.
+    Target tokens: the set T. Off-target tokens: those outside T that reach the top-k at some alpha of
+    the sweep (the ones a reader sees). A token's peak is the argmax of its Delta p (Def. 3.1); only
+    bumps (interior peaks, metrics.tokens.shape_classes) count. "between" means median off-target
+    peak <= alpha <= median target peak.
     """
     from steerstrength.metrics.tokens import shape_classes
 
-    ids = torch.unique(probs.topk(min(top_k, probs.shape[1]), dim=-1).indices.flatten())
+    seen = torch.unique(probs.topk(min(top_k, probs.shape[1]), dim=-1).indices.flatten())
+    ids = torch.unique(torch.cat([target_ids.to(seen.dtype), seen]))
     delta = probs[:, ids] - probs[0, ids][None, :]
     peak, shapes = shape_classes(delta)
     target = set(target_ids.tolist())
