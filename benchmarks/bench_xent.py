@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 
@@ -149,7 +150,8 @@ def main() -> None:
           f"{args.seq_len}  alphas {alphas.numel()}  rows/forward {rows}  threads {torch.get_num_threads()}  "
           f"cpu {platform.processor() or platform.machine()}", flush=True)
     out = dict(model=model.name, layer=layer, dtype="float32", threads=torch.get_num_threads(), seq_len=args.seq_len,
-               rows_per_forward=rows, token_budget=args.token_budget, logit_budget=args.logit_budget)
+               rows_per_forward=rows, token_budget=args.token_budget, logit_budget=args.logit_budget,
+               load_average_start=os.getloadavg())
     if not args.skip_head_to_head:
         out["head_to_head"] = h = head_to_head(model, sv[layer], layer, ids, alphas, args)
         print(f"tokens x alphas: {h['tokens']} x {h['alphas']}\n"
@@ -160,6 +162,8 @@ def main() -> None:
               f" (target < 1e-6)", flush=True)
     if args.scaling:
         out["scaling"] = scaling(model, lambda l: sv[l], ids, args)
+    out["load_average_end"] = os.getloadavg()  # other processes on the machine slow both codes alike
+    print(f"load average (1, 5, 15 min) at start {out['load_average_start']}, at end {out['load_average_end']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
