@@ -43,31 +43,40 @@ def _grid(alphas: Optional[str], alpha_max: Optional[float], n_alphas: Optional[
     return torch.linspace(0.0, alpha_max, n_alphas or default_points, dtype=torch.float64)
 
 
+COLUMNS = {  # per method: (title suffix, {column: header}) for each printed table
+    "sweet-spot": [("", {"target_mass": "target mass", "kl": "next-token KL", "entropy": "entropy", "status": "status"}),
+                   (": Thm 3.3 in the loop (median bump peaks)",
+                    {"off_target_peak_alpha": "off-target", "target_peak_alpha": "target", "between_peaks": "between"})],
+    "iso-kl": [("", {"p95_kl": "p95 KL", "status": "status"})],
+    "grid-judge": [("", {"concept_p": "concept p", "p95_kl": "p95 KL", "status": "status"})],
+    "global": [("", {"concept_p": "concept p", "p95_kl": "p95 KL", "status": "status"})],
+}
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}" if 0 < abs(value) < 1e-2 else f"{value:.3g}"
+    return str(value)
+
+
 def _print(recs) -> None:
     from rich.table import Table
 
     for rec in recs:
-        t = rec.table
-        table = Table(title=f"{rec.method}: budget {rec.summary['budget']:g} nats, layer {rec.summary['layer']} "
-                            f"({rec.summary['seconds']:.1f} s)")
-        cols = {"sweet-spot": {"target_mass": "target mass", "kl": "KL", "entropy": "entropy",
-                               "off_target_peak_alpha": "off-target peak", "target_peak_alpha": "target peak",
-                               "between_peaks": "between"},
-                "iso-kl": {"p95_kl": "p95 KL"}, "grid-judge": {"concept_p": "concept p", "p95_kl": "p95 KL"},
-                "global": {"concept_p": "concept p", "p95_kl": "p95 KL"}}
-        table.add_column("prompt", no_wrap=True, max_width=28)
-        for col in ["alpha"] + list(cols[rec.method].values()):
-            table.add_column(col, justify="right")
-        table.add_column("status")
-        for _, row in t.iterrows():
-            cells = [str(row["prompt"]), f"{row['alpha']:.4g}"]
-            cells += [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols[rec.method]]
-            table.add_row(*cells, str(row["status"]))
-        console.print(table)
+        for suffix, cols in COLUMNS[rec.method]:
+            title = (f"{rec.method}: budget {rec.summary['budget']:g} nats, layer {rec.summary['layer']} "
+                     f"({rec.summary['seconds']:.1f} s)") if not suffix else rec.method + suffix
+            table = Table(title=title)
+            table.add_column("prompt", no_wrap=True, max_width=30)
+            for header in ["alpha"] + list(cols.values()):
+                table.add_column(header, justify="left" if header == "status" else "right")
+            for _, row in rec.table.iterrows():
+                table.add_row(str(row["prompt"]), f"{row['alpha']:.3g}", *[_cell(row[c]) for c in cols])
+            console.print(table)
         theory = rec.summary.get("theory")
         if theory and theory["fraction_between"] is not None:
-            log(f"Thm 3.3 in the loop: alpha between the off-target and target peaks on "
-                f"{theory['fraction_between']:.0%} of {theory['n_prompts_known']} prompts; target peaks later on "
+            log(f"alpha between the off-target and target peaks on {theory['fraction_between']:.0%} of "
+                f"{theory['n_prompts_known']} prompts; target tokens peak later on "
                 f"{theory['fraction_target_peaks_later']:.0%}")
         acc = rec.summary.get("judge_accuracy")
         if acc:
