@@ -161,6 +161,13 @@ def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path)
     assert regenerate(model, vector, 1, row["prompt"], row["alpha"], row["seed"], settings) == row["completion"]
 
 
+def test_the_llm_judge_defaults_to_the_steered_model(model, vector):
+    result = concept_probability(model, vector, 1, "joy", alphas=[0.0, 5.0], prompts=["the cat is"], n_completions=2,
+                                 max_new_tokens=4, judges=["llm"], chat=False)
+    assert result.summary["judges"]["llm"]["judge_model"] == model.name
+    assert result.scores["score"].between(0, 1).all() and result.summary["judge_answer_mass"]["llm"] > 0
+
+
 def test_bad_judge_input_fails_before_any_generation(model, vector):
     with pytest.raises(InputError, match="unknown judge"):
         concept_probability(model, vector, 1, "joy", judges=["oracle"], prompts=["a"], n_completions=1)

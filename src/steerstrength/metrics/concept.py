@@ -299,7 +299,8 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
                         judge_device: str = "cpu", progress: Callable | None = None) -> ConceptResult:
     """Sec. 5: fraction of sampled steered completions a judge finds `concept` in, per alpha (Thm 3.6).
 
-    `judges`: names from judges.JUDGES or Judge objects; `positive`/`negative` texts (P and N) calibrate
+    `judges`: names from judges.JUDGES or Judge objects (the llm judge asks `judge_model`, by default
+    the steered model itself, unsteered); `positive`/`negative` texts (P and N) calibrate
     the embedding judge and give every judge's held-out accuracy. `progress(n)` is called with the
     number of completions generated, then judged by each judge.
     """
@@ -319,7 +320,7 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 chat=model.has_chat_template if chat is None else bool(chat),
                                 positions=positions).check(batch_size)
-    judge_objs = _judges(judges, judge_model, judge_device)
+    judge_objs = _judges(judges, judge_model if judge_model is not None else model, judge_device)
     for j in judge_objs:
         j.check(concept)
     have_pn = positive is not None and negative is not None
