@@ -161,8 +161,8 @@ def preset(name: str) -> RunConfig:
         # the paper's alpha grids collapse the distribution at the first step; alpha is then in residual-norm units.
         cfg.vectors.normalize = True
         cfg.tokens = TokensConfig(alpha_max=200.0, n_alphas=256, n_contexts=6, top_k=100)
-        cfg.xent = XentConfig(n_tokens=2048, seq_len=64, alpha_max=100.0, n_alphas=32, chunk_windows=8,
-                              curvature_tokens=512)
+        cfg.xent = XentConfig(n_tokens=1024, seq_len=64, alpha_max=100.0, n_alphas=24, chunk_windows=4,
+                              curvature_tokens=256)
         cfg.concept = ConceptConfig(judge="lexicon", alpha_max=40.0, n_alphas=9, n_prompts=4, completions=4,
                                     max_new_tokens=32)
         cfg.mmlu = MmluConfig(source="sample", k_shot=2, n_alphas=5, max_questions=8)
