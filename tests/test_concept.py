@@ -214,18 +214,20 @@ def test_cli_sweep_concept_writes_tables(monkeypatch, capsys, tmp_path, model_di
     pos.write_text("\n".join(JOYFUL) + "\n")
     neg.write_text("\n".join(PLAIN) + "\n")
     code = run_cli(monkeypatch, "sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
-                   "--judge", "lexicon", "--judge", "llm", "--alphas=-5,0,5", "--n-prompts", "2", "--completions", "2",
-                   "--max-new-tokens", "5", "--no-chat", "-p", pos, "-n", neg, "--out", tmp_path / "out")
+                   "--judge", "lexicon", "--judge", "llm", "--preset", "demo", "--alpha-min", "-5", "--alpha-max", "5",
+                   "--n-prompts", "2", "--completions", "2", "--max-new-tokens", "5", "--no-chat", "-p", pos, "-n", neg,
+                   "--out", tmp_path / "out")
     err = capsys.readouterr().err
     assert code == 0, err
     assert "judge lexicon" in err and "judge llm" in err and "tanh fit" in err
     curve = pd.read_parquet(tmp_path / "out" / "concept_curve.parquet")
-    assert set(curve["judge"]) == {"lexicon", "llm"} and set(curve["alpha"]) == {-5.0, 0.0, 5.0}
+    # The demo preset's 5 alphas, over the range given.
+    assert set(curve["judge"]) == {"lexicon", "llm"} and set(curve["alpha"]) == {-5.0, -2.5, 0.0, 2.5, 5.0}
     assert (curve["layer"] == 1).all() and (curve["concept"] == "joy").all()
     summary = json.loads((tmp_path / "out" / "concept.json").read_text())
     assert set(summary["per_layer"]["1"]["judge_accuracy"]) == {"lexicon", "llm"}
     n = len((tmp_path / "out" / "concept_completions.jsonl").read_text().splitlines())
-    assert n == 3 * 2 * 2
+    assert n == 5 * 2 * 2
 
 
 @pytest.mark.parametrize("args, message", [

@@ -87,8 +87,8 @@ def sweep_concept(
                                                                    "12 built-in open-ended prompts."),
     preset: str = typer.Option("paper", "--preset", help="Sizes: paper (41 alphas x 12 prompts x 32 completions x 64 "
                                                         "tokens), cpu (9 x 4 x 4 x 32) or demo (5 x 2 x 4 x 24)."),
-    alpha_min: float = typer.Option(-40.0, "--alpha-min"),
-    alpha_max: float = typer.Option(40.0, "--alpha-max"),
+    alpha_min: Optional[float] = typer.Option(None, "--alpha-min", help="default: the preset's (-40)."),
+    alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="default: the preset's (40)."),
     n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="linspace points (0 is added); default: the preset's."),
     alphas: Optional[str] = AlphasOpt,
     n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N prompts; default: the preset's."),
@@ -127,11 +127,13 @@ def sweep_concept(
     neg = [r["text"] for r in read_texts(negative, min_count=2, what="negative text file")] if negative else None
     prompt_list = [r["text"] for r in read_texts(prompts, what="prompt file")] if prompts else list(DEFAULT_PROMPTS)
     prompt_list = prompt_list[: n_prompts or (size["n_prompts"] if prompts is None else None)]
-    if alphas is None and n_alphas is None:
-        grid = size["alphas"]
+    preset_grid = size["alphas"]
+    if alphas is None and n_alphas is None and alpha_min is None and alpha_max is None:
+        grid = list(preset_grid)
     else:
-        grid, _ = _grid(alphas, alpha_min, alpha_max, n_alphas or len(size["alphas"]))
-        grid = grid.tolist()
+        lo = preset_grid[0] if alpha_min is None else alpha_min
+        hi = preset_grid[-1] if alpha_max is None else alpha_max
+        grid = _grid(alphas, lo, hi, n_alphas or len(preset_grid))[0].tolist()
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
     concept_name = st.labels["concept"]
     if not concept_name:
