@@ -276,7 +276,8 @@ def main() -> None:
     write_json(out / "eval.json", summary)
 
     title = (f"{model.name}, concept {args.concept}, layer {args.layer}: {len(heldout)} held-out prompts x "
-             f"{args.completions} completions x {args.max_new_tokens} tokens, judge {best}, budget {args.budget:g} nats")
+             f"{args.completions} completions x {args.max_new_tokens} tokens, judge {best}, "
+             f"budget {args.budget:g} nats")
     figures = out if not args.docs else ROOT / "docs" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     pareto_figure(table, frontier, figures / "recommend_pareto.png", title)
@@ -284,8 +285,8 @@ def main() -> None:
     all_curves = pd.concat([r.curve for r in recs.values()], ignore_index=True)
     plot_recommendations(all_tables, all_curves, figures / "recommend_curves.png")
 
-    show = ["method", "budget", "mean_alpha", "min_alpha", "max_alpha", "concept_p", "ci_low", "ci_high", "delta_ce", "p95_kl",
-            "mean_kl", "seconds"]
+    show = ["method", "budget", "mean_alpha", "min_alpha", "max_alpha", "concept_p", "ci_low", "ci_high", "delta_ce",
+            "p95_kl", "mean_kl", "seconds"]
     print(table[show].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(frontier[["alpha", "concept_p", "ci_low", "ci_high", "delta_ce", "p95_kl", "mean_kl"]]
           .to_string(index=False, float_format=lambda x: f"{x:.3f}"))

@@ -1,4 +1,4 @@
-"""Which alpha? The selection rules on curves with known answers, the per-token KL, every method on a tiny model, the CLI."""
+"""Which alpha? Selection rules on curves with known answers, per-token KL, every method on a tiny model, the CLI."""
 
 import json
 import math
@@ -138,8 +138,9 @@ BUDGETS = {"sweet-spot": 0.08, "iso-kl": 0.5, "grid-judge": 1.0, "global": 1.0}
 
 @pytest.fixture(scope="module")
 def recs(model, vector, M):
-    out = {"sweet-spot": recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot", budget=BUDGETS["sweet-spot"],
-                                         log_odds=M, n_target=5, alphas=GRID, concept="joy")}
+    out = {"sweet-spot": recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot",
+                                         budget=BUDGETS["sweet-spot"], log_odds=M, n_target=5, alphas=GRID,
+                                         concept="joy")}
     for method in ("grid-judge", "global", "iso-kl"):
         out[method] = recommend_alpha(model, vector, LAYER, PROMPTS, method=method, budget=BUDGETS[method],
                                       concept="joy", judge="lexicon", positive=JOYFUL, negative=PLAIN, **SMALL)

@@ -44,9 +44,11 @@ def _grid(alphas: Optional[str], alpha_max: Optional[float], n_alphas: Optional[
 
 
 COLUMNS = {  # per method: (title suffix, {column: header}) for each printed table
-    "sweet-spot": [("", {"target_mass": "target mass", "kl": "next-token KL", "entropy": "entropy", "status": "status"}),
+    "sweet-spot": [("", {"target_mass": "target mass", "kl": "next-token KL", "entropy": "entropy",
+                         "status": "status"}),
                    (": Thm 3.3 in the loop (median bump peaks)",
-                    {"off_target_peak_alpha": "off-target", "target_peak_alpha": "target", "between_peaks": "between"})],
+                    {"off_target_peak_alpha": "off-target", "target_peak_alpha": "target",
+                     "between_peaks": "between"})],
     "iso-kl": [("", {"p95_kl": "p95 KL", "status": "status"})],
     "grid-judge": [("", {"concept_p": "concept p", "p95_kl": "p95 KL", "status": "status"})],
     "global": [("", {"concept_p": "concept p", "p95_kl": "p95 KL", "status": "status"})],
@@ -97,7 +99,8 @@ def recommend(
                                                                           "judge calibration and accuracy."),
     negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts, same formats."),
     judge: str = typer.Option("lexicon", "--judge", "-j", help="grid-judge / global: llm, lexicon or embedding."),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The llm judge's model; default: the steered one."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model",
+                                              help="The llm judge's model; default: the steered one."),
     alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="Grid linspace(0, alpha_max); default: "
                                                                         "scaled to the vector (see docs)."),
     n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="Grid points with --alpha-max (default 41 for "
@@ -111,7 +114,8 @@ def recommend(
     refine_steps: int = typer.Option(2, "--refine-steps", help="Bisection steps toward the budget boundary."),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per generate call."),
-    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Chat template on prompts; default: on for chat models."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat",
+                                        help="Chat template on prompts; default: on for chat models."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
     concept: Optional[str] = ConceptOpt,
@@ -122,7 +126,7 @@ def recommend(
     device: str = DeviceOpt,
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
-    """Which alpha? One per prompt, with the curve it came from: recommend.parquet, recommend_curve.parquet, .json, .png."""
+    """Which alpha? One per prompt, with the curve it came from: recommend.parquet, _curve.parquet, .json, .png."""
     from steerstrength.judges import check_judge_name, make_judge
     from steerstrength.metrics.concept import DEFAULT_PROMPTS
     from steerstrength.recommend import (
@@ -179,7 +183,8 @@ def recommend(
     # The judged methods first: their grid of judged generations then serves the others (iso-kl reads its KL).
     for m in judged + [m for m in methods if m == "iso-kl"]:
         n_grid = GRID_POINTS if gen_grid is None else len({float(a) for a in gen_grid} | {0.0})
-        total = len(prompt_list) * completions * ((n_grid if shared is None else 0) + (refine_steps if m == "iso-kl" else 0))
+        steps = (n_grid if shared is None else 0) + (refine_steps if m == "iso-kl" else 0)
+        total = len(prompt_list) * completions * steps
         with progress_bar(f"{m}: steered generations and their KL", max(total, 1)) as advance:
             rec = recommend_alpha(st.model, st.vectors[lay], lay, prompt_list, method=m, alphas=gen_grid,
                                   judge=judge_obj, generations=shared, progress=advance, **base)

@@ -224,7 +224,7 @@ class Generations:
                            self.kl_tokens + other.kl_tokens, self.judge or other.judge)
 
     def curve(self) -> "pd.DataFrame":
-        """Per alpha, pooled (prompt_index -1) and per prompt: p95 and mean per-token KL, and the judged k/n/p with CI."""
+        """Per alpha, pooled (prompt_index -1) and per prompt: p95 and mean per-token KL; judged k/n/p with CI."""
         import pandas as pd
 
         f = self.frame.assign(_row=np.arange(len(self.frame)))
@@ -308,7 +308,7 @@ class Recommendation:
 
 
 def save_recommendations(recs: Sequence[Recommendation], out_dir, prefix: str = "recommend") -> dict[str, Path]:
-    """{prefix}.parquet (per prompt), {prefix}_curve.parquet, {prefix}.json and {prefix}.png, each written atomically."""
+    """{prefix}.parquet (per prompt), _curve.parquet, .json, .png and _generations.jsonl, each written atomically."""
     import pandas as pd
 
     from steerstrength.io import write_json, write_jsonl, write_parquet
@@ -351,7 +351,7 @@ def _check(model: Model, vector, layer: int, prompts, method: str, budget: float
 
 
 def alpha_scale(model: Model, vector: torch.Tensor, layer: int, prompts: Sequence[str], *, chat: bool) -> float:
-    """The alpha at which ||alpha v|| equals the median residual norm at `layer` on the prompts (first tokens skipped)."""
+    """The alpha at which ||alpha v|| is the median residual norm at `layer` on the prompts (first tokens skipped)."""
     enc = model.encode(list(prompts), chat=chat)
     h = hidden_at(model, enc, layer)
     keep = enc.attention_mask.bool() & (enc.position_ids > 0)  # position 0: the attention sink
@@ -526,10 +526,12 @@ def _sweet_spot(model, v, layer, prompts, grid, labels, common, *, positive, neg
     between = [x for x in table["between_peaks"] if x is not None]
     summary = dict(common, alphas=grid.tolist(), n_target=n_target, entropy_floor=entropy_floor,
                    target_tokens=model.token_strings(T[:20].tolist()),
-                   per_prompt=table[["prompt_index", "alpha", "status", "target_mass", "kl", "entropy"]].to_dict("records"),
+                   per_prompt=table[["prompt_index", "alpha", "status", "target_mass", "kl", "entropy"]]
+                   .to_dict("records"),
                    mean_alpha=float(table["alpha"].mean()),
                    theory=dict(rule="median off-target bump peak <= alpha <= median target bump peak (Thm 3.3)",
-                               n_prompts_known=len(between), fraction_between=float(np.mean(between)) if between else None,
+                               n_prompts_known=len(between),
+                               fraction_between=float(np.mean(between)) if between else None,
                                fraction_target_peaks_later=float(np.mean(later)) if later else None,
                                per_prompt=table[["prompt_index", "alpha", "off_target_peak_alpha", "target_peak_alpha",
                                                  "n_off_target_bumps", "n_target_bumps", "target_peaks_later",
@@ -554,7 +556,8 @@ def _iso_kl(model, v, layer, prompts, gens: Generations, labels, common, *, refi
     alpha, i = first_crossing(alphas, p95, budget)
     status = "ok"
     if i is None:
-        status = "budget not reached on the grid (raise alpha_max)" if p95[-1] < budget else "budget exceeded at alpha_min"
+        status = "budget not reached on the grid (raise alpha_max)" if p95[-1] < budget else \
+            "budget exceeded at alpha_min"
     elif refine_steps:
         def measure(a: float) -> float:
             nonlocal gens
@@ -737,16 +740,22 @@ def pipeline_recommend(ctx) -> list[Path]:
                 if "global" in methods:
                     judge, _ = _judge(c.judge, concept, pos, neg, judge_model or ctx.model, cfg.seed)
                 total = len(prompts) * n_grid * n_completions
+                t_gen = time.perf_counter()
                 with ctx.progress(f"{concept}: generations for iso-kl / global, layer {layer}", total) as advance:
                     gens = generate_and_measure(ctx.model, v, layer, prompts, grid, n_completions=n_completions,
                                                 max_new_tokens=max_new_tokens, seed=cfg.seed, chat=chat, judge=judge,
                                                 concept=concept, progress=advance)
+                t_gen = time.perf_counter() - t_gen
                 recs.append(recommend_alpha(ctx.model, v, layer, prompts, method="iso-kl", generations=gens,
                                             refine_steps=refine, n_completions=n_completions,
                                             max_new_tokens=max_new_tokens, **base))
                 if "global" in methods:
                     recs.append(recommend_alpha(ctx.model, v, layer, prompts, method="global", generations=gens,
                                                 n_completions=n_completions, max_new_tokens=max_new_tokens, **base))
+            for rec in recs[1:]:  # iso-kl and global share one grid of generations: each counts its time
+                rec.summary["seconds_shared_generations"] = t_gen
+                rec.summary["seconds"] += t_gen
+                rec.table["seconds"] = rec.summary["seconds"]
             for rec in recs:
                 tables.append(rec.table)
                 curves.append(rec.curve)
