@@ -127,7 +127,8 @@ def main() -> None:
     parser.add_argument("--n-alphas", type=int, default=128, help="linspace points; 0 is added")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layer", type=int, default=None, help="default: n_layers // 2")
-    parser.add_argument("--block", type=int, default=16, help="windows per alternation block")
+    parser.add_argument("--block", type=int, default=1,
+                        help="windows per alternation block (small: both codes see the same machine load)")
     parser.add_argument("--corpus", default=None, help="a corpus file; default: the model's own samples")
     parser.add_argument("--cache", default="benchmarks/.cache", help="where the sampled corpus is cached")
     parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET)
