@@ -176,12 +176,12 @@ def test_cli_sweep_mmlu_on_the_fixture_with_the_default_model(monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == 0, err
     assert "MMLU accuracy" in err and "random guess 0.25" in err
-    acc = pd.read_parquet(tmp_path / "mmlu_accuracy.parquet")
+    acc = pd.read_parquet(tmp_path / "mmlu.parquet")  # the run directory's names
     overall = acc[acc.subject == "ALL"].set_index("alpha")
     assert (overall["n"] == 4).all() and overall["accuracy"].between(0, 1).all()
     # After 5 shots the unsteered model puts nearly all its next-token mass on the four letters.
     assert overall.loc[0.0, "letter_mass"] > 0.9
-    table = pd.read_parquet(tmp_path / "mmlu.parquet")
+    table = pd.read_parquet(tmp_path / "mmlu_questions.parquet")
     assert table.groupby("alpha")["logp_answer"].mean().nunique() == 3  # each alpha scored on its own
 
 

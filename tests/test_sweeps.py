@@ -179,6 +179,11 @@ def test_token_curves_store_delta_p_top_k_and_shapes():
     assert {"model", "concept", "layer", "setting", "alpha", "token", "delta_p", "peak_alpha", "shape"} <= set(frame)
     top = result.top_frame(model, model="m")
     assert len(top) == 10 and set(top["alpha"]) == {-20.0, 20.0}
+    # the top tokens at every alpha are tracked too (default top_each=10); top_each=0 keeps only the ends
+    kept = set(s.token_ids.tolist())
+    assert all(set(row.topk(10).indices.tolist()) <= kept for row in probs)
+    ends = token_curves(model, v, 1, [CONTEXT], alphas, top_k=5, tokens=[7], top_each=0).sets[0].token_ids
+    assert set(ends.tolist()) == set(s.top_max.tolist()) | set(s.top_min.tolist()) | {7}
 
 
 def test_token_curves_warn_and_insert_a_missing_zero():

@@ -208,7 +208,7 @@ def sweep_mmlu(
     device: str = DeviceOpt,
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
-    """MMLU accuracy against alpha by answer-letter likelihood (App. A, Fig. A.6): mmlu.parquet, mmlu_accuracy.parquet."""
+    """MMLU accuracy against alpha by answer-letter likelihood (App. A, Fig. A.6): mmlu.parquet, mmlu_questions.parquet."""
     from steerstrength.metrics.mmlu import load_mmlu, mmlu_accuracy, resolve_source
 
     start = time.perf_counter()
@@ -229,5 +229,5 @@ def sweep_mmlu(
         _mmlu_table(results[-1].summary)
     header = dict(st.header(), metric="mmlu_accuracy", random_guess=0.25)
     paths = _merge(results, header, time.perf_counter() - start, out, "mmlu",
-                   {"table": ".parquet", "accuracy": "_accuracy.parquet"})
+                   {"table": "_questions.parquet", "accuracy": ".parquet"})
     log(f"wrote {', '.join(paths.values())} and {out / 'mmlu.json'} ({time.perf_counter() - start:.1f} s)")

@@ -100,12 +100,12 @@ def _write(out: Path, tables: dict, summary: dict) -> None:
     write_json(out / summary.pop("_file"), summary)
 
 
-def _token_sweep(st: Steering, contexts, grid, top_k: int, chat: bool, extra=()):
+def _token_sweep(st: Steering, contexts, grid, top_k: int, chat: bool, extra=(), top_each: int = 10):
     from steerstrength.metrics.tokens import token_curves
 
     with progress_bar("next-token curves", len(contexts) * len(st.layers)) as advance:
         return token_curves(st.model, st.vectors, st.layers, contexts, grid, positions=st.positions, top_k=top_k,
-                            tokens=extra, chat=chat, progress=advance)
+                            tokens=extra, top_each=top_each, chat=chat, progress=advance)
 
 
 def _token_tables(st: Steering, result) -> dict:
@@ -123,6 +123,7 @@ def sweep_tokens(
     n_alphas: int = typer.Option(1024, "--n-alphas", help="linspace points; 0 is added."),
     alphas: Optional[str] = AlphasOpt,
     top_k: int = typer.Option(100, "--top-k", help="Tokens stored at alpha_max and at alpha_min."),
+    top_each: int = typer.Option(10, "--top-each", help="Also store the top N tokens at every alpha (0: off)."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
     chat: bool = ChatOpt,
@@ -139,7 +140,7 @@ def sweep_tokens(
     grid, inserted = _grid(alphas, alpha_min, alpha_max, n_alphas)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
     ctxs = st.contexts(contexts, chat)
-    result = _token_sweep(st, ctxs, grid, top_k, chat)
+    result = _token_sweep(st, ctxs, grid, top_k, chat, top_each=top_each)
     result.inserted_zero = inserted
     summary = dict(st.header(), **result.summary(st.model), seconds=round(time.perf_counter() - start, 2),
                    _file="tokens.json")

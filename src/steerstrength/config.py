@@ -54,7 +54,8 @@ class TokensConfig:
     n_alphas: int = 1024  # plus 0
     contexts_file: Optional[str] = None  # None: built-in contexts (neutral + the concept's own)
     n_contexts: Optional[int] = None  # keep the first n contexts (None: all)
-    top_k: int = 100
+    top_k: int = 100  # stored at alpha_max and at alpha_min
+    top_each: int = 10  # also stored: the top tokens at every alpha (the report's explorer shows them)
 
 
 @dataclass

@@ -183,7 +183,7 @@ def stage_tokens(ctx: Context) -> list[str]:
                 for c in contexts:
                     def compute(layer=layer, c=c):
                         res = token_curves(ctx.model, sv[layer], layer, [c], grid, positions=ctx.cfg.positions,
-                                           top_k=t.top_k)
+                                           top_k=t.top_k, top_each=t.top_each)
                         labels = {k: v for k, v in ctx.labels(concept, layer).items() if k != "layer"}
                         return {"curves": res.curves_frame(ctx.model, **labels).assign(layer=layer),
                                 "top": res.top_frame(ctx.model, **labels).assign(layer=layer)}

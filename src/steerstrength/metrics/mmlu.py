@@ -390,7 +390,7 @@ class MMLUResult:
         from steerstrength.io import write_json, write_parquet
 
         out = Path(out_dir)
-        paths = {"table": out / f"{prefix}.parquet", "accuracy": out / f"{prefix}_accuracy.parquet",
+        paths = {"table": out / f"{prefix}_questions.parquet", "accuracy": out / f"{prefix}.parquet",
                  "summary": out / f"{prefix}.json"}
         write_parquet(paths["table"], self.table)
         write_parquet(paths["accuracy"], self.accuracy)

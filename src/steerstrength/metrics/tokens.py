@@ -26,6 +26,7 @@ from steerstrength.steering import as_vector, check_layer, check_positions, next
 
 SHAPES = ("bump", "increasing", "decreasing", "other")
 DEFAULT_TOP_K = 100
+DEFAULT_TOP_EACH = 10  # the top tokens at every alpha are kept too (the explorer shows them)
 DEFAULT_REL_TOL = 0.01
 
 
@@ -171,9 +172,12 @@ def _vector_for(vector, layer: int):
 
 def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Sequence[str | dict] | str,
                  alphas=None, *, positions: str = "all", top_k: int = DEFAULT_TOP_K, tokens: Sequence[int] = (),
-                 chat: bool = False, rel_tol: float = DEFAULT_REL_TOL,
+                 top_each: int = DEFAULT_TOP_EACH, chat: bool = False, rel_tol: float = DEFAULT_REL_TOL,
                  progress: Callable[[int], None] | None = None) -> TokenCurves:
     """Def. 3.1 / Thm 3.3: Delta p(z, alpha) for the top-k tokens at alpha_max and alpha_min (plus `tokens`).
+
+    Also kept: the top `top_each` tokens at every alpha of the grid (0 turns this off), so that the
+    distribution at a middle alpha (what report.html's explorer shows) is not missing its leaders.
 
     `vector`: one [d_model] tensor, or a SteeringVectors / {layer: tensor} for several layers.
     Without 0 in `alphas`, 0 is inserted (with a warning): Delta p is measured against alpha = 0.
@@ -190,7 +194,9 @@ def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Se
         raise InputError("a curve needs at least 3 alphas (including 0)")
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, not {top_k}")
-    top_k = min(top_k, model.vocab_size)
+    if top_each < 0:
+        raise InputError(f"top_each must be 0 (off) or more, not {top_each}")
+    top_k, top_each = min(top_k, model.vocab_size), min(top_each, model.vocab_size)
     extra = torch.as_tensor(list(tokens), dtype=torch.long)
     if extra.numel() and (extra.min() < 0 or extra.max() >= model.vocab_size):
         raise InputError(f"extra token ids must be in [0, {model.vocab_size})")
@@ -203,7 +209,8 @@ def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Se
             probs = next_token_probs(model, v, layer, ctx["text"], a, positions=positions, chat=chat)
             top_max = probs[-1].topk(top_k).indices
             top_min = probs[0].topk(top_k).indices
-            ids = torch.unique(torch.cat([top_max, top_min, extra]))
+            each = probs.topk(top_each, dim=1).indices.reshape(-1) if top_each else extra
+            ids = torch.unique(torch.cat([top_max, top_min, extra, each]))
             p0 = probs[i0, ids].clone()
             delta = probs[:, ids] - p0[None, :]
             del probs
