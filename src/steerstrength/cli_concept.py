@@ -19,7 +19,7 @@ from steerstrength.cli_sweeps import (
     SettingOpt,
     Steering,
     VectorsOpt,
-    _grid,
+    alpha_grid,
 )
 from steerstrength.errors import InputError
 
@@ -133,7 +133,7 @@ def sweep_concept(
     else:
         lo = preset_grid[0] if alpha_min is None else alpha_min
         hi = preset_grid[-1] if alpha_max is None else alpha_max
-        grid = _grid(alphas, lo, hi, n_alphas or len(preset_grid))[0].tolist()
+        grid = alpha_grid(alphas, lo, hi, n_alphas or len(preset_grid))[0].tolist()
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
     concept_name = st.labels["concept"]
     if not concept_name:
@@ -212,7 +212,7 @@ def sweep_mmlu(
     from steerstrength.metrics.mmlu import load_mmlu, mmlu_accuracy, resolve_source
 
     start = time.perf_counter()
-    grid, _ = _grid(alphas, alpha_min, alpha_max, n_alphas)
+    grid, _ = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     csv_dir, parquet = resolve_source(source, mmlu_dir, mmlu_parquet)
     data = load_mmlu(wanted, mmlu_dir=csv_dir, mmlu_parquet=parquet, limit=limit)  # bad data fails before the model loads

@@ -34,7 +34,8 @@ def _parse_alphas(text: str) -> list[float]:
     return values
 
 
-def _grid(alphas: Optional[str], alpha_min: float, alpha_max: float, n_alphas: int):
+def alpha_grid(alphas: Optional[str], alpha_min: float, alpha_max: float, n_alphas: int):
+    """The --alphas list (0 inserted, with a note) or linspace(min, max, n) plus 0; and whether 0 was inserted."""
     from steerstrength.metrics.grid import linspace_grid, with_zero
 
     if alphas is not None:
@@ -137,7 +138,7 @@ def sweep_tokens(
 ) -> None:
     """Next-token curves Delta p(z, alpha) (Def. 3.1), peaks and shapes (Thm 3.3): tokens.parquet, tokens_top.parquet."""
     start = time.perf_counter()
-    grid, inserted = _grid(alphas, alpha_min, alpha_max, n_alphas)
+    grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
     ctxs = st.contexts(contexts, chat)
     result = _token_sweep(st, ctxs, grid, top_k, chat, top_each=top_each)
@@ -215,7 +216,7 @@ def sweep_logodds(
             if not labels.get(key) and key in top.columns and top[key].nunique() == 1:
                 labels[key] = header[key] = str(top[key].iloc[0])
     else:
-        grid, _ = _grid(alphas, alpha_min, alpha_max, n_alphas)
+        grid, _ = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
         ranked = torch.argsort(M, descending=True, stable=True)
         extra = torch.cat([ranked[:n_target], ranked[-n_target:]]).tolist()  # so target tokens have curves
         result = _token_sweep(st, st.contexts(contexts, chat), grid, top_k, chat, extra)
@@ -317,7 +318,7 @@ def sweep_xent(
     from steerstrength.metrics.xent import windows, xent_sweep
 
     start = time.perf_counter()
-    grid, inserted = _grid(alphas, alpha_min, alpha_max, n_alphas)
+    grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
     if corpus is None:
         with progress_bar("sampling the corpus from the model", n_samples) as advance:

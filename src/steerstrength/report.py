@@ -309,7 +309,10 @@ def section_run(run: RunTables) -> str:
         return na("the manifest records no stage")
     rows = []
     for name, rec in stages.items():
-        rows.append([name, rec.get("status", "?"), rec.get("seconds"),
+        status = rec.get("status", "?")
+        if name == "report" and status == "running":
+            status = "writing this page"  # the manifest records the report stage's end after the page is written
+        rows.append([name, status, rec.get("seconds"),
                      rec.get("note") or ", ".join(rec.get("outputs", [])[:4]) +
                      (" …" if len(rec.get("outputs", [])) > 4 else "")])
     total = sum(float(r.get("seconds") or 0) for r in stages.values())
