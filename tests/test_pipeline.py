@@ -108,6 +108,22 @@ def test_interrupted_cross_entropy_sweep_resumes_to_identical_tables(tiny_dir, t
             pd.testing.assert_frame_equal(frame, new_tables[name], check_exact=True, obj=name)
 
 
+def test_a_finished_run_is_reused_from_a_relative_path_and_after_a_move(tiny_dir, tmp_path, monkeypatch):
+    cfg = config(tiny_dir)
+    monkeypatch.chdir(tmp_path)
+    run(cfg, Path("runs") / "demo")  # what `make demo` does: a path relative to the working directory
+    manifest = json.loads((tmp_path / "runs" / "demo" / "manifest.json").read_text())
+    outputs = [o for rec in manifest["stages"].values() for o in rec.get("outputs", [])]
+    assert outputs and all(not Path(o).is_absolute() and (tmp_path / "runs" / "demo" / o).is_file() for o in outputs)
+    computed = ("prompts", "vectors", "tokens", "logodds", "limit", "xent", "concept", "mmlu")
+    again = run(cfg, Path("runs") / "demo")
+    assert {s: again[s][0] for s in computed} == dict.fromkeys(computed, "cached")
+    (tmp_path / "runs" / "demo").rename(tmp_path / "moved")
+    monkeypatch.chdir(tiny_dir)
+    moved = run(cfg, tmp_path / "moved")
+    assert {s: moved[s][0] for s in computed} == dict.fromkeys(computed, "cached")
+
+
 def test_a_config_change_recomputes_exactly_the_stages_it_invalidates(tiny_dir):
     a = stage_keys(config(tiny_dir))
     b = stage_keys(config(tiny_dir, "xent.n_alphas=8"))

@@ -32,7 +32,9 @@ class RunDir:
     """A run directory. Stages record a key (hash of their inputs); a stage whose key matches is skipped."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        # Absolute, so that outputs are recorded relative to the run directory whatever the working
+        # directory: a re-run from elsewhere, or of a moved directory, finds them.
+        self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest = self._read()
 
@@ -87,7 +89,7 @@ class RunDir:
         seconds = time.perf_counter() - start
         self.manifest["stages"][stage] = {
             "status": "done", "key": key, "seconds": round(seconds, 3),
-            "outputs": [str(Path(o).relative_to(self.root)) if Path(o).is_absolute() else str(o) for o in outputs],
+            "outputs": [str(Path(o).resolve().relative_to(self.root)) for o in outputs],
             "finished": time.time(),
         }
         self.save()
