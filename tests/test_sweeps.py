@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from steerstrength import InputError, cross_entropy_curve, limit_check, log_odds, next_token_probs, token_curves
 from steerstrength.metrics.grid import linspace_grid, with_zero
-from steerstrength.metrics.limits import limit_logits, total_variation
+from steerstrength.metrics.limits import LimitCheck, limit_logits, total_variation
 from steerstrength.metrics.logodds import extremal_thresholds, log_odds_analysis
 from steerstrength.metrics.tokens import shape_classes
 from steerstrength.metrics.xent import (
@@ -258,6 +258,14 @@ def test_limit_tv_shrinks_with_alpha(arch):
     check = limit_check(model, v, 1, [CONTEXT, "the cat saw a dog"], [-1e4, -1e2, -1, 0.1, 1, 1e2, 1e4])
     summary = check.summary()
     assert summary["tv_shrinks"] == {"positive": True, "negative": True}
+    assert summary["limit_reached"] == {"positive": True, "negative": True}
+    assert summary["tv_at_largest"]["negative"]["alpha"] == -1e4
+    # a TV that decreases but stays near 1 (alphas too small for the vector) is not "reached"
+    far = LimitCheck(torch.tensor([-1e4, -1e2, 1e2, 1e4], dtype=torch.float64), [{"text": CONTEXT}],
+                     torch.tensor([[0.34, 0.98, 0.99, 0.05]], dtype=torch.float64),
+                     torch.zeros(1, 4, dtype=torch.long), {1: 0, -1: 0}).summary()
+    assert far["tv_shrinks"] == {"positive": True, "negative": True}
+    assert far["limit_reached"] == {"positive": True, "negative": False}
     assert float(check.tv[:, [0, -1]].max()) < 1e-4 and float(check.tv[:, 3].min()) > 1e-2
     assert (summary["softcap"] is not None) == (arch == "gemma2")
 

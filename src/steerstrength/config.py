@@ -169,6 +169,8 @@ def preset(name: str) -> RunConfig:
         cfg.concept = ConceptConfig(judge="lexicon", alpha_max=120.0, n_alphas=9, n_prompts=4, completions=4,
                                     max_new_tokens=32)
         cfg.mmlu = MmluConfig(source="sample", k_shot=2, alpha_max=120.0, n_alphas=5, max_questions=8)
+        # A unit vector is ~26x shorter than this model's raw one: the limit needs |alpha| up to 1e6 to be reached.
+        cfg.limit.alphas = [1e2, 1e3, 1e4, 1e5, 1e6]
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
 

@@ -143,11 +143,12 @@ def findings_limit(run: RunTables) -> str:
     out = []
     for key, s in data.items():
         rows = [[r["alpha"], r["tv_mean"], r["tv_max"], pct(r.get("top1_match"))] for r in s.get("per_alpha", [])]
-        shrinks = s.get("tv_shrinks", {})
-        ok = all(shrinks.values()) if shrinks else None
+        shrinks, reached = s.get("tv_shrinks", {}), s.get("limit_reached", {})
+        ok = all(shrinks.values()) and all(reached.values()) if shrinks and reached else None
         out.append(f"<h4>{esc(key)}</h4>" + table_html(["α", "mean TV", "max TV", "top-1 equals the limit's"], rows))
         out.append("<p>Prop. 4.1: " + verdict(ok, "the mean TV to softmax(LN(±v) Wᵀ) decreases as |α| grows, on "
-                                             "each side") + f" <span class='rule'>{esc(s.get('note', ''))}</span></p>")
+                                             f"each side, down to at most {fmt(s.get('reached_tv', 0.1))} at the "
+                                             "largest |α|") + f" <span class='rule'>{esc(s.get('note', ''))}</span></p>")
     return "\n".join(out)
 
 

@@ -13,6 +13,9 @@ from steerstrength.models import Model
 from steerstrength.steering import as_alphas, as_vector, check_layer, check_positions, next_token_probs
 
 DEFAULT_LIMIT_ALPHAS = (-1e4, -1e3, -1e2, 1e2, 1e3, 1e4)
+# The limit counts as reached on a side when the mean TV at its largest |alpha| is at most this; a TV that
+# decreases but stays near 1 (alphas too small for the vector's norm) is not Prop. 4.1 confirmed.
+REACHED_TV = 0.1
 # LN is scale invariant up to its eps; at this RMS the eps term is ~1e-9 relative (and fp16-safe).
 _LIMIT_RMS = 100.0
 
@@ -86,12 +89,16 @@ class LimitCheck:
             per_alpha.append(dict(alpha=alpha, tv_mean=float(col.mean()), tv_max=float(col.max()),
                                   top1_match=float((self.top1_steered[:, a] == self.top1_limit[1 if alpha > 0 else -1])
                                                    .double().mean())))
-        shrinks = {}
+        shrinks, largest, reached = {}, {}, {}
         for sign, name in ((1, "positive"), (-1, "negative")):
             side = sorted((abs(r["alpha"]), r["tv_mean"]) for r in per_alpha if (r["alpha"] > 0) == (sign > 0))
             if len(side) >= 2:
                 shrinks[name] = all(b[1] < a[1] for a, b in zip(side, side[1:]))
-        return dict(per_alpha=per_alpha, tv_shrinks=shrinks, softcap=self.softcap,
+            if side:
+                largest[name] = dict(alpha=sign * side[-1][0], tv_mean=side[-1][1])
+                reached[name] = side[-1][1] <= REACHED_TV
+        return dict(per_alpha=per_alpha, tv_shrinks=shrinks, tv_at_largest=largest, limit_reached=reached,
+                    reached_tv=REACHED_TV, softcap=self.softcap,
                     n_contexts=len(self.contexts),
                     note="limit = softmax(final_norm(+/-v) W^T)" + (
                         f" with the model's final logit soft-capping ({self.softcap})" if self.softcap else ""))
