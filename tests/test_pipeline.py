@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from steerstrength import RunError
+from steerstrength.errors import InputError, ModelLoadError
 from steerstrength.config import build_config
 from steerstrength.pipeline import run_pipeline, stage_keys
 from tiny import tiny_model
@@ -122,6 +123,13 @@ def test_a_finished_run_is_reused_from_a_relative_path_and_after_a_move(tiny_dir
     monkeypatch.chdir(tiny_dir)
     moved = run(cfg, tmp_path / "moved")
     assert {s: moved[s][0] for s in computed} == dict.fromkeys(computed, "cached")
+
+
+@pytest.mark.parametrize("override, message", [("layers=[99]", "layer 99"), ("model.spec=/nowhere/model", "/nowhere")])
+def test_a_bad_layer_or_model_writes_nothing(tiny_dir, tmp_path, override, message):
+    with pytest.raises((InputError, ModelLoadError), match=message):  # both: one line and exit code 2 in the CLI
+        run(config(tiny_dir, override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_config_change_recomputes_exactly_the_stages_it_invalidates(tiny_dir):

@@ -430,10 +430,17 @@ def enabled(cfg: RunConfig, stage: str) -> tuple[bool, str]:
 
 def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[str] | None = None) -> dict:
     """Run (or resume) every stage; returns {stage: (status, seconds)}."""
+    from steerstrength.models import load_model
+
+    # The model and the layers are checked before anything is written: a wrong model spec or a layer
+    # index past the model's depth is one error line, not a half-made run directory.
+    m = cfg.model
+    model = load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+    layers = resolve_layers(cfg.layers, model.n_layers)
     run = RunDir(out)
     with run.lock():
         keys = stage_keys(cfg)
-        ctx = Context(cfg=cfg, run=run, progress=progress, log=log, keys=keys)
+        ctx = Context(cfg=cfg, run=run, progress=progress, log=log, keys=keys, _model=model, _layers=layers)
         with atomic_path(run.root / "config.toml") as tmp:
             tmp.write_text(to_toml(cfg))
         run.manifest.update(config=cfg.to_dict(), versions=package_versions(), seed=cfg.seed,
