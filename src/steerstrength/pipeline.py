@@ -36,24 +36,9 @@ class Context:
     run: RunDir
     progress: Callable  # progress(description, total) -> context manager yielding advance(n)
     log: Callable[[str], None]
+    model: object  # the loaded Model (loaded before the run directory is made)
+    layers: list[int]  # cfg.layers resolved against the model's depth
     keys: dict = field(default_factory=dict)
-    _model: object = None
-    _layers: list | None = None
-
-    @property
-    def model(self):
-        if self._model is None:
-            from steerstrength.models import load_model
-
-            m = self.cfg.model
-            self._model = load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
-        return self._model
-
-    @property
-    def layers(self) -> list[int]:
-        if self._layers is None:
-            self._layers = resolve_layers(self.cfg.layers, self.model.n_layers)
-        return self._layers
 
     def labels(self, concept: str, layer: int) -> dict:
         return dict(model=self.model.name, concept=concept, layer=layer, setting=self.cfg.setting,
@@ -440,11 +425,12 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
     run = RunDir(out)
     with run.lock():
         keys = stage_keys(cfg)
-        ctx = Context(cfg=cfg, run=run, progress=progress, log=log, keys=keys, _model=model, _layers=layers)
+        ctx = Context(cfg=cfg, run=run, progress=progress, log=log, model=model, layers=layers, keys=keys)
         with atomic_path(run.root / "config.toml") as tmp:
             tmp.write_text(to_toml(cfg))
         run.manifest.update(config=cfg.to_dict(), versions=package_versions(), seed=cfg.seed,
-                            started=run.manifest.get("started", time.time()))
+                            started=run.manifest.get("started", time.time()), model_fingerprint=model.fingerprint(),
+                            model=model.describe())
         run.save()
         results = {}
         for stage in STAGES:
@@ -459,10 +445,6 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
             status, seconds = run.run_stage(stage, keys[stage], lambda s=stage: [str(p) for p in STAGE_FUNCS[s](ctx)])
             results[stage] = (status, seconds, "")
             log(f"[{stage}] {status} in {seconds:.1f} s")
-            if ctx._model is not None and "model_fingerprint" not in run.manifest:
-                run.manifest["model_fingerprint"] = ctx.model.fingerprint()
-                run.manifest["model"] = ctx.model.describe()
-                run.save()
         run.manifest["finished"] = time.time()
         run.save()
     return results
