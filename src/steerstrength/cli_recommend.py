@@ -14,10 +14,11 @@ from steerstrength.cli_sweeps import (
     NormalizeOpt,
     OutOpt,
     PositionsOpt,
+    PromptChatOpt,
     SettingOpt,
     Steering,
     VectorsOpt,
-    _parse_alphas,
+    parse_alphas,
 )
 from steerstrength.errors import InputError
 
@@ -33,7 +34,7 @@ def _grid(alphas: Optional[str], alpha_max: Optional[float], n_alphas: Optional[
     import torch
 
     if alphas is not None:
-        return _parse_alphas(alphas)
+        return parse_alphas(alphas)
     if alpha_max is None:
         if n_alphas is not None:
             raise InputError("--n-alphas needs --alpha-max (the default grid is scaled to the vector)")
@@ -114,8 +115,7 @@ def recommend(
     refine_steps: int = typer.Option(2, "--refine-steps", help="Bisection steps toward the budget boundary."),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(64, "--batch-size", help="Rows per generate call."),
-    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat",
-                                        help="Chat template on prompts; default: on for chat models."),
+    chat: Optional[bool] = PromptChatOpt,
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
     concept: Optional[str] = ConceptOpt,

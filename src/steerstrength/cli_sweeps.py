@@ -22,9 +22,10 @@ AlphasOpt = typer.Option(None, "--alphas", help="Explicit comma-separated alphas
 ContextsOpt = typer.Option(None, "--contexts", help="Contexts: JSONL with 'text' (and optional 'id'), or one per line; "
                                                    "default: 12 neutral + the concept's 4 built-in contexts.")
 ChatOpt = typer.Option(False, "--chat", help="Wrap contexts in the model's chat template.")
+PromptChatOpt = typer.Option(None, "--chat/--no-chat", help="Chat template on prompts; default: on for chat models.")
 
 
-def _parse_alphas(text: str) -> list[float]:
+def parse_alphas(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -39,7 +40,7 @@ def alpha_grid(alphas: Optional[str], alpha_min: float, alpha_max: float, n_alph
     from steerstrength.metrics.grid import linspace_grid, with_zero
 
     if alphas is not None:
-        grid, inserted = with_zero(_parse_alphas(alphas), warn=False)
+        grid, inserted = with_zero(parse_alphas(alphas), warn=False)
         if inserted:
             log("note: the alpha grid had no 0; inserted alpha = 0 (the baseline of every Delta)")
         return grid, inserted
@@ -101,12 +102,12 @@ def _write(out: Path, tables: dict, summary: dict) -> None:
     write_json(out / summary.pop("_file"), summary)
 
 
-def _token_sweep(st: Steering, contexts, grid, top_k: int, chat: bool, extra=(), top_each: int = 10):
+def _token_sweep(st: Steering, contexts, grid, top_k: int, chat: bool, extra=(), **curve_options):
     from steerstrength.metrics.tokens import token_curves
 
     with progress_bar("next-token curves", len(contexts) * len(st.layers)) as advance:
         return token_curves(st.model, st.vectors, st.layers, contexts, grid, positions=st.positions, top_k=top_k,
-                            tokens=extra, top_each=top_each, chat=chat, progress=advance)
+                            tokens=extra, chat=chat, progress=advance, **curve_options)
 
 
 def _token_tables(st: Steering, result) -> dict:
@@ -262,7 +263,7 @@ def sweep_limit(
     from steerstrength.metrics.limits import limit_check
 
     start = time.perf_counter()
-    grid = _parse_alphas(alphas)
+    grid = parse_alphas(alphas)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
     ctxs = st.contexts(contexts, chat)
     frames, per_layer = [], {}

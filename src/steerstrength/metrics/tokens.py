@@ -209,8 +209,10 @@ def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Se
             probs = next_token_probs(model, v, layer, ctx["text"], a, positions=positions, chat=chat)
             top_max = probs[-1].topk(top_k).indices
             top_min = probs[0].topk(top_k).indices
-            each = probs.topk(top_each, dim=1).indices.reshape(-1) if top_each else extra
-            ids = torch.unique(torch.cat([top_max, top_min, extra, each]))
+            tracked = [top_max, top_min, extra]
+            if top_each:
+                tracked.append(probs.topk(top_each, dim=1).indices.reshape(-1))
+            ids = torch.unique(torch.cat(tracked))
             p0 = probs[i0, ids].clone()
             delta = probs[:, ids] - p0[None, :]
             del probs
