@@ -189,9 +189,13 @@ def _new_figure(nrows: int, ncols: int, panel: tuple[float, float] = (4.0, 3.0),
     return fig, axes
 
 
-def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+def _panels(n: int, max_cols: int, panel: tuple[float, float], top: float):
+    """`_new_figure` with n panels in rows of at most max_cols; the unused cells hidden. (fig, [n axes])."""
     ncols = min(max_cols, n)
-    return math.ceil(n / ncols), ncols
+    fig, axes = _new_figure(math.ceil(n / ncols), ncols, panel, top=top)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
 
 
 def _not_available(ax, text: str) -> None:
@@ -262,11 +266,8 @@ def fig_delta_p(run: RunTables, concept: str, layer: int, side: str) -> "Figure 
     texts = run.context_texts()
     colors = palette()
     color_of: dict[str, tuple] = {}
-    nrows, ncols = _grid(len(contexts), 4)
-    fig, axes = _new_figure(nrows, ncols, (3.6, 2.8), top=0.62)
-    for ax in axes.flat[len(contexts):]:
-        ax.set_visible(False)
-    for ax, cid in zip(axes.flat, contexts):
+    fig, axes = _panels(len(contexts), 4, (3.6, 2.8), top=0.62)
+    for ax, cid in zip(axes, contexts):
         rows = top[top["context_id"] == cid].sort_values("rank")
         mine = curves[curves["context_id"] == cid]
         for _, r in rows.iterrows():
@@ -370,11 +371,8 @@ def fig_mmlu(run: RunTables, concepts: list[str], layers: list[int]) -> "Figure 
     if acc is None or acc.empty:
         return None
     colors = layer_colors(layers)
-    nrows, ncols = _grid(len(concepts), 3)
-    fig, axes = _new_figure(nrows, ncols, (4.0, 3.0), top=0.7)
-    for ax in axes.flat[len(concepts):]:
-        ax.set_visible(False)
-    for ax, concept in zip(axes.flat, concepts):
+    fig, axes = _panels(len(concepts), 3, (4.0, 3.0), top=0.7)
+    for ax, concept in zip(axes, concepts):
         cf = acc[acc["concept"] == concept]
         if cf.empty:
             _not_available(ax, f"no MMLU rows for {concept}")
@@ -403,11 +401,8 @@ def fig_limit(run: RunTables, concepts: list[str], layers: list[int]) -> "Figure
     if lim is None or lim.empty:
         return None
     colors = layer_colors(layers)
-    nrows, ncols = _grid(len(concepts), 3)
-    fig, axes = _new_figure(nrows, ncols, (4.0, 3.0), top=0.85)
-    for ax in axes.flat[len(concepts):]:
-        ax.set_visible(False)
-    for ax, concept in zip(axes.flat, concepts):
+    fig, axes = _panels(len(concepts), 3, (4.0, 3.0), top=0.85)
+    for ax, concept in zip(axes, concepts):
         cf = lim[lim["concept"] == concept]
         if cf.empty:
             _not_available(ax, f"no limit rows for {concept}")
