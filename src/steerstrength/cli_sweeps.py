@@ -20,7 +20,7 @@ PositionsOpt = typer.Option("all", "--positions", help="Steer all positions or o
 OutOpt = typer.Option(Path("."), "--out", "-o", help="Output directory.")
 AlphasOpt = typer.Option(None, "--alphas", help="Explicit comma-separated alphas (overrides the linspace), e.g. --alphas=-5,0,5.")
 ContextsOpt = typer.Option(None, "--contexts", help="Contexts: JSONL with 'text' (and optional 'id'), or one per line; "
-                                                   "default: 12 neutral + the concept's 4 built-in contexts.")
+                                                   "default: 44 neutral + the concept's 4 built-in contexts.")
 ChatOpt = typer.Option(False, "--chat", help="Wrap contexts in the model's chat template.")
 PromptChatOpt = typer.Option(None, "--chat/--no-chat", help="Chat template on prompts; default: on for chat models.")
 
@@ -90,7 +90,7 @@ class Steering:
             return as_contexts(self.model, read_contexts(path), chat=chat)
         concept = self.labels["concept"]
         if concept and concept.lower() not in builtin_concepts():
-            log(f"note: no built-in contexts for concept {concept!r}; using the 12 neutral ones")
+            log(f"note: no built-in contexts for concept {concept!r}; using the 44 neutral ones")
         return as_contexts(self.model, builtin_contexts(concept), chat=chat)
 
 

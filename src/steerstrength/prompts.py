@@ -41,6 +41,58 @@ SEED_OFFSET = {"positive": 0, "contrastive": 1_000_000, "random": 2_000_000}
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
 
 
+# ----------------------------------------------------------------------------- curated data (data/README.md)
+
+SPLITS = ("train", "heldout", "all")
+
+
+def _data_jsonl(name: str) -> list[dict]:
+    text = resources.files("steerstrength").joinpath(f"data/{name}").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    return split
+
+
+def curated_concepts() -> list[str]:
+    """The concepts with a curated P/N set shipped in data/concepts/."""
+    folder = resources.files("steerstrength").joinpath("data/concepts")
+    return sorted(p.name.removesuffix(".jsonl") for p in folder.iterdir() if p.name.endswith(".jsonl"))
+
+
+def curated_pairs(concept: str, split: str = "all") -> list[dict]:
+    """Our hand-written pairs for `concept`: {pair, split, situation, positive, negative}; a pair differs in the concept only."""
+    key = check_concept(concept).lower()
+    if key not in curated_concepts():
+        raise InputError(f"no curated texts for concept {concept!r}; curated concepts: {', '.join(curated_concepts())}"
+                         " (use prompts.source=generate, or give your own files)")
+    _check_split(split)
+    rows = _data_jsonl(f"concepts/{key}.jsonl")
+    return [r for r in rows if split == "all" or r["split"] == split]
+
+
+def curated_texts(concept: str, kind: str, split: str = "train") -> list[str]:
+    """The curated positive (P) or contrastive negative (N) texts of one split."""
+    if kind not in KINDS:
+        raise InputError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    return [r[kind] for r in curated_pairs(concept, split)]
+
+
+def neutral_texts(split: str = "all") -> list[str]:
+    """Calm first-person everyday texts that express none of the 8 concepts (a judge's "concept absent" class)."""
+    _check_split(split)
+    return [r["text"] for r in _data_jsonl("neutral.jsonl") if split == "all" or r["split"] == split]
+
+
+def evaluation_prompts(split: str = "all") -> list[str]:
+    """Chat prompts asking for neutral descriptions: the unsteered answers express none of the concepts."""
+    _check_split(split)
+    return [r["text"] for r in _data_jsonl("eval_prompts.jsonl") if split == "all" or r["split"] == split]
+
+
 # ----------------------------------------------------------------------------- concepts
 
 

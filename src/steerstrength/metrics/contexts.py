@@ -21,7 +21,7 @@ def builtin_concepts() -> list[str]:
 
 
 def builtin_contexts(concept: str | None = None) -> list[dict]:
-    """The 12 neutral contexts, plus the 4 concept-positive ones of `concept` when it is one of the 8."""
+    """The 44 neutral contexts, plus the 4 concept-positive ones of `concept` when it is one of the 8."""
     data = _builtin()
     out = [dict(c, kind="neutral") for c in data["neutral"]]
     if concept:
