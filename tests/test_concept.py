@@ -1,4 +1,4 @@
-"""Concept probability: seeded steered sampling, binomial intervals, the tanh fit of Thm 3.6, the CLI."""
+"""Concept probability: seeded steered sampling, binomial intervals, the tanh fit of Thm 3.6, degeneration, the CLI."""
 
 import json
 import sys
@@ -13,6 +13,9 @@ from steerstrength.metrics.concept import (
     SamplingSettings,
     completion_seed,
     concept_curve,
+    curve_summary,
+    degeneration,
+    fit_range,
     fit_tanh,
     generate_rows,
     regenerate,
@@ -89,6 +92,102 @@ def test_concept_curve_counts_pooled_and_per_prompt():
     assert per.loc[0, "k"] == 2 and per.loc[1, "k"] == 1 and (per["n"] == 2).all()
 
 
+# ----------------------------------------------------------------------------- degeneration
+
+
+def test_a_repeated_word_is_degenerate():
+    d = degeneration("the the the the the")
+    assert d["degenerate"] and d["n_words"] == 5
+    assert d["distinct2"] == 0.25 and d["repeat_share"] == 1.0 and d["nonword_share"] == 0.0
+
+
+def test_strings_of_non_words_are_degenerate():
+    d = degeneration("@@@@ #### ....")
+    assert d["degenerate"] and d["nonword_share"] == 1.0
+    assert d["distinct2"] == 1.0 and d["repeat_share"] == pytest.approx(1 / 3)  # not repetition: non-words
+    assert degeneration("aaaaaaa hello world")["nonword_share"] == pytest.approx(1 / 3)  # a run of 4+
+    assert degeneration("x" * 21 + " is a word")["nonword_share"] == pytest.approx(1 / 4)  # over 20 characters
+
+
+def test_a_normal_sentence_is_not_degenerate():
+    d = degeneration("The cat sat on the mat and looked out of the window.")
+    assert not d["degenerate"]
+    assert d["distinct2"] == 1.0 and d["repeat_share"] == pytest.approx(3 / 12) and d["nonword_share"] == 0.0
+    # Short answers are too short to judge repetition.
+    assert not degeneration("Sure!")["degenerate"] and not degeneration("Hi there")["degenerate"]
+
+
+def test_an_empty_completion_is_degenerate():
+    for text in ("", "   \n"):
+        d = degeneration(text)
+        assert d["degenerate"] and d["n_words"] == 0 and d["distinct2"] == 1.0
+
+
+def degenerate_scores(alphas, p, bad_share, n=100, judge="lexicon"):
+    """One prompt, n completions per alpha: round(p n) judged present, round(bad_share n) degenerate."""
+    rows = []
+    for alpha, pa, ba in zip(alphas, p, bad_share):
+        k, b = round(pa * n), round(ba * n)
+        for i in range(n):
+            rows.append(dict(judge=judge, alpha=float(alpha), prompt_index=0, judged=i < k, score=float(i < k),
+                             degenerate=i >= n - b))
+    return pd.DataFrame(rows)
+
+
+def test_concept_curve_reports_the_degenerate_share_per_alpha():
+    rows = []
+    for alpha, bad in [(-1.0, [1, 1, 1, 0]), (0.0, [0, 0, 0, 0]), (1.0, [1, 0, 1, 0])]:
+        for i, b in enumerate(bad):
+            rows.append(dict(judge="lexicon", alpha=alpha, prompt_index=i % 2, judged=False, score=0.0,
+                             degenerate=bool(b)))
+    curve = concept_curve(pd.DataFrame(rows))
+    pooled = curve[curve.scope == "pooled"].set_index("alpha")
+    assert pooled["degenerate_share"].tolist() == [0.75, 0.0, 0.5]
+    assert pooled["degenerate"].tolist() == [True, False, False]  # more than half, not half
+    per = curve[(curve.scope == "prompt") & (curve.alpha == 1.0)].set_index("prompt_index")
+    assert per.loc[0, "degenerate_share"] == 1.0 and per.loc[0, "degenerate"]
+    assert per.loc[1, "degenerate_share"] == 0.0 and not per.loc[1, "degenerate"]
+    # Scores without the column (older tables): nothing is known, nothing is flagged.
+    old = concept_curve(pd.DataFrame(rows).drop(columns="degenerate"))
+    assert old["degenerate_share"].isna().all() and not old["degenerate"].any()
+
+
+def test_the_fit_range_is_the_non_degenerate_run_around_zero():
+    assert fit_range([-2, -1, 0, 1, 2], [1, 0, 0, 0, 1]) == (-1.0, 1.0)
+    assert fit_range([2, 1, 0, -1, -2], [1, 0, 0, 0, 1]) == (-1.0, 1.0)  # any order
+    assert fit_range([-2, -1, 1, 2], [0, 1, 0, 0]) == (1.0, 2.0)  # 0 off the grid: the nearest alpha's run
+    assert fit_range([-1, 1], [0, 0]) == (-1.0, 1.0)  # a run spanning 0 contains it
+    assert fit_range([-2, -1, 0, 1, 2], [0, 0, 1, 0, 1]) == (-2.0, -1.0)  # 0 degenerate: equal distance, longer run
+    assert fit_range([0, 1], [1, 1]) is None
+
+
+def test_the_non_degenerate_fit_excludes_the_degenerate_ends():
+    # A sigmoid in |alpha| <= 20 that collapses where the text degenerates (|alpha| >= 30).
+    alphas = np.linspace(-40, 40, 9)
+    p = np.where(np.abs(alphas) >= 30, 0.05, tanh_curve(alphas, 0.5, 0.4, 0.1, 0.0))
+    bad_share = np.where(np.abs(alphas) >= 30, 0.9, np.where(np.abs(alphas) == 20, 0.5, 0.0))
+    summary = curve_summary(concept_curve(degenerate_scores(alphas, p, bad_share)))["lexicon"]
+    assert summary["degenerate_alphas"] == [-40.0, -30.0, 30.0, 40.0]
+    assert summary["degenerate_share"] == pytest.approx([0.9, 0.9, 0.5, 0, 0, 0, 0.5, 0.9, 0.9])
+    assert summary["fit_range"] == [-20.0, 20.0]
+    nd = summary["tanh_fit_nondegenerate"]
+    inside = np.abs(alphas) <= 20
+    assert nd == fit_tanh(alphas[inside], np.round(p[inside] * 100) / 100)  # the fit on the range, and only there
+    assert nd["status"] == "ok" and nd["r2"] > 0.99 and nd["a"] == pytest.approx(0.4, abs=0.05)
+    assert summary["spearman_rho_nondegenerate"] == pytest.approx(1.0)
+    # The full-range fit is kept; the collapse at the ends spoils it.
+    assert summary["tanh_fit"]["status"] == "ok" and summary["tanh_fit"]["r2"] < 0.5
+    assert abs(summary["spearman_rho"]) < 0.9
+
+
+def test_when_every_alpha_is_degenerate_nothing_is_fit():
+    alphas = np.linspace(-4, 4, 5)
+    summary = curve_summary(concept_curve(degenerate_scores(alphas, np.full(5, 0.1), np.ones(5), n=10)))["lexicon"]
+    assert summary["degenerate_alphas"] == alphas.tolist() and summary["fit_range"] is None
+    assert summary["tanh_fit_nondegenerate"]["status"].startswith("every alpha is degenerate")
+    assert np.isnan(summary["spearman_rho_nondegenerate"])
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -144,12 +243,19 @@ def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path)
     assert len(s) == len(c) and set(s.columns) >= {"model", "concept", "layer", "setting", "alpha", "judge", "score",
                                                    "judged", "seed"}
     assert ((s.score >= 0) & (s.score <= 1)).all()
+    # Every completion is measured for degeneration, in both tables, by the documented rule.
+    for col in ("n_words", "distinct2", "repeat_share", "nonword_share", "degenerate"):
+        assert col in c.columns and col in s.columns
+    assert c["degenerate"].tolist() == [degeneration(t)["degenerate"] for t in c["completion"]]
+    assert "degenerate_share" in result.curve.columns and result.curve["degenerate"].dtype == bool
     pooled = result.curve[result.curve.scope == "pooled"]
     assert len(pooled) == 3 and (pooled["n"] == 6).all()
     assert (pooled["k"] == s.groupby("alpha")["judged"].sum().to_numpy()).all()
     summary = result.summary
     assert summary["judge_accuracy"]["lexicon"]["n_positive"] == 2
     assert summary["curves"]["lexicon"]["alpha"] == [-10.0, 0.0, 10.0]
+    assert {"degenerate_alphas", "fit_range", "tanh_fit_nondegenerate", "spearman_rho_nondegenerate",
+            "tanh_fit"} <= set(summary["curves"]["lexicon"]) and "degeneration_rule" in summary
     paths = result.save(tmp_path)
     lines = paths["completions"].read_text().splitlines()
     assert len(lines) == len(c) and {"alpha", "prompt", "seed", "completion"} <= set(json.loads(lines[0]))

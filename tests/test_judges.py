@@ -1,21 +1,29 @@
 """Judges: each scores probabilities in [0, 1], separates obvious P from N, and refuses what it cannot judge."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from steerstrength import InputError
 from steerstrength.judges import (
+    HELD_OUT_BALANCED_ACCURACY,
     JUDGES,
+    REPORT_METRICS,
     EmbeddingJudge,
     LexiconJudge,
     LLMJudge,
+    ProbeJudge,
     balanced_threshold,
+    best_judge,
     fit_slope,
+    held_out_report,
     judge_accuracy,
     make_judge,
     roc_auc,
 )
+from steerstrength.prompts import curated_concepts, curated_texts, neutral_texts
 from tiny import tiny_model
 
 JOY = [
@@ -37,9 +45,9 @@ NEUTRAL = [
 
 
 def test_unknown_judge_is_one_clear_error_listing_the_known_ones():
-    with pytest.raises(InputError, match="unknown judge 'oracle'.*llm, lexicon, embedding"):
+    with pytest.raises(InputError, match="unknown judge 'oracle'.*llm, lexicon, embedding, probe"):
         make_judge("oracle")
-    assert set(JUDGES) == {"llm", "lexicon", "embedding"}
+    assert set(JUDGES) == {"llm", "lexicon", "embedding", "probe"}
 
 
 def test_llm_judge_needs_a_model():
@@ -129,6 +137,80 @@ def test_embedding_judge_separates_joy_from_neutral_after_calibration(embedding)
     assert ((p > 0) & (p < 1)).all()
     # The 0.5 threshold on the score is the calibrated cosine cut.
     np.testing.assert_array_equal(p >= 0.5, np.concatenate([cos_pos, cos_neg]) >= cal["cut"])
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return make_judge("probe")
+
+
+def test_make_judge_gives_a_probe_ready_for_every_curated_concept(probe):
+    assert isinstance(probe, ProbeJudge) and probe.name == "probe" and probe.threshold == 0.5
+    assert not probe.calibrates  # a curated concept needs no P and N from the caller
+    for concept in curated_concepts():
+        probe.check(concept)
+    with pytest.raises(InputError, match="probe judge is trained only for the curated concepts.*for 'serenity'"):
+        probe.check("serenity")
+
+
+def test_probe_separates_held_out_joy_from_contrastive_and_neutral_texts(probe):
+    negative = curated_texts("joy", "negative", "heldout") + neutral_texts("heldout")
+    acc = probe.accuracy(curated_texts("joy", "positive", "heldout"), negative, "joy")
+    assert acc.n_positive == 32 and acc.n_negative == 32 + 42
+    assert acc.balanced_accuracy >= 0.9 and acc.auc >= 0.98  # measured 0.978 and 1.000
+    # The shipped table behind best_judge is what the code measures (one text's flip of slack).
+    assert acc.balanced_accuracy == pytest.approx(HELD_OUT_BALANCED_ACCURACY["joy"]["probe"], abs=0.02)
+    assert probe.training["joy"] == {"source": "curated train split", "n_positive": 64, "n_negative": 64,
+                                     "n_neutral": 86}
+
+
+def test_probe_scores_a_neutral_answer_low_and_joyful_texts_high(probe):
+    neutral = ["I watered the plants on the balcony, then wrote the shopping list for Saturday.",
+               "Sure! Here is a short description of a kitchen: it has a sink, a stove, a fridge and a table."]
+    for concept in ("joy", "evil", "depression"):
+        assert (probe.score(neutral, concept) < 0.35).all()  # measured at most 0.24, not the 0.5 of "unsure"
+    assert (probe.score(NEUTRAL, "joy") < 0.35).all() and (probe.score(JOY, "joy") > 0.65).all()
+    assert probe.score([], "joy").shape == (0,)
+
+
+def test_probe_scores_are_deterministic(probe):
+    texts = JOY[:2] + NEUTRAL[:2]
+    first = probe.score(texts, "joy")
+    np.testing.assert_array_equal(first, probe.score(texts, "joy"))
+    np.testing.assert_array_equal(first, ProbeJudge().score(texts, "joy"))  # a fresh head, trained again
+
+
+def test_probe_trains_on_user_texts_for_a_new_concept(probe):
+    with pytest.raises(InputError, match="for 'glee'"):
+        probe.score(JOY, "glee")
+    probe.calibrate(JOY[:4], NEUTRAL[:4], "glee")
+    assert probe.training["glee"] == {"source": "user", "n_positive": 4, "n_negative": 4, "n_neutral": 86}
+    assert probe.score(JOY[4:], "glee").min() > probe.score(NEUTRAL[4:], "glee").max()
+
+
+# ----------------------------------------------------------------------------- measured accuracy
+
+
+def test_held_out_report_has_one_row_per_judge_and_concept_and_nan_where_a_judge_cannot_judge():
+    report = held_out_report(("lexicon",), concepts=["joy", "evil"])
+    assert list(report.columns) == ["judge", "concept", "n_positive", "n_contrastive", "n_neutral",
+                                    *REPORT_METRICS, "note"]
+    joy, evil = report.set_index("concept").loc["joy"], report.set_index("concept").loc["evil"]
+    assert (joy.n_positive, joy.n_contrastive, joy.n_neutral, joy.note) == (32, 32, 42, "")
+    assert all(0 <= joy[m] <= 1 for m in REPORT_METRICS)
+    assert joy.balanced_accuracy == pytest.approx(HELD_OUT_BALANCED_ACCURACY["joy"]["lexicon"], abs=1e-3)
+    assert all(math.isnan(evil[m]) for m in REPORT_METRICS) and "cannot judge 'evil'" in evil.note
+
+
+def test_best_judge_is_the_probe_for_every_curated_concept():
+    assert set(HELD_OUT_BALANCED_ACCURACY) == set(curated_concepts())
+    assert {best_judge(c) for c in curated_concepts()} == {"probe"}
+    assert best_judge(" Joy ") == "probe"
+    with pytest.raises(InputError, match="no measured judge accuracy for concept 'serenity'"):
+        best_judge("serenity")
 
 
 # ----------------------------------------------------------------------------- llm

@@ -27,7 +27,8 @@ class ModelConfig:
 
 @dataclass
 class PromptsConfig:
-    n: int = 500  # texts in P and in N
+    source: str = "curated"  # "curated": our hand-written pairs (data/concepts); "generate": the paper's template
+    n: int = 500  # texts in P and in N (generated; curated sets use their 64 training pairs)
     max_new_tokens: int = 300
     temperature: float = 1.0
     top_p: float = 0.9
@@ -46,11 +47,12 @@ class VectorsConfig:
     normalize: bool = False
     max_length: Optional[int] = None
     batch_size: int = 8
+    scan_top_k: int = 50  # `layers = ["auto"]`: top tokens of LN(v) W^T checked against M (scan.py)
 
 
 @dataclass
 class TokensConfig:
-    alpha_max: float = 200.0
+    alpha_max: float = 2.0  # in RunConfig.alpha_unit (default: x the layer's median residual norm)
     n_alphas: int = 1024  # plus 0
     contexts_file: Optional[str] = None  # None: built-in contexts (neutral + the concept's own)
     n_contexts: Optional[int] = None  # keep the first n contexts (None: all)
@@ -67,7 +69,7 @@ class LogOddsConfig:
 @dataclass
 class LimitConfig:
     enabled: bool = True
-    alphas: list = field(default_factory=lambda: [1e2, 1e3, 1e4])
+    alphas: list = field(default_factory=lambda: [1e1, 1e2, 1e3, 1e4])  # |alpha| in RunConfig.alpha_unit
 
 
 @dataclass
@@ -76,7 +78,7 @@ class XentConfig:
     corpus: str = "model"  # "model" (samples of the unsteered model), a file, or a HF dataset name
     n_tokens: int = 1_000_000
     seq_len: int = 128
-    alpha_max: float = 100.0
+    alpha_max: float = 1.0
     n_alphas: int = 128  # plus 0
     chunk_windows: int = 16  # windows per resumable chunk
     curvature_tokens: Optional[int] = None  # tokens for the jvp curvature at 0 (None: all)
@@ -87,7 +89,7 @@ class ConceptConfig:
     enabled: bool = True
     judge: str = "llm"
     judge_model: Optional[str] = None  # llm judge; None: the steered model
-    alpha_max: float = 40.0
+    alpha_max: float = 1.0
     n_alphas: int = 41
     n_prompts: int = 12
     completions: int = 32
@@ -102,7 +104,7 @@ class MmluConfig:
     subjects: list = field(default_factory=list)  # empty: all found
     k_shot: int = 5
     max_questions: Optional[int] = None  # per subject
-    alpha_max: float = 40.0
+    alpha_max: float = 1.0
     n_alphas: int = 9
     chat: bool = False
 
@@ -116,8 +118,9 @@ class RecommendConfig:
 @dataclass
 class RunConfig:
     concepts: list = field(default_factory=lambda: ["joy"])
-    layers: list = field(default_factory=lambda: ["middle"])  # ints, or "early" / "middle" / "late"
-    setting: str = "random"  # negatives: "random" or "contrastive"
+    layers: list = field(default_factory=lambda: ["middle"])  # ints, "early" / "middle" / "late", or "auto" (scan.py)
+    setting: str = "contrastive"  # negatives: "contrastive" (curated or generated opposite) or "random"
+    alpha_unit: str = "resid"  # grids below in "resid" (x the layer's median residual norm) or "raw" units
     positions: str = "all"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -148,7 +151,7 @@ PAPER_CONCEPTS = ["apathetic", "depression", "evil", "humorous", "impolite", "jo
 def preset(name: str) -> RunConfig:
     """`paper`: the paper's sizes (for GPUs). `demo`: the same pipeline sized for 2 CPU cores."""
     if name == "paper":
-        cfg = RunConfig(concepts=list(PAPER_CONCEPTS), layers=["early", "middle", "late"])
+        cfg = RunConfig(concepts=list(PAPER_CONCEPTS), layers=["early", "middle", "late", "auto"])
         cfg.vectors.resamples = 10
         cfg.concept.judge = "llm"
         cfg.mmlu.source = "cais/mmlu"
@@ -156,21 +159,22 @@ def preset(name: str) -> RunConfig:
     if name == "demo":
         cfg = RunConfig()
         cfg.model.device = "cpu"
+        # The layer the scan picks (where concept words live: ~27-28 of 30 on SmolLM2) and the middle one for
+        # contrast; curated contrastive pairs; every grid in residual units (docs/fidelity.md has the measurements).
+        cfg.layers = ["auto", "middle"]
         cfg.prompts = PromptsConfig(n=24, max_new_tokens=48, batch_size=24)
         cfg.vectors.resamples = 8
-        # Unit vectors: on a 135M model the raw difference of means (norm ~60 at the middle layer) makes
-        # the paper's alpha grids collapse the distribution at the first step; alpha is then in residual-norm units.
         cfg.vectors.normalize = True
-        cfg.tokens = TokensConfig(alpha_max=200.0, n_alphas=256, n_contexts=6, top_k=100)
-        cfg.xent = XentConfig(n_tokens=1024, seq_len=64, alpha_max=100.0, n_alphas=24, chunk_windows=4,
+        # +/-1.5 x the residual norm: concept words bump inside the grid at the scanned layer (beyond ~3x the
+        # stream is in Prop. 4.1's limit regime, whose top tokens are LN(v) W^T's rare strings).
+        cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=256, n_contexts=8, top_k=100)
+        cfg.xent = XentConfig(n_tokens=1024, seq_len=64, alpha_max=1.5, n_alphas=24, chunk_windows=4,
                               curvature_tokens=256)
-        # In unit-vector units the paper's +/-40 barely moves this model (Delta CE(40) ~ 0.2 nats, measured);
-        # +/-120 reaches the strengths where the text changes (the sweet spot it recommends is ~90).
-        cfg.concept = ConceptConfig(judge="lexicon", alpha_max=120.0, n_alphas=9, n_prompts=4, completions=4,
+        # Text at the scanned layer stays fluent to ~0.5 and degenerates past ~1.2 x the residual norm (measured).
+        cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=8, completions=6,
                                     max_new_tokens=32)
-        cfg.mmlu = MmluConfig(source="sample", k_shot=2, alpha_max=120.0, n_alphas=5, max_questions=8)
-        # A unit vector is ~26x shorter than this model's raw one: the limit needs |alpha| up to 1e6 to be reached.
-        cfg.limit.alphas = [1e2, 1e3, 1e4, 1e5, 1e6]
+        cfg.mmlu = MmluConfig(source="sample", k_shot=2, alpha_max=1.0, n_alphas=5, max_questions=8)
+        cfg.limit.alphas = [1e1, 1e2, 1e3, 1e4]
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
 
@@ -262,6 +266,12 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("concepts is empty; name at least one concept, e.g. concepts=joy")
     if cfg.setting not in ("random", "contrastive"):
         raise InputError(f"setting must be random or contrastive, not {cfg.setting!r}")
+    if cfg.alpha_unit not in ("raw", "resid"):
+        raise InputError(f"alpha_unit must be raw or resid (x the layer's median residual norm), not {cfg.alpha_unit!r}")
+    if cfg.prompts.source not in ("curated", "generate"):
+        raise InputError(f"prompts.source must be curated or generate, not {cfg.prompts.source!r}")
+    if not cfg.layers:
+        raise InputError("layers is empty; name at least one layer, e.g. layers=auto or layers=15")
     if cfg.positions not in ("all", "last"):
         raise InputError(f"positions must be all or last, not {cfg.positions!r}")
     for name, n in (("prompts.n", cfg.prompts.n), ("tokens.n_alphas", cfg.tokens.n_alphas),
@@ -275,16 +285,21 @@ def validate(cfg: RunConfig) -> None:
 
 
 def resolve_layers(spec: list, n_layers: int) -> list[int]:
-    """Layer names to indices: early = n/6, middle = n/2, late = 5n/6 (block outputs, 0-based)."""
+    """Layer names to indices: early = n/6, middle = n/2, late = 5n/6 (block outputs, 0-based); "auto" is left to
+    the layer scan (scan.py) and dropped here."""
     named = {"early": n_layers // 6, "middle": n_layers // 2, "late": (5 * n_layers) // 6}
     out = []
     for item in spec:
+        if isinstance(item, str) and item.strip().lower() == "auto":
+            continue
+        if isinstance(item, str) and item.strip().isdigit():
+            item = int(item)
         if isinstance(item, str) and item in named:
             out.append(named[item])
         elif isinstance(item, int) and 0 <= item < n_layers:
             out.append(item)
         else:
-            raise InputError(f"layer {item!r} is not early/middle/late or an index in [0, {n_layers})")
+            raise InputError(f"layer {item!r} is not auto/early/middle/late or an index in [0, {n_layers})")
     return sorted(set(out))
 
 
@@ -295,3 +310,8 @@ def to_toml(cfg: RunConfig) -> str:
         return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
     return tomli_w.dumps(clean(cfg.to_dict()))
+
+
+def wants_auto(spec) -> bool:
+    """Whether a layer list asks for the scanned layer (`auto`)."""
+    return any(isinstance(x, str) and x.strip().lower() == "auto" for x in spec)

@@ -136,6 +136,20 @@ class Model:
         return mlp if isinstance(mlp, nn.Module) else None
 
     @property
+    def final_logit_softcap(self) -> float | None:
+        """The final logit soft-capping constant (Gemma 2/3), or None."""
+        config = self.hf.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        cap = getattr(text, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of last-block residual states [..., d_model]: final norm, unembedding, soft-capping."""
+        y = self.unembed(self.final_norm(hidden.to(self.dtype))).float()
+        cap = self.final_logit_softcap
+        return torch.tanh(y / cap) * cap if cap is not None else y
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from steerstrength.config import RunConfig, resolve_layers, to_toml
+from steerstrength.config import RunConfig, resolve_layers, to_toml, wants_auto
 from steerstrength.errors import InputError
 from steerstrength.io import atomic_path, write_json, write_jsonl, write_parquet
 from steerstrength.runs import RunDir, package_versions
@@ -48,6 +48,12 @@ class Context:
         from steerstrength.vectors import SteeringVectors
 
         return SteeringVectors.load(self.run.path("vectors", f"{concept}.safetensors"))
+
+    def raw_alphas(self, sv, layer: int, alphas) -> "torch.Tensor":
+        """A grid given in cfg.alpha_unit as the raw alphas `steer` adds at this layer (grid.py's residual units)."""
+        from steerstrength.metrics.grid import to_raw
+
+        return to_raw(alphas, self.cfg.alpha_unit, sv.resid_scale(layer, self.model))
 
     def prompt_texts(self, concept: str) -> tuple[list[str], list[str]]:
         from steerstrength.prompts import load_prompts, texts_of
@@ -95,6 +101,13 @@ def stage_prompts(ctx: Context) -> list[str]:
             if user:
                 rows = rows_from_texts(texts_of(load_prompts(user)), concept, kind,
                                        ctx.cfg.setting if kind == "negative" else None)
+            elif p.source == "curated" and (kind == "positive" or ctx.cfg.setting == "contrastive"):
+                from steerstrength.prompts import curated_texts
+
+                rows = rows_from_texts(curated_texts(concept, kind, "train"), concept, kind,
+                                       ctx.cfg.setting if kind == "negative" else None)
+                for r in rows:
+                    r["generator"] = "curated"
             else:
                 random_n = kind == "negative" and ctx.cfg.setting == "random"
                 model = ctx.model if (random_n or p.generator is None) else _generator(ctx, load_model)
@@ -123,16 +136,46 @@ def stage_vectors(ctx: Context) -> list[str]:
     from steerstrength.vectors import difference_of_means
 
     v = ctx.cfg.vectors
-    outputs = []
+    outputs, scans = [], []
     for concept in ctx.cfg.concepts:
         pos, neg = ctx.prompt_texts(concept)
+        layers = list(ctx.layers)
+        if wants_auto(ctx.cfg.layers):
+            scan = _scan(ctx, concept, pos, neg)
+            scans.append(scan)
+            layers = sorted(set(layers) | {scan.chosen})
+            ctx.log(f"[vectors] {concept}: the layer scan picks layer {scan.chosen} ({scan.rule})")
         with ctx.progress(f"{concept}: activations", len(pos) + len(neg)) as advance:
-            sv = difference_of_means(ctx.model, pos, neg, ctx.layers, skip_first_token=v.skip_first_token,
+            sv = difference_of_means(ctx.model, pos, neg, layers, skip_first_token=v.skip_first_token,
                                      normalize=v.normalize, batch_size=v.batch_size, max_length=v.max_length,
                                      concept=concept, setting=ctx.cfg.setting, resamples=v.resamples,
                                      seed=ctx.cfg.seed, progress=advance)
+        if scans and scans[-1].table["concept"].iloc[0] == concept:
+            sv.meta["auto_layer"] = scans[-1].chosen
         outputs.append(sv.save(ctx.run.path("vectors", f"{concept}.safetensors")))
+    if scans:
+        import pandas as pd
+
+        outputs += [write_parquet(ctx.run.path("tables", "layer_scan.parquet"),
+                                  pd.concat([s.table for s in scans], ignore_index=True)),
+                    write_json(ctx.run.path("tables", "layer_scan.json"),
+                               {s.table["concept"].iloc[0]: s.summary() for s in scans})]
     return outputs
+
+
+def _scan(ctx: Context, concept: str, pos: list[str], neg: list[str]):
+    """The layer scan (scan.py) on the training texts, held-out curated pairs when the concept has them."""
+    from steerstrength.prompts import curated_concepts, curated_texts
+    from steerstrength.scan import scan_layers
+
+    held = {}
+    if ctx.cfg.prompts.source == "curated" and concept.lower() in curated_concepts() and ctx.cfg.setting == "contrastive":
+        held = dict(heldout_positive=curated_texts(concept, "positive", "heldout"),
+                    heldout_negative=curated_texts(concept, "negative", "heldout"))
+    n = len(pos) + len(neg) + sum(len(t) for t in held.values())
+    with ctx.progress(f"{concept}: layer scan", n) as advance:
+        return scan_layers(ctx.model, pos, neg, top_k=ctx.cfg.vectors.scan_top_k, batch_size=ctx.cfg.vectors.batch_size,
+                           progress=advance, labels=dict(model=ctx.model.name, concept=concept), **held)
 
 
 def _contexts(ctx: Context, concept: str) -> list[dict]:
@@ -154,7 +197,7 @@ def _contexts(ctx: Context, concept: str) -> list[dict]:
 def stage_tokens(ctx: Context) -> list[str]:
     import pandas as pd
 
-    from steerstrength.metrics.grid import linspace_grid
+    from steerstrength.metrics.grid import add_resid_column, linspace_grid
     from steerstrength.metrics.tokens import token_curves
 
     t = ctx.cfg.tokens
@@ -163,15 +206,17 @@ def stage_tokens(ctx: Context) -> list[str]:
     for concept in ctx.cfg.concepts:
         sv = ctx.vectors(concept)
         contexts = _contexts(ctx, concept)
-        with ctx.progress(f"{concept}: next-token curves", len(contexts) * len(ctx.layers)) as advance:
-            for layer in ctx.layers:
+        with ctx.progress(f"{concept}: next-token curves", len(contexts) * len(sv.layers)) as advance:
+            for layer in sv.layers:
+                scale = sv.resid_scale(layer, ctx.model)
                 for c in contexts:
-                    def compute(layer=layer, c=c):
-                        res = token_curves(ctx.model, sv[layer], layer, [c], grid, positions=ctx.cfg.positions,
-                                           top_k=t.top_k, top_each=t.top_each)
+                    def compute(layer=layer, c=c, scale=scale):
+                        res = token_curves(ctx.model, sv[layer], layer, [c], ctx.raw_alphas(sv, layer, grid),
+                                           positions=ctx.cfg.positions, top_k=t.top_k, top_each=t.top_each)
                         labels = {k: v for k, v in ctx.labels(concept, layer).items() if k != "layer"}
-                        return {"curves": res.curves_frame(ctx.model, **labels).assign(layer=layer),
-                                "top": res.top_frame(ctx.model, **labels).assign(layer=layer)}
+                        return {"curves": add_resid_column(res.curves_frame(ctx.model, **labels).assign(layer=layer),
+                                                           scale),
+                                "top": add_resid_column(res.top_frame(ctx.model, **labels).assign(layer=layer), scale)}
 
                     parts = ctx.chunked("tokens", f"{concept}.{layer}.{c['id']}", compute)
                     curves.append(parts["curves"])
@@ -184,7 +229,8 @@ def stage_tokens(ctx: Context) -> list[str]:
                                             tops_df[tops_df["concept"] == concept])
     out = [write_parquet(ctx.run.path("tables", "tokens.parquet"), curves_df),
            write_parquet(ctx.run.path("tables", "tokens_top.parquet"), tops_df),
-           write_json(ctx.run.path("tables", "tokens.json"), dict(alphas=grid.tolist(), per_concept=summaries))]
+           write_json(ctx.run.path("tables", "tokens.json"), dict(alphas=grid.tolist(), alpha_unit=ctx.cfg.alpha_unit,
+                                                                  per_concept=summaries))]
     return out
 
 
@@ -228,6 +274,7 @@ def stage_logodds(ctx: Context) -> list[str]:
 def stage_limit(ctx: Context) -> list[str]:
     import pandas as pd
 
+    from steerstrength.metrics.grid import add_resid_column
     from steerstrength.metrics.limits import limit_check
 
     alphas = sorted({float(s * a) for a in ctx.cfg.limit.alphas for s in (1, -1)})
@@ -235,9 +282,11 @@ def stage_limit(ctx: Context) -> list[str]:
     for concept in ctx.cfg.concepts:
         sv = ctx.vectors(concept)
         contexts = _contexts(ctx, concept)
-        for layer in ctx.layers:
-            check = limit_check(ctx.model, sv[layer], layer, contexts, alphas, positions=ctx.cfg.positions)
-            frames.append(check.frame(ctx.model, **ctx.labels(concept, layer)))
+        for layer in sv.layers:
+            check = limit_check(ctx.model, sv[layer], layer, contexts, ctx.raw_alphas(sv, layer, alphas).tolist(),
+                                positions=ctx.cfg.positions)
+            frames.append(add_resid_column(check.frame(ctx.model, **ctx.labels(concept, layer)),
+                                           sv.resid_scale(layer, ctx.model)))
             summary[f"{concept}/{layer}"] = check.summary()
     return [write_parquet(ctx.run.path("tables", "limit.parquet"), pd.concat(frames, ignore_index=True)),
             write_json(ctx.run.path("tables", "limit.json"), summary)]
@@ -247,7 +296,7 @@ def stage_xent(ctx: Context) -> list[str]:
     import pandas as pd
 
     from steerstrength.corpus import load_corpus
-    from steerstrength.metrics.grid import linspace_grid
+    from steerstrength.metrics.grid import add_resid_column, linspace_grid
     from steerstrength.metrics.xent import xent_sweep
 
     x = ctx.cfg.xent
@@ -264,15 +313,15 @@ def stage_xent(ctx: Context) -> list[str]:
     frames, summary = [], {}
     for concept in ctx.cfg.concepts:
         sv = ctx.vectors(concept)
-        for layer in ctx.layers:
+        for layer in sv.layers:
             chunk_dir = ctx.run.chunk_dir("xent", ctx.keys["xent"]) / f"{concept}.{layer}"
             with ctx.progress(f"{concept}: Delta CE, layer {layer}", 1) as advance:
-                res = xent_sweep(ctx.model, sv[layer], layer, texts, grid, seq_len=x.seq_len,
+                res = xent_sweep(ctx.model, sv[layer], layer, texts, ctx.raw_alphas(sv, layer, grid), seq_len=x.seq_len,
                                  positions=ctx.cfg.positions, max_tokens=x.n_tokens, checkpoint_dir=chunk_dir,
                                  chunk_windows=x.chunk_windows, curvature_tokens=x.curvature_tokens,
                                  progress=advance)
-            frames.append(res.frame(**ctx.labels(concept, layer)))
-            summary[f"{concept}/{layer}"] = res.summary()
+            frames.append(add_resid_column(res.frame(**ctx.labels(concept, layer)), sv.resid_scale(layer, ctx.model)))
+            summary[f"{concept}/{layer}"] = dict(res.summary(), resid_scale=sv.resid_scale(layer, ctx.model))
     return [write_parquet(ctx.run.path("tables", "xent.parquet"), pd.concat(frames, ignore_index=True)),
             write_json(ctx.run.path("tables", "xent.json"), dict(corpus=source, per_vector=summary))]
 
@@ -281,13 +330,14 @@ def stage_concept(ctx: Context) -> list[str]:
     import pandas as pd
 
     from steerstrength.metrics.concept import concept_probability
-    from steerstrength.metrics.grid import linspace_grid
+    from steerstrength.metrics.grid import add_resid_column, linspace_grid
 
     c = ctx.cfg.concept
     alphas = linspace_grid(-c.alpha_max, c.alpha_max, c.n_alphas, zero=False)
-    from steerstrength.metrics.concept import DEFAULT_PROMPTS
+    from steerstrength.prompts import evaluation_prompts
 
-    prompts = list(DEFAULT_PROMPTS[: c.n_prompts])
+    # Neutral requests (data/eval_prompts.jsonl, training half): the unsteered answers carry no concept.
+    prompts = evaluation_prompts("train")[: c.n_prompts]
     if c.prompts_file:
         from steerstrength.io import read_texts
 
@@ -302,11 +352,11 @@ def stage_concept(ctx: Context) -> list[str]:
     for concept in ctx.cfg.concepts:
         sv = ctx.vectors(concept)
         pos, neg = ctx.prompt_texts(concept)
-        for layer in ctx.layers:
+        for layer in sv.layers:
             def compute(layer=layer):
                 with ctx.progress(f"{concept}: steered generations, layer {layer}", 1) as advance:
                     res = concept_probability(
-                        ctx.model, sv[layer], layer, concept, alphas=alphas, prompts=prompts,
+                        ctx.model, sv[layer], layer, concept, alphas=ctx.raw_alphas(sv, layer, alphas), prompts=prompts,
                         n_completions=c.completions, max_new_tokens=c.max_new_tokens, judges=(c.judge,),
                         judge_model=judge_model if c.judge == "llm" else None, positive=pos, negative=neg,
                         seed=ctx.cfg.seed, positions=ctx.cfg.positions, setting=ctx.cfg.setting)
@@ -317,7 +367,7 @@ def stage_concept(ctx: Context) -> list[str]:
 
             chunk = ctx.chunked("concept", f"{concept}.{layer}", compute)
             for name in parts:
-                parts[name].append(chunk[name].assign(layer=layer))
+                parts[name].append(add_resid_column(chunk[name].assign(layer=layer), sv.resid_scale(layer, ctx.model)))
             summary[f"{concept}/{layer}"] = json.loads(chunk["summary"]["json"].iloc[0])
     out = [write_jsonl(ctx.run.path("tables", "concept_completions.jsonl"),
                        pd.concat(parts["completions"], ignore_index=True).to_dict(orient="records")),
@@ -339,7 +389,7 @@ def mmlu_source(source: str | None) -> str | None:
 def stage_mmlu(ctx: Context) -> list[str]:
     import pandas as pd
 
-    from steerstrength.metrics.grid import linspace_grid
+    from steerstrength.metrics.grid import add_resid_column, linspace_grid
     from steerstrength.metrics.mmlu import mmlu_accuracy
 
     m = ctx.cfg.mmlu
@@ -347,12 +397,14 @@ def stage_mmlu(ctx: Context) -> list[str]:
     per_q, per_subject, summary = [], [], {}
     for concept in ctx.cfg.concepts:
         sv = ctx.vectors(concept)
-        for layer in ctx.layers:
-            res = mmlu_accuracy(ctx.model, sv[layer], layer, alphas=alphas, subjects=m.subjects or None,
+        for layer in sv.layers:
+            res = mmlu_accuracy(ctx.model, sv[layer], layer, alphas=ctx.raw_alphas(sv, layer, alphas),
+                                subjects=m.subjects or None,
                                 source=mmlu_source(m.source), k_shots=m.k_shot, limit=m.max_questions, chat=m.chat,
                                 positions=ctx.cfg.positions, concept=concept, setting=ctx.cfg.setting)
-            per_q.append(res.table.assign(layer=layer))
-            per_subject.append(res.accuracy.assign(layer=layer))
+            scale = sv.resid_scale(layer, ctx.model)
+            per_q.append(add_resid_column(res.table.assign(layer=layer), scale))
+            per_subject.append(add_resid_column(res.accuracy.assign(layer=layer), scale))
             summary[f"{concept}/{layer}"] = res.summary
     return [write_parquet(ctx.run.path("tables", "mmlu_questions.parquet"), pd.concat(per_q, ignore_index=True)),
             write_parquet(ctx.run.path("tables", "mmlu.parquet"), pd.concat(per_subject, ignore_index=True)),
@@ -390,7 +442,7 @@ def stage_keys(cfg: RunConfig) -> dict[str, str]:
     base = _hash(d["model"], cfg.concepts, cfg.setting, cfg.seed)
     k = {"prompts": _hash(base, d["prompts"])}
     k["vectors"] = _hash(k["prompts"], d["vectors"], cfg.layers)
-    steer = _hash(k["vectors"], cfg.positions)
+    steer = _hash(k["vectors"], cfg.positions, cfg.alpha_unit)
     k["tokens"] = _hash(steer, d["tokens"])
     k["logodds"] = _hash(k["tokens"], d["logodds"])
     k["limit"] = _hash(steer, d["limit"], d["tokens"]["contexts_file"], d["tokens"]["n_contexts"])
@@ -421,7 +473,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
     # index past the model's depth is one error line, not a half-made run directory.
     m = cfg.model
     model = load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
-    layers = resolve_layers(cfg.layers, model.n_layers)
+    layers = resolve_layers(cfg.layers, model.n_layers)  # "auto" is resolved per concept by the vectors stage
     run = RunDir(out)
     with run.lock():
         keys = stage_keys(cfg)

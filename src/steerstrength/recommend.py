@@ -724,7 +724,7 @@ def pipeline_recommend(ctx) -> list[Path]:
             lo = lo[lo["concept"] == concept].sort_values("token_id")
             if len(lo) == ctx.model.vocab_size:
                 M = torch.tensor(lo["M"].to_numpy(), dtype=torch.float64)
-        for layer in ctx.layers:
+        for layer in sv.layers:
             v = sv[layer]
             base = dict(concept=concept, setting=cfg.setting, budget=budget, seed=cfg.seed, positions=cfg.positions,
                         positive=pos, negative=neg)
@@ -757,6 +757,9 @@ def pipeline_recommend(ctx) -> list[Path]:
                 rec.summary["seconds"] += t_gen
                 rec.table["seconds"] = rec.summary["seconds"]
             for rec in recs:
+                from steerstrength.metrics.grid import add_resid_column
+
+                add_resid_column(rec.table, sv.resid_scale(layer, ctx.model))
                 tables.append(rec.table)
                 curves.append(rec.curve)
                 summary[f"{concept}/{layer}/{rec.method}"] = rec.summary

@@ -75,6 +75,23 @@ class SteeringVectors:
     def norms(self) -> dict[int, float]:
         return {layer: float(v.double().norm()) for layer, v in sorted(self.vectors.items())}
 
+    def residual_norm(self, layer: int, model: Model | None = None) -> float:
+        """r_l, the layer's median residual norm (recorded when the vectors were made; else measured on `model`)."""
+        recorded = (self.meta.get("residual_norms") or {}) if isinstance(self.meta, dict) else {}
+        if str(layer) in recorded:
+            return float(recorded[str(layer)])
+        if model is None:
+            raise InputError(f"the vector file records no residual norm for layer {layer}; pass the model to measure it")
+        value = residual_norms(model, [layer])[layer]
+        self.meta.setdefault("residual_norms", {})[str(layer)] = value
+        return value
+
+    def resid_scale(self, layer: int, model: Model | None = None) -> float:
+        """alpha_resid per unit of raw alpha at `layer`: ||v_l|| / r_l."""
+        from steerstrength.metrics.grid import resid_scale
+
+        return resid_scale(self[layer], self.residual_norm(layer, model))
+
     def check(self, model: Model) -> "SteeringVectors":
         """Raise InputError unless these vectors fit `model` (d_model and layer range)."""
         if self.d_model != model.d_model:
@@ -212,28 +229,24 @@ def config_hash(obj) -> str:
 
 
 def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int]:
-    """Layers from "5,15,25", "all", "middle" (n_layers // 2, the paper's default) or ints; checked."""
+    """Layers from "5,15,25", "all", "early,middle,late" (n/6, n/2, 5n/6) or ints; checked (config.resolve_layers)."""
+    from steerstrength.config import resolve_layers
+
     if isinstance(spec, int):
         items: list = [spec]
     elif isinstance(spec, str):
         text = spec.strip().lower()
         if text == "all":
             return list(range(n_layers))
-        if text == "middle":
-            return [n_layers // 2]
         items = [part.strip() for part in text.split(",") if part.strip()]
         if not items:
             raise InputError("no layers given; use e.g. --layers 5,15,25, --layers middle or --layers all")
-        try:
-            items = [int(part) for part in items]
-        except ValueError:
-            raise InputError(f"layers {spec!r} must be integers separated by commas, 'all' or 'middle'") from None
+        if "auto" in items:
+            raise InputError("--layers auto needs the prompt sets: use `steerstrength vectors --layers auto` "
+                             "or `steerstrength vectors scan`")
     else:
-        items = [int(x) for x in spec]
-    for layer in items:
-        if not 0 <= layer < n_layers:
-            raise InputError(f"layer {layer} is outside [0, {n_layers}); pick 0..{n_layers - 1}")
-    return sorted(set(items))
+        items = list(spec)
+    return resolve_layers(items, n_layers)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -276,6 +289,38 @@ def mean_activations(model: Model, texts: Sequence[str], layers: Sequence[int], 
             out[layer][start:start + len(chunk)] = ((h * w).sum(1) / n).cpu()
         if progress is not None:
             progress(len(chunk))
+    return out
+
+
+@torch.inference_mode()
+def residual_norms(model: Model, layers: Sequence[int], texts: Sequence[str] | None = None, *,
+                   batch_size: int = 16) -> dict[int, float]:
+    """Per layer, the median L2 norm of the residual stream over the tokens of `texts`, first token left out.
+
+    The first position is an attention sink (norm ~24,000 from layer 11 of SmolLM2, vs ~200 elsewhere), so it is
+    excluded like in Eq. (3). Default texts: the 44 built-in neutral contexts. This is r_l of alpha_resid (grid.py).
+    """
+    if texts is None:
+        from steerstrength.metrics.contexts import builtin_contexts
+
+        texts = [c["text"] for c in builtin_contexts()]
+    layers = sorted(set(int(x) for x in layers))
+    for layer in layers:
+        check_layer(model, layer)
+    norms: dict[int, list] = {layer: [] for layer in layers}
+    for start in range(0, len(texts), batch_size):
+        enc = model.encode(list(texts[start:start + batch_size]), padding_side="right")
+        keep = enc.attention_mask.bool().clone()
+        keep[:, 0] = False
+        hidden = hidden_at(model, enc, layers)
+        for layer in layers:
+            norms[layer].append(hidden[layer].float()[keep.to(hidden[layer].device)].norm(dim=-1).cpu())
+    out = {}
+    for layer in layers:
+        values = torch.cat(norms[layer])
+        if values.numel() == 0:
+            raise InputError("the texts for the residual norm have no token after the first; give longer texts")
+        out[layer] = float(values.double().median())
     return out
 
 
@@ -344,6 +389,7 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
         n_negative=len(negative),
         layers=sorted(vectors),
         norms={str(k): float(v.double().norm()) for k, v in vectors.items()},
+        residual_norms={str(k): r for k, r in residual_norms(model, sorted(vectors)).items()},
         resamples=resamples,
         seed=seed,
         config_hash=config_hash(dict(settings, positive=list(positive), negative=list(negative), layers=sorted(vectors),

@@ -6,6 +6,21 @@ serves many (alpha, prompt, completion) rows. A judge labels each completion; th
 probability per alpha is the fraction labelled present, with a Wilson interval, pooled and per
 prompt, and a tanh fit p(alpha) = c + a tanh(b (alpha - alpha0)) in the spirit of Thm 3.6.
 
+Degeneration: at large |alpha| steered text degenerates (one token repeated, strings of non-words), the
+judge stops finding the concept, and p(alpha) falls where Thm 3.6 says it saturates. `degeneration(text)`
+measures each completion on its whitespace-separated tokens ("words": lower-cased, surrounding punctuation
+stripped, for the repetition measures):
+  distinct2      distinct word bigrams / word bigrams (1.0 under 3 words),
+  repeat_share   count of the most frequent word / words,
+  nonword_share  share of tokens with no letter a-z/A-Z, or a run of 4+ identical characters, or over
+                 20 characters (so text in a non-Latin script counts as non-words too),
+and flags it degenerate when distinct2 < 0.5 or repeat_share > 0.4 (both only with at least 3 words, so
+"Sure!" is not degenerate) or nonword_share > 0.3, or when it is empty. An alpha is degenerate when
+more than half of its completions are (`degenerate_share` > 0.5, per scope: pooled or per prompt).
+`curve_summary` then fits the tanh a second time on the fit range: the contiguous run of non-degenerate
+alphas (on the sorted grid) containing alpha = 0, or, when 0 is degenerate or off the grid, the
+non-degenerate alpha nearest to 0 (a tie goes to the longer run, then to the negative side).
+
 Reproducibility: row r samples with its own generator torch.Generator(seed_r), one uniform per decode
 step, by inverse CDF (prompts.RowSampler). A completion is therefore a function of (prompt, alpha,
 seed_r), the sampling settings and the model/dtype/device, not of which rows shared its batch (up to
@@ -18,7 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
+import string
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -59,6 +77,22 @@ PRESETS = {
                  max_new_tokens=24),
 }
 Z95 = 1.959963984540054
+
+# The documented degeneration rule (module docstring): a completion is degenerate when one measure
+# crosses its threshold. Fluent English sits far from all three (distinct2 ~ 1, repeat_share ~ 0.1-0.3,
+# nonword_share ~ 0); looping or garbage text crosses at least one.
+MIN_DISTINCT2 = 0.5  # fewer distinct word bigrams than this share: the text loops
+MAX_REPEAT_SHARE = 0.4  # one word makes more than this share of the text
+MAX_NONWORD_SHARE = 0.3  # more than this share of tokens are not words
+MIN_WORDS_FOR_REPETITION = 3  # shorter texts are too short to judge repetition ("Sure!", "Hi there")
+NONWORD_MAX_LENGTH = 20  # a token longer than this is not a word
+MAX_DEGENERATE_SHARE = 0.5  # an alpha is degenerate when more than this share of its completions are
+DEGENERATION_RULE = (f"a completion is degenerate when empty, or distinct2 < {MIN_DISTINCT2} or repeat_share > "
+                     f"{MAX_REPEAT_SHARE} (with >= {MIN_WORDS_FOR_REPETITION} words), or nonword_share > "
+                     f"{MAX_NONWORD_SHARE}; an alpha is degenerate when more than {MAX_DEGENERATE_SHARE} of its "
+                     "completions are; tanh_fit_nondegenerate fits the contiguous non-degenerate alphas around 0")
+_LETTER = re.compile(r"[A-Za-z]")
+_RUN4 = re.compile(r"(.)\1{3,}", re.DOTALL)
 
 
 # ----------------------------------------------------------------------------- seeded sampling
@@ -141,6 +175,59 @@ def regenerate(model: Model, vector, layer: int, prompt: str, alpha: float, seed
     return generate_rows(model, vector, layer, [(prompt, float(alpha), int(seed))], settings)[0]["completion"]
 
 
+# ----------------------------------------------------------------------------- degeneration
+
+
+def _is_nonword(token: str) -> bool:
+    return (_LETTER.search(token) is None or _RUN4.search(token) is not None
+            or len(token) > NONWORD_MAX_LENGTH)
+
+
+def degeneration(text: str) -> dict:
+    """Repetition and non-word measures of one completion, and the rule's verdict (module docstring)."""
+    tokens = (text or "").split()
+    words = [t.lower().strip(string.punctuation) or t.lower() for t in tokens]
+    n = len(words)
+    if n == 0:
+        return dict(n_words=0, distinct2=1.0, repeat_share=0.0, nonword_share=0.0, degenerate=True)
+    bigrams = list(zip(words, words[1:]))
+    distinct2 = len(set(bigrams)) / len(bigrams) if n >= 3 else 1.0
+    repeat_share = Counter(words).most_common(1)[0][1] / n
+    nonword_share = sum(map(_is_nonword, tokens)) / n
+    repetitive = n >= MIN_WORDS_FOR_REPETITION and (distinct2 < MIN_DISTINCT2 or repeat_share > MAX_REPEAT_SHARE)
+    return dict(n_words=n, distinct2=distinct2, repeat_share=repeat_share, nonword_share=nonword_share,
+                degenerate=bool(repetitive or nonword_share > MAX_NONWORD_SHARE))
+
+
+DEGENERATION_COLUMNS = ("n_words", "distinct2", "repeat_share", "nonword_share", "degenerate")
+
+
+def fit_range(alphas, degenerate) -> tuple[float, float] | None:
+    """The contiguous run of non-degenerate alphas containing 0 or, failing that, the one nearest 0."""
+    order = np.argsort(np.asarray(alphas, dtype=np.float64))
+    x = np.asarray(alphas, dtype=np.float64)[order]
+    bad = np.asarray(degenerate, dtype=bool)[order]
+    runs, start = [], None  # (first, last) index of each run of non-degenerate alphas
+    for i, b in enumerate(bad):
+        if not b and start is None:
+            start = i
+        if b and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    if start is not None:
+        runs.append((start, len(x) - 1))
+    if not runs:
+        return None
+
+    # The run's distance to 0 (0 when it contains 0), then its length (longer first), then its position.
+    def rank(run):
+        lo, hi = x[run[0]], x[run[1]]
+        return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi)), -(run[1] - run[0]), lo)
+
+    lo, hi = min(runs, key=rank)
+    return float(x[lo]), float(x[hi])
+
+
 # ----------------------------------------------------------------------------- curve statistics
 
 
@@ -202,14 +289,19 @@ def fit_tanh(alphas, p) -> dict:
 
 
 def concept_curve(scores, *, group: Sequence[str] = ("judge",)) -> "pd.DataFrame":
-    """Per alpha, pooled over prompts and per prompt: k, n, p = k/n, Wilson 95% CI, mean judge score."""
+    """Per alpha, pooled over prompts and per prompt: k, n, p = k/n, Wilson 95% CI, mean judge score,
+    the share of degenerate completions and whether the alpha is degenerate (NaN, False without the
+    scores' `degenerate` column)."""
     import pandas as pd
 
     frames = []
     keys = list(group)
+    flags = scores["degenerate"].astype(np.float64) if "degenerate" in scores.columns else np.nan
+    scores = scores.assign(degenerate_share=flags)
     for scope, by in (("pooled", keys + ["alpha"]), ("prompt", keys + ["prompt_index", "alpha"])):
         g = scores.groupby(by, sort=True)
-        agg = g.agg(k=("judged", "sum"), n=("judged", "size"), mean_score=("score", "mean")).reset_index()
+        agg = g.agg(k=("judged", "sum"), n=("judged", "size"), mean_score=("score", "mean"),
+                    degenerate_share=("degenerate_share", "mean")).reset_index()
         if scope == "pooled":
             agg["prompt_index"] = -1
         agg["scope"] = scope
@@ -218,17 +310,35 @@ def concept_curve(scores, *, group: Sequence[str] = ("judge",)) -> "pd.DataFrame
     curve["k"] = curve["k"].astype(np.int64)
     curve["p"] = curve["k"] / curve["n"]
     curve["ci_low"], curve["ci_high"] = wilson_interval(curve["k"].to_numpy(), curve["n"].to_numpy())
-    return curve[keys + ["scope", "prompt_index", "alpha", "k", "n", "p", "ci_low", "ci_high", "mean_score"]]
+    curve["degenerate"] = (curve["degenerate_share"] > MAX_DEGENERATE_SHARE).astype(bool)
+    return curve[keys + ["scope", "prompt_index", "alpha", "k", "n", "p", "ci_low", "ci_high", "mean_score",
+                         "degenerate_share", "degenerate"]]
+
+
+def _spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or np.unique(y).size < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
 
 
 def curve_summary(curve) -> dict:
-    """Per judge: the pooled curve, its tanh fit, Spearman rho with alpha, and per-prompt fits."""
-    from scipy.stats import spearmanr
-
+    """Per judge: the pooled curve, its tanh fit and Spearman rho with alpha (over all alphas and over the
+    non-degenerate fit range), the degenerate alphas, and per-prompt fits."""
     out = {}
     for judge, frame in curve.groupby("judge", sort=False):
         pooled = frame[frame["scope"] == "pooled"].sort_values("alpha")
-        rho = spearmanr(pooled["alpha"], pooled["p"]).statistic if pooled["p"].nunique() > 1 else float("nan")
+        bad = pooled["degenerate"].to_numpy(bool) if "degenerate" in pooled else np.zeros(len(pooled), bool)
+        share = pooled["degenerate_share"] if "degenerate_share" in pooled else np.full(len(pooled), np.nan)
+        span = fit_range(pooled["alpha"], bad)
+        if span is None:
+            fit_nd = dict(fit_tanh([], []), status="every alpha is degenerate: nothing to fit")
+            rho_nd = float("nan")
+        else:
+            inside = pooled[pooled["alpha"].between(*span)]
+            fit_nd, rho_nd = fit_tanh(inside["alpha"], inside["p"]), _spearman(inside["alpha"], inside["p"])
         per_prompt = {}
         for prompt_index, pf in frame[frame["scope"] == "prompt"].groupby("prompt_index"):
             pf = pf.sort_values("alpha")
@@ -236,8 +346,12 @@ def curve_summary(curve) -> dict:
         out[judge] = {
             "alpha": pooled["alpha"].tolist(), "p": pooled["p"].tolist(), "ci_low": pooled["ci_low"].tolist(),
             "ci_high": pooled["ci_high"].tolist(), "mean_score": pooled["mean_score"].tolist(),
-            "n_per_alpha": pooled["n"].tolist(), "spearman_rho": float(rho),
+            "n_per_alpha": pooled["n"].tolist(), "spearman_rho": _spearman(pooled["alpha"], pooled["p"]),
             "tanh_fit": fit_tanh(pooled["alpha"], pooled["p"]), "tanh_fit_per_prompt": per_prompt,
+            "degenerate_share": [None if np.isnan(v) else float(v) for v in np.asarray(share, dtype=np.float64)],
+            "degenerate_alphas": pooled["alpha"][bad].astype(float).tolist(),
+            "fit_range": None if span is None else list(span),
+            "tanh_fit_nondegenerate": fit_nd, "spearman_rho_nondegenerate": rho_nd,
         }
     return out
 
@@ -348,6 +462,9 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     ])
 
     texts = completions["completion"].tolist()
+    measures = pd.DataFrame([degeneration(t) for t in texts], columns=list(DEGENERATION_COLUMNS))
+    for col in DEGENERATION_COLUMNS:
+        completions[col] = measures[col].to_numpy()
     score_frames, judge_seconds, judge_notes = [], {}, {}
     for j in judge_objs:
         t0 = time.perf_counter()
@@ -362,7 +479,7 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
         judge_seconds[j.name] = time.perf_counter() - t0
         completions[f"score_{j.name}"] = s
         frame = completions[["completion_id", "model", "concept", "layer", "setting", "alpha", "prompt_index",
-                             "completion_index", "seed"]].copy()
+                             "completion_index", "seed", *DEGENERATION_COLUMNS]].copy()
         frame["judge"] = j.name
         frame["score"] = s
         frame["judged"] = s >= j.threshold
@@ -377,6 +494,13 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
         if mean_mass < 0.5:
             notes.append(f"the {name} judge put only {mean_mass:.2f} of its next-token mass on '1'/'0' on "
                          "average: it may not be following the question; try a stronger --judge-model")
+    curves = curve_summary(curve)
+    first = next(iter(curves.values()))  # degeneration is a property of the completions, not of the judge
+    if first["degenerate_alphas"]:
+        where = ("no alpha is left to fit" if first["fit_range"] is None else
+                 "tanh_fit_nondegenerate fits alpha in [{:g}, {:g}]".format(*first["fit_range"]))
+        notes.append(f"completions degenerate at alpha {', '.join(f'{x:g}' for x in first['degenerate_alphas'])} "
+                     f"(repetition or non-words; rule: {DEGENERATION_RULE}): {where}")
     summary = {
         "metric": "concept_probability", "model": model.name, "model_fingerprint": model.fingerprint(),
         "concept": concept, "layer": layer, "setting": setting, "alphas": a, "prompts": prompts,
@@ -387,7 +511,8 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
         "judges": {j.name: j.describe() for j in judge_objs},
         "judge_accuracy": accuracy,
         "judge_answer_mass": answer_mass,
-        "curves": curve_summary(curve),
+        "curves": curves,
+        "degeneration_rule": DEGENERATION_RULE,
         "notes": notes,
         "seconds": {"generate": gen_seconds, "judges": judge_seconds, "total": time.perf_counter() - t_start},
         "n_rows": len(rows),

@@ -39,3 +39,41 @@ def zero_index(alphas: torch.Tensor) -> int:
     if hits.numel() == 0:
         raise InputError("the alpha grid has no 0; Delta quantities are measured against alpha = 0")
     return int(hits[0])
+
+
+# ----------------------------------------------------------------------------- residual units
+# alpha_resid = alpha * ||v|| / r_l, where r_l is the median residual-stream norm at layer l (first token left out,
+# vectors.residual_norms): the norm of the added alpha * v as a multiple of the stream it is added to. A grid in
+# residual units means the same strength at any layer of any model (norms grow ~9x from layer 3 to 29 of SmolLM2).
+
+ALPHA_UNITS = ("raw", "resid")
+
+
+def check_unit(unit: str) -> str:
+    if unit not in ALPHA_UNITS:
+        raise InputError(f"the alpha unit must be raw or resid (multiples of the layer's median residual norm), "
+                         f"not {unit!r}")
+    return unit
+
+
+def resid_scale(vector: torch.Tensor, residual_norm: float) -> float:
+    """alpha_resid per unit of raw alpha: ||v|| / r_l."""
+    if not residual_norm > 0:
+        raise InputError(f"the residual norm must be positive, not {residual_norm}")
+    norm = float(torch.as_tensor(vector).double().norm())
+    if norm == 0:
+        raise InputError("the steering vector is zero; alpha has no residual-unit equivalent")
+    return norm / float(residual_norm)
+
+
+def to_raw(alphas, unit: str, scale: float) -> torch.Tensor:
+    """A grid in `unit` as raw alphas (the coefficient of v that `steer` adds); 0 stays exactly 0."""
+    a = as_alphas(alphas)
+    return a if check_unit(unit) == "raw" else a / scale
+
+
+def add_resid_column(frame, scale: float, column: str = "alpha"):
+    """Tables carry both strengths: `alpha` (raw) and `alpha_resid` next to it."""
+    if column in frame.columns and "alpha_resid" not in frame.columns:
+        frame.insert(list(frame.columns).index(column) + 1, "alpha_resid", frame[column].astype("float64") * scale)
+    return frame

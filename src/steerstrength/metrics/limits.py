@@ -21,11 +21,8 @@ _LIMIT_RMS = 100.0
 
 
 def final_logit_softcap(model: Model) -> float | None:
-    """The model's final logit soft-capping constant (Gemma 2/3), or None."""
-    config = model.hf.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    cap = getattr(text, "final_logit_softcapping", None)
-    return float(cap) if cap else None
+    """The model's final logit soft-capping constant (Gemma 2/3), or None (models.Model owns the fact)."""
+    return model.final_logit_softcap
 
 
 @torch.inference_mode()
@@ -38,11 +35,7 @@ def limit_logits(model: Model, vector, sign: int = 1) -> torch.Tensor:
     if rms == 0:
         raise InputError("the steering vector is zero; its large-alpha limit is undefined")
     x = (sign * _LIMIT_RMS / rms) * v.float()
-    y = model.unembed(model.final_norm(x.to(model.dtype)[None, None, :]))[0, 0].float()
-    cap = final_logit_softcap(model)
-    if cap is not None:
-        y = torch.tanh(y / cap) * cap
-    return y.cpu()
+    return model.logits_of(x[None, None, :])[0, 0].cpu()
 
 
 def limit_probs(model: Model, vector, sign: int = 1) -> torch.Tensor:

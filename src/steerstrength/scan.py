@@ -1,0 +1,137 @@
+"""The layer where a concept lives (`--layers auto`, `steerstrength vectors scan`): one forward pass per text, no generation.
+
+Per layer l, from the token-averaged residual streams of P and N (Eq. 3, first token left out):
+- `heldout_auc`: the difference of means v_l computed on the training texts, and the held-out P and N texts
+  projected on it; the AUC of P against N (0.5: v_l does not separate the concept; 1: it does perfectly);
+- `lens_share`: the fraction of the `top_k` tokens of the unembedded direction LN(v_l) W^T (Prop. 4.1's limit
+  distribution, what steering at large alpha converges to) whose log-odds M (Def. 3.2, measured on the same
+  pass from the last layer) are in the top `extremal_fraction` of the vocabulary: does v_l point at concept words?
+- `score` = (2 AUC - 1) * lens_share; the chosen layer maximizes it over [n/6, n - 2] (ties: the earlier layer).
+  The last block is left out: steering its output is a fixed logit bias with no computation left to act through.
+
+On SmolLM2-135M the lens share is ~0 up to layer ~18 and grows to 0.4-1.0 at layers 22-29 (docs/fidelity.md):
+the middle layer separates P from N (AUC ~1) without pointing at concept words, which is why the paper's middle
+layer shows function words there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from steerstrength.errors import InputError
+from steerstrength.models import Model
+from steerstrength.steering import hidden_at
+
+DEFAULT_TOP_K = 50
+DEFAULT_EXTREMAL_FRACTION = 0.01
+RULE = ("score = (2 * held-out AUC - 1) * lens share; lens share = fraction of the top-{k} tokens of LN(v) W^T "
+        "with log-odds M in the top {f:.0%} of the vocabulary; argmax over layers {lo}..{hi}")
+
+
+@dataclass
+class LayerScan:
+    """The per-layer table and the chosen layer."""
+
+    table: "object"  # pandas DataFrame, one row per layer
+    chosen: int
+    rule: str
+
+    def tables(self) -> dict:
+        return {"layer_scan": self.table}
+
+    def summary(self) -> dict:
+        cols = ["layer", "heldout_auc", "lens_share", "score", "vector_norm", "residual_norm"]
+        return dict(chosen=self.chosen, rule=self.rule,
+                    per_layer=self.table[cols].to_dict(orient="list"),
+                    lens_top=dict(zip(self.table["layer"].tolist(), self.table["lens_top"].tolist())))
+
+
+@torch.inference_mode()
+def _pass(model: Model, texts: Sequence[str], layers: list[int], batch_size: int, progress):
+    """Per layer [n, d] float64 token means (first token out), per-token norms, and [V] sum of last-token log p."""
+    acc = torch.device("cpu") if model.device.type == "mps" else model.device
+    last = model.n_layers - 1
+    want = sorted(set(layers) | {last})
+    means = {layer: torch.empty((len(texts), model.d_model), dtype=torch.float64) for layer in want}
+    norms: dict[int, list] = {layer: [] for layer in want}
+    log_p = torch.zeros(model.vocab_size, dtype=torch.float64)
+    for start in range(0, len(texts), batch_size):
+        enc = model.encode(list(texts[start:start + batch_size]), padding_side="right")
+        mask = enc.attention_mask.clone()
+        mask[:, 0] = 0
+        n = mask.sum(-1)
+        if (n == 0).any():
+            raise InputError("a text has a single token; the scan needs texts of two tokens or more")
+        hidden = hidden_at(model, enc, want)
+        w = mask.to(acc, torch.float64).unsqueeze(-1)
+        for layer in want:
+            h = hidden[layer].to(acc, torch.float64)
+            means[layer][start:start + len(n)] = ((h * w).sum(1) / n.to(acc, torch.float64)[:, None]).cpu()
+            norms[layer].append(hidden[layer].float()[mask.bool()].norm(dim=-1).cpu())
+        # M's next-token distributions come from the same pass: the last block's state at each text's last token.
+        ends = enc.attention_mask.sum(-1) - 1
+        top = hidden[last][torch.arange(len(ends), device=ends.device), ends]
+        log_p += torch.log_softmax(model.logits_of(top), dim=-1).double().sum(0).cpu()
+        if progress is not None:
+            progress(len(n))
+    return means, {layer: torch.cat(v) for layer, v in norms.items()}, log_p
+
+
+def scan_layers(model: Model, positive: Sequence[str], negative: Sequence[str], *,
+                heldout_positive: Sequence[str] | None = None, heldout_negative: Sequence[str] | None = None,
+                layers: Sequence[int] | None = None, top_k: int = DEFAULT_TOP_K,
+                extremal_fraction: float = DEFAULT_EXTREMAL_FRACTION, batch_size: int = 8,
+                progress: Callable[[int], None] | None = None, labels: dict | None = None) -> LayerScan:
+    """Score every layer for `--layers auto` (module doc). Without held-out texts, every third text is held out."""
+    import pandas as pd
+
+    from steerstrength.judges import roc_auc
+    from steerstrength.metrics.logodds import extremal_thresholds
+
+    positive, negative = list(positive), list(negative)
+    if heldout_positive is None or heldout_negative is None:
+        positive, heldout_positive = [t for i, t in enumerate(positive) if i % 3 != 2], positive[2::3]
+        negative, heldout_negative = [t for i, t in enumerate(negative) if i % 3 != 2], negative[2::3]
+    for name, texts in (("P", positive), ("N", negative), ("held-out P", heldout_positive),
+                        ("held-out N", heldout_negative)):
+        if len(texts) < 2:
+            raise InputError(f"the layer scan needs at least 2 {name} texts, not {len(texts)}; give more texts")
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1, not {top_k}")
+    n = model.n_layers
+    lo, hi = max(0, n // 6), max(0, n - 2)
+    layers = list(range(n)) if layers is None else sorted(set(int(x) for x in layers))
+    runs = {}
+    for name, texts in (("P", positive), ("N", negative), ("hP", heldout_positive), ("hN", heldout_negative)):
+        runs[name] = _pass(model, texts, layers, batch_size, progress)
+    M = runs["P"][2] / len(positive) - runs["N"][2] / len(negative)
+    high, _ = extremal_thresholds(M, extremal_fraction)
+    rows = []
+    for layer in layers:
+        v = runs["P"][0][layer].mean(0) - runs["N"][0][layer].mean(0)
+        auc = roc_auc((runs["hP"][0][layer] @ v).numpy(), (runs["hN"][0][layer] @ v).numpy())
+        norm_v = float(v.norm())
+        if norm_v == 0:
+            share, top = 0.0, []
+        else:
+            from steerstrength.metrics.limits import limit_logits
+
+            ids = limit_logits(model, v.float()).topk(min(top_k, model.vocab_size)).indices
+            share = float((M[ids] >= high).double().mean())
+            top = model.token_strings(ids[:10].tolist())
+        all_norms = torch.cat([runs[k][1][layer] for k in runs])
+        rows.append(dict(labels or {}, layer=layer, heldout_auc=auc, lens_share=share, score=max(0.0, 2 * auc - 1) * share,
+                         vector_norm=norm_v, residual_norm=float(all_norms.double().median()),
+                         lens_top=" | ".join(top), eligible=lo <= layer <= hi))
+    table = pd.DataFrame(rows)
+    eligible = table[table["eligible"]]
+    if eligible.empty:
+        eligible = table
+    best = eligible["score"].to_numpy()
+    chosen = int(eligible["layer"].to_numpy()[int(np.argmax(best))])  # argmax: the first (earlier) on ties
+    table["chosen"] = table["layer"] == chosen
+    return LayerScan(table, chosen, RULE.format(k=top_k, f=extremal_fraction, lo=lo, hi=hi))
