@@ -12,8 +12,29 @@ def test_presets_differ_in_size_not_in_shape():
     assert paper.prompts.n == 500 and paper.prompts.max_new_tokens == 300
     assert paper.tokens.n_alphas == 1024 and paper.xent.n_tokens == 1_000_000
     assert (paper.concept.n_prompts, paper.concept.completions) == (12, 32)
-    assert len(paper.concepts) == 8 and paper.layers == ["early", "middle", "late"]
+    assert len(paper.concepts) == 8 and paper.layers == ["early", "middle", "late", "auto"]
     assert demo.prompts.n < paper.prompts.n and demo.concepts == ["joy"]
+
+
+def test_presets_steer_the_scanned_layer_with_curated_pairs_in_residual_units():
+    for cfg in (preset("demo"), preset("paper")):
+        assert "auto" in cfg.layers and cfg.prompts.source == "curated" and cfg.setting == "contrastive"
+        assert cfg.alpha_unit == "resid"
+        # One grid means the same at any layer: strengths of order the residual norm, not raw hundreds.
+        assert cfg.tokens.alpha_max <= 4 and cfg.concept.alpha_max <= 2 and cfg.xent.alpha_max <= 2
+    assert preset("demo").layers == ["auto", "middle"]
+
+
+def test_auto_is_left_to_the_scan_and_names_resolve_everywhere():
+    assert resolve_layers(["auto", "middle"], 30) == [15]
+    assert resolve_layers(["early", "late", "3"], 30) == [3, 5, 25]
+    from steerstrength.vectors import parse_layers
+
+    assert parse_layers("early,middle,late", 30) == [5, 15, 25]
+    with pytest.raises(InputError, match="alpha_unit"):
+        build_config("demo", None, ["alpha_unit=furlongs"])
+    with pytest.raises(InputError, match="prompts.source"):
+        build_config("demo", None, ["prompts.source=web"])
 
 
 def test_overrides_parse_types_and_nested_keys():

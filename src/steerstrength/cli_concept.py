@@ -77,7 +77,7 @@ def _concept_table(summary: dict) -> None:
 def sweep_concept(
     vectors: Path = VectorsOpt,
     layers: Optional[str] = LayersOpt,
-    judge: List[str] = typer.Option(["llm"], "--judge", "-j", help="llm, lexicon or embedding; repeat to score the "
+    judge: List[str] = typer.Option(["llm"], "--judge", "-j", help="probe (calibrated, best measured), llm, lexicon or embedding; repeat to score the "
                                                                       "same completions with several judges."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The llm judge's model; default: the steered model."),
     positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts (JSONL 'text' or one per line): "

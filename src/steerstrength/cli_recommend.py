@@ -99,7 +99,7 @@ def recommend(
     positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts: log-odds targets (sweet-spot), "
                                                                           "judge calibration and accuracy."),
     negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts, same formats."),
-    judge: str = typer.Option("lexicon", "--judge", "-j", help="grid-judge / global: llm, lexicon or embedding."),
+    judge: str = typer.Option("lexicon", "--judge", "-j", help="grid-judge / global: probe, llm, lexicon or embedding."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model",
                                               help="The llm judge's model; default: the steered one."),
     alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="Grid linspace(0, alpha_max); default: "

@@ -67,6 +67,15 @@ class LogOddsConfig:
 
 
 @dataclass
+class DepthConfig:
+    enabled: bool = True
+    every: int = 3  # steer every `every`-th layer (plus the run's layers)
+    alpha_max: float = 1.5  # always in residual units: layers are compared at the same relative strength
+    n_alphas: int = 64
+    n_contexts: int = 4
+
+
+@dataclass
 class LimitConfig:
     enabled: bool = True
     alphas: list = field(default_factory=lambda: [1e1, 1e2, 1e3, 1e4])  # |alpha| in RunConfig.alpha_unit
@@ -128,6 +137,7 @@ class RunConfig:
     vectors: VectorsConfig = field(default_factory=VectorsConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     logodds: LogOddsConfig = field(default_factory=LogOddsConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
     limit: LimitConfig = field(default_factory=LimitConfig)
     xent: XentConfig = field(default_factory=XentConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
@@ -299,7 +309,8 @@ def resolve_layers(spec: list, n_layers: int) -> list[int]:
         elif isinstance(item, int) and 0 <= item < n_layers:
             out.append(item)
         else:
-            raise InputError(f"layer {item!r} is not auto/early/middle/late or an index in [0, {n_layers})")
+            raise InputError(f"layer {item!r} is outside [0, {n_layers}): give an index 0..{n_layers - 1}, "
+                             "or auto, early, middle, late")
     return sorted(set(out))
 
 

@@ -25,11 +25,15 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from steerstrength.errors import InputError, ModelLoadError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
 
 # ----------------------------------------------------------------------------- interface
 
@@ -503,7 +507,7 @@ class ProbeJudge(Judge):
 
     def __init__(self, *, device: str = "cpu", batch_size: int = 32, model_dir: str | os.PathLike | None = None):
         self.embedder = SentenceEmbedder.create(device=device, batch_size=batch_size, model_dir=model_dir)
-        self.heads: dict = {}  # concept -> fitted LogisticRegression
+        self.heads: dict[str, LogisticRegression] = {}  # concept -> its fitted head
         self.training: dict[str, dict] = {}  # concept -> what its head was trained on
         self._neutral: np.ndarray | None = None
 
@@ -511,9 +515,10 @@ class ProbeJudge(Judge):
         from steerstrength.prompts import curated_concepts
 
         super().check(concept)
-        if concept not in self.heads and concept.strip().lower() not in curated_concepts():
-            raise InputError(f"the probe judge is trained only for the curated concepts ({', '.join(curated_concepts())}); "
-                             f"for {concept!r} train it on P and N texts (ProbeJudge.calibrate) or use --judge embedding "
+        curated = curated_concepts()
+        if concept not in self.heads and concept.strip().lower() not in curated:
+            raise InputError(f"the probe judge is trained only for the curated concepts ({', '.join(curated)}); for "
+                             f"{concept!r} train it on P and N texts (ProbeJudge.calibrate) or use --judge embedding "
                              "or --judge llm")
 
     def neutral_embeddings(self) -> np.ndarray:
@@ -545,7 +550,7 @@ class ProbeJudge(Judge):
         Judge.check(self, concept)
         return self.fit(positive, negative, concept, source="user")
 
-    def head(self, concept: str):
+    def head(self, concept: str) -> LogisticRegression:
         """The concept's fitted head; a curated concept's is trained on the curated train split on first use."""
         if concept not in self.heads:
             from steerstrength.prompts import curated_texts
@@ -597,15 +602,15 @@ REPORT_METRICS = ("balanced_accuracy", "auc", "auc_neutral", "auc_contrastive", 
                   "true_negative_rate_contrastive", "true_negative_rate_neutral")
 
 
-def held_out_report(judge_names: Sequence[str] = ("probe", "embedding", "lexicon"), concepts: Sequence[str] | None = None,
-                    *, device: str = "cpu", judge_model=None):
+def held_out_report(judge_names: Sequence[str] = ("probe", "embedding", "lexicon"),
+                    concepts: Sequence[str] | None = None, *, device: str = "cpu",
+                    judge_model=None) -> pd.DataFrame:
     """Each judge on the curated held-out split: P against contrastive N plus the neutral held-out texts.
 
     A judge that calibrates is calibrated on the train split's P and contrastive N only; the probe
     trains on the train split. One row per (judge, concept): balanced accuracy at the judge's
     threshold and ROC AUC against all negatives, the AUC against neutral only and contrastive only,
     and the rates. A judge that cannot judge a concept gets NaN and its reason in `note`.
-    Returns a pandas DataFrame.
     """
     import pandas as pd
 

@@ -1,6 +1,6 @@
 """`steerstrength run`: the stages wired together over a resumable run directory.
 
-prompts -> vectors -> tokens -> logodds -> limit -> xent -> concept -> mmlu -> recommend -> figures -> report.
+prompts -> vectors -> tokens -> logodds -> depth -> limit -> xent -> concept -> mmlu -> recommend -> figures -> report.
 Each stage has a key: the hash of its config and of its upstream keys. A stage whose key and outputs
 are in the manifest is skipped; sweeps keep finished chunks, so a killed run resumes where it stopped
 and ends with the same tables as an uninterrupted one.
@@ -20,7 +20,7 @@ from steerstrength.errors import InputError
 from steerstrength.io import atomic_path, write_json, write_jsonl, write_parquet
 from steerstrength.runs import RunDir, package_versions
 
-STAGES = ("prompts", "vectors", "tokens", "logodds", "limit", "xent", "concept", "mmlu", "recommend", "figures",
+STAGES = ("prompts", "vectors", "tokens", "logodds", "depth", "limit", "xent", "concept", "mmlu", "recommend", "figures",
           "report")
 
 
@@ -271,6 +271,34 @@ def stage_logodds(ctx: Context) -> list[str]:
             write_json(ctx.run.path("tables", "logodds.json"), analysis)]
 
 
+def stage_depth(ctx: Context) -> list[str]:
+    """Concept words, bumps and Spearman(M, peak) against the steered layer (metrics/depth.py)."""
+    import pandas as pd
+    import torch
+
+    from steerstrength.metrics.depth import depth_profile
+    from steerstrength.metrics.grid import linspace_grid
+
+    d = ctx.cfg.depth
+    grid = linspace_grid(-d.alpha_max, d.alpha_max, d.n_alphas)
+    logodds = pd.read_parquet(ctx.run.path("tables", "logodds.parquet"), columns=["concept", "token_id", "M"])
+    tables, tops = [], []
+    for concept in ctx.cfg.concepts:
+        sv = ctx.vectors(concept)
+        layers = sorted(set(range(0, ctx.model.n_layers, d.every)) | set(sv.layers))
+        lo = logodds[logodds["concept"] == concept].sort_values("token_id")
+        M = torch.tensor(lo["M"].to_numpy(), dtype=torch.float64)
+        pos, neg = ctx.prompt_texts(concept)
+        contexts = [c for c in _contexts(ctx, concept) if c["kind"] == "neutral"][: d.n_contexts]
+        with ctx.progress(f"{concept}: depth profile", len(layers)) as advance:
+            table, top = depth_profile(ctx.model, pos, neg, layers, contexts, grid, M, positions=ctx.cfg.positions,
+                                       progress=advance, labels=dict(model=ctx.model.name, concept=concept))
+        tables.append(table.assign(steered=table["layer"].isin(sv.layers)))
+        tops.append(top)
+    return [write_parquet(ctx.run.path("tables", "depth.parquet"), pd.concat(tables, ignore_index=True)),
+            write_parquet(ctx.run.path("tables", "depth_top.parquet"), pd.concat(tops, ignore_index=True))]
+
+
 def stage_limit(ctx: Context) -> list[str]:
     import pandas as pd
 
@@ -431,6 +459,7 @@ def stage_report(ctx: Context) -> list[str]:
 
 STAGE_FUNCS = {
     "prompts": stage_prompts, "vectors": stage_vectors, "tokens": stage_tokens, "logodds": stage_logodds,
+    "depth": stage_depth,
     "limit": stage_limit, "xent": stage_xent, "concept": stage_concept, "mmlu": stage_mmlu,
     "recommend": stage_recommend, "figures": stage_figures, "report": stage_report,
 }
@@ -445,6 +474,7 @@ def stage_keys(cfg: RunConfig) -> dict[str, str]:
     steer = _hash(k["vectors"], cfg.positions, cfg.alpha_unit)
     k["tokens"] = _hash(steer, d["tokens"])
     k["logodds"] = _hash(k["tokens"], d["logodds"])
+    k["depth"] = _hash(k["logodds"], d["depth"], d["tokens"]["contexts_file"])
     k["limit"] = _hash(steer, d["limit"], d["tokens"]["contexts_file"], d["tokens"]["n_contexts"])
     k["xent"] = _hash(steer, d["xent"])
     k["concept"] = _hash(steer, d["concept"])

@@ -95,15 +95,79 @@ def findings_tokens(run: RunTables) -> str:
         out.append("<p class='rule'>Shapes are classified on the whole grid [α_min, α_max] (metrics.tokens): a token "
                    "that dominates at α_min rises towards α_min, so it reads as decreasing (or other when it also "
                    "moves at α &gt; 0).</p>")
-        out.append("<p>Thm 3.3: " + verdict(unimodal >= 0.75 * n if n else None,
-                                            "at least 75% of the dominating tokens' Δp curves are unimodal "
-                                            "(a bump, or still increasing at α_max)") + "</p>")
+        ok = unimodal >= 0.75 * n if n else None
+        out.append("<p>Thm 3.3: " + verdict(ok, "at least 75% of the dominating tokens' Δp curves are unimodal "
+                                                "(a bump, or still increasing at α_max)") + "</p>")
+        out.append(_concept_words(run, concept, int(layer), dom))
+        if ok is False:
+            out.append(_why_not(run, concept, int(layer)))
         lines = []
         for cid, c in dom.groupby("context_id", sort=False):
             words = ", ".join(token_label(t, 24) for t in c.sort_values("rank")["token"].tolist())
             lines.append(f"<li><span class='ctx'>{esc(_short(texts.get(cid, cid)))}</span>: {esc(words)}</li>")
         out.append("<details><summary>Top-8 tokens at α_max per context</summary><ul>" + "".join(lines) +
                    "</ul></details>")
+    return "\n".join(out)
+
+
+def _concept_words(run: RunTables, concept: str, layer: int, dom) -> str:
+    """The top-8 tokens at α_max that are concept words (log-odds M in the top 5% of the vocabulary), listed."""
+    from steerstrength.metrics.depth import CONCEPT_WORD_FRACTION, concept_word_threshold
+
+    lo = run.table("logodds", columns=["concept", "token_id", "M"])
+    if lo is None or concept not in set(lo["concept"]):
+        return ""
+    lo = lo[lo["concept"] == concept].sort_values("token_id")
+    import torch
+
+    M = torch.tensor(lo["M"].to_numpy(), dtype=torch.float64)
+    hi = concept_word_threshold(M, CONCEPT_WORD_FRACTION)
+    words = dom[[float(M[t]) >= hi for t in dom["token_id"]]]["token"].value_counts()
+    share = float(words.sum()) / len(dom) if len(dom) else float("nan")
+    listed = ", ".join(f"{token_label(t, 20)} ×{c}" for t, c in words.head(16).items()) or "none"
+    return (f"<p>Concept words among the top-8 at α_max: <b>{pct(share)}</b> (chance {pct(CONCEPT_WORD_FRACTION)}; "
+            f"a concept word has log-odds M in the top {pct(CONCEPT_WORD_FRACTION)} of the vocabulary): "
+            f"{esc(listed)}.</p>")
+
+
+def _why_not(run: RunTables, concept: str, layer: int) -> str:
+    """A measured reason when a layer disagrees: what the layer scan says about that layer."""
+    scan = run.table("layer_scan")
+    if scan is None or concept not in set(scan["concept"]):
+        return ""
+    s = scan[scan["concept"] == concept].set_index("layer")
+    if layer not in s.index:
+        return ""
+    row, chosen = s.loc[layer], int(s[s["chosen"]].index[0])
+    best = s.loc[chosen]
+    return (f"<p class='why'>Why: at layer {layer} the steering direction separates P from N (held-out AUC "
+            f"{fmt(row['heldout_auc'])}) but does not point at concept words: {pct(row['lens_share'])} of the top "
+            f"tokens of LN(v)Wᵀ have high log-odds, against {pct(best['lens_share'])} at layer {chosen}, the "
+            "layer the scan picks. The dominating tokens here are function words whose curves move with the "
+            "sentence frame, not the concept: Thm 3.3 assumes a direction that carries the concept (Assumption 1), "
+            "which this layer of this model does not provide (docs/fidelity.md).</p>")
+
+
+def findings_scan(run: RunTables) -> str:
+    """The layer scan of `--layers auto` (scan.py)."""
+    data = run.summary("layer_scan")
+    depth = run.table("depth")
+    if not data and depth is None:
+        return na(run.why_missing("layer_scan"))
+    out = []
+    for concept, s in (data or {}).items():
+        per = s.get("per_layer") or {}
+        rows = [[layer, auc, share, score] for layer, auc, share, score in
+                zip(per.get("layer", []), per.get("heldout_auc", []), per.get("lens_share", []), per.get("score", []))]
+        out.append(f"<h4>{esc(concept)}: the scan picks layer {esc(s.get('chosen'))}</h4>"
+                   f"<p class='rule'>{esc(s.get('rule'))}</p>")
+        out.append("<details><summary>Per-layer scan table</summary>" +
+                   table_html(["layer", "held-out AUC", "lens share", "score"], rows) + "</details>")
+    if depth is not None and not depth.empty:
+        cols = ["concept", "layer", "concept_word_share", "bump_share", "unimodal_share", "spearman_M_peak",
+                "target_later", "top_words"]
+        out.append("<p>Steering each layer at the same strength in residual units (the depth figure):</p>" +
+                   table_html(cols, [list(r) for r in depth[cols].itertuples(index=False)]))
     return "\n".join(out)
 
 
@@ -191,11 +255,19 @@ def findings_concept(run: RunTables) -> str:
             rows.append([key, judge, acc.get("balanced_accuracy"), len(cur.get("alpha") or []),
                          (cur.get("n_per_alpha") or [None])[0], p[0] if p else None, p[-1] if p else None,
                          cur.get("spearman_rho"), fit.get("r2") if fit.get("status") == "ok" else fit.get("status")])
-            r2, rho = fit.get("r2"), cur.get("spearman_rho")
+            nd = cur.get("tanh_fit_nondegenerate") or fit
+            r2 = nd.get("r2") if nd.get("status") == "ok" else None
+            rho = cur.get("spearman_rho_nondegenerate", cur.get("spearman_rho"))
             ok = None if r2 is None or rho is None or not math.isfinite(rho) else (r2 >= 0.8 and abs(rho) >= 0.8)
+            bad = cur.get("degenerate_alphas") or []
+            where = (f" over the non-degenerate range α ∈ [{fmt((cur.get('fit_range') or [None])[0])}, "
+                     f"{fmt((cur.get('fit_range') or [None, None])[1])}]" if bad else "")
             verdicts.append(f"<li>{esc(key)} ({esc(judge)}): Thm 3.6 " +
-                            verdict(ok, "the pooled curve is monotone (|Spearman| ≥ 0.8) and sigmoidal (tanh fit "
-                                        "R² ≥ 0.8)") + "</li>")
+                            verdict(ok, f"the pooled curve{where} is monotone (|Spearman| ≥ 0.8) and sigmoidal "
+                                        "(tanh fit R² ≥ 0.8)") +
+                            (f" <span class='rule'>Degenerate text (repetition, non-words) at α = "
+                             f"{esc(', '.join(fmt(a) for a in bad))}: the concept curve falls there because the "
+                             "text has collapsed, not because the concept left.</span>" if bad else "") + "</li>")
     notes = [n for s in data.values() for n in (s.get("notes") or [])]
     out = table_html(["vector", "judge", "judge balanced accuracy on P/N", "alphas", "completions per α",
                       "p at α_min", "p at α_max", "Spearman(α, p)", "tanh fit R²"], rows)
@@ -388,7 +460,8 @@ def render(run: RunTables) -> str:
         top = run.table("tokens_top", columns=["model"])
         model = str(top["model"].iloc[0]) if top is not None and not top.empty else "unknown model"
     concepts, layers = run.concepts(), run.layers()
-    findings = [("Next-token curves (Def. 3.1, Thm 3.3)", findings_tokens),
+    findings = [("Where the concept lives (layer scan, depth)", findings_scan),
+                ("Next-token curves (Def. 3.1, Thm 3.3)", findings_tokens),
                 ("Log-odds and dominating tokens (Def. 3.2, Thm 3.3)", findings_logodds),
                 ("Large-α limit (Prop. 4.1)", findings_limit),
                 ("Cross-entropy (Def. 3.7, Thm 3.8, Prop. 4.1)", findings_xent),
