@@ -21,7 +21,8 @@ models_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(sweep_app, name="sweep")
 # Command groups, one line each:
-app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["app"]).app)  # prompts, vectors, export-gguf
+app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["app"]).app)  # prompts, export-gguf
+app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["vectors_app"]).vectors_app, name="vectors")
 import steerstrength.cli_sweeps  # noqa: F401,E402  (sweep tokens, logodds, limit, xent)
 import steerstrength.cli_concept  # noqa: F401,E402  (sweep concept, mmlu)
 app.command("recommend")(__import__("steerstrength.cli_recommend", fromlist=["recommend"]).recommend)  # which alpha?

@@ -19,21 +19,24 @@ from steerstrength.cli_sweeps import (
     PromptChatOpt,
     SettingOpt,
     Steering,
+    UnitOpt,
     VectorsOpt,
     alpha_grid,
 )
 from steerstrength.errors import InputError
 
 
-def _merge(results: list, header: dict, seconds: float, out: Path, prefix: str, frames: dict[str, str]) -> dict:
-    """One file per table over all layers; the summary keeps each layer's own."""
+def _merge(results: list, header: dict, seconds: float, out: Path, prefix: str, frames: dict[str, str],
+           st: Steering) -> dict:
+    """One file per table over all layers (alpha and alpha_resid); the summary keeps each layer's own."""
     import pandas as pd
 
     from steerstrength.io import write_json, write_jsonl, write_parquet
 
     paths = {}
     for attr, suffix in frames.items():
-        frame = pd.concat([getattr(r, attr) for r in results], ignore_index=True)
+        frame = pd.concat([st.with_resid(getattr(r, attr).copy(), int(r.summary["layer"])) for r in results],
+                          ignore_index=True)
         path = out / f"{prefix}{suffix}"
         if suffix.endswith(".jsonl"):
             write_jsonl(path, frame.to_dict(orient="records"))
@@ -77,15 +80,16 @@ def _concept_table(summary: dict) -> None:
 def sweep_concept(
     vectors: Path = VectorsOpt,
     layers: Optional[str] = LayersOpt,
-    judge: List[str] = typer.Option(["llm"], "--judge", "-j", help="probe (calibrated, best measured), llm, lexicon or embedding; repeat to score the "
-                                                                      "same completions with several judges."),
+    judge: Optional[List[str]] = typer.Option(None, "--judge", "-j", help="probe (calibrated), llm, lexicon or "
+                                              "embedding; repeat to score the same completions with several judges; "
+                                              "default: the best measured judge for the concept (judges.best_judge)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="The llm judge's model; default: the steered model."),
     positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts (JSONL 'text' or one per line): "
                                                                           "judge calibration and held-out accuracy."),
     negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts, same formats."),
     holdout: float = typer.Option(0.5, "--holdout", help="Fraction of P and N held out to measure each judge."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts (JSONL 'text' or one per line); default: "
-                                                                   "12 built-in open-ended prompts."),
+                                                                   "the 32 neutral evaluation prompts (training half)."),
     preset: str = typer.Option("paper", "--preset", help="Sizes: paper (41 alphas x 12 prompts x 32 completions x 64 "
                                                         "tokens), cpu (9 x 4 x 4 x 32) or demo (5 x 2 x 4 x 24)."),
     alpha_min: Optional[float] = typer.Option(None, "--alpha-min", help="default: the preset's (-40)."),
@@ -103,6 +107,7 @@ def sweep_concept(
     chat: Optional[bool] = PromptChatOpt,
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
+    alpha_unit: str = UnitOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
     out: Path = OutOpt,
@@ -114,31 +119,47 @@ def sweep_concept(
     """Concept probability in sampled steered completions, judged (Sec. 5, Thm 3.6): concept_*.parquet, concept.json."""
     from steerstrength.io import read_texts
     from steerstrength.judges import check_judge_name, make_judge
-    from steerstrength.metrics.concept import DEFAULT_PROMPTS, PRESETS, concept_probability
+    from steerstrength.metrics.concept import PRESETS, concept_probability
+    from steerstrength.prompts import evaluation_prompts
 
     start = time.perf_counter()
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     size = PRESETS[preset]
-    for name in judge:
+    for name in judge or []:
         check_judge_name(name)
     if (positive is None) != (negative is None):
         raise InputError("give both --positive and --negative (P and N texts), or neither")
     pos = [r["text"] for r in read_texts(positive, min_count=2, what="positive text file")] if positive else None
     neg = [r["text"] for r in read_texts(negative, min_count=2, what="negative text file")] if negative else None
-    prompt_list = [r["text"] for r in read_texts(prompts, what="prompt file")] if prompts else list(DEFAULT_PROMPTS)
+    prompt_list = ([r["text"] for r in read_texts(prompts, what="prompt file")] if prompts
+                   else evaluation_prompts("train"))
     prompt_list = prompt_list[: n_prompts or (size["n_prompts"] if prompts is None else None)]
     preset_grid = size["alphas"]
+    if alpha_unit == "resid":  # the presets' raw grids mean nothing in residual units: config.py's section
+        from steerstrength.config import ConceptConfig
+        from steerstrength.metrics.grid import linspace_grid
+
+        top = ConceptConfig().alpha_max
+        preset_grid = linspace_grid(-top, top, len(preset_grid), zero=False).tolist()
     if alphas is None and n_alphas is None and alpha_min is None and alpha_max is None:
         grid = list(preset_grid)
     else:
         lo = preset_grid[0] if alpha_min is None else alpha_min
         hi = preset_grid[-1] if alpha_max is None else alpha_max
         grid = alpha_grid(alphas, lo, hi, n_alphas or len(preset_grid))[0].tolist()
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
+                  alpha_unit)
     concept_name = st.labels["concept"]
     if not concept_name:
         raise InputError(f"{vectors} names no concept; pass --concept (e.g. --concept joy)")
+    if not judge:
+        from steerstrength.judges import best_judge
+
+        try:
+            judge = [best_judge(concept_name)]
+        except InputError:
+            judge = ["llm"]
     judge_lm = None
     if "llm" in judge:
         judge_lm = st.model if judge_model is None else load(judge_model, dtype=dtype, device=device)
@@ -151,7 +172,8 @@ def sweep_concept(
         total = len(grid) * len(prompt_list) * n_completions * (1 + len(judges))
         with progress_bar(f"concept {concept_name}, layer {layer} (generate, then judge)", total) as advance:
             results.append(concept_probability(
-                st.model, st.vectors[layer], layer, concept_name, alphas=grid, prompts=prompt_list,
+                st.model, st.vectors[layer], layer, concept_name, alphas=st.raw(layer, grid).tolist(),
+                prompts=prompt_list,
                 n_completions=n_completions, max_new_tokens=new_tokens, judges=judges, positive=pos, negative=neg,
                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat, positions=positions,
                 setting=st.labels["setting"], batch_size=batch_size, holdout=holdout, progress=advance))
@@ -159,7 +181,7 @@ def sweep_concept(
     header = dict(st.header(), metric="concept_probability", preset=preset, judges=list(judge),
                   judge_model=judge_lm.name if judge_lm is not None else None)
     paths = _merge(results, header, time.perf_counter() - start, out, "concept",
-                   {"completions": "_completions.jsonl", "scores": "_scores.parquet", "curve": "_curve.parquet"})
+                   {"completions": "_completions.jsonl", "scores": "_scores.parquet", "curve": "_curve.parquet"}, st)
     log(f"wrote {', '.join(paths.values())} and {out / 'concept.json'} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -201,6 +223,7 @@ def sweep_mmlu(
     token_budget: int = typer.Option(16384, "--token-budget", help="Rows x tokens per forward (memory bound)."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
+    alpha_unit: str = UnitOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
     out: Path = OutOpt,
@@ -217,18 +240,19 @@ def sweep_mmlu(
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     csv_dir, parquet = resolve_source(source, mmlu_dir, mmlu_parquet)
     data = load_mmlu(wanted, mmlu_dir=csv_dir, mmlu_parquet=parquet, limit=limit)  # bad data fails before the model loads
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
+                  alpha_unit)
     n_questions = sum(len(test) for _, test in data.values())
     results = []
     for layer in st.layers:
         with progress_bar(f"MMLU, layer {layer} (questions x alphas)", n_questions * grid.numel()) as advance:
             results.append(mmlu_accuracy(
-                st.model, st.vectors[layer], layer, alphas=grid, mmlu_dir=csv_dir, mmlu_parquet=parquet, data=data,
+                st.model, st.vectors[layer], layer, alphas=st.raw(layer, grid), mmlu_dir=csv_dir, mmlu_parquet=parquet, data=data,
                 k_shots=k_shots, limit=limit, chat=chat, positions=positions,
                 concept=st.labels["concept"], setting=st.labels["setting"], token_budget=token_budget,
                 progress=advance))
         _mmlu_table(results[-1].summary)
     header = dict(st.header(), metric="mmlu_accuracy", random_guess=0.25)
     paths = _merge(results, header, time.perf_counter() - start, out, "mmlu",
-                   {"table": "_questions.parquet", "accuracy": ".parquet"})
+                   {"table": "_questions.parquet", "accuracy": ".parquet"}, st)
     log(f"wrote {', '.join(paths.values())} and {out / 'mmlu.json'} ({time.perf_counter() - start:.1f} s)")

@@ -23,6 +23,9 @@ ContextsOpt = typer.Option(None, "--contexts", help="Contexts: JSONL with 'text'
                                                    "default: 44 neutral + the concept's 4 built-in contexts.")
 ChatOpt = typer.Option(False, "--chat", help="Wrap contexts in the model's chat template.")
 PromptChatOpt = typer.Option(None, "--chat/--no-chat", help="Chat template on prompts; default: on for chat models.")
+UnitOpt = typer.Option("raw", "--alpha-unit", help="raw: alpha multiplies the stored vector; resid: the added "
+                                                  "alpha * v has alpha times the layer's median residual norm "
+                                                  "(the same strength at any layer). Tables carry both columns.")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -51,11 +54,14 @@ class Steering:
     """What every sweep shares: the model, the vectors per layer, the labels of every table row."""
 
     def __init__(self, model_spec, dtype, device, blocks_path, vectors_path: Path, layers: Optional[str],
-                 concept: Optional[str], setting: Optional[str], normalize: bool, positions: str):
+                 concept: Optional[str], setting: Optional[str], normalize: bool, positions: str,
+                 alpha_unit: str = "raw"):
+        from steerstrength.metrics.grid import check_unit
         from steerstrength.steering import check_positions
         from steerstrength.vectors import SteeringVectors, parse_layers
 
         check_positions(positions)
+        self.alpha_unit = check_unit(alpha_unit)
         self.sv = SteeringVectors.load(vectors_path)
         self.model = load(model_spec, dtype=dtype, device=device, blocks_path=blocks_path)
         self.layers = self.sv.layers if layers is None else parse_layers(layers, self.model.n_layers)
@@ -81,7 +87,31 @@ class Steering:
 
     def header(self) -> dict:
         return dict(self.labels, model_fingerprint=self.model.fingerprint(), vectors_file=self.vectors_path,
-                    layers=self.layers, vector_norms={str(k): float(v.double().norm()) for k, v in self.vectors.items()})
+                    layers=self.layers, vector_norms={str(k): float(v.double().norm()) for k, v in self.vectors.items()},
+                    alpha_unit=self.alpha_unit, resid_scales={str(k): self.scale(k) for k in self.layers})
+
+    def scale(self, layer: int) -> float:
+        """alpha_resid per unit of raw alpha at `layer` (metrics/grid.py)."""
+        from steerstrength.metrics.grid import resid_scale
+
+        return resid_scale(self.vectors[layer], self.sv.residual_norm(layer, self.model))
+
+    def raw(self, layer: int, grid):
+        """The grid, given in --alpha-unit, as the raw alphas steered at `layer`."""
+        from steerstrength.metrics.grid import to_raw
+
+        return to_raw(grid, self.alpha_unit, self.scale(layer))
+
+    def with_resid(self, frame, layer: int | None = None):
+        """Add alpha_resid next to alpha (per row's layer when `layer` is None)."""
+        from steerstrength.metrics.grid import add_resid_column
+
+        if layer is not None:
+            return add_resid_column(frame, self.scale(layer))
+        parts = [add_resid_column(g.copy(), self.scale(int(ly))) for ly, g in frame.groupby("layer", sort=False)]
+        import pandas as pd
+
+        return pd.concat(parts).loc[frame.index] if parts else frame
 
     def contexts(self, path: Optional[Path], chat: bool):
         from steerstrength.metrics.contexts import as_contexts, builtin_concepts, builtin_contexts, read_contexts
@@ -102,17 +132,36 @@ def _write(out: Path, tables: dict, summary: dict) -> None:
     write_json(out / summary.pop("_file"), summary)
 
 
-def _token_sweep(st: Steering, contexts, grid, top_k: int, chat: bool, extra=(), **curve_options):
+def _token_sweep(st: Steering, contexts, grid, top_k: int, chat: bool, extra=(), **curve_options) -> dict:
+    """{layer: TokenCurves}, each layer on the grid in --alpha-unit converted to its raw alphas."""
     from steerstrength.metrics.tokens import token_curves
 
+    out = {}
     with progress_bar("next-token curves", len(contexts) * len(st.layers)) as advance:
-        return token_curves(st.model, st.vectors, st.layers, contexts, grid, positions=st.positions, top_k=top_k,
-                            tokens=extra, chat=chat, progress=advance, **curve_options)
+        for layer in st.layers:
+            out[layer] = token_curves(st.model, st.vectors[layer], layer, contexts, st.raw(layer, grid),
+                                      positions=st.positions, top_k=top_k, tokens=extra, chat=chat, progress=advance,
+                                      **curve_options)
+    return out
 
 
-def _token_tables(st: Steering, result) -> dict:
-    return {"tokens.parquet": result.curves_frame(st.model, **st.labels),
-            "tokens_top.parquet": result.top_frame(st.model, **st.labels)}
+def _token_tables(st: Steering, results: dict) -> dict:
+    import pandas as pd
+
+    return {"tokens.parquet": pd.concat([st.with_resid(r.curves_frame(st.model, **st.labels), layer)
+                                         for layer, r in results.items()], ignore_index=True),
+            "tokens_top.parquet": pd.concat([st.with_resid(r.top_frame(st.model, **st.labels), layer)
+                                             for layer, r in results.items()], ignore_index=True)}
+
+
+def _token_summary(st: Steering, results: dict) -> dict:
+    first = next(iter(results.values()))
+    summary = first.summary(st.model)
+    for r in list(results.values())[1:]:
+        summary["per_layer"].update(r.summary(st.model)["per_layer"])
+    summary["layers"] = list(results)
+    summary["alpha_unit"] = st.alpha_unit
+    return summary
 
 
 @sweep_app.command("tokens")
@@ -128,6 +177,7 @@ def sweep_tokens(
     top_each: int = typer.Option(10, "--top-each", help="Also store the top N tokens at every alpha (0: off)."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
+    alpha_unit: str = UnitOpt,
     chat: bool = ChatOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
@@ -140,13 +190,14 @@ def sweep_tokens(
     """Next-token curves Delta p(z, alpha) (Def. 3.1), peaks and shapes (Thm 3.3): tokens.parquet, tokens_top.parquet."""
     start = time.perf_counter()
     grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
+                  alpha_unit)
     ctxs = st.contexts(contexts, chat)
-    result = _token_sweep(st, ctxs, grid, top_k, chat, top_each=top_each)
-    result.inserted_zero = inserted
-    summary = dict(st.header(), **result.summary(st.model), seconds=round(time.perf_counter() - start, 2),
+    results = _token_sweep(st, ctxs, grid, top_k, chat, top_each=top_each)
+    summary = dict(st.header(), **_token_summary(st, results), seconds=round(time.perf_counter() - start, 2),
                    _file="tokens.json")
-    _write(out, _token_tables(st, result), summary)
+    summary["inserted_zero"] = inserted
+    _write(out, _token_tables(st, results), summary)
     log(f"wrote {out / 'tokens.parquet'}, {out / 'tokens_top.parquet'} and {out / 'tokens.json'} "
         f"({len(ctxs)} contexts x {len(st.layers)} layer(s) x {grid.numel()} alphas)")
 
@@ -172,6 +223,7 @@ def sweep_logodds(
     n_target: int = typer.Option(100, "--n-target", help="Target tokens: the n tokens of largest M."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
+    alpha_unit: str = UnitOpt,
     chat: bool = ChatOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
@@ -198,7 +250,8 @@ def sweep_logodds(
             if not (tokens_dir / name).is_file():
                 raise InputError(f"{tokens_dir / name} does not exist; run `steerstrength sweep tokens --out {tokens_dir}`")
     if vectors is not None:
-        st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+        st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
+                      alpha_unit)
         lm, labels, header = st.model, st.labels, st.header()
     else:
         lm = load(model, dtype=dtype, device=device, blocks_path=blocks_path)
@@ -220,8 +273,8 @@ def sweep_logodds(
         grid, _ = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
         ranked = torch.argsort(M, descending=True, stable=True)
         extra = torch.cat([ranked[:n_target], ranked[-n_target:]]).tolist()  # so target tokens have curves
-        result = _token_sweep(st, st.contexts(contexts, chat), grid, top_k, chat, extra)
-        tables = _token_tables(st, result)
+        results = _token_sweep(st, st.contexts(contexts, chat), grid, top_k, chat, extra)
+        tables = _token_tables(st, results)
         top, curves = tables["tokens_top.parquet"], tables["tokens.parquet"]
     analysis = log_odds_analysis(M, top, curves, n_dominant=n_dominant, extremal_fraction=extremal_fraction,
                                  n_target=n_target)
@@ -248,6 +301,7 @@ def sweep_limit(
     alphas: str = typer.Option("-1e4,-1e3,-1e2,1e2,1e3,1e4", "--alphas", help="Nonzero alphas, comma-separated."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
+    alpha_unit: str = UnitOpt,
     chat: bool = ChatOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
@@ -264,14 +318,15 @@ def sweep_limit(
 
     start = time.perf_counter()
     grid = parse_alphas(alphas)
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
+                  alpha_unit)
     ctxs = st.contexts(contexts, chat)
     frames, per_layer = [], {}
     with progress_bar("large-alpha limit", len(ctxs) * len(st.layers)) as advance:
         for layer in st.layers:
-            check = limit_check(st.model, st.vectors[layer], layer, ctxs, grid, positions=positions, chat=chat,
-                                progress=advance)
-            frames.append(check.frame(st.model, **st.labels, layer=layer))
+            check = limit_check(st.model, st.vectors[layer], layer, ctxs, st.raw(layer, grid).tolist(),
+                                positions=positions, chat=chat, progress=advance)
+            frames.append(st.with_resid(check.frame(st.model, **st.labels, layer=layer), layer))
             per_layer[str(layer)] = check.summary()
     summary = dict(st.header(), per_layer=per_layer, seconds=round(time.perf_counter() - start, 2), _file="limit.json")
     _write(out, {"limit.parquet": pd.concat(frames, ignore_index=True)}, summary)
@@ -304,6 +359,7 @@ def sweep_xent(
     curvature_tokens: Optional[int] = typer.Option(None, "--curvature-tokens", help="Tokens for the curvature (default: all)."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
+    alpha_unit: str = UnitOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
     out: Path = OutOpt,
@@ -320,7 +376,8 @@ def sweep_xent(
 
     start = time.perf_counter()
     grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
+                  alpha_unit)
     if corpus is None:
         with progress_bar("sampling the corpus from the model", n_samples) as advance:
             texts = load_corpus(None, model=st.model, n_samples=n_samples, sample_tokens=sample_tokens, seed=seed,
@@ -333,11 +390,12 @@ def sweep_xent(
     frames, per_layer = [], {}
     for layer in st.layers:
         with progress_bar(f"Delta CE, layer {layer} (windows x alphas)", n_windows * grid.numel()) as advance:
-            result = xent_sweep(st.model, st.vectors[layer], layer, texts, grid, seq_len=seq_len, positions=positions,
+            result = xent_sweep(st.model, st.vectors[layer], layer, texts, st.raw(layer, grid), seq_len=seq_len,
+                                positions=positions,
                                 packing=packing, max_tokens=max_tokens, curvature=curvature,
                                 curvature_tokens=curvature_tokens, progress=advance)
         result.inserted_zero = inserted
-        frames.append(result.frame(**st.labels, layer=layer))
+        frames.append(st.with_resid(result.frame(**st.labels, layer=layer), layer))
         per_layer[str(layer)] = result.summary()
         c = per_layer[str(layer)].get("curvature")
         if c:

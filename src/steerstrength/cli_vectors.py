@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli_common import DeviceOpt, DtypeOpt, load, log, progress_bar
+from steerstrength.cli_common import DeviceOpt, DtypeOpt, console, load, log, progress_bar
 from steerstrength.errors import InputError
 
 app = typer.Typer()
@@ -103,12 +103,45 @@ def print_norms(sv) -> None:
     Console().print(table)
 
 
-@app.command("vectors")
+vectors_app = typer.Typer(help="Difference-of-means steering vectors (Eq. 3); `vectors scan` finds the layer.")
+
+
+def _texts(concept: Optional[str], positive: Optional[Path], negative: Optional[Path]):
+    """(P rows, N rows, held-out P, held-out N): the user's files, or the concept's curated training pairs."""
+    from steerstrength.prompts import curated_concepts, curated_texts, load_prompts, rows_from_texts
+
+    if (positive is None) != (negative is None):
+        raise InputError("give both --positive and --negative, or neither (then --concept's curated pairs are used)")
+    if positive is not None:
+        return (load_prompts(positive, what="positive prompt file"), load_prompts(negative, what="negative prompt file"),
+                None, None)
+    if not concept:
+        raise InputError("give --positive and --negative files, or --concept NAME for the curated pairs "
+                         f"({', '.join(curated_concepts())})")
+    pos = rows_from_texts(curated_texts(concept, "positive", "train"), concept, "positive")
+    neg = rows_from_texts(curated_texts(concept, "negative", "train"), concept, "negative", "contrastive")
+    return pos, neg, curated_texts(concept, "positive", "heldout"), curated_texts(concept, "negative", "heldout")
+
+
+def _scan(lm, pos_rows, neg_rows, held_pos, held_neg, concept: str, top_k: int, batch_size: int):
+    from steerstrength.scan import scan_layers
+
+    pos, neg = [r["text"] for r in pos_rows], [r["text"] for r in neg_rows]
+    n = len(pos) + len(neg) + len(held_pos or []) + len(held_neg or [])
+    with progress_bar("layer scan (one forward per text)", n) as advance:
+        return scan_layers(lm, pos, neg, heldout_positive=held_pos, heldout_negative=held_neg, top_k=top_k,
+                           batch_size=batch_size, progress=advance, labels=dict(model=lm.name, concept=concept))
+
+
+@vectors_app.callback(invoke_without_command=True)
 def vectors(
-    positive: Path = typer.Option(..., "--positive", "-p", help="P: JSONL with a 'text' field, or one text per line."),
-    negative: Path = typer.Option(..., "--negative", "-n", help="N: same formats."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors."),
-    layers: str = typer.Option("middle", "--layers", "-l", help="e.g. 5,15,25, 'middle' (n_layers // 2) or 'all'."),
+    ctx: typer.Context,
+    positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P: JSONL with a 'text' field, or one text "
+                                            "per line; default: --concept's curated training texts."),
+    negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N: same formats (contrastive or random)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors."),
+    layers: str = typer.Option("middle", "--layers", "-l", help="e.g. 5,15,25, early/middle/late, 'all', or 'auto' "
+                               "(the layer scan's pick, plus any others listed: auto,middle)."),
     resamples: int = typer.Option(0, "--resamples", help="K bootstrap resamples of P and N, for error bars."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     normalize: bool = typer.Option(False, "--normalize", help="Scale each vector to unit norm."),
@@ -116,7 +149,8 @@ def vectors(
                                           help="Leave position 0 (attention sink) out of each text's average."),
     gguf_out: Optional[Path] = typer.Option(None, "--gguf-out",
                                             help="Also write a llama.cpp control vector (layers >= 1)."),
-    concept: Optional[str] = typer.Option(None, "--concept", help="Recorded in the metadata; default: from P's rows."),
+    concept: Optional[str] = typer.Option(None, "--concept", help="Without -p/-n: use this concept's curated pairs; "
+                                          "recorded in the metadata (default: from P's rows)."),
     setting: Optional[str] = typer.Option(None, "--setting", help="Recorded in the metadata; default: from N's rows."),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate each text to this many tokens."),
@@ -126,28 +160,81 @@ def vectors(
     device: str = DeviceOpt,
 ) -> None:
     """Difference-of-means steering vectors (Eq. 3) from P and N, one per layer."""
-    from steerstrength.prompts import load_prompts
+    from steerstrength.config import resolve_layers
     from steerstrength.vectors import difference_of_means, parse_layers, save_vectors
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise InputError("give the output file with --out (e.g. --out joy.safetensors)")
     if resamples < 0:
         raise InputError(f"--resamples must be 0 or more, not {resamples}")
     if batch_size < 1 or (max_length is not None and max_length < 2):
         raise InputError("--batch-size must be >= 1 and --max-length >= 2")
-    pos_rows = load_prompts(positive, what="positive prompt file")
-    neg_rows = load_prompts(negative, what="negative prompt file")
+    pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
     lm = load(model, dtype=dtype, device=device)
-    chosen = parse_layers(layers, lm.n_layers)
+    items = [x.strip() for x in layers.split(",") if x.strip()]
+    auto = "auto" in [x.lower() for x in items]
+    rest = ",".join(x for x in items if x.lower() != "auto")
+    chosen = parse_layers(rest, lm.n_layers) if rest else []
+    if not auto and not chosen:
+        raise InputError("no layers given; use e.g. --layers 5,15,25, --layers middle or --layers auto")
+    label = concept or _common_field(pos_rows, "concept")
+    if auto:
+        scan = _scan(lm, pos_rows, neg_rows, held_pos, held_neg, label, 50, batch_size)
+        chosen = resolve_layers(chosen + [scan.chosen], lm.n_layers)
+        log(f"the layer scan picks layer {scan.chosen} ({scan.rule})")
     if gguf_out is not None and chosen == [0]:
         raise InputError("llama.cpp cannot steer layer 0; pick layers >= 1 for --gguf-out")
     with progress_bar(f"activations at {len(chosen)} layer(s)", len(pos_rows) + len(neg_rows)) as advance:
         sv = difference_of_means(lm, pos_rows, neg_rows, chosen, skip_first_token=skip_first_token,
                                  normalize=normalize, batch_size=batch_size, max_length=max_length,
-                                 concept=concept or _common_field(pos_rows, "concept"),
-                                 setting=setting or _common_field(neg_rows, "setting"),
+                                 concept=label, setting=setting or _common_field(neg_rows, "setting"),
                                  resamples=resamples, seed=seed, progress=advance)
+    if auto:
+        sv.meta["auto_layer"] = scan.chosen
     save_vectors(sv, out, gguf_out)
     print_norms(sv)
     log(f"wrote {out}" + (f" and {gguf_out} (direction.N = layer N; layer 0 is not exported)" if gguf_out else ""))
+
+
+@vectors_app.command("scan")
+def scan(
+    concept: Optional[str] = typer.Option(None, "--concept", "-c", help="Use this concept's curated pairs (held-out "
+                                          "pairs for the separation), or label your files."),
+    positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts (every third is held out)."),
+    negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts."),
+    out: Path = typer.Option(Path("."), "--out", "-o", help="Output directory: layer_scan.parquet, .json, .png."),
+    top_k: int = typer.Option(50, "--top-k", help="Top tokens of LN(v) W^T checked against the log-odds M."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to be steered."),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Score every layer for steering (one forward pass per text, no generation) and pick one: what --layers auto uses."""
+    from rich.table import Table
+
+    from steerstrength.io import write_json, write_parquet
+    from steerstrength.plots import fig_layer_scan, save_figure
+
+    pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
+    lm = load(model, dtype=dtype, device=device)
+    label = concept or _common_field(pos_rows, "concept")
+    result = _scan(lm, pos_rows, neg_rows, held_pos, held_neg, label, top_k, batch_size)
+    write_parquet(out / "layer_scan.parquet", result.table)
+    write_json(out / "layer_scan.json", {label or "concept": result.summary()})
+    save_figure(fig_layer_scan(result.table, label), out, "layer_scan")
+    table = Table(title=f"layer scan ({label or 'concept'}, {lm.name}): picks layer {result.chosen}")
+    for col in ("layer", "held-out AUC", "lens share", "score", "‖v‖", "residual norm"):
+        table.add_column(col, justify="right")
+    table.add_column("top of LN(v)Wᵀ", no_wrap=True, overflow="ellipsis", max_width=44)
+    for r in result.table.itertuples(index=False):
+        mark = " ←" if r.chosen else ""
+        table.add_row(f"{r.layer}{mark}", f"{r.heldout_auc:.3f}", f"{r.lens_share:.2f}", f"{r.score:.3f}",
+                      f"{r.vector_norm:.3g}", f"{r.residual_norm:.4g}", r.lens_top[:60])
+    console.print(table)
+    log(f"rule: {result.rule}")
+    log(f"wrote {out / 'layer_scan.parquet'}, {out / 'layer_scan.json'} and {out / 'layer_scan.png'}")
 
 
 @app.command("export-gguf")

@@ -456,6 +456,23 @@ def fig_resamples(run: RunTables, concept: str) -> "Figure | None":
     return fig
 
 
+def fig_layer_scan(table, concept: str | None = None) -> "Figure":
+    """The layer scan (scan.py): held-out AUC, lens share and their score against the layer; the pick marked."""
+    fig, axes = _new_figure(1, 1, (5.5, 3.0), top=0.5)
+    ax = axes[0, 0]
+    t = table.sort_values("layer")
+    ax.plot(t["layer"], t["heldout_auc"], "o-", ms=3, label="held-out AUC of P vs N along v")
+    ax.plot(t["layer"], t["lens_share"], "s-", ms=3, label="lens share: top tokens of LN(v)Wᵀ with high M")
+    ax.plot(t["layer"], t["score"], "k-", lw=2, label="score = (2 AUC − 1) × lens share")
+    for layer in t[t["chosen"]]["layer"]:
+        ax.axvline(layer, color="tab:red", ls=":", lw=1)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("layer")
+    ax.legend(fontsize=6.5, loc="center left")
+    fig.suptitle(f"{concept or 'concept'}: layer scan (red: the pick)", fontsize=9)
+    return fig
+
+
 def fig_depth(run: RunTables, concept: str) -> "Figure | None":
     """Concept-word share, bump share and Spearman(M, peak alpha) against the steered layer (metrics/depth.py)."""
     depth = run.table("depth")

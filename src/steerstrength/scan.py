@@ -39,6 +39,7 @@ class LayerScan:
     table: "object"  # pandas DataFrame, one row per layer
     chosen: int
     rule: str
+    log_odds: torch.Tensor | None = None  # [V] float64: M of Def. 3.2 on the training texts, from the same pass
 
     def tables(self) -> dict:
         return {"layer_scan": self.table}
@@ -134,4 +135,4 @@ def scan_layers(model: Model, positive: Sequence[str], negative: Sequence[str], 
     best = eligible["score"].to_numpy()
     chosen = int(eligible["layer"].to_numpy()[int(np.argmax(best))])  # argmax: the first (earlier) on ties
     table["chosen"] = table["layer"] == chosen
-    return LayerScan(table, chosen, RULE.format(k=top_k, f=extremal_fraction, lo=lo, hi=hi))
+    return LayerScan(table, chosen, RULE.format(k=top_k, f=extremal_fraction, lo=lo, hi=hi), M)

@@ -1,0 +1,115 @@
+"""The layer scan (`--layers auto`) and alpha in residual units, against plain computations on tiny models."""
+
+import pytest
+import torch
+
+from steerstrength.errors import InputError
+from steerstrength.judges import roc_auc
+from steerstrength.metrics.grid import add_resid_column, resid_scale, to_raw
+from steerstrength.metrics.limits import limit_logits
+from steerstrength.metrics.logodds import extremal_thresholds, log_odds
+from steerstrength.scan import scan_layers
+from steerstrength.vectors import difference_of_means, mean_activations, residual_norms
+from tiny import tiny_model
+
+P = ["i am so happy and glad today", "joy and a smile , i laugh", "you are my friend and i love you",
+     "the sun is good and i am glad", "i laugh and smile in the morning", "so glad , so happy , my friend"]
+N = ["i am so sad and angry today", "rain and a cry , i hate", "you are not my friend and i hate you",
+     "the rain is bad and i am sad", "i cry and cry in the evening", "so sad , so angry , no friend"]
+HP = ["a happy friend and a good morning", "i smile , i laugh , i love"]
+HN = ["a sad evening and bad rain", "i cry , i hate , i am angry"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2"])
+def model(request):
+    return tiny_model(request.param)
+
+
+def test_scan_matches_plain_computations_of_auc_log_odds_and_lens(model):
+    scan = scan_layers(model, P, N, heldout_positive=HP, heldout_negative=HN, top_k=5)
+    layers = list(range(model.n_layers))
+    assert scan.table["layer"].tolist() == layers
+    # M from the scan's single pass equals Def. 3.2 computed with the model's own logits.
+    assert torch.allclose(scan.log_odds, log_odds(model, P, N), atol=1e-5)
+    train_p, train_n = mean_activations(model, P, layers), mean_activations(model, N, layers)
+    held_p, held_n = mean_activations(model, HP, layers), mean_activations(model, HN, layers)
+    high, _ = extremal_thresholds(scan.log_odds, 0.01)
+    for layer in layers:
+        row = scan.table.set_index("layer").loc[layer]
+        v = train_p[layer].mean(0) - train_n[layer].mean(0)
+        assert row["heldout_auc"] == pytest.approx(roc_auc((held_p[layer] @ v).numpy(), (held_n[layer] @ v).numpy()))
+        ids = limit_logits(model, v.float()).topk(5).indices
+        assert row["lens_share"] == pytest.approx(float((scan.log_odds[ids] >= high).double().mean()))
+        assert row["score"] == pytest.approx(max(0.0, 2 * row["heldout_auc"] - 1) * row["lens_share"])
+
+
+def test_the_chosen_layer_has_the_best_score_among_eligible_layers(model):
+    scan = scan_layers(model, P, N, heldout_positive=HP, heldout_negative=HN, top_k=5)
+    eligible = scan.table[scan.table["eligible"]]
+    assert scan.chosen in eligible["layer"].tolist()
+    assert eligible.set_index("layer").loc[scan.chosen, "score"] == eligible["score"].max()
+    assert scan.table["chosen"].sum() == 1
+    assert scan.summary()["chosen"] == scan.chosen
+
+
+def test_without_held_out_texts_every_third_text_is_held_out(model):
+    a = scan_layers(model, P, N, top_k=5)
+    b = scan_layers(model, [t for i, t in enumerate(P) if i % 3 != 2], [t for i, t in enumerate(N) if i % 3 != 2],
+                    heldout_positive=P[2::3], heldout_negative=N[2::3], top_k=5)
+    assert a.table["heldout_auc"].tolist() == b.table["heldout_auc"].tolist()
+
+
+def test_identical_sets_have_no_direction_and_score_zero(model):
+    scan = scan_layers(model, P, P, heldout_positive=HP, heldout_negative=HP, top_k=5)
+    assert (scan.table["score"] == 0).all() and (scan.table["heldout_auc"] == 0.5).all()
+
+
+def test_too_few_texts_is_an_input_error(model):
+    with pytest.raises(InputError, match="at least 2"):
+        scan_layers(model, P[:1], N, heldout_positive=HP, heldout_negative=HN)
+
+
+# ----------------------------------------------------------------------------- residual units
+
+
+def test_residual_norms_are_the_median_token_norm_without_the_first_token(model):
+    texts = P + N
+    got = residual_norms(model, [0, 2], texts)
+    for layer in (0, 2):
+        norms = []
+        # A plain forward hook on the block (transformers' last hidden state is after the final norm).
+        handle = model.blocks[layer].register_forward_hook(
+            lambda _m, _i, out: norms.append((out[0] if isinstance(out, tuple) else out)[0, 1:].detach().norm(dim=-1)))
+        try:
+            for t in texts:
+                model.hf(input_ids=model.encode([t]).input_ids)
+        finally:
+            handle.remove()
+        assert got[layer] == pytest.approx(float(torch.cat(norms).double().median()), rel=1e-5)
+
+
+def test_a_residual_unit_grid_adds_alpha_times_the_residual_norm(model):
+    sv = difference_of_means(model, P, N, [1])
+    r = sv.residual_norm(1)
+    assert r == pytest.approx(residual_norms(model, [1])[1])  # recorded when the vector was made
+    scale = sv.resid_scale(1)
+    assert scale == pytest.approx(float(sv[1].double().norm()) / r)
+    grid = torch.tensor([-2.0, 0.0, 0.5, 1.0], dtype=torch.float64)
+    raw = to_raw(grid, "resid", scale)
+    added = (raw[:, None] * sv[1].double()[None, :]).norm(dim=-1)
+    assert torch.allclose(added, grid.abs() * r)
+    assert raw[1] == 0 and torch.equal(to_raw(grid, "raw", scale), grid)
+    import pandas as pd
+
+    frame = add_resid_column(pd.DataFrame({"layer": 1, "alpha": raw.numpy()}), scale)
+    assert list(frame.columns) == ["layer", "alpha", "alpha_resid"]
+    assert frame["alpha_resid"].to_numpy() == pytest.approx(grid.numpy())
+
+
+def test_bad_units_and_zero_vectors_are_input_errors():
+    with pytest.raises(InputError, match="raw or resid"):
+        to_raw([1.0], "meters", 1.0)
+    with pytest.raises(InputError, match="zero"):
+        resid_scale(torch.zeros(4), 3.0)
+    with pytest.raises(InputError, match="positive"):
+        resid_scale(torch.ones(4), 0.0)
