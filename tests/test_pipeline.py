@@ -148,3 +148,25 @@ def test_second_concurrent_run_is_refused(tiny_dir, tmp_path):
     with RunDir(tmp_path).lock():
         with pytest.raises(RunError, match="another steerstrength run"):
             run(config(tiny_dir), tmp_path)
+
+
+def test_layers_auto_steers_the_scanned_layer_with_both_alpha_columns(tiny_dir, tmp_path):
+    from steerstrength.vectors import SteeringVectors
+
+    cfg = config(tiny_dir, "layers=auto,1", "tokens.alpha_max=1.5")
+    run(cfg, tmp_path / "run", only=["prompts", "vectors", "tokens"])
+    scan = pd.read_parquet(tmp_path / "run" / "tables" / "layer_scan.parquet")
+    chosen = int(scan[scan["chosen"]]["layer"].iloc[0])
+    sv = SteeringVectors.load(tmp_path / "run" / "vectors" / "joy.safetensors")
+    assert sv.layers == sorted({1, chosen}) and sv.meta["auto_layer"] == chosen
+    top = pd.read_parquet(tmp_path / "run" / "tables" / "tokens_top.parquet")
+    assert set(top["layer"]) == set(sv.layers)
+    for layer in sv.layers:
+        at_max = top[(top["layer"] == layer) & (top["side"] == "alpha_max")]
+        assert at_max["alpha_resid"].iloc[0] == pytest.approx(1.5)  # the grid is in residual units
+        assert at_max["alpha"].iloc[0] == pytest.approx(1.5 / sv.resid_scale(layer))
+    # The curated training pairs are the prompt sets.
+    from steerstrength.prompts import curated_texts
+
+    rows = [json.loads(x) for x in (tmp_path / "run" / "prompts" / "joy.positive.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == curated_texts("joy", "positive", "train")

@@ -113,3 +113,90 @@ def test_bad_units_and_zero_vectors_are_input_errors():
         resid_scale(torch.zeros(4), 3.0)
     with pytest.raises(InputError, match="positive"):
         resid_scale(torch.ones(4), 0.0)
+
+
+# ----------------------------------------------------------------------------- --layers auto from the CLI and the API
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    model = tiny_model("llama")
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.hf.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(args, monkeypatch, capsys):
+    import sys
+
+    from steerstrength.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["steerstrength", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_api_layers_auto_adds_the_scanned_layer():
+    model = tiny_model("llama")
+    sv = difference_of_means(model, P + HP, N + HN, "auto,0")
+    chosen = scan_layers(model, P + HP, N + HN).chosen
+    assert sv.meta["auto_layer"] == chosen and sv.layers == sorted({0, chosen})
+
+
+def test_cli_vectors_layers_auto_and_vectors_scan(tiny_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    import pandas as pd
+
+    from steerstrength.vectors import SteeringVectors
+
+    pos, neg = tmp_path / "P.txt", tmp_path / "N.txt"
+    pos.write_text("\n".join(P + HP))
+    neg.write_text("\n".join(N + HN))
+    code, _, err = run_cli(["--quiet", "vectors", "scan", "-p", pos, "-n", neg, "--model", tiny_dir, "--out", tmp_path / "scan",
+                            "--top-k", "5"], monkeypatch, capsys)
+    assert code in (0, None), err
+    table = pd.read_parquet(tmp_path / "scan" / "layer_scan.parquet")
+    chosen = int(table[table["chosen"]]["layer"].iloc[0])
+    assert (tmp_path / "scan" / "layer_scan.png").is_file()
+    assert json.loads((tmp_path / "scan" / "layer_scan.json").read_text())
+    code, _, err = run_cli(["--quiet", "vectors", "-p", pos, "-n", neg, "--model", tiny_dir, "--layers", "auto,0",
+                            "--out", tmp_path / "v.safetensors"], monkeypatch, capsys)
+    assert code in (0, None), err
+    sv = SteeringVectors.load(tmp_path / "v.safetensors")
+    assert sv.layers == sorted({0, chosen}) and sv.meta["auto_layer"] == chosen
+    assert set(sv.meta["residual_norms"]) == {str(x) for x in sv.layers}
+
+
+def test_cli_vectors_scan_needs_texts_or_a_curated_concept(tiny_dir, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(["vectors", "scan", "--model", tiny_dir, "--out", tmp_path], monkeypatch, capsys)
+    assert code == 2 and "--concept" in err
+    code, _, err = run_cli(["vectors", "scan", "--concept", "grumpy", "--model", tiny_dir, "--out", tmp_path],
+                           monkeypatch, capsys)
+    assert code == 2 and "no curated texts" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_tokens_in_residual_units_carries_both_columns(tiny_dir, tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from steerstrength.vectors import SteeringVectors
+
+    model = tiny_model("llama")
+    difference_of_means(model, P, N, [1, 2]).save(tmp_path / "v.safetensors")
+    sv = SteeringVectors.load(tmp_path / "v.safetensors")
+    code, _, err = run_cli(["--quiet", "sweep", "tokens", "-v", tmp_path / "v.safetensors", "--model", tiny_dir,
+                            "--alpha-unit", "resid", "--alphas=-2,-1,0,1,2", "--contexts", tmp_path / "c.txt",
+                            "--out", tmp_path] if (tmp_path / "c.txt").write_text("i am\nthe cat") else [],
+                           monkeypatch, capsys)
+    assert code in (0, None), err
+    top = pd.read_parquet(tmp_path / "tokens_top.parquet")
+    for layer in (1, 2):
+        rows = top[(top["layer"] == layer) & (top["side"] == "alpha_max")]
+        assert rows["alpha_resid"].iloc[0] == pytest.approx(2.0)
+        assert rows["alpha"].iloc[0] == pytest.approx(2.0 / sv.resid_scale(layer))
+    curves = pd.read_parquet(tmp_path / "tokens.parquet")
+    assert sorted(curves["alpha_resid"].round(9).unique()) == [-2.0, -1.0, 0.0, 1.0, 2.0]

@@ -9,8 +9,12 @@ from steerstrength.errors import (
 )
 from steerstrength.models import Model, load_model
 from steerstrength.steering import next_token_probs, steer, steered_generate
-from steerstrength.prompts import concepts, generate_prompts, load_prompts
-from steerstrength.vectors import SteeringVectors, difference_of_means
+from steerstrength.prompts import (concepts, curated_pairs, curated_texts, evaluation_prompts, generate_prompts,
+                                   load_prompts, neutral_texts)
+from steerstrength.vectors import SteeringVectors, difference_of_means, residual_norms
+from steerstrength.scan import scan_layers
+from steerstrength.metrics.grid import resid_scale, to_raw
+from steerstrength.metrics.depth import depth_profile
 from steerstrength.metrics.limits import limit_check
 from steerstrength.metrics.logodds import log_odds
 from steerstrength.metrics.tokens import token_curves
@@ -38,6 +42,15 @@ __all__ = [
     "steered_generate",
     "SteeringVectors",
     "difference_of_means",
+    "residual_norms",
+    "scan_layers",
+    "resid_scale",
+    "to_raw",
+    "depth_profile",
+    "curated_pairs",
+    "curated_texts",
+    "neutral_texts",
+    "evaluation_prompts",
     "concepts",
     "generate_prompts",
     "load_prompts",

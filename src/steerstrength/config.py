@@ -91,12 +91,13 @@ class XentConfig:
     n_alphas: int = 128  # plus 0
     chunk_windows: int = 16  # windows per resumable chunk
     curvature_tokens: Optional[int] = None  # tokens for the jvp curvature at 0 (None: all)
+    spacing: str = "linear"  # "linear", or "log": +/- alpha_max * 2^(-j/2), j < n_alphas/2, plus 0 (grid.log_grid)
 
 
 @dataclass
 class ConceptConfig:
     enabled: bool = True
-    judge: str = "llm"
+    judge: str = "probe"  # the best measured judge (docs/concept.md); "llm" with a strong judge_model on GPUs
     judge_model: Optional[str] = None  # llm judge; None: the steered model
     alpha_max: float = 1.0
     n_alphas: int = 41
@@ -122,6 +123,11 @@ class MmluConfig:
 class RecommendConfig:
     enabled: bool = True
     kl_budget: float = 1.0
+    n_prompts: int = 12  # the training half of the neutral evaluation prompts
+    completions: int = 8  # iso-kl / global: completions per prompt and grid alpha
+    max_new_tokens: int = 48
+    n_alphas: int = 6  # iso-kl / global: grid points from 0 to 0.6 x the vector's scale
+    refine_steps: int = 0
 
 
 @dataclass
@@ -163,7 +169,6 @@ def preset(name: str) -> RunConfig:
     if name == "paper":
         cfg = RunConfig(concepts=list(PAPER_CONCEPTS), layers=["early", "middle", "late", "auto"])
         cfg.vectors.resamples = 10
-        cfg.concept.judge = "llm"
         cfg.mmlu.source = "cais/mmlu"
         return cfg
     if name == "demo":
@@ -178,13 +183,17 @@ def preset(name: str) -> RunConfig:
         # +/-1.5 x the residual norm: concept words bump inside the grid at the scanned layer (beyond ~3x the
         # stream is in Prop. 4.1's limit regime, whose top tokens are LN(v) W^T's rare strings).
         cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=256, n_contexts=8, top_k=100)
-        cfg.xent = XentConfig(n_tokens=1024, seq_len=64, alpha_max=1.5, n_alphas=24, chunk_windows=4,
-                              curvature_tokens=256)
+        # Log-spaced to 16x the residual norm: dense near 0 for Thm 3.8's quadratic, far enough for the plateau of
+        # Prop. 4.1 (the limit stage reaches TV 0.2 at ~10x); the curvature on the same 1024 tokens as Delta CE.
+        cfg.xent = XentConfig(n_tokens=1024, seq_len=64, alpha_max=16.0, n_alphas=32, chunk_windows=4,
+                              curvature_tokens=None, spacing="log")
         # Text at the scanned layer stays fluent to ~0.5 and degenerates past ~1.2 x the residual norm (measured).
         cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=8, completions=6,
                                     max_new_tokens=32)
         cfg.mmlu = MmluConfig(source="sample", k_shot=2, alpha_max=1.0, n_alphas=5, max_questions=8)
         cfg.limit.alphas = [1e1, 1e2, 1e3, 1e4]
+        cfg.depth = DepthConfig(every=4, alpha_max=1.5, n_alphas=48, n_contexts=3)
+        cfg.recommend = RecommendConfig(n_prompts=4, completions=4, max_new_tokens=24, n_alphas=5)
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
 
@@ -278,6 +287,8 @@ def validate(cfg: RunConfig) -> None:
         raise InputError(f"setting must be random or contrastive, not {cfg.setting!r}")
     if cfg.alpha_unit not in ("raw", "resid"):
         raise InputError(f"alpha_unit must be raw or resid (x the layer's median residual norm), not {cfg.alpha_unit!r}")
+    if cfg.xent.spacing not in ("linear", "log"):
+        raise InputError(f"xent.spacing must be linear or log, not {cfg.xent.spacing!r}")
     if cfg.prompts.source not in ("curated", "generate"):
         raise InputError(f"prompts.source must be curated or generate, not {cfg.prompts.source!r}")
     if not cfg.layers:

@@ -136,6 +136,14 @@ class Model:
         return mlp if isinstance(mlp, nn.Module) else None
 
     @property
+    def cache_arg(self) -> str:
+        """The forward's KV-cache keyword: `cache` (newer transformers; `past_key_values` warns there) or the old name."""
+        import inspect
+
+        params = inspect.signature(self.hf.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    @property
     def final_logit_softcap(self) -> float | None:
         """The final logit soft-capping constant (Gemma 2/3), or None."""
         config = self.hf.config

@@ -324,11 +324,11 @@ def stage_xent(ctx: Context) -> list[str]:
     import pandas as pd
 
     from steerstrength.corpus import load_corpus
-    from steerstrength.metrics.grid import add_resid_column, linspace_grid
+    from steerstrength.metrics.grid import add_resid_column, stage_grid
     from steerstrength.metrics.xent import xent_sweep
 
     x = ctx.cfg.xent
-    grid = linspace_grid(-x.alpha_max, x.alpha_max, x.n_alphas)
+    grid = stage_grid(x.alpha_max, x.n_alphas, x.spacing)
     if x.corpus == "model":
         n_texts = max(1, -(-x.n_tokens // x.seq_len))  # one window of seq_len + 1 tokens per text
         with ctx.progress("corpus: samples of the unsteered model", n_texts) as advance:
@@ -379,7 +379,7 @@ def stage_concept(ctx: Context) -> list[str]:
     summary = {}
     for concept in ctx.cfg.concepts:
         sv = ctx.vectors(concept)
-        pos, neg = ctx.prompt_texts(concept)
+        pos, neg = _judge_texts(ctx, concept)
         for layer in sv.layers:
             def compute(layer=layer):
                 with ctx.progress(f"{concept}: steered generations, layer {layer}", 1) as advance:
@@ -403,6 +403,16 @@ def stage_concept(ctx: Context) -> list[str]:
            write_parquet(ctx.run.path("tables", "concept_curve.parquet"), pd.concat(parts["curve"], ignore_index=True)),
            write_json(ctx.run.path("tables", "concept.json"), summary)]
     return out
+
+
+def _judge_texts(ctx: Context, concept: str) -> tuple[list[str], list[str]]:
+    """Texts to measure the judge on: held-out curated pairs when the run uses them (the probe is trained on the
+    training pairs), else the run's own P and N (the judges hold part of them out themselves)."""
+    from steerstrength.prompts import curated_concepts, curated_texts
+
+    if ctx.cfg.prompts.source == "curated" and concept.lower() in curated_concepts():
+        return curated_texts(concept, "positive", "heldout"), curated_texts(concept, "negative", "heldout")
+    return ctx.prompt_texts(concept)
 
 
 def mmlu_source(source: str | None) -> str | None:

@@ -682,7 +682,7 @@ def pipeline_recommend(ctx) -> list[Path]:
     import pandas as pd
 
     from steerstrength.io import write_json, write_parquet
-    from steerstrength.metrics.concept import DEFAULT_PROMPTS
+    from steerstrength.prompts import evaluation_prompts
 
     cfg, r = ctx.cfg, ctx.cfg.recommend
     budget = float(getattr(r, "kl_budget", DEFAULT_BUDGET))
@@ -692,11 +692,8 @@ def pipeline_recommend(ctx) -> list[Path]:
 
         prompts = [row["text"] for row in read_texts(c.prompts_file, what="concept prompt file")]
     else:
-        prompts = list(DEFAULT_PROMPTS[: c.n_prompts])
-    n_completions = int(getattr(r, "completions", c.completions))
-    max_new_tokens = int(getattr(r, "max_new_tokens", c.max_new_tokens))
-    n_grid = int(getattr(r, "n_alphas", GRID_POINTS))
-    refine = int(getattr(r, "refine_steps", 0))
+        prompts = evaluation_prompts("train")[: r.n_prompts]
+    n_completions, max_new_tokens, n_grid, refine = r.completions, r.max_new_tokens, r.n_alphas, r.refine_steps
     methods = ["sweet-spot"]
     notes = ["grid-judge is skipped in the pipeline (it judges every prompt at every alpha); run "
              "`steerstrength recommend --method grid-judge` for it"]

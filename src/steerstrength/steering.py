@@ -149,6 +149,8 @@ def _capture(model: Model, layers: Sequence[int], store: dict) -> Iterator[None]
 
 
 def _forward(model: Model, enc: Encoded, **kwargs):
+    if "past_key_values" in kwargs:
+        kwargs[model.cache_arg] = kwargs.pop("past_key_values")
     return model.hf(
         input_ids=enc.input_ids,
         attention_mask=enc.attention_mask,

@@ -349,12 +349,26 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
                         resamples: int = 0, seed: int = 0, progress=None) -> SteeringVectors:
     """Eq. (3): mean over P of token-averaged residual streams minus the same over N, per layer.
 
-    `positive` / `negative`: texts, or prompt-set rows with a "text" field. `resamples` = K > 0 adds
+    `positive` / `negative`: texts, or prompt-set rows with a "text" field. `layers` may include "auto": the
+    layer scan's pick on these texts (every third held out; scan.py), recorded as meta["auto_layer"].
+    `resamples` = K > 0 adds
     K bootstrap replicates per layer (`.resamples[layer]`, [K, d]) for error bars.
     """
     positive = [t if isinstance(t, str) else t["text"] for t in positive]
     negative = [t if isinstance(t, str) else t["text"] for t in negative]
-    layers = parse_layers(layers, model.n_layers)
+    scanned = None
+    items = [x.strip() for x in layers.split(",")] if isinstance(layers, str) else (
+        [layers] if isinstance(layers, int) else list(layers))
+    if any(isinstance(x, str) and x.lower() == "auto" for x in items):  # the layer scan's pick (scan.py)
+        from steerstrength.scan import scan_layers
+
+        scanned = scan_layers(model, positive, negative, batch_size=batch_size).chosen
+        items = [x for x in items if not (isinstance(x, str) and x.lower() == "auto")] + [scanned]
+        from steerstrength.config import resolve_layers
+
+        layers = resolve_layers(items, model.n_layers)
+    else:
+        layers = parse_layers(layers, model.n_layers)
     if len(positive) < 2 or len(negative) < 2:
         raise InputError(f"P has {len(positive)} and N has {len(negative)} texts; each needs at least 2")
     if resamples < 0:
@@ -396,4 +410,6 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
                                      resamples=resamples, seed=seed)),
         **settings,
     )
+    if scanned is not None:
+        meta["auto_layer"] = scanned
     return SteeringVectors(vectors, meta, replicates)

@@ -20,6 +20,24 @@ def linspace_grid(alpha_min: float, alpha_max: float, n: int, *, zero: bool = Tr
     return with_zero(grid, warn=False)[0] if zero else grid
 
 
+def log_grid(alpha_max: float, n: int) -> torch.Tensor:
+    """+/- alpha_max * 2^(-j/2) for j < n // 2, plus 0 (sorted, float64): dense near 0, reaching far, and holding
+    alpha_max / 2 exactly (the plateau's growth ratio, metrics/xent.py)."""
+    if n < 2:
+        raise InputError(f"a log grid needs at least 2 points, not {n}")
+    if not 0 < alpha_max < float("inf"):
+        raise InputError(f"alpha_max must be a positive finite number, not {alpha_max}")
+    side = float(alpha_max) * 2.0 ** (-torch.arange(n // 2, dtype=torch.float64) / 2)
+    return torch.sort(torch.cat([-side, side.new_zeros(1), side])).values
+
+
+def stage_grid(alpha_max: float, n: int, spacing: str = "linear", *, zero: bool = True) -> torch.Tensor:
+    """A run stage's grid: linspace(-alpha_max, alpha_max, n) (+ 0), or the log grid."""
+    if spacing == "log":
+        return log_grid(alpha_max, n)
+    return linspace_grid(-alpha_max, alpha_max, n, zero=zero)
+
+
 def with_zero(alphas, *, warn: bool = True) -> tuple[torch.Tensor, bool]:
     """The grid sorted, with alpha = 0 inserted if missing (and a warning saying so); (grid, inserted)."""
     a = as_alphas(alphas)

@@ -344,7 +344,8 @@ def subject_letter_logprobs(model: Model, v: torch.Tensor, layer: int, rows: Seq
             h_prefix = hidden_at(model, enc(rows[0][:P], 0), layer, past_key_values=cache)
             lo = _snapshot(cache, low)
         else:  # only last tokens are steered: the whole prefix is unsteered and shared by every alpha
-            model.hf(input_ids=enc(rows[0][:P], 0).input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model.hf(input_ids=enc(rows[0][:P], 0).input_ids, use_cache=True, logits_to_keep=1,
+                     **{model.cache_arg: cache})
             lo, hi_shared = _snapshot(cache, low), _snapshot(cache, high)
     # Each question's own tokens, blocks 0..l: once, on top of the prefix cache.
     h_q = []
