@@ -44,7 +44,7 @@ V = len(WORDS)
 CONTEXTS = [dict(id="neutral-01", kind="neutral", text="I walked into the kitchen this morning"),
             dict(id="neutral-02", kind="neutral", text="The bus was a few minutes late"),
             dict(id="joy-1", kind="concept", text="We won the championship!")]
-ALL_STAGES = ("prompts", "vectors", "tokens", "logodds", "limit", "xent", "concept", "mmlu", "recommend")
+ALL_STAGES = ("prompts", "vectors", "tokens", "logodds", "depth", "limit", "xent", "concept", "mmlu", "recommend")
 MODEL = "fake-lm"
 SETTING = "random"
 
@@ -200,6 +200,18 @@ def make_run(root: Path, *, concepts=("joy",), layers=(3, 5), stages=ALL_STAGES,
                                                   n_target=8, extremal_fraction=0.1)
         put("logodds", "logodds.parquet", pd.concat(frames, ignore_index=True))
         put("logodds", "logodds.json", analysis)
+    if "depth" in stages:  # metrics/depth.py's and scan.py's schemas
+        rows = [dict(model=MODEL, concept=c, layer=layer, residual_norm=10.0 + layer, alpha_resid_max=1.5,
+                     concept_word_share=layer / 8, unimodal_share=0.5 + layer / 16, bump_share=0.3,
+                     spearman_M_peak=0.5, target_later=0.6, top_words="a | b", steered=layer in layers)
+                for c in concepts for layer in range(0, 8)]
+        put("depth", "depth.parquet", pd.DataFrame(rows))
+        scan = pd.DataFrame([dict(model=MODEL, concept=c, layer=layer, heldout_auc=0.9, lens_share=layer / 8,
+                                  score=0.8 * layer / 8, vector_norm=1.0, residual_norm=10.0 + layer, lens_top="a",
+                                  eligible=True, chosen=layer == 5) for c in concepts for layer in range(0, 8)])
+        put("vectors", "layer_scan.parquet", scan)
+        put("vectors", "layer_scan.json", {c: dict(chosen=5, rule="a rule", per_layer=scan[scan["concept"] == c][
+            ["layer", "heldout_auc", "lens_share", "score"]].to_dict(orient="list")) for c in concepts})
     if "limit" in stages:
         frames, summary = [], {}
         for concept in concepts:
@@ -274,7 +286,8 @@ def test_every_figure_is_drawn_as_png_and_pdf(full_run, drawn):
     assert index["missing"] == []
     stems = {e["stem"] for e in index["figures"]}
     assert stems == {"fig6_delta_p_max_joy_L3", "fig6_delta_p_max_joy_L5", "figA10_delta_p_min_joy_L3",
-                     "figA10_delta_p_min_joy_L5", "fig7_joy", "figA3_resamples_joy", "figA6_mmlu", "figP41_limit"}
+                     "figA10_delta_p_min_joy_L5", "fig7_joy", "figA3_resamples_joy", "figA6_mmlu", "figP41_limit",
+                     "figdepth_joy"}
     for e in index["figures"]:
         png, pdf = (full_run / f for f in e["files"])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

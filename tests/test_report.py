@@ -38,7 +38,7 @@ def test_the_page_is_self_contained(full_report):
     assert 'http-equiv="Content-Security-Policy" content="default-src &#x27;none&#x27;' in page
     assert not re.search(r"(src|href)\s*=\s*[\"'](?!data:|#)", page)  # nothing loaded from anywhere but the page
     assert not re.search(r"<link|@import|url\(|https?://", page)
-    assert page.count('src="data:image/png;base64,') == len(index["figures"]) == 8
+    assert page.count('src="data:image/png;base64,') == len(index["figures"]) == 9
     assert not list(run.glob(".report.html.*"))  # the atomic write left no temp file
 
 

@@ -154,6 +154,22 @@ def test_quadratic_fit_plateau_and_range_read_a_known_curve():
     assert 0 < quadratic_range(a, sat, 0.0, 2 / 5)["max_abs_alpha"] < 5
 
 
+def test_quadratic_fit_depends_on_the_points_not_their_order():
+    """Bit for bit: xent.json's fitted values are identical across runs whatever the order of the grid."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.linspace(-3, 3, 41, dtype=torch.float64)
+    y = 0.3 * a + 0.8 * a**2 + 0.01 * torch.randn(41, dtype=torch.float64, generator=g)
+    fit = quadratic_fit(a, y, radius=3.0)
+    for seed in range(5):
+        order = torch.randperm(41, generator=torch.Generator().manual_seed(seed))
+        assert quadratic_fit(a[order], y[order], radius=3.0) == fit
+    import numpy as np
+
+    design = np.stack([a.numpy(), a.numpy() ** 2], axis=1)
+    ref = np.linalg.lstsq(design, y.numpy(), rcond=None)[0]
+    assert fit["slope"] == pytest.approx(ref[0], rel=1e-12) and fit["curvature"] == pytest.approx(2 * ref[1], rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- next-token curves
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 from steerstrength.config import RunConfig, resolve_layers, to_toml, wants_auto
 from steerstrength.errors import InputError
 from steerstrength.io import atomic_path, write_json, write_jsonl, write_parquet
-from steerstrength.runs import RunDir, package_versions
+from steerstrength.runs import RunDir, file_record, is_intact, package_versions
 
 STAGES = ("prompts", "vectors", "tokens", "logodds", "depth", "limit", "xent", "concept", "mmlu", "recommend", "figures",
           "report")
@@ -63,23 +63,8 @@ class Context:
         return pos, neg
 
     def chunked(self, stage: str, name: str, compute: Callable[[], dict]) -> dict:
-        """A finished chunk ({part: DataFrame}) is read back; otherwise computed and written atomically.
-
-        Each part is its own Parquet file (types intact); a `.done` marker, written last, says the chunk is whole.
-        """
-        import pandas as pd
-
-        directory = self.run.chunk_dir(stage, self.keys[stage])
-        marker = directory / f"{name}.done"
-        if marker.is_file():
-            parts = json.loads(marker.read_text())
-            return {part: pd.read_parquet(directory / f"{name}.{part}.parquet") for part in parts}
-        frames = compute()
-        for part, frame in frames.items():
-            write_parquet(directory / f"{name}.{part}.parquet", frame)
-        with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps(sorted(frames)))
-        return frames
+        """A finished chunk ({part: DataFrame}) of this stage's key, read back or computed (RunDir.chunk)."""
+        return self.run.chunk(stage, self.keys[stage], name, compute, log=self.log)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -96,8 +81,9 @@ def stage_prompts(ctx: Context) -> list[str]:
             path = ctx.run.path("prompts", f"{concept}.{kind}.jsonl")
             outputs.append(path)
             user = p.positive_file if kind == "positive" else p.negative_file
-            if path.is_file() and ctx.run.manifest.get("prompt_keys", {}).get(str(path)) == ctx.keys["prompts"]:
-                continue  # this chunk finished before an interruption
+            done = ctx.run.manifest.get("prompt_keys", {}).get(ctx.run.relative(path))
+            if isinstance(done, dict) and done.get("key") == ctx.keys["prompts"] and is_intact(path, done):
+                continue  # this file was finished before an interruption
             if user:
                 rows = rows_from_texts(texts_of(load_prompts(user)), concept, kind,
                                        ctx.cfg.setting if kind == "negative" else None)
@@ -120,7 +106,8 @@ def stage_prompts(ctx: Context) -> list[str]:
                     raise InputError(f"only {len(rows)} non-empty {kind} texts were generated for {concept}; "
                                      "raise prompts.n or prompts.max_new_tokens")
             write_jsonl(path, rows)
-            ctx.run.manifest.setdefault("prompt_keys", {})[str(path)] = ctx.keys["prompts"]
+            ctx.run.manifest.setdefault("prompt_keys", {})[ctx.run.relative(path)] = dict(key=ctx.keys["prompts"],
+                                                                                        **file_record(path))
             ctx.run.save()
     return outputs
 
@@ -325,7 +312,7 @@ def stage_xent(ctx: Context) -> list[str]:
 
     from steerstrength.corpus import load_corpus
     from steerstrength.metrics.grid import add_resid_column, stage_grid
-    from steerstrength.metrics.xent import xent_sweep
+    from steerstrength.metrics.xent import sweep_units, xent_sweep
 
     x = ctx.cfg.xent
     grid = stage_grid(x.alpha_max, x.n_alphas, x.spacing)
@@ -338,12 +325,13 @@ def stage_xent(ctx: Context) -> list[str]:
     else:
         texts = load_corpus(x.corpus, model=ctx.model)
         source = x.corpus
+    units = sweep_units(ctx.model, texts, grid, seq_len=x.seq_len, max_tokens=x.n_tokens)  # windows x alphas
     frames, summary = [], {}
     for concept in ctx.cfg.concepts:
         sv = ctx.vectors(concept)
         for layer in sv.layers:
             chunk_dir = ctx.run.chunk_dir("xent", ctx.keys["xent"]) / f"{concept}.{layer}"
-            with ctx.progress(f"{concept}: Delta CE, layer {layer}", 1) as advance:
+            with ctx.progress(f"{concept}: Delta CE, layer {layer}", units) as advance:
                 res = xent_sweep(ctx.model, sv[layer], layer, texts, ctx.raw_alphas(sv, layer, grid), seq_len=x.seq_len,
                                  positions=ctx.cfg.positions, max_tokens=x.n_tokens, checkpoint_dir=chunk_dir,
                                  chunk_windows=x.chunk_windows, curvature_tokens=x.curvature_tokens,
@@ -505,17 +493,39 @@ def enabled(cfg: RunConfig, stage: str) -> tuple[bool, str]:
     return True, ""
 
 
+def check_names(cfg: RunConfig) -> None:
+    """Concept names and context ids name files: checked (safe, distinct) before the model loads or anything is
+    written."""
+    from steerstrength.metrics.contexts import read_contexts
+    from steerstrength.prompts import check_concept
+
+    seen: dict[str, str] = {}
+    for concept in cfg.concepts:
+        if check_concept(concept) != concept:
+            raise InputError(f"concept {concept!r} has spaces around it; write {concept.strip()!r}")
+        if concept.casefold() in seen:
+            first = seen[concept.casefold()]
+            also = f" (as {first!r} too: one file name on some disks)" if first != concept else ""
+            raise InputError(f"concept {concept!r} is named twice{also}; name each concept once")
+        seen[concept.casefold()] = concept
+    if cfg.tokens.contexts_file:
+        read_contexts(cfg.tokens.contexts_file)  # checks its ids: safe and distinct
+
+
 def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[str] | None = None) -> dict:
     """Run (or resume) every stage; returns {stage: (status, seconds)}."""
     from steerstrength.models import load_model
 
     # The model and the layers are checked before anything is written: a wrong model spec or a layer
     # index past the model's depth is one error line, not a half-made run directory.
+    check_names(cfg)
     m = cfg.model
     model = load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
     layers = resolve_layers(cfg.layers, model.n_layers)  # "auto" is resolved per concept by the vectors stage
     run = RunDir(out)
     with run.lock():
+        for note in run.notes:
+            log(f"[run] {note}")
         keys = stage_keys(cfg)
         ctx = Context(cfg=cfg, run=run, progress=progress, log=log, model=model, layers=layers, keys=keys)
         with atomic_path(run.root / "config.toml") as tmp:
@@ -534,7 +544,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
                 results[stage] = ("skipped", 0.0, why)
                 log(f"[{stage}] skipped: {why}")
                 continue
-            status, seconds = run.run_stage(stage, keys[stage], lambda s=stage: [str(p) for p in STAGE_FUNCS[s](ctx)])
+            status, seconds = run.run_stage(stage, keys[stage], lambda s=stage: [str(p) for p in STAGE_FUNCS[s](ctx)],
+                                            log=log)
             results[stage] = (status, seconds, "")
             log(f"[{stage}] {status} in {seconds:.1f} s")
         run.manifest["finished"] = time.time()

@@ -107,11 +107,22 @@ def concept_prompt(concept: str) -> str:
     return CONCEPT_TEMPLATE.format(concept=concept)
 
 
+# Concept names and context ids become file names (prompts/joy.positive.jsonl, vectors/joy.safetensors, chunks):
+# letters, digits, spaces, _ ' -, starting with a letter or digit, so that no name can leave its directory.
+SAFE_NAME = re.compile(r"\w[\w '-]{0,79}")
+
+
+def check_name(name: str, what: str) -> str:
+    """`name` unchanged if it is a safe file-name part (SAFE_NAME); else one InputError line naming `what`."""
+    if not isinstance(name, str) or SAFE_NAME.fullmatch(name) is None:
+        raise InputError(f"{what} {name!r} cannot be used: it names files, so use 1-80 letters, digits, spaces, "
+                         "_ ' or -, starting with a letter or digit (no / \\ or .)")
+    return name
+
+
 def check_concept(concept: str) -> str:
-    concept = (concept or "").strip()
-    if not concept or len(concept) > 80 or "\n" in concept:
-        raise InputError(f"concept {concept!r} must be a short non-empty phrase on one line, e.g. joy")
-    return concept
+    """A concept name, stripped: a short phrase that is also a safe file-name part (e.g. joy, self-doubt)."""
+    return check_name((concept or "").strip() if isinstance(concept, str) else concept, "concept")
 
 
 # ----------------------------------------------------------------------------- sampling

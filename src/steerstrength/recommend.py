@@ -454,8 +454,7 @@ def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *,
                           sampling=sampling, progress=progress)
         else:
             rec = _judged(prompts, generations, labels, common, method)
-    rec.summary["seconds"] = time.perf_counter() - t0
-    rec.table["seconds"] = rec.summary["seconds"]
+    rec.summary["seconds"] = time.perf_counter() - t0  # in the JSON only: tables are the same for the same inputs
     return rec
 
 
@@ -752,7 +751,6 @@ def pipeline_recommend(ctx) -> list[Path]:
             for rec in recs[1:]:  # iso-kl and global share one grid of generations: each counts its time
                 rec.summary["seconds_shared_generations"] = t_gen
                 rec.summary["seconds"] += t_gen
-                rec.table["seconds"] = rec.summary["seconds"]
             for rec in recs:
                 from steerstrength.metrics.grid import add_resid_column
 

@@ -1,7 +1,12 @@
-"""The run directory: JSON manifest, lock, per-stage status and resumable chunks."""
+"""The run directory: JSON manifest, lock, per-stage status and resumable chunks.
+
+Every output and every chunk part is recorded with its size and sha256: a file that was truncated or changed
+after it was written is recomputed, never reused. A damaged manifest or chunk is set aside, not fatal.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -11,9 +16,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from steerstrength.errors import RunError
-from steerstrength.io import write_json
+from steerstrength.io import atomic_path, write_json, write_parquet
 
 MANIFEST = "manifest.json"
+# Where the stages write; leftover temp files of a killed writer (io.atomic_path: `.NAME.XXXX.tmp`) are swept
+# from these folders and from the root itself, never from elsewhere (--out may be a folder with other files).
+RUN_FOLDERS = ("prompts", "vectors", "tables", "figures", "corpus", ".chunks")
 
 
 def package_versions() -> dict:
@@ -28,6 +36,22 @@ def package_versions() -> dict:
     return out
 
 
+def file_record(path: str | os.PathLike) -> dict:
+    """{size, sha256} of a file as written."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return dict(size=os.path.getsize(path), sha256=digest.hexdigest())
+
+
+def is_intact(path: Path, record) -> bool:
+    """Whether `path` is still the file `record` (file_record) describes."""
+    if not isinstance(record, dict) or not path.is_file() or path.stat().st_size != record.get("size"):
+        return False
+    return file_record(path)["sha256"] == record.get("sha256")
+
+
 class RunDir:
     """A run directory. Stages record a key (hash of their inputs); a stage whose key matches is skipped."""
 
@@ -36,6 +60,7 @@ class RunDir:
         # directory: a re-run from elsewhere, or of a moved directory, finds them.
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.notes: list[str] = []  # what the run directory repaired, for the caller to show
         self.manifest = self._read()
 
     def _read(self) -> dict:
@@ -43,9 +68,14 @@ class RunDir:
         if not path.is_file():
             return {"stages": {}}
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise RunError(f"{path} is not valid JSON; delete the run directory or pick another --out") from None
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+            # The stages run again; their finished chunks (.chunks/, checked one by one) are kept.
+            self.notes.append(f"{path} was damaged; every stage is checked again and finished chunks are reused")
+            return {"stages": {}}
+        return manifest
 
     def save(self) -> None:
         write_json(self.root / MANIFEST, self.manifest)
@@ -54,6 +84,9 @@ class RunDir:
         p = self.root.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def relative(self, path: str | os.PathLike) -> str:
+        return str(Path(path).resolve().relative_to(self.root))
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -66,31 +99,60 @@ class RunDir:
         except Timeout:
             raise RunError(f"another steerstrength run is writing {self.root}; wait for it or use another --out") from None
         try:
+            self.sweep_temp_files()
             yield
         finally:
             lock.release()
 
+    def sweep_temp_files(self) -> int:
+        """Remove the temp files a killed writer left (only under the lock: no writer of ours is running)."""
+        found = list(self.root.glob(".*.tmp"))
+        for folder in RUN_FOLDERS:
+            if (self.root / folder).is_dir():
+                found += (self.root / folder).rglob(".*.tmp")
+        found = [p for p in found if p.is_file() and not p.is_symlink()]
+        for p in found:
+            p.unlink(missing_ok=True)
+        if found:
+            self.notes.append(f"removed {len(found)} temporary file(s) left by an interrupted run")
+        return len(found)
+
     # ------------------------------------------------------------------ stages
 
-    def is_done(self, stage: str, key: str) -> bool:
+    def why_stale(self, stage: str, key: str) -> str | None:
+        """None when the stage is done with this key and every output is as written; else why it must run."""
         rec = self.manifest["stages"].get(stage)
-        if not rec or rec.get("status") != "done" or rec.get("key") != key:
-            return False
-        return all((self.root / f).exists() for f in rec.get("outputs", []))
+        if not isinstance(rec, dict) or rec.get("status") != "done":
+            return "not done"
+        if rec.get("key") != key:
+            return "its inputs changed"
+        files = rec.get("files")
+        if not isinstance(files, dict) or set(files) != set(rec.get("outputs", [])):
+            return "its outputs carry no size and checksum (older run directory)"
+        for rel, record in files.items():
+            if not is_intact(self.root / rel, record):
+                return f"{rel} is missing or changed since it was written"
+        return None
 
-    def run_stage(self, stage: str, key: str, fn: Callable[[], list[str] | None]) -> tuple[str, float]:
-        """Run `fn` unless the stage is done with the same key; returns (status, seconds)."""
-        if self.is_done(stage, key):
+    def is_done(self, stage: str, key: str) -> bool:
+        return self.why_stale(stage, key) is None
+
+    def run_stage(self, stage: str, key: str, fn: Callable[[], list[str] | None],
+                  log: Callable[[str], None] | None = None) -> tuple[str, float]:
+        """Run `fn` unless the stage is done with the same key and intact outputs; returns (status, seconds)."""
+        why = self.why_stale(stage, key)
+        if why is None:
             return "cached", self.manifest["stages"][stage].get("seconds", 0.0)
+        if log is not None and why not in ("not done", "its inputs changed"):
+            log(f"[{stage}] recomputed: {why}")
         self.manifest["stages"][stage] = {"status": "running", "key": key, "started": time.time()}
         self.save()
         start = time.perf_counter()
-        outputs = fn() or []
+        outputs = [self.relative(o) for o in fn() or []]
         seconds = time.perf_counter() - start
         self.manifest["stages"][stage] = {
-            "status": "done", "key": key, "seconds": round(seconds, 3),
-            "outputs": [str(Path(o).resolve().relative_to(self.root)) for o in outputs],
-            "finished": time.time(),
+            "status": "done", "key": key, "seconds": round(seconds, 3), "outputs": outputs,
+            "files": {rel: file_record(self.root / rel) for rel in outputs}, "finished": time.time(),
         }
         self.save()
         return "done", seconds
@@ -106,3 +168,48 @@ class RunDir:
         d = self.root / ".chunks" / stage / key
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def chunk(self, stage: str, key: str, name: str, compute: Callable[[], dict],
+              log: Callable[[str], None] | None = None) -> dict:
+        """A finished chunk ({part: DataFrame}) is read back; otherwise computed and written atomically.
+
+        Each part is its own Parquet file (types intact); the `.done` marker, written last, records each part's
+        size and sha256. A chunk whose marker or parts are damaged is discarded and computed again.
+        """
+        directory = self.chunk_dir(stage, key)
+        marker = directory / f"{name}.done"
+        if marker.is_file():
+            frames = _read_chunk(directory, name, marker)
+            if frames is not None:
+                return frames
+            if log is not None:
+                log(f"[{stage}] chunk {name} was damaged; computing it again")
+            marker.unlink()  # its parts are overwritten below; a kill meanwhile leaves no marker to trust
+        frames = compute()
+        records = {part: file_record(write_parquet(directory / f"{name}.{part}.parquet", frame))
+                   for part, frame in frames.items()}
+        with atomic_path(marker) as tmp:
+            tmp.write_text(json.dumps(records, sort_keys=True))
+        return frames
+
+
+def _read_chunk(directory: Path, name: str, marker: Path) -> dict | None:
+    """The chunk's frames, or None when its marker or any part is not as written."""
+    import pandas as pd
+
+    try:
+        records = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    if not isinstance(records, dict) or not records:
+        return None
+    frames = {}
+    for part, record in records.items():
+        path = directory / f"{name}.{part}.parquet"
+        if not is_intact(path, record):
+            return None
+        try:
+            frames[part] = pd.read_parquet(path)
+        except Exception:  # noqa: BLE001 - the checksum matched, yet the file does not read: recompute it
+            return None
+    return frames

@@ -34,8 +34,27 @@ def read_contexts(path) -> list[dict]:
     from steerstrength.io import read_texts
 
     rows = read_texts(Path(path), what="contexts file")
-    return [dict(id=str(r.get("id", f"user-{i + 1:02d}")), text=r["text"], kind=str(r.get("kind", "user")))
-            for i, r in enumerate(rows)]
+    out = [dict(id=str(r.get("id", f"user-{i + 1:02d}")), text=r["text"], kind=str(r.get("kind", "user")))
+           for i, r in enumerate(rows)]
+    return check_ids(out, where=f"{path}: ")
+
+
+def check_ids(contexts: list[dict], *, where: str = "") -> list[dict]:
+    """The contexts unchanged if every id is a safe file-name part (ids name chunk files) and no two are the same
+    (ignoring case, as some disks do); else one InputError line."""
+    from steerstrength.prompts import check_name
+
+    seen: dict[str, int] = {}
+    for i, c in enumerate(contexts):
+        try:
+            check_name(c["id"], "context id")
+        except InputError as exc:
+            raise InputError(f"{where}context {i + 1}: {exc}") from None
+        first = seen.setdefault(c["id"].casefold(), i)
+        if first != i:
+            raise InputError(f"{where}context id {c['id']!r} is given twice (contexts {first + 1} and {i + 1}; ids "
+                             "name files, so they must differ in more than case); give each context its own id")
+    return contexts
 
 
 def as_contexts(model: Model, contexts: Sequence[str | dict] | str, *, chat: bool = False) -> list[dict]:
@@ -47,7 +66,7 @@ def as_contexts(model: Model, contexts: Sequence[str | dict] | str, *, chat: boo
         item = dict(ctx) if isinstance(ctx, dict) else {"text": ctx}
         if not isinstance(item.get("text"), str) or not item["text"].strip():
             raise InputError(f"context {i} is empty; give non-empty contexts")
-        item.setdefault("id", f"c{i:02d}")
+        item["id"] = str(item.get("id", f"c{i:02d}"))
         item.setdefault("kind", "user")
         n = len(model.token_ids(item["text"], chat=chat))
         if model.max_length and n > model.max_length:
@@ -56,7 +75,4 @@ def as_contexts(model: Model, contexts: Sequence[str | dict] | str, *, chat: boo
         out.append(item)
     if not out:
         raise InputError("no contexts given; pass at least one context")
-    ids = [c["id"] for c in out]
-    if len(set(ids)) != len(ids):
-        raise InputError("context ids repeat; give each context a distinct id")
-    return out
+    return check_ids(out)

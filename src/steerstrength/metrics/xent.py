@@ -51,6 +51,24 @@ def windows(model: Model, texts: Sequence[str], seq_len: int = 128, *, packing: 
     return _windows(model, texts, seq_len, packing)[0]
 
 
+def sweep_units(model: Model, texts: Sequence[str], alphas, *, seq_len: int = 128, packing: bool = False,
+                max_tokens: int | None = None) -> int:
+    """Windows x alphas (0 added) that `xent_sweep` scores: the total of its progress."""
+    n_windows = _sweep_ids(model, texts, seq_len, packing, max_tokens)[0].shape[0]
+    return int(n_windows) * int(with_zero(alphas, warn=False)[0].numel())
+
+
+def _sweep_ids(model: Model, texts: Sequence[str], seq_len: int, packing: bool,
+               max_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """The windows `xent_sweep` scores: `_windows`, the first max_tokens // seq_len of them."""
+    ids, n_used = _windows(model, texts, seq_len, packing)
+    if max_tokens is not None:
+        if max_tokens < seq_len:
+            raise InputError(f"max_tokens {max_tokens} is below one window of {seq_len} scored tokens")
+        ids = ids[: max_tokens // seq_len]
+    return ids, n_used
+
+
 def _windows(model: Model, texts: Sequence[str], seq_len: int, packing: bool) -> tuple[torch.Tensor, int]:
     """(windows, number of texts that gave at least one window)."""
     if isinstance(texts, str):
@@ -266,11 +284,27 @@ def quadratic_fit(alphas: torch.Tensor, delta_ce: torch.Tensor, *, radius: float
     x, t = a[keep], y[keep]
     if x.numel() < 2:
         raise InputError(f"only {x.numel()} nonzero alpha within radius {radius}; widen it")
-    design = torch.stack([x, x * x], dim=1)
-    coef = torch.linalg.lstsq(design, t[:, None]).solution[:, 0]
-    resid = t - design @ coef
-    return dict(radius=radius, n_points=int(x.numel()), slope=float(coef[0]), curvature=float(2 * coef[1]),
-                rmse=float(resid.pow(2).mean().sqrt()))
+    b1, b2 = _least_squares_quadratic(x.tolist(), t.tolist())
+    resid = [ti - (b1 * xi + b2 * xi * xi) for xi, ti in zip(x.tolist(), t.tolist())]
+    return dict(radius=radius, n_points=int(x.numel()), slope=b1, curvature=2 * b2,
+                rmse=math.sqrt(math.fsum(r * r for r in resid) / len(resid)))
+
+
+def _least_squares_quadratic(x: list[float], t: list[float]) -> tuple[float, float]:
+    """(b1, b2) minimising sum (t - b1 x - b2 x^2)^2: the 2x2 normal equations in float64, on x scaled to [-1, 1].
+
+    Every sum is math.fsum (correctly rounded), so the fit depends on the points, not on their order, the
+    thread count or the LAPACK build: the same curve gives the same bits.
+    """
+    s = max(abs(xi) for xi in x)
+    u = [xi / s for xi in x]
+    s2, s3, s4 = (math.fsum(ui ** k for ui in u) for k in (2, 3, 4))
+    r1, r2 = math.fsum(ui * ti for ui, ti in zip(u, t)), math.fsum(ui * ui * ti for ui, ti in zip(u, t))
+    det = s2 * s4 - s3 * s3
+    if not det > 0:
+        raise InputError("a quadratic fit needs at least two distinct nonzero |alpha| or alphas on both sides")
+    c1, c2 = (s4 * r1 - s3 * r2) / det, (s2 * r2 - s3 * r1) / det
+    return c1 / s, c2 / (s * s)
 
 
 def quadratic_range(alphas: torch.Tensor, delta_ce: torch.Tensor, slope: float, curvature: float, *,
@@ -378,12 +412,47 @@ class XentSweep:
         return out
 
 
+def _digest(*parts) -> str:
+    """sha256 over tensors (their bytes, dtype and shape) and plain values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            p = p.detach().cpu().contiguous()
+            h.update(f"{p.dtype}{tuple(p.shape)}".encode())
+            h.update(p.view(torch.uint8).numpy().tobytes() if p.numel() else b"")
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()
+
+
+def _read_sums(path, inputs: str, n_alphas: int) -> torch.Tensor | None:
+    """A checkpointed chunk's sums if the file is whole and was made from the same inputs; else None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            sums = fh.get_tensor("sums")
+    except Exception:  # noqa: BLE001 - truncated or garbage: the chunk is computed again
+        return None
+    if (meta.get("inputs") != inputs or sums.dtype != torch.float64 or tuple(sums.shape) != (n_alphas,)
+            or meta.get("sums") != _digest(sums)):
+        return None
+    return sums
+
+
 def _checkpointed_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas: torch.Tensor, directory,
                        chunk_windows: int, **kwargs) -> torch.Tensor:
-    """`cross_entropy_sums` chunk by chunk of windows; finished chunks are read back from `directory`."""
+    """`cross_entropy_sums` chunk by chunk of windows; finished chunks are read back from `directory`.
+
+    Each chunk file records a digest of its inputs (vector, layer, alphas, windows, positions) and of its sums:
+    a damaged chunk, or one made from other inputs, is computed again, never read back.
+    """
     from pathlib import Path
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from steerstrength.io import atomic_path
 
@@ -392,18 +461,20 @@ def _checkpointed_sums(model: Model, vector, layer: int, ids: torch.Tensor, alph
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     progress = kwargs.pop("progress", None)
+    v = as_vector(model, vector)
     total = torch.zeros(alphas.numel(), dtype=torch.float64)
     for start in range(0, ids.shape[0], chunk_windows):
         chunk = ids[start:start + chunk_windows]
         path = directory / f"windows_{start:07d}_{start + chunk.shape[0]:07d}.safetensors"
-        if path.is_file():
-            sums = load_file(str(path))["sums"]
+        inputs = _digest(v, layer, alphas.double(), chunk, kwargs.get("positions", "all"))
+        sums = _read_sums(path, inputs, alphas.numel()) if path.is_file() else None
+        if sums is not None:
             if progress is not None:
                 progress(chunk.shape[0] * alphas.numel())
         else:
-            sums = cross_entropy_sums(model, vector, layer, chunk, alphas, progress=progress, **kwargs)
+            sums = cross_entropy_sums(model, vector, layer, chunk, alphas, progress=progress, **kwargs).contiguous()
             with atomic_path(path) as tmp:
-                save_file({"sums": sums.contiguous()}, str(tmp))
+                save_file({"sums": sums}, str(tmp), metadata=dict(inputs=inputs, sums=_digest(sums)))
         total += sums
     return total
 
@@ -419,11 +490,7 @@ def xent_sweep(model: Model, vector, layer: int, texts: Sequence[str], alphas=No
     saved atomically there; a rerun reads finished chunks back, so a killed sweep resumes.
     """
     a, inserted = with_zero(default_alphas() if alphas is None else alphas)
-    ids, n_used = _windows(model, texts, seq_len, packing)
-    if max_tokens is not None:
-        if max_tokens < seq_len:
-            raise InputError(f"max_tokens {max_tokens} is below one window of {seq_len} scored tokens")
-        ids = ids[: max_tokens // seq_len]
+    ids, n_used = _sweep_ids(model, texts, seq_len, packing, max_tokens)
     if checkpoint_dir is None:
         sums = cross_entropy_sums(model, vector, layer, ids, a, positions=positions, token_budget=token_budget,
                                   logit_budget=logit_budget, progress=progress)
