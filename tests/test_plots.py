@@ -406,3 +406,12 @@ def test_cli_plot_redraws_without_loading_a_model(tmp_path, monkeypatch):
     empty.mkdir()
     result = CliRunner().invoke(app, ["plot", str(empty)])
     assert isinstance(result.exception, InputError) and "no tables/ directory" in str(result.exception)
+
+
+def test_a_concept_name_that_is_no_file_name_never_names_a_figure(tmp_path):
+    run = make_run(tmp_path / "hostile", layers=(3,), stages=("tokens",), resamples=0)
+    top = pd.read_parquet(run / "tables" / "tokens_top.parquet")
+    top["concept"] = "../../escaped"
+    top.to_parquet(run / "tables" / "tokens_top.parquet")
+    draw_all(run)
+    assert not list(tmp_path.rglob("*escaped*"))

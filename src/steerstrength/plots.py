@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from steerstrength.errors import InputError
+from steerstrength.prompts import SAFE_NAME
 from steerstrength.io import atomic_path, write_json
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ class RunTables:
             if t is not None:
                 found += [c for c in t["concept"].unique().tolist() if c not in found]
         ordered = [c for c in listed if c in found] + [c for c in found if c not in listed]
-        return ordered or list(listed)
+        # Concept names become figure file names: a hostile run directory must not write outside figures/.
+        return [c for c in (ordered or list(listed)) if isinstance(c, str) and SAFE_NAME.fullmatch(c)]
 
     def layers(self) -> list[int]:
         found: set[int] = set()
