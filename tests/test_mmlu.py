@@ -1,7 +1,6 @@
 """MMLU against alpha: letter log-likelihoods with a shared prefix equal a plain steered full forward; data checks."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from steerstrength.metrics.mmlu import (
     subject_token_rows,
 )
 from steerstrength.steering import steer
+from cliutil import run_cli
 from tiny import tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu"
@@ -146,17 +146,6 @@ def test_offline_without_files_says_how_to_provide_them(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- CLI and the default model
 
 
-def run_cli(monkeypatch, *args) -> int:
-    from steerstrength.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["steerstrength", "--quiet", *map(str, args)])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 @pytest.fixture(scope="module")
 def default_vector_file(tmp_path_factory):
     from steerstrength.vectors import SteeringVectors
@@ -170,10 +159,9 @@ def default_vector_file(tmp_path_factory):
 @pytest.mark.slow
 def test_cli_sweep_mmlu_on_the_fixture_with_the_default_model(monkeypatch, capsys, tmp_path, default_model,
                                                                default_vector_file):
-    code = run_cli(monkeypatch, "sweep", "mmlu", "-v", default_vector_file, "--mmlu-dir", CSV, "--alphas=-20,0,20",
-                   "--subjects", "astronomy,high_school_geography", "--k-shots", "5", "--limit", "2", "--device", "cpu",
-                   "--out", tmp_path)
-    err = capsys.readouterr().err
+    code, _, err = run_cli(["sweep", "mmlu", "-v", default_vector_file, "--mmlu-dir", CSV, "--alphas=-20,0,20",
+                            "--subjects", "astronomy,high_school_geography", "--k-shots", "5", "--limit", "2",
+                            "--device", "cpu", "--out", tmp_path], monkeypatch, capsys, quiet=True)
     assert code == 0, err
     assert "MMLU accuracy" in err and "random guess 0.25" in err
     acc = pd.read_parquet(tmp_path / "mmlu.parquet")  # the run directory's names
@@ -192,7 +180,7 @@ def test_cli_sweep_mmlu_on_the_fixture_with_the_default_model(monkeypatch, capsy
 ])
 def test_cli_sweep_mmlu_errors_exit_2_before_loading_a_model(monkeypatch, capsys, tmp_path, default_vector_file,
                                                             args, message):
-    code = run_cli(monkeypatch, "sweep", "mmlu", "-v", default_vector_file, "--out", tmp_path, *args)
-    err = capsys.readouterr().err
+    code, _, err = run_cli(["sweep", "mmlu", "-v", default_vector_file, "--out", tmp_path, *args], monkeypatch, capsys,
+                           quiet=True)
     assert code == 2 and message in err and "Traceback" not in err
     assert not list(tmp_path.glob("mmlu*"))

@@ -1,7 +1,6 @@
 """Prompt sets P and N (Sec. 5, App. A): generated reproducibly, stopped at EOS, stored as JSONL."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from steerstrength.prompts import (
     resolve_opposite,
     sample_texts,
 )
+from cliutil import run_cli
 from tiny import tiny_model
 
 FIELDS = {"concept", "kind", "setting", "text", "generator", "seed", "n_tokens", "finish"}
@@ -24,16 +24,6 @@ FIELDS = {"concept", "kind", "setting", "text", "generator", "seed", "n_tokens",
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")
-
-
-def run_cli(args, monkeypatch, capsys):
-    from steerstrength.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["steerstrength", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_the_papers_eight_concepts_have_a_definition_and_an_opposite():

@@ -10,6 +10,7 @@ from steerstrength.metrics.limits import limit_logits
 from steerstrength.metrics.logodds import extremal_thresholds, log_odds
 from steerstrength.scan import scan_layers
 from steerstrength.vectors import difference_of_means, mean_activations, residual_norms
+from cliutil import run_cli
 from tiny import tiny_model
 
 P = ["i am so happy and glad today", "joy and a smile , i laugh", "you are my friend and i love you",
@@ -125,18 +126,6 @@ def tiny_dir(tmp_path_factory):
     model.hf.save_pretrained(path)
     model.tokenizer.save_pretrained(path)
     return path
-
-
-def run_cli(args, monkeypatch, capsys):
-    import sys
-
-    from steerstrength.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["steerstrength", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 def test_api_layers_auto_adds_the_scanned_layer():

@@ -77,15 +77,46 @@ def test_per_row_alpha_generation_equals_one_generation_per_alpha():
 
 
 def test_steering_applies_at_decode_steps():
+    """Every forward of `generate` (the prompt, then each decode step) gets exactly alpha * v added after the layer."""
     model = tiny_model("llama")
     enc = model.encode([CONTEXT])
-    v = torch.randn(model.d_model) * 50
-    seen = []
-    hook = model.blocks[2].register_forward_hook(lambda m, i, o: seen.append(o[0, -1].clone()))
-    with torch.no_grad():
-        steered_generate(model, enc, v, 1, [3.0], max_new_tokens=3, do_sample=False)
-    hook.remove()
-    assert len(seen) == 3  # the prompt, then two decode steps, all passed through the steered model
+    torch.manual_seed(2)
+    v, alpha = torch.randn(model.d_model), 3.0
+    block_out, next_in = [], []  # block 1's own output (our hook runs before steer's), block 2's input
+
+    def record_output(module, inputs, output):
+        block_out.append((output[0] if isinstance(output, tuple) else output)[:, -1].clone())
+
+    def record_input(module, args, kwargs):
+        next_in.append((args[0] if args else kwargs["hidden_states"])[:, -1].clone())
+
+    hooks = [model.blocks[1].register_forward_hook(record_output),
+             model.blocks[2].register_forward_pre_hook(record_input, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            steered_generate(model, enc, v, 1, [alpha], max_new_tokens=3, do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(block_out) == len(next_in) == 3  # the prompt, then two decode steps
+    for raw, steered in zip(block_out, next_in):
+        torch.testing.assert_close(steered - raw, alpha * v[None, :], atol=1e-5, rtol=1e-5)
+
+
+def test_sweeps_pass_the_kv_cache_without_deprecation_warnings(capfd):
+    """The prefix cache goes in under the forward's current keyword (`cache` on transformers 5.24), silently."""
+    import inspect
+    import warnings
+
+    model = tiny_model("llama")
+    if "cache" in inspect.signature(model.hf.forward).parameters:
+        assert model.cache_arg == "cache"
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        next_token_probs(model, torch.ones(model.d_model), 1, CONTEXT, [0.0, 2.0], positions="last")
+    messages = [str(w.message) for w in caught] + capfd.readouterr().err.splitlines()
+    assert not [m for m in messages if "deprecat" in m.lower() or "past_key_values" in m], messages
 
 
 @pytest.mark.parametrize(

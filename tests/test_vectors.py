@@ -1,13 +1,13 @@
 """Difference-of-means vectors (Eq. 3): what they average, how they are saved, and the errors users can cause."""
 
 import json
-import sys
 
 import pytest
 import torch
 
 from steerstrength import InputError, SteeringVectors, difference_of_means
 from steerstrength.vectors import bootstrap, mean_activations, parse_layers
+from cliutil import error_lines, run_cli
 from tiny import tiny_model
 
 P = ["i am so happy and glad today", "joy and a smile , i laugh", "you are my friend and i love you",
@@ -32,17 +32,6 @@ def tiny_dir(tmp_path_factory, model):
     model.hf.save_pretrained(path)
     model.tokenizer.save_pretrained(path)
     return str(path)
-
-
-def run_cli(args, monkeypatch, capsys):
-    """Run `steerstrength ARGS` in-process through cli.main (its error handling included)."""
-    from steerstrength.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["steerstrength", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def hand_mean(model, text, layer, skip_first_token):
@@ -225,8 +214,7 @@ def test_cli_vectors_writes_safetensors_gguf_and_a_norm_table(tiny_dir, tmp_path
 
 
 def assert_one_line_error(code, err, *needles):
-    # transformers' own "Loading weights" bar may precede the error when a model was loaded.
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "Loading weights" not in line]
+    lines = error_lines(err)
     assert code == 2 and len(lines) == 1, err
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -283,3 +271,130 @@ def test_texts_longer_than_the_model_allows_are_refused_unless_truncated(model):
         difference_of_means(model, [long, long], N[:2], 1)
     truncated = difference_of_means(model, [long, long], N[:2], 1, max_length=16)
     assert truncated.meta["max_length"] == 16 and torch.isfinite(truncated[1]).all()
+
+
+# ----------------------------------------------------------------------------- files that are not ours
+
+
+def test_vector_file_metadata_must_be_a_json_object(tmp_path):
+    from safetensors.torch import save_file
+
+    for name, meta in (("list", "[1, 2]"), ("string", '"joy"'), ("number", "3")):
+        save_file({"layer.1": torch.ones(4)}, str(tmp_path / f"{name}.safetensors"), metadata={"steerstrength": meta})
+        with pytest.raises(InputError, match="metadata is a JSON"):
+            SteeringVectors.load(tmp_path / f"{name}.safetensors")
+    with pytest.raises(InputError, match="metadata"):
+        SteeringVectors({1: torch.ones(4)}, ["not", "a", "dict"])
+
+
+@pytest.mark.parametrize("extra", ["layer.1.bias", "layer.1.resamples.old", "layer.01", "layer.1x", "direction.1",
+                                   "weight"])
+def test_vector_file_with_an_unknown_tensor_is_refused_not_read_into_a_layer(tmp_path, extra):
+    from safetensors.torch import save_file
+
+    save_file({"layer.1": torch.ones(4), extra: torch.zeros(4)}, str(tmp_path / "v.safetensors"))
+    with pytest.raises(InputError, match=f"tensor '{extra}'.*only `layer.N` and `layer.N.resamples`"):
+        SteeringVectors.load(tmp_path / "v.safetensors")
+
+
+def test_integer_vectors_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"layer.1": torch.arange(4)}, str(tmp_path / "int.safetensors"))
+    with pytest.raises(InputError, match="layer 1 has dtype int64.*floating point"):
+        SteeringVectors.load(tmp_path / "int.safetensors")
+    with pytest.raises(InputError, match="dtype bool"):
+        SteeringVectors({2: torch.ones(4, dtype=torch.bool)})
+    with pytest.raises(InputError, match="resamples for layer 1 have dtype int32"):
+        SteeringVectors({1: torch.ones(4)}, resamples={1: torch.ones((2, 4), dtype=torch.int32)})
+
+
+def test_identical_p_and_n_with_normalize_is_a_zero_vector_error(model):
+    with pytest.raises(InputError, match="P and N hold the same texts, so the difference of means is the zero vector"):
+        difference_of_means(model, P, P[::-1], 1, normalize=True)  # refused before any forward pass
+    # Different texts with the same mean (each text twice in N), batched differently: zero up to rounding.
+    with pytest.raises(InputError, match="layer 1: the difference of means is the zero vector"):
+        difference_of_means(model, P[:2], [P[1], P[0], P[0], P[1]], 1, normalize=True, batch_size=3)
+    assert float(difference_of_means(model, P, P, 1)[1].norm()) == 0.0  # not normalized: a zero vector, as asked
+    with pytest.raises(InputError, match="bootstrap replicate .* zero vector"):
+        bootstrap(torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64), 3, normalize=True)
+
+
+def test_cli_identical_p_and_n_with_normalize_names_the_zero_vector(tiny_dir, tmp_path, monkeypatch, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", P)
+    code, _, err = run_cli(["vectors", "-p", good, "-n", good, "--layers", "1", "--normalize", "--model", tiny_dir,
+                            "--out", tmp_path / "out" / "v.safetensors"], monkeypatch, capsys, quiet=True)
+    assert_one_line_error(code, err, "zero vector")
+    assert "overflow" not in err and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- llama.cpp control vectors, read as llama.cpp reads them
+
+
+def write_control_vector(path, tensors: dict, meta: str | None = None):
+    """A GGUF control vector with exactly these tensors (numpy arrays, any type), in this order."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_int32("controlvector.layer_count", len(tensors))
+    if meta is not None:
+        writer.add_string("steerstrength.meta", meta)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"direction.0": "f32", "direction.1": "f32"}, "refuses direction.0"),
+    ({"direction.1": "f16"}, "direction.1 is F16; llama.cpp reads only F32"),
+    ({"direction.1": "f32", "direction.2": "f16"}, "direction.2 is F16"),
+    ({"direction.1": "f32", "output.weight": "f32"}, "tensor 'output.weight'"),
+    ({"direction.-1": "f32"}, "tensor 'direction.-1'"),
+    ({"direction.x": "f32"}, "tensor 'direction.x'"),
+    ({"direction.1": "2d"}, "one-dimensional"),
+    ({"direction.1": "f32", "direction.2": "short"}, "direction.2 has 3 values but an earlier direction has 4"),
+    ({}, "holds no direction.N tensors"),
+])
+def test_gguf_files_llama_cpp_refuses_are_refused_whole(tmp_path, tensors, message):
+    import numpy as np
+
+    arrays = {"f32": np.ones(4, np.float32), "f16": np.ones(4, np.float16), "2d": np.ones((2, 4), np.float32),
+              "short": np.ones(3, np.float32)}
+    path = write_control_vector(tmp_path / "v.gguf", {name: arrays[kind] for name, kind in tensors.items()})
+    with pytest.raises(InputError, match=message):
+        SteeringVectors.load(path)
+
+
+def test_gguf_directions_for_one_layer_are_added_like_llama_cpp(tmp_path):
+    import numpy as np
+
+    a, b, c = (np.arange(4, dtype=np.float32) + k for k in (0.0, 10.0, 100.0))
+    path = write_control_vector(tmp_path / "v.gguf", {"direction.1": a, "direction.01": b, "direction.2": c,
+                                                      "direction.3": c[None, :]})  # [1, 4]: ggml counts 1 dim
+    sv = SteeringVectors.load(path)
+    assert sv.layers == [1, 2, 3]
+    assert torch.equal(sv[1], torch.from_numpy(a + b)) and torch.equal(sv[2], torch.from_numpy(c))
+    assert torch.equal(sv[3], torch.from_numpy(c))
+
+
+def test_gguf_metadata_must_be_a_json_object(tmp_path):
+    import numpy as np
+
+    path = write_control_vector(tmp_path / "v.gguf", {"direction.1": np.ones(4, np.float32)}, meta="[1, 2]")
+    with pytest.raises(InputError, match="steerstrength.meta is a JSON list"):
+        SteeringVectors.load(path)
+
+
+def test_cli_refuses_a_gguf_llama_cpp_refuses_in_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    path = write_control_vector(tmp_path / "v.gguf", {"direction.1": np.ones(32, np.float16)})
+    code, _, err = run_cli(["sweep", "tokens", "-v", path, "--model", tiny_dir, "--alphas=-1,0,1",
+                            "--out", tmp_path / "out"], monkeypatch, capsys, quiet=True)
+    assert_one_line_error(code, err, "F16")
+    assert not (tmp_path / "out").exists()

@@ -1,9 +1,13 @@
 """Evaluation text for cross-entropy: local files, a Hugging Face dataset, or the model's own samples.
 
 Sources (`load_corpus`):
-- a `.txt` file (one text per non-empty line), a `.jsonl` file (a `text` field per line), a `.parquet`
-  file or a directory of `.parquet` shards with a `text` column (the FineWeb layout);
-- `hf:NAME` or `hf:NAME:CONFIG`: a Hugging Face dataset through `datasets` (needs network or a local cache);
+- a `.txt` file (one text per non-empty line), a `.jsonl` / `.json` file (JSON lines with a `text` field, as
+  `datasets.Dataset.to_json` writes them, or one JSON array of objects), any of these gzip-compressed (`.gz`);
+- a `.parquet` file, or a directory of `.parquet` shards with a `text` column, found recursively (the FineWeb
+  layout, a hub snapshot's `data/`); the split's files only (`data/train-*.parquet`, `test/...`: the
+  `datasets` naming rules), and every file when no file names a split;
+- `hf:NAME` or `hf:NAME:CONFIG`: a Hugging Face dataset through `datasets` (needs network), optionally only
+  some of its files (`data_files`, e.g. `hf:parquet` with local files);
 - nothing: texts sampled from the unsteered model itself (seeded), cached as JSONL. Delta CE on the
   model's own samples estimates the mean KL divergence from the unsteered to the steered model.
 """
@@ -18,7 +22,7 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.io import read_texts, write_json, write_jsonl
-from steerstrength.models import Model
+from steerstrength.models import Model, hub_reachable
 
 SAMPLES_FILE = "corpus_samples.jsonl"
 
@@ -30,13 +34,50 @@ def _nonempty(texts: Sequence[str], where: str) -> list[str]:
     return kept
 
 
-def parquet_texts(path: Path, *, field: str = "text", max_texts: int | None = None) -> list[str]:
-    """The `field` column of a Parquet file, or of every `.parquet` shard in a directory (sorted)."""
+def split_files(directory: Path, split: str) -> list[Path]:
+    """The `.parquet` files of `split` under `directory`, recursively, by the `datasets` library's naming rules.
+
+    `data/train-00000-of-00002.parquet`, `train.parquet`, `train/part-0.parquet` belong to train; a directory
+    whose files name no split (`sample/10BT/000_00000.parquet`) is all train.
+    """
+    try:
+        from datasets.data_files import _get_data_files_patterns, resolve_pattern
+    except ImportError:  # without `datasets` (or with one that moved these), every file is train
+        found = {"train": sorted(p for p in directory.rglob("*.parquet")
+                                 if not any(part.startswith(".") for part in p.relative_to(directory).parts))}
+    else:
+        def parquet_files(pattern: str) -> list[str]:
+            return resolve_pattern(pattern, str(directory), allowed_extensions=[".parquet"])
+
+        try:
+            patterns = _get_data_files_patterns(parquet_files)  # judged on the .parquet files alone
+        except FileNotFoundError:
+            patterns = {}
+        found = {}
+        for name, globs in patterns.items():
+            files = set()
+            for glob in globs:
+                try:
+                    files.update(parquet_files(glob))
+                except FileNotFoundError:
+                    pass
+            found[str(name)] = sorted(Path(f) for f in files)
+    found = {name: files for name, files in found.items() if files}
+    if not found:
+        raise InputError(f"directory {directory} holds no .parquet files (searched recursively); give a Parquet "
+                         "file or shard directory, or a .txt/.jsonl/.json file")
+    if split not in found:
+        raise InputError(f"directory {directory} has no .parquet files for split {split!r}; its splits: "
+                         f"{', '.join(found)} (pass one with --split)")
+    return found[split]
+
+
+def parquet_texts(path: Path, *, field: str = "text", max_texts: int | None = None,
+                  split: str = "train") -> list[str]:
+    """The `field` column of a Parquet file, or of the `split`'s `.parquet` shards under a directory (sorted)."""
     import pyarrow.parquet as pq
 
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise InputError(f"directory {path} holds no .parquet files; give a Parquet file or shard directory")
+    files = split_files(path, split) if path.is_dir() else [path]
     texts: list[str] = []
     for file in files:
         try:
@@ -53,13 +94,85 @@ def parquet_texts(path: Path, *, field: str = "text", max_texts: int | None = No
     return texts[:max_texts] if max_texts is not None else texts
 
 
+def file_kind(path: Path) -> tuple[str, bool]:
+    """(suffix without compression, gzip-compressed?): ("jsonl", True) for `x.jsonl.gz`."""
+    suffixes = [x.lower() for x in path.suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    base = suffixes[-2] if gz and len(suffixes) > 1 else ("" if gz else (suffixes[-1] if suffixes else ""))
+    return base.lstrip("."), gz
+
+
+def json_texts(path: Path, *, field: str = "text", gz: bool = False, lines_only: bool = False) -> list[str]:
+    """The `field` of every object in a JSON-lines file or a JSON array, gzip-compressed or not.
+
+    `lines_only` (`.jsonl`): JSON lines only; otherwise (`.json`) a file that starts with `[` is one array.
+    """
+    import gzip
+
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as fh:
+            content = fh.read()
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; give a UTF-8 JSON file") from None
+    except (OSError, EOFError) as exc:
+        what = "a readable gzip file" if gz else "readable"
+        raise InputError(f"{path} is not {what} ({type(exc).__name__}: {exc})") from None
+    if not lines_only and content.lstrip().startswith("["):
+        try:
+            rows = json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: malformed JSON array ({exc.msg}, line {exc.lineno})") from None
+        numbered = list(enumerate(rows, start=1))
+        where = "item"
+    else:
+        numbered = []
+        for lineno, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+        where = "line"
+    texts = []
+    for number, row in numbered:
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise InputError(f"{path}: {where} {number}: expected an object with a string {field!r} field")
+        texts.append(row[field])
+    return texts
+
+
+def plain_texts(path: Path, *, gz: bool = False) -> list[str]:
+    """One text per non-empty line."""
+    import gzip
+
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as fh:
+            return [line.rstrip("\n") for line in fh if line.strip()]
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; give a UTF-8 text file") from None
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path} is not a readable {'gzip ' if gz else ''}file ({type(exc).__name__})") from None
+
+
 def hf_texts(name: str, *, config: str | None = None, split: str = "train", field: str = "text",
              max_texts: int = 1000, data_files=None) -> list[str]:
-    """The first `max_texts` values of `field` in a Hugging Face dataset, streamed (no full download)."""
+    """The first `max_texts` values of `field` in a Hugging Face dataset, streamed (no full download).
+
+    `data_files`: a path, glob or list of them selecting the dataset's files; with a packaged builder
+    (`parquet`, `json`, `csv`, `text`) they may be local files, read without network.
+    """
     try:
         import datasets
     except ImportError:
         raise InputError("loading a Hugging Face dataset needs the `datasets` package: pip install datasets") from None
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as packaged
+    except ImportError:
+        packaged = {}
+    if name not in packaged and not hub_reachable():
+        raise InputError(f"cannot load dataset {name!r}: the Hugging Face hub cannot be reached (no network, or "
+                         "HF_HUB_OFFLINE is set); download its files and pass them as --corpus FILE or DIR")
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True, data_files=data_files)
     except Exception as exc:  # noqa: BLE001 - network, auth and name errors all end here
@@ -126,8 +239,15 @@ def cached_samples(model: Model, directory, n_texts: int, n_tokens: int, *, seed
 
 def load_corpus(source: str | Path | None, *, model: Model | None = None, field: str = "text",
                 split: str = "train", max_texts: int | None = None, n_samples: int = 64, sample_tokens: int = 256,
-                seed: int = 0, cache_dir=None, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Texts of an evaluation corpus from a file, a `hf:` dataset, or (source None) the model's samples."""
+                seed: int = 0, cache_dir=None, data_files: str | Sequence[str] | None = None,
+                progress: Callable[[int], None] | None = None) -> list[str]:
+    """Texts of an evaluation corpus from a file or directory, a `hf:` dataset, or (source None) the model's samples.
+
+    `split` picks a `hf:` dataset's split or a directory's split files; `data_files` picks a `hf:` dataset's files.
+    """
+    if data_files and not str(source or "").startswith("hf:"):
+        raise InputError("--data-files selects files of a hf: dataset (e.g. --corpus hf:parquet --data-files "
+                         "'shards/*.parquet'); pass a local file or directory as --corpus instead")
     if source is None or str(source) == "":
         if model is None:
             raise InputError("the model-samples corpus needs the model; pass model=")
@@ -141,24 +261,39 @@ def load_corpus(source: str | Path | None, *, model: Model | None = None, field:
         name, _, config = source[3:].partition(":")
         if not name:
             raise InputError("a dataset source reads hf:NAME or hf:NAME:CONFIG, e.g. hf:HuggingFaceFW/fineweb:sample-10BT")
-        texts = hf_texts(name, config=config or None, split=split, field=field, max_texts=max_texts or 1000)
+        if isinstance(data_files, str) and "," in data_files:
+            data_files = [f.strip() for f in data_files.split(",") if f.strip()]
+        texts = hf_texts(name, config=config or None, split=split, field=field, max_texts=max_texts or 1000,
+                         data_files=data_files or None)
         return _nonempty(texts, source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise InputError(f"corpus {path} does not exist; give a .txt/.jsonl/.parquet file, a Parquet directory "
-                         "or hf:NAME for a Hugging Face dataset")
-    suffix = path.suffix.lower()
-    if path.is_dir() or suffix == ".parquet":
-        texts = parquet_texts(path, field=field, max_texts=max_texts)
-    elif suffix in (".jsonl", ".ndjson", ".txt", ".text"):
-        try:
-            texts = [row[field] for row in read_texts(path, field=field, what="corpus file")]
-        except InputError as exc:
-            if "needs at least" in str(exc):
-                raise InputError(f"the corpus {path} is empty; give a file with at least one text") from None
-            raise
+        raise InputError(f"corpus {path} does not exist; give a .txt/.jsonl/.json/.parquet file (or .gz), a Parquet "
+                         "directory or hf:NAME for a Hugging Face dataset")
+    if path.is_dir():
+        texts = parquet_texts(path, field=field, max_texts=max_texts, split=split)
     else:
-        raise InputError(f"corpus {path}: unknown file type {suffix or '(none)'}; use .txt, .jsonl or .parquet")
+        if split != "train":
+            raise InputError(f"corpus {path} is a single file, which has no splits; drop --split {split} or give "
+                             "the dataset directory")
+        kind, gz = file_kind(path)
+        if kind == "parquet" and not gz:
+            texts = parquet_texts(path, field=field, max_texts=max_texts)
+        elif kind in ("jsonl", "ndjson", "txt", "text") and not gz:
+            try:
+                texts = [row[field] for row in read_texts(path, field=field, what="corpus file")]
+            except InputError as exc:
+                if "needs at least" in str(exc):
+                    raise InputError(f"the corpus {path} is empty; give a file with at least one text") from None
+                raise
+        elif kind in ("jsonl", "ndjson", "json"):
+            texts = json_texts(path, field=field, gz=gz, lines_only=kind != "json")
+        elif kind in ("txt", "text"):
+            texts = plain_texts(path, gz=True)
+        else:
+            shown = "".join(path.suffixes[-2:]) if gz else (path.suffix or "(none)")
+            raise InputError(f"corpus {path}: unknown file type {shown}; use .txt, .jsonl, .json (each may be .gz) "
+                             "or .parquet")
     if max_texts is not None:
         texts = texts[:max_texts]
     return _nonempty(texts, str(path))

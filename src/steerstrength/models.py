@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -52,6 +53,8 @@ BLOCK_PATHS = (
     "gpt_neox.layers",  # GPT-NeoX / Pythia
     "model.decoder.layers",  # OPT
 )
+# Values hashed per tensor by `Model.fingerprint`: enough to tell fine-tunes apart, fast at any model size.
+FINGERPRINT_SAMPLE = 1 << 20
 # Names the final normalisation takes next to the blocks.
 NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
 
@@ -251,13 +254,18 @@ class Model:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
     def fingerprint(self) -> str:
-        """A short hash identifying these weights (name, shapes, a few weight sums)."""
-        h = hashlib.sha256()
-        h.update(self.name.encode())
-        h.update(self.architecture.encode())
-        for t in (self.unembed.weight, self.blocks[0].parameters().__next__(), self.blocks[-1].parameters().__next__()):
-            h.update(str(tuple(t.shape)).encode())
-            h.update(f"{float(t.detach().double().sum()):.6e}".encode())
+        """A short hash of the weights themselves, never of the name or path they were loaded from.
+
+        Hashes the architecture, every parameter's shape, and the values of the unembedding and of the first and
+        last blocks (strided to at most FINGERPRINT_SAMPLE values per tensor), rounded to bfloat16 so the same
+        weights loaded in float32 or bfloat16 agree.
+        """
+        h = hashlib.sha256(self.architecture.encode())
+        h.update(repr([tuple(p.shape) for p in self.hf.parameters()]).encode())
+        for t in (self.unembed.weight, *self.blocks[0].parameters(), *self.blocks[-1].parameters()):
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLE)].to(torch.bfloat16).cpu()
+            h.update(sample.view(torch.int16).numpy().tobytes())
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
@@ -435,14 +443,52 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}); re-download it") from None
 
 
-def gguf_cache_dir(path: Path) -> Path:
-    import transformers
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, remembered in the cache per (path, size, mtime) so a file is read once."""
+    from steerstrength.io import write_json
 
     stat = path.stat()
-    key = hashlib.sha256(
-        f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|{transformers.__version__}".encode()
-    ).hexdigest()[:16]
-    return cache_root() / f"{path.stem}-{key}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index = cache_root() / "sha256.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    digest = known.get(key)
+    if isinstance(digest, str) and len(digest) == 64:
+        return digest
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    known = {k: v for k, v in known.items() if _same_file_state(k)}
+    known[key] = digest
+    try:
+        write_json(index, known)
+    except OSError:
+        pass  # a read-only cache costs a re-hash next time, nothing else
+    return digest
+
+
+def _same_file_state(key: str) -> bool:
+    """Whether a `file_sha256` index key still describes the file on disk (stale entries are dropped)."""
+    try:
+        name, size, mtime = key.rsplit("|", 2)
+        stat = os.stat(name)
+    except (OSError, ValueError):
+        return False
+    return (size, mtime) == (str(stat.st_size), str(stat.st_mtime_ns))
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    """Where a GGUF's dequantized copy lives: keyed on the file's content and the transformers version, not its
+    path, so a copy of the same file (another virtualenv, another folder) reuses the conversion."""
+    import transformers
+
+    key = hashlib.sha256(f"{file_sha256(path)}|{transformers.__version__}".encode()).hexdigest()[:16]
+    return cache_root() / f"gguf-{key}"
 
 
 def convert_gguf(path: Path, target: Path) -> None:
@@ -462,7 +508,7 @@ def convert_gguf(path: Path, target: Path) -> None:
             del hf.config.quantization_config
         hf.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "steerstrength.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+        (tmp / "steerstrength.json").write_text(json.dumps({"gguf": str(path.resolve()), "sha256": file_sha256(path)}))
         try:
             os.rename(tmp, target)
         except OSError:
@@ -481,6 +527,56 @@ def load_hf_dir(source: str, dtype: torch.dtype, device: torch.device, **kwargs)
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     return hf.to(device), tok
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's first line, for a one-line error message."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (or the proxy in front of it) accepts a connection; False in offline mode."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return False
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(v)),
+                 "")
+    target = urlparse(proxy if "://" in proxy else f"http://{proxy}") if proxy else endpoint
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        with socket.create_connection((target.hostname, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def load_hf_id(spec: str, dtype: torch.dtype, device: torch.device):
+    """A hub model, offline first: the local cache without any request, then the hub only when it is reachable.
+
+    Without network (or with HF_HUB_OFFLINE set) an uncached id fails at once, in one line, instead of after
+    huggingface_hub's retries.
+    """
+    try:
+        return load_hf_dir(spec, dtype, device, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        pass  # not (completely) in the local cache
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"cannot load {spec!r}: it is not in the local Hugging Face cache and the hub cannot be reached "
+            "(no network, or HF_HUB_OFFLINE is set); download it where there is network "
+            f"(`hf download {spec}`) or pass a local model directory"
+        )
+    try:
+        return load_hf_dir(spec, dtype, device)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"cannot load {spec!r} from the Hugging Face hub ({first_line(exc)}); check the id "
+            "and your access to it, or pass a local directory"
+        ) from exc
 
 
 def load_model(
@@ -521,19 +617,13 @@ def load_model(
             hf, tok = load_hf_dir(str(path), torch_dtype, torch_device)
         except (ValueError, OSError, KeyError) as exc:
             raise ModelLoadError(
-                f"{path} does not hold a causal LM that transformers can load ({str(exc).splitlines()[0][:160]})"
+                f"{path} does not hold a causal LM that transformers can load ({first_line(exc)})"
             ) from exc
     elif path.exists():
         raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf, a model directory or a HF id")
     elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
         name, source = spec, f"hf:{spec}"
-        try:
-            hf, tok = load_hf_dir(spec, torch_dtype, torch_device)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(
-                f"cannot load {spec!r} from the Hugging Face hub or its local cache "
-                f"({str(exc).splitlines()[0][:160]}); download it first or pass a local directory"
-            ) from exc
+        hf, tok = load_hf_id(spec, torch_dtype, torch_device)
     else:
         known = ", ".join(EMBEDDED)
         raise ModelLoadError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,12 @@ from steerstrength.models import Model
 from steerstrength.steering import check_layer, hidden_at
 
 GGUF_ARCH = "controlvector"
+# The only tensor names of a safetensors vector file (no leading zeros: one name per layer).
+SAFETENSORS_KEY = re.compile(r"layer\.(?P<layer>0|[1-9][0-9]*)(?P<resamples>\.resamples)?")
+# llama.cpp parses the index after "direction." with std::stoi; only plain digits are accepted here.
+GGUF_KEY = re.compile(r"direction\.(?P<layer>[0-9]+)")
+# A difference of means this small relative to the means is rounding (P and N hold the same texts), not a direction.
+ZERO_RTOL = 1e-6
 
 
 @dataclass
@@ -37,10 +44,16 @@ class SteeringVectors:
     def __post_init__(self) -> None:
         if not self.vectors:
             raise InputError("no steering vectors given; a SteeringVectors needs at least one layer")
+        if not isinstance(self.meta, dict):
+            raise InputError(f"the metadata of steering vectors must be a dict (a JSON object), not a "
+                             f"{type(self.meta).__name__}")
         sizes = {int(v.shape[-1]) if v.ndim else 0 for v in self.vectors.values()}
         for layer, v in self.vectors.items():
-            if not isinstance(layer, int) or layer < 0:
+            if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
                 raise InputError(f"layer keys must be non-negative integers, not {layer!r}")
+            if not v.is_floating_point():
+                raise InputError(f"the vector for layer {layer} has dtype {str(v.dtype).removeprefix('torch.')}; "
+                                 "steering vectors are floating point (float32)")
             if v.ndim != 1 or len(sizes) != 1:
                 raise InputError(f"the vector for layer {layer} has shape {tuple(v.shape)}; every layer needs one "
                                  f"1-D vector of the same size (sizes found: {sorted(sizes)})")
@@ -49,6 +62,9 @@ class SteeringVectors:
                                  "activations (float32 avoids overflow)")
         d = sizes.pop()
         for layer, r in self.resamples.items():
+            if not r.is_floating_point():
+                raise InputError(f"the resamples for layer {layer} have dtype {str(r.dtype).removeprefix('torch.')}; "
+                                 "they must be floating point (float32)")
             if layer not in self.vectors or r.ndim != 2 or r.shape[1] != d:
                 raise InputError(f"resamples for layer {layer} have shape {tuple(r.shape)}; expected [K, {d}] "
                                  "for a layer that has a vector")
@@ -141,15 +157,21 @@ class SteeringVectors:
             with safe_open(str(path), framework="pt") as fh:
                 meta = json.loads((fh.metadata() or {}).get("steerstrength", "{}"))
                 for key in fh.keys():
-                    parts = key.split(".")
-                    if parts[0] != "layer" or len(parts) < 2 or not parts[1].isdigit():
-                        continue
-                    target = resamples if key.endswith(".resamples") else vectors
-                    target[int(parts[1])] = fh.get_tensor(key)
+                    match = SAFETENSORS_KEY.fullmatch(key)
+                    if match is None:
+                        raise InputError(f"{path} holds a tensor {key!r}; a steerstrength vector file holds only "
+                                         "`layer.N` and `layer.N.resamples` tensors")
+                    target = resamples if match["resamples"] else vectors
+                    target[int(match["layer"])] = fh.get_tensor(key)
+        except InputError:
+            raise
         except (OSError, ValueError, json.JSONDecodeError) as exc:
             raise InputError(f"{path} is not a steerstrength safetensors vector file ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers
             raise InputError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: its `steerstrength` metadata is a JSON {type(meta).__name__}, not an object; "
+                             "it is not a steerstrength vector file")
         if not vectors:
             raise InputError(f"{path} holds no `layer.N` tensors; it is not a steerstrength vector file")
         return cls(vectors, meta, resamples)
@@ -194,23 +216,53 @@ class SteeringVectors:
 
     @classmethod
     def from_gguf(cls, path) -> "SteeringVectors":
-        """A llama.cpp control vector (ours, llama.cpp's cvector-generator's, repeng's): direction.N -> layer N."""
+        """A llama.cpp control vector (ours, llama.cpp's cvector-generator's, repeng's): direction.N -> layer N.
+
+        Read as llama.cpp's `common_control_vector_load_one` reads it: every tensor must be an F32 `direction.N`
+        with N >= 1, one-dimensional, all of one size; tensors for the same N are added. A file llama.cpp would
+        skip is an InputError here, never a partial load.
+        """
         path = Path(path)
         try:
-            from gguf import GGUFReader
+            from gguf import GGMLQuantizationType, GGUFReader
 
             reader = GGUFReader(str(path))
-            vectors = {}
-            for tensor in reader.tensors:
-                prefix, _, index = tensor.name.partition(".")
-                if prefix == "direction" and index.isdigit():
-                    vectors[int(index)] = torch.tensor(tensor.data.astype("float32").reshape(-1))
+            tensors = list(reader.tensors)
             meta_field = reader.fields.get("steerstrength.meta")
             meta = json.loads(meta_field.contents()) if meta_field is not None else {}
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
             raise InputError(f"{path} is not a readable GGUF control vector ({type(exc).__name__})") from None
-        if not vectors:
+        if not tensors:
             raise InputError(f"{path} holds no direction.N tensors; it is not a llama.cpp control vector")
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: its steerstrength.meta is a JSON {type(meta).__name__}, not an object")
+        vectors: dict[int, torch.Tensor] = {}
+        size = None
+        for tensor in tensors:
+            match = GGUF_KEY.fullmatch(tensor.name)
+            if match is None:
+                raise InputError(f"{path} holds a tensor {tensor.name!r}; llama.cpp refuses a control vector with "
+                                 "any tensor but direction.N")
+            layer = int(match["layer"])
+            if layer == 0:
+                raise InputError(f"{path} holds {tensor.name}; llama.cpp refuses direction.0 (it never steers the "
+                                 "first block's output), so the file would not load there")
+            if layer > 2**31 - 1:
+                raise InputError(f"{path} holds {tensor.name}; llama.cpp refuses a layer index beyond 32 bits")
+            if tensor.tensor_type != GGMLQuantizationType.F32:
+                raise InputError(f"{path}: {tensor.name} is {tensor.tensor_type.name}; llama.cpp reads only F32 "
+                                 "direction tensors (re-export it as F32)")
+            shape = [int(n) for n in tensor.shape]
+            n_dims = max((i + 1 for i, n in enumerate(shape) if n > 1), default=1)  # ggml_n_dims
+            if n_dims != 1:
+                raise InputError(f"{path}: {tensor.name} has shape {shape}; a direction is one-dimensional [n_embd]")
+            v = torch.from_numpy(tensor.data.astype("float32").reshape(-1).copy())
+            if size is not None and v.numel() != size:
+                raise InputError(f"{path}: {tensor.name} has {v.numel()} values but an earlier direction has {size}; "
+                                 "all directions need one size")
+            size = v.numel()
+            # llama.cpp adds the directions a file gives for one layer.
+            vectors[layer] = vectors[layer] + v if layer in vectors else v
         return cls(vectors, meta)
 
 
@@ -337,9 +389,15 @@ def bootstrap(pos: torch.Tensor, neg: torch.Tensor, k: int, *, seed: int = 0, no
         counts = torch.zeros((k, n), dtype=torch.float64).scatter_add_(1, idx, torch.ones((k, n), dtype=torch.float64))
         return (counts @ acts) / n
 
-    v = resampled_means(pos) - resampled_means(neg)
+    pos_means, neg_means = resampled_means(pos), resampled_means(neg)
+    v = pos_means - neg_means
     if normalize:
-        v = v / v.norm(dim=-1, keepdim=True)
+        norms = v.norm(dim=-1, keepdim=True)
+        if (norms <= ZERO_RTOL * torch.maximum(pos_means.norm(dim=-1, keepdim=True),
+                                            neg_means.norm(dim=-1, keepdim=True))).any():
+            raise InputError("a bootstrap replicate of the difference of means is the zero vector (it drew the same "
+                             "texts for P and N), so it cannot be normalized; give more distinct texts or no resamples")
+        v = v / norms
     return v
 
 
@@ -373,6 +431,9 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
         raise InputError(f"P has {len(positive)} and N has {len(negative)} texts; each needs at least 2")
     if resamples < 0:
         raise InputError(f"the number of bootstrap resamples must be 0 or more, not {resamples}")
+    if normalize and sorted(positive) == sorted(negative):
+        raise InputError("P and N hold the same texts, so the difference of means is the zero vector and cannot be "
+                         "normalized; give different texts for P and N")
     pos = mean_activations(model, positive, layers, skip_first_token=skip_first_token, batch_size=batch_size,
                            max_length=max_length, progress=progress)
     neg = mean_activations(model, negative, layers, skip_first_token=skip_first_token, batch_size=batch_size,
@@ -384,6 +445,10 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
             raise InputError(f"layer {layer}: the activations overflowed to NaN or inf in {model.dtype}; "
                              "recompute with --dtype float32")
         if normalize:
+            if v.norm() <= ZERO_RTOL * max(pos[layer].mean(0).norm(), neg[layer].mean(0).norm()):
+                raise InputError(f"layer {layer}: the difference of means is the zero vector (P and N have the same "
+                                 "mean activation, e.g. the same texts), so it cannot be normalized; give different "
+                                 "texts for P and N")
             v = v / v.norm()
         vectors[layer] = v.to(torch.float32)
         if resamples:
