@@ -3,11 +3,11 @@ damaged instead of reusing or crashing on it, and gives bit-identical tables for
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from cliutil import run_cli
 import torch
 
 from steerstrength.errors import InputError
@@ -17,16 +17,6 @@ from test_pipeline import config, run, tables, tiny_dir  # noqa: F401  (tiny_dir
 FAST = ["prompts", "vectors", "tokens"]
 RECOMMEND = ["concept.judge=lexicon", "recommend.enabled=true", "recommend.n_prompts=2", "recommend.completions=1",
              "recommend.max_new_tokens=3", "recommend.n_alphas=3"]
-
-
-def run_cli(args, monkeypatch, capsys):
-    from steerstrength.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["steerstrength", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 def write_contexts(path: Path, rows: list[dict]) -> Path:

@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 
 import numpy as np
 import pandas as pd
@@ -253,12 +252,11 @@ def files(tmp_path_factory, model, vector):
 
 
 def run_cli(args, monkeypatch, capsys):
-    from steerstrength.cli import main
+    """`steerstrength --quiet recommend ARGS` through the shared helper: (exit code, stderr)."""
+    from cliutil import run_cli as run
 
-    monkeypatch.setattr(sys, "argv", ["steerstrength", "--quiet", "recommend", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr().err
+    code, _, err = run(["recommend", *args], monkeypatch, capsys, quiet=True)
+    return code, err
 
 
 def test_cli_writes_its_table_and_errors_exit_2(files, monkeypatch, capsys, tmp_path):

@@ -1,6 +1,5 @@
 """The trained UFM (Def. 2.2), steering sets (Sec. 2.2) and every claim checked on trained models."""
 
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -15,13 +14,10 @@ from steerstrength.theory.ufm import difference_of_means, steered_logits, steeri
 from steerstrength.theory.verify import TheoryConfig, build_world, check_claims
 
 
-def test_default_ufm_reaches_the_dataset_entropy_within_1e3_in_under_30s():
-    ds = concept_dataset()  # App. B.1
-    start = time.perf_counter()
+def test_default_ufm_reaches_the_dataset_entropy_within_1e3():
+    ds = concept_dataset()  # App. B.1 (training time: benchmarks/bench_load.py)
     ufm = train_ufm(ds)
-    elapsed = time.perf_counter() - start
     assert abs(ufm.final_loss - dataset_entropy(ds)) < 1e-3
-    assert elapsed < 30
     assert ufm.final_loss >= dataset_entropy(ds) - 1e-12  # the entropy is a lower bound
     assert ufm.W.shape == (9, 3) and ufm.H.shape == (3, 81)  # d = rank(log p) = G for App. B.1
     assert np.abs(ufm.probs() - ds.p).max() < 1e-6  # Assumption 2, essentially exactly
