@@ -1,7 +1,6 @@
 """Concept probability: seeded steered sampling, binomial intervals, the tanh fit of Thm 3.6, degeneration, the CLI."""
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
@@ -22,6 +21,7 @@ from steerstrength.metrics.concept import (
     tanh_curve,
     wilson_interval,
 )
+from cliutil import error_lines, run_cli
 from tiny import tiny_model
 
 JOYFUL = ["i am happy and glad", "joy and love and a smile", "we laugh in the sun", "so happy today"]
@@ -304,36 +304,59 @@ def vector_file(model, vector, tmp_path_factory):
     return path
 
 
-def run_cli(monkeypatch, *args) -> int:
-    from steerstrength.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["steerstrength", "--quiet", *map(str, args)])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 def test_cli_sweep_concept_writes_tables(monkeypatch, capsys, tmp_path, model_dir, vector_file):
     pos, neg = tmp_path / "P.txt", tmp_path / "N.txt"
     pos.write_text("\n".join(JOYFUL) + "\n")
     neg.write_text("\n".join(PLAIN) + "\n")
-    code = run_cli(monkeypatch, "sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
-                   "--judge", "lexicon", "--judge", "llm", "--preset", "demo", "--alpha-min", "-5", "--alpha-max", "5",
-                   "--n-prompts", "2", "--completions", "2", "--max-new-tokens", "5", "--no-chat", "-p", pos, "-n", neg,
-                   "--out", tmp_path / "out")
-    err = capsys.readouterr().err
+    code, _, err = run_cli(["sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
+                            "--judge", "lexicon", "--judge", "llm", "--preset", "demo", "--alpha-unit", "raw",
+                            "--alpha-min", "-5", "--alpha-max", "5", "--n-prompts", "2", "--completions", "2",
+                            "--max-new-tokens", "5", "--no-chat", "-p", pos, "-n", neg, "--out", tmp_path / "out"],
+                           monkeypatch, capsys, quiet=True)
     assert code == 0, err
     assert "judge lexicon" in err and "judge llm" in err and "tanh fit" in err
     curve = pd.read_parquet(tmp_path / "out" / "concept_curve.parquet")
-    # The demo preset's 5 alphas, over the range given.
-    assert set(curve["judge"]) == {"lexicon", "llm"} and set(curve["alpha"]) == {-5.0, -2.5, 0.0, 2.5, 5.0}
+    # The demo preset's 9 alphas, over the range given (in raw units).
+    assert set(curve["judge"]) == {"lexicon", "llm"}
+    assert sorted(curve["alpha"].unique()) == pytest.approx(np.linspace(-5, 5, 9).tolist())
     assert (curve["layer"] == 1).all() and (curve["concept"] == "joy").all()
     summary = json.loads((tmp_path / "out" / "concept.json").read_text())
     assert set(summary["per_layer"]["1"]["judge_accuracy"]) == {"lexicon", "llm"}
     n = len((tmp_path / "out" / "concept_completions.jsonl").read_text().splitlines())
-    assert n == 5 * 2 * 2
+    assert n == 9 * 2 * 2
+
+
+def test_cli_sweep_concept_takes_its_sizes_from_the_run_preset(monkeypatch, capsys, tmp_path, model_dir, vector_file):
+    """One preset system: `sweep concept` measures what `steerstrength run`'s concept stage measures (config.py)."""
+    from steerstrength.config import preset
+    from steerstrength.metrics.grid import linspace_grid
+
+    code, _, err = run_cli(["sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
+                            "--judge", "lexicon", "--no-chat", "--n-prompts", "1", "--out", tmp_path],
+                           monkeypatch, capsys, quiet=True)
+    assert code == 0, err
+    demo = preset("demo").concept  # the default preset, as for `run`
+    summary = json.loads((tmp_path / "concept.json").read_text())
+    assert summary["preset"] == "demo" and summary["alpha_unit"] == preset("demo").alpha_unit == "resid"
+    assert summary["sizes"] == dict(n_alphas=demo.n_alphas, n_prompts=1, completions=demo.completions,
+                                    max_new_tokens=demo.max_new_tokens)
+    curve = pd.read_parquet(tmp_path / "concept_curve.parquet")
+    grid = linspace_grid(-demo.alpha_max, demo.alpha_max, demo.n_alphas, zero=False).tolist()
+    assert sorted(curve["alpha_resid"].unique()) == pytest.approx(grid)
+    rows = [json.loads(line) for line in (tmp_path / "concept_completions.jsonl").read_text().splitlines()]
+    assert len(rows) == demo.n_alphas * 1 * demo.completions
+
+
+@pytest.mark.parametrize("option, value", [("--completions", "0"), ("--max-new-tokens", "0"), ("--n-prompts", "-1"),
+                                           ("--n-alphas", "0")])
+def test_cli_sweep_concept_refuses_sizes_below_one(monkeypatch, capsys, tmp_path, model_dir, vector_file, option,
+                                                   value):
+    """0 is not replaced by the preset's size, and -1 does not slice from the end: one line, exit 2, nothing written."""
+    code, _, err = run_cli(["sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
+                            "--judge", "lexicon", "--n-prompts", "1", "--completions", "1", "--max-new-tokens", "2",
+                            option, value, "--out", tmp_path / "out"], monkeypatch, capsys, quiet=True)
+    assert code == 2 and f"{option} must be at least 1, not {value}" in err and len(error_lines(err)) == 1
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -341,10 +364,11 @@ def test_cli_sweep_concept_writes_tables(monkeypatch, capsys, tmp_path, model_di
     (["--judge", "lexicon", "--concept", "lying"], "cannot judge 'lying'"),
     (["--judge", "embedding"], "--positive / --negative"),
     (["--judge", "lexicon", "--preset", "huge"], "unknown preset"),
+    (["--judge", "lexicon", "--preset", "demo", "--alpha-unit", "raw"], "give --alpha-min and --alpha-max"),
 ])
 def test_cli_sweep_concept_errors_exit_2(monkeypatch, capsys, tmp_path, model_dir, vector_file, args, message):
-    code = run_cli(monkeypatch, "sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
-                   "--n-prompts", "1", "--completions", "1", "--max-new-tokens", "2", "--out", tmp_path, *args)
-    err = capsys.readouterr().err
+    code, _, err = run_cli(["sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
+                            "--n-prompts", "1", "--completions", "1", "--max-new-tokens", "2", "--out", tmp_path,
+                            *args], monkeypatch, capsys, quiet=True)
     assert code == 2 and message in err and "Traceback" not in err
     assert not list(tmp_path.glob("concept*"))  # nothing half-written

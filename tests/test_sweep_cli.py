@@ -1,7 +1,6 @@
 """Corpus sources and the `steerstrength sweep` stages: tidy Parquet tables, JSON summaries, one-line errors."""
 
 import json
-import sys
 
 import pandas as pd
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from steerstrength import InputError, SteeringVectors
 from steerstrength.corpus import cached_samples, hf_texts, load_corpus
+from cliutil import run_cli
 from tiny import tiny_model
 
 REQUIRED = {"model", "concept", "layer", "setting", "alpha"}
@@ -34,16 +34,6 @@ def files(tmp_path_factory, model):
     (root / "n.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["the table is in the kitchen", "rain"]))
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": TEXT + " " + TEXT}) + "\n" for _ in range(3)))
     return root
-
-
-def run_cli(args, monkeypatch, capsys):
-    from steerstrength.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["steerstrength", "--quiet", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def common(files):
@@ -119,7 +109,7 @@ def test_model_samples_are_seeded_and_cached(tmp_path, model, monkeypatch):
 
 def test_cli_tokens_writes_tables_and_summary(files, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["sweep", "tokens", *common(files), "--layers", "1,2", "--contexts", files / "contexts.txt",
-                            "--n-alphas", "6", "--top-k", "4", "--out", tmp_path], monkeypatch, capsys)
+                            "--n-alphas", "6", "--top-k", "4", "--out", tmp_path], monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
     curves = pd.read_parquet(tmp_path / "tokens.parquet")
     top = pd.read_parquet(tmp_path / "tokens_top.parquet")
@@ -135,7 +125,7 @@ def test_cli_tokens_writes_tables_and_summary(files, tmp_path, monkeypatch, caps
 def test_cli_logodds_computes_the_sweep_it_needs(files, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["sweep", "logodds", *common(files), "--layers", "1", "--positive", files / "p.jsonl",
                             "--negative", files / "n.jsonl", "--contexts", files / "contexts.txt", "--n-alphas", "6",
-                            "--top-k", "4", "--n-target", "5", "--out", tmp_path], monkeypatch, capsys)
+                            "--top-k", "4", "--n-target", "5", "--out", tmp_path], monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
     table = pd.read_parquet(tmp_path / "logodds.parquet")
     assert REQUIRED | {"token_id", "token", "M", "rank", "extremal"} <= set(table.columns)
@@ -148,7 +138,7 @@ def test_cli_logodds_computes_the_sweep_it_needs(files, tmp_path, monkeypatch, c
     out2 = tmp_path / "again"
     code, _, err = run_cli(["sweep", "logodds", "--model", files / "model", "--device", "cpu", "--positive",
                             files / "p.jsonl", "--negative", files / "n.jsonl", "--tokens-dir", tmp_path,
-                            "--n-target", "5", "--out", out2], monkeypatch, capsys)
+                            "--n-target", "5", "--out", out2], monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
     again = json.loads((out2 / "logodds.json").read_text())
     assert again["per_layer"] == summary["per_layer"] and again["concept"] == "joy"
@@ -156,13 +146,14 @@ def test_cli_logodds_computes_the_sweep_it_needs(files, tmp_path, monkeypatch, c
 
 def test_cli_limit_and_xent_write_tables(files, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["sweep", "limit", *common(files), "--layers", "1", "--contexts", files / "contexts.txt",
-                            "--out", tmp_path], monkeypatch, capsys)
+                            "--out", tmp_path], monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
     limit = pd.read_parquet(tmp_path / "limit.parquet")
     assert REQUIRED | {"context_id", "tv", "top1_match"} <= set(limit.columns) and len(limit) == 2 * 6
     assert json.loads((tmp_path / "limit.json").read_text())["per_layer"]["1"]["tv_shrinks"]["positive"]
     code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--corpus", files / "corpus.jsonl",
-                            "--seq-len", "8", "--alphas=-2,-0.5,0.5,2", "--out", tmp_path], monkeypatch, capsys)
+                            "--seq-len", "8", "--alphas=-2,-0.5,0.5,2", "--out", tmp_path], monkeypatch, capsys,
+                           quiet=True)
     assert code in (0, None), err
     xent = pd.read_parquet(tmp_path / "xent.parquet")
     assert REQUIRED | {"ce", "delta_ce", "n_tokens"} <= set(xent.columns)
@@ -174,14 +165,15 @@ def test_cli_limit_and_xent_write_tables(files, tmp_path, monkeypatch, capsys):
 
 def test_cli_xent_on_model_samples_and_bad_inputs(files, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--n-samples", "2", "--sample-tokens", "20",
-                            "--seq-len", "8", "--n-alphas", "4", "--no-curvature", "--out", tmp_path], monkeypatch, capsys)
+                            "--seq-len", "8", "--n-alphas", "4", "--no-curvature", "--out", tmp_path], monkeypatch,
+                           capsys, quiet=True)
     assert code in (0, None), err
     assert (tmp_path / "corpus_samples.jsonl").is_file()
     assert "KL" in json.loads((tmp_path / "xent.json").read_text())["corpus"]
     (tmp_path / "short.jsonl").write_text('{"text": "too short"}\n')
     code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--corpus", tmp_path / "short.jsonl",
-                            "--seq-len", "8", "--out", tmp_path / "bad"], monkeypatch, capsys)
+                            "--seq-len", "8", "--out", tmp_path / "bad"], monkeypatch, capsys, quiet=True)
     assert code == 2 and "seq_len + 1" in err and not (tmp_path / "bad" / "xent.parquet").exists()
     code, _, err = run_cli(["sweep", "tokens", *common(files), "--layers", "7", "--out", tmp_path / "bad"],
-                           monkeypatch, capsys)
+                           monkeypatch, capsys, quiet=True)
     assert code == 2 and "layer" in err

@@ -62,14 +62,40 @@ def main() -> None:
         state["quiet"] = True
     try:
         app()
-    except SteerStrengthError as exc:
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
+            _interrupted()
+        raise
+    except KeyboardInterrupt:
+        _interrupted()
+        sys.exit(130)
+    except (SteerStrengthError, OSError, UnicodeDecodeError) as exc:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(exc)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
+
+
+def _error(exc: Exception) -> None:
+    """One line: ours as they are; a file-system error (disk full, a permission changed mid-run) with its path."""
+    from rich.markup import escape
+
+    if isinstance(exc, OSError):
+        where = exc.filename2 if exc.filename2 is not None else exc.filename  # a rename: its destination
+        message = (f"{f'{where}: ' if where is not None else ''}{exc.strerror or exc}; check the path, its "
+                   "permissions and free space")
+    elif isinstance(exc, UnicodeDecodeError):
+        message = f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+    else:
+        message = str(exc)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _interrupted() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    what = ("finished stages and chunks are kept: the same command resumes" if command == "run"
+            else "outputs are written at the end, so nothing was left half-written")
+    console.print(f"interrupted (Ctrl-C); {what}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,16 @@ BlocksPathOpt = typer.Option(None, "--blocks-path", help="Dotted path of the dec
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars; log lines only.")
 
 
+def check_at_least(*checks: tuple[str, Optional[int], int]) -> None:
+    """Each (option, value, smallest) before any work: a value below its smallest is one line naming the option (a
+    size of 0 is not "use the default", and a negative count does not slice from the end)."""
+    from steerstrength.errors import InputError
+
+    for option, value, low in checks:
+        if value is not None and value < low:
+            raise InputError(f"{option} must be at least {low}, not {value}")
+
+
 def load(spec: Optional[str], dtype: str = "float32", device: str = "auto", blocks_path: Optional[str] = None):
     from steerstrength.models import load_model
 

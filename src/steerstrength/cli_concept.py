@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, console, load, log, progress_bar, sweep_app
+from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, console, load, log,
+                                      progress_bar, sweep_app)
 from steerstrength.cli_sweeps import (
     AlphasOpt,
     ConceptOpt,
@@ -76,6 +77,15 @@ def _concept_table(summary: dict) -> None:
         log(f"note: {note}")
 
 
+def _preset_sizes(name: str) -> str:
+    from steerstrength.config import preset
+
+    cfg = preset(name)
+    c = cfg.concept
+    return (f"{c.n_alphas} alphas in +/-{c.alpha_max:g} ({cfg.alpha_unit}) x {c.n_prompts} prompts x {c.completions} "
+            f"completions x {c.max_new_tokens} tokens")
+
+
 @sweep_app.command("concept")
 def sweep_concept(
     vectors: Path = VectorsOpt,
@@ -90,10 +100,10 @@ def sweep_concept(
     holdout: float = typer.Option(0.5, "--holdout", help="Fraction of P and N held out to measure each judge."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts (JSONL 'text' or one per line); default: "
                                                                    "the 32 neutral evaluation prompts (training half)."),
-    preset: str = typer.Option("paper", "--preset", help="Sizes: paper (41 alphas x 12 prompts x 32 completions x 64 "
-                                                        "tokens), cpu (9 x 4 x 4 x 32) or demo (5 x 2 x 4 x 24)."),
-    alpha_min: Optional[float] = typer.Option(None, "--alpha-min", help="default: the preset's (-40)."),
-    alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="default: the preset's (40)."),
+    preset: str = typer.Option("demo", "--preset", help="Sizes: the concept section of `steerstrength run --preset "
+                               f"NAME` (config.py): demo ({_preset_sizes('demo')}) or paper ({_preset_sizes('paper')})."),
+    alpha_min: Optional[float] = typer.Option(None, "--alpha-min", help="default: the preset's (-concept.alpha_max)."),
+    alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="default: the preset's (concept.alpha_max)."),
     n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="linspace points (0 is added); default: the preset's."),
     alphas: Optional[str] = AlphasOpt,
     n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N prompts; default: the preset's."),
@@ -107,7 +117,8 @@ def sweep_concept(
     chat: Optional[bool] = PromptChatOpt,
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
-    alpha_unit: str = UnitOpt,
+    alpha_unit: Optional[str] = typer.Option(None, "--alpha-unit", help="raw or resid (see `sweep tokens --help`); "
+                                             "default: the preset's (resid, like `steerstrength run`)."),
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
     out: Path = OutOpt,
@@ -117,15 +128,24 @@ def sweep_concept(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Concept probability in sampled steered completions, judged (Sec. 5, Thm 3.6): concept_*.parquet, concept.json."""
-    from steerstrength.io import read_texts
+    from steerstrength.config import preset as run_preset
+    from steerstrength.io import check_output_dir, read_texts
     from steerstrength.judges import check_judge_name, make_judge
-    from steerstrength.metrics.concept import PRESETS, concept_probability
+    from steerstrength.metrics.concept import concept_probability
+    from steerstrength.metrics.grid import check_unit, linspace_grid
     from steerstrength.prompts import evaluation_prompts
 
     start = time.perf_counter()
-    if preset not in PRESETS:
-        raise InputError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
-    size = PRESETS[preset]
+    run_cfg = run_preset(preset)  # one preset system: the run's, so `sweep concept` and `run` measure the same sizes
+    size = run_cfg.concept
+    alpha_unit = check_unit(alpha_unit or run_cfg.alpha_unit)
+    check_at_least(("--n-prompts", n_prompts, 1), ("--completions", completions, 1),
+                   ("--max-new-tokens", max_new_tokens, 1), ("--n-alphas", n_alphas, 1), ("--batch-size", batch_size, 1))
+    if alpha_unit != run_cfg.alpha_unit and alphas is None and (alpha_min is None or alpha_max is None):
+        raise InputError(f"the {preset} preset's grid is in {run_cfg.alpha_unit} units (+/-{size.alpha_max:g}); with "
+                         f"--alpha-unit {alpha_unit} give --alpha-min and --alpha-max, or --alphas")
+    check_output_dir(out, names=("concept_completions.jsonl", "concept_scores.parquet", "concept_curve.parquet",
+                                 "concept.json"))
     for name in judge or []:
         check_judge_name(name)
     if (positive is None) != (negative is None):
@@ -134,20 +154,15 @@ def sweep_concept(
     neg = [r["text"] for r in read_texts(negative, min_count=2, what="negative text file")] if negative else None
     prompt_list = ([r["text"] for r in read_texts(prompts, what="prompt file")] if prompts
                    else evaluation_prompts("train"))
-    prompt_list = prompt_list[: n_prompts or (size["n_prompts"] if prompts is None else None)]
-    preset_grid = size["alphas"]
-    if alpha_unit == "resid":  # the presets' raw grids mean nothing in residual units: config.py's section
-        from steerstrength.config import ConceptConfig
-        from steerstrength.metrics.grid import linspace_grid
-
-        top = ConceptConfig().alpha_max
-        preset_grid = linspace_grid(-top, top, len(preset_grid), zero=False).tolist()
+    # The preset's prompt count applies to the built-in prompts; a --prompts file is used whole (as in `run`).
+    prompt_list = prompt_list[: n_prompts if n_prompts is not None else (size.n_prompts if prompts is None else None)]
+    preset_grid = linspace_grid(-size.alpha_max, size.alpha_max, size.n_alphas, zero=False).tolist()
     if alphas is None and n_alphas is None and alpha_min is None and alpha_max is None:
         grid = list(preset_grid)
     else:
         lo = preset_grid[0] if alpha_min is None else alpha_min
         hi = preset_grid[-1] if alpha_max is None else alpha_max
-        grid = alpha_grid(alphas, lo, hi, n_alphas or len(preset_grid))[0].tolist()
+        grid = alpha_grid(alphas, lo, hi, n_alphas if n_alphas is not None else size.n_alphas)[0].tolist()
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
                   alpha_unit)
     concept_name = st.labels["concept"]
@@ -165,8 +180,8 @@ def sweep_concept(
         judge_lm = st.model if judge_model is None else load(judge_model, dtype=dtype, device=device)
     judges = [make_judge(name, model=judge_lm, device="cpu" if str(st.model.device) == "cpu" else str(st.model.device))
               for name in judge]
-    n_completions = completions or size["n_completions"]
-    new_tokens = max_new_tokens or size["max_new_tokens"]
+    n_completions = completions if completions is not None else size.completions
+    new_tokens = max_new_tokens if max_new_tokens is not None else size.max_new_tokens
     results = []
     for layer in st.layers:
         total = len(grid) * len(prompt_list) * n_completions * (1 + len(judges))
@@ -179,7 +194,9 @@ def sweep_concept(
                 setting=st.labels["setting"], batch_size=batch_size, holdout=holdout, progress=advance))
         _concept_table(results[-1].summary)
     header = dict(st.header(), metric="concept_probability", preset=preset, judges=list(judge),
-                  judge_model=judge_lm.name if judge_lm is not None else None)
+                  judge_model=judge_lm.name if judge_lm is not None else None,
+                  sizes=dict(n_alphas=len(grid), n_prompts=len(prompt_list), completions=n_completions,
+                             max_new_tokens=new_tokens))
     paths = _merge(results, header, time.perf_counter() - start, out, "concept",
                    {"completions": "_completions.jsonl", "scores": "_scores.parquet", "curve": "_curve.parquet"}, st)
     log(f"wrote {', '.join(paths.values())} and {out / 'concept.json'} ({time.perf_counter() - start:.1f} s)")
@@ -206,8 +223,9 @@ def _mmlu_table(summary: dict) -> None:
 def sweep_mmlu(
     vectors: Path = VectorsOpt,
     layers: Optional[str] = LayersOpt,
-    source: Optional[str] = typer.Option(None, "--source", help="A CSV directory, a Parquet file or directory, or "
-                                                               "cais/mmlu (default, through `datasets`)."),
+    source: Optional[str] = typer.Option(None, "--source", help="A CSV directory, a Parquet file or directory, "
+                                         "cais/mmlu (default, through `datasets`), or sample (the toy questions shipped "
+                                         "for tests and the demo: not MMLU)."),
     mmlu_dir: Optional[Path] = typer.Option(None, "--mmlu-dir", help="Original MMLU CSVs: *_dev.csv, *_test.csv "
                                                                     "(question,A,B,C,D,answer; no header)."),
     mmlu_parquet: Optional[Path] = typer.Option(None, "--mmlu-parquet", help="cais/mmlu Parquet files (question, "
@@ -233,12 +251,16 @@ def sweep_mmlu(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """MMLU accuracy against alpha by answer-letter likelihood (App. A, Fig. A.6): mmlu.parquet, mmlu_questions.parquet."""
+    from steerstrength.io import check_output_dir
     from steerstrength.metrics.mmlu import load_mmlu, mmlu_accuracy, resolve_source
+    from steerstrength.pipeline import mmlu_source
 
     start = time.perf_counter()
+    check_at_least(("--token-budget", token_budget, 1), ("--k-shots", k_shots, 0), ("--limit", limit, 1))
+    check_output_dir(out, names=("mmlu_questions.parquet", "mmlu.parquet", "mmlu.json"))
     grid, _ = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
-    csv_dir, parquet = resolve_source(source, mmlu_dir, mmlu_parquet)
+    csv_dir, parquet = resolve_source(mmlu_source(source), mmlu_dir, mmlu_parquet)  # `sample`: as `run` reads it
     data = load_mmlu(wanted, mmlu_dir=csv_dir, mmlu_parquet=parquet, limit=limit)  # bad data fails before the model loads
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
                   alpha_unit)

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, console, load, log, progress_bar
+from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, console, load, log,
+                                      progress_bar)
 from steerstrength.cli_sweeps import (
     ConceptOpt,
     NormalizeOpt,
@@ -137,7 +138,15 @@ def recommend(
         save_recommendations,
     )
 
+    from steerstrength.io import check_output_dir
+
     start = time.perf_counter()
+    check_at_least(("--n-prompts", n_prompts, 1), ("--completions", completions, 1), ("--max-new-tokens", max_new_tokens, 1),
+                   ("--refine-steps", refine_steps, 0), ("--batch-size", batch_size, 1), ("--n-target", n_target, 1))
+    if not 0 < budget < float("inf"):
+        raise InputError(f"--budget must be a positive finite number of nats, not {budget}")
+    check_output_dir(out, names=tuple(f"recommend{x}" for x in (".parquet", "_curve.parquet", ".json", ".png",
+                                                                 "_generations.jsonl")))
     methods = list(METHODS) if "all" in method else list(dict.fromkeys(method))
     for m in methods:
         if m not in METHODS:

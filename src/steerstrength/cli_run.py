@@ -28,10 +28,11 @@ def run(
     from rich.table import Table
 
     from steerstrength.config import build_config
+    from steerstrength.io import check_output_dir
     from steerstrength.pipeline import STAGES, run_pipeline
 
     cfg = build_config(preset, str(config) if config else None, overrides or [])
-    out = out or Path("runs") / preset
+    out = check_output_dir(out or Path("runs") / preset, names=("manifest.json", "config.toml", "report.html"))
     stages = None
     if only:
         stages = [s.strip() for s in only.split(",") if s.strip()]
@@ -63,14 +64,27 @@ def config_show(preset: str = PresetOpt, config: Optional[Path] = ConfigOpt,
     print(to_toml(build_config(preset, str(config) if config else None, overrides or [])), end="")
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes (or repairs) a run: its own config.toml, so no preset's defaults replace the run's."""
+    config = run_dir / "config.toml"
+    return f"steerstrength run --config {config} --out {run_dir}" if config.is_file() else \
+        f"steerstrength run --out {run_dir}"
+
+
 def plot(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
     """Redraw every figure and report.html from the run's tables, without recomputing."""
     from steerstrength.errors import InputError
+    from steerstrength.io import check_output_dir
     from steerstrength.plots import draw_all
     from steerstrength.report import write_report
 
+    if not run_dir.is_dir():
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise InputError(f"run directory {run_dir} {what}; give the --out of a `steerstrength run`")
     if not (run_dir / "tables").is_dir():
-        raise InputError(f"{run_dir} has no tables/ directory; run `steerstrength run --out {run_dir}` first")
+        raise InputError(f"{run_dir} has no tables/ directory (no stage has finished); `{resume_command(run_dir)}` "
+                         "runs it")
+    check_output_dir(run_dir, names=("report.html",), option="run directory")
     paths = draw_all(run_dir)
     report = write_report(run_dir)
     log(f"drew {len(paths)} figure files and {report}")

@@ -50,6 +50,64 @@ def alpha_grid(alphas: Optional[str], alpha_min: float, alpha_max: float, n_alph
     return linspace_grid(alpha_min, alpha_max, n_alphas), False
 
 
+def grid_size(alphas: Optional[str], n_alphas: int) -> int:
+    """How many alphas the grid will hold (0 included, at most), without building it."""
+    if alphas is not None:
+        values = parse_alphas(alphas)
+        return len(values) + (0.0 not in values)
+    if n_alphas < 1:
+        raise InputError(f"--n-alphas must be at least 1, not {n_alphas}")
+    return n_alphas + 1
+
+
+TOKEN_ROW_BYTES = 200  # one row of tokens.parquet at the peak (the frames and their concatenation): measured
+                       # ~204 on a tiny model, 1,000 to 8,000 alphas
+
+
+def check_token_memory(n_grid: int, option: str, vocab_size: int, n_contexts: int, n_layers: int, top_k: int) -> None:
+    """Refuse, before computing, a token sweep that cannot fit in memory: one line naming `option` and a size that fits.
+
+    The estimate errs low: one context's next-token probabilities [alphas, vocab] in float32, and for every (context,
+    layer, alpha) the table rows of top_k tracked tokens (a sweep tracks top_k or more)."""
+    top_k = min(top_k, vocab_size)
+    per_alpha = 4 * vocab_size + TOKEN_ROW_BYTES * top_k * n_contexts * n_layers
+    need, have = n_grid * per_alpha, available_memory()
+    if have is None or need <= have:
+        return
+    fits = max(int(0.8 * have) // per_alpha - 1, 0)
+    advice = f"use {option} {fits} or fewer" if option == "--n-alphas" else f"give at most {fits} alphas"
+    raise InputError(f"{option}: {n_grid} alphas x {n_contexts} contexts x {n_layers} layer(s) need at least "
+                     f"{_gb(need)} of memory (vocabulary {vocab_size}, top-k {top_k}) and {_gb(have)} is available; "
+                     f"{advice}, or fewer contexts or layers")
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this process can still take: MemAvailable, capped by a cgroup (container) limit; None if
+    unknown."""
+    have = None
+    try:
+        with open("/proc/meminfo") as fh:
+            have = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")), None)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit.isdigit() and used.isdigit() and have is not None:
+            have = min(have, int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    if have is None:
+        try:
+            import psutil
+
+            have = int(psutil.virtual_memory().available)
+        except ImportError:
+            return None
+    return have
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e12:.2f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB"
+
+
 class Steering:
     """What every sweep shares: the model, the vectors per layer, the labels of every table row."""
 
@@ -188,11 +246,17 @@ def sweep_tokens(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Next-token curves Delta p(z, alpha) (Def. 3.1), peaks and shapes (Thm 3.3): tokens.parquet, tokens_top.parquet."""
+    from steerstrength.io import check_output_dir
+
     start = time.perf_counter()
-    grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
+    check_output_dir(out, names=("tokens.parquet", "tokens_top.parquet", "tokens.json"))
+    n_grid = grid_size(alphas, n_alphas)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
                   alpha_unit)
     ctxs = st.contexts(contexts, chat)
+    check_token_memory(n_grid, "--alphas" if alphas is not None else "--n-alphas", st.model.vocab_size, len(ctxs),
+                       len(st.layers), top_k)
+    grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
     results = _token_sweep(st, ctxs, grid, top_k, chat, top_each=top_each)
     summary = dict(st.header(), **_token_summary(st, results), seconds=round(time.perf_counter() - start, 2),
                    _file="tokens.json")
@@ -237,10 +301,12 @@ def sweep_logodds(
     import pandas as pd
     import torch
 
-    from steerstrength.io import read_texts
+    from steerstrength.io import check_output_dir, read_texts
     from steerstrength.metrics.logodds import log_odds_analysis, log_odds_frame, mean_log_probs
 
     start = time.perf_counter()
+    check_output_dir(out, names=("logodds.parquet", "logodds.json") +
+                     (("tokens.parquet", "tokens_top.parquet") if tokens_dir is None else ()))
     pos = [r["text"] for r in read_texts(positive, what="positive prompt file")]
     neg = [r["text"] for r in read_texts(negative, what="negative prompt file")]
     if tokens_dir is None and vectors is None:
@@ -253,6 +319,10 @@ def sweep_logodds(
         st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
                       alpha_unit)
         lm, labels, header = st.model, st.labels, st.header()
+        if tokens_dir is None:  # the token sweep runs here: refuse one that cannot fit before computing log p
+            ctxs = st.contexts(contexts, chat)
+            check_token_memory(grid_size(alphas, n_alphas), "--alphas" if alphas is not None else "--n-alphas",
+                               lm.vocab_size, len(ctxs), len(st.layers), top_k)
     else:
         lm = load(model, dtype=dtype, device=device, blocks_path=blocks_path)
         labels = dict(model=lm.name, concept=concept or "", setting=setting or "")
@@ -273,7 +343,7 @@ def sweep_logodds(
         grid, _ = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
         ranked = torch.argsort(M, descending=True, stable=True)
         extra = torch.cat([ranked[:n_target], ranked[-n_target:]]).tolist()  # so target tokens have curves
-        results = _token_sweep(st, st.contexts(contexts, chat), grid, top_k, chat, extra)
+        results = _token_sweep(st, ctxs, grid, top_k, chat, extra)
         tables = _token_tables(st, results)
         top, curves = tables["tokens_top.parquet"], tables["tokens.parquet"]
     analysis = log_odds_analysis(M, top, curves, n_dominant=n_dominant, extremal_fraction=extremal_fraction,
@@ -314,9 +384,11 @@ def sweep_limit(
     """Large-alpha limit (Prop. 4.1): TV(p_alpha, softmax(LN(+/-v) W^T)) per context and alpha: limit.parquet."""
     import pandas as pd
 
+    from steerstrength.io import check_output_dir
     from steerstrength.metrics.limits import limit_check
 
     start = time.perf_counter()
+    check_output_dir(out, names=("limit.parquet", "limit.json"))
     grid = parse_alphas(alphas)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
                   alpha_unit)
@@ -372,9 +444,11 @@ def sweep_xent(
     import pandas as pd
 
     from steerstrength.corpus import load_corpus
+    from steerstrength.io import check_output_dir
     from steerstrength.metrics.xent import windows, xent_sweep
 
     start = time.perf_counter()
+    check_output_dir(out, names=("xent.parquet", "xent.json", "corpus_samples.jsonl"))
     grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
                   alpha_unit)

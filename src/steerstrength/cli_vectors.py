@@ -39,11 +39,12 @@ def prompts(
     device: str = DeviceOpt,
 ) -> None:
     """Write a prompt set (P, or N contrastive / random) as JSONL."""
-    from steerstrength.io import write_jsonl
+    from steerstrength.io import check_output_file, write_jsonl
     from steerstrength.prompts import (KINDS, SETTINGS, check_concept, check_sampling, generate_prompts, load_prompts,
                                        rows_from_texts)
 
     concept = check_concept(concept)
+    check_output_file(out, example=f"{concept}.{kind}.jsonl")
     if kind not in KINDS:
         raise InputError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if setting not in SETTINGS:
@@ -161,12 +162,16 @@ def vectors(
 ) -> None:
     """Difference-of-means steering vectors (Eq. 3) from P and N, one per layer."""
     from steerstrength.config import resolve_layers
+    from steerstrength.io import check_output_file
     from steerstrength.vectors import difference_of_means, parse_layers, save_vectors
 
     if ctx.invoked_subcommand is not None:
         return
     if out is None:
         raise InputError("give the output file with --out (e.g. --out joy.safetensors)")
+    check_output_file(out, example="vectors.safetensors")
+    if gguf_out is not None:
+        check_output_file(gguf_out, option="--gguf-out", example="vectors.gguf")
     if resamples < 0:
         raise InputError(f"--resamples must be 0 or more, not {resamples}")
     if batch_size < 1 or (max_length is not None and max_length < 2):
@@ -214,9 +219,10 @@ def scan(
     """Score every layer for steering (one forward pass per text, no generation) and pick one: what --layers auto uses."""
     from rich.table import Table
 
-    from steerstrength.io import write_json, write_parquet
+    from steerstrength.io import check_output_dir, write_json, write_parquet
     from steerstrength.plots import fig_layer_scan, save_figure
 
+    check_output_dir(out, names=("layer_scan.parquet", "layer_scan.json", "layer_scan.png", "layer_scan.pdf"))
     pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
     lm = load(model, dtype=dtype, device=device)
     label = concept or _common_field(pos_rows, "concept")
@@ -249,8 +255,10 @@ def export_gguf(
     device: str = DeviceOpt,
 ) -> None:
     """Convert steering vectors to a llama.cpp control vector (direction.N = output of block N)."""
+    from steerstrength.io import check_output_file
     from steerstrength.vectors import SteeringVectors, parse_layers
 
+    check_output_file(out, option="OUT", example="vectors.gguf")
     sv = SteeringVectors.load(vectors_file)
     if model is not None:
         sv.check(load(model, dtype=dtype, device=device))

@@ -263,11 +263,14 @@ def build_config(preset_name: str = "demo", config_file: str | None = None, over
     """Preset, then the TOML file, then `key=value` overrides (later wins)."""
     cfg = preset(preset_name)
     if config_file:
+        from steerstrength.io import read_text_file
+
         path = Path(config_file)
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"config file {path} does not exist; write one with `steerstrength config show > {path}`")
+        text = read_text_file(path, what="config file", want="a UTF-8 TOML file (`steerstrength config show`)")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{path} is not valid TOML ({exc})") from None
         _apply(cfg, data)
@@ -280,29 +283,99 @@ def build_config(preset_name: str = "demo", config_file: str | None = None, over
     return cfg
 
 
+# The valid range of every numeric key (tests/test_config.py checks that none is missing). `validate` checks them all
+# before any stage runs, so a bad value is one line naming its key, not a failure minutes into a run.
+MINIMUM = {  # integer keys: the smallest valid value
+    "seed": 0,
+    "prompts.n": 2, "prompts.max_new_tokens": 1, "prompts.top_k": 0, "prompts.batch_size": 1,
+    "vectors.resamples": 0, "vectors.max_length": 2, "vectors.batch_size": 1, "vectors.scan_top_k": 1,
+    "tokens.n_alphas": 2, "tokens.n_contexts": 1, "tokens.top_k": 1, "tokens.top_each": 0,
+    "logodds.max_tokens": 1,
+    "depth.every": 1, "depth.n_alphas": 2, "depth.n_contexts": 1,
+    "xent.n_tokens": 1, "xent.seq_len": 1, "xent.n_alphas": 2, "xent.chunk_windows": 1, "xent.curvature_tokens": 1,
+    "concept.n_alphas": 2, "concept.n_prompts": 1, "concept.completions": 1, "concept.max_new_tokens": 1,
+    "mmlu.k_shot": 0, "mmlu.max_questions": 1, "mmlu.n_alphas": 2,
+    "recommend.n_prompts": 1, "recommend.completions": 1, "recommend.max_new_tokens": 1, "recommend.n_alphas": 2,
+    "recommend.refine_steps": 0,
+}
+OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions")  # None: off / all
+POSITIVE = ("prompts.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",
+            "mmlu.alpha_max", "recommend.kl_budget")  # floats: positive and finite
+UNIT_INTERVAL = ("prompts.top_p",)  # floats in (0, 1]
+FILES = ("prompts.positive_file", "prompts.negative_file", "tokens.contexts_file", "concept.prompts_file")
+LAYER_NAMES = ("early", "middle", "late", "auto")
+
+
+def get(cfg: RunConfig, dotted: str) -> Any:
+    """The value of a dotted key, e.g. get(cfg, "xent.n_tokens")."""
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def validate(cfg: RunConfig) -> None:
-    if not cfg.concepts:
-        raise InputError("concepts is empty; name at least one concept, e.g. concepts=joy")
-    if cfg.setting not in ("random", "contrastive"):
-        raise InputError(f"setting must be random or contrastive, not {cfg.setting!r}")
+    """Every key of every section, before any stage runs: one InputError line naming the first bad key."""
+    if not cfg.concepts or not all(isinstance(c, str) and c.strip() for c in cfg.concepts):
+        raise InputError(f"concepts must be a list of names, e.g. concepts=joy,evil, not {cfg.concepts!r}")
+    for key, allowed in (("setting", ("random", "contrastive")), ("positions", ("all", "last")),
+                         ("xent.spacing", ("linear", "log")), ("prompts.source", ("curated", "generate"))):
+        if get(cfg, key) not in allowed:
+            raise InputError(f"{key} must be {' or '.join(allowed)}, not {get(cfg, key)!r}")
     if cfg.alpha_unit not in ("raw", "resid"):
         raise InputError(f"alpha_unit must be raw or resid (x the layer's median residual norm), not {cfg.alpha_unit!r}")
-    if cfg.xent.spacing not in ("linear", "log"):
-        raise InputError(f"xent.spacing must be linear or log, not {cfg.xent.spacing!r}")
-    if cfg.prompts.source not in ("curated", "generate"):
-        raise InputError(f"prompts.source must be curated or generate, not {cfg.prompts.source!r}")
-    if not cfg.layers:
+    _validate_layers(cfg.layers)
+    for key, low in MINIMUM.items():
+        value = get(cfg, key)
+        if value is None and key in OPTIONAL:
+            continue
+        if not _is_int(value):
+            raise InputError(f"{key} takes an integer, not {value!r}")
+        if value < low:
+            raise InputError(f"{key} must be at least {low}, not {value}")
+    for key in POSITIVE + UNIT_INTERVAL:
+        value = get(cfg, key)
+        if not _is_number(value) or not 0 < value < float("inf"):
+            raise InputError(f"{key} must be a positive finite number, not {value!r}")
+        if key in UNIT_INTERVAL and value > 1:
+            raise InputError(f"{key} must be in (0, 1], not {value!r}")
+    alphas = cfg.limit.alphas
+    if not isinstance(alphas, list) or not alphas or not all(_is_number(a) and 0 < a < float("inf") for a in alphas):
+        raise InputError(f"limit.alphas must be a non-empty list of positive finite numbers (|alpha|; each is steered "
+                         f"with both signs), e.g. limit.alphas=10,100,1000, not {alphas!r}")
+    if cfg.xent.n_tokens < cfg.xent.seq_len:
+        raise InputError(f"xent.n_tokens ({cfg.xent.n_tokens}) must be at least xent.seq_len ({cfg.xent.seq_len}): "
+                         "Delta CE scores whole windows of seq_len tokens")
+    if not isinstance(cfg.mmlu.subjects, list) or not all(isinstance(x, str) for x in cfg.mmlu.subjects):
+        raise InputError(f"mmlu.subjects must be a list of subject names (empty: all), not {cfg.mmlu.subjects!r}")
+    from steerstrength.judges import JUDGES
+
+    if cfg.concept.judge not in JUDGES:
+        raise InputError(f"concept.judge must be one of {', '.join(JUDGES)}, not {cfg.concept.judge!r}")
+    for key in FILES:
+        value = get(cfg, key)
+        if value is not None and not Path(str(value)).is_file():
+            raise InputError(f"{key} {value} is not a file; check the path (or {key}=none)")
+
+
+def _validate_layers(layers) -> None:
+    """Layer indices >= 0 or names; indices past the model's depth are caught by resolve_layers once it is loaded."""
+    if not isinstance(layers, list) or not layers:
         raise InputError("layers is empty; name at least one layer, e.g. layers=auto or layers=15")
-    if cfg.positions not in ("all", "last"):
-        raise InputError(f"positions must be all or last, not {cfg.positions!r}")
-    for name, n in (("prompts.n", cfg.prompts.n), ("tokens.n_alphas", cfg.tokens.n_alphas),
-                    ("xent.n_alphas", cfg.xent.n_alphas), ("concept.n_alphas", cfg.concept.n_alphas)):
-        if n < 2:
-            raise InputError(f"{name} must be at least 2, not {n}")
-    for name, x in (("tokens.alpha_max", cfg.tokens.alpha_max), ("xent.alpha_max", cfg.xent.alpha_max),
-                    ("concept.alpha_max", cfg.concept.alpha_max)):
-        if not (x > 0 and x < float("inf")):
-            raise InputError(f"{name} must be a positive finite number, not {x}")
+    for item in layers:
+        name = item.strip().lower() if isinstance(item, str) else None
+        if _is_int(item) and item >= 0 or name in LAYER_NAMES or (name or "").isdigit():
+            continue
+        raise InputError(f"layers: {item!r} is not a layer; give block indices >= 0 or {', '.join(LAYER_NAMES)}, "
+                         "e.g. layers=auto,middle or layers=3,10")
 
 
 def resolve_layers(spec: list, n_layers: int) -> list[int]:
@@ -326,10 +399,11 @@ def resolve_layers(spec: list, n_layers: int) -> list[int]:
 
 
 def to_toml(cfg: RunConfig) -> str:
+    """Every key, None written as "none" (TOML has no null): the file alone rebuilds the config under any preset."""
     import tomli_w
 
     def clean(d):
-        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+        return {k: clean(v) if isinstance(v, dict) else "none" if v is None else v for k, v in d.items()}
 
     return tomli_w.dumps(clean(cfg.to_dict()))
 

@@ -68,14 +68,6 @@ DEFAULT_PROMPTS = (
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.linspace(-40, 40, 41))
 
-# Sizes: (alphas, prompts, completions per prompt and alpha, new tokens).
-PRESETS = {
-    "paper": dict(alphas=DEFAULT_ALPHAS, n_prompts=12, n_completions=32, max_new_tokens=64),
-    "cpu": dict(alphas=tuple(float(a) for a in np.linspace(-40, 40, 9)), n_prompts=4, n_completions=4,
-                max_new_tokens=32),
-    "demo": dict(alphas=tuple(float(a) for a in np.linspace(-40, 40, 5)), n_prompts=2, n_completions=4,
-                 max_new_tokens=24),
-}
 Z95 = 1.959963984540054
 
 # The documented degeneration rule (module docstring): a completion is degenerate when one measure

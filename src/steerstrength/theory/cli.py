@@ -34,17 +34,25 @@ QuietOpt = typer.Option(False, "--quiet", help="No progress bar.")
 
 
 def _trained(config: TheoryConfig, quiet: bool, check: bool = True):
-    """verify() (or only build_world() when not checking) under a training progress bar."""
+    """verify() (or only build_world() when not checking), with a training progress bar.
+
+    The bar opens at the first training step, so a bad setting (checked while the world is built) is one error
+    line with no bar before it."""
+    import contextlib
+
     from steerstrength.cli_common import progress_bar, state
     from steerstrength.theory.verify import build_world, verify
 
-    with progress_bar("training UFM", total=config.steps, quiet=quiet or state["quiet"]) as advance:
-        done = [0]
+    with contextlib.ExitStack() as stack:
+        bar = {"advance": None, "done": 0}
 
         def progress(step: int, loss: float) -> None:
-            """Advance the bar to `step`."""
-            advance(step - done[0])
-            done[0] = step
+            """Advance the bar to `step` (opening it at the first report)."""
+            if bar["advance"] is None:
+                bar["advance"] = stack.enter_context(progress_bar("training UFM", total=config.steps,
+                                                                  quiet=quiet or state["quiet"]))
+            bar["advance"](step - bar["done"])
+            bar["done"] = step
 
         return verify(config, progress=progress) if check else build_world(config, progress=progress)
 
@@ -96,11 +104,11 @@ def verify_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Train a UFM, steer it, check every claim against the closed forms; exit 1 if any fails."""
-    from steerstrength.errors import InputError
+    from steerstrength.io import check_output_file
     from steerstrength.theory.verify import write_verification_json
 
-    if json_path is not None and json_path.is_dir():
-        raise InputError(f"--json {json_path} is a directory; give a file path such as {json_path / 'verify.json'}")
+    if json_path is not None:
+        check_output_file(json_path, option="--json", example="verify.json")
     config = TheoryConfig(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
                      negatives=negatives, q=q, target=target, seed=seed, alpha_max=alpha_max,
                      alpha_points=alpha_points, steps=steps, lr=lr, all_contexts=all_contexts)
@@ -141,8 +149,10 @@ def figures_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Draw Fig. 2, 3, B.1, 4 and 5 from a trained UFM (PNG and PDF)."""
+    from steerstrength.io import check_output_dir
     from steerstrength.theory.figures import make_figures
 
+    check_output_dir(out)
     config = TheoryConfig(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
                      negatives=negatives, q=q, target=target, seed=seed, alpha_max=alpha_max,
                      alpha_points=alpha_points, steps=steps, lr=lr)
