@@ -64,19 +64,13 @@ def config_show(preset: str = PresetOpt, config: Optional[Path] = ConfigOpt,
     print(to_toml(build_config(preset, str(config) if config else None, overrides or [])), end="")
 
 
-def resume_command(run_dir: Path) -> str:
-    """The command that resumes (or repairs) a run: its own config.toml, so no preset's defaults replace the run's."""
-    config = run_dir / "config.toml"
-    return f"steerstrength run --config {config} --out {run_dir}" if config.is_file() else \
-        f"steerstrength run --out {run_dir}"
-
-
 def plot(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
     """Redraw every figure and report.html from the run's tables, without recomputing."""
     from steerstrength.errors import InputError
     from steerstrength.io import check_output_dir
     from steerstrength.plots import draw_all
     from steerstrength.report import write_report
+    from steerstrength.runs import resume_command
 
     if not run_dir.is_dir():
         what = "is a file" if run_dir.exists() else "does not exist"

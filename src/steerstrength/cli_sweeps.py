@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -415,7 +415,9 @@ def sweep_xent(
     corpus: Optional[str] = typer.Option(None, "--corpus", help="A .txt/.jsonl/.parquet file, a Parquet directory, or "
                                                                  "hf:NAME[:CONFIG]; default: samples of the unsteered model."),
     field: str = typer.Option("text", "--field", help="The text column / field of the corpus."),
-    split: str = typer.Option("train", "--split", help="Split of a hf: dataset."),
+    split: str = typer.Option("train", "--split", help="Split of a hf: dataset or of a local dataset directory."),
+    data_files: Optional[List[str]] = typer.Option(None, "--data-files", help="Files of a hf: dataset (paths or "
+                                                   "globs; repeatable)."),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use the first N texts (hf: default 1000)."),
     n_samples: int = typer.Option(64, "--n-samples", help="Model-samples corpus: number of texts."),
     sample_tokens: int = typer.Option(256, "--sample-tokens", help="Model-samples corpus: tokens per text."),
@@ -457,7 +459,8 @@ def sweep_xent(
             texts = load_corpus(None, model=st.model, n_samples=n_samples, sample_tokens=sample_tokens, seed=seed,
                                 cache_dir=out, progress=advance)
     else:
-        texts = load_corpus(corpus, model=st.model, field=field, split=split, max_texts=max_texts)
+        texts = load_corpus(corpus, model=st.model, field=field, split=split, max_texts=max_texts,
+                            data_files=data_files)
     n_windows = windows(st.model, texts, seq_len, packing=packing).shape[0]
     if max_tokens is not None:
         n_windows = min(n_windows, max_tokens // seq_len)

@@ -182,18 +182,18 @@ def preset(name: str) -> RunConfig:
         cfg.vectors.normalize = True
         # +/-1.5 x the residual norm: concept words bump inside the grid at the scanned layer (beyond ~3x the
         # stream is in Prop. 4.1's limit regime, whose top tokens are LN(v) W^T's rare strings).
-        cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=256, n_contexts=8, top_k=100)
+        cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=256, n_contexts=6, top_k=100)
         # Log-spaced to 16x the residual norm: dense near 0 for Thm 3.8's quadratic, far enough for the plateau of
         # Prop. 4.1 (the limit stage reaches TV 0.2 at ~10x); the curvature on the same 1024 tokens as Delta CE.
-        cfg.xent = XentConfig(n_tokens=1024, seq_len=64, alpha_max=16.0, n_alphas=32, chunk_windows=4,
+        cfg.xent = XentConfig(n_tokens=768, seq_len=64, alpha_max=16.0, n_alphas=32, chunk_windows=4,
                               curvature_tokens=None, spacing="log")
         # Text at the scanned layer stays fluent to ~0.5 and degenerates past ~1.2 x the residual norm (measured).
-        cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=8, completions=6,
+        cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=6, completions=4,
                                     max_new_tokens=32)
         cfg.mmlu = MmluConfig(source="sample", k_shot=2, alpha_max=1.0, n_alphas=5, max_questions=8)
         cfg.limit.alphas = [1e1, 1e2, 1e3, 1e4]
         cfg.depth = DepthConfig(every=4, alpha_max=1.5, n_alphas=48, n_contexts=3)
-        cfg.recommend = RecommendConfig(n_prompts=4, completions=4, max_new_tokens=24, n_alphas=5)
+        cfg.recommend = RecommendConfig(n_prompts=3, completions=3, max_new_tokens=24, n_alphas=4)
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
 

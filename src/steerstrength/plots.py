@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from steerstrength.errors import InputError
 from steerstrength.prompts import SAFE_NAME
+from steerstrength.runs import resume_command
 from steerstrength.io import atomic_path, write_json
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class RunTables:
         try:
             self.manifest = json.loads(path.read_text()) if path.is_file() else {}
         except json.JSONDecodeError:
-            raise InputError(f"{path} is not valid JSON; rerun `steerstrength run --out {self.root}`") from None
+            raise InputError(f"{path} is not valid JSON; rerun `{resume_command(self.root)}`") from None
         self._cache: dict = {}
 
     def has(self, name: str) -> bool:
@@ -91,7 +92,7 @@ class RunTables:
             return f"the {stage} stage was skipped: {rec.get('note') or 'disabled'}"
         if status == "running":
             return (f"the {stage} stage did not finish (failed or interrupted); rerun "
-                    f"`steerstrength run --out {self.root}`")
+                    f"`{resume_command(self.root)}`")
         if status == "done":
             return f"the {stage} stage ran but tables/{name} is missing"
         return f"the {stage} stage has not run"

@@ -213,3 +213,11 @@ def _read_chunk(directory: Path, name: str, marker: Path) -> dict | None:
         except Exception:  # noqa: BLE001 - the checksum matched, yet the file does not read: recompute it
             return None
     return frames
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes (or repairs) a run: its own config.toml, so no preset's defaults replace the run's."""
+    run_dir = Path(run_dir)
+    config = run_dir / "config.toml"
+    return f"steerstrength run --config {config} --out {run_dir}" if config.is_file() else \
+        f"steerstrength run --out {run_dir}"
