@@ -497,7 +497,8 @@ def fig_depth(run: RunTables, concept: str) -> "Figure | None":
         for layer in chosen:
             ax.axvline(layer, color="tab:red", lw=0.8, ls=":")
     ax.axhline(0.05, color="0.8", lw=0.8)
-    ax.set_ylim(-0.05, 1.05)
+    rho = d["spearman_M_peak"].dropna()
+    ax.set_ylim(min(-0.05, float(rho.min()) - 0.05) if len(rho) else -0.05, 1.05)  # a correlation may be negative
     ax.set_xlabel("steered layer")
     ax.set_ylabel("fraction / correlation")
     ax.legend(fontsize=6.5, loc="upper left")
