@@ -415,3 +415,28 @@ def test_a_concept_name_that_is_no_file_name_never_names_a_figure(tmp_path):
     top.to_parquet(run / "tables" / "tokens_top.parquet")
     draw_all(run)
     assert not list(tmp_path.rglob("*escaped*"))
+
+
+def test_fig7_puts_every_layer_on_one_axis_in_residual_units(tmp_path):
+    run_dir = make_run(tmp_path / "resid", layers=(3, 5), stages=("xent", "concept"), resamples=0)
+    scales = {3: 0.01, 5: 0.002}  # alpha_resid / alpha per layer, as the pipeline writes them
+    for name in ("xent", "concept_curve"):
+        path = run_dir / "tables" / f"{name}.parquet"
+        frame = pd.read_parquet(path)
+        frame["alpha_resid"] = frame["alpha"] * frame["layer"].map(scales)
+        frame.to_parquet(path)
+    run = RunTables(run_dir)
+    fig = fig_concept_xent(run, "joy", [3, 5])
+    top, bottom = fig.axes[:2]
+    assert "residual norm" in top.get_xlabel() and "residual norm" in bottom.get_xlabel()
+    xent = json.loads((run_dir / "tables" / "xent.json").read_text())["per_vector"]
+    quads = [ln for ln in bottom.get_lines() if ln.get_label().startswith("local quadratic")]
+    for ln, layer in zip(quads, (3, 5)):
+        kappa = xent[f"joy/{layer}"]["curvature"]["jvp"]
+        raw = np.asarray(ln.get_xdata()) / scales[layer]
+        np.testing.assert_allclose(ln.get_ydata(), 0.5 * kappa * raw**2, atol=1e-12)
+    curve = pd.read_parquet(run_dir / "tables" / "concept_curve.parquet")
+    measured = [ln for ln in top.get_lines() if ln.get_label().startswith("layer")]
+    for ln, layer in zip(measured, (3, 5)):
+        want = curve[(curve["layer"] == layer) & (curve["scope"] == "pooled")].sort_values("alpha")["alpha_resid"]
+        np.testing.assert_allclose(ln.get_xdata(), want.to_numpy())

@@ -294,6 +294,14 @@ def fig_delta_p(run: RunTables, concept: str, layer: int, side: str) -> "Figure 
     return fig
 
 
+def _resid_scale(frame) -> float | None:
+    """alpha_resid / alpha of one layer's rows (tables carry both strengths), or None for raw-only tables."""
+    if "alpha_resid" not in frame.columns:
+        return None
+    nonzero = frame[frame["alpha"] != 0]
+    return float((nonzero["alpha_resid"] / nonzero["alpha"]).median()) if len(nonzero) else None
+
+
 def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure | None":
     """Fig. 7 (A.11-A.13 with several layers): concept probability (Thm 3.6 fit) and Delta CE (Thm 3.8 quadratic)."""
     import numpy as np
@@ -301,7 +309,7 @@ def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure
     from steerstrength.metrics.concept import tanh_curve
 
     curve = run.table("concept_curve", filters=[("concept", "==", concept)])
-    xent = run.table("xent", columns=["layer", "alpha", "delta_ce"], filters=[("concept", "==", concept)])
+    xent = run.table("xent", filters=[("concept", "==", concept)])
     if (curve is None or curve.empty) and (xent is None or xent.empty):
         return None
     colors = layer_colors(layers)
@@ -314,22 +322,31 @@ def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure
         pooled = curve[curve["scope"] == "pooled"]
         judges = list(dict.fromkeys(pooled["judge"].tolist()))
         for layer, lf in pooled.groupby("layer"):
+            scale = _resid_scale(lf)  # x in residual units when the table has them: layers share one axis
             for j, (judge, jf) in enumerate(lf.groupby("judge", sort=False)):
                 jf = jf.sort_values("alpha")
+                x = jf["alpha"] * (scale or 1.0)
                 color = colors.get(int(layer), "k")
                 name = f"layer {int(layer)}" + (f", {judge}" if len(judges) > 1 else "")
-                ax.fill_between(jf["alpha"], jf["ci_low"], jf["ci_high"], color=color, alpha=0.18, lw=0)
-                ax.plot(jf["alpha"], jf["p"], marker="o", color=color, ms=3.5, lw=1.2, label=name,
+                ax.fill_between(x, jf["ci_low"], jf["ci_high"], color=color, alpha=0.18, lw=0)
+                ax.plot(x, jf["p"], marker="o", color=color, ms=3.5, lw=1.2, label=name,
                         ls=["-", ":", "-."][j % 3])
-                fit = fits.get(f"{concept}/{int(layer)}", {}).get("curves", {}).get(judge, {}).get("tanh_fit", {})
+                cur = fits.get(f"{concept}/{int(layer)}", {}).get("curves", {}).get(judge, {})
+                fit, span = cur.get("tanh_fit", {}), (jf["alpha"].min(), jf["alpha"].max())
+                nd = cur.get("tanh_fit_nondegenerate") or {}
+                if cur.get("degenerate_alphas") and nd.get("status") == "ok" and cur.get("fit_range"):
+                    fit, span = nd, tuple(cur["fit_range"])  # Thm 3.6 on the alphas whose text did not collapse
                 if fit.get("status") == "ok":
-                    grid = np.linspace(jf["alpha"].min(), jf["alpha"].max(), 200)
-                    ax.plot(grid, tanh_curve(grid, fit["c"], fit["a"], fit["b"], fit["alpha0"]), color=color, lw=1,
-                            ls="--", label=f"sigmoid fit, R²={fit['r2']:.2f}")
+                    grid = np.linspace(span[0], span[1], 200)
+                    ax.plot(grid * (scale or 1.0), tanh_curve(grid, fit["c"], fit["a"], fit["b"], fit["alpha0"]),
+                            color=color, lw=1, ls="--", label=f"sigmoid fit, R²={fit['r2']:.2f}")
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("concept probability")
         ax.legend(fontsize=7, frameon=False)
-    ax.set_xlabel("α")
+        if _resid_scale(pooled) is not None:
+            ax.set_xlabel("α (× the layer's median residual norm)")
+        else:
+            ax.set_xlabel("α")
     ax.set_title(f"{concept}: concept probability (Thm 3.6), 95% Wilson band", fontsize=9)
     ax = axes[1, 0]
     if xent is None or xent.empty:
@@ -337,23 +354,33 @@ def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure
     else:
         per_vector = (run.summary("xent") or {}).get("per_vector", {})
         lo, hi = 0.0, 0.0
+        spans = []
         for layer, lf in xent.groupby("layer"):
             lf = lf.sort_values("alpha")
+            scale = _resid_scale(lf) or 1.0
             color = colors.get(int(layer), "k")
-            ax.plot(lf["alpha"], lf["delta_ce"], "o-", color=color, ms=3, lw=1.2, label=f"layer {int(layer)}")
+            ax.plot(lf["alpha"] * scale, lf["delta_ce"], "o-", color=color, ms=3, lw=1.2, label=f"layer {int(layer)}")
             lo, hi = min(lo, float(lf["delta_ce"].min())), max(hi, float(lf["delta_ce"].max()))
+            spans.append((lf["alpha"][lf["alpha"] != 0].abs().min() * scale, lf["alpha"].abs().max() * scale))
             info = per_vector.get(f"{concept}/{int(layer)}", {})
             curvature, slope, source = _curvature(info)
             if curvature is not None:
                 grid = np.linspace(lf["alpha"].min(), lf["alpha"].max(), 400)
-                ax.plot(grid, slope * grid + 0.5 * curvature * grid**2, color=color, lw=1, ls="--",
+                ax.plot(grid * scale, slope * grid + 0.5 * curvature * grid**2, color=color, lw=1, ls="--",
                         label=f"local quadratic, κ={curvature:.3g} ({source})")
+        inner, outer = min(a for a, _ in spans), max(b for _, b in spans)
+        if outer > 50 * inner:  # a log-spaced grid: show the quadratic near 0 and the plateau far out
+            ax.set_xscale("symlog", linthresh=inner)
+            decades = [10.0**k for k in range(int(np.ceil(np.log10(inner))), int(np.floor(np.log10(outer))) + 1)]
+            ticks = [-d for d in reversed(decades)] + [0.0] + decades
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         pad = 0.08 * (hi - lo or 1.0)
         ax.set_ylim(lo - pad, hi + 3 * pad)
         ax.axhline(0, color="0.7", lw=0.6)
         ax.set_ylabel("ΔCE(α) (nats)")
         ax.legend(fontsize=7, frameon=False)
-    ax.set_xlabel("α")
+    ax.set_xlabel("α (× the layer's median residual norm)" if xent is not None and "alpha_resid" in xent.columns
+                  else "α")
     ax.set_title(f"{concept}: ΔCE (Thm 3.8 locally, Prop. 4.1 plateau)", fontsize=9)
     return fig
 
