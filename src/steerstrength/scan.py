@@ -24,7 +24,6 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
-from steerstrength.steering import hidden_at
 
 DEFAULT_TOP_K = 50
 DEFAULT_EXTREMAL_FRACTION = 0.01
@@ -54,31 +53,24 @@ class LayerScan:
 @torch.inference_mode()
 def _pass(model: Model, texts: Sequence[str], layers: list[int], batch_size: int, progress):
     """Per layer [n, d] float64 token means (first token out), per-token norms, and [V] sum of last-token log p."""
-    acc = torch.device("cpu") if model.device.type == "mps" else model.device
+    from steerstrength.vectors import layer_states, token_means, token_norms
+
     last = model.n_layers - 1
     want = sorted(set(layers) | {last})
     means = {layer: torch.empty((len(texts), model.d_model), dtype=torch.float64) for layer in want}
     norms: dict[int, list] = {layer: [] for layer in want}
     log_p = torch.zeros(model.vocab_size, dtype=torch.float64)
-    for start in range(0, len(texts), batch_size):
-        enc = model.encode(list(texts[start:start + batch_size]), padding_side="right")
-        mask = enc.attention_mask.clone()
-        mask[:, 0] = 0
-        n = mask.sum(-1)
-        if (n == 0).any():
-            raise InputError("a text has a single token; the scan needs texts of two tokens or more")
-        hidden = hidden_at(model, enc, want)
-        w = mask.to(acc, torch.float64).unsqueeze(-1)
+    for start, mask, hidden in layer_states(model, texts, want, batch_size=batch_size):
         for layer in want:
-            h = hidden[layer].to(acc, torch.float64)
-            means[layer][start:start + len(n)] = ((h * w).sum(1) / n.to(acc, torch.float64)[:, None]).cpu()
-            norms[layer].append(hidden[layer].float()[mask.bool()].norm(dim=-1).cpu())
-        # M's next-token distributions come from the same pass: the last block's state at each text's last token.
-        ends = enc.attention_mask.sum(-1) - 1
-        top = hidden[last][torch.arange(len(ends), device=ends.device), ends]
+            means[layer][start:start + mask.shape[0]] = token_means(hidden[layer], mask)
+            norms[layer].append(token_norms(hidden[layer], mask))
+        # M's next-token distributions come from the same pass: the last block's state at each text's last token
+        # (right padding: the last counted position of a row).
+        ends = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+        top = hidden[last][torch.arange(mask.shape[0], device=hidden[last].device), ends.to(hidden[last].device)]
         log_p += torch.log_softmax(model.logits_of(top), dim=-1).double().sum(0).cpu()
         if progress is not None:
-            progress(len(n))
+            progress(mask.shape[0])
     return means, {layer: torch.cat(v) for layer, v in norms.items()}, log_p
 
 

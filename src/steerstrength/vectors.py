@@ -304,6 +304,40 @@ def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int]:
 # ----------------------------------------------------------------------------- activations
 
 
+def layer_states(model: Model, texts: Sequence[str], layers: Sequence[int], *, batch_size: int = 8,
+                 max_length: int | None = None, skip_first_token: bool = True, require_tokens: bool = True):
+    """Per batch of `texts`: (start index, mask of the counted tokens [b, T], {layer: residual stream [b, T, d]}).
+
+    Right padding; one forward per batch records every layer and stops after the deepest one. The mask leaves
+    out padding and, with `skip_first_token`, position 0 (the attention sink). With `require_tokens`, a text with
+    no counted token is an InputError before its batch runs.
+    """
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        enc = model.encode(chunk, padding_side="right", max_length=max_length)
+        if model.max_length and enc.input_ids.shape[1] > model.max_length:
+            raise InputError(f"a text has {enc.input_ids.shape[1]} tokens, more than {model.name}'s maximum "
+                             f"{model.max_length}; truncate with --max-length (API: max_length=)")
+        mask = enc.attention_mask.clone()
+        if skip_first_token:
+            mask[:, 0] = 0  # right padding: column 0 is each text's first token
+        counts = mask.sum(-1)
+        if require_tokens and (counts == 0).any():
+            bad = chunk[int((counts == 0).nonzero()[0])]
+            need = "two tokens" if skip_first_token else "one token"
+            raise InputError(f"text {bad[:40]!r} has fewer than {need} after tokenization; remove it or pass "
+                             "skip_first_token=False")
+        yield start, mask, hidden_at(model, enc, layers)
+
+
+def token_means(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b, d] float64 on the CPU: each row's residual stream averaged over its masked-in tokens (Eq. 3's average)."""
+    acc_device = torch.device("cpu") if hidden.device.type == "mps" else hidden.device  # MPS has no float64
+    w = mask.to(device=acc_device, dtype=torch.float64).unsqueeze(-1)
+    h = hidden.to(device=acc_device, dtype=torch.float64)
+    return ((h * w).sum(1) / w.sum(1)).cpu()
+
+
 @torch.inference_mode()
 def mean_activations(model: Model, texts: Sequence[str], layers: Sequence[int], *, skip_first_token: bool = True,
                      batch_size: int = 8, max_length: int | None = None, progress=None) -> dict[int, torch.Tensor]:
@@ -315,32 +349,13 @@ def mean_activations(model: Model, texts: Sequence[str], layers: Sequence[int], 
     layers = sorted(set(layers))
     for layer in layers:
         check_layer(model, layer)
-    # MPS has no float64: sum on the CPU there.
-    acc_device = torch.device("cpu") if model.device.type == "mps" else model.device
     out = {layer: torch.empty((len(texts), model.d_model), dtype=torch.float64) for layer in layers}
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        enc = model.encode(chunk, padding_side="right", max_length=max_length)
-        if model.max_length and enc.input_ids.shape[1] > model.max_length:
-            raise InputError(f"a text has {enc.input_ids.shape[1]} tokens, more than {model.name}'s maximum "
-                             f"{model.max_length}; truncate with --max-length (API: max_length=)")
-        mask = enc.attention_mask.clone()
-        if skip_first_token:
-            mask[:, 0] = 0  # right padding: column 0 is each text's first token
-        counts = mask.sum(-1)
-        if (counts == 0).any():
-            bad = chunk[int((counts == 0).nonzero()[0])]
-            need = "two tokens" if skip_first_token else "one token"
-            raise InputError(f"text {bad[:40]!r} has fewer than {need} after tokenization; remove it or pass "
-                             "skip_first_token=False")
-        hidden = hidden_at(model, enc, layers)
-        w = mask.to(device=acc_device, dtype=torch.float64).unsqueeze(-1)
-        n = counts.to(device=acc_device, dtype=torch.float64)[:, None]
+    for start, mask, hidden in layer_states(model, texts, layers, batch_size=batch_size, max_length=max_length,
+                                            skip_first_token=skip_first_token):
         for layer in layers:
-            h = hidden[layer].to(device=acc_device, dtype=torch.float64)
-            out[layer][start:start + len(chunk)] = ((h * w).sum(1) / n).cpu()
+            out[layer][start:start + mask.shape[0]] = token_means(hidden[layer], mask)
         if progress is not None:
-            progress(len(chunk))
+            progress(mask.shape[0])
     return out
 
 
@@ -360,13 +375,9 @@ def residual_norms(model: Model, layers: Sequence[int], texts: Sequence[str] | N
     for layer in layers:
         check_layer(model, layer)
     norms: dict[int, list] = {layer: [] for layer in layers}
-    for start in range(0, len(texts), batch_size):
-        enc = model.encode(list(texts[start:start + batch_size]), padding_side="right")
-        keep = enc.attention_mask.bool().clone()
-        keep[:, 0] = False
-        hidden = hidden_at(model, enc, layers)
+    for _, mask, hidden in layer_states(model, texts, layers, batch_size=batch_size, require_tokens=False):
         for layer in layers:
-            norms[layer].append(hidden[layer].float()[keep.to(hidden[layer].device)].norm(dim=-1).cpu())
+            norms[layer].append(token_norms(hidden[layer], mask))
     out = {}
     for layer in layers:
         values = torch.cat(norms[layer])
@@ -374,6 +385,11 @@ def residual_norms(model: Model, layers: Sequence[int], texts: Sequence[str] | N
             raise InputError("the texts for the residual norm have no token after the first; give longer texts")
         out[layer] = float(values.double().median())
     return out
+
+
+def token_norms(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n] float32 on the CPU: the L2 norm of the residual stream at every masked-in token."""
+    return hidden.float()[mask.bool().to(hidden.device)].norm(dim=-1).cpu()
 
 
 def bootstrap(pos: torch.Tensor, neg: torch.Tensor, k: int, *, seed: int = 0, normalize: bool = False) -> torch.Tensor:
