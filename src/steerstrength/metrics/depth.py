@@ -25,8 +25,9 @@ N_DOMINANT = 8
 
 def concept_word_threshold(M: torch.Tensor, fraction: float = CONCEPT_WORD_FRACTION) -> float:
     """The M above which a token counts as a concept word (the top `fraction` of the vocabulary)."""
-    k = max(1, int(round(fraction * M.numel())))
-    return float(torch.sort(M.double()).values[-k])
+    from steerstrength.metrics.logodds import extremal_thresholds
+
+    return extremal_thresholds(M, fraction)[0]
 
 
 def concept_word_share(M: torch.Tensor, token_ids: Sequence[int], fraction: float = CONCEPT_WORD_FRACTION) -> float:
