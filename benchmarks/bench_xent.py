@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from steerstrength import load_model
 from steerstrength.corpus import cached_samples, load_corpus
 from steerstrength.metrics.contexts import builtin_contexts
-from steerstrength.metrics.grid import linspace_grid
+from steerstrength.grid import linspace_grid
 from steerstrength.metrics.xent import _rows_per_forward, cross_entropy_sums, windows
 from steerstrength.steering import DEFAULT_LOGIT_BUDGET, DEFAULT_TOKEN_BUDGET, alpha_chunks, steer
 from steerstrength.vectors import difference_of_means

@@ -37,6 +37,7 @@ from steerstrength.io import read_texts, write_json, write_jsonl, write_parquet
 from steerstrength.judges import judge_accuracy, make_judge
 from steerstrength.metrics.concept import DEFAULT_PROMPTS, wilson_interval
 from steerstrength.metrics.xent import cross_entropy_curve
+from steerstrength.plots import plot_recommendations
 from steerstrength.recommend import (
     GRID_POINTS,
     GRID_SPAN,
@@ -44,7 +45,6 @@ from steerstrength.recommend import (
     alpha_scale,
     generate_and_measure,
     measure_pairs,
-    plot_recommendations,
     recommend_alpha,
 )
 
@@ -259,7 +259,7 @@ def main() -> None:
     write_parquet(out / "eval_theory.parquet", theory)
     write_jsonl(out / "eval_generations.jsonl", ev.frame.to_dict(orient="records"))
     for m, rec in recs.items():
-        rec.save(out, prefix=f"recommend_{m}")
+        rec.save(out / f"recommend_{m}")
     summary = dict(
         machine=dict(platform=platform.platform(), processor=platform.processor(), torch=torch.__version__,
                      threads=torch.get_num_threads()),

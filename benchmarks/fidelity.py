@@ -17,7 +17,7 @@ import torch
 import steerstrength as ss
 from steerstrength.config import PAPER_CONCEPTS
 from steerstrength.metrics.contexts import builtin_contexts
-from steerstrength.metrics.grid import linspace_grid
+from steerstrength.grid import linspace_grid
 
 
 def main() -> None:

@@ -321,7 +321,7 @@ def test_cli_sweep_concept_writes_tables(monkeypatch, capsys, tmp_path, model_di
     assert sorted(curve["alpha"].unique()) == pytest.approx(np.linspace(-5, 5, 9).tolist())
     assert (curve["layer"] == 1).all() and (curve["concept"] == "joy").all()
     summary = json.loads((tmp_path / "out" / "concept.json").read_text())
-    assert set(summary["per_layer"]["1"]["judge_accuracy"]) == {"lexicon", "llm"}
+    assert set(summary["joy/1"]["judge_accuracy"]) == {"lexicon", "llm"}
     n = len((tmp_path / "out" / "concept_completions.jsonl").read_text().splitlines())
     assert n == 9 * 2 * 2
 
@@ -329,7 +329,7 @@ def test_cli_sweep_concept_writes_tables(monkeypatch, capsys, tmp_path, model_di
 def test_cli_sweep_concept_takes_its_sizes_from_the_run_preset(monkeypatch, capsys, tmp_path, model_dir, vector_file):
     """One preset system: `sweep concept` measures what `steerstrength run`'s concept stage measures (config.py)."""
     from steerstrength.config import preset
-    from steerstrength.metrics.grid import linspace_grid
+    from steerstrength.grid import linspace_grid
 
     code, _, err = run_cli(["sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
                             "--judge", "lexicon", "--no-chat", "--n-prompts", "1", "--out", tmp_path],
@@ -362,9 +362,9 @@ def test_cli_sweep_concept_refuses_sizes_below_one(monkeypatch, capsys, tmp_path
 @pytest.mark.parametrize("args, message", [
     (["--judge", "oracle"], "unknown judge 'oracle'"),
     (["--judge", "lexicon", "--concept", "lying"], "cannot judge 'lying'"),
-    (["--judge", "embedding"], "--positive / --negative"),
+    (["--judge", "embedding", "--concept", "sunsets"], "--positive / --negative"),  # no held-out curated pairs
     (["--judge", "lexicon", "--preset", "huge"], "unknown preset"),
-    (["--judge", "lexicon", "--preset", "demo", "--alpha-unit", "raw"], "give --alpha-min and --alpha-max"),
+    (["--judge", "lexicon", "--preset", "demo", "--alpha-unit", "raw"], "give --alpha-max (and --alpha-min)"),
 ])
 def test_cli_sweep_concept_errors_exit_2(monkeypatch, capsys, tmp_path, model_dir, vector_file, args, message):
     code, _, err = run_cli(["sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",

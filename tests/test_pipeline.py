@@ -84,7 +84,7 @@ def test_interrupted_cross_entropy_sweep_resumes_to_identical_tables(tiny_dir, t
         run(cfg, out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["xent"]["status"] == "running"
-    chunk_files = list((out / ".chunks" / "xent").rglob("*.safetensors"))
+    chunk_files = list((out / ".chunks" / "xent").rglob("*windows_*.done"))
     assert len(chunk_files) == 2  # two chunks finished before the kill
 
     recomputed = {"n": 0}

@@ -19,7 +19,7 @@ from steerstrength.config import build_config, to_toml
 from steerstrength.errors import InputError
 from steerstrength.io import write_json, write_parquet
 from steerstrength.metrics.concept import concept_curve, tanh_curve
-from steerstrength.metrics.grid import linspace_grid
+from steerstrength.grid import linspace_grid
 from steerstrength.metrics.limits import LimitCheck
 from steerstrength.metrics.logodds import log_odds_analysis, log_odds_frame
 from steerstrength.metrics.mmlu import accuracy_table

@@ -10,11 +10,11 @@ from steerstrength.prompts import (
     SYSTEM_PROMPT,
     clean_opposite,
     concept_prompt,
-    filtered_probs,
     generator_prompt_ids,
     resolve_opposite,
-    sample_texts,
+    sample_continuations,
 )
+from steerstrength.steering import filtered_probs
 from cliutil import run_cli
 from tiny import tiny_model
 
@@ -42,7 +42,8 @@ def test_positive_prompts_are_reproducible_per_text_whatever_the_batch(model):
     assert all(7 <= r["seed"] < 13 for r in rows)
     # Text i regenerates alone from its recorded seed.
     last = rows[-1]
-    alone = sample_texts(model, generator_prompt_ids(model, concept_prompt("joy")), [last["seed"]], max_new_tokens=10)
+    alone = sample_continuations(model, generator_prompt_ids(model, concept_prompt("joy")), [last["seed"]],
+                                 max_new_tokens=10)
     assert alone[0]["text"] == last["text"]
     other = generate_prompts(model, "joy", "positive", 6, max_new_tokens=10, seed=8, batch_size=4)
     assert [r["text"] for r in other] != [r["text"] for r in rows]
@@ -61,7 +62,7 @@ def test_rows_carry_the_jsonl_fields_and_stop_at_eos(model):
 
 def test_top_k_one_is_greedy_decoding(model):
     prompt = generator_prompt_ids(model, concept_prompt("joy"))
-    sampled = sample_texts(model, prompt, [0, 1], max_new_tokens=8, top_k=1)
+    sampled = sample_continuations(model, prompt, [0, 1], max_new_tokens=8, top_k=1)
     enc = model.pad([prompt])
     greedy = model.hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=8,
                                do_sample=False, eos_token_id=2, pad_token_id=0)
@@ -111,7 +112,7 @@ def test_generator_prompt_uses_the_chat_template_with_a_system_turn(model):
 def test_random_negatives_are_unconditional_samples_from_bos(model):
     rows = generate_prompts(model, "joy", "negative", 4, setting="random", max_new_tokens=8, seed=2)
     assert rows and all(r["setting"] == "random" and r["kind"] == "negative" and "opposite" not in r for r in rows)
-    plain = sample_texts(model, model.start_ids, [r["seed"] for r in rows], max_new_tokens=8)
+    plain = sample_continuations(model, model.start_ids, [r["seed"] for r in rows], max_new_tokens=8)
     assert [r["text"] for r in rows] == [p["text"] for p in plain]
 
 
@@ -119,7 +120,7 @@ def test_contrastive_negatives_record_the_opposite_and_where_it_came_from(model,
     rows = generate_prompts(model, "joy", "negative", 3, setting="contrastive", max_new_tokens=6, opposite="sad")
     assert all(r["opposite"] == "sad" and r["opposite_source"] == "user" for r in rows)
     seeds = [1_000_000, 1_000_001, 1_000_002]  # N's seeds never meet P's
-    texts = sample_texts(model, generator_prompt_ids(model, concept_prompt("sad")), seeds, max_new_tokens=6)
+    texts = sample_continuations(model, generator_prompt_ids(model, concept_prompt("sad")), seeds, max_new_tokens=6)
     assert [r["text"] for r in rows] == [t["text"] for t in texts if t["text"]]
     assert {r["seed"] for r in rows} <= set(seeds)
     word, source = resolve_opposite(model, "joy")

@@ -209,10 +209,14 @@ def test_iso_kl_lands_on_the_budget(recs):
 
 
 def test_save_writes_tables_json_texts_and_figure(recs, tmp_path):
+    from steerstrength.plots import plot_recommendations
+
     paths = recs["global"].save(tmp_path)
+    paths["figure"] = plot_recommendations(recs["global"].table, recs["global"].curve, tmp_path / "recommend.png")
     assert pd.read_parquet(paths["table"])["method"].tolist() == ["global"] * len(PROMPTS)
     assert len(pd.read_parquet(paths["curve"]))
-    assert "global" in json.loads(paths["summary"].read_text())["methods"]
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["methods"] == ["global"] and list(summary["per_vector"]) == [f"joy/{LAYER}/global"]
     assert paths["figure"].stat().st_size > 1000
     rows = [json.loads(line) for line in paths["generations"].read_text().splitlines()]
     assert len(rows) == len(PROMPTS) * len(GRID) * 2 and {"completion", "p95_kl", "judged"} <= set(rows[0])
@@ -265,7 +269,7 @@ def test_cli_writes_its_table_and_errors_exit_2(files, monkeypatch, capsys, tmp_
     out = tmp_path / "out"
     code, err = run_cli(common + ["--layer", LAYER, "--method", "sweet-spot", "--method", "global", "--budget", "0.5",
                                   "--alphas", "0,2,4,8", "--completions", "1", "--max-new-tokens", "3",
-                                  "--out", out], monkeypatch, capsys)
+                                  "--judge", "lexicon", "--out", out], monkeypatch, capsys)
     assert code in (0, None), err
     table = pd.read_parquet(out / "recommend.parquet")
     assert sorted(set(table["method"])) == ["global", "sweet-spot"] and len(table) == 2 * len(PROMPTS)
@@ -287,10 +291,12 @@ def test_pipeline_stage_writes_its_tables(model, vector, tmp_path):
     from types import SimpleNamespace
 
     from steerstrength.config import preset
-    from steerstrength.recommend import pipeline_recommend
+    from steerstrength.pipeline import stage_recommend
     from steerstrength.runs import RunDir
+    from steerstrength.stages import row_labels
 
     cfg = preset("demo")
+    cfg.concept.judge = "lexicon"
     cfg.recommend.n_prompts, cfg.recommend.completions, cfg.recommend.max_new_tokens = 2, 1, 3
 
     @contextmanager
@@ -299,11 +305,68 @@ def test_pipeline_stage_writes_its_tables(model, vector, tmp_path):
 
     sv = SteeringVectors({LAYER: vector}, dict(concept="joy"))
     ctx = SimpleNamespace(cfg=cfg, run=RunDir(tmp_path), model=model, layers=[LAYER], vectors=lambda concept: sv,
-                          prompt_texts=lambda concept: (JOYFUL, PLAIN), progress=progress, log=lambda message: None)
-    paths = pipeline_recommend(ctx)
-    assert [p.name for p in paths] == ["recommend.parquet", "recommend_curve.parquet", "recommend.json"]
+                          prompt_texts=lambda concept: (JOYFUL, PLAIN), progress=progress, log=lambda message: None,
+                          labels=lambda concept: row_labels(model.name, concept, cfg.setting, cfg.positions))
+    paths = stage_recommend(ctx)
+    assert [p.name for p in paths] == ["recommend.parquet", "recommend_curve.parquet", "recommend_generations.jsonl",
+                                       "recommend.json"]
     table = pd.read_parquet(paths[0])
     assert sorted(set(table["method"])) == ["global", "iso-kl", "sweet-spot"] and len(table) == 3 * 2
-    assert {"model", "concept", "layer", "setting", "alpha"} <= set(table.columns) and "seconds" not in table.columns
-    summary = json.loads(paths[2].read_text())
+    assert {"model", "concept", "layer", "setting", "alpha", "alpha_resid"} <= set(table.columns)
+    assert "seconds" not in table.columns
+    summary = json.loads(paths[3].read_text())
     assert summary["budget"] == cfg.recommend.kl_budget and any("grid-judge" in n for n in summary["notes"])
+    assert summary["methods"] == ["sweet-spot", "iso-kl", "global"]
+    # iso-kl and global read one grid of generations: each counts its time
+    shared = [summary["per_vector"][f"joy/{LAYER}/{m}"]["seconds_shared_generations"] for m in ("iso-kl", "global")]
+    assert shared[0] == shared[1] > 0
+
+
+def test_the_cli_and_the_run_write_the_same_tables(files, monkeypatch, capsys, tmp_path):
+    """`steerstrength recommend` and the run's recommend stage are one function (stages.recommend_stage): the same
+    inputs give the same recommend.parquet, recommend_curve.parquet and recommend_generations.jsonl."""
+    from steerstrength.config import preset
+    from steerstrength.io import write_jsonl
+    from steerstrength.models import load_model
+    from steerstrength.pipeline import Context, stage_recommend
+    from steerstrength.prompts import rows_from_texts
+    from steerstrength.runs import RunDir
+    from steerstrength.stages import no_progress
+
+    # The run: the demo preset with small sizes, its prompts from the same file, P / N and the layer's vector.
+    cfg = preset("demo")
+    cfg.concepts, cfg.setting, cfg.seed = ["joy"], "random", 0
+    cfg.concept.judge, cfg.concept.prompts_file = "lexicon", str(files / "prompts.txt")
+    r = cfg.recommend
+    r.kl_budget, r.completions, r.max_new_tokens, r.refine_steps, r.sweet_spot_refine_steps = 0.5, 1, 3, 1, 1
+    run = RunDir(tmp_path / "run")
+    stored = SteeringVectors.load(files / "v.safetensors")
+    SteeringVectors({LAYER: stored.vectors[LAYER]}, dict(stored.meta)).save(run.path("vectors", "joy.safetensors"))
+    for kind, texts in (("positive", JOYFUL), ("negative", PLAIN)):
+        write_jsonl(run.path("prompts", f"joy.{kind}.jsonl"), rows_from_texts(texts, "joy", kind))
+    lm = load_model(str(files / "model"), device="cpu")
+    ctx = Context(cfg=cfg, run=run, progress=no_progress, log=lambda message: None, model=lm, layers=[LAYER])
+    stage_recommend(ctx)
+
+    # The command: the same inputs as options (the preset supplies the rest, as it does for the run).
+    out = tmp_path / "cli"
+    code, err = run_cli(["--model", files / "model", "--device", "cpu", "--vectors", files / "v.safetensors",
+                         "--layer", LAYER, "--prompts", files / "prompts.txt", "-p", files / "p.txt", "-n",
+                         files / "n.txt", "--method", "sweet-spot", "--method", "iso-kl", "--method", "global",
+                         "--judge", "lexicon", "--budget", "0.5", "--completions", "1", "--max-new-tokens", "3",
+                         "--refine-steps", "1", "--preset", "demo", "--out", out], monkeypatch, capsys)
+    assert code in (0, None), err
+
+    tables = run.root / "tables"
+    for name in ("recommend.parquet", "recommend_curve.parquet"):
+        by_run, by_cli = pd.read_parquet(tables / name), pd.read_parquet(out / name)
+        assert len(by_run) and sorted(set(by_run["method"])) == ["global", "iso-kl", "sweet-spot"]
+        pd.testing.assert_frame_equal(by_cli, by_run, check_exact=True)
+    texts = [pd.DataFrame([json.loads(line) for line in (d / "recommend_generations.jsonl").read_text().splitlines()])
+             for d in (tables, out)]
+    assert len(texts[0]) > len(PROMPTS) * cfg.recommend.n_alphas  # the shared grid, and iso-kl's bisection
+    pd.testing.assert_frame_equal(texts[1], texts[0], check_exact=True)
+    summaries = [json.loads((d / "recommend.json").read_text()) for d in (tables, out)]
+    for key in ("budget", "methods", "prompts"):
+        assert summaries[0][key] == summaries[1][key]
+    assert list(summaries[0]["per_vector"]) == list(summaries[1]["per_vector"])

@@ -5,7 +5,7 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.judges import roc_auc
-from steerstrength.metrics.grid import add_resid_column, resid_scale, to_raw
+from steerstrength.grid import add_resid_column, resid_scale, to_raw
 from steerstrength.metrics.limits import limit_logits
 from steerstrength.metrics.logodds import extremal_thresholds, log_odds
 from steerstrength.scan import scan_layers

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from steerstrength.vectors import SteeringVector
+
 from steerstrength import InputError
 from steerstrength.steering import next_token_probs, steer, steered_generate
 from tiny import ARCHITECTURES, tiny_model
@@ -114,7 +116,7 @@ def test_sweeps_pass_the_kv_cache_without_deprecation_warnings(capfd):
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        next_token_probs(model, torch.ones(model.d_model), 1, CONTEXT, [0.0, 2.0], positions="last")
+        next_token_probs(model, SteeringVector(torch.ones(model.d_model), 1), CONTEXT, [0.0, 2.0], positions="last")
     messages = [str(w.message) for w in caught] + capfd.readouterr().err.splitlines()
     assert not [m for m in messages if "deprecat" in m.lower() or "past_key_values" in m], messages
 

@@ -115,11 +115,14 @@ def test_cli_tokens_writes_tables_and_summary(files, tmp_path, monkeypatch, caps
     top = pd.read_parquet(tmp_path / "tokens_top.parquet")
     assert REQUIRED | {"context_id", "token_id", "token", "delta_p", "peak_alpha", "shape"} <= set(curves.columns)
     assert REQUIRED | {"side", "rank", "token"} <= set(top.columns)
-    assert set(curves["layer"]) == {1, 2} and curves["alpha"].nunique() == 7  # 6 + the inserted 0
+    # The grid is in residual units (the preset's): one grid for both layers, different raw alphas at each.
+    assert set(curves["layer"]) == {1, 2} and curves["alpha_resid"].round(9).nunique() == 7  # 6 + 0
+    assert curves.groupby("layer")["alpha"].nunique().tolist() == [7, 7]
     assert (curves[curves["alpha"] == 0]["delta_p"] == 0).all()
     assert len(top) == 2 * 2 * 2 * 4  # layers x contexts x sides x k
     summary = json.loads((tmp_path / "tokens.json").read_text())
-    assert summary["concept"] == "joy" and summary["n_alphas"] == 7
+    assert summary["concept"] == "joy" and len(summary["alphas"]) == 7 and summary["alpha_unit"] == "resid"
+    assert set(summary["per_concept"]["joy"]) == {"1", "2"}
 
 
 def test_cli_logodds_computes_the_sweep_it_needs(files, tmp_path, monkeypatch, capsys):
@@ -128,10 +131,10 @@ def test_cli_logodds_computes_the_sweep_it_needs(files, tmp_path, monkeypatch, c
                             "--top-k", "4", "--n-target", "5", "--out", tmp_path], monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
     table = pd.read_parquet(tmp_path / "logodds.parquet")
-    assert REQUIRED | {"token_id", "token", "M", "rank", "extremal"} <= set(table.columns)
-    assert len(table) == 72 and (table["alpha"] == 0).all()
+    assert {"model", "concept", "setting", "token_id", "token", "M", "rank", "extremal"} <= set(table.columns)
+    assert len(table) == 72 and not {"layer", "alpha"} & set(table.columns)  # M depends on neither
     summary = json.loads((tmp_path / "logodds.json").read_text())
-    layer = summary["per_layer"]["1"]
+    layer = summary["joy"]["per_layer"]["1"]
     assert layer["dominant_at_alpha_max_extremal_high"]["total"] == 2 * 4
     assert (tmp_path / "tokens.parquet").is_file()
     # reuse the token tables
@@ -141,24 +144,26 @@ def test_cli_logodds_computes_the_sweep_it_needs(files, tmp_path, monkeypatch, c
                             "--n-target", "5", "--out", out2], monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
     again = json.loads((out2 / "logodds.json").read_text())
-    assert again["per_layer"] == summary["per_layer"] and again["concept"] == "joy"
+    assert again["joy"] == summary["joy"] and again["concept"] == "joy"
 
 
 def test_cli_limit_and_xent_write_tables(files, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(["sweep", "limit", *common(files), "--layers", "1", "--contexts", files / "contexts.txt",
-                            "--out", tmp_path], monkeypatch, capsys, quiet=True)
+                            "--alphas=-1e4,-1e3,-1e2,1e2,1e3,1e4", "--alpha-unit", "raw", "--out", tmp_path],
+                           monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
     limit = pd.read_parquet(tmp_path / "limit.parquet")
     assert REQUIRED | {"context_id", "tv", "top1_match"} <= set(limit.columns) and len(limit) == 2 * 6
-    assert json.loads((tmp_path / "limit.json").read_text())["per_layer"]["1"]["tv_shrinks"]["positive"]
+    assert json.loads((tmp_path / "limit.json").read_text())["joy/1"]["tv_shrinks"]["positive"]
     code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--corpus", files / "corpus.jsonl",
-                            "--seq-len", "8", "--alphas=-2,-0.5,0.5,2", "--out", tmp_path], monkeypatch, capsys,
+                            "--seq-len", "8", "--alphas=-2,-0.5,0.5,2", "--alpha-unit", "raw", "--out", tmp_path],
+                           monkeypatch, capsys,
                            quiet=True)
     assert code in (0, None), err
     xent = pd.read_parquet(tmp_path / "xent.parquet")
     assert REQUIRED | {"ce", "delta_ce", "n_tokens"} <= set(xent.columns)
     assert sorted(xent["alpha"]) == [-2, -0.5, 0, 0.5, 2]  # 0 inserted
-    summary = json.loads((tmp_path / "xent.json").read_text())["per_layer"]["1"]
+    summary = json.loads((tmp_path / "xent.json").read_text())["per_vector"]["joy/1"]
     assert summary["inserted_zero"] and summary["curvature"]["jvp"] is not None
     assert summary["n_tokens"] == 3 * ((2 * 17 - 1) // 8) * 8
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from steerstrength import InputError, cross_entropy_curve, limit_check, log_odds, next_token_probs, token_curves
-from steerstrength.metrics.grid import linspace_grid, with_zero
+from steerstrength.grid import linspace_grid, with_zero
 from steerstrength.metrics.limits import LimitCheck, limit_logits, total_variation
 from steerstrength.metrics.logodds import extremal_thresholds, log_odds_analysis
 from steerstrength.metrics.tokens import shape_classes

@@ -92,7 +92,7 @@ def test_normalize_gives_unit_vectors_along_the_same_direction(model, sv):
     unit = difference_of_means(model, P, N, [0, 1, 2], normalize=True, resamples=4, seed=3)
     for layer in sv.layers:
         assert abs(float(unit[layer].double().norm()) - 1.0) < 1e-6
-        torch.testing.assert_close(unit[layer], sv[layer] / sv[layer].norm(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(unit[layer].vector, sv[layer].vector / sv[layer].norm(), atol=1e-6, rtol=0)
         assert torch.allclose(unit.resamples[layer].norm(dim=-1), torch.ones(4), atol=1e-6)
 
 

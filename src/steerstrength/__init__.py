@@ -13,7 +13,7 @@ from steerstrength.prompts import (concepts, curated_pairs, curated_texts, evalu
                                    load_prompts, neutral_texts)
 from steerstrength.vectors import SteeringVectors, difference_of_means, residual_norms
 from steerstrength.scan import scan_layers
-from steerstrength.metrics.grid import resid_scale, to_raw
+from steerstrength.grid import resid_scale, to_raw
 from steerstrength.metrics.depth import depth_profile
 from steerstrength.metrics.limits import limit_check
 from steerstrength.metrics.logodds import log_odds

@@ -20,34 +20,14 @@ from steerstrength.cli_sweeps import (
     PromptChatOpt,
     SettingOpt,
     Steering,
-    UnitOpt,
+    AlphaMinOpt,
+    GridUnitOpt,
+    PresetOpt,
     VectorsOpt,
-    alpha_grid,
+    command_grid,
+    preset_section,
 )
 from steerstrength.errors import InputError
-
-
-def _merge(results: list, header: dict, seconds: float, out: Path, prefix: str, frames: dict[str, str],
-           st: Steering) -> dict:
-    """One file per table over all layers (alpha and alpha_resid); the summary keeps each layer's own."""
-    import pandas as pd
-
-    from steerstrength.io import write_json, write_jsonl, write_parquet
-
-    paths = {}
-    for attr, suffix in frames.items():
-        frame = pd.concat([st.with_resid(getattr(r, attr).copy(), int(r.summary["layer"])) for r in results],
-                          ignore_index=True)
-        path = out / f"{prefix}{suffix}"
-        if suffix.endswith(".jsonl"):
-            write_jsonl(path, frame.to_dict(orient="records"))
-        else:
-            write_parquet(path, frame)
-        paths[attr] = str(path)
-    summary = dict(header, per_layer={str(r.summary["layer"]): r.summary for r in results},
-                   seconds=round(seconds, 2), files=dict(paths, summary=str(out / f"{prefix}.json")))
-    write_json(out / f"{prefix}.json", summary)
-    return paths
 
 
 def _fmt_fit(fit: dict) -> str:
@@ -97,7 +77,8 @@ def sweep_concept(
     positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts (JSONL 'text' or one per line): "
                                                                           "judge calibration and held-out accuracy."),
     negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts, same formats."),
-    holdout: float = typer.Option(0.5, "--holdout", help="Fraction of P and N held out to measure each judge."),
+    holdout: Optional[float] = typer.Option(None, "--holdout", help="Fraction of P and N held out to measure each "
+                                                                   "judge."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts (JSONL 'text' or one per line); default: "
                                                                    "the 32 neutral evaluation prompts (training half)."),
     preset: str = typer.Option("demo", "--preset", help="Sizes: the concept section of `steerstrength run --preset "
@@ -109,11 +90,12 @@ def sweep_concept(
     n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N prompts; default: the preset's."),
     completions: Optional[int] = typer.Option(None, "--completions", help="Completions per prompt and alpha."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k", help="0: off."),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="0: off."),
     seed: int = typer.Option(0, "--seed", help="Completion seeds derive from (seed, prompt, index), shared across alphas."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Rows (alpha x prompt x completion) per generate call."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows (alpha x prompt x completion) per "
+                                                                        "generate call."),
     chat: Optional[bool] = PromptChatOpt,
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
@@ -128,22 +110,22 @@ def sweep_concept(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Concept probability in sampled steered completions, judged (Sec. 5, Thm 3.6): concept_*.parquet, concept.json."""
-    from steerstrength.config import preset as run_preset
+    from steerstrength.grid import check_unit
     from steerstrength.io import check_output_dir, read_texts
     from steerstrength.judges import check_judge_name, make_judge
-    from steerstrength.metrics.concept import concept_probability
-    from steerstrength.metrics.grid import check_unit, linspace_grid
     from steerstrength.prompts import evaluation_prompts
+    from steerstrength.runs import write_result
+    from steerstrength.stages import concept_stage, judge_texts
 
     start = time.perf_counter()
-    run_cfg = run_preset(preset)  # one preset system: the run's, so `sweep concept` and `run` measure the same sizes
-    size = run_cfg.concept
-    alpha_unit = check_unit(alpha_unit or run_cfg.alpha_unit)
     check_at_least(("--n-prompts", n_prompts, 1), ("--completions", completions, 1),
                    ("--max-new-tokens", max_new_tokens, 1), ("--n-alphas", n_alphas, 1), ("--batch-size", batch_size, 1))
-    if alpha_unit != run_cfg.alpha_unit and alphas is None and (alpha_min is None or alpha_max is None):
-        raise InputError(f"the {preset} preset's grid is in {run_cfg.alpha_unit} units (+/-{size.alpha_max:g}); with "
-                         f"--alpha-unit {alpha_unit} give --alpha-min and --alpha-max, or --alphas")
+    # One preset system: the run's concept section, so `sweep concept` and `run` measure the same sizes.
+    cfg, size = preset_section(preset, "concept", n_prompts=n_prompts, completions=completions,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                               batch_size=batch_size, holdout=holdout, chat=chat)
+    unit = check_unit(alpha_unit or cfg.alpha_unit)
+    grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=size, unit=unit, cfg=cfg, zero=False)
     check_output_dir(out, names=("concept_completions.jsonl", "concept_scores.parquet", "concept_curve.parquet",
                                  "concept.json"))
     for name in judge or []:
@@ -156,18 +138,12 @@ def sweep_concept(
                    else evaluation_prompts("train"))
     # The preset's prompt count applies to the built-in prompts; a --prompts file is used whole (as in `run`).
     prompt_list = prompt_list[: n_prompts if n_prompts is not None else (size.n_prompts if prompts is None else None)]
-    preset_grid = linspace_grid(-size.alpha_max, size.alpha_max, size.n_alphas, zero=False).tolist()
-    if alphas is None and n_alphas is None and alpha_min is None and alpha_max is None:
-        grid = list(preset_grid)
-    else:
-        lo = preset_grid[0] if alpha_min is None else alpha_min
-        hi = preset_grid[-1] if alpha_max is None else alpha_max
-        grid = alpha_grid(alphas, lo, hi, n_alphas if n_alphas is not None else size.n_alphas)[0].tolist()
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
-                  alpha_unit)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
     concept_name = st.labels["concept"]
     if not concept_name:
         raise InputError(f"{vectors} names no concept; pass --concept (e.g. --concept joy)")
+    if pos is None:  # the held-out curated pairs, as the run measures its judge on
+        pos, neg = judge_texts(concept_name)
     if not judge:
         from steerstrength.judges import best_judge
 
@@ -180,26 +156,15 @@ def sweep_concept(
         judge_lm = st.model if judge_model is None else load(judge_model, dtype=dtype, device=device)
     judges = [make_judge(name, model=judge_lm, device="cpu" if str(st.model.device) == "cpu" else str(st.model.device))
               for name in judge]
-    n_completions = completions if completions is not None else size.completions
-    new_tokens = max_new_tokens if max_new_tokens is not None else size.max_new_tokens
-    results = []
-    for layer in st.layers:
-        total = len(grid) * len(prompt_list) * n_completions * (1 + len(judges))
-        with progress_bar(f"concept {concept_name}, layer {layer} (generate, then judge)", total) as advance:
-            results.append(concept_probability(
-                st.model, st.vectors[layer], layer, concept_name, alphas=st.raw(layer, grid).tolist(),
-                prompts=prompt_list,
-                n_completions=n_completions, max_new_tokens=new_tokens, judges=judges, positive=pos, negative=neg,
-                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat, positions=positions,
-                setting=st.labels["setting"], batch_size=batch_size, holdout=holdout, progress=advance))
-        _concept_table(results[-1].summary)
-    header = dict(st.header(), metric="concept_probability", preset=preset, judges=list(judge),
-                  judge_model=judge_lm.name if judge_lm is not None else None,
-                  sizes=dict(n_alphas=len(grid), n_prompts=len(prompt_list), completions=n_completions,
-                             max_new_tokens=new_tokens))
-    paths = _merge(results, header, time.perf_counter() - start, out, "concept",
-                   {"completions": "_completions.jsonl", "scores": "_scores.parquet", "curve": "_curve.parquet"}, st)
-    log(f"wrote {', '.join(paths.values())} and {out / 'concept.json'} ({time.perf_counter() - start:.1f} s)")
+    result = concept_stage(st.model, list(st.vectors.values()), size, prompts=prompt_list, labels=st.labels,
+                           positions=positions, grid=grid, judges=judges, judge_model=judge_lm, positive=pos,
+                           negative=neg, seed=seed, progress=progress_bar, on_vector=_concept_table)
+    header = st.header(start, metric="concept_probability", preset=preset, judges=list(judge),
+                       judge_model=judge_lm.name if judge_lm is not None else None,
+                       sizes=dict(n_alphas=len(grid), n_prompts=len(prompt_list), completions=size.completions,
+                                  max_new_tokens=size.max_new_tokens))
+    paths = write_result(out, result, extra=header)
+    log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")
 
 
 def _mmlu_table(summary: dict) -> None:
@@ -231,19 +196,24 @@ def sweep_mmlu(
     mmlu_parquet: Optional[Path] = typer.Option(None, "--mmlu-parquet", help="cais/mmlu Parquet files (question, "
                                                                             "subject, choices, answer)."),
     subjects: Optional[str] = typer.Option(None, "--subjects", help="Comma-separated; default: every subject found."),
-    k_shots: int = typer.Option(5, "--k-shots", help="Solved dev questions before each question."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="At most N test questions per subject."),
-    alpha_min: float = typer.Option(-40.0, "--alpha-min"),
-    alpha_max: float = typer.Option(40.0, "--alpha-max"),
-    n_alphas: int = typer.Option(9, "--n-alphas", help="linspace points; 0 is added."),
+    k_shots: Optional[int] = typer.Option(None, "--k-shots", help="Solved dev questions before each question; "
+                                                                  "default: the preset's mmlu.k_shot."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N test questions per subject; default: the "
+                                                              "preset's mmlu.max_questions."),
+    alpha_min: Optional[float] = AlphaMinOpt,
+    alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="default: the preset's mmlu.alpha_max."),
+    n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="linspace points (0 is added); default: the "
+                                                                    "preset's."),
     alphas: Optional[str] = AlphasOpt,
-    chat: bool = typer.Option(False, "--chat/--no-chat", help="Put the k-shot prompt in the chat template."),
-    token_budget: int = typer.Option(16384, "--token-budget", help="Rows x tokens per forward (memory bound)."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Put the k-shot prompt in the chat template."),
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Rows x tokens per forward (memory "
+                                                                            "bound)."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
-    alpha_unit: str = UnitOpt,
+    alpha_unit: Optional[str] = GridUnitOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
@@ -251,30 +221,28 @@ def sweep_mmlu(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """MMLU accuracy against alpha by answer-letter likelihood (App. A, Fig. A.6): mmlu.parquet, mmlu_questions.parquet."""
+    from steerstrength.grid import check_unit
     from steerstrength.io import check_output_dir
-    from steerstrength.metrics.mmlu import load_mmlu, mmlu_accuracy, resolve_source
-    from steerstrength.pipeline import mmlu_source
+    from steerstrength.runs import write_result
+    from steerstrength.stages import mmlu_questions, mmlu_stage
 
     start = time.perf_counter()
-    check_at_least(("--token-budget", token_budget, 1), ("--k-shots", k_shots, 0), ("--limit", limit, 1))
+    check_at_least(("--token-budget", token_budget, 1), ("--k-shots", k_shots, 0), ("--limit", limit, 1),
+                   ("--n-alphas", n_alphas, 1))
     check_output_dir(out, names=("mmlu_questions.parquet", "mmlu.parquet", "mmlu.json"))
-    grid, _ = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
+    cfg, section = preset_section(preset, "mmlu", k_shot=k_shots, max_questions=limit, chat=chat,
+                                  token_budget=token_budget)
+    unit = check_unit(alpha_unit or cfg.alpha_unit)
+    grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=unit, cfg=cfg)
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
-    csv_dir, parquet = resolve_source(mmlu_source(source), mmlu_dir, mmlu_parquet)  # `sample`: as `run` reads it
-    data = load_mmlu(wanted, mmlu_dir=csv_dir, mmlu_parquet=parquet, limit=limit)  # bad data fails before the model loads
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
-                  alpha_unit)
-    n_questions = sum(len(test) for _, test in data.values())
-    results = []
-    for layer in st.layers:
-        with progress_bar(f"MMLU, layer {layer} (questions x alphas)", n_questions * grid.numel()) as advance:
-            results.append(mmlu_accuracy(
-                st.model, st.vectors[layer], layer, alphas=st.raw(layer, grid), mmlu_dir=csv_dir, mmlu_parquet=parquet, data=data,
-                k_shots=k_shots, limit=limit, chat=chat, positions=positions,
-                concept=st.labels["concept"], setting=st.labels["setting"], token_budget=token_budget,
-                progress=advance))
-        _mmlu_table(results[-1].summary)
-    header = dict(st.header(), metric="mmlu_accuracy", random_guess=0.25)
-    paths = _merge(results, header, time.perf_counter() - start, out, "mmlu",
-                   {"table": "_questions.parquet", "accuracy": ".parquet"}, st)
-    log(f"wrote {', '.join(paths.values())} and {out / 'mmlu.json'} ({time.perf_counter() - start:.1f} s)")
+    source = source if source is not None or mmlu_dir or mmlu_parquet else section.source
+    # Bad data fails before the model loads.
+    questions = mmlu_questions(source, wanted, section.max_questions, mmlu_dir=mmlu_dir, mmlu_parquet=mmlu_parquet)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
+    result = mmlu_stage(st.model, list(st.vectors.values()), section, questions=questions,
+                        source=source or str(mmlu_dir or mmlu_parquet), labels=st.labels, positions=positions,
+                        grid=grid, progress=progress_bar)
+    for summary in result.summary()["per_vector"].values():
+        _mmlu_table(summary)
+    paths = write_result(out, result, extra=st.header(start, metric="mmlu_accuracy", random_guess=0.25, preset=preset))
+    log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")

@@ -15,11 +15,12 @@ from steerstrength.cli_sweeps import (
     NormalizeOpt,
     OutOpt,
     PositionsOpt,
+    PresetOpt,
     PromptChatOpt,
     SettingOpt,
     Steering,
     VectorsOpt,
-    parse_alphas,
+    preset_section,
 )
 from steerstrength.errors import InputError
 
@@ -30,19 +31,23 @@ def _texts(path: Optional[Path], what: str, min_count: int = 1) -> Optional[list
     return [r["text"] for r in read_texts(path, min_count=min_count, what=what)] if path else None
 
 
-def _grid(alphas: Optional[str], alpha_max: Optional[float], n_alphas: Optional[int], default_points: int):
-    """The user's grid (0 added), or None for the default grid scaled to the vector."""
-    import torch
+def _grids(alphas: Optional[str], alpha_max: Optional[float], n_alphas: Optional[int], generation_points: int):
+    """(sweet-spot's grid, the generation methods' grid): --alphas for both (0 added), linspace(0, --alpha-max, n)
+    (n: --n-alphas, else 41 and the preset's recommend.n_alphas), or (None, None): the grids scaled to the vector."""
+    from steerstrength.grid import AlphaGrid
+    from steerstrength.recommend import SWEEP_POINTS
 
     if alphas is not None:
-        return parse_alphas(alphas)
+        grid = AlphaGrid.parse(alphas)
+        return grid, grid
     if alpha_max is None:
         if n_alphas is not None:
             raise InputError("--n-alphas needs --alpha-max (the default grid is scaled to the vector)")
-        return None
+        return None, None
     if not alpha_max > 0 or (n_alphas is not None and n_alphas < 2):
         raise InputError("--alpha-max must be positive and --n-alphas at least 2")
-    return torch.linspace(0.0, alpha_max, n_alphas or default_points, dtype=torch.float64)
+    return (AlphaGrid.from_zero(alpha_max, n_alphas or SWEEP_POINTS),
+            AlphaGrid.from_zero(alpha_max, n_alphas or generation_points))
 
 
 COLUMNS = {  # per method: (title suffix, {column: header}) for each printed table
@@ -63,26 +68,30 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _print(recs) -> None:
+def _print(result) -> None:
+    """Per vector and method (recommend.json's per_vector), its rows of recommend.parquet."""
     from rich.table import Table
 
-    for rec in recs:
-        for suffix, cols in COLUMNS[rec.method]:
-            title = (f"{rec.method}: budget {rec.summary['budget']:g} nats, layer {rec.summary['layer']} "
-                     f"({rec.summary['seconds']:.1f} s)") if not suffix else rec.method + suffix
+    rows = result.tables()["recommend.parquet"]
+    for summary in result.summary()["per_vector"].values():
+        method, layer = summary["method"], summary["layer"]
+        own = rows[(rows["method"] == method) & (rows["layer"] == layer)]
+        for suffix, cols in COLUMNS[method]:
+            title = (f"{method}: budget {summary['budget']:g} nats, layer {layer} "
+                     f"({summary['seconds']:.1f} s)") if not suffix else method + suffix
             table = Table(title=title)
             table.add_column("prompt", no_wrap=True, max_width=30)
             for header in ["alpha"] + list(cols.values()):
                 table.add_column(header, justify="left" if header == "status" else "right")
-            for _, row in rec.table.iterrows():
+            for _, row in own.iterrows():
                 table.add_row(str(row["prompt"]), f"{row['alpha']:.3g}", *[_cell(row[c]) for c in cols])
             console.print(table)
-        theory = rec.summary.get("theory")
+        theory = summary.get("theory")
         if theory and theory["fraction_between"] is not None:
             log(f"alpha between the off-target and target peaks on {theory['fraction_between']:.0%} of "
                 f"{theory['n_prompts_known']} prompts; target tokens peak later on "
                 f"{theory['fraction_target_peaks_later']:.0%}")
-        acc = rec.summary.get("judge_accuracy")
+        acc = summary.get("judge_accuracy")
         if acc:
             log(f"judge {acc['judge']}: held-out P-vs-N accuracy {acc['accuracy']:.2f}")
 
@@ -92,35 +101,44 @@ def recommend(
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer to steer; default: the file's only layer."),
     method: List[str] = typer.Option(["sweet-spot"], "--method", help="sweet-spot, iso-kl, grid-judge, global, or "
                                                                      "all; repeat for several."),
-    budget: float = typer.Option(1.0, "--budget", help="Distortion budget, nats: next-token KL (sweet-spot), p95 "
-                                                       "per-token KL of generations (the others)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts (JSONL 'text' or one per line); default: "
-                                                                   "the 12 built-in prompts of `sweep concept`."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Distortion budget, nats: next-token KL "
+                                           "(sweet-spot), p95 per-token KL of generations (the others); default: the "
+                                           "preset's recommend.kl_budget."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts (JSONL 'text' or one per line), used "
+                                           "whole; default: the preset's recommend.n_prompts neutral evaluation "
+                                           "prompts (training half), as `steerstrength run`."),
     n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N prompts."),
     positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts: log-odds targets (sweet-spot), "
                                                                           "judge calibration and accuracy."),
     negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts, same formats."),
-    judge: str = typer.Option("lexicon", "--judge", "-j", help="grid-judge / global: probe, llm, lexicon or embedding."),
+    judge: Optional[str] = typer.Option(None, "--judge", "-j", help="grid-judge / global: probe, llm, lexicon or "
+                                        "embedding; default: the preset's concept.judge (probe)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model",
                                               help="The llm judge's model; default: the steered one."),
     alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="Grid linspace(0, alpha_max); default: "
                                                                         "scaled to the vector (see docs)."),
     n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="Grid points with --alpha-max (default 41 for "
-                                                                    "sweet-spot, 6 for the others)."),
+                                           "sweet-spot, the preset's recommend.n_alphas for the others)."),
     alphas: Optional[str] = typer.Option(None, "--alphas", help="Explicit alphas >= 0, comma-separated (0 is added)."),
-    n_target: int = typer.Option(100, "--n-target", help="sweet-spot: target tokens = the N of largest log-odds."),
+    n_target: Optional[int] = typer.Option(None, "--n-target", help="sweet-spot: target tokens = the N of largest "
+                                           "log-odds; default: the preset's recommend.n_target."),
     entropy_floor: Optional[float] = typer.Option(None, "--entropy-floor", help="sweet-spot: also keep the next-token "
                                                                                 "entropy at or above this (nats)."),
-    completions: int = typer.Option(4, "--completions", help="Completions per prompt and alpha."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    refine_steps: int = typer.Option(2, "--refine-steps", help="Bisection steps toward the budget boundary."),
+    completions: Optional[int] = typer.Option(None, "--completions", help="Completions per prompt and alpha; "
+                                              "default: the preset's."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="default: the preset's."),
+    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Bisection steps toward the budget "
+                                               "boundary (sweet-spot and iso-kl); default: the preset's "
+                                               "recommend.sweet_spot_refine_steps and recommend.refine_steps."),
     seed: int = typer.Option(0, "--seed"),
-    batch_size: int = typer.Option(64, "--batch-size", help="Rows per generate call."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per generate call; default: the "
+                                                                        "preset's."),
     chat: Optional[bool] = PromptChatOpt,
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
@@ -128,81 +146,66 @@ def recommend(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Which alpha? One per prompt, with the curve it came from: recommend.parquet, _curve.parquet, .json, .png."""
-    from steerstrength.judges import check_judge_name, make_judge
-    from steerstrength.metrics.concept import DEFAULT_PROMPTS
-    from steerstrength.recommend import (
-        GRID_POINTS,
-        METHODS,
-        SWEEP_POINTS,
-        recommend_alpha,
-        save_recommendations,
-    )
-
     from steerstrength.io import check_output_dir
+    from steerstrength.judges import check_judge_name
+    from steerstrength.plots import plot_recommendations
+    from steerstrength.prompts import evaluation_prompts
+    from steerstrength.recommend import check_methods
+    from steerstrength.runs import write_result
+    from steerstrength.stages import judge_texts, recommend_stage
 
     start = time.perf_counter()
     check_at_least(("--n-prompts", n_prompts, 1), ("--completions", completions, 1), ("--max-new-tokens", max_new_tokens, 1),
                    ("--refine-steps", refine_steps, 0), ("--batch-size", batch_size, 1), ("--n-target", n_target, 1))
-    if not 0 < budget < float("inf"):
+    if budget is not None and not 0 < budget < float("inf"):
         raise InputError(f"--budget must be a positive finite number of nats, not {budget}")
+    # One preset system: the run's recommend section, so `recommend` and `run` measure with the same sizes.
+    cfg, section = preset_section(preset, "recommend", kl_budget=budget, n_prompts=n_prompts, completions=completions,
+                                  max_new_tokens=max_new_tokens, refine_steps=refine_steps,
+                                  sweet_spot_refine_steps=refine_steps, n_target=n_target, batch_size=batch_size)
     check_output_dir(out, names=tuple(f"recommend{x}" for x in (".parquet", "_curve.parquet", ".json", ".png",
                                                                  "_generations.jsonl")))
-    methods = list(METHODS) if "all" in method else list(dict.fromkeys(method))
-    for m in methods:
-        if m not in METHODS:
-            raise InputError(f"unknown method {m!r}; pick from {', '.join(METHODS)} or all")
+    methods = check_methods(method, positions)
     if (positive is None) != (negative is None):
         raise InputError("give both --positive and --negative (P and N texts), or neither")
     judged = [m for m in methods if m in ("grid-judge", "global")]
+    judge = judge or cfg.concept.judge
     if judged:
         check_judge_name(judge)
     pos = _texts(positive, "positive text file", 2)
     neg = _texts(negative, "negative text file", 2)
     if "sweet-spot" in methods and pos is None:
         raise InputError("sweet-spot finds its target tokens by log-odds: give --positive and --negative texts")
-    prompt_list = (_texts(prompts, "prompt file") or list(DEFAULT_PROMPTS))[:n_prompts]
-    if not prompt_list:
-        raise InputError("no prompts: --n-prompts must be at least 1")
-    sweep_grid = _grid(alphas, alpha_max, n_alphas, SWEEP_POINTS)
-    gen_grid = _grid(alphas, alpha_max, n_alphas, GRID_POINTS)
+    # The preset's prompt count applies to the built-in prompts; a --prompts file is used whole (as in `run`).
+    prompt_list = _texts(prompts, "prompt file") or evaluation_prompts("train")
+    keep = n_prompts if n_prompts is not None else (section.n_prompts if prompts is None else None)
+    prompt_list = prompt_list[:keep]
+    sweep_grid, gen_grid = _grids(alphas, alpha_max, n_alphas, section.n_alphas)
     if layer is not None and layer < 0:
         raise InputError(f"--layer must be a block index >= 0, not {layer}")
     st = Steering(model, dtype, device, blocks_path, vectors, None if layer is None else str(layer), concept, setting,
                   normalize, positions)
     if len(st.layers) != 1:
         raise InputError(f"{vectors} has layers {st.layers}; pick one with --layer")
-    lay = st.layers[0]
     concept_name = st.labels["concept"]
-    base = dict(budget=budget, concept=concept_name, setting=st.labels["setting"], positive=pos, negative=neg,
-                seed=seed, chat=chat, positions=positions, refine_steps=refine_steps, n_completions=completions,
-                max_new_tokens=max_new_tokens, batch_size=batch_size)
-    judge_obj = None
+    judge_lm = None
     if judged:
         if not concept_name:
             raise InputError(f"{vectors} names no concept; pass --concept (e.g. --concept joy)")
-        judge_lm = None
+        if pos is None:  # the held-out curated pairs, as `sweep concept` measures its judge on
+            pos, neg = judge_texts(concept_name)
+        judge_model = judge_model or cfg.concept.judge_model
         if judge == "llm":
             judge_lm = st.model if judge_model is None else load(judge_model, dtype=dtype, device=device)
-        judge_obj = make_judge(judge, model=judge_lm)
-    recs, shared, accuracy = [], None, None
-    if "sweet-spot" in methods:
-        with progress_bar("sweet spot: one sweep per prompt", len(prompt_list)) as advance:
-            recs.append(recommend_alpha(st.model, st.vectors[lay], lay, prompt_list, method="sweet-spot",
-                                        alphas=sweep_grid, progress=advance, **base))
-    # The judged methods first: their grid of judged generations then serves the others (iso-kl reads its KL).
-    for m in judged + [m for m in methods if m == "iso-kl"]:
-        n_grid = GRID_POINTS if gen_grid is None else len({float(a) for a in gen_grid} | {0.0})
-        steps = (n_grid if shared is None else 0) + (refine_steps if m == "iso-kl" else 0)
-        total = len(prompt_list) * completions * steps
-        with progress_bar(f"{m}: steered generations and their KL", max(total, 1)) as advance:
-            rec = recommend_alpha(st.model, st.vectors[lay], lay, prompt_list, method=m, alphas=gen_grid,
-                                  judge=judge_obj, generations=shared, progress=advance, **base)
-        if shared is None:
-            shared, accuracy = rec.generations, rec.summary.get("judge_accuracy")
-        elif accuracy is not None:
-            rec.summary["judge_accuracy"] = accuracy
-        recs.append(rec)
-    recs.sort(key=lambda r: METHODS.index(r.method))
-    _print(recs)
-    paths = save_recommendations(recs, out)
-    log(f"wrote {', '.join(str(p) for p in paths.values())} ({time.perf_counter() - start:.1f} s)")
+    result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list, labels=st.labels,
+                             methods=methods, positive=pos, negative=neg, judge=judge, judge_model=judge_lm, seed=seed,
+                             positions=positions, grid=sweep_grid, generation_grid=gen_grid,
+                             entropy_floor=entropy_floor, chat=chat, progress=progress_bar)
+    _print(result)
+    header = st.header(start, metric="recommend", preset=preset, judge=judge if judged else None,
+                       judge_model=judge_lm.name if judge_lm is not None else None)
+    paths = write_result(out, result, extra=header)
+    tables = result.tables()
+    paths.append(plot_recommendations(tables["recommend.parquet"], tables["recommend_curve.parquet"],
+                                      out / "recommend.png"))
+    log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")

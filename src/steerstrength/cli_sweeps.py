@@ -1,4 +1,5 @@
-"""`steerstrength sweep tokens | logodds | limit | xent`: parse, call the metrics, write Parquet + JSON."""
+"""`steerstrength sweep tokens | logodds | limit | xent`: parse options (defaults: the preset's config section), call
+the stage (stages.py) the run calls too, write its tables (runs.write_result)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, load, log, progress_bar, sweep_app
+from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, load, log, progress_bar,
+                                      sweep_app)
 from steerstrength.errors import InputError
+from steerstrength.stages import check_token_memory
 
 VectorsOpt = typer.Option(..., "--vectors", "-v", help="Steering vectors (.safetensors from `steerstrength vectors`).")
 LayersOpt = typer.Option(None, "--layers", "-l", help="e.g. 15 or 5,15,25, 'middle', 'all'; default: every layer in the vector file.")
@@ -29,25 +32,19 @@ UnitOpt = typer.Option("raw", "--alpha-unit", help="raw: alpha multiplies the st
 
 
 def parse_alphas(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise InputError(f"--alphas {text!r} must be numbers separated by commas, e.g. --alphas=-5,0,5") from None
-    if not values:
-        raise InputError("--alphas is empty; give at least one alpha")
-    return values
+    from steerstrength.grid import parse_alphas as parse
+
+    return parse(text)
 
 
 def alpha_grid(alphas: Optional[str], alpha_min: float, alpha_max: float, n_alphas: int):
     """The --alphas list (0 inserted, with a note) or linspace(min, max, n) plus 0; and whether 0 was inserted."""
-    from steerstrength.metrics.grid import linspace_grid, with_zero
+    from steerstrength.grid import AlphaGrid
 
-    if alphas is not None:
-        grid, inserted = with_zero(parse_alphas(alphas), warn=False)
-        if inserted:
-            log("note: the alpha grid had no 0; inserted alpha = 0 (the baseline of every Delta)")
-        return grid, inserted
-    return linspace_grid(alpha_min, alpha_max, n_alphas), False
+    grid = AlphaGrid.parse(alphas) if alphas is not None else AlphaGrid.linspace(alpha_min, alpha_max, n_alphas)
+    if alphas is not None and grid.inserted_zero:
+        log("note: the alpha grid had no 0; inserted alpha = 0 (the baseline of every Delta)")
+    return grid.values, alphas is not None and grid.inserted_zero
 
 
 def grid_size(alphas: Optional[str], n_alphas: int) -> int:
@@ -60,61 +57,38 @@ def grid_size(alphas: Optional[str], n_alphas: int) -> int:
     return n_alphas + 1
 
 
-TOKEN_ROW_BYTES = 200  # one row of tokens.parquet at the peak (the frames and their concatenation): measured
-                       # ~204 on a tiny model, 1,000 to 8,000 alphas
+def preset_section(preset: str, name: str, **given):
+    """The preset's config section `name` (config.py: the only defaults) with the options the user gave (not None)."""
+    import dataclasses
+
+    from steerstrength.config import preset as run_preset
+
+    cfg = run_preset(preset)
+    return cfg, dataclasses.replace(getattr(cfg, name), **{k: v for k, v in given.items() if v is not None})
 
 
-def check_token_memory(n_grid: int, option: str, vocab_size: int, n_contexts: int, n_layers: int, top_k: int) -> None:
-    """Refuse, before computing, a token sweep that cannot fit in memory: one line naming `option` and a size that fits.
+def command_grid(alphas, alpha_min, alpha_max, n_alphas, *, section, unit: Optional[str], cfg, zero: bool = True,
+                 spacing: str = "linear"):
+    """(grid, unit) of a sweep command: grid.AlphaGrid.from_options over the preset's section; a note when 0 was
+    inserted into a user's --alphas."""
+    from steerstrength.grid import AlphaGrid, check_unit
 
-    The estimate errs low: one context's next-token probabilities [alphas, vocab] in float32, and for every (context,
-    layer, alpha) the table rows of top_k tracked tokens (a sweep tracks top_k or more)."""
-    top_k = min(top_k, vocab_size)
-    per_alpha = 4 * vocab_size + TOKEN_ROW_BYTES * top_k * n_contexts * n_layers
-    need, have = n_grid * per_alpha, available_memory()
-    if have is None or need <= have:
-        return
-    fits = max(int(0.8 * have) // per_alpha - 1, 0)
-    advice = f"use {option} {fits} or fewer" if option == "--n-alphas" else f"give at most {fits} alphas"
-    raise InputError(f"{option}: {n_grid} alphas x {n_contexts} contexts x {n_layers} layer(s) need at least "
-                     f"{_gb(need)} of memory (vocabulary {vocab_size}, top-k {top_k}) and {_gb(have)} is available; "
-                     f"{advice}, or fewer contexts or layers")
-
-
-def available_memory() -> Optional[int]:
-    """Bytes of memory this process can still take: MemAvailable, capped by a cgroup (container) limit; None if
-    unknown."""
-    have = None
-    try:
-        with open("/proc/meminfo") as fh:
-            have = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")), None)
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
-        if limit.isdigit() and used.isdigit() and have is not None:
-            have = min(have, int(limit) - int(used))
-    except (OSError, ValueError):
-        pass
-    if have is None:
-        try:
-            import psutil
-
-            have = int(psutil.virtual_memory().available)
-        except ImportError:
-            return None
-    return have
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e12:.2f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB"
+    unit = check_unit(unit or cfg.alpha_unit)
+    grid = AlphaGrid.from_options(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=unit,
+                                  section_unit=cfg.alpha_unit, zero=zero, spacing=spacing)
+    if alphas is not None and grid.inserted_zero:
+        log("note: the alpha grid had no 0; inserted alpha = 0 (the baseline of every Delta)")
+    return grid
 
 
 class Steering:
-    """What every sweep shares: the model, the vectors per layer, the labels of every table row."""
+    """What every sweep command shares: the model, one SteeringVector per layer, the labels of every table row."""
 
     def __init__(self, model_spec, dtype, device, blocks_path, vectors_path: Path, layers: Optional[str],
                  concept: Optional[str], setting: Optional[str], normalize: bool, positions: str,
                  alpha_unit: str = "raw"):
-        from steerstrength.metrics.grid import check_unit
+        from steerstrength.grid import check_unit
+        from steerstrength.stages import row_labels
         from steerstrength.steering import check_positions
         from steerstrength.vectors import SteeringVectors, parse_layers
 
@@ -123,103 +97,68 @@ class Steering:
         self.sv = SteeringVectors.load(vectors_path)
         self.model = load(model_spec, dtype=dtype, device=device, blocks_path=blocks_path)
         self.layers = self.sv.layers if layers is None else parse_layers(layers, self.model.n_layers)
-        for layer in self.layers:
-            self.sv[layer]  # raises a one-line error for a layer the file lacks
         fp = self.sv.meta.get("model_fingerprint")
         if fp and fp != self.model.fingerprint():
             log(f"warning: {vectors_path} was made with model {self.sv.meta.get('model')!r} (fingerprint {fp}), "
                 f"not with {self.model.name}")
-        self.vectors = {}
-        for layer in self.layers:
-            v = self.sv[layer].double()
-            if normalize:
-                if v.norm() == 0:
-                    raise InputError(f"the layer-{layer} vector is zero; it cannot be normalized")
-                v = v / v.norm()
-            self.vectors[layer] = v.float()
+        chosen = self.sv.select(self.layers, self.model)
+        self.vectors = {v.layer: v.normalized() if normalize else v for v in chosen}
+        self.normalize = normalize
         self.positions = positions
-        self.labels = dict(model=self.model.name, concept=concept or self.sv.meta.get("concept") or "",
-                           setting=setting or self.sv.meta.get("setting") or "",
-                           vector="normalized" if normalize else "raw", positions=positions)
+        self.labels = row_labels(self.model.name, concept or self.sv.meta.get("concept") or "",
+                                 setting or self.sv.meta.get("setting") or "", positions)
         self.vectors_path = str(vectors_path)
 
-    def header(self) -> dict:
-        return dict(self.labels, model_fingerprint=self.model.fingerprint(), vectors_file=self.vectors_path,
-                    layers=self.layers, vector_norms={str(k): float(v.double().norm()) for k, v in self.vectors.items()},
-                    alpha_unit=self.alpha_unit, resid_scales={str(k): self.scale(k) for k in self.layers})
+    def header(self, start: float | None = None, **extra) -> dict:
+        """What the summary JSON says besides the stage's own summary: the inputs, and the seconds it took."""
+        out = dict(self.labels, model_fingerprint=self.model.fingerprint(), vectors_file=self.vectors_path,
+                   layers=self.layers, vector="normalized" if self.normalize else "raw",
+                   vector_norms={str(k): float(v.vector.double().norm()) for k, v in self.vectors.items()},
+                   alpha_unit=self.alpha_unit, resid_scales={str(k): self.scale(k) for k in self.layers}, **extra)
+        if start is not None:
+            out["seconds"] = round(time.perf_counter() - start, 2)
+        return out
 
     def scale(self, layer: int) -> float:
-        """alpha_resid per unit of raw alpha at `layer` (metrics/grid.py)."""
-        from steerstrength.metrics.grid import resid_scale
-
-        return resid_scale(self.vectors[layer], self.sv.residual_norm(layer, self.model))
+        """alpha_resid per unit of raw alpha at `layer` (grid.py)."""
+        return self.vectors[layer].resid_scale(self.model)
 
     def raw(self, layer: int, grid):
         """The grid, given in --alpha-unit, as the raw alphas steered at `layer`."""
-        from steerstrength.metrics.grid import to_raw
+        from steerstrength.grid import to_raw
 
         return to_raw(grid, self.alpha_unit, self.scale(layer))
 
-    def with_resid(self, frame, layer: int | None = None):
-        """Add alpha_resid next to alpha (per row's layer when `layer` is None)."""
-        from steerstrength.metrics.grid import add_resid_column
+    def with_resid(self, frame, layer: int):
+        """Add alpha_resid next to alpha."""
+        from steerstrength.grid import add_resid_column
 
-        if layer is not None:
-            return add_resid_column(frame, self.scale(layer))
-        parts = [add_resid_column(g.copy(), self.scale(int(ly))) for ly, g in frame.groupby("layer", sort=False)]
-        import pandas as pd
+        return add_resid_column(frame, self.scale(layer))
 
-        return pd.concat(parts).loc[frame.index] if parts else frame
+    def contexts(self, path: Optional[Path], chat: bool, n_contexts: Optional[int] = None):
+        """--contexts, or the built-in ones the run uses (metrics.contexts.stage_contexts), checked on the model."""
+        from steerstrength.metrics.contexts import as_contexts, builtin_concepts, stage_contexts
 
-    def contexts(self, path: Optional[Path], chat: bool):
-        from steerstrength.metrics.contexts import as_contexts, builtin_concepts, builtin_contexts, read_contexts
-
-        if path is not None:
-            return as_contexts(self.model, read_contexts(path), chat=chat)
         concept = self.labels["concept"]
-        if concept and concept.lower() not in builtin_concepts():
+        if path is None and concept and concept.lower() not in builtin_concepts():
             log(f"note: no built-in contexts for concept {concept!r}; using the 44 neutral ones")
-        return as_contexts(self.model, builtin_contexts(concept), chat=chat)
+        return as_contexts(self.model, stage_contexts(concept, path, n_contexts), chat=chat)
 
 
-def _write(out: Path, tables: dict, summary: dict) -> None:
-    from steerstrength.io import write_json, write_parquet
-
-    for name, frame in tables.items():
-        write_parquet(out / name, frame)
-    write_json(out / summary.pop("_file"), summary)
+def _done(out: Path, paths, start: float, what: str = "") -> None:
+    log(f"wrote {', '.join(str(p) for p in paths)}{' (' + what + ')' if what else ''} "
+        f"in {time.perf_counter() - start:.1f} s")
 
 
-def _token_sweep(st: Steering, contexts, grid, top_k: int, chat: bool, extra=(), **curve_options) -> dict:
-    """{layer: TokenCurves}, each layer on the grid in --alpha-unit converted to its raw alphas."""
-    from steerstrength.metrics.tokens import token_curves
-
-    out = {}
-    with progress_bar("next-token curves", len(contexts) * len(st.layers)) as advance:
-        for layer in st.layers:
-            out[layer] = token_curves(st.model, st.vectors[layer], layer, contexts, st.raw(layer, grid),
-                                      positions=st.positions, top_k=top_k, tokens=extra, chat=chat, progress=advance,
-                                      **curve_options)
-    return out
-
-
-def _token_tables(st: Steering, results: dict) -> dict:
-    import pandas as pd
-
-    return {"tokens.parquet": pd.concat([st.with_resid(r.curves_frame(st.model, **st.labels), layer)
-                                         for layer, r in results.items()], ignore_index=True),
-            "tokens_top.parquet": pd.concat([st.with_resid(r.top_frame(st.model, **st.labels), layer)
-                                             for layer, r in results.items()], ignore_index=True)}
-
-
-def _token_summary(st: Steering, results: dict) -> dict:
-    first = next(iter(results.values()))
-    summary = first.summary(st.model)
-    for r in list(results.values())[1:]:
-        summary["per_layer"].update(r.summary(st.model)["per_layer"])
-    summary["layers"] = list(results)
-    summary["alpha_unit"] = st.alpha_unit
-    return summary
+PresetOpt = typer.Option("demo", "--preset", help="Where the defaults come from: that preset's section of "
+                                                  "`steerstrength config show --preset NAME` (demo or paper).")
+GridUnitOpt = typer.Option(None, "--alpha-unit", help="raw: alpha multiplies the stored vector; resid: the added "
+                                                      "alpha * v has alpha times the layer's median residual norm "
+                                                      "(the same strength at any layer); default: the preset's "
+                                                      "(resid). Tables carry both columns.")
+AlphaMinOpt = typer.Option(None, "--alpha-min", help="default: -alpha_max.")
+NContextsOpt = typer.Option(None, "--n-contexts", help="Keep N of the built-in contexts (half the concept's own); "
+                                                       "default: the preset's.")
 
 
 @sweep_app.command("tokens")
@@ -227,18 +166,21 @@ def sweep_tokens(
     vectors: Path = VectorsOpt,
     layers: Optional[str] = LayersOpt,
     contexts: Optional[Path] = ContextsOpt,
-    alpha_min: float = typer.Option(-200.0, "--alpha-min"),
-    alpha_max: float = typer.Option(200.0, "--alpha-max"),
-    n_alphas: int = typer.Option(1024, "--n-alphas", help="linspace points; 0 is added."),
+    n_contexts: Optional[int] = NContextsOpt,
+    alpha_min: Optional[float] = AlphaMinOpt,
+    alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="default: the preset's tokens.alpha_max."),
+    n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="linspace points (0 is added); default: the "
+                                                                    "preset's."),
     alphas: Optional[str] = AlphasOpt,
-    top_k: int = typer.Option(100, "--top-k", help="Tokens stored at alpha_max and at alpha_min."),
-    top_each: int = typer.Option(10, "--top-each", help="Also store the top N tokens at every alpha (0: off)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Tokens stored at alpha_max and at alpha_min."),
+    top_each: Optional[int] = typer.Option(None, "--top-each", help="Also store the top N tokens at every alpha (0: off)."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
-    alpha_unit: str = UnitOpt,
+    alpha_unit: Optional[str] = GridUnitOpt,
     chat: bool = ChatOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
@@ -246,24 +188,27 @@ def sweep_tokens(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Next-token curves Delta p(z, alpha) (Def. 3.1), peaks and shapes (Thm 3.3): tokens.parquet, tokens_top.parquet."""
+    from steerstrength.grid import check_unit
     from steerstrength.io import check_output_dir
+    from steerstrength.runs import write_result
+    from steerstrength.stages import tokens_stage
 
     start = time.perf_counter()
+    check_at_least(("--n-alphas", n_alphas, 1), ("--top-k", top_k, 1), ("--top-each", top_each, 0),
+                   ("--n-contexts", n_contexts, 1))
     check_output_dir(out, names=("tokens.parquet", "tokens_top.parquet", "tokens.json"))
-    n_grid = grid_size(alphas, n_alphas)
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
-                  alpha_unit)
-    ctxs = st.contexts(contexts, chat)
-    check_token_memory(n_grid, "--alphas" if alphas is not None else "--n-alphas", st.model.vocab_size, len(ctxs),
-                       len(st.layers), top_k)
-    grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
-    results = _token_sweep(st, ctxs, grid, top_k, chat, top_each=top_each)
-    summary = dict(st.header(), **_token_summary(st, results), seconds=round(time.perf_counter() - start, 2),
-                   _file="tokens.json")
-    summary["inserted_zero"] = inserted
-    _write(out, _token_tables(st, results), summary)
-    log(f"wrote {out / 'tokens.parquet'}, {out / 'tokens_top.parquet'} and {out / 'tokens.json'} "
-        f"({len(ctxs)} contexts x {len(st.layers)} layer(s) x {grid.numel()} alphas)")
+    cfg, section = preset_section(preset, "tokens", n_alphas=n_alphas, top_k=top_k, top_each=top_each,
+                                  n_contexts=n_contexts)
+    unit = check_unit(alpha_unit or cfg.alpha_unit)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
+    ctxs = st.contexts(contexts, chat, section.n_contexts)
+    check_token_memory(grid_size(alphas, section.n_alphas), "--alphas" if alphas is not None else "--n-alphas",
+                       st.model.vocab_size, len(ctxs), len(st.layers), section.top_k)
+    grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=unit, cfg=cfg)
+    result = tokens_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
+                          positions=positions, grid=grid, chat=chat, progress=progress_bar)
+    paths = write_result(out, result, extra=st.header(start, preset=preset))
+    _done(out, paths, start, f"{len(ctxs)} contexts x {len(st.layers)} layer(s) x {len(grid)} alphas")
 
 
 @sweep_app.command("logodds")
@@ -275,22 +220,26 @@ def sweep_logodds(
     vectors: Optional[Path] = typer.Option(None, "--vectors", "-v", help="Without --tokens-dir: vectors for the token sweep."),
     layers: Optional[str] = LayersOpt,
     contexts: Optional[Path] = ContextsOpt,
-    alpha_min: float = typer.Option(-200.0, "--alpha-min"),
-    alpha_max: float = typer.Option(200.0, "--alpha-max"),
-    n_alphas: int = typer.Option(1024, "--n-alphas", help="linspace points; 0 is added."),
+    n_contexts: Optional[int] = NContextsOpt,
+    alpha_min: Optional[float] = AlphaMinOpt,
+    alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="default: the preset's tokens.alpha_max."),
+    n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="linspace points (0 is added)."),
     alphas: Optional[str] = AlphasOpt,
-    top_k: int = typer.Option(100, "--top-k"),
-    max_tokens: int = typer.Option(100, "--max-tokens", help="Each P/N text is cut to its first N tokens."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    n_dominant: int = typer.Option(8, "--n-dominant", help="Top tokens at alpha_max / alpha_min that 'dominate'."),
-    extremal_fraction: float = typer.Option(0.01, "--extremal-fraction", help="Extremal M: top / bottom fraction of the vocabulary."),
-    n_target: int = typer.Option(100, "--n-target", help="Target tokens: the n tokens of largest M."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Each P/N text is cut to its first N tokens."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    n_dominant: Optional[int] = typer.Option(None, "--n-dominant", help="Top tokens at alpha_max / alpha_min that "
+                                                                        "'dominate'."),
+    extremal_fraction: Optional[float] = typer.Option(None, "--extremal-fraction", help="Extremal M: top / bottom "
+                                                                                        "fraction of the vocabulary."),
+    n_target: Optional[int] = typer.Option(None, "--n-target", help="Target tokens: the n tokens of largest M."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
-    alpha_unit: str = UnitOpt,
+    alpha_unit: Optional[str] = GridUnitOpt,
     chat: bool = ChatOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
@@ -299,14 +248,22 @@ def sweep_logodds(
 ) -> None:
     """Log-odds M(z) (Def. 3.2) from P and N, and the theory-vs-practice analysis: logodds.parquet, logodds.json."""
     import pandas as pd
-    import torch
 
+    from steerstrength.grid import check_unit
     from steerstrength.io import check_output_dir, read_texts
-    from steerstrength.metrics.logodds import log_odds_analysis, log_odds_frame, mean_log_probs
+    from steerstrength.runs import write_result
+    from steerstrength.stages import log_probs_after, logodds_stage, row_labels, target_tokens, tokens_stage
 
     start = time.perf_counter()
+    check_at_least(("--n-alphas", n_alphas, 1), ("--top-k", top_k, 1), ("--max-tokens", max_tokens, 1),
+                   ("--batch-size", batch_size, 1), ("--n-dominant", n_dominant, 1), ("--n-target", n_target, 1),
+                   ("--n-contexts", n_contexts, 1))
     check_output_dir(out, names=("logodds.parquet", "logodds.json") +
-                     (("tokens.parquet", "tokens_top.parquet") if tokens_dir is None else ()))
+                     (("tokens.parquet", "tokens_top.parquet", "tokens.json") if tokens_dir is None else ()))
+    cfg, section = preset_section(preset, "logodds", max_tokens=max_tokens, batch_size=batch_size,
+                                  n_dominant=n_dominant, extremal_fraction=extremal_fraction, n_target=n_target)
+    if not 0 < section.extremal_fraction <= 1:
+        raise InputError(f"--extremal-fraction must be in (0, 1], not {section.extremal_fraction}")
     pos = [r["text"] for r in read_texts(positive, what="positive prompt file")]
     neg = [r["text"] for r in read_texts(negative, what="negative prompt file")]
     if tokens_dir is None and vectors is None:
@@ -316,21 +273,21 @@ def sweep_logodds(
             if not (tokens_dir / name).is_file():
                 raise InputError(f"{tokens_dir / name} does not exist; run `steerstrength sweep tokens --out {tokens_dir}`")
     if vectors is not None:
-        st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
-                      alpha_unit)
-        lm, labels, header = st.model, st.labels, st.header()
+        _, tokens_section = preset_section(preset, "tokens", n_alphas=n_alphas, top_k=top_k, n_contexts=n_contexts)
+        unit = check_unit(alpha_unit or cfg.alpha_unit)
+        st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
+        lm, labels, header = st.model, dict(st.labels), st.header(preset=preset)
         if tokens_dir is None:  # the token sweep runs here: refuse one that cannot fit before computing log p
-            ctxs = st.contexts(contexts, chat)
-            check_token_memory(grid_size(alphas, n_alphas), "--alphas" if alphas is not None else "--n-alphas",
-                               lm.vocab_size, len(ctxs), len(st.layers), top_k)
+            ctxs = st.contexts(contexts, chat, tokens_section.n_contexts)
+            check_token_memory(grid_size(alphas, tokens_section.n_alphas),
+                               "--alphas" if alphas is not None else "--n-alphas", lm.vocab_size, len(ctxs),
+                               len(st.layers), tokens_section.top_k)
+            grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=tokens_section, unit=unit, cfg=cfg)
     else:
         lm = load(model, dtype=dtype, device=device, blocks_path=blocks_path)
-        labels = dict(model=lm.name, concept=concept or "", setting=setting or "")
-        header = dict(labels, model_fingerprint=lm.fingerprint())
-    with progress_bar("log p after P and N", len(pos) + len(neg)) as advance:
-        lp_pos = mean_log_probs(lm, pos, max_tokens=max_tokens, batch_size=batch_size, chat=False, progress=advance)
-        lp_neg = mean_log_probs(lm, neg, max_tokens=max_tokens, batch_size=batch_size, chat=False, progress=advance)
-    M = lp_pos - lp_neg
+        labels = row_labels(lm.name, concept or "", setting or "", positions)
+        header = dict(labels, model_fingerprint=lm.fingerprint(), preset=preset)
+    log_probs = log_probs_after(lm, pos, neg, section, concept=labels["concept"], progress=progress_bar)
     tables = {}
     if tokens_dir is not None:
         top = pd.read_parquet(tokens_dir / "tokens_top.parquet")
@@ -340,27 +297,22 @@ def sweep_logodds(
             if not labels.get(key) and key in top.columns and top[key].nunique() == 1:
                 labels[key] = header[key] = str(top[key].iloc[0])
     else:
-        grid, _ = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
-        ranked = torch.argsort(M, descending=True, stable=True)
-        extra = torch.cat([ranked[:n_target], ranked[-n_target:]]).tolist()  # so target tokens have curves
-        results = _token_sweep(st, ctxs, grid, top_k, chat, extra)
-        tables = _token_tables(st, results)
+        M = log_probs[0] - log_probs[1]
+        swept = tokens_stage(lm, list(st.vectors.values()), tokens_section, contexts=ctxs, labels=st.labels,
+                             positions=positions, grid=grid, tokens=target_tokens(M, section.n_target), chat=chat,
+                             progress=progress_bar)
+        tables = swept.tables()
         top, curves = tables["tokens_top.parquet"], tables["tokens.parquet"]
-    analysis = log_odds_analysis(M, top, curves, n_dominant=n_dominant, extremal_fraction=extremal_fraction,
-                                 n_target=n_target)
-    vocab_labels = dict(model=labels["model"], concept=labels["concept"], setting=labels["setting"])
-    frame = log_odds_frame(lm, M, positive=lp_pos, negative=lp_neg, extremal_fraction=extremal_fraction, **vocab_labels)
-    frame.insert(3, "layer", pd.array([None] * len(frame), dtype="Int64"))  # M does not depend on the layer
-    frame.insert(4, "alpha", 0.0)  # M comes from the unsteered model
-    tables["logodds.parquet"] = frame
-    top_m = frame.nsmallest(20, "rank")
-    bottom_m = frame.nlargest(20, "rank")
-    summary = dict(header, n_positive=len(pos), n_negative=len(neg), max_tokens=max_tokens,
-                   tokens_from=str(tokens_dir) if tokens_dir is not None else "computed here",
-                   top_M_tokens=top_m["token"].tolist(), bottom_M_tokens=bottom_m["token"].tolist(),
-                   **analysis, seconds=round(time.perf_counter() - start, 2), _file="logodds.json")
-    _write(out, tables, summary)
-    log(f"wrote {', '.join(str(out / n) for n in tables)} and {out / 'logodds.json'}")
+        write_result(out, swept, extra=st.header(preset=preset))
+    result = logodds_stage(lm, pos, neg, section, tokens_top=top, curves=curves, labels=labels, log_probs=log_probs)
+    frame = result.tables()["logodds.parquet"]
+    extra = dict(header, n_positive=len(pos), n_negative=len(neg), max_tokens=section.max_tokens,
+                 tokens_from=str(tokens_dir) if tokens_dir is not None else "computed here",
+                 top_M_tokens=frame.nsmallest(20, "rank")["token"].tolist(),
+                 bottom_M_tokens=frame.nlargest(20, "rank")["token"].tolist(),
+                 seconds=round(time.perf_counter() - start, 2))
+    paths = write_result(out, result, extra=extra)
+    _done(out, paths, start)
 
 
 @sweep_app.command("limit")
@@ -368,13 +320,16 @@ def sweep_limit(
     vectors: Path = VectorsOpt,
     layers: Optional[str] = LayersOpt,
     contexts: Optional[Path] = ContextsOpt,
-    alphas: str = typer.Option("-1e4,-1e3,-1e2,1e2,1e3,1e4", "--alphas", help="Nonzero alphas, comma-separated."),
+    n_contexts: Optional[int] = NContextsOpt,
+    alphas: Optional[str] = typer.Option(None, "--alphas", help="Nonzero alphas, comma-separated; default: +/- each of "
+                                                                "the preset's limit.alphas."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
-    alpha_unit: str = UnitOpt,
+    alpha_unit: Optional[str] = GridUnitOpt,
     chat: bool = ChatOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
@@ -382,30 +337,29 @@ def sweep_limit(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Large-alpha limit (Prop. 4.1): TV(p_alpha, softmax(LN(+/-v) W^T)) per context and alpha: limit.parquet."""
-    import pandas as pd
-
+    from steerstrength.grid import AlphaGrid, check_unit
     from steerstrength.io import check_output_dir
-    from steerstrength.metrics.limits import limit_check
+    from steerstrength.runs import write_result
+    from steerstrength.stages import limit_stage
 
     start = time.perf_counter()
+    check_at_least(("--n-contexts", n_contexts, 1))
     check_output_dir(out, names=("limit.parquet", "limit.json"))
-    grid = parse_alphas(alphas)
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
-                  alpha_unit)
-    ctxs = st.contexts(contexts, chat)
-    frames, per_layer = [], {}
-    with progress_bar("large-alpha limit", len(ctxs) * len(st.layers)) as advance:
-        for layer in st.layers:
-            check = limit_check(st.model, st.vectors[layer], layer, ctxs, st.raw(layer, grid).tolist(),
-                                positions=positions, chat=chat, progress=advance)
-            frames.append(st.with_resid(check.frame(st.model, **st.labels, layer=layer), layer))
-            per_layer[str(layer)] = check.summary()
-    summary = dict(st.header(), per_layer=per_layer, seconds=round(time.perf_counter() - start, 2), _file="limit.json")
-    _write(out, {"limit.parquet": pd.concat(frames, ignore_index=True)}, summary)
-    for layer, s in per_layer.items():
+    cfg, section = preset_section(preset, "limit")
+    unit = check_unit(alpha_unit or cfg.alpha_unit)
+    if alphas is None and unit != cfg.alpha_unit:
+        raise InputError(f"the preset's limit.alphas are in {cfg.alpha_unit} units; with --alpha-unit {unit} give "
+                         "--alphas")
+    grid = AlphaGrid.parse(alphas, unit=unit, zero=False) if alphas is not None else \
+        AlphaGrid.both_signs(section.alphas, unit=unit)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
+    ctxs = st.contexts(contexts, chat, n_contexts)
+    result = limit_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
+                         positions=positions, grid=grid, chat=chat, progress=progress_bar)
+    for key, s in result.summary().items():
         tv = ", ".join(f"{r['alpha']:g}: {r['tv_mean']:.3g}" for r in s["per_alpha"])
-        log(f"layer {layer}: mean TV to the limit by alpha: {tv}")
-    log(f"wrote {out / 'limit.parquet'} and {out / 'limit.json'}")
+        log(f"{key}: mean TV to the limit by alpha: {tv}")
+    _done(out, write_result(out, result, extra=st.header(start, preset=preset)), start)
 
 
 @sweep_app.command("xent")
@@ -419,23 +373,29 @@ def sweep_xent(
     data_files: Optional[List[str]] = typer.Option(None, "--data-files", help="Files of a hf: dataset (paths or "
                                                    "globs; repeatable)."),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use the first N texts (hf: default 1000)."),
-    n_samples: int = typer.Option(64, "--n-samples", help="Model-samples corpus: number of texts."),
-    sample_tokens: int = typer.Option(256, "--sample-tokens", help="Model-samples corpus: tokens per text."),
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="Model-samples corpus: number of texts; default: "
+                                                                      "enough for --max-tokens."),
+    sample_tokens: Optional[int] = typer.Option(None, "--sample-tokens", help="Model-samples corpus: tokens per text; "
+                                                                              "default: seq_len + 8."),
     seed: int = typer.Option(0, "--seed", help="Model-samples corpus: sampling seed."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Scored tokens per window (windows have seq_len + 1 tokens)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Scored tokens per window (windows have seq_len + 1 "
+                                                                  "tokens); default: the preset's."),
     packing: bool = typer.Option(False, "--packing", help="Concatenate texts before windowing."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens."),
-    alpha_min: float = typer.Option(-100.0, "--alpha-min"),
-    alpha_max: float = typer.Option(100.0, "--alpha-max"),
-    n_alphas: int = typer.Option(128, "--n-alphas", help="linspace points; 0 is added."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens; default: the "
+                                                                        "preset's xent.n_tokens."),
+    alpha_min: Optional[float] = AlphaMinOpt,
+    alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="default: the preset's xent.alpha_max."),
+    n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="Grid points (0 is added); default: the preset's."),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="linear, or log (dense near 0); default: the preset's."),
     alphas: Optional[str] = AlphasOpt,
     curvature: bool = typer.Option(True, "--curvature/--no-curvature", help="d2 CE/d alpha2 at 0 by jvp-of-jvp."),
     curvature_tokens: Optional[int] = typer.Option(None, "--curvature-tokens", help="Tokens for the curvature (default: all)."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
-    alpha_unit: str = UnitOpt,
+    alpha_unit: Optional[str] = GridUnitOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
     dtype: str = DtypeOpt,
@@ -443,42 +403,33 @@ def sweep_xent(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Delta CE(alpha) on a corpus (Def. 3.7), curvature at 0 (Thm 3.8), plateau (Prop. 4.1): xent.parquet, xent.json."""
-    import pandas as pd
-
     from steerstrength.corpus import load_corpus
     from steerstrength.io import check_output_dir
-    from steerstrength.metrics.xent import windows, xent_sweep
+    from steerstrength.runs import write_result
+    from steerstrength.stages import model_corpus, xent_stage
 
     start = time.perf_counter()
+    check_at_least(("--n-alphas", n_alphas, 2), ("--seq-len", seq_len, 1), ("--max-tokens", max_tokens, 1),
+                   ("--n-samples", n_samples, 1), ("--sample-tokens", sample_tokens, 1),
+                   ("--curvature-tokens", curvature_tokens, 1))
+    if spacing not in (None, "linear", "log"):
+        raise InputError(f"--spacing must be linear or log, not {spacing!r}")
     check_output_dir(out, names=("xent.parquet", "xent.json", "corpus_samples.jsonl"))
-    grid, inserted = alpha_grid(alphas, alpha_min, alpha_max, n_alphas)
-    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions,
-                  alpha_unit)
+    cfg, section = preset_section(preset, "xent", n_alphas=n_alphas, seq_len=seq_len, n_tokens=max_tokens,
+                                  spacing=spacing, curvature_tokens=curvature_tokens)
+    grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=alpha_unit, cfg=cfg,
+                        spacing=section.spacing)
+    st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, grid.unit)
     if corpus is None:
-        with progress_bar("sampling the corpus from the model", n_samples) as advance:
-            texts = load_corpus(None, model=st.model, n_samples=n_samples, sample_tokens=sample_tokens, seed=seed,
-                                cache_dir=out, progress=advance)
+        texts, source = model_corpus(st.model, section, seed=seed, cache_dir=out, n_samples=n_samples,
+                                     sample_tokens=sample_tokens, progress=progress_bar)
     else:
-        texts = load_corpus(corpus, model=st.model, field=field, split=split, max_texts=max_texts,
-                            data_files=data_files)
-    n_windows = windows(st.model, texts, seq_len, packing=packing).shape[0]
-    if max_tokens is not None:
-        n_windows = min(n_windows, max_tokens // seq_len)
-    frames, per_layer = [], {}
-    for layer in st.layers:
-        with progress_bar(f"Delta CE, layer {layer} (windows x alphas)", n_windows * grid.numel()) as advance:
-            result = xent_sweep(st.model, st.vectors[layer], layer, texts, st.raw(layer, grid), seq_len=seq_len,
-                                positions=positions,
-                                packing=packing, max_tokens=max_tokens, curvature=curvature,
-                                curvature_tokens=curvature_tokens, progress=advance)
-        result.inserted_zero = inserted
-        frames.append(st.with_resid(result.frame(**st.labels, layer=layer), layer))
-        per_layer[str(layer)] = result.summary()
-        c = per_layer[str(layer)].get("curvature")
+        texts, source = load_corpus(corpus, model=st.model, field=field, split=split, max_texts=max_texts,
+                                    data_files=data_files), corpus
+    result = xent_stage(st.model, list(st.vectors.values()), section, texts=texts, corpus=source, labels=st.labels,
+                        positions=positions, grid=grid, packing=packing, curvature=curvature, progress=progress_bar)
+    for key, s in result.summary()["per_vector"].items():
+        c = s.get("curvature")
         if c:
-            log(f"layer {layer}: CE''(0) jvp {c['jvp']:.4g}, quadratic fit {c['fit']:.4g}; CE'(0) {c['slope_jvp']:.3g}")
-    source = corpus or f"samples of {st.model.name} (seed {seed}; Delta CE estimates the mean KL(unsteered || steered))"
-    summary = dict(st.header(), corpus=source, packing=packing, per_layer=per_layer,
-                   seconds=round(time.perf_counter() - start, 2), _file="xent.json")
-    _write(out, {"xent.parquet": pd.concat(frames, ignore_index=True)}, summary)
-    log(f"wrote {out / 'xent.parquet'} and {out / 'xent.json'}")
+            log(f"{key}: CE''(0) jvp {c['jvp']:.4g}, quadratic fit {c['fit']:.4g}; CE'(0) {c['slope_jvp']:.3g}")
+    _done(out, write_result(out, result, extra=st.header(start, preset=preset, packing=packing)), start)

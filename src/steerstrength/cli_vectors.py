@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli_common import DeviceOpt, DtypeOpt, console, load, log, progress_bar
+from steerstrength.cli_common import DeviceOpt, DtypeOpt, check_at_least, console, load, log, progress_bar
 from steerstrength.errors import InputError
 
 app = typer.Typer()
@@ -97,7 +97,7 @@ def print_norms(sv) -> None:
         cells = [str(layer), f"{norm:.4g}"]
         if layer in sv.resamples:
             r = sv.resamples[layer].double()
-            v = sv[layer].double()
+            v = sv[layer].vector.double()
             cos = (r @ v) / (r.norm(dim=-1) * v.norm()).clamp_min(1e-300)
             cells += [f"{float(r.norm(dim=-1).std()):.3g}", f"{float(cos.mean()):.4f}"]
         table.add_row(*cells)
@@ -124,14 +124,13 @@ def _texts(concept: Optional[str], positive: Optional[Path], negative: Optional[
     return pos, neg, curated_texts(concept, "positive", "heldout"), curated_texts(concept, "negative", "heldout")
 
 
-def _scan(lm, pos_rows, neg_rows, held_pos, held_neg, concept: str, top_k: int, batch_size: int):
-    from steerstrength.scan import scan_layers
+def _section(**given):
+    """The vectors section of config.py (the only defaults) with the options the user gave."""
+    import dataclasses
 
-    pos, neg = [r["text"] for r in pos_rows], [r["text"] for r in neg_rows]
-    n = len(pos) + len(neg) + len(held_pos or []) + len(held_neg or [])
-    with progress_bar("layer scan (one forward per text)", n) as advance:
-        return scan_layers(lm, pos, neg, heldout_positive=held_pos, heldout_negative=held_neg, top_k=top_k,
-                           batch_size=batch_size, progress=advance, labels=dict(model=lm.name, concept=concept))
+    from steerstrength.config import VectorsConfig
+
+    return dataclasses.replace(VectorsConfig(), **{k: v for k, v in given.items() if v is not None})
 
 
 @vectors_app.callback(invoke_without_command=True)
@@ -143,17 +142,18 @@ def vectors(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors."),
     layers: str = typer.Option("middle", "--layers", "-l", help="e.g. 5,15,25, early/middle/late, 'all', or 'auto' "
                                "(the layer scan's pick, plus any others listed: auto,middle)."),
-    resamples: int = typer.Option(0, "--resamples", help="K bootstrap resamples of P and N, for error bars."),
+    resamples: Optional[int] = typer.Option(None, "--resamples", help="K bootstrap resamples of P and N, for error "
+                                                                      "bars (default 0)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     normalize: bool = typer.Option(False, "--normalize", help="Scale each vector to unit norm."),
-    skip_first_token: bool = typer.Option(True, "--skip-first-token/--no-skip-first-token",
+    skip_first_token: Optional[bool] = typer.Option(None, "--skip-first-token/--no-skip-first-token",
                                           help="Leave position 0 (attention sink) out of each text's average."),
     gguf_out: Optional[Path] = typer.Option(None, "--gguf-out",
                                             help="Also write a llama.cpp control vector (layers >= 1)."),
     concept: Optional[str] = typer.Option(None, "--concept", help="Without -p/-n: use this concept's curated pairs; "
                                           "recorded in the metadata (default: from P's rows)."),
     setting: Optional[str] = typer.Option(None, "--setting", help="Recorded in the metadata; default: from N's rows."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Texts per forward (default 8)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate each text to this many tokens."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="The model to be steered (HF id, directory, .gguf, embedded name)."),
@@ -161,9 +161,9 @@ def vectors(
     device: str = DeviceOpt,
 ) -> None:
     """Difference-of-means steering vectors (Eq. 3) from P and N, one per layer."""
-    from steerstrength.config import resolve_layers
     from steerstrength.io import check_output_file
-    from steerstrength.vectors import difference_of_means, parse_layers, save_vectors
+    from steerstrength.stages import scan_stage, vectors_stage
+    from steerstrength.vectors import parse_layers, save_vectors
 
     if ctx.invoked_subcommand is not None:
         return
@@ -172,10 +172,9 @@ def vectors(
     check_output_file(out, example="vectors.safetensors")
     if gguf_out is not None:
         check_output_file(gguf_out, option="--gguf-out", example="vectors.gguf")
-    if resamples < 0:
-        raise InputError(f"--resamples must be 0 or more, not {resamples}")
-    if batch_size < 1 or (max_length is not None and max_length < 2):
-        raise InputError("--batch-size must be >= 1 and --max-length >= 2")
+    check_at_least(("--resamples", resamples, 0), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2))
+    section = _section(resamples=resamples, skip_first_token=skip_first_token, normalize=normalize or None,
+                       batch_size=batch_size, max_length=max_length)
     pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
     lm = load(model, dtype=dtype, device=device)
     items = [x.strip() for x in layers.split(",") if x.strip()]
@@ -185,19 +184,16 @@ def vectors(
     if not auto and not chosen:
         raise InputError("no layers given; use e.g. --layers 5,15,25, --layers middle or --layers auto")
     label = concept or _common_field(pos_rows, "concept")
+    scan = None
     if auto:
-        scan = _scan(lm, pos_rows, neg_rows, held_pos, held_neg, label, 50, batch_size)
-        chosen = resolve_layers(chosen + [scan.chosen], lm.n_layers)
+        _, scan = scan_stage(lm, [r["text"] for r in pos_rows], [r["text"] for r in neg_rows], section,
+                             concept=label or "", heldout=(held_pos, held_neg), progress=progress_bar)
         log(f"the layer scan picks layer {scan.chosen} ({scan.rule})")
-    if gguf_out is not None and chosen == [0]:
+    if gguf_out is not None and sorted(set(chosen) | ({scan.chosen} if scan else set())) == [0]:
         raise InputError("llama.cpp cannot steer layer 0; pick layers >= 1 for --gguf-out")
-    with progress_bar(f"activations at {len(chosen)} layer(s)", len(pos_rows) + len(neg_rows)) as advance:
-        sv = difference_of_means(lm, pos_rows, neg_rows, chosen, skip_first_token=skip_first_token,
-                                 normalize=normalize, batch_size=batch_size, max_length=max_length,
-                                 concept=label, setting=setting or _common_field(neg_rows, "setting"),
-                                 resamples=resamples, seed=seed, progress=advance)
-    if auto:
-        sv.meta["auto_layer"] = scan.chosen
+    sv = vectors_stage(lm, pos_rows, neg_rows, section, layers=chosen, concept=label or "",
+                       setting=setting or _common_field(neg_rows, "setting") or "", seed=seed, scan=scan,
+                       progress=progress_bar)
     save_vectors(sv, out, gguf_out)
     print_norms(sv)
     log(f"wrote {out}" + (f" and {gguf_out} (direction.N = layer N; layer 0 is not exported)" if gguf_out else ""))
@@ -210,8 +206,9 @@ def scan(
     positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts (every third is held out)."),
     negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts."),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Output directory: layer_scan.parquet, .json, .png."),
-    top_k: int = typer.Option(50, "--top-k", help="Top tokens of LN(v) W^T checked against the log-odds M."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top tokens of LN(v) W^T checked against the log-odds "
+                                                              "M (default: vectors.scan_top_k, 50)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Texts per forward (default 8)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to be steered."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -219,16 +216,20 @@ def scan(
     """Score every layer for steering (one forward pass per text, no generation) and pick one: what --layers auto uses."""
     from rich.table import Table
 
-    from steerstrength.io import check_output_dir, write_json, write_parquet
+    from steerstrength.io import check_output_dir
     from steerstrength.plots import fig_layer_scan, save_figure
+    from steerstrength.runs import write_result
+    from steerstrength.stages import scan_stage
 
     check_output_dir(out, names=("layer_scan.parquet", "layer_scan.json", "layer_scan.png", "layer_scan.pdf"))
     pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
     lm = load(model, dtype=dtype, device=device)
     label = concept or _common_field(pos_rows, "concept")
-    result = _scan(lm, pos_rows, neg_rows, held_pos, held_neg, label, top_k, batch_size)
-    write_parquet(out / "layer_scan.parquet", result.table)
-    write_json(out / "layer_scan.json", {label or "concept": result.summary()})
+    check_at_least(("--top-k", top_k, 1), ("--batch-size", batch_size, 1))
+    tables, result = scan_stage(lm, [r["text"] for r in pos_rows], [r["text"] for r in neg_rows],
+                                _section(scan_top_k=top_k, batch_size=batch_size), concept=label or "",
+                                heldout=(held_pos, held_neg), progress=progress_bar)
+    write_result(out, tables)
     save_figure(fig_layer_scan(result.table, label), out, "layer_scan")
     table = Table(title=f"layer scan ({label or 'concept'}, {lm.name}): picks layer {result.chosen}")
     for col in ("layer", "held-out AUC", "lens share", "score", "‖v‖", "residual norm"):

@@ -63,7 +63,11 @@ class TokensConfig:
 @dataclass
 class LogOddsConfig:
     enabled: bool = True
-    max_tokens: int = 100
+    max_tokens: int = 100  # each P / N text cut to its first tokens
+    batch_size: int = 8
+    n_dominant: int = 8  # the top tokens at alpha_max / alpha_min that "dominate"
+    extremal_fraction: float = 0.01  # extremal M: the top / bottom fraction of the vocabulary
+    n_target: int = 100  # target tokens: the n of largest M
 
 
 @dataclass
@@ -105,6 +109,12 @@ class ConceptConfig:
     completions: int = 32
     max_new_tokens: int = 64
     prompts_file: Optional[str] = None
+    temperature: float = 1.0  # sampling of the steered completions
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    chat: Optional[bool] = None  # None: the chat template when the model has one
+    batch_size: int = 64  # rows (alpha x prompt x completion) per generate call
+    holdout: float = 0.5  # share of P and N held out to measure a judge that calibrates on them
 
 
 @dataclass
@@ -117,6 +127,7 @@ class MmluConfig:
     alpha_max: float = 1.0
     n_alphas: int = 9
     chat: bool = False
+    token_budget: int = 16384  # rows x tokens per forward (memory bound)
 
 
 @dataclass
@@ -127,7 +138,10 @@ class RecommendConfig:
     completions: int = 8  # iso-kl / global: completions per prompt and grid alpha
     max_new_tokens: int = 48
     n_alphas: int = 6  # iso-kl / global: grid points from 0 to 0.6 x the vector's scale
-    refine_steps: int = 0
+    refine_steps: int = 0  # iso-kl: bisection steps toward the budget crossing
+    sweet_spot_refine_steps: int = 2  # sweet-spot: bisection steps toward the budget boundary
+    n_target: int = 100  # sweet-spot: target tokens = the n of largest log-odds M
+    batch_size: int = 64  # rows (prompt x alpha x completion) per generate call
 
 
 @dataclass
@@ -290,18 +304,20 @@ MINIMUM = {  # integer keys: the smallest valid value
     "prompts.n": 2, "prompts.max_new_tokens": 1, "prompts.top_k": 0, "prompts.batch_size": 1,
     "vectors.resamples": 0, "vectors.max_length": 2, "vectors.batch_size": 1, "vectors.scan_top_k": 1,
     "tokens.n_alphas": 2, "tokens.n_contexts": 1, "tokens.top_k": 1, "tokens.top_each": 0,
-    "logodds.max_tokens": 1,
+    "logodds.max_tokens": 1, "logodds.batch_size": 1, "logodds.n_dominant": 1, "logodds.n_target": 1,
     "depth.every": 1, "depth.n_alphas": 2, "depth.n_contexts": 1,
     "xent.n_tokens": 1, "xent.seq_len": 1, "xent.n_alphas": 2, "xent.chunk_windows": 1, "xent.curvature_tokens": 1,
     "concept.n_alphas": 2, "concept.n_prompts": 1, "concept.completions": 1, "concept.max_new_tokens": 1,
+    "concept.top_k": 0, "concept.batch_size": 1, "mmlu.token_budget": 1,
     "mmlu.k_shot": 0, "mmlu.max_questions": 1, "mmlu.n_alphas": 2,
     "recommend.n_prompts": 1, "recommend.completions": 1, "recommend.max_new_tokens": 1, "recommend.n_alphas": 2,
-    "recommend.refine_steps": 0,
+    "recommend.refine_steps": 0, "recommend.sweet_spot_refine_steps": 0, "recommend.n_target": 1,
+    "recommend.batch_size": 1,
 }
 OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions")  # None: off / all
-POSITIVE = ("prompts.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",
+POSITIVE = ("prompts.temperature", "concept.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",
             "mmlu.alpha_max", "recommend.kl_budget")  # floats: positive and finite
-UNIT_INTERVAL = ("prompts.top_p",)  # floats in (0, 1]
+UNIT_INTERVAL = ("prompts.top_p", "logodds.extremal_fraction", "concept.top_p", "concept.holdout")  # floats in (0, 1]
 FILES = ("prompts.positive_file", "prompts.negative_file", "tokens.contexts_file", "concept.prompts_file")
 LAYER_NAMES = ("early", "middle", "late", "auto")
 

@@ -31,6 +31,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def write_figure(fig, out_dir: str | os.PathLike, stem: str, *, dpi: int = 120) -> list[Path]:
+    """A matplotlib figure as `stem`.png and `stem`.pdf, each atomically (the PDF without a creation date, so the
+    same figure gives the same bytes)."""
+    paths = []
+    for ext in ("png", "pdf"):
+        path = Path(out_dir) / f"{stem}.{ext}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=dpi, metadata={"CreationDate": None} if ext == "pdf" else None)
+        paths.append(path)
+    return paths
+
+
 def write_json(path, obj, *, indent: int = 2) -> Path:
     """JSON, atomically (NaN/inf written as null so any JSON reader accepts the file)."""
     with atomic_path(path) as tmp:

@@ -464,7 +464,7 @@ def fig_resamples(run: RunTables, concept: str) -> "Figure | None":
     layers = sorted(sv.resamples)
     cos, ratio = [], []
     for layer in layers:
-        v = sv[layer].double()
+        v = sv[layer].vector.double()
         r = sv.resamples[layer].double()
         cos.append(((r @ v) / (r.norm(dim=1) * v.norm())).numpy())
         ratio.append((r.norm(dim=1) / v.norm()).numpy())
@@ -535,6 +535,71 @@ def fig_depth(run: RunTables, concept: str) -> "Figure | None":
     return fig
 
 
+RECOMMEND_PANELS = {  # method: (objective, its label, distortion, its label)
+    "sweet-spot": ("target_mass", "target-token mass (top-M)", "kl", "next-token KL (nats)"),
+    "iso-kl": (None, None, "p95_kl", "p95 per-token KL (nats)"),
+    "grid-judge": ("concept_p", "judged concept probability", "p95_kl", "p95 per-token KL (nats)"),
+    "global": ("concept_p", "judged concept probability", "p95_kl", "p95 per-token KL (nats)"),
+}
+
+
+def fig_recommendations(table: "pd.DataFrame", curve: "pd.DataFrame", title: str | None = None) -> "Figure":
+    """recommend.py's alphas: one column per method, its objective (top) and distortion (bottom) against alpha per
+    prompt (thin) and pooled (black), the budget (dashed) and the recommended alphas (red) on the curve they came
+    from."""
+    import numpy as np
+
+    from steerstrength.recommend import METHODS
+
+    methods = [m for m in METHODS if m in set(table["method"])]
+    fig, axes = _new_figure(2, len(methods), (3.8, 2.6), top=0.5)
+    several = table["layer"].nunique() > 1
+    for col, method in enumerate(methods):
+        obj, obj_label, dist, dist_label = RECOMMEND_PANELS[method]
+        c = curve[curve["method"] == method]
+        t = table[table["method"] == method]
+        for row, (key, label) in enumerate(((obj, obj_label), (dist, dist_label))):
+            ax = axes[row, col]
+            if key is None:
+                ax.axis("off")
+                ax.set_title(method, fontsize=9)
+                continue
+            for (layer, pi), g in c.groupby(["layer", "prompt_index"]):
+                g = g.sort_values("alpha")
+                pooled = pi == -1
+                name = (f"pooled, layer {layer}" if several else "pooled") if pooled else None
+                ax.plot(g["alpha"], g[key], color="black" if pooled else None, lw=2.2 if pooled else 0.9,
+                        alpha=1.0 if pooled else 0.6, label=name)
+            for _, r in t.iterrows():
+                scope = -1 if method in ("iso-kl", "global") else r["prompt_index"]
+                own = c[(c["layer"] == r["layer"]) & (c["prompt_index"] == scope)].sort_values("alpha")
+                if len(own):
+                    ax.plot([r["alpha"]], [np.interp(r["alpha"], own["alpha"], own[key])], "o", color="crimson",
+                            ms=5)
+            if row == 1:
+                ax.axhline(t["budget"].iloc[0], color="grey", ls="--", lw=1, label="budget")
+                ax.set_xlabel("alpha")
+            if key in ("kl", "p95_kl", "target_mass"):
+                ax.set_yscale("symlog", linthresh=1e-3 if key == "target_mass" else 0.1)
+                ax.set_ylim(bottom=0)
+            ax.set_ylabel(label, fontsize=8)
+            if row == 0:
+                ax.set_title(method, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[1, col].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title or "recommended alpha (red) on the curve it came from", fontsize=10)
+    return fig
+
+
+def plot_recommendations(table: "pd.DataFrame", curve: "pd.DataFrame", path) -> Path:
+    """fig_recommendations as one PNG, written atomically (`steerstrength recommend`'s recommend.png)."""
+    path = Path(path)
+    fig = fig_recommendations(table, curve)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
 # ----------------------------------------------------------------------------- all of them
 
 
@@ -601,6 +666,19 @@ def plan_figures(run: RunTables) -> Plan:
             "Total variation between the steered next-token distribution and the prompt-independent limit "
             "softmax(LN(±v) Wᵀ); Prop. 4.1 predicts it shrinks towards 0 as |α| grows.",
             lambda: fig_limit(run, concepts, layers), lambda: run.why_missing("limit"))
+    recommend, recommend_curve = run.table("recommend"), run.table("recommend_curve")
+    if recommend is not None and recommend_curve is not None:  # the recommend stage's own figure, when it ran
+        for concept in concepts:
+            add(f"figrec_{concept}", f"Recommended α and the curves behind it: {concept}", "Sec. 3.1, Thm 3.3",
+                "Per method (recommend.py), its objective (top) and distortion (bottom) against α, per prompt and "
+                "pooled (black), the distortion budget (dashed) and the recommended α (red). sweet-spot: target-token "
+                "mass and next-token KL; iso-kl: the p95 per-token KL of steered generations; global: judged concept "
+                "probability and p95 KL.",
+                lambda c=concept: (fig_recommendations(recommend[recommend["concept"] == c],
+                                                       recommend_curve[recommend_curve["concept"] == c],
+                                                       f"{c}: recommended α (red) on the curve it came from")
+                                   if (recommend["concept"] == c).any() else None),
+                lambda: run.why_missing("recommend"), concept)
     if not concepts:
         why = "the run has no tables yet: " + run.why_missing("tokens")
         plan.missing.append(Missing("all", "every figure", "", why))
@@ -608,14 +686,10 @@ def plan_figures(run: RunTables) -> Plan:
 
 
 def save_figure(fig: "Figure", out_dir: Path, stem: str) -> list[Path]:
-    """`stem`.png and `stem`.pdf, each written atomically."""
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{stem}.{ext}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=DPI, metadata={"CreationDate": None} if ext == "pdf" else None)
-        paths.append(path)
-    return paths
+    """A run figure as `stem`.png and `stem`.pdf (io.write_figure at the figures' DPI)."""
+    from steerstrength.io import write_figure
+
+    return write_figure(fig, out_dir, stem, dpi=DPI)
 
 
 def draw_all(run_dir: str | Path) -> list[Path]:

@@ -18,6 +18,7 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
+from steerstrength.steering import sample_rows
 
 KINDS = ("positive", "negative")
 SETTINGS = ("contrastive", "random")
@@ -128,64 +129,6 @@ def check_concept(concept: str) -> str:
 # ----------------------------------------------------------------------------- sampling
 
 
-# Nucleus sampling needs the tokens in order of probability; a full sort of the vocabulary costs ~20x
-# a top-256, and the nucleus of a language model almost always lies in its top 256 (else we widen).
-NUCLEUS_WIDTHS = (256, 4096)
-
-
-def candidates(scores: torch.Tensor, temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, token ids), both [B, k]: what temperature, top-k and nucleus sampling may pick.
-
-    Probabilities are renormalised over the candidates; zeros mark tokens the nucleus drops.
-    """
-    probs = torch.softmax(scores.float() / temperature, dim=-1)
-    vocab = probs.shape[-1]
-    if top_k > 0 and top_k < vocab:
-        values, ids = torch.topk(probs, top_k, dim=-1)
-        values = values / values.sum(-1, keepdim=True)  # the nucleus is taken within the top k
-    elif top_p < 1.0:
-        for width in NUCLEUS_WIDTHS + (vocab,):
-            values, ids = torch.topk(probs, min(width, vocab), dim=-1)
-            if width >= vocab or bool((values.sum(-1) >= top_p).all()):
-                break  # every row's nucleus lies within these candidates: the rest would be dropped anyway
-    else:
-        return probs, torch.arange(vocab, device=probs.device).expand_as(probs)
-    if top_p < 1.0:
-        # Drop a token when the tokens before it already reach top_p (the top token always stays).
-        values = values.masked_fill((values.cumsum(-1) - values) >= top_p, 0.0)
-    return values / values.sum(-1, keepdim=True), ids
-
-
-def filtered_probs(scores: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """The sampling distribution of each row of `scores` [B, V], as a dense [B, V] float32 tensor."""
-    values, ids = candidates(scores, temperature, top_p, top_k)
-    return torch.zeros(scores.shape, dtype=values.dtype, device=values.device).scatter(-1, ids, values)
-
-
-class RowSampler:
-    """A logits processor that samples every row from its own seeded generator.
-
-    It returns scores that are -inf except at the sampled token, so greedy search keeps that token:
-    a row's text depends only on its own seed, not on the batch it shares.
-    """
-
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, top_k: int):
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        values, ids = candidates(scores, self.temperature, self.top_p, self.top_k)
-        # One uniform per row from its own CPU generator, then inverse-CDF on the model's device.
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
-        cdf = values.cumsum(-1)
-        target = (u.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-        pick = torch.searchsorted(cdf, target).clamp(max=values.shape[-1] - 1)
-        # Never land on a zero-probability token through rounding at a flat stretch of the CDF.
-        pick = torch.where(values.gather(-1, pick) > 0, pick, values.argmax(-1, keepdim=True))
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(-1, ids.gather(-1, pick), 0.0)
-
-
 def stop_ids(model: Model) -> list[int]:
     """EOS and end-of-turn token ids: generation of a text stops at the first of them."""
     tok = model.tokenizer
@@ -216,12 +159,10 @@ def check_sampling(n: int, max_new_tokens: int, temperature: float, top_p: float
 
 
 @torch.inference_mode()
-def sample_texts(model: Model, prompt_ids: Sequence[int], seeds: Sequence[int], *, max_new_tokens: int = 300,
-                 temperature: float = 1.0, top_p: float = 0.9, top_k: int = 0, batch_size: int = 8,
-                 progress: Callable[[int], None] | None = None) -> list[dict]:
+def sample_continuations(model: Model, prompt_ids: Sequence[int], seeds: Sequence[int], *,
+                         max_new_tokens: int = 300, temperature: float = 1.0, top_p: float = 0.9, top_k: int = 0,
+                         batch_size: int = 8, progress: Callable[[int], None] | None = None) -> list[dict]:
     """One sampled continuation of `prompt_ids` per seed: {seed, text, n_tokens, finish ("stop"|"length")}."""
-    from transformers import LogitsProcessorList
-
     check_sampling(len(seeds), max_new_tokens, temperature, top_p, top_k, batch_size)
     if model.max_length and len(prompt_ids) + max_new_tokens > model.max_length:
         raise InputError(f"the prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceeds "
@@ -231,22 +172,21 @@ def sample_texts(model: Model, prompt_ids: Sequence[int], seeds: Sequence[int], 
     for start in range(0, len(seeds), batch_size):
         chunk = list(seeds[start:start + batch_size])
         enc = model.pad([list(prompt_ids)] * len(chunk), padding_side="left")
-        sampler = RowSampler(chunk, temperature, top_p, top_k)
-        generated = model.hf.generate(
-            input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=max_new_tokens,
-            # Greedy over the sampler's one-hot scores; neutral values keep the model's own defaults
-            # (repetition penalty, n-gram blocking) from changing the distribution we sample.
-            do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
-            logits_processor=LogitsProcessorList([sampler]), eos_token_id=stops or None, pad_token_id=model.pad_id,
-        )
-        for seed, row in zip(chunk, generated[:, enc.input_ids.shape[1]:].tolist()):
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            ids = row if end is None else row[:end]
-            out.append(dict(seed=int(seed), text=model.decode(ids).strip(), n_tokens=len(ids),
-                            finish="length" if end is None else "stop"))
+        samples = sample_rows(model, enc, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, stops=stops)
+        out += [dict(seed=int(seed), **s) for seed, s in zip(chunk, samples)]
         if progress is not None:
             progress(len(chunk))
     return out
+
+
+def sample_texts(*args, **kwargs) -> list[dict]:
+    """Deprecated name of `sample_continuations` (it collided with corpus.sample_texts)."""
+    import warnings
+
+    warnings.warn("steerstrength.prompts.sample_texts is deprecated; use sample_continuations",
+                  DeprecationWarning, stacklevel=2)
+    return sample_continuations(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- prompt sets
@@ -326,8 +266,9 @@ def generate_prompts(model: Model, concept: str, kind: str, n: int, *, setting: 
     else:
         prompt_ids, row_setting = list(model.start_ids), "random"  # BOS alone: no template, no chat turn
     seeds = [seed + SEED_OFFSET[row_setting or kind] + i for i in range(n)]
-    samples = sample_texts(model, prompt_ids, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, top_k=top_k, batch_size=batch_size, progress=progress)
+    samples = sample_continuations(model, prompt_ids, seeds, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size,
+                                   progress=progress)
     rows = []
     for s in samples:
         if not s["text"]:
@@ -355,3 +296,24 @@ def load_prompts(path, *, min_count: int = 2, what: str = "prompt file") -> list
 
 def texts_of(rows: Sequence[dict | str]) -> list[str]:
     return [r if isinstance(r, str) else r["text"] for r in rows]
+
+
+# ----------------------------------------------------------------------------- the shipped next-token contexts
+
+
+def _builtin_contexts() -> dict:
+    return json.loads(resources.files("steerstrength").joinpath("data/contexts.json").read_text(encoding="utf-8"))
+
+
+def builtin_concepts() -> list[str]:
+    """The paper's 8 concepts that have built-in concept-positive contexts."""
+    return sorted(_builtin_contexts()["concepts"])
+
+
+def builtin_contexts(concept: str | None = None) -> list[dict]:
+    """The 44 neutral contexts, plus the 4 concept-positive ones of `concept` when it is one of the 8."""
+    data = _builtin_contexts()
+    out = [dict(c, kind="neutral") for c in data["neutral"]]
+    if concept:
+        out += [dict(c, kind="concept") for c in data["concepts"].get(concept.lower(), [])]
+    return out

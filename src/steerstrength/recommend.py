@@ -37,6 +37,7 @@ import torch
 from steerstrength.errors import InputError
 from steerstrength.models import Model
 from steerstrength.steering import (
+    takes_vector,
     DEFAULT_LOGIT_BUDGET,
     as_alphas,
     as_vector,
@@ -170,6 +171,7 @@ def peak_report(alphas: torch.Tensor, probs: torch.Tensor, target_ids: torch.Ten
 # ----------------------------------------------------------------------------- generation measurements
 
 
+@takes_vector
 @torch.inference_mode()
 def token_kl(model: Model, vector, layer: int, prompt_ids: Sequence[Sequence[int]],
              completion_ids: Sequence[Sequence[int]], alphas, *,
@@ -303,33 +305,22 @@ class Recommendation:
     def alphas(self) -> list[float]:
         return self.table["alpha"].tolist()
 
-    def save(self, out_dir, prefix: str = "recommend") -> dict[str, Path]:
-        return save_recommendations([self], out_dir, prefix)
+    def save(self, out_dir) -> dict[str, Path]:
+        return save_recommendations([self], out_dir)
 
 
-def save_recommendations(recs: Sequence[Recommendation], out_dir, prefix: str = "recommend") -> dict[str, Path]:
-    """{prefix}.parquet (per prompt), _curve.parquet, .json, .png and _generations.jsonl, each written atomically."""
-    import pandas as pd
+def save_recommendations(recs: Sequence[Recommendation], out_dir) -> dict[str, Path]:
+    """recommend.parquet (per prompt), _curve.parquet, _generations.jsonl and .json, as the stage writes them
+    (runs.write_result); the figure is plots.plot_recommendations(table, curve, path)."""
+    from steerstrength.runs import StageResult, write_result
 
-    from steerstrength.io import write_json, write_jsonl, write_parquet
-
-    out = Path(out_dir)
-    paths = {"table": out / f"{prefix}.parquet", "curve": out / f"{prefix}_curve.parquet",
-             "summary": out / f"{prefix}.json", "figure": out / f"{prefix}.png"}
-    table = pd.concat([r.table for r in recs], ignore_index=True)
-    curve = pd.concat([r.curve for r in recs], ignore_index=True)
-    write_parquet(paths["table"], table)
-    write_parquet(paths["curve"], curve)
-    frames = [r.generations.frame for r in recs if r.generations is not None]
-    if frames:  # the completions behind iso-kl / grid-judge / global, once each
-        texts = pd.concat(frames, ignore_index=True).drop_duplicates(["prompt_index", "alpha", "completion_index"])
-        paths["generations"] = out / f"{prefix}_generations.jsonl"
-        write_jsonl(paths["generations"], texts.sort_values(["prompt_index", "alpha", "completion_index"])
-                    .to_dict(orient="records"))
-    plot_recommendations(table, curve, paths["figure"])
-    write_json(paths["summary"], {"methods": {r.method: r.summary for r in recs},
-                                  "files": {k: str(v) for k, v in paths.items()}})
-    return paths
+    budgets = sorted({r.summary["budget"] for r in recs})
+    info = recommendation_summary(recs, budget=budgets[0] if len(budgets) == 1 else budgets,
+                                  methods=[r.method for r in recs], prompts=recs[0].table["prompt"].tolist())
+    result = StageResult("recommend", recommendation_tables(recs), info)
+    names = {"recommend.parquet": "table", "recommend_curve.parquet": "curve",
+             "recommend_generations.jsonl": "generations", "recommend.json": "summary"}
+    return {names[p.name]: p for p in write_result(out_dir, result)}
 
 
 def _check(model: Model, vector, layer: int, prompts, method: str, budget: float, entropy_floor, positions: str):
@@ -363,10 +354,10 @@ def alpha_scale(model: Model, vector: torch.Tensor, layer: int, prompts: Sequenc
 
 
 def _grid(alphas, scale: float, span: float, points: int) -> torch.Tensor:
-    from steerstrength.metrics.grid import with_zero
+    from steerstrength.grid import AlphaGrid, with_zero
 
     if alphas is None:
-        return torch.linspace(0.0, span * scale, points, dtype=torch.float64)
+        return AlphaGrid.from_zero(span * scale, points).values
     a, _ = with_zero(alphas, warn=False)
     if (a < 0).any():
         raise InputError("alphas must be >= 0: every method steers toward the concept (negate the vector to steer "
@@ -380,7 +371,7 @@ def _labels(model: Model, concept: str, layer: int, setting: str, method: str, b
     return dict(model=model.name, concept=concept, layer=layer, setting=setting, method=method, budget=budget)
 
 
-def _judge(judge, concept: str, positive, negative, judge_model, seed: int) -> tuple[object, dict | None]:
+def ready_judge(judge, concept: str, positive, negative, judge_model, seed: int) -> tuple[object, dict | None]:
     """A ready judge and its held-out P-vs-N accuracy (calibrated on the other half when it calibrates)."""
     from steerstrength.judges import Judge, judge_accuracy, make_judge
 
@@ -398,6 +389,7 @@ def _judge(judge, concept: str, positive, negative, judge_model, seed: int) -> t
     return j, None
 
 
+@takes_vector
 def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *, budget: float = DEFAULT_BUDGET,
                     method: str = "sweet-spot", alphas=None, concept: str = "", setting: str = "",
                     positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
@@ -437,7 +429,7 @@ def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *,
             raise InputError("n_completions and max_new_tokens must be at least 1")
         j, accuracy = (None, None)
         if method != "iso-kl" and (generations is None or "judged" not in generations.frame):
-            j, accuracy = _judge(judge, concept, positive, negative, judge_model, seed)
+            j, accuracy = ready_judge(judge, concept, positive, negative, judge_model, seed)
         sampling = dict(n_completions=n_completions, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
                         batch_size=batch_size)
         if generations is None:
@@ -615,153 +607,66 @@ def _judged(prompts, gens: Generations, labels, common, method: str) -> Recommen
     return Recommendation(method, table, curve, summary, gens)
 
 
-# ----------------------------------------------------------------------------- figure
+# ----------------------------------------------------------------------------- the methods of a run, and their tables
 
 
-def plot_recommendations(table: "pd.DataFrame", curve: "pd.DataFrame", path) -> Path:
-    """One column per method: its objective (top) and distortion (bottom) vs alpha, budget line, chosen alphas."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from steerstrength.io import atomic_path
-
-    panels = {"sweet-spot": ("target_mass", "target-token mass (top-M)", "kl", "next-token KL (nats)"),
-              "iso-kl": (None, None, "p95_kl", "p95 per-token KL (nats)"),
-              "grid-judge": ("concept_p", "judged concept probability", "p95_kl", "p95 per-token KL (nats)"),
-              "global": ("concept_p", "judged concept probability", "p95_kl", "p95 per-token KL (nats)")}
-    methods = [m for m in METHODS if m in set(table["method"])]
-    fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 6.4), squeeze=False)
-    for col, method in enumerate(methods):
-        obj, obj_label, dist, dist_label = panels[method]
-        c = curve[curve["method"] == method]
-        t = table[table["method"] == method]
-        for row, (key, label) in enumerate(((obj, obj_label), (dist, dist_label))):
-            ax = axes[row, col]
-            if key is None:
-                ax.axis("off")
-                ax.set_title(method)
-                continue
-            for pi, g in c.groupby("prompt_index"):
-                g = g.sort_values("alpha")
-                pooled = pi == -1
-                ax.plot(g["alpha"], g[key], color="black" if pooled else None, lw=2.2 if pooled else 0.9,
-                        alpha=1.0 if pooled else 0.6, label="pooled" if pooled else None)
-            for _, r in t.iterrows():
-                own = c[c["prompt_index"] == (-1 if method in ("iso-kl", "global") else r["prompt_index"])]
-                own = own.sort_values("alpha")
-                if len(own):
-                    ax.plot([r["alpha"]], [np.interp(r["alpha"], own["alpha"], own[key])], "o", color="crimson", ms=5)
-            if row == 1:
-                ax.axhline(t["budget"].iloc[0], color="grey", ls="--", lw=1, label="budget")
-                ax.set_xlabel("alpha")
-            if key in ("kl", "p95_kl", "target_mass"):
-                ax.set_yscale("symlog", linthresh=1e-3 if key == "target_mass" else 0.1)
-                ax.set_ylim(bottom=0)
-            ax.set_ylabel(label)
-            if row == 0:
-                ax.set_title(method)
-            ax.grid(alpha=0.3)
-        axes[1, col].legend(fontsize=7, loc="upper left")
-    fig.suptitle("recommended alpha (red) on the curve it came from", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------- the pipeline stage
-
-
-def pipeline_recommend(ctx) -> list[Path]:
-    """The `recommend` stage: sweet-spot per prompt, iso-kl, and global when there are several prompts."""
-    import pandas as pd
-
-    from steerstrength.io import write_json, write_parquet
-    from steerstrength.prompts import evaluation_prompts
-
-    cfg, r = ctx.cfg, ctx.cfg.recommend
-    budget = float(getattr(r, "kl_budget", DEFAULT_BUDGET))
-    c = cfg.concept
-    if c.prompts_file:
-        from steerstrength.io import read_texts
-
-        prompts = [row["text"] for row in read_texts(c.prompts_file, what="concept prompt file")]
-    else:
-        prompts = evaluation_prompts("train")[: r.n_prompts]
-    n_completions, max_new_tokens, n_grid, refine = r.completions, r.max_new_tokens, r.n_alphas, r.refine_steps
+def default_methods(positions: str, n_prompts: int) -> tuple[list[str], list[str]]:
+    """The run's rule: sweet-spot; iso-kl unless positions="last"; global with several prompts. (methods, notes)"""
     methods = ["sweet-spot"]
     notes = ["grid-judge is skipped in the pipeline (it judges every prompt at every alpha); run "
              "`steerstrength recommend --method grid-judge` for it"]
-    if cfg.positions != "all":
+    if positions != "all":
         notes.append("iso-kl and global steer generations at all positions: skipped with positions=last")
     else:
         methods.append("iso-kl")
-        if len(prompts) > 1:
+        if n_prompts > 1:
             methods.append("global")
         else:
             notes.append("global needs several prompts: skipped with one")
-    judge_model = None
-    if "global" in methods and c.judge == "llm" and c.judge_model is not None:
-        from steerstrength.models import load_model
+    return methods, notes
 
-        judge_model = load_model(c.judge_model, dtype=cfg.model.dtype, device=cfg.model.device)
-    logodds_path = ctx.run.path("tables", "logodds.parquet")
-    tables, curves, summary = [], [], {}
-    for concept in cfg.concepts:
-        sv = ctx.vectors(concept)
-        pos, neg = ctx.prompt_texts(concept)
-        M = None
-        if logodds_path.is_file():
-            lo = pd.read_parquet(logodds_path, columns=["concept", "token_id", "M"])
-            lo = lo[lo["concept"] == concept].sort_values("token_id")
-            if len(lo) == ctx.model.vocab_size:
-                M = torch.tensor(lo["M"].to_numpy(), dtype=torch.float64)
-        for layer in sv.layers:
-            v = sv[layer]
-            base = dict(concept=concept, setting=cfg.setting, budget=budget, seed=cfg.seed, positions=cfg.positions,
-                        positive=pos, negative=neg)
-            recs = []
-            with ctx.progress(f"{concept}: sweet spot, layer {layer}", len(prompts)) as advance:
-                recs.append(recommend_alpha(ctx.model, v, layer, prompts, method="sweet-spot", log_odds=M,
-                                            progress=advance, **base))
-            if "iso-kl" in methods:
-                chat = ctx.model.has_chat_template
-                scale = alpha_scale(ctx.model, as_vector(ctx.model, v), layer, prompts, chat=chat)
-                grid = torch.linspace(0.0, GRID_SPAN * scale, n_grid, dtype=torch.float64)
-                judge = None
-                if "global" in methods:
-                    judge, _ = _judge(c.judge, concept, pos, neg, judge_model or ctx.model, cfg.seed)
-                total = len(prompts) * n_grid * n_completions
-                t_gen = time.perf_counter()
-                with ctx.progress(f"{concept}: generations for iso-kl / global, layer {layer}", total) as advance:
-                    gens = generate_and_measure(ctx.model, v, layer, prompts, grid, n_completions=n_completions,
-                                                max_new_tokens=max_new_tokens, seed=cfg.seed, chat=chat, judge=judge,
-                                                concept=concept, progress=advance)
-                t_gen = time.perf_counter() - t_gen
-                recs.append(recommend_alpha(ctx.model, v, layer, prompts, method="iso-kl", generations=gens,
-                                            refine_steps=refine, n_completions=n_completions,
-                                            max_new_tokens=max_new_tokens, **base))
-                if "global" in methods:
-                    recs.append(recommend_alpha(ctx.model, v, layer, prompts, method="global", generations=gens,
-                                                n_completions=n_completions, max_new_tokens=max_new_tokens, **base))
-            for rec in recs[1:]:  # iso-kl and global share one grid of generations: each counts its time
-                rec.summary["seconds_shared_generations"] = t_gen
-                rec.summary["seconds"] += t_gen
-            for rec in recs:
-                from steerstrength.metrics.grid import add_resid_column
 
-                add_resid_column(rec.table, sv.resid_scale(layer, ctx.model))
-                tables.append(rec.table)
-                curves.append(rec.curve)
-                summary[f"{concept}/{layer}/{rec.method}"] = rec.summary
-                ctx.log(f"[recommend] {concept} layer {layer} {rec.method}: mean alpha "
-                        f"{rec.summary['mean_alpha']:.3g} ({rec.summary['seconds']:.1f} s)")
-    paths = [write_parquet(ctx.run.path("tables", "recommend.parquet"), pd.concat(tables, ignore_index=True)),
-             write_parquet(ctx.run.path("tables", "recommend_curve.parquet"), pd.concat(curves, ignore_index=True))]
-    paths.append(write_json(ctx.run.path("tables", "recommend.json"),
-                            dict(budget=budget, methods=methods, prompts=prompts, notes=notes, per_vector=summary)))
-    return paths
+def check_methods(methods: Sequence[str], positions: str) -> list[str]:
+    """The asked methods in METHODS order, each once ("all": every one); one error line for a bad one."""
+    asked = list(METHODS) if "all" in methods else list(dict.fromkeys(methods))
+    for m in asked:
+        if m not in METHODS:
+            raise InputError(f"unknown method {m!r}; pick from {', '.join(METHODS)} or all")
+    if check_positions(positions) != "all" and any(m in GENERATION_METHODS for m in asked):
+        raise InputError("iso-kl, grid-judge and global steer generations at all positions; use positions='all' "
+                         "(or method sweet-spot)")
+    if not asked:
+        raise InputError("no method asked; pick from " + ", ".join(METHODS))
+    return sorted(asked, key=METHODS.index)
+
+
+def generation_alphas(model: Model, sv, prompts: Sequence[str], alphas=None, *, chat: bool,
+                      points: int = GRID_POINTS) -> torch.Tensor:
+    """The generation methods' grid: `alphas` (0 added, all >= 0), or linspace(0, GRID_SPAN x alpha_scale, points)."""
+    if alphas is not None:
+        return _grid(alphas, math.nan, GRID_SPAN, points)
+    return _grid(None, alpha_scale(model, as_vector(model, sv), sv.layer, prompts, chat=chat), GRID_SPAN, points)
+
+
+def recommendation_tables(recs: Sequence[Recommendation]) -> dict:
+    """recommend.parquet (method x prompt), recommend_curve.parquet and, when there are completions,
+    recommend_generations.jsonl: each completion once per vector (iso-kl's bisection extends the shared grid)."""
+    import pandas as pd
+
+    tables = {"recommend.parquet": pd.concat([r.table for r in recs], ignore_index=True),
+              "recommend_curve.parquet": pd.concat([r.curve for r in recs], ignore_index=True)}
+    label_keys = ["model", "concept", "layer", "setting"]
+    texts = [r.generations.frame.assign(**{k: r.table[k].iloc[0] for k in label_keys})
+             for r in recs if r.generations is not None]
+    if texts:
+        keys = ["concept", "layer", "prompt_index", "alpha", "completion_index"]
+        frame = pd.concat(texts, ignore_index=True).drop_duplicates(keys).sort_values(keys, ignore_index=True)
+        tables["recommend_generations.jsonl"] = frame[label_keys + [c for c in frame if c not in label_keys]]
+    return tables
+
+
+def recommendation_summary(recs: Sequence[Recommendation], *, budget: float, methods: Sequence[str],
+                           prompts: Sequence[str], notes: Sequence[str] = ()) -> dict:
+    """recommend.json: the budget, the methods, the prompts, notes, and per "concept/layer/method" its summary."""
+    return dict(budget=budget, methods=list(methods), prompts=list(prompts), notes=list(notes),
+                per_vector={f"{r.summary['concept']}/{r.summary['layer']}/{r.method}": r.summary for r in recs})

@@ -12,6 +12,7 @@ import os
 import platform
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -171,26 +172,32 @@ class RunDir:
 
     def chunk(self, stage: str, key: str, name: str, compute: Callable[[], dict],
               log: Callable[[str], None] | None = None) -> dict:
-        """A finished chunk ({part: DataFrame}) is read back; otherwise computed and written atomically.
+        """read_or_compute in this stage key's chunk directory (a different key starts from an empty one)."""
+        return read_or_compute(self.chunk_dir(stage, key), name, compute,
+                               log=None if log is None else (lambda m: log(f"[{stage}] {m}")))
 
-        Each part is its own Parquet file (types intact); the `.done` marker, written last, records each part's
-        size and sha256. A chunk whose marker or parts are damaged is discarded and computed again.
-        """
-        directory = self.chunk_dir(stage, key)
-        marker = directory / f"{name}.done"
-        if marker.is_file():
-            frames = _read_chunk(directory, name, marker)
-            if frames is not None:
-                return frames
-            if log is not None:
-                log(f"[{stage}] chunk {name} was damaged; computing it again")
-            marker.unlink()  # its parts are overwritten below; a kill meanwhile leaves no marker to trust
-        frames = compute()
-        records = {part: file_record(write_parquet(directory / f"{name}.{part}.parquet", frame))
-                   for part, frame in frames.items()}
-        with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps(records, sort_keys=True))
-        return frames
+
+def read_or_compute(directory: str | os.PathLike, name: str, compute: Callable[[], dict],
+                    log: Callable[[str], None] | None = None) -> dict:
+    """THE resume mechanism: a finished piece ({part: DataFrame}) in `directory` is read back, else computed and
+    written atomically. Each part is its own Parquet file (types intact); the `.done` marker, written last, records
+    each part's size and sha256; a piece whose marker or parts are damaged is computed again."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / f"{name}.done"
+    if marker.is_file():
+        frames = _read_chunk(directory, name, marker)
+        if frames is not None:
+            return frames
+        if log is not None:
+            log(f"chunk {name} was damaged; computing it again")
+        marker.unlink()  # its parts are overwritten below; a kill meanwhile leaves no marker to trust
+    frames = compute()
+    records = {part: file_record(write_parquet(directory / f"{name}.{part}.parquet", frame))
+               for part, frame in frames.items()}
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps(records, sort_keys=True))
+    return frames
 
 
 def _read_chunk(directory: Path, name: str, marker: Path) -> dict | None:
@@ -213,6 +220,68 @@ def _read_chunk(directory: Path, name: str, marker: Path) -> dict | None:
         except Exception:  # noqa: BLE001 - the checksum matched, yet the file does not read: recompute it
             return None
     return frames
+
+
+# ----------------------------------------------------------------------------- stage results and the one writer
+
+
+@dataclass
+class StageResult:
+    """What a stage measured: tables by file name (.parquet, or .jsonl for texts) and a JSON summary.
+
+    `sweep X` and the run's stage X return one and write it with `write_result`; results of several concepts
+    combine with `StageResult.combine`.
+    """
+
+    name: str  # the summary is written as <name>.json
+    frames: dict = field(default_factory=dict)  # file name -> DataFrame
+    info: dict | None = None
+
+    def tables(self) -> dict:
+        return self.frames
+
+    def summary(self) -> dict | None:
+        return self.info
+
+    @classmethod
+    def combine(cls, results: "list[StageResult]") -> "StageResult":
+        """One result: each table concatenated (in order), the summaries merged key by key (nested dicts merge)."""
+        import pandas as pd
+
+        if not results:
+            raise ValueError("no stage results to combine")
+        frames = {name: pd.concat([r.frames[name] for r in results if name in r.frames], ignore_index=True)
+                  for name in results[0].frames}
+        info = None
+        for r in results:
+            if r.info is not None:
+                info = _merge(info or {}, r.info)
+        return cls(results[0].name, frames, info)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def write_result(directory: str | os.PathLike, result: StageResult, extra: dict | None = None) -> list[Path]:
+    """The one writer of stage outputs: every table, then <name>.json (the summary, plus `extra`), each atomically."""
+    from steerstrength.io import write_jsonl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, frame in result.tables().items():
+        if name.endswith(".jsonl"):
+            paths.append(write_jsonl(directory / name, frame.to_dict(orient="records")))
+        else:
+            paths.append(write_parquet(directory / name, frame))
+    summary = result.summary()
+    if summary is not None or extra:
+        paths.append(write_json(directory / f"{result.name}.json", dict(extra or {}, **(summary or {}))))
+    return [Path(p) for p in paths]
 
 
 def resume_command(run_dir: Path) -> str:

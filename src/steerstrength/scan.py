@@ -53,7 +53,7 @@ class LayerScan:
 @torch.inference_mode()
 def _pass(model: Model, texts: Sequence[str], layers: list[int], batch_size: int, progress):
     """Per layer [n, d] float64 token means (first token out), per-token norms, and [V] sum of last-token log p."""
-    from steerstrength.vectors import layer_states, token_means, token_norms
+    from steerstrength.steering import layer_states, token_means, token_norms
 
     last = model.n_layers - 1
     want = sorted(set(layers) | {last})

@@ -6,6 +6,10 @@ Two ways in:
 - The sweep primitives `hidden_at` / `forward_from`: run blocks 0..l once per input, then put alpha
   in the batch dimension and run only blocks l+1.. for each alpha, computing logits only where read.
   `next_token_probs` is built on them; every metric uses them.
+
+Also here, as forward-pass tricks: the shared prefix KV cache (`prefix_cache`, `cache_snapshot`,
+`shared_prefix_last_logits`), per-row seeded sampling (`RowSampler`, `sample_rows`) and the patches
+that make nested forward-mode AD exact (`forward_ad_safe`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from steerstrength.errors import InputError
@@ -43,6 +48,37 @@ def as_vector(model: Model, vector) -> torch.Tensor:
     if not torch.isfinite(v).all():
         raise InputError("steering vector contains NaN or inf; recompute it from finite activations")
     return v.to(device=model.device, dtype=model.dtype)
+
+
+def takes_vector(fn):
+    """Measurements take a SteeringVector, which knows its layer: f(model, sv, ...). The former form
+    f(model, tensor, layer, ...) still works for one release, with a DeprecationWarning."""
+    import functools
+    import warnings
+
+    @functools.wraps(fn)
+    def wrapper(model, vector, *args, **kwargs):
+        layer_of = getattr(vector, "layer", None)
+        if hasattr(vector, "vectors"):  # a SteeringVectors mapping: the layer argument picks from it
+            return fn(model, vector, *args, **kwargs)
+        if isinstance(layer_of, int) and hasattr(vector, "vector"):  # a SteeringVector
+            given = kwargs.pop("layer", None)
+            if given is None and args and isinstance(args[0], int) and not isinstance(args[0], bool):
+                given, args = args[0], args[1:]
+            if given is not None and given != layer_of:
+                raise InputError(f"the vector is layer {layer_of}'s but layer {given} was given; drop the layer "
+                                 "argument (a SteeringVector knows its layer)")
+            return fn(model, vector, layer_of, *args, **kwargs)
+        import sys
+
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("steerstrength."):
+            return fn(model, vector, *args, **kwargs)  # our own internals pass tensors they unwrapped
+        warnings.warn(f"{fn.__name__}(model, tensor, layer, ...) is deprecated: pass a SteeringVector "
+                      f"(SteeringVectors[layer]), which knows its layer: {fn.__name__}(model, sv, ...)",
+                      DeprecationWarning, stacklevel=2)
+        return fn(model, vector, *args, **kwargs)
+
+    return wrapper
 
 
 def check_layer(model: Model, layer: int) -> int:
@@ -175,6 +211,48 @@ def hidden_at(model: Model, enc: Encoded, layers: int | Sequence[int], *, past_k
     return store[wanted[0]] if single else store
 
 
+# ----------------------------------------------------------------------------- residual streams of texts
+
+
+def layer_states(model: Model, texts: Sequence[str], layers: Sequence[int], *, batch_size: int = 8,
+                 max_length: int | None = None, skip_first_token: bool = True, require_tokens: bool = True):
+    """Per batch of `texts`: (start index, mask of the counted tokens [b, T], {layer: residual stream [b, T, d]}).
+
+    Right padding; one forward per batch records every layer and stops after the deepest one. The mask leaves
+    out padding and, with `skip_first_token`, position 0 (the attention sink). With `require_tokens`, a text with
+    no counted token is an InputError before its batch runs.
+    """
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        enc = model.encode(chunk, padding_side="right", max_length=max_length)
+        if model.max_length and enc.input_ids.shape[1] > model.max_length:
+            raise InputError(f"a text has {enc.input_ids.shape[1]} tokens, more than {model.name}'s maximum "
+                             f"{model.max_length}; truncate with --max-length (API: max_length=)")
+        mask = enc.attention_mask.clone()
+        if skip_first_token:
+            mask[:, 0] = 0  # right padding: column 0 is each text's first token
+        counts = mask.sum(-1)
+        if require_tokens and (counts == 0).any():
+            bad = chunk[int((counts == 0).nonzero()[0])]
+            need = "two tokens" if skip_first_token else "one token"
+            raise InputError(f"text {bad[:40]!r} has fewer than {need} after tokenization; remove it or pass "
+                             "skip_first_token=False")
+        yield start, mask, hidden_at(model, enc, layers)
+
+
+def token_means(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b, d] float64 on the CPU: each row's residual stream averaged over its masked-in tokens (Eq. 3's average)."""
+    acc_device = torch.device("cpu") if hidden.device.type == "mps" else hidden.device  # MPS has no float64
+    w = mask.to(device=acc_device, dtype=torch.float64).unsqueeze(-1)
+    h = hidden.to(device=acc_device, dtype=torch.float64)
+    return ((h * w).sum(1) / w.sum(1)).cpu()
+
+
+def token_norms(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n] float32 on the CPU: the L2 norm of the residual stream at every masked-in token."""
+    return hidden.float()[mask.bool().to(hidden.device)].norm(dim=-1).cpu()
+
+
 class _Skip(nn.Module):
     """Stands in for a block below the steered layer: its output is replaced anyway."""
 
@@ -270,30 +348,50 @@ def steered_hidden(hidden: torch.Tensor, vector: torch.Tensor, alphas: torch.Ten
     return out.reshape(a.shape[0] * n, *hidden.shape[1:])
 
 
-# ----------------------------------------------------------------------------- next-token probabilities
+# ----------------------------------------------------------------------------- the shared prefix (KV) cache
 
 
-def _kv_snapshot(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+def prefix_cache(model: Model, layers_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, *,
+                 batch: int = 1, above: int = -1):
+    """A KV cache holding the given per-layer (keys, values); a layer not given is empty, for a forward to fill.
 
-
-def _expanded_cache(model: Model, snapshot, batch: int, layer: int = -1):
-    """A KV cache of the batch-1 prefix seen by `batch` rows, without copying it.
-
-    Layers above `layer` get broadcast views (materialised once, by the cache's own concat);
-    layers up to `layer` are stand-ins in `forward_from` and keep their batch-1 tensors.
+    With batch > 1, layers above `above` are seen by `batch` rows as broadcast views of batch-1 keys
+    (materialised once, by the cache's own concat); layers up to `above` are stand-ins in
+    `forward_from` and keep their batch-1 tensors.
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(ddp_cache_data=snapshot, config=model.hf.config)
+    layers_kv = layers_kv or {}
+    cache = DynamicCache(ddp_cache_data=[layers_kv.get(i, (None, None)) for i in range(model.n_layers)],
+                         config=model.hf.config)
     if batch > 1:
         for idx, cache_layer in enumerate(cache.layers):
-            if idx > layer:
+            if idx > above and cache_layer.keys is not None:
                 cache_layer.keys = cache_layer.keys.expand(batch, *cache_layer.keys.shape[1:])
                 cache_layer.values = cache_layer.values.expand(batch, *cache_layer.values.shape[1:])
     return cache
 
 
+def cache_snapshot(cache, layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of `layers` of a filled cache, to seed `prefix_cache`; a cache only ever concatenates, so
+    later forwards on it leave them unchanged."""
+    return {i: (cache.layers[i].keys, cache.layers[i].values) for i in layers}
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all rows share, leaving every row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(n, 0)):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return max(n, 0)
+
+
+# ----------------------------------------------------------------------------- next-token probabilities
+
+
+@takes_vector
 @torch.inference_mode()
 def next_token_probs(model: Model, vector, layer: int, context: str, alphas, positions: str = "all", *,
                      chat: bool = False, token_budget: int = DEFAULT_TOKEN_BUDGET) -> torch.Tensor:
@@ -316,19 +414,18 @@ def next_token_probs(model: Model, vector, layer: int, context: str, alphas, pos
     out = torch.empty((a.shape[0], model.vocab_size), dtype=torch.float32)
     if positions == "last" and T > 1:
         prefix = Encoded(enc.input_ids[:, :-1], enc.attention_mask[:, :-1], enc.position_ids[:, :-1], enc.padding_side)
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.hf.config)
+        cache = prefix_cache(model)
         _forward(model, prefix, use_cache=True, past_key_values=cache, logits_to_keep=1)
-        snapshot = _kv_snapshot(cache)
+        snapshot = cache_snapshot(cache, range(model.n_layers))
         last = Encoded(enc.input_ids[:, -1:], enc.attention_mask, enc.position_ids[:, -1:], enc.padding_side)
-        h = hidden_at(model, last, layer, past_key_values=_expanded_cache(model, snapshot, 1))  # [1, 1, d]
+        h = hidden_at(model, last, layer, past_key_values=prefix_cache(model, snapshot))  # [1, 1, d]
         for sl in alpha_chunks(a.shape[0], 1, T, token_budget=token_budget * 8, vocab=model.vocab_size):
             b = sl.stop - sl.start
             steered = steered_hidden(h, v, a[sl], "all")
             rows = Encoded(last.input_ids.repeat(b, 1), last.attention_mask.repeat(b, 1),
                            last.position_ids.repeat(b, 1), enc.padding_side)
-            logits = forward_from(model, rows, layer, steered, past_key_values=_expanded_cache(model, snapshot, b, layer))
+            logits = forward_from(model, rows, layer, steered,
+                                  past_key_values=prefix_cache(model, snapshot, batch=b, above=layer))
             out[sl] = torch.softmax(logits[:, -1, :].float(), dim=-1).cpu()
         return out
     h = hidden_at(model, enc, layer)  # [1, T, d]
@@ -337,6 +434,59 @@ def next_token_probs(model: Model, vector, layer: int, context: str, alphas, pos
         logits = forward_from(model, repeat_rows(enc, sl.stop - sl.start), layer, steered, logits_to_keep=1)
         out[sl] = torch.softmax(logits[:, -1, :].float(), dim=-1).cpu()
     return out
+
+
+@torch.inference_mode()
+def shared_prefix_last_logits(model: Model, v: torch.Tensor, layer: int, rows: Sequence[Sequence[int]],
+                              alphas: torch.Tensor, positions: str, *,
+                              token_budget: int) -> Iterator[tuple[slice, int, torch.Tensor]]:
+    """(alpha slice, row index j, [b, vocab] steered logits at the last token of rows[j]) for token rows
+    sharing a prefix (k-shot prompts), over every alpha chunk and row.
+
+    The shared prefix runs once through blocks 0..l (unsteered, shared by all alphas) and once per alpha
+    chunk through blocks l+1.. (steered, alpha in the batch dimension), leaving KV caches; with
+    positions="last" it is unsteered throughout and runs once. Each row then runs only its own tokens:
+    blocks 0..l once, blocks l+1.. with the alphas in the batch, logits at the last position only.
+    """
+    n_layers, dev = model.n_layers, model.device
+    P = common_prefix_length(rows)
+    low, high = range(layer + 1), range(layer + 1, n_layers)
+
+    def enc(ids, start, batch=1):
+        t = torch.tensor([list(ids)] * batch, dtype=torch.long, device=dev)
+        mask = torch.ones((batch, start + t.shape[1]), dtype=torch.long, device=dev)
+        pos = torch.arange(start, start + t.shape[1], device=dev).expand(batch, -1)
+        return Encoded(t, mask, pos, "left")
+
+    # Prefix, blocks 0..l: once for every alpha and row.
+    lo, hi_shared, h_prefix = {}, {}, None
+    if P > 0:
+        cache = prefix_cache(model)
+        if positions == "all":
+            h_prefix = hidden_at(model, enc(rows[0][:P], 0), layer, past_key_values=cache)
+            lo = cache_snapshot(cache, low)
+        else:  # only last tokens are steered: the whole prefix is unsteered and shared by every alpha
+            model.hf(input_ids=enc(rows[0][:P], 0).input_ids, use_cache=True, logits_to_keep=1,
+                     **{model.cache_arg: cache})
+            lo, hi_shared = cache_snapshot(cache, low), cache_snapshot(cache, high)
+    # Each row's own tokens, blocks 0..l: once, on top of the prefix cache.
+    h_rows = [hidden_at(model, enc(r[P:], P), layer, past_key_values=prefix_cache(model, lo) if P > 0 else None)
+              for r in rows]
+    longest = max(len(r) for r in rows)
+    for sl in alpha_chunks(alphas.shape[0], 1, longest, token_budget=token_budget, vocab=model.vocab_size):
+        a = alphas[sl]
+        b = a.shape[0]
+        hi = hi_shared
+        if P > 0 and positions == "all":  # the steered prefix through blocks l+1..: once per alpha chunk
+            cache = prefix_cache(model)
+            forward_from(model, enc(rows[0][:P], 0, b), layer, steered_hidden(h_prefix, v, a, "all"),
+                         logits_to_keep=1, past_key_values=cache)
+            hi = cache_snapshot(cache, high)
+        for j, r in enumerate(rows):
+            cache = prefix_cache(model, {**lo, **hi}, batch=b, above=layer) if P > 0 else None
+            logits = forward_from(model, enc(r[P:], P, b), layer, steered_hidden(h_rows[j], v, a, positions),
+                                  logits_to_keep=1, past_key_values=cache)
+            yield sl, j, logits[:, -1, :]
 
 
 # ----------------------------------------------------------------------------- generation
@@ -354,6 +504,91 @@ def steered_generate(model: Model, enc: Encoded, vector, layer: int, alphas, pos
         return model.hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **generate_kwargs)
 
 
+# Nucleus sampling needs the tokens in order of probability; a full sort of the vocabulary costs ~20x
+# a top-256, and the nucleus of a language model almost always lies in its top 256 (else we widen).
+NUCLEUS_WIDTHS = (256, 4096)
+
+
+def candidates(scores: torch.Tensor, temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids), both [B, k]: what temperature, top-k and nucleus sampling may pick.
+
+    Probabilities are renormalised over the candidates; zeros mark tokens the nucleus drops.
+    """
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    vocab = probs.shape[-1]
+    if top_k > 0 and top_k < vocab:
+        values, ids = torch.topk(probs, top_k, dim=-1)
+        values = values / values.sum(-1, keepdim=True)  # the nucleus is taken within the top k
+    elif top_p < 1.0:
+        for width in NUCLEUS_WIDTHS + (vocab,):
+            values, ids = torch.topk(probs, min(width, vocab), dim=-1)
+            if width >= vocab or bool((values.sum(-1) >= top_p).all()):
+                break  # every row's nucleus lies within these candidates: the rest would be dropped anyway
+    else:
+        return probs, torch.arange(vocab, device=probs.device).expand_as(probs)
+    if top_p < 1.0:
+        # Drop a token when the tokens before it already reach top_p (the top token always stays).
+        values = values.masked_fill((values.cumsum(-1) - values) >= top_p, 0.0)
+    return values / values.sum(-1, keepdim=True), ids
+
+
+def filtered_probs(scores: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """The sampling distribution of each row of `scores` [B, V], as a dense [B, V] float32 tensor."""
+    values, ids = candidates(scores, temperature, top_p, top_k)
+    return torch.zeros(scores.shape, dtype=values.dtype, device=values.device).scatter(-1, ids, values)
+
+
+class RowSampler:
+    """A logits processor that samples every row from its own seeded generator.
+
+    It returns scores that are -inf except at the sampled token, so greedy search keeps that token:
+    a row's text depends only on its own seed, not on the batch it shares.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, top_k: int):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values, ids = candidates(scores, self.temperature, self.top_p, self.top_k)
+        # One uniform per row from its own CPU generator, then inverse-CDF on the model's device.
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        cdf = values.cumsum(-1)
+        target = (u.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+        pick = torch.searchsorted(cdf, target).clamp(max=values.shape[-1] - 1)
+        # Never land on a zero-probability token through rounding at a flat stretch of the CDF.
+        pick = torch.where(values.gather(-1, pick) > 0, pick, values.argmax(-1, keepdim=True))
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, ids.gather(-1, pick), 0.0)
+
+
+@torch.inference_mode()
+def sample_rows(model: Model, enc: Encoded, seeds: Sequence[int], *, max_new_tokens: int, temperature: float,
+                top_p: float, top_k: int, stops: Sequence[int], vector=None, layer: int | None = None, alphas=None,
+                positions: str = "all") -> list[dict]:
+    """One sampled continuation per row of `enc`, row r from its own generator seeded seeds[r] (RowSampler):
+    {text, n_tokens, finish ("stop"|"length")}, cut at the first of `stops`. With a `vector`, row r is
+    steered by alphas[r] * v after block `layer` (steered_generate).
+    """
+    from transformers import LogitsProcessorList
+
+    # Greedy over the sampler's one-hot scores; neutral values keep a model's own generation_config
+    # (repetition penalty, n-gram blocking) from changing the distribution we sample.
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                  no_repeat_ngram_size=0, eos_token_id=list(stops) or None, pad_token_id=model.pad_id,
+                  logits_processor=LogitsProcessorList([RowSampler(seeds, temperature, top_p, top_k)]))
+    if vector is None:
+        generated = model.hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **kwargs)
+    else:
+        generated = steered_generate(model, enc, vector, layer, alphas, positions, **kwargs)
+    out = []
+    for row in generated[:, enc.input_ids.shape[1]:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        ids = row if end is None else row[:end]
+        out.append(dict(text=model.decode(ids).strip(), n_tokens=len(ids), finish="length" if end is None else "stop"))
+    return out
+
+
 # ----------------------------------------------------------------------------- differentiable replay
 
 
@@ -367,3 +602,51 @@ def forward_from_differentiable(model: Model, enc: Encoded, layer: int, hidden: 
     with _replay_from(model, layer, hidden):
         out = _forward(model, enc, use_cache=False, logits_to_keep=logits_to_keep)
     return out.logits
+
+
+class _SecondOrderOps(torch.overrides.TorchFunctionMode):
+    """Plain formulas for ops whose nested forward-mode AD PyTorch gets wrong or lacks.
+
+    layer_norm's jvp-of-jvp is wrong (torch 2.13) and silu's is missing under no_grad; the formulas
+    below are the same functions written with ops whose nested forward AD is exact.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, torch.layer_norm):
+            return _layer_norm(*args, **kwargs)
+        if func is F.silu or func is torch.nn.functional.silu:
+            x = args[0] if args else kwargs["input"]
+            return x * torch.sigmoid(x)
+        if hasattr(F, "rms_norm") and func is F.rms_norm:
+            return _rms_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *_args):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _rms_norm(x, normalized_shape, weight=None, eps=None):
+    dims = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
+@contextlib.contextmanager
+def forward_ad_safe() -> Iterator[None]:
+    """Inside it, nested torch.func.jvp through `forward_from_differentiable` is exact (Thm 3.8 curvature)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The fused CPU/GPU attention kernels have no forward-mode AD; the math backend is composite.
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), _SecondOrderOps():
+        yield

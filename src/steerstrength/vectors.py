@@ -21,7 +21,7 @@ import torch
 from steerstrength.errors import InputError
 from steerstrength.io import atomic_path
 from steerstrength.models import Model
-from steerstrength.steering import check_layer, hidden_at
+from steerstrength.steering import check_layer, layer_states, token_means, token_norms  # noqa: F401
 
 GGUF_ARCH = "controlvector"
 # The only tensor names of a safetensors vector file (no leading zeros: one name per layer).
@@ -32,9 +32,116 @@ GGUF_KEY = re.compile(r"direction\.(?P<layer>[0-9]+)")
 ZERO_RTOL = 1e-6
 
 
+# Provenance a SteeringVector carries from its file (the rest of the file's metadata stays on SteeringVectors).
+PROVENANCE = ("model", "model_fingerprint", "concept", "setting", "normalize")
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringVector:
+    """One layer's steering vector v [d_model]: it knows its layer and where it came from.
+
+    `residual_norm` is r_l, the layer's median residual norm (for grids in residual units); `meta` is provenance
+    (model, fingerprint, concept, setting). Arithmetic gives new vectors of the same layer: `-sv`, `2 * sv`, `sv / 3`.
+
+    Example::
+
+        sv = ss.SteeringVectors.load("vectors.safetensors")[15]
+        with sv.apply(model, alpha=4.0):          # a context manager over `steer`: the hook is always removed
+            text = model.hf.generate(...)
+    """
+
+    vector: torch.Tensor
+    layer: int
+    residual_norm: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vector, SteeringVector):
+            object.__setattr__(self, "vector", self.vector.vector)
+
+    def apply(self, model: Model, alpha, positions: str = "all"):
+        """`with sv.apply(model, alpha):` adds alpha * v at block `layer`'s output (Eq. 1) inside the block."""
+        from steerstrength.steering import steer
+
+        return steer(model, self.vector, self.layer, alpha, positions)
+
+    def norm(self) -> torch.Tensor:
+        """||v|| (a 0-d tensor, as the tensor's own .norm())."""
+        return self.vector.norm()
+
+    def normalized(self) -> "SteeringVector":
+        """v / ||v|| (an InputError for the zero vector)."""
+        n = self.vector.double().norm()
+        if n == 0:
+            raise InputError(f"the layer-{self.layer} vector is zero; it cannot be normalized")
+        return self._with((self.vector.double() / n).to(self.vector.dtype), normalize=True)
+
+    def resid_scale(self, model: Model | None = None) -> float:
+        """alpha_resid per unit of raw alpha: ||v|| / r_l (r_l measured on `model` when not recorded)."""
+        from steerstrength.grid import resid_scale
+
+        return resid_scale(self.vector, self.r(model))
+
+    def r(self, model: Model | None = None) -> float:
+        """r_l: recorded, or measured on `model`."""
+        if self.residual_norm is not None:
+            return float(self.residual_norm)
+        if model is None:
+            raise InputError(f"no residual norm is recorded for layer {self.layer}; pass the model to measure it")
+        return residual_norms(model, [self.layer])[self.layer]
+
+    def raw_alphas(self, grid, model: Model | None = None) -> torch.Tensor:
+        """An AlphaGrid (raw, unit or resid) as the raw alphas `steer` adds with this vector."""
+        from steerstrength.grid import AlphaGrid
+
+        grid = grid if isinstance(grid, AlphaGrid) else AlphaGrid(grid)
+        return grid.to_raw(norm=float(self.vector.double().norm()), residual_norm=self.r(model) if grid.unit == "resid" else None)
+
+    def _with(self, vector: torch.Tensor, **meta) -> "SteeringVector":
+        return SteeringVector(vector, self.layer, self.residual_norm, dict(self.meta, **meta))
+
+    def __neg__(self) -> "SteeringVector":
+        return self._with(-self.vector)
+
+    def __mul__(self, k: float) -> "SteeringVector":
+        return self._with(self.vector * float(k))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, k) -> "SteeringVector":
+        return self._with(self.vector / float(k))
+
+    def __repr__(self) -> str:
+        what = " ".join(f"{k}={self.meta[k]!r}" for k in ("concept", "model") if self.meta.get(k))
+        return f"SteeringVector(layer={self.layer}, d={self.vector.shape[-1]}, norm={float(self.norm()):.4g}{' ' + what if what else ''})"
+
+    # One release of the old form, where SteeringVectors[layer] was the tensor itself: tensor attributes and torch
+    # functions reach `.vector`, with a DeprecationWarning.
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("vector", "layer", "residual_norm", "meta") or not hasattr(torch.Tensor, name):
+            raise AttributeError(name)
+        _tensor_use(name)
+        return getattr(self.vector, name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        _tensor_use(getattr(func, "__name__", str(func)))
+        unwrap = lambda x: x.vector if isinstance(x, SteeringVector) else x  # noqa: E731
+        args = tuple(unwrap(a) for a in args)
+        kwargs = {k: unwrap(v) for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
+
+
+def _tensor_use(what: str) -> None:
+    import warnings
+
+    warnings.warn(f"SteeringVectors[layer] is a SteeringVector now; use .vector for the tensor (used as one: {what}); "
+                  "the tensor form goes in the next release", DeprecationWarning, stacklevel=3)
+
+
 @dataclass
 class SteeringVectors:
-    """Layer -> steering vector [d_model], with the metadata that says how it was made."""
+    """Layer -> SteeringVector, with the metadata that says how they were made (`vectors` holds the tensors)."""
 
     vectors: dict[int, torch.Tensor]
     meta: dict = field(default_factory=dict)
@@ -42,6 +149,8 @@ class SteeringVectors:
     resamples: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A mapping of SteeringVectors (or of tensors): the tensors are kept.
+        self.vectors = {k: v.vector if isinstance(v, SteeringVector) else v for k, v in (self.vectors or {}).items()}
         if not self.vectors:
             raise InputError("no steering vectors given; a SteeringVectors needs at least one layer")
         if not isinstance(self.meta, dict):
@@ -71,14 +180,38 @@ class SteeringVectors:
             if not torch.isfinite(r).all():
                 raise InputError(f"the resamples for layer {layer} contain NaN or inf")
 
-    def __getitem__(self, layer: int) -> torch.Tensor:
+    def __getitem__(self, layer: int) -> SteeringVector:
         if layer not in self.vectors:
             have = ", ".join(str(k) for k in sorted(self.vectors))
             raise InputError(f"no steering vector for layer {layer}; this file has layers {have}")
-        return self.vectors[layer]
+        recorded = (self.meta.get("residual_norms") or {}).get(str(layer))
+        return SteeringVector(self.vectors[layer], layer, None if recorded is None else float(recorded),
+                              {k: self.meta[k] for k in PROVENANCE if k in self.meta})
 
     def __contains__(self, layer: int) -> bool:
         return layer in self.vectors
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def items(self):
+        """(layer, SteeringVector) pairs, by layer."""
+        return [(layer, self[layer]) for layer in self.layers]
+
+    def values(self) -> list[SteeringVector]:
+        return [self[layer] for layer in self.layers]
+
+    def select(self, layers: Sequence[int] | None = None, model: Model | None = None) -> list[SteeringVector]:
+        """The SteeringVector of each layer (all by default), with r_l measured on `model` where not recorded."""
+        layers = self.layers if layers is None else list(layers)
+        for layer in layers:
+            self[layer]  # a one-line error for a layer this object lacks
+            if model is not None:
+                self.residual_norm(layer, model)  # recorded in meta, so each vector carries it
+        return [self[layer] for layer in layers]
 
     @property
     def layers(self) -> list[int]:
@@ -104,9 +237,9 @@ class SteeringVectors:
 
     def resid_scale(self, layer: int, model: Model | None = None) -> float:
         """alpha_resid per unit of raw alpha at `layer`: ||v_l|| / r_l."""
-        from steerstrength.metrics.grid import resid_scale
+        from steerstrength.grid import resid_scale
 
-        return resid_scale(self[layer], self.residual_norm(layer, model))
+        return resid_scale(self.vectors[layer], self.residual_norm(layer, model))
 
     def check(self, model: Model) -> "SteeringVectors":
         """Raise InputError unless these vectors fit `model` (d_model and layer range)."""
@@ -304,40 +437,6 @@ def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int]:
 # ----------------------------------------------------------------------------- activations
 
 
-def layer_states(model: Model, texts: Sequence[str], layers: Sequence[int], *, batch_size: int = 8,
-                 max_length: int | None = None, skip_first_token: bool = True, require_tokens: bool = True):
-    """Per batch of `texts`: (start index, mask of the counted tokens [b, T], {layer: residual stream [b, T, d]}).
-
-    Right padding; one forward per batch records every layer and stops after the deepest one. The mask leaves
-    out padding and, with `skip_first_token`, position 0 (the attention sink). With `require_tokens`, a text with
-    no counted token is an InputError before its batch runs.
-    """
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        enc = model.encode(chunk, padding_side="right", max_length=max_length)
-        if model.max_length and enc.input_ids.shape[1] > model.max_length:
-            raise InputError(f"a text has {enc.input_ids.shape[1]} tokens, more than {model.name}'s maximum "
-                             f"{model.max_length}; truncate with --max-length (API: max_length=)")
-        mask = enc.attention_mask.clone()
-        if skip_first_token:
-            mask[:, 0] = 0  # right padding: column 0 is each text's first token
-        counts = mask.sum(-1)
-        if require_tokens and (counts == 0).any():
-            bad = chunk[int((counts == 0).nonzero()[0])]
-            need = "two tokens" if skip_first_token else "one token"
-            raise InputError(f"text {bad[:40]!r} has fewer than {need} after tokenization; remove it or pass "
-                             "skip_first_token=False")
-        yield start, mask, hidden_at(model, enc, layers)
-
-
-def token_means(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[b, d] float64 on the CPU: each row's residual stream averaged over its masked-in tokens (Eq. 3's average)."""
-    acc_device = torch.device("cpu") if hidden.device.type == "mps" else hidden.device  # MPS has no float64
-    w = mask.to(device=acc_device, dtype=torch.float64).unsqueeze(-1)
-    h = hidden.to(device=acc_device, dtype=torch.float64)
-    return ((h * w).sum(1) / w.sum(1)).cpu()
-
-
 @torch.inference_mode()
 def mean_activations(model: Model, texts: Sequence[str], layers: Sequence[int], *, skip_first_token: bool = True,
                      batch_size: int = 8, max_length: int | None = None, progress=None) -> dict[int, torch.Tensor]:
@@ -368,7 +467,7 @@ def residual_norms(model: Model, layers: Sequence[int], texts: Sequence[str] | N
     excluded like in Eq. (3). Default texts: the 44 built-in neutral contexts. This is r_l of alpha_resid (grid.py).
     """
     if texts is None:
-        from steerstrength.metrics.contexts import builtin_contexts
+        from steerstrength.prompts import builtin_contexts
 
         texts = [c["text"] for c in builtin_contexts()]
     layers = sorted(set(int(x) for x in layers))
@@ -385,11 +484,6 @@ def residual_norms(model: Model, layers: Sequence[int], texts: Sequence[str] | N
             raise InputError("the texts for the residual norm have no token after the first; give longer texts")
         out[layer] = float(values.double().median())
     return out
-
-
-def token_norms(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[n] float32 on the CPU: the L2 norm of the residual stream at every masked-in token."""
-    return hidden.float()[mask.bool().to(hidden.device)].norm(dim=-1).cpu()
 
 
 def bootstrap(pos: torch.Tensor, neg: torch.Tensor, k: int, *, seed: int = 0, normalize: bool = False) -> torch.Tensor:

@@ -22,7 +22,7 @@ alphas (on the sorted grid) containing alpha = 0, or, when 0 is degenerate or of
 non-degenerate alpha nearest to 0 (a tie goes to the longer run, then to the negative side).
 
 Reproducibility: row r samples with its own generator torch.Generator(seed_r), one uniform per decode
-step, by inverse CDF (prompts.RowSampler). A completion is therefore a function of (prompt, alpha,
+step, by inverse CDF (steering.RowSampler). A completion is therefore a function of (prompt, alpha,
 seed_r), the sampling settings and the model/dtype/device, not of which rows shared its batch (up to
 float rounding between batch shapes, which flips a token only if a uniform falls within ~1e-6 of a
 CDF boundary). Seeds are shared across alphas (common random numbers), so differences between alphas
@@ -45,7 +45,7 @@ import numpy as np
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
-from steerstrength.steering import as_alphas, as_vector, check_layer, check_positions, steered_generate
+from steerstrength.steering import takes_vector, as_alphas, as_vector, check_layer, check_positions, sample_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -119,12 +119,10 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple[str, fl
                   settings: SamplingSettings, *, batch_size: int = 64, progress: Callable | None = None) -> list[dict]:
     """Completions of (prompt, alpha, seed) rows; batches of rows share one `generate` call each.
 
-    Each row samples from its own generator (prompts.RowSampler), so its text depends on its
-    (prompt, alpha, seed) and the settings only; alpha is per row in the batch (steered_generate).
+    Each row samples from its own generator (steering.sample_rows), so its text depends on its
+    (prompt, alpha, seed) and the settings only; alpha is per row in the batch.
     """
-    from transformers import LogitsProcessorList
-
-    from steerstrength.prompts import RowSampler, stop_ids
+    from steerstrength.prompts import stop_ids
 
     settings.check(batch_size)
     v = as_vector(model, vector)
@@ -142,20 +140,12 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple[str, fl
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = model.pad([ids[rows[i][0]] for i in idx], padding_side="left")
-        sampler = RowSampler([rows[i][2] for i in idx], settings.temperature, settings.top_p, settings.top_k)
-        # Greedy over the sampler's one-hot scores; neutral values keep a model's own generation_config
-        # (repetition penalty, n-gram blocking) from changing the distribution we sample.
-        gen = steered_generate(model, enc, v, layer, [rows[i][1] for i in idx], settings.positions,
-                               max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
-                               repetition_penalty=1.0, no_repeat_ngram_size=0,
-                               logits_processor=LogitsProcessorList([sampler]), eos_token_id=stops or None)
-        new = gen[:, enc.input_ids.shape[1]:].cpu().tolist()
-        for j, i in enumerate(idx):
-            tokens = new[j]
-            end = next((k for k, t in enumerate(tokens) if t in stops), None)
-            kept = tokens if end is None else tokens[:end]
-            out[i] = {"completion": model.decode(kept).strip(), "n_new_tokens": len(kept),
-                      "finish": "length" if end is None else "stop"}
+        samples = sample_rows(model, enc, [rows[i][2] for i in idx], max_new_tokens=settings.max_new_tokens,
+                              temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                              stops=stops, vector=v, layer=layer, alphas=[rows[i][1] for i in idx],
+                              positions=settings.positions)
+        for i, s in zip(idx, samples):
+            out[i] = {"completion": s["text"], "n_new_tokens": s["n_tokens"], "finish": s["finish"]}
         if progress is not None:
             progress(len(idx))
     return out
@@ -361,16 +351,15 @@ class ConceptResult:
     summary: dict = field(default_factory=dict)
 
     def save(self, out_dir, prefix: str = "concept") -> dict[str, Path]:
-        """completions JSONL, scores and curve Parquet, summary JSON; each written atomically."""
-        from steerstrength.io import write_json, write_jsonl, write_parquet
+        """completions JSONL, scores and curve Parquet, summary JSON (runs.write_result, as the stage writes)."""
+        from steerstrength.runs import StageResult, write_result
 
+        names = {"completions": f"{prefix}_completions.jsonl", "scores": f"{prefix}_scores.parquet",
+                 "curve": f"{prefix}_curve.parquet"}
         out = Path(out_dir)
-        paths = {"completions": out / f"{prefix}_completions.jsonl", "scores": out / f"{prefix}_scores.parquet",
-                 "curve": out / f"{prefix}_curve.parquet", "summary": out / f"{prefix}.json"}
-        write_jsonl(paths["completions"], self.completions.to_dict(orient="records"))
-        write_parquet(paths["scores"], self.scores)
-        write_parquet(paths["curve"], self.curve)
-        write_json(paths["summary"], dict(self.summary, files={k: str(v) for k, v in paths.items()}))
+        paths = {k: out / v for k, v in names.items()} | {"summary": out / f"{prefix}.json"}
+        write_result(out, StageResult(prefix, {names[k]: getattr(self, k) for k in names},
+                                      dict(self.summary, files={k: str(v) for k, v in paths.items()})))
         return paths
 
 
@@ -395,6 +384,7 @@ def _judges(judges, judge_model, device: str):
     return out
 
 
+@takes_vector
 def concept_probability(model: Model, vector, layer: int, concept: str, *, alphas=DEFAULT_ALPHAS,
                         prompts: Sequence[str] | None = None, n_completions: int = 32, max_new_tokens: int = 64,
                         judges=("lexicon",), judge_model: Model | None = None,

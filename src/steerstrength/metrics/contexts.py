@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
-
-
-def _builtin() -> dict:
-    return json.loads(resources.files("steerstrength").joinpath("data/contexts.json").read_text(encoding="utf-8"))
-
-
-def builtin_concepts() -> list[str]:
-    """The paper's 8 concepts that have built-in concept-positive contexts."""
-    return sorted(_builtin()["concepts"])
-
-
-def builtin_contexts(concept: str | None = None) -> list[dict]:
-    """The 44 neutral contexts, plus the 4 concept-positive ones of `concept` when it is one of the 8."""
-    data = _builtin()
-    out = [dict(c, kind="neutral") for c in data["neutral"]]
-    if concept:
-        out += [dict(c, kind="concept") for c in data["concepts"].get(concept.lower(), [])]
-    return out
+from steerstrength.prompts import builtin_concepts, builtin_contexts  # noqa: F401 (the shipped contexts)
 
 
 def read_contexts(path) -> list[dict]:
@@ -76,3 +57,18 @@ def as_contexts(model: Model, contexts: Sequence[str | dict] | str, *, chat: boo
     if not out:
         raise InputError("no contexts given; pass at least one context")
     return check_ids(out)
+
+
+def stage_contexts(concept: str | None, contexts_file=None, n_contexts: int | None = None) -> list[dict]:
+    """The contexts a next-token stage sweeps: the user's file, or the built-in ones (neutral + the concept's own);
+    `n_contexts` keeps that many, half of them (at least one) the concept's own when it has some."""
+    if contexts_file:
+        items = read_contexts(contexts_file)
+    else:
+        items = builtin_contexts(concept)
+        if n_contexts is not None:
+            own = [c for c in items if c["kind"] == "concept"]
+            neutral = [c for c in items if c["kind"] != "concept"]
+            keep_own = own[: min(len(own), max(1, n_contexts // 2))]
+            items = neutral[: max(0, n_contexts - len(keep_own))] + keep_own
+    return items if n_contexts is None else items[:n_contexts]

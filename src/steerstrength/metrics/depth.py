@@ -43,7 +43,7 @@ def depth_profile(model: Model, positive: Sequence[str], negative: Sequence[str]
     """(table: one row per layer, curves_top: the top-8 rows per layer and context). Module doc has the columns."""
     import pandas as pd
 
-    from steerstrength.metrics.grid import to_raw
+    from steerstrength.grid import to_raw
     from steerstrength.metrics.logodds import log_odds_analysis
     from steerstrength.metrics.tokens import token_curves
     from steerstrength.vectors import difference_of_means

@@ -10,7 +10,7 @@ import torch
 from steerstrength.errors import InputError
 from steerstrength.metrics.contexts import as_contexts
 from steerstrength.models import Model
-from steerstrength.steering import as_alphas, as_vector, check_layer, check_positions, next_token_probs
+from steerstrength.steering import takes_vector, as_alphas, as_vector, check_layer, check_positions, next_token_probs
 
 DEFAULT_LIMIT_ALPHAS = (-1e4, -1e3, -1e2, 1e2, 1e3, 1e4)
 # The limit counts as reached on a side when the mean TV at its largest |alpha| is at most this; a TV that
@@ -18,11 +18,6 @@ DEFAULT_LIMIT_ALPHAS = (-1e4, -1e3, -1e2, 1e2, 1e3, 1e4)
 REACHED_TV = 0.1
 # LN is scale invariant up to its eps; at this RMS the eps term is ~1e-9 relative (and fp16-safe).
 _LIMIT_RMS = 100.0
-
-
-def final_logit_softcap(model: Model) -> float | None:
-    """The model's final logit soft-capping constant (Gemma 2/3), or None (models.Model owns the fact)."""
-    return model.final_logit_softcap
 
 
 @torch.inference_mode()
@@ -97,6 +92,7 @@ class LimitCheck:
                         f" with the model's final logit soft-capping ({self.softcap})" if self.softcap else ""))
 
 
+@takes_vector
 def limit_check(model: Model, vector, layer: int, contexts: Sequence[str | dict],
                 alphas=DEFAULT_LIMIT_ALPHAS, *, positions: str = "all", chat: bool = False,
                 progress: Callable[[int], None] | None = None) -> LimitCheck:
@@ -118,5 +114,5 @@ def limit_check(model: Model, vector, layer: int, contexts: Sequence[str | dict]
         top1[c] = probs.argmax(-1)
         if progress is not None:
             progress(1)
-    return LimitCheck(a, ctxs, tv, top1, {s: int(q.argmax()) for s, q in limits.items()}, final_logit_softcap(model))
+    return LimitCheck(a, ctxs, tv, top1, {s: int(q.argmax()) for s, q in limits.items()}, model.final_logit_softcap)
 

@@ -6,7 +6,8 @@ k-shot prompt in the original MMLU format (Hendrycks et al., 2021), never by par
 Sharing: the k-shot prefix is the same for every question of a subject. Per subject it runs once
 through blocks 0..l (unsteered, shared by all alphas) and once per alpha chunk through blocks l+1..
 (steered, with alpha in the batch dimension), leaving KV caches. Each question then runs only its own
-tokens: blocks 0..l once, blocks l+1.. with the alphas in the batch, logits at the last position only.
+tokens: blocks 0..l once, blocks l+1.. with the alphas in the batch, logits at the last position only
+(steering.shared_prefix_last_logits; this module scores the letters).
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ import numpy as np
 import torch
 
 from steerstrength.errors import InputError
-from steerstrength.models import Encoded, Model
+from steerstrength.models import Model
 from steerstrength.steering import (
-    alpha_chunks,
+    takes_vector,
     as_alphas,
     as_vector,
     check_layer,
     check_positions,
-    forward_from,
-    hidden_at,
-    steered_hidden,
+    common_prefix_length,
+    shared_prefix_last_logits,
 )
 
 if TYPE_CHECKING:
@@ -273,16 +273,6 @@ def letter_token_ids(model: Model) -> list[list[int]]:
     return ids
 
 
-def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix all rows share, leaving every row at least one token of its own."""
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for i in range(max(n, 0)):
-        if any(r[i] != first[i] for r in rows[1:]):
-            return i
-    return max(n, 0)
-
-
 def subject_token_rows(model: Model, subject: str, dev: Sequence[Question], test: Sequence[Question], k: int,
                        chat: bool) -> tuple[list[list[int]], int]:
     """Token rows of a subject's prompts with the largest k' <= k shots for which every prompt fits the model."""
@@ -298,18 +288,6 @@ def subject_token_rows(model: Model, subject: str, dev: Sequence[Question], test
 # ----------------------------------------------------------------------------- scoring
 
 
-def _cache(model: Model, layers: Sequence[tuple | None]):
-    """A DynamicCache holding the given per-layer (keys, values); None leaves a layer empty."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[kv if kv is not None else (None, None) for kv in layers],
-                        config=model.hf.config)
-
-
-def _snapshot(cache, layers: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    return {i: (cache.layers[i].keys, cache.layers[i].values) for i in layers}
-
-
 def _letter_logprobs(logits: torch.Tensor, letter_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, 4] log-probs renormalised over the letters, and [rows] total probability on the letters."""
     logp = torch.log_softmax(logits.double(), dim=-1)
@@ -323,56 +301,15 @@ def subject_letter_logprobs(model: Model, v: torch.Tensor, layer: int, rows: Seq
                             alphas: torch.Tensor, positions: str, letter_ids: list[list[int]], *,
                             token_budget: int, progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[A, Q, 4] letter log-probs and [A, Q] letter mass for the prompts `rows` sharing a token prefix."""
-    n_layers, dev = model.n_layers, model.device
-    A, Q = alphas.shape[0], len(rows)
-    P = common_prefix_length(rows)
-    out = np.empty((A, Q, 4), dtype=np.float64)
-    mass = np.empty((A, Q), dtype=np.float64)
-    low, high = range(layer + 1), range(layer + 1, n_layers)
-
-    def enc(ids, start, batch=1):
-        t = torch.tensor([list(ids)] * batch, dtype=torch.long, device=dev)
-        mask = torch.ones((batch, start + t.shape[1]), dtype=torch.long, device=dev)
-        pos = torch.arange(start, start + t.shape[1], device=dev).expand(batch, -1)
-        return Encoded(t, mask, pos, "left")
-
-    # Prefix, blocks 0..l: once for every alpha and question.
-    lo, hi_shared, h_prefix = {}, {}, None
-    if P > 0:
-        cache = _cache(model, [None] * n_layers)
-        if positions == "all":
-            h_prefix = hidden_at(model, enc(rows[0][:P], 0), layer, past_key_values=cache)
-            lo = _snapshot(cache, low)
-        else:  # only last tokens are steered: the whole prefix is unsteered and shared by every alpha
-            model.hf(input_ids=enc(rows[0][:P], 0).input_ids, use_cache=True, logits_to_keep=1,
-                     **{model.cache_arg: cache})
-            lo, hi_shared = _snapshot(cache, low), _snapshot(cache, high)
-    # Each question's own tokens, blocks 0..l: once, on top of the prefix cache.
-    h_q = []
-    for r in rows:
-        cache = _cache(model, [lo.get(i) for i in range(n_layers)]) if P > 0 else None
-        h_q.append(hidden_at(model, enc(r[P:], P), layer, past_key_values=cache))
-    longest = max(len(r) for r in rows)
-    for sl in alpha_chunks(A, 1, longest, token_budget=token_budget, vocab=model.vocab_size):
-        a = alphas[sl]
-        b = a.shape[0]
-        hi = {}
-        if P > 0 and positions == "all":  # the steered prefix through blocks l+1..: once per alpha chunk
-            cache = _cache(model, [None] * n_layers)
-            forward_from(model, enc(rows[0][:P], 0, b), layer, steered_hidden(h_prefix, v, a, "all"),
-                         logits_to_keep=1, past_key_values=cache)
-            hi = _snapshot(cache, high)
-        elif P > 0:
-            hi = {i: (k.expand(b, *k.shape[1:]), val.expand(b, *val.shape[1:])) for i, (k, val) in hi_shared.items()}
-        for j, r in enumerate(rows):
-            cache = _cache(model, [lo.get(i) if i <= layer else hi.get(i) for i in range(n_layers)]) if P > 0 else None
-            logits = forward_from(model, enc(r[P:], P, b), layer, steered_hidden(h_q[j], v, a, positions),
-                                  logits_to_keep=1, past_key_values=cache)
-            lp, m = _letter_logprobs(logits[:, -1, :], letter_ids)
-            out[sl, j] = lp.cpu().numpy()
-            mass[sl, j] = m.cpu().numpy()
-            if progress is not None:
-                progress(b)
+    out = np.empty((alphas.shape[0], len(rows), 4), dtype=np.float64)
+    mass = np.empty((alphas.shape[0], len(rows)), dtype=np.float64)
+    for sl, j, logits in shared_prefix_last_logits(model, v, layer, rows, alphas, positions,
+                                                   token_budget=token_budget):
+        lp, m = _letter_logprobs(logits, letter_ids)
+        out[sl, j] = lp.cpu().numpy()
+        mass[sl, j] = m.cpu().numpy()
+        if progress is not None:
+            progress(sl.stop - sl.start)
     return out, mass
 
 
@@ -388,14 +325,14 @@ class MMLUResult:
     summary: dict = field(default_factory=dict)
 
     def save(self, out_dir, prefix: str = "mmlu") -> dict[str, Path]:
-        from steerstrength.io import write_json, write_parquet
+        """Per-question and per-subject Parquet, summary JSON (runs.write_result, as the stage writes)."""
+        from steerstrength.runs import StageResult, write_result
 
+        names = {"table": f"{prefix}_questions.parquet", "accuracy": f"{prefix}.parquet"}
         out = Path(out_dir)
-        paths = {"table": out / f"{prefix}_questions.parquet", "accuracy": out / f"{prefix}.parquet",
-                 "summary": out / f"{prefix}.json"}
-        write_parquet(paths["table"], self.table)
-        write_parquet(paths["accuracy"], self.accuracy)
-        write_json(paths["summary"], dict(self.summary, files={k: str(v) for k, v in paths.items()}))
+        paths = {k: out / v for k, v in names.items()} | {"summary": out / f"{prefix}.json"}
+        write_result(out, StageResult(prefix, {names[k]: getattr(self, k) for k in names},
+                                      dict(self.summary, files={k: str(v) for k, v in paths.items()})))
         return paths
 
 
@@ -420,6 +357,7 @@ def accuracy_table(table) -> "pd.DataFrame":
                        "letter_mass"]]
 
 
+@takes_vector
 def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, subjects: Sequence[str] | None = None,
                   source=None, mmlu_dir=None, mmlu_parquet=None, k_shots: int = 5, limit: int | None = None, chat: bool = False,
                   positions: str = "all", concept: str = "", setting: str = "", token_budget: int = 16384,

@@ -20,9 +20,9 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.metrics.contexts import as_contexts
-from steerstrength.metrics.grid import linspace_grid, with_zero, zero_index
+from steerstrength.grid import linspace_grid, with_zero, zero_index
 from steerstrength.models import Model
-from steerstrength.steering import as_vector, check_layer, check_positions, next_token_probs
+from steerstrength.steering import takes_vector, as_vector, check_layer, check_positions, next_token_probs
 
 SHAPES = ("bump", "increasing", "decreasing", "other")
 DEFAULT_TOP_K = 100
@@ -170,6 +170,7 @@ def _vector_for(vector, layer: int):
     return vector
 
 
+@takes_vector
 def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Sequence[str | dict] | str,
                  alphas=None, *, positions: str = "all", top_k: int = DEFAULT_TOP_K, tokens: Sequence[int] = (),
                  top_each: int = DEFAULT_TOP_EACH, chat: bool = False, rel_tol: float = DEFAULT_REL_TOL,

@@ -9,18 +9,17 @@ its seq_len next-token predictions; the mean is over all scored tokens.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from steerstrength.errors import InputError
-from steerstrength.metrics.grid import linspace_grid, with_zero, zero_index
+from steerstrength.grid import linspace_grid, with_zero, zero_index
 from steerstrength.models import Encoded, Model
 from steerstrength.steering import (
+    takes_vector,
     DEFAULT_LOGIT_BUDGET,
     DEFAULT_TOKEN_BUDGET,
     alpha_chunks,
@@ -29,6 +28,7 @@ from steerstrength.steering import (
     check_layer,
     check_positions,
     forward_from,
+    forward_ad_safe,
     forward_from_differentiable,
     hidden_at,
     repeat_rows,
@@ -123,6 +123,7 @@ def _rows_per_forward(model: Model, seq_len: int, token_budget: int, logit_budge
 # ----------------------------------------------------------------------------- the sweep
 
 
+@takes_vector
 @torch.inference_mode()
 def cross_entropy_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas, *, positions: str = "all",
                        token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
@@ -158,6 +159,7 @@ def cross_entropy_sums(model: Model, vector, layer: int, ids: torch.Tensor, alph
     return sums
 
 
+@takes_vector
 def cross_entropy_curve(model: Model, vector, layer: int, texts: Sequence[str], alphas, *, seq_len: int = 128,
                         positions: str = "all", packing: bool = False, token_budget: int = DEFAULT_TOKEN_BUDGET,
                         logit_budget: int = DEFAULT_LOGIT_BUDGET, progress: Progress | None = None) -> torch.Tensor:
@@ -171,53 +173,7 @@ def cross_entropy_curve(model: Model, vector, layer: int, texts: Sequence[str], 
 # ----------------------------------------------------------------------------- curvature at alpha = 0 (Thm 3.8)
 
 
-class _SecondOrderOps(torch.overrides.TorchFunctionMode):
-    """Plain formulas for ops whose nested forward-mode AD PyTorch gets wrong or lacks.
-
-    layer_norm's jvp-of-jvp is wrong (torch 2.13) and silu's is missing under no_grad; the formulas
-    below are the same functions written with ops whose nested forward AD is exact.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (F.layer_norm, torch.layer_norm):
-            return _layer_norm(*args, **kwargs)
-        if func is F.silu or func is torch.nn.functional.silu:
-            x = args[0] if args else kwargs["input"]
-            return x * torch.sigmoid(x)
-        if hasattr(F, "rms_norm") and func is F.rms_norm:
-            return _rms_norm(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *_args):
-    dims = tuple(range(-len(normalized_shape), 0))
-    mean = x.mean(dim=dims, keepdim=True)
-    var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
-    y = (x - mean) / torch.sqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-def _rms_norm(x, normalized_shape, weight=None, eps=None):
-    dims = tuple(range(-len(normalized_shape), 0))
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
-    y = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
-    return y * weight if weight is not None else y
-
-
-@contextlib.contextmanager
-def _forward_ad_safe() -> contextlib.AbstractContextManager:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    # The fused CPU/GPU attention kernels have no forward-mode AD; the math backend is composite.
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), _SecondOrderOps():
-        yield
-
-
+@takes_vector
 def ce_derivatives(model: Model, vector, layer: int, ids: torch.Tensor, *, positions: str = "all",
                    token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
                    progress: Progress | None = None) -> dict:
@@ -253,7 +209,7 @@ def ce_derivatives(model: Model, vector, layer: int, ids: torch.Tensor, *, posit
             return d1, value
 
         zero = torch.zeros((), dtype=h.dtype, device=h.device)
-        with _forward_ad_safe():
+        with forward_ad_safe():
             d1, d2, value = jvp(slope, (zero,), (torch.ones_like(zero),), has_aux=True)
         totals += torch.stack([value.detach().double().cpu(), d1.detach().double().cpu(), d2.detach().double().cpu()])
         if progress is not None:
@@ -427,76 +383,62 @@ def _digest(*parts) -> str:
     return h.hexdigest()
 
 
-def _read_sums(path, inputs: str, n_alphas: int) -> torch.Tensor | None:
-    """A checkpointed chunk's sums if the file is whole and was made from the same inputs; else None."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            sums = fh.get_tensor("sums")
-    except Exception:  # noqa: BLE001 - truncated or garbage: the chunk is computed again
-        return None
-    if (meta.get("inputs") != inputs or sums.dtype != torch.float64 or tuple(sums.shape) != (n_alphas,)
-            or meta.get("sums") != _digest(sums)):
-        return None
-    return sums
-
-
-def _checkpointed_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas: torch.Tensor, directory,
-                       chunk_windows: int, **kwargs) -> torch.Tensor:
-    """`cross_entropy_sums` chunk by chunk of windows; finished chunks are read back from `directory`.
-
-    Each chunk file records a digest of its inputs (vector, layer, alphas, windows, positions) and of its sums:
-    a damaged chunk, or one made from other inputs, is computed again, never read back.
-    """
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from steerstrength.io import atomic_path
+def _chunked_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas: torch.Tensor, chunk,
+                  chunk_windows: int, **kwargs) -> torch.Tensor:
+    """`cross_entropy_sums` piece by piece of `chunk_windows` windows through `chunk(name, compute)` (the run's one
+    resume mechanism, runs.read_or_compute): finished pieces are read back. A piece's name carries a digest of its
+    inputs (vector, layer, alphas, windows, positions), so one made from other inputs is never read back."""
+    import pandas as pd
 
     if chunk_windows < 1:
         raise InputError(f"chunk_windows must be at least 1, not {chunk_windows}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     progress = kwargs.pop("progress", None)
     v = as_vector(model, vector)
     total = torch.zeros(alphas.numel(), dtype=torch.float64)
     for start in range(0, ids.shape[0], chunk_windows):
-        chunk = ids[start:start + chunk_windows]
-        path = directory / f"windows_{start:07d}_{start + chunk.shape[0]:07d}.safetensors"
-        inputs = _digest(v, layer, alphas.double(), chunk, kwargs.get("positions", "all"))
-        sums = _read_sums(path, inputs, alphas.numel()) if path.is_file() else None
-        if sums is not None:
-            if progress is not None:
-                progress(chunk.shape[0] * alphas.numel())
-        else:
-            sums = cross_entropy_sums(model, vector, layer, chunk, alphas, progress=progress, **kwargs).contiguous()
-            with atomic_path(path) as tmp:
-                save_file({"sums": sums}, str(tmp), metadata=dict(inputs=inputs, sums=_digest(sums)))
+        part = ids[start:start + chunk_windows]
+        inputs = _digest(v, layer, alphas.double(), part, kwargs.get("positions", "all"))
+        computed = []
+
+        def compute(part=part) -> dict:
+            sums = cross_entropy_sums(model, vector, layer, part, alphas, progress=progress, **kwargs)
+            computed.append(1)
+            return {"sums": pd.DataFrame({"sum": sums.double().cpu().numpy()})}
+
+        frames = chunk(f"windows_{start:07d}_{start + part.shape[0]:07d}_{inputs[:16]}", compute)
+        sums = torch.from_numpy(frames["sums"]["sum"].to_numpy(copy=True))
+        if sums.dtype != torch.float64 or sums.numel() != alphas.numel():
+            raise InputError(f"a stored Delta CE piece has {sums.numel()} sums for {alphas.numel()} alphas; delete it")
+        if not computed and progress is not None:
+            progress(part.shape[0] * alphas.numel())
         total += sums
     return total
 
 
+@takes_vector
 def xent_sweep(model: Model, vector, layer: int, texts: Sequence[str], alphas=None, *, seq_len: int = 128,
                positions: str = "all", packing: bool = False, max_tokens: int | None = None, curvature: bool = True,
                curvature_tokens: int | None = None, fit_radius: float | None = None,
                token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
-               checkpoint_dir=None, chunk_windows: int = 16, progress: Progress | None = None) -> XentSweep:
+               chunk=None, checkpoint_dir=None, chunk_windows: int = 16,
+               progress: Progress | None = None) -> XentSweep:
     """Delta CE(alpha) = CE(f_alpha) - CE(f) (Def. 3.7) with curvature (Thm 3.8) and plateau (Prop. 4.1) readings.
 
-    With `checkpoint_dir`, the windows are scored in chunks of `chunk_windows`, each chunk's float64 sums
-    saved atomically there; a rerun reads finished chunks back, so a killed sweep resumes.
+    With `chunk` (a run's `chunk(name, compute)`) or a `checkpoint_dir`, the windows are scored in pieces of
+    `chunk_windows`, each piece's float64 sums kept (runs.read_or_compute); a rerun reads them back.
     """
     a, inserted = with_zero(default_alphas() if alphas is None else alphas)
     ids, n_used = _sweep_ids(model, texts, seq_len, packing, max_tokens)
-    if checkpoint_dir is None:
+    if chunk is None and checkpoint_dir is not None:
+        from steerstrength.runs import read_or_compute
+
+        chunk = lambda name, compute: read_or_compute(checkpoint_dir, name, compute)  # noqa: E731
+    if chunk is None:
         sums = cross_entropy_sums(model, vector, layer, ids, a, positions=positions, token_budget=token_budget,
                                   logit_budget=logit_budget, progress=progress)
     else:
-        sums = _checkpointed_sums(model, vector, layer, ids, a, checkpoint_dir, chunk_windows, positions=positions,
-                                  token_budget=token_budget, logit_budget=logit_budget, progress=progress)
+        sums = _chunked_sums(model, vector, layer, ids, a, chunk, chunk_windows, positions=positions,
+                             token_budget=token_budget, logit_budget=logit_budget, progress=progress)
     ce = sums / (ids.shape[0] * seq_len)
     result = XentSweep(a, ce, int(ids.shape[0]), seq_len, len(texts), n_used, inserted)
     delta = result.delta_ce

@@ -11,7 +11,7 @@ from steerstrength.theory.dataset import (
     empirical_dataset,
     sample_pairs,
 )
-from steerstrength.theory.ufm import UFM, difference_of_means, steered_logits, steering_sets, train_ufm
+from steerstrength.theory.ufm import UFM, ufm_difference_of_means, steered_logits, steering_sets, train_ufm
 from steerstrength.theory.verify import TheoryConfig, Verification, World, build_world, verify
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "build_world",
     "concept_dataset",
     "dataset_entropy",
-    "difference_of_means",
+    "ufm_difference_of_means",
     "empirical_dataset",
     "sample_pairs",
     "steered_logits",

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from steerstrength.errors import InputError
-from steerstrength.io import atomic_path
+from steerstrength.io import write_figure
 from steerstrength.theory import laws
 from steerstrength.theory.verify import World
 
@@ -180,15 +180,9 @@ def fig_delta_cross_entropy(world: World) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
-    """Write `stem`.png and `stem`.pdf atomically."""
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{stem}.{ext}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150)
-        paths.append(path)
-    return paths
+def save_theory_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    """A UFM figure as `stem`.png and `stem`.pdf (io.write_figure at 150 dpi)."""
+    return write_figure(fig, out_dir, stem, dpi=150)
 
 
 def make_figures(world: World, out_dir: str | Path, context: int | None = None) -> list[Path]:
@@ -207,5 +201,5 @@ def make_figures(world: World, out_dir: str | Path, context: int | None = None) 
     }
     paths: list[Path] = []
     for stem, fig in figures.items():
-        paths += save_figure(fig, out_dir, stem)
+        paths += save_theory_figure(fig, out_dir, stem)
     return paths

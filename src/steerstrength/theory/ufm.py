@@ -167,9 +167,12 @@ def steering_sets(
     return P, N
 
 
-def difference_of_means(H: np.ndarray, P: np.ndarray, N: np.ndarray) -> np.ndarray:
+def ufm_difference_of_means(H: np.ndarray, P: np.ndarray, N: np.ndarray) -> np.ndarray:
     """Eq. (3): v = (1/|P|) sum_{j in P} h_j - (1/|N|) sum_{j in N} h_j."""
     return H[:, P].mean(axis=1) - H[:, N].mean(axis=1)
+
+
+difference_of_means = ufm_difference_of_means  # the former name; steerstrength.difference_of_means is the LLM one
 
 
 def steered_logits(ufm: UFM, v: np.ndarray, j: int | np.ndarray, alphas: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from steerstrength.theory.dataset import ConceptDataset, concept_dataset, datase
 from steerstrength.theory.ufm import (
     UFM,
     cross_entropy,
-    difference_of_means,
+    ufm_difference_of_means,
     steered_logits,
     steering_sets,
     train_ufm,
@@ -176,7 +176,7 @@ def build_world(config: TheoryConfig, progress: Callable[[int, float], None] | N
         ufm=ufm,
         P=P,
         N=N,
-        v=difference_of_means(ufm.H, P, N),
+        v=ufm_difference_of_means(ufm.H, P, N),
         M=laws.log_odds(ds.p, P, N),
         alphas=alphas,
         entropy=dataset_entropy(ds),
