@@ -82,6 +82,12 @@ def test_alpha_grids_hold_their_values_zero_and_unit():
         AlphaGrid.parse("1,1")
 
 
+def test_an_odd_symmetric_grid_holds_zero_exactly_once():
+    for n in (5, 9, 41, 61, 1025):
+        g = AlphaGrid.linspace(-1.5, 1.5, n)
+        assert len(g) == n and g.zero == n // 2 and (g.values.abs() < 1e-12).sum() == 1
+
+
 def test_the_former_grid_functions_give_the_same_values():
     assert torch.equal(linspace_grid(-2, 2, 8), AlphaGrid.linspace(-2, 2, 8).values)
     assert torch.equal(log_grid(4.0, 6), AlphaGrid.log(4.0, 6).values)

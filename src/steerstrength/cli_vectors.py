@@ -124,13 +124,17 @@ def _texts(concept: Optional[str], positive: Optional[Path], negative: Optional[
     return pos, neg, curated_texts(concept, "positive", "heldout"), curated_texts(concept, "negative", "heldout")
 
 
-def _section(**given):
-    """The vectors section of config.py (the only defaults) with the options the user gave."""
+def _section(preset: str, **given):
+    """The preset's vectors section (config.py: the only defaults) with the options the user gave."""
     import dataclasses
 
-    from steerstrength.config import VectorsConfig
+    from steerstrength.config import preset as run_preset
 
-    return dataclasses.replace(VectorsConfig(), **{k: v for k, v in given.items() if v is not None})
+    return dataclasses.replace(run_preset(preset).vectors, **{k: v for k, v in given.items() if v is not None})
+
+
+PresetOpt = typer.Option("demo", "--preset", help="Where the defaults come from: that preset's vectors section "
+                                                  "(`steerstrength config show --preset NAME`).")
 
 
 @vectors_app.callback(invoke_without_command=True)
@@ -145,7 +149,8 @@ def vectors(
     resamples: Optional[int] = typer.Option(None, "--resamples", help="K bootstrap resamples of P and N, for error "
                                                                       "bars (default 0)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
-    normalize: bool = typer.Option(False, "--normalize", help="Scale each vector to unit norm."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Scale each vector to unit norm; "
+                                             "default: the preset's vectors.normalize."),
     skip_first_token: Optional[bool] = typer.Option(None, "--skip-first-token/--no-skip-first-token",
                                           help="Leave position 0 (attention sink) out of each text's average."),
     gguf_out: Optional[Path] = typer.Option(None, "--gguf-out",
@@ -157,6 +162,7 @@ def vectors(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate each text to this many tokens."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="The model to be steered (HF id, directory, .gguf, embedded name)."),
+    preset: str = PresetOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
@@ -173,7 +179,7 @@ def vectors(
     if gguf_out is not None:
         check_output_file(gguf_out, option="--gguf-out", example="vectors.gguf")
     check_at_least(("--resamples", resamples, 0), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2))
-    section = _section(resamples=resamples, skip_first_token=skip_first_token, normalize=normalize or None,
+    section = _section(preset, resamples=resamples, skip_first_token=skip_first_token, normalize=normalize,
                        batch_size=batch_size, max_length=max_length)
     pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
     lm = load(model, dtype=dtype, device=device)
@@ -210,6 +216,7 @@ def scan(
                                                               "M (default: vectors.scan_top_k, 50)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Texts per forward (default 8)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to be steered."),
+    preset: str = PresetOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
@@ -227,7 +234,7 @@ def scan(
     label = concept or _common_field(pos_rows, "concept")
     check_at_least(("--top-k", top_k, 1), ("--batch-size", batch_size, 1))
     tables, result = scan_stage(lm, [r["text"] for r in pos_rows], [r["text"] for r in neg_rows],
-                                _section(scan_top_k=top_k, batch_size=batch_size), concept=label or "",
+                                _section(preset, scan_top_k=top_k, batch_size=batch_size), concept=label or "",
                                 heldout=(held_pos, held_neg), progress=progress_bar)
     write_result(out, tables)
     save_figure(fig_layer_scan(result.table, label), out, "layer_scan")

@@ -31,6 +31,11 @@ DEFAULT_RAW = {"tokens": (200.0, 1024, True), "xent": (100.0, 128, True), "conce
                "mmlu": (40.0, 9, False)}
 
 
+def default_alphas(stage: str) -> torch.Tensor:
+    """The API's default grid of `stage` (DEFAULT_RAW), as values."""
+    return AlphaGrid.default(stage).values
+
+
 @dataclass(frozen=True, eq=False)
 class AlphaGrid:
     """Sorted float64 alphas in `unit`; `inserted_zero` says whether 0 was added to what the user gave.
@@ -60,6 +65,9 @@ class AlphaGrid:
         if not alpha_min <= alpha_max:
             raise InputError(f"alpha_min {alpha_min} is above alpha_max {alpha_max}; swap them")
         values = torch.linspace(float(alpha_min), float(alpha_max), int(n), dtype=torch.float64)
+        # A symmetric odd grid can miss 0 by rounding (linspace(-1.5, 1.5, 61) holds -8.3e-17): that point is 0.
+        tiny = 8 * torch.finfo(torch.float64).eps * max(abs(float(alpha_min)), abs(float(alpha_max)))
+        values[values.abs() <= tiny] = 0.0
         if zero:  # "plus 0" is part of this grid: inserted_zero stays for 0 added to values a user listed
             values = cls.explicit(values, note=False).values
         return cls(values, unit)
@@ -82,6 +90,21 @@ class AlphaGrid:
         if spacing == "log":
             return cls.log(alpha_max, n, unit=unit)
         return cls.linspace(-alpha_max, alpha_max, n, zero=zero, unit=unit)
+
+    @classmethod
+    def centred(cls, alpha_max: float, points: int, *, unit: str = "raw") -> "AlphaGrid":
+        """alpha_max * linspace(-1, 1, points) with 0 exactly at its centre (points odd, >= 5): the UFM checks'."""
+        import math
+
+        import numpy as np
+
+        if not (math.isfinite(alpha_max) and alpha_max > 0):
+            raise InputError(f"--alpha-max {alpha_max} must be a positive number")
+        if points < 5 or points % 2 == 0:
+            raise InputError(f"--alpha-points {points} must be odd and >= 5 so that alpha = 0 is on the grid")
+        values = alpha_max * np.linspace(-1.0, 1.0, points)
+        values[points // 2] = 0.0
+        return cls(torch.from_numpy(values), unit)
 
     @classmethod
     def from_zero(cls, alpha_max: float, n: int, *, unit: str = "raw") -> "AlphaGrid":
@@ -136,10 +159,16 @@ class AlphaGrid:
         return cls.linspace(-alpha_max, alpha_max, n, zero=zero)
 
     @classmethod
-    def of(cls, alphas, *, stage: str | None = None, zero: bool = True) -> "AlphaGrid":
-        """What an API function was given (an AlphaGrid, a list or a tensor; None: the stage's default), as a grid."""
+    def of(cls, alphas, *, stage: str | None = None, zero: bool = True, vector=None, model=None) -> "AlphaGrid":
+        """What an API function was given (an AlphaGrid, a list or a tensor; None: the stage's default), as a raw
+        grid: a grid in unit or residual units becomes the raw alphas of `vector` (a SteeringVector)."""
         if isinstance(alphas, AlphaGrid):
-            return alphas
+            if alphas.unit == "raw":
+                return alphas
+            if not hasattr(vector, "raw_alphas"):
+                raise InputError(f"a grid in {alphas.unit} units needs the SteeringVector it steers with "
+                                 "(sv.raw_alphas(grid) gives the raw alphas)")
+            return cls(vector.raw_alphas(alphas, model), "raw", alphas.inserted_zero)
         if alphas is None:
             return cls.default(stage)
         return cls.explicit(alphas, zero=zero)
@@ -205,7 +234,16 @@ def zero_index(alphas) -> int:
 
 
 def resid_scale(vector, residual_norm: float) -> float:
-    """alpha_resid per unit of raw alpha: ||v|| / r_l."""
+    """alpha_resid per unit of raw alpha: ||v|| / r_l (alpha * v then has alpha_resid times the residual norm).
+
+    Args:
+        vector: v, a [d_model] tensor or a SteeringVector (`sv.resid_scale(model)` reads its own r_l).
+        residual_norm: r_l, the layer's median residual norm (vectors.residual_norms).
+
+    Example::
+
+        scale = ss.resid_scale(sv[28].vector, sv[28].residual_norm)    # raw alpha 1 is `scale` residual norms
+    """
     if not residual_norm > 0:
         raise InputError(f"the residual norm must be positive, not {residual_norm}")
     vector = getattr(vector, "vector", vector)
@@ -216,7 +254,17 @@ def resid_scale(vector, residual_norm: float) -> float:
 
 
 def to_raw(alphas, unit: str, scale: float) -> torch.Tensor:
-    """A grid in `unit` (raw or resid) as raw alphas, given alpha_resid per raw alpha; 0 stays exactly 0."""
+    """A grid in `unit` (raw or resid) as the raw alphas of Eq. (1), given alpha_resid per raw alpha; 0 stays 0.
+
+    Args:
+        alphas: an AlphaGrid, a list or a 1-D tensor.
+        unit: "raw" (returned as they are) or "resid".
+        scale: alpha_resid per unit of raw alpha (resid_scale).
+
+    Example::
+
+        raw = ss.to_raw(torch.linspace(-1.5, 1.5, 61), "resid", sv.resid_scale(28))   # or sv[28].raw_alphas(grid)
+    """
     a = alphas.values if isinstance(alphas, AlphaGrid) else as_alphas(alphas)
     return a if check_unit(unit) == "raw" else a / scale
 

@@ -379,7 +379,20 @@ def check_names(cfg: RunConfig) -> None:
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[str] | None = None) -> dict:
-    """Run (or resume) every stage; returns {stage: (status, seconds)}."""
+    """Run (or resume) every stage, from P, N (Sec. 5) and v (Eq. 3) to report.html: {stage: (status, seconds)}.
+
+    Args:
+        cfg: the run configuration (build_config).
+        out: the run directory; finished stages and chunks in it are reused (docs/pipeline.md).
+        progress: progress(description, total), a context manager yielding advance(n).
+        log: called with one line of text per event.
+        only: run these stages only (names of pipeline.STAGES).
+
+    Example::
+
+        from steerstrength.cli_common import progress_bar      # or stages.no_progress
+        ss.run_pipeline(ss.build_config("demo"), "runs/demo", progress=progress_bar, log=print)
+    """
     from steerstrength.models import load_model
 
     # The model and the layers are checked before anything is written: a wrong model spec or a layer

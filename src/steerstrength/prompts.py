@@ -65,7 +65,16 @@ def curated_concepts() -> list[str]:
 
 
 def curated_pairs(concept: str, split: str = "all") -> list[dict]:
-    """Our hand-written pairs for `concept`: {pair, split, situation, positive, negative}; a pair differs in the concept only."""
+    """Hand-written P/N pairs for Eq. (3): {pair, split, situation, positive, negative}, differing in the concept only.
+
+    Args:
+        concept: one of the 8 curated concepts (curated_concepts()).
+        split: "train" (64 pairs), "heldout" (32) or "all".
+
+    Example::
+
+        ss.curated_pairs("joy", "heldout")[0]["positive"]
+    """
     key = check_concept(concept).lower()
     if key not in curated_concepts():
         raise InputError(f"no curated texts for concept {concept!r}; curated concepts: {', '.join(curated_concepts())}"
@@ -76,20 +85,47 @@ def curated_pairs(concept: str, split: str = "all") -> list[dict]:
 
 
 def curated_texts(concept: str, kind: str, split: str = "train") -> list[str]:
-    """The curated positive (P) or contrastive negative (N) texts of one split."""
+    """The curated P (kind "positive") or contrastive N (kind "negative") texts of Eq. (3), one split.
+
+    Args:
+        concept: one of the 8 curated concepts.
+        kind: "positive" or "negative".
+        split: "train" (default), "heldout" or "all".
+
+    Example::
+
+        P, N = ss.curated_texts("joy", "positive"), ss.curated_texts("joy", "negative")
+    """
     if kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     return [r[kind] for r in curated_pairs(concept, split)]
 
 
 def neutral_texts(split: str = "all") -> list[str]:
-    """Calm first-person everyday texts that express none of the 8 concepts (a judge's "concept absent" class)."""
+    """Calm first-person everyday texts that express none of the 8 concepts (a judge's "concept absent" class).
+
+    Args:
+        split: "train", "heldout" or "all" (default).
+
+    Example::
+
+        ce = ss.cross_entropy_curve(model, sv[15], ss.neutral_texts(), [-4.0, 0.0, 4.0], seq_len=32, packing=True)
+    """
     _check_split(split)
     return [r["text"] for r in _data_jsonl("neutral.jsonl") if split == "all" or r["split"] == split]
 
 
 def evaluation_prompts(split: str = "all") -> list[str]:
-    """Chat prompts asking for neutral descriptions: the unsteered answers express none of the concepts."""
+    """Sec. 5's prompts to complete: chat prompts asking for neutral descriptions, whose unsteered answers express none
+    of the concepts.
+
+    Args:
+        split: "train" (the CLI's and the run's default prompts), "heldout" or "all" (default).
+
+    Example::
+
+        ss.concept_probability(model, sv[28], "joy", alphas=[0.0, 200.0], prompts=ss.evaluation_prompts("train")[:6])
+    """
     _check_split(split)
     return [r["text"] for r in _data_jsonl("eval_prompts.jsonl") if split == "all" or r["split"] == split]
 
@@ -98,7 +134,12 @@ def evaluation_prompts(split: str = "all") -> list[str]:
 
 
 def concepts() -> dict[str, dict]:
-    """The paper's 8 concepts (App. A): name -> {definition, opposite} (a fresh dict on each call)."""
+    """The paper's 8 concepts (App. A): name -> {definition, opposite} (a fresh dict on each call).
+
+    Example::
+
+        ss.concepts()["joy"]["opposite"]
+    """
     text = resources.files("steerstrength").joinpath("data/concepts.json").read_text(encoding="utf-8")
     return json.loads(text)
 
@@ -249,6 +290,17 @@ def generate_prompts(model: Model, concept: str, kind: str, n: int, *, setting: 
 
     Rows: concept, kind, setting (None for P, which serves both), text, generator, seed, n_tokens, finish,
     and opposite / opposite_source for contrastive N. Empty texts are dropped: n - len(rows) were empty.
+
+    Args:
+        model: the generator for P and contrastive N (an instruct model); for random N, the model to be steered.
+        concept, kind, n: the concept, "positive" or "negative", and how many texts to sample.
+        setting: for N: "contrastive" (the template with the opposite concept) or "random" (from BOS alone).
+        max_new_tokens, temperature, top_p, top_k: sampling; seed: text i of P gets seed + i (module doc).
+        opposite: the opposite concept for contrastive N; default: ask the generator.
+
+    Example::
+
+        P = ss.generate_prompts(model, "joy", "positive", 16, max_new_tokens=64)      # list[dict]
     """
     concept = check_concept(concept)
     if kind not in KINDS:
@@ -284,7 +336,15 @@ def rows_from_texts(texts: Sequence[str], concept: str, kind: str, setting: str 
 
 
 def load_prompts(path, *, min_count: int = 2, what: str = "prompt file") -> list[dict]:
-    """Rows of a prompt set: JSONL with a "text" field, or one text per line (Sec. 5 needs |P|, |N| >= 2)."""
+    """Rows of a prompt set: JSONL with a "text" field, or one text per line (Sec. 5 needs |P|, |N| >= 2).
+
+    Args:
+        path: the file; min_count: the fewest texts accepted; what: how an error names the file.
+
+    Example::
+
+        P = ss.load_prompts("joy.P.jsonl")                   # [{"text": ...}, ...]
+    """
     from steerstrength.io import read_texts
 
     rows = read_texts(path, min_count=min_count, what=what)

@@ -354,11 +354,11 @@ def alpha_scale(model: Model, vector: torch.Tensor, layer: int, prompts: Sequenc
 
 
 def _grid(alphas, scale: float, span: float, points: int) -> torch.Tensor:
-    from steerstrength.grid import AlphaGrid, with_zero
+    from steerstrength.grid import AlphaGrid
 
     if alphas is None:
         return AlphaGrid.from_zero(span * scale, points).values
-    a, _ = with_zero(alphas, warn=False)
+    a = AlphaGrid.explicit(alphas, note=False).values
     if (a < 0).any():
         raise InputError("alphas must be >= 0: every method steers toward the concept (negate the vector to steer "
                          "away from it)")

@@ -489,7 +489,15 @@ def render(run: RunTables) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write RUN/report.html (atomically) from the run's tables and figures; returns its path."""
+    """The paper's claims against the run's measurements: RUN/report.html (atomically), from its tables and figures.
+
+    Args:
+        run_dir: a run directory of `steerstrength run` (tables/, figures/, manifest.json); no model is loaded.
+
+    Example::
+
+        ss.write_report("runs/demo")             # -> Path("runs/demo/report.html")
+    """
     run = RunTables(run_dir)
     page = render(run)
     path = run.root / "report.html"

@@ -461,10 +461,19 @@ def mean_activations(model: Model, texts: Sequence[str], layers: Sequence[int], 
 @torch.inference_mode()
 def residual_norms(model: Model, layers: Sequence[int], texts: Sequence[str] | None = None, *,
                    batch_size: int = 16) -> dict[int, float]:
-    """Per layer, the median L2 norm of the residual stream over the tokens of `texts`, first token left out.
+    """r_l of alpha_resid (grid.py): per layer, the median L2 norm of the residual stream, first token left out.
 
     The first position is an attention sink (norm ~24,000 from layer 11 of SmolLM2, vs ~200 elsewhere), so it is
-    excluded like in Eq. (3). Default texts: the 44 built-in neutral contexts. This is r_l of alpha_resid (grid.py).
+    excluded like in Eq. (3).
+
+    Args:
+        layers: the blocks whose outputs are measured.
+        texts: the texts whose tokens are measured; default: the 44 built-in neutral contexts.
+        batch_size: texts per forward.
+
+    Example::
+
+        ss.residual_norms(model, [15, 28])       # {15: ~170, 28: ~720} on SmolLM2-135M
     """
     if texts is None:
         from steerstrength.prompts import builtin_contexts
@@ -517,10 +526,19 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
                         resamples: int = 0, seed: int = 0, progress=None) -> SteeringVectors:
     """Eq. (3): mean over P of token-averaged residual streams minus the same over N, per layer.
 
-    `positive` / `negative`: texts, or prompt-set rows with a "text" field. `layers` may include "auto": the
-    layer scan's pick on these texts (every third held out; scan.py), recorded as meta["auto_layer"].
-    `resamples` = K > 0 adds
-    K bootstrap replicates per layer (`.resamples[layer]`, [K, d]) for error bars.
+    Args:
+        positive, negative: texts, or prompt-set rows with a "text" field (at least 2 each).
+        layers: ints, or a spec such as "5,15,25", "middle", "early,middle,late", "all"; "auto" adds the layer
+            scan's pick on these texts (every third held out; scan.py), recorded as meta["auto_layer"].
+        skip_first_token: leave position 0 (the attention sink) out of each text's average.
+        normalize: scale each vector to unit norm.
+        resamples: K > 0 adds K bootstrap replicates per layer (`.resamples[layer]`, [K, d]) for error bars.
+        concept, setting: labels recorded in the metadata (with r_l per layer, `residual_norms`).
+
+    Example::
+
+        sv = ss.difference_of_means(model, P, N, [15, 28], concept="joy")   # SteeringVectors
+        sv[28]                                   # SteeringVector(layer=28, ...): .vector, .residual_norm
     """
     positive = [t if isinstance(t, str) else t["text"] for t in positive]
     negative = [t if isinstance(t, str) else t["text"] for t in negative]

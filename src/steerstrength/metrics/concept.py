@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from steerstrength.errors import InputError
+from steerstrength.grid import default_alphas
 from steerstrength.models import Model
 from steerstrength.steering import takes_vector, as_alphas, as_vector, check_layer, check_positions, sample_rows
 
@@ -66,7 +67,7 @@ DEFAULT_PROMPTS = (
     "How would you spend a free afternoon?",
 )
 
-DEFAULT_ALPHAS = tuple(float(a) for a in np.linspace(-40, 40, 41))
+DEFAULT_ALPHAS = tuple(default_alphas("concept").tolist())
 
 Z95 = 1.959963984540054
 
@@ -395,10 +396,22 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
                         judge_device: str = "cpu", progress: Callable | None = None) -> ConceptResult:
     """Sec. 5: fraction of sampled steered completions a judge finds `concept` in, per alpha (Thm 3.6).
 
-    `judges`: names from judges.JUDGES or Judge objects (the llm judge asks `judge_model`, by default
-    the steered model itself, unsteered); `positive`/`negative` texts (P and N) calibrate
-    the embedding judge and give every judge's held-out accuracy. `progress(n)` is called with the
-    number of completions generated, then judged by each judge.
+    Args:
+        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
+            DeprecationWarning, for one release).
+        concept: what the judges look for.
+        alphas: raw alphas (default: 41 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
+        prompts: the prompts completed (default: metrics.concept.DEFAULT_PROMPTS); n_completions per prompt and alpha.
+        judges: names from judges.JUDGES or Judge objects (the llm judge asks `judge_model`, by default the
+            steered model itself, unsteered).
+        positive, negative: P and N texts: calibrate the embedding judge and give every judge's held-out accuracy.
+        seed: completion seeds derive from (seed, prompt, index), the same for every alpha.
+        progress: called with the number of completions generated, then judged by each judge.
+
+    Example::
+
+        res = ss.concept_probability(model, sv[28], "joy", alphas=[-200.0, 0.0, 200.0], n_completions=4)
+        res.curve                                # judge, scope, alpha, k, n, p, ci_low, ci_high, mean_score
     """
     import pandas as pd
 

@@ -40,7 +40,25 @@ def concept_word_share(M: torch.Tensor, token_ids: Sequence[int], fraction: floa
 def depth_profile(model: Model, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int],
                   contexts: Sequence[dict], alphas_resid, M: torch.Tensor, *, positions: str = "all",
                   progress: Callable[[int], None] | None = None, labels: dict | None = None):
-    """(table: one row per layer, curves_top: the top-8 rows per layer and context). Module doc has the columns."""
+    """Thm 3.3 against depth: (table, one row per layer; curves_top, the top-8 rows per layer and context).
+
+    Each layer is steered with its own unit difference of means (Eq. 3) on the same grid in residual units; the
+    module doc has the columns.
+
+    Args:
+        positive, negative: P and N texts for the vectors.
+        layers: the layers to steer, one row each.
+        contexts: {id, text, kind} dicts (metrics.contexts.builtin_contexts).
+        alphas_resid: the grid in multiples of each layer's residual norm r_l (0 included).
+        M: the log-odds (Def. 3.2) over the vocabulary, [V] (ss.log_odds).
+
+    Example::
+
+        from steerstrength.grid import AlphaGrid
+        from steerstrength.metrics.contexts import builtin_contexts
+        table, top = ss.depth_profile(model, P, N, [15, 28], builtin_contexts()[:3],
+                                      AlphaGrid.symmetric(1.5, 48).values, ss.log_odds(model, P, N))
+    """
     import pandas as pd
 
     from steerstrength.grid import to_raw

@@ -96,7 +96,21 @@ class LimitCheck:
 def limit_check(model: Model, vector, layer: int, contexts: Sequence[str | dict],
                 alphas=DEFAULT_LIMIT_ALPHAS, *, positions: str = "all", chat: bool = False,
                 progress: Callable[[int], None] | None = None) -> LimitCheck:
-    """Prop. 4.1 on a real model: TV(p_alpha(.|context), softmax(LN(+/-v) W^T)) for large |alpha|."""
+    """Prop. 4.1 on a real model: TV(p_alpha(.|context), softmax(LN(+/-v) W^T)) for large |alpha|.
+
+    Args:
+        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
+            DeprecationWarning, for one release).
+        contexts: texts, or {id, text, kind} dicts.
+        alphas: nonzero raw alphas (default +/-1e2, 1e3, 1e4; `sv.raw_alphas(AlphaGrid.both_signs(...))` for
+            multiples of r_l).
+        positions, chat: as in next_token_probs.
+
+    Example::
+
+        check = ss.limit_check(model, sv[15], ["Today I", "The weather is"])
+        check.tv                                 # [contexts, alphas]; check.summary()["tv_shrinks"]
+    """
     v = as_vector(model, vector)
     check_layer(model, layer)
     check_positions(positions)

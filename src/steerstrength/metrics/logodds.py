@@ -54,7 +54,19 @@ def mean_log_probs(model: Model, texts: Sequence[str], *, max_tokens: int = DEFA
 
 def log_odds(model: Model, positive: Sequence[str], negative: Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS,
              batch_size: int = 8, chat: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Def. 3.2: M(z) = mean_{P} log p(z | text) - mean_{N} log p(z | text), [V] float64."""
+    """Def. 3.2: M(z) = mean_{P} log p(z | text) - mean_{N} log p(z | text), [V] float64.
+
+    Args:
+        positive, negative: P and N texts; p(. | text) is the unsteered next-token distribution after each text.
+        max_tokens: each text is cut to its first max_tokens tokens.
+        batch_size: texts per forward (left padded, explicit position ids).
+        chat: wrap the texts in the model's chat template.
+
+    Example::
+
+        M = ss.log_odds(model, ss.curated_texts("joy", "positive"), ss.curated_texts("joy", "negative"))
+        model.token_strings(M.topk(5).indices.tolist())     # the tokens most favoured after P
+    """
     if not positive or not negative:
         raise InputError(f"log-odds need texts in both sets; P has {len(positive)}, N has {len(negative)}")
     pos = mean_log_probs(model, positive, max_tokens=max_tokens, batch_size=batch_size, chat=chat, progress=progress)

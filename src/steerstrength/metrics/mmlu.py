@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from steerstrength.errors import InputError
+from steerstrength.grid import default_alphas
 from steerstrength.models import Model
 from steerstrength.steering import (
     takes_vector,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 LETTERS = "ABCD"
 RANDOM_GUESS = 0.25
-DEFAULT_ALPHAS = tuple(float(a) for a in np.linspace(-40, 40, 9))
+DEFAULT_ALPHAS = tuple(default_alphas("mmlu").tolist())
 # The 57 subjects of cais/mmlu (and of the original CSV release).
 SUBJECTS = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
@@ -364,8 +365,20 @@ def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, su
                   data: dict | None = None, progress: Callable | None = None) -> MMLUResult:
     """Fig. A.6: MMLU accuracy of the steered model per alpha, by answer-letter likelihood after k shots.
 
-    Data: `source` (a CSV directory, a Parquet file or directory, or "cais/mmlu"), or `mmlu_dir` /
-    `mmlu_parquet`; none of them: cais/mmlu through `datasets`; or `data` from `load_mmlu`. `progress(n)` is called with the number of (alpha, question) pairs scored.
+    Args:
+        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
+            DeprecationWarning, for one release).
+        alphas: raw alphas (default: 9 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
+        source: a CSV directory, a Parquet file or directory, or "cais/mmlu"; or `mmlu_dir` / `mmlu_parquet`;
+            none of them: cais/mmlu through `datasets`; or `data` from `load_mmlu`.
+        subjects, limit: which subjects (default: all found), and at most `limit` test questions each.
+        k_shots: solved dev questions before each question; chat: the whole prompt in the chat template.
+        progress: called with the number of (alpha, question) pairs scored.
+
+    Example::
+
+        mm = ss.mmlu_accuracy(model, sv[28], alphas=[-100.0, 0.0, 100.0], source="tests/fixtures/mmlu/csv")
+        mm.accuracy                              # per (alpha, subject), and subject "ALL"
     """
     import pandas as pd
 

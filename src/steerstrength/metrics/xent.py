@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from steerstrength.errors import InputError
-from steerstrength.grid import linspace_grid, with_zero, zero_index
+from steerstrength.grid import AlphaGrid, zero_index
 from steerstrength.models import Encoded, Model
 from steerstrength.steering import (
     takes_vector,
@@ -39,11 +39,10 @@ Progress = Callable[[int], None]
 
 
 def default_alphas() -> torch.Tensor:
-    """linspace(-100, 100, 128) plus 0: 129 alphas."""
-    return linspace_grid(-100.0, 100.0, 128)
+    """linspace(-100, 100, 128) plus 0: 129 alphas (grid.DEFAULT_RAW)."""
+    from steerstrength.grid import default_alphas as of
 
-
-# ----------------------------------------------------------------------------- windows
+    return of("xent")
 
 
 def windows(model: Model, texts: Sequence[str], seq_len: int = 128, *, packing: bool = False) -> torch.Tensor:
@@ -55,7 +54,7 @@ def sweep_units(model: Model, texts: Sequence[str], alphas, *, seq_len: int = 12
                 max_tokens: int | None = None) -> int:
     """Windows x alphas (0 added) that `xent_sweep` scores: the total of its progress."""
     n_windows = _sweep_ids(model, texts, seq_len, packing, max_tokens)[0].shape[0]
-    return int(n_windows) * int(with_zero(alphas, warn=False)[0].numel())
+    return int(n_windows) * len(AlphaGrid.explicit(alphas, note=False))
 
 
 def _sweep_ids(model: Model, texts: Sequence[str], seq_len: int, packing: bool,
@@ -163,7 +162,21 @@ def cross_entropy_sums(model: Model, vector, layer: int, ids: torch.Tensor, alph
 def cross_entropy_curve(model: Model, vector, layer: int, texts: Sequence[str], alphas, *, seq_len: int = 128,
                         positions: str = "all", packing: bool = False, token_budget: int = DEFAULT_TOKEN_BUDGET,
                         logit_budget: int = DEFAULT_LOGIT_BUDGET, progress: Progress | None = None) -> torch.Tensor:
-    """[len(alphas)] float64: mean next-token cross-entropy CE(f_alpha) over the windows of `texts` (module doc)."""
+    """Def. 3.7's CE(f_alpha): [len(alphas)] float64, the mean next-token cross-entropy over the windows of `texts`.
+
+    Args:
+        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
+            DeprecationWarning, for one release).
+        texts: the corpus; each text is cut into windows of seq_len + 1 tokens (module doc).
+        alphas: raw alphas; include 0 for the baseline CE(f).
+        seq_len: scored tokens per window; packing: concatenate the texts before windowing.
+        token_budget, logit_budget: bounds of one forward (memory for any number of alphas).
+
+    Example::
+
+        ce = ss.cross_entropy_curve(model, sv[15], ss.neutral_texts(), [-4.0, 0.0, 4.0], seq_len=32, packing=True)
+        delta_ce = ce - ce[1]                    # Delta CE(alpha)
+    """
     ids = windows(model, texts, seq_len, packing=packing)
     sums = cross_entropy_sums(model, vector, layer, ids, alphas, positions=positions, token_budget=token_budget,
                               logit_budget=logit_budget, progress=progress)
@@ -427,7 +440,8 @@ def xent_sweep(model: Model, vector, layer: int, texts: Sequence[str], alphas=No
     With `chunk` (a run's `chunk(name, compute)`) or a `checkpoint_dir`, the windows are scored in pieces of
     `chunk_windows`, each piece's float64 sums kept (runs.read_or_compute); a rerun reads them back.
     """
-    a, inserted = with_zero(default_alphas() if alphas is None else alphas)
+    grid = AlphaGrid.of(alphas, stage="xent", vector=vector, model=model)
+    a, inserted = grid.values, grid.inserted_zero
     ids, n_used = _sweep_ids(model, texts, seq_len, packing, max_tokens)
     if chunk is None and checkpoint_dir is not None:
         from steerstrength.runs import read_or_compute

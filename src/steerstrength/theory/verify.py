@@ -7,7 +7,6 @@ probabilities). Rows report an error (must stay under the tolerance) or a margin
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,14 +130,10 @@ class Verification:
 
 
 def alpha_grid(alpha_max: float, points: int) -> np.ndarray:
-    """A symmetric alpha grid with 0 exactly at its centre."""
-    if not (math.isfinite(alpha_max) and alpha_max > 0):
-        raise InputError(f"--alpha-max {alpha_max} must be a positive number")
-    if points < 5 or points % 2 == 0:
-        raise InputError(f"--alpha-points {points} must be odd and >= 5 so that alpha = 0 is on the grid")
-    grid = alpha_max * np.linspace(-1.0, 1.0, points)
-    grid[points // 2] = 0.0
-    return grid
+    """A symmetric alpha grid with 0 exactly at its centre (grid.AlphaGrid.centred)."""
+    from steerstrength.grid import AlphaGrid
+
+    return AlphaGrid.centred(alpha_max, points).values.numpy()
 
 
 def checked_contexts(ds: ConceptDataset, P: np.ndarray, N: np.ndarray) -> np.ndarray:
