@@ -181,6 +181,18 @@ def test_a_token_sweep_too_large_for_memory_is_refused_up_front(files, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_memory_check_counts_a_block_not_the_full_matrix_past_the_budget(monkeypatch):
+    """16,385 alphas at vocabulary 49,152 stream in blocks (metrics/reduce.py): only the table must fit."""
+    from steerstrength import stages
+
+    monkeypatch.setattr(stages, "available_memory", lambda: 2 * 10**9)
+    stages.check_token_memory(16385, "--n-alphas", 49152, 1, 1, 100)  # the full matrix alone would be 3.2 GB
+    with pytest.raises(InputError, match="use --n-alphas") as info:
+        stages.check_token_memory(200_000, "--n-alphas", 49152, 1, 1, 100)  # 200,000 x 100 table rows do not fit
+    fits = int(str(info.value).split("use --n-alphas ")[1].split()[0])
+    stages.check_token_memory(fits, "--n-alphas", 49152, 1, 1, 100)  # the advice is a size that passes
+
+
 # ----------------------------------------------------------------------------- item 12: sizes below one
 
 

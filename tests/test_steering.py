@@ -150,3 +150,114 @@ def test_default_model_fast_path_matches_plain_code(default_model):
         fast = next_token_probs(default_model, v, 15, CONTEXT, alphas, positions=positions)
         ref = plain_probs(default_model, v, 15, CONTEXT, alphas, positions)
         assert (fast - ref).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- last-token sweeps at long context
+
+# Longer than the tiny models' 8-token sliding windows, so windowed layers really drop part of the prefix.
+LONG_CONTEXT = CONTEXT + " and the dog and the cat on the table at home today , so i left a note on the table"
+
+
+def forbid_the_concatenating_path(monkeypatch):
+    from steerstrength import steering
+
+    def concatenating(*args, **kwargs):
+        raise AssertionError("fell back to the concatenating cache")
+
+    monkeypatch.setattr(steering, "_last_token_probs_concat", concatenating)
+
+
+def assert_last_token_sweep_is_exact(model, context=LONG_CONTEXT):
+    torch.manual_seed(1)
+    v = torch.randn(model.d_model)
+    alphas = torch.linspace(-8, 8, 7)
+    implementation = model.hf.config._attn_implementation
+    for layer in range(model.n_layers):
+        # token_budget=4: chunks of 4 and 3 alphas share one cache.
+        fast = next_token_probs(model, SteeringVector(v, layer), context, alphas, positions="last", token_budget=4)
+        ref = plain_probs(model, v, layer, context, alphas, "last")
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    assert model.hf.config._attn_implementation == implementation  # the user's model is left as it was
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_last_token_sweep_attends_to_the_shared_prefix_uncopied_and_exactly(arch, monkeypatch):
+    """positions="last" takes the no-copy attention on every architecture (grouped-query heads, sliding
+    windows, soft-capping, the multimodal layout) and equals the plain full forward beyond the window."""
+    model = tiny_model(arch)
+    assert model.encode([LONG_CONTEXT]).input_ids.shape[1] > 3 * 8
+    forbid_the_concatenating_path(monkeypatch)
+    assert_last_token_sweep_is_exact(model)
+
+
+def test_shared_prefix_attention_soft_caps_attention_logits_like_the_model(monkeypatch):
+    """Gemma 2's attention-logit soft-capping, made to bite, is reproduced (it changes the probabilities)."""
+    model = tiny_model("gemma2")
+    with torch.no_grad():
+        for module in model.hf.modules():
+            if hasattr(module, "attn_logit_softcapping"):
+                for proj in (module.q_proj, module.k_proj, module.v_proj, module.o_proj):
+                    proj.weight.mul_(20.0)  # attention logits well beyond a cap of 2, and outputs that count
+                module.attn_logit_softcapping = 2.0
+    v, alphas = torch.ones(model.d_model), [0.0, 4.0]
+    capped = plain_probs(model, v, 1, LONG_CONTEXT, alphas, "last")
+    for module in model.hf.modules():
+        if hasattr(module, "attn_logit_softcapping"):
+            module.attn_logit_softcapping = None
+    assert (plain_probs(model, v, 1, LONG_CONTEXT, alphas, "last") - capped).abs().max() > 1e-3
+    for module in model.hf.modules():
+        if hasattr(module, "attn_logit_softcapping"):
+            module.attn_logit_softcapping = 2.0
+    forbid_the_concatenating_path(monkeypatch)
+    assert_last_token_sweep_is_exact(model)
+
+
+def test_shared_prefix_attention_keeps_attention_sinks(monkeypatch):
+    """gpt-oss: a learned sink logit per head (s_aux), alternating sliding and full layers."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from steerstrength.models import wrap
+    from tiny import SPECIALS, WORDS, tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        "gpt_oss", vocab_size=len(SPECIALS) + len(WORDS), bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        num_hidden_layers=3, hidden_size=32, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    hf = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for module in hf.modules():
+            if hasattr(module, "sinks"):
+                module.sinks.normal_(0.0, 2.0)  # sinks that take a real share of the attention
+    forbid_the_concatenating_path(monkeypatch)
+    assert_last_token_sweep_is_exact(wrap(hf, tiny_tokenizer(), name="tiny-gpt_oss", source="test"))
+
+
+def test_an_attention_that_bypasses_the_interface_falls_back_to_the_exact_path(monkeypatch):
+    """Where the no-copy attention is not the one that ran, the sweep recomputes with the concatenating cache."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    from steerstrength import steering
+
+    model = tiny_model("llama")
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setattr(AttentionInterface, "get_interface", lambda self, name, default: sdpa)
+    fallbacks = []
+    concatenating = steering._last_token_probs_concat
+    monkeypatch.setattr(steering, "_last_token_probs_concat",
+                        lambda *args, **kwargs: fallbacks.append(1) or concatenating(*args, **kwargs))
+    assert_last_token_sweep_is_exact(model)
+    assert len(fallbacks) == model.n_layers - 1  # every layer with blocks above it; the last layer has none
+
+
+def test_forcing_the_concatenating_path_gives_the_same_probabilities(monkeypatch):
+    from steerstrength import steering
+
+    model = tiny_model("mistral")
+    sv, alphas = SteeringVector(torch.randn(model.d_model), 1), torch.linspace(-8, 8, 5)
+    shared = next_token_probs(model, sv, LONG_CONTEXT, alphas, positions="last")
+    monkeypatch.setattr(steering, "SHARED_PREFIX_ATTENTION", False)
+    torch.testing.assert_close(next_token_probs(model, sv, LONG_CONTEXT, alphas, positions="last"), shared,
+                               atol=1e-6, rtol=0)

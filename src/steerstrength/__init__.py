@@ -18,6 +18,9 @@ from steerstrength.metrics.depth import depth_profile
 from steerstrength.metrics.limits import limit_check
 from steerstrength.metrics.logodds import log_odds
 from steerstrength.metrics.tokens import token_curves
+from steerstrength.metrics.reduce import next_token_reduce
+from steerstrength.grid import AlphaGrid
+from steerstrength.vectors import SteeringVector
 from steerstrength.metrics.xent import cross_entropy_curve
 from steerstrength.metrics.concept import concept_probability
 from steerstrength.metrics.mmlu import mmlu_accuracy
@@ -58,6 +61,9 @@ __all__ = [
     "limit_check",
     "log_odds",
     "token_curves",
+    "next_token_reduce",
+    "AlphaGrid",
+    "SteeringVector",
     "concept_probability",
     "mmlu_accuracy",
     "recommend_alpha",

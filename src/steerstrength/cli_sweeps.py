@@ -174,6 +174,10 @@ def sweep_tokens(
     alphas: Optional[str] = AlphasOpt,
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Tokens stored at alpha_max and at alpha_min."),
     top_each: Optional[int] = typer.Option(None, "--top-each", help="Also store the top N tokens at every alpha (0: off)."),
+    certify: Optional[bool] = typer.Option(None, "--certify/--no-certify",
+                                           help="bfloat16 / float16: re-run the tracked tokens in float32 at 11 "
+                                                "alphas of the grid and 0, and report max |p - p_float32| "
+                                                "(p_error_bound); default: the preset's tokens.certify (on)."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
     alpha_unit: Optional[str] = GridUnitOpt,
@@ -198,7 +202,7 @@ def sweep_tokens(
                    ("--n-contexts", n_contexts, 1))
     check_output_dir(out, names=("tokens.parquet", "tokens_top.parquet", "tokens.json"))
     cfg, section = preset_section(preset, "tokens", n_alphas=n_alphas, top_k=top_k, top_each=top_each,
-                                  n_contexts=n_contexts)
+                                  n_contexts=n_contexts, certify=certify)
     unit = check_unit(alpha_unit or cfg.alpha_unit)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
     ctxs = st.contexts(contexts, chat, section.n_contexts)
@@ -208,7 +212,9 @@ def sweep_tokens(
     result = tokens_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
                           positions=positions, grid=grid, chat=chat, progress=progress_bar)
     paths = write_result(out, result, extra=st.header(start, preset=preset))
-    _done(out, paths, start, f"{len(ctxs)} contexts x {len(st.layers)} layer(s) x {len(grid)} alphas")
+    bound = (result.summary()["p_error_bound"].get(st.labels["concept"]) or {}).get("max")
+    _done(out, paths, start, f"{len(ctxs)} contexts x {len(st.layers)} layer(s) x {len(grid)} alphas"
+          + (f"; |p - p_float32| <= {bound:.2g} at the checked alphas" if bound is not None else ""))
 
 
 @sweep_app.command("logodds")

@@ -58,6 +58,9 @@ class TokensConfig:
     n_contexts: Optional[int] = None  # keep the first n contexts (None: all)
     top_k: int = 100  # stored at alpha_max and at alpha_min
     top_each: int = 10  # also stored: the top tokens at every alpha (the report's explorer shows them)
+    # bfloat16 / float16 models: re-run the tracked curves in float32 at 9 evenly spaced alphas (plus both ends and 0)
+    # and report max |p - p_float32| (tokens.parquet's p_error_bound); float32 models: nothing to certify (NaN)
+    certify: bool = True
 
 
 @dataclass
@@ -274,7 +277,18 @@ def _apply(cfg, data: dict, prefix: str = "") -> None:
 
 
 def build_config(preset_name: str = "demo", config_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Preset, then the TOML file, then `key=value` overrides (later wins)."""
+    """A run's configuration: the preset, then the TOML file, then `key=value` overrides (later wins), validated.
+
+    Args:
+        preset_name: "demo" (CPU sizes) or "paper" (the paper's sizes).
+        config_file: a TOML file as `steerstrength config show` writes it.
+        overrides: "key=value" strings, e.g. "concepts=['joy']" or "xent.n_tokens=4096".
+
+    Example::
+
+        cfg = ss.build_config("demo", overrides=["tokens.n_alphas=64"])
+        cfg.tokens.alpha_max, cfg.alpha_unit     # (1.5, "resid")
+    """
     cfg = preset(preset_name)
     if config_file:
         from steerstrength.io import read_text_file

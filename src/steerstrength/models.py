@@ -286,6 +286,29 @@ class Model:
             "add_bos": self.add_bos,
         }
 
+    def in_dtype(self, dtype: str | torch.dtype) -> "Model":
+        """This model in `dtype` on the same device (e.g. the float32 reference of a bfloat16 model): made on the first
+        call and cached on this object; the model itself if it has that dtype.
+
+        A model loaded from a file, directory or HF id is loaded again in `dtype`, so its weights are those a run in
+        `dtype` uses (a bfloat16 model's rounded weights are not the float32 ones); any other is a cast copy."""
+        dtype = resolve_dtype(dtype)
+        if dtype == self.dtype:
+            return self
+        copies = self.__dict__.setdefault("_dtype_copies", {})
+        if dtype not in copies:
+            kind, _, spec = self.source.partition(":")
+            if kind in ("gguf", "dir", "hf") and spec:
+                other = load_model(spec, dtype, self.device, blocks_path=self.blocks_path)
+                other.name = self.name
+            else:
+                import copy
+
+                other = wrap(copy.deepcopy(self.hf).to(dtype=dtype), self.tokenizer, name=self.name,
+                             source=self.source, blocks_path=self.blocks_path)
+            copies[dtype] = other
+        return copies[dtype]
+
 
 # ----------------------------------------------------------------------------- dtype & device
 
@@ -586,7 +609,19 @@ def load_model(
     *,
     blocks_path: str | None = None,
 ) -> Model:
-    """Load a causal LM from an embedded name, a .gguf file, a local directory or a HF id."""
+    """Load a causal LM from an embedded name, a .gguf file, a local directory or a HF id (the f of Eq. 1).
+
+    Args:
+        spec: an embedded name, a .gguf file, a model directory or a Hugging Face id from the local cache;
+            None: the embedded SmolLM2-135M-Instruct (dequantized once, then cached as safetensors).
+        dtype: "float32" (the reference), "bfloat16" or "float16".
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        blocks_path: dotted path of the decoder blocks, for an architecture steerstrength does not know.
+
+    Example::
+
+        model = ss.load_model()                  # model.n_layers == 30, model.d_model == 576
+    """
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     spec = DEFAULT_MODEL if spec is None else str(spec)

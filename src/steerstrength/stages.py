@@ -91,7 +91,9 @@ def tokens_stage(model, vectors: Sequence, section: TokensConfig, *, contexts: l
 
     Args:
         vectors: SteeringVector per layer, all of `labels["concept"]`.
-        section: the tokens section (alpha_max, n_alphas, top_k, top_each); `grid` replaces its grid.
+        section: the tokens section (alpha_max, n_alphas, top_k, top_each, certify); `grid` replaces its grid.
+            certify: a bfloat16 / float16 model's tracked curves are re-run in float32 at 11 alphas (plus 0); the
+            measured max |p - p_float32| is tokens.parquet's `p_error_bound` (NaN for float32) and tokens.json's.
         contexts: {id, text, kind} dicts (metrics.contexts.stage_contexts).
         tokens: token ids tracked besides the top-k at both ends (e.g. the target tokens of largest M).
 
@@ -105,27 +107,45 @@ def tokens_stage(model, vectors: Sequence, section: TokensConfig, *, contexts: l
 
     grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, unit=unit)
     concept = labels.get("concept", "")
-    curves, tops = [], []
+    curves, tops, per_curve = [], [], []
     with progress(f"{concept}: next-token curves", len(contexts) * len(vectors)) as advance:
         for sv in vectors:
             scale, raw = sv.resid_scale(model), sv.raw_alphas(grid, model)
             for c in contexts:
                 def compute(sv=sv, c=c, scale=scale, raw=raw):
                     res = token_curves(model, sv, [c], raw, positions=positions, top_k=section.top_k,
-                                       top_each=section.top_each, tokens=tokens, chat=chat)
+                                       top_each=section.top_each, tokens=tokens, chat=chat, certify=section.certify)
                     return {"curves": add_resid_column(res.curves_frame(model, **labels), scale),
                             "top": add_resid_column(res.top_frame(model, **labels), scale)}
 
                 parts = chunk(f"{concept}.{sv.layer}.{c['id']}", compute)
                 curves.append(parts["curves"])
                 tops.append(parts["top"])
+                first = parts["curves"]["alpha"] == parts["curves"]["alpha"].iloc[0]
+                per_curve.append(parts["curves"][first])  # the summaries read one row a curve: the first alpha's
                 advance(1)
     import pandas as pd
 
     curves_df, tops_df = pd.concat(curves, ignore_index=True), pd.concat(tops, ignore_index=True)
+    del curves
+    per_curve = pd.concat(per_curve, ignore_index=True)
     summary = dict(alphas=grid.tolist(), alpha_unit=grid.unit, inserted_zero=grid.inserted_zero,
-                   per_concept={concept: shape_summary(curves_df, tops_df)})
+                   per_concept={concept: shape_summary(per_curve, tops_df)},
+                   p_error_bound={concept: error_bound_summary(per_curve, model.dtype)})
     return StageResult("tokens", {"tokens.parquet": curves_df, "tokens_top.parquet": tops_df}, summary)
+
+
+def error_bound_summary(curves, dtype) -> dict | None:
+    """A half-precision sweep's measured bound max |p - p_float32| (tokens.parquet's p_error_bound): overall and
+    per layer and context; None when nothing was certified (float32, or certify off)."""
+    if "p_error_bound" not in curves:
+        return None
+    per = curves.drop_duplicates(["layer", "context_id"]).dropna(subset=["p_error_bound"])
+    if per.empty:
+        return None
+    return dict(dtype=str(dtype).removeprefix("torch."), max=float(per["p_error_bound"].max()),
+                per_layer={str(layer): {str(c): float(b) for c, b in zip(g["context_id"], g["p_error_bound"])}
+                           for layer, g in per.groupby("layer")})
 
 
 def shape_summary(curves, tops) -> dict:
@@ -140,21 +160,30 @@ def shape_summary(curves, tops) -> dict:
     return out
 
 
-TOKEN_ROW_BYTES = 200  # one row of tokens.parquet at the peak (the frames and their concatenation): measured
-                       # ~204 on a tiny model, 1,000 to 8,000 alphas
+# One row of tokens.parquet at the peak of tokens_stage (frames, concatenation, summaries, the write): measured 61 bytes
+# (one context's 3.2 M rows) to 159 (16 contexts' pieces concatenated); a sweep tracks about twice top_k tokens, so
+# 120 x top_k per alpha errs low.
+TOKEN_ROW_BYTES = 120
 
 
 def check_token_memory(n_grid: int, option: str, vocab_size: int, n_contexts: int, n_layers: int, top_k: int) -> None:
     """Refuse, before computing, a token sweep that cannot fit in memory: one line naming `option` and a size that fits.
 
-    The estimate errs low: one context's next-token probabilities [alphas, vocab] in float32, and for every (context,
-    layer, alpha) the table rows of top_k tracked tokens (a sweep tracks top_k or more)."""
+    The estimate errs low: the next-token probabilities held at once (one context's [alphas, vocab] float32 matrix
+    up to token_curves' memory budget, past it one block of alphas: metrics/reduce.py), and for every (context,
+    layer, alpha) the table rows of top_k tracked tokens (a sweep tracks top_k or more): the tables are what bounds
+    a grid."""
+    from steerstrength.metrics.reduce import default_block
+    from steerstrength.metrics.tokens import DEFAULT_MEMORY_BUDGET
+
     top_k = min(top_k, vocab_size)
-    per_alpha = 4 * vocab_size + TOKEN_ROW_BYTES * top_k * n_contexts * n_layers
-    need, have = n_grid * per_alpha, available_memory()
+    full = 4 * vocab_size * n_grid
+    held = full if full <= DEFAULT_MEMORY_BUDGET else 4 * vocab_size * min(n_grid, default_block(vocab_size))
+    per_alpha = TOKEN_ROW_BYTES * top_k * n_contexts * n_layers
+    need, have = held + n_grid * per_alpha, available_memory()
     if have is None or need <= have:
         return
-    fits = max(int(0.8 * have) // per_alpha - 1, 0)
+    fits = max((int(0.8 * have) - DEFAULT_MEMORY_BUDGET) // per_alpha - 1, 0)
     advice = f"use {option} {fits} or fewer" if option == "--n-alphas" else f"give at most {fits} alphas"
     raise InputError(f"{option}: {n_grid} alphas x {n_contexts} contexts x {n_layers} layer(s) need at least "
                      f"{_gb(need)} of memory (vocabulary {vocab_size}, top-k {top_k}) and {_gb(have)} is available; "

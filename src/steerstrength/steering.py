@@ -8,13 +8,16 @@ Two ways in:
   `next_token_probs` is built on them; every metric uses them.
 
 Also here, as forward-pass tricks: the shared prefix KV cache (`prefix_cache`, `cache_snapshot`,
-`shared_prefix_last_logits`), per-row seeded sampling (`RowSampler`, `sample_rows`) and the patches
-that make nested forward-mode AD exact (`forward_ad_safe`).
+`shared_prefix_last_logits`) and the attention that lets every alpha row read a batch-1 prefix cache
+without copying it (`shared_prefix_cache`, `forward_over_shared_prefix`), per-row seeded sampling
+(`RowSampler`, `sample_rows`) and the patches that make nested forward-mode AD exact (`forward_ad_safe`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import math
 from typing import Iterator, Sequence
 
@@ -119,10 +122,20 @@ def _replace_hidden(output, hidden):
 
 @contextlib.contextmanager
 def steer(model: Model, vector, layer: int, alpha, positions: str = "all") -> Iterator[None]:
-    """Add alpha * v to the output of block `layer` (Eq. 1) inside the `with` block.
+    """Eq. (1): add alpha * v to the output of block `layer` inside the `with` block; the hook is always removed.
 
-    `alpha` is a number or a 1-D tensor with one value per batch row. With positions="last", only
-    the last position of each forward call is steered (the prompt's last token, then each new token).
+    Args:
+        vector: a [d_model] tensor or a SteeringVector (`sv.apply(model, alpha)` is this with the vector's layer).
+        layer: the block whose output is steered (0-based).
+        alpha: a number, or a 1-D tensor (or list) with one value per batch row.
+        positions: "all", or "last": only the last position of each forward call (the prompt's last token,
+            then each new token).
+
+    Example::
+
+        enc = model.encode(["Tell me about your day."], chat=True)
+        with ss.steer(model, sv[15].vector, 15, alpha=4.0):
+            ids = model.hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=20)
     """
     v = as_vector(model, vector)
     check_layer(model, layer)
@@ -378,6 +391,221 @@ def cache_snapshot(cache, layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]
     return {i: (cache.layers[i].keys, cache.layers[i].values) for i in layers}
 
 
+# ----------------------------------------------------------------------------- attention over a shared prefix
+#
+# Every alpha row attends to the same batch-1 prefix keys. A cache that concatenates them with each row's
+# new keys copies the prefix once per row, layer and chunk (aten::cat was 64% of a 1024-token sweep). Here the
+# layers above the steered one keep the prefix and the new keys apart (`_NoConcat`), and one attention function
+# scores the rows' queries against the batch-1 prefix in a single matmul (the batch folds into the query rows,
+# so nothing is broadcast or copied), scores each row's own keys apart, and takes one softmax over both.
+# It reproduces eager attention: scaling, grouped-query heads, the model's own mask (sliding windows, the
+# cache already holds only the window), logit soft-capping (Gemma 2) and attention sinks (s_aux, gpt-oss).
+# Anything else (position biases, sparse indices, dropout in training, attention weights requested, an
+# attention that bypasses the interface or edits the keys the cache returned) raises `_Unsupported`, and
+# the caller recomputes with the concatenating cache: never a wrong answer.
+
+_SHARED_PREFIX_ATTENTION = "steerstrength_shared_prefix"
+_active_cache: contextvars.ContextVar = contextvars.ContextVar("steerstrength_shared_prefix_cache", default=None)
+# Keyword arguments of an attention call that do not change what eager attention computes for our inputs
+# (sliding_window: the cache holds only the window and the model's mask says what is visible).
+_NEUTRAL_ATTENTION_KWARGS = {"sliding_window", "is_causal", "position_ids", "cache_position", "use_cache",
+                             "output_attentions", "return_dict", "layer_idx", "softcap", "s_aux", "sinks",
+                             "output_hidden_states", "output_router_logits"}
+# Set False to force the concatenating cache (benchmarks and tests compare the two paths).
+SHARED_PREFIX_ATTENTION = True
+# Attention scores held at once (floats, heads x rows x keys): rows are attended in blocks within it. 4 MB
+# blocks stay in a CPU core's cache between the score matmul, the softmax passes and the value matmul.
+ATTENTION_SCORES_BUDGET = 1024 * 1024
+
+
+class _Unsupported(Exception):
+    """The model's attention is outside what `_shared_prefix_attention` reproduces exactly."""
+
+
+class _NoConcat:
+    """Cache layer mixin: keeps its batch-1 prefix as it is and hands a forward's new keys straight to the
+    attention (`_shared_prefix_attention` joins the two); the prefix is never modified, so the cache serves
+    every chunk of alphas."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.new = (key_states, value_states)
+        return key_states, value_states
+
+
+@functools.cache
+def _no_concat_classes() -> dict:
+    """{transformers cache layer class: its no-concatenation twin}; other layer kinds fall back."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(_SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
+    # The model builds its own boolean masks (causal, sliding window) for our attention, sized by the cache.
+    AttentionMaskInterface.register(_SHARED_PREFIX_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS.get("sdpa", sdpa_mask))
+    return {cls: type(f"NoConcat{cls.__name__}", (_NoConcat, cls), {})
+            for cls in (DynamicLayer, DynamicSlidingWindowLayer)}
+
+
+def shared_prefix_cache(model: Model, layers_kv: dict[int, tuple[torch.Tensor, torch.Tensor]], *, above: int):
+    """A KV cache of batch-1 (keys, values) whose layers above `above` never concatenate (any batch attends
+    to them through `attention_over_shared_prefix`), or None where a layer kind is not one we reproduce."""
+    cache = prefix_cache(model, layers_kv)
+    twins = _no_concat_classes()
+    for idx, cache_layer in enumerate(cache.layers):
+        if idx > above:
+            twin = twins.get(type(cache_layer))
+            if twin is None or cache_layer.keys is None or cache_layer.keys.shape[0] != 1:
+                return None
+            cache.layers[idx] = shared = object.__new__(twin)
+            # keys_t: [Hkv, D, P], the prefix keys transposed once (a contiguous right operand: ~1.5x faster matmuls)
+            shared.__dict__.update(cache_layer.__dict__, new=None, uses=0,
+                                   keys_t=cache_layer.keys[0].transpose(1, 2).contiguous())
+    return cache
+
+
+def _model_configs(hf: nn.Module) -> list:
+    """Every config object a module of `hf` may read its attention implementation from."""
+    found, stack = {}, [getattr(hf, "config", None)] + [getattr(m, "config", None) for m in hf.modules()]
+    while stack:
+        config = stack.pop()
+        if config is None or id(config) in found or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        found[id(config)] = config
+        stack.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def attention_over_shared_prefix(model: Model, cache) -> Iterator[None]:
+    """Inside it, the model's attention runs `_shared_prefix_attention` over `cache` (a `shared_prefix_cache`);
+    the model's configs are restored on exit."""
+    _no_concat_classes()
+    saved = [(config, config._attn_implementation_internal) for config in _model_configs(model.hf)]
+    token = _active_cache.set(cache)
+    try:
+        for config, _ in saved:
+            config._attn_implementation_internal = _SHARED_PREFIX_ATTENTION
+        yield
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation
+        _active_cache.reset(token)
+
+
+def forward_over_shared_prefix(model: Model, cache, enc: Encoded, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """`forward_from` (last-position logits) of batch `enc` on a `shared_prefix_cache`, its rows attending to the
+    batch-1 prefix uncopied. Raises `_Unsupported`, having changed nothing, where that is not exact."""
+    shared = [cache_layer for cache_layer in cache.layers if isinstance(cache_layer, _NoConcat)]
+    for cache_layer in shared:
+        cache_layer.new, cache_layer.uses = None, 0
+    with attention_over_shared_prefix(model, cache):
+        logits = forward_from(model, enc, layer, hidden, past_key_values=cache)
+    # Each layer's new keys went through our attention exactly once: no attention bypassed the interface.
+    if any(cache_layer.uses != 1 or cache_layer.new is not None for cache_layer in shared):
+        raise _Unsupported("an attention layer bypassed the attention interface")
+    return logits
+
+
+def _mask_layout(mask: torch.Tensor, n_kv: int, groups: int, n: int) -> torch.Tensor:
+    """A [Bm, Hm, n, K] mask (Hm 1 or every head) in the [Hkv, Bm, groups * n, K] layout of our scores."""
+    Bm, Hm, _, K = mask.shape
+    if Hm == 1:
+        return mask[:, 0].unsqueeze(1).expand(Bm, groups, n, K).reshape(1, Bm, groups * n, K)
+    return mask.reshape(Bm, n_kv, groups, n, K).transpose(0, 1).reshape(n_kv, Bm, groups * n, K)
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention of each row's queries over [the batch-1 prefix, the row's own keys], without copying
+    the prefix per row: softmax(q K^T * scaling (soft-capped) + mask) V, one softmax over both parts."""
+    cache = _active_cache.get()
+    layer_idx = getattr(module, "layer_idx", None)
+    layer = cache.layers[layer_idx] if cache is not None and isinstance(layer_idx, int) \
+        and 0 <= layer_idx < len(cache.layers) else None
+    if not isinstance(layer, _NoConcat) or layer.new is None or key is not layer.new[0] or value is not layer.new[1]:
+        raise _Unsupported("the attention did not receive the keys its cache layer returned")
+    extra = [k for k, v in kwargs.items() if v is not None and k not in _NEUTRAL_ATTENTION_KWARGS]
+    if extra or kwargs.get("output_attentions") or (dropout and module.training):
+        raise _Unsupported(f"attention arguments {extra or ['output_attentions/dropout']}")
+    layer.new, layer.uses = None, layer.uses + 1
+
+    B, Hq, n, D = query.shape
+    Hkv = key.shape[1]
+    if Hq % Hkv or key.shape[2] != n or value.shape[:3] != key.shape[:3]:
+        raise _Unsupported("query and key heads do not group")
+    P = layer.keys.shape[-2]
+    mask = attention_mask
+    if mask is not None:
+        if mask.ndim != 4 or mask.shape[-2:] != (n, P + n) or mask.shape[0] not in (1, B) \
+                or mask.shape[1] not in (1, Hq):
+            raise _Unsupported(f"an attention mask of shape {tuple(mask.shape)}")
+        if bool(mask.all()) if mask.dtype == torch.bool else not bool((mask != 0).any()):
+            mask = None  # everything visible (the usual case for one new token)
+    else:
+        if getattr(module, "is_causal", True) is False and n > 1:
+            raise _Unsupported("bidirectional attention")
+        window = kwargs.get("sliding_window")
+        if window is not None and P + n > window:
+            raise _Unsupported("a sliding window without a mask")
+        if n > 1:  # causal among the row's own tokens; the prefix is all visible
+            own = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+            mask = torch.cat([torch.ones(n, P, dtype=torch.bool, device=query.device), own], dim=-1)[None, None]
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sinks is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
+        raise _Unsupported("attention sinks not passed to the attention function")
+    if sinks is not None:  # one logit per head (gpt-oss) or per head and query (inkling2): [Bs, Hq, ns, 1]
+        sinks = sinks.reshape(1, Hq, 1, 1) if sinks.ndim == 1 and sinks.numel() == Hq else sinks
+        if sinks.ndim != 4 or sinks.shape[0] not in (1, B) or sinks.shape[1] != Hq or sinks.shape[2] not in (1, n) \
+                or sinks.shape[3] != 1:
+            raise _Unsupported(f"attention sinks of shape {tuple(sinks.shape)}")
+    scaling = D ** -0.5 if scaling is None else scaling
+    # Rows in blocks, so the [heads, rows, P + n] scores stay within budget at any context length.
+    step = max(1, ATTENTION_SCORES_BUDGET // (Hq * n * (P + n)))
+    outs = [_attend_shared(query[i:i + step], key[i:i + step], value[i:i + step],
+                           mask if mask is None or mask.shape[0] == 1 else mask[i:i + step],
+                           layer.keys_t, layer.values[0], scaling, kwargs.get("softcap"),
+                           sinks if sinks is None or sinks.shape[0] == 1 else sinks[i:i + step])
+            for i in range(0, B, step)]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
+
+
+def _attend_shared(query, key, value, mask, Kp_t, Vp, scaling, softcap, sinks) -> torch.Tensor:
+    """[B, n, Hq, Dv]: eager attention of query [B, Hq, n, D] over the prefix keys Kp_t [Hkv, D, P] (transposed)
+    and values Vp [Hkv, P, Dv], shared by every row and never copied, followed by each row's own key, value
+    [B, Hkv, n, ·]; mask [Bm, Hm, n, P + n]; sinks [Bs, Hq, ns, 1], logits that take probability mass and
+    give no value."""
+    B, Hq, n, D = query.shape
+    Hkv, P, Dv = Kp_t.shape[0], Kp_t.shape[2], Vp.shape[-1]
+    G = Hq // Hkv
+    # Queries in the layout [Hkv, B, G * n, D]: the rows of all alphas share each key head's prefix matmul.
+    q = (query * scaling).reshape(B, Hkv, G, n, D).transpose(0, 1).reshape(Hkv, B, G * n, D)
+    own_k, own_v = key.transpose(0, 1), value.transpose(0, 1)  # [Hkv, B, n, ·]
+    # Scores over the prefix and over the row's own keys, kept apart (joining them would copy the big part).
+    parts = [torch.bmm(q.reshape(Hkv, B * G * n, D), Kp_t).view(Hkv, B, G * n, P),
+             torch.matmul(q, own_k.transpose(2, 3))]
+    parts = [part.float() for part in parts]  # eager: the softmax in float32
+    if softcap is not None:
+        parts = [part.div_(softcap).tanh_().mul_(softcap) for part in parts]
+    if mask is not None:
+        mask = _mask_layout(mask, Hkv, G, n)
+        for part, visible in zip(parts, (mask[..., :P], mask[..., P:])):
+            if visible.dtype == torch.bool:
+                part.masked_fill_(~visible, torch.finfo(part.dtype).min)
+            else:
+                part.add_(visible.to(part.dtype))
+    # One softmax over both parts (and the sink): shift by the joint max, exponentiate, normalise at the end.
+    top = torch.maximum(parts[0].amax(-1, keepdim=True), parts[1].amax(-1, keepdim=True))
+    if sinks is not None:
+        sink = sinks.expand(B, Hq, n, 1).reshape(B, Hkv, G, n, 1).transpose(0, 1).reshape(Hkv, B, G * n, 1)
+        top = torch.maximum(top, sink.float())
+    prefix_w, own_w = parts[0].sub_(top).exp_(), parts[1].sub_(top).exp_()
+    total = prefix_w.sum(-1, keepdim=True) + own_w.sum(-1, keepdim=True)
+    if sinks is not None:
+        total = total + (sink - top).exp()
+    out = torch.bmm(prefix_w.to(value.dtype).view(Hkv, B * G * n, P), Vp).view(Hkv, B, G * n, Dv)
+    out = (out + torch.matmul(own_w.to(value.dtype), own_v)) / total.to(value.dtype)
+    return out.view(Hkv, B, G, n, Dv).permute(1, 3, 0, 2, 4).reshape(B, n, Hq, Dv)
+
+
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix all rows share, leaving every row at least one token of its own."""
     n = min(len(r) for r in rows) - 1
@@ -395,11 +623,24 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 @torch.inference_mode()
 def next_token_probs(model: Model, vector, layer: int, context: str, alphas, positions: str = "all", *,
                      chat: bool = False, token_budget: int = DEFAULT_TOKEN_BUDGET) -> torch.Tensor:
-    """[len(alphas), vocab] float32: softmax of the steered logits of the token after `context`.
+    """Eq. (1) swept over alpha: [len(alphas), vocab] float32, the softmax of the steered logits after `context`.
 
     Blocks 0..layer run once; alphas go in the batch dimension through blocks layer+1.. only; logits
     only at the last position. With positions="last", the prefix runs once with a KV cache and only
     the last token goes through the model per alpha.
+
+    Args:
+        vector: a SteeringVector (SteeringVectors[layer]), which knows its layer; the former (tensor, layer)
+            pair still works for one release, with a DeprecationWarning.
+        context: the text whose next token is predicted.
+        alphas: raw strengths, a list or a 1-D tensor (`sv.raw_alphas(grid)` converts an AlphaGrid).
+        positions: "all" steers every position, "last" only the last one.
+        chat: wrap the context in the model's chat template.
+        token_budget: rows x tokens per forward: bounded memory for any number of alphas.
+
+    Example::
+
+        probs = ss.next_token_probs(model, sv[15], "Today I", [-8.0, 0.0, 8.0])   # [3, vocab]
     """
     v = as_vector(model, vector)
     check_layer(model, layer)
@@ -411,27 +652,56 @@ def next_token_probs(model: Model, vector, layer: int, context: str, alphas, pos
         raise InputError("the context is empty after tokenization; give a non-empty context")
     if model.max_length and T > model.max_length:
         raise InputError(f"the context has {T} tokens, more than {model.name}'s maximum {model.max_length}; shorten it")
-    out = torch.empty((a.shape[0], model.vocab_size), dtype=torch.float32)
     if positions == "last" and T > 1:
-        prefix = Encoded(enc.input_ids[:, :-1], enc.attention_mask[:, :-1], enc.position_ids[:, :-1], enc.padding_side)
-        cache = prefix_cache(model)
-        _forward(model, prefix, use_cache=True, past_key_values=cache, logits_to_keep=1)
-        snapshot = cache_snapshot(cache, range(model.n_layers))
-        last = Encoded(enc.input_ids[:, -1:], enc.attention_mask, enc.position_ids[:, -1:], enc.padding_side)
-        h = hidden_at(model, last, layer, past_key_values=prefix_cache(model, snapshot))  # [1, 1, d]
-        for sl in alpha_chunks(a.shape[0], 1, T, token_budget=token_budget * 8, vocab=model.vocab_size):
-            b = sl.stop - sl.start
-            steered = steered_hidden(h, v, a[sl], "all")
-            rows = Encoded(last.input_ids.repeat(b, 1), last.attention_mask.repeat(b, 1),
-                           last.position_ids.repeat(b, 1), enc.padding_side)
-            logits = forward_from(model, rows, layer, steered,
-                                  past_key_values=prefix_cache(model, snapshot, batch=b, above=layer))
-            out[sl] = torch.softmax(logits[:, -1, :].float(), dim=-1).cpu()
-        return out
+        return _last_token_probs(model, v, layer, enc, a, token_budget)
+    out = torch.empty((a.shape[0], model.vocab_size), dtype=torch.float32)
     h = hidden_at(model, enc, layer)  # [1, T, d]
     for sl in alpha_chunks(a.shape[0], 1, T, token_budget=token_budget, vocab=model.vocab_size):
         steered = steered_hidden(h, v, a[sl], positions)
         logits = forward_from(model, repeat_rows(enc, sl.stop - sl.start), layer, steered, logits_to_keep=1)
+        out[sl] = torch.softmax(logits[:, -1, :].float(), dim=-1).cpu()
+    return out
+
+
+def _last_token_probs(model: Model, v: torch.Tensor, layer: int, enc: Encoded, a: torch.Tensor,
+                      token_budget: int) -> torch.Tensor:
+    """`next_token_probs` with positions="last": the first T-1 tokens run once into a KV cache; per chunk of
+    alphas only the last token goes through blocks layer+1.., attending to that batch-1 cache uncopied."""
+    T = enc.input_ids.shape[1]
+    prefix = Encoded(enc.input_ids[:, :-1], enc.attention_mask[:, :-1], enc.position_ids[:, :-1], enc.padding_side)
+    cache = prefix_cache(model)
+    with _last_mlp_only(model, True):  # only the prefix's keys and values are read, never its outputs
+        _forward(model, prefix, use_cache=True, past_key_values=cache, logits_to_keep=1)
+    snapshot = cache_snapshot(cache, range(model.n_layers))
+    last = Encoded(enc.input_ids[:, -1:], enc.attention_mask, enc.position_ids[:, -1:], enc.padding_side)
+    h = hidden_at(model, last, layer, past_key_values=prefix_cache(model, snapshot))  # [1, 1, d]
+
+    def rows(b):
+        return Encoded(last.input_ids.repeat(b, 1), last.attention_mask.repeat(b, 1), last.position_ids.repeat(b, 1),
+                       enc.padding_side)
+
+    shared = shared_prefix_cache(model, snapshot, above=layer) if SHARED_PREFIX_ATTENTION else None
+    if shared is not None:
+        out = torch.empty((a.shape[0], model.vocab_size), dtype=torch.float32)
+        try:
+            # One token per row: the cached prefix is shared, not per row, so chunks need not shrink with T.
+            for sl in alpha_chunks(a.shape[0], 1, 1, token_budget=token_budget, vocab=model.vocab_size):
+                logits = forward_over_shared_prefix(model, shared, rows(sl.stop - sl.start), layer,
+                                                    steered_hidden(h, v, a[sl], "all"))
+                out[sl] = torch.softmax(logits[:, -1, :].float(), dim=-1).cpu()
+            return out
+        except _Unsupported:
+            pass  # an attention we do not reproduce exactly: the concatenating cache below is always right
+    return _last_token_probs_concat(model, v, layer, T, snapshot, last, h, a, rows, token_budget)
+
+
+def _last_token_probs_concat(model, v, layer, T, snapshot, last, h, a, rows, token_budget) -> torch.Tensor:
+    """The concatenating path: each chunk's cache update copies the broadcast prefix (any architecture)."""
+    out = torch.empty((a.shape[0], model.vocab_size), dtype=torch.float32)
+    for sl in alpha_chunks(a.shape[0], 1, T, token_budget=token_budget * 8, vocab=model.vocab_size):
+        b = sl.stop - sl.start
+        logits = forward_from(model, rows(b), layer, steered_hidden(h, v, a[sl], "all"),
+                              past_key_values=prefix_cache(model, snapshot, batch=b, above=layer))
         out[sl] = torch.softmax(logits[:, -1, :].float(), dim=-1).cpu()
     return out
 
@@ -473,6 +743,9 @@ def shared_prefix_last_logits(model: Model, v: torch.Tensor, layer: int, rows: S
     h_rows = [hidden_at(model, enc(r[P:], P), layer, past_key_values=prefix_cache(model, lo) if P > 0 else None)
               for r in rows]
     longest = max(len(r) for r in rows)
+    # positions="last": the batch-1 prefix above l is attended uncopied by every alpha row (falls back per forward).
+    shared = shared_prefix_cache(model, {**lo, **hi_shared}, above=layer) \
+        if P > 0 and positions == "last" and SHARED_PREFIX_ATTENTION else None
     for sl in alpha_chunks(alphas.shape[0], 1, longest, token_budget=token_budget, vocab=model.vocab_size):
         a = alphas[sl]
         b = a.shape[0]
@@ -483,9 +756,16 @@ def shared_prefix_last_logits(model: Model, v: torch.Tensor, layer: int, rows: S
                          logits_to_keep=1, past_key_values=cache)
             hi = cache_snapshot(cache, high)
         for j, r in enumerate(rows):
-            cache = prefix_cache(model, {**lo, **hi}, batch=b, above=layer) if P > 0 else None
-            logits = forward_from(model, enc(r[P:], P, b), layer, steered_hidden(h_rows[j], v, a, positions),
-                                  logits_to_keep=1, past_key_values=cache)
+            steered, logits = steered_hidden(h_rows[j], v, a, positions), None
+            if shared is not None:
+                try:
+                    logits = forward_over_shared_prefix(model, shared, enc(r[P:], P, b), layer, steered)
+                except _Unsupported:
+                    shared = None
+            if logits is None:
+                cache = prefix_cache(model, {**lo, **hi}, batch=b, above=layer) if P > 0 else None
+                logits = forward_from(model, enc(r[P:], P, b), layer, steered, logits_to_keep=1,
+                                      past_key_values=cache)
             yield sl, j, logits[:, -1, :]
 
 
@@ -495,7 +775,20 @@ def shared_prefix_last_logits(model: Model, v: torch.Tensor, layer: int, rows: S
 @torch.inference_mode()
 def steered_generate(model: Model, enc: Encoded, vector, layer: int, alphas, positions: str = "all",
                      **generate_kwargs) -> torch.Tensor:
-    """`generate` with a per-row alpha (len(alphas) == batch rows), steering prompt and decode steps."""
+    """Eq. (1) during `generate`: one alpha per batch row, steering the prompt and every decode step.
+
+    Args:
+        enc: the encoded prompts (model.encode, left padded), one row per alpha.
+        vector, layer: a [d_model] tensor or a SteeringVector, and the block whose output is steered.
+        alphas: one raw alpha per row of `enc`.
+        positions: "all" or "last" (as in `steer`).
+        generate_kwargs: passed on to model.hf.generate (max_new_tokens, do_sample, ...).
+
+    Example::
+
+        enc = model.encode(["Tell me about your day."] * 3, chat=True)
+        ids = ss.steered_generate(model, enc, sv[15], 15, [-4.0, 0.0, 4.0], max_new_tokens=20)
+    """
     a = as_alphas(alphas)
     if a.shape[0] != enc.input_ids.shape[0]:
         raise InputError(f"{a.shape[0]} alphas for {enc.input_ids.shape[0]} prompts; give one alpha per row")
