@@ -216,3 +216,19 @@ def test_the_explorer_works_in_chromium_without_console_errors(full_report, tmp_
         assert requests and all(u == url or u.startswith("data:") for u in requests), requests
     finally:
         browser.close()
+
+
+def test_the_mmlu_rule_is_not_judged_when_the_unsteered_model_is_not_above_chance():
+    from steerstrength.report import findings_mmlu
+
+    def run_with(correct_at_zero: float, low: float):
+        acc = dict(alpha=[-1.0, 0.0, 1.0], accuracy=[0.3, correct_at_zero, 0.3], ci_low=[0.1, low, 0.1],
+                   ci_high=[0.6, 0.9, 0.6])
+        summary = {"source": "mmlu", "per_vector": {"joy/28": dict(accuracy=acc, random_guess=0.25, n_questions=12,
+                                                                      k_shots=2)}}
+        return type("Run", (), {"summary": lambda self, name: summary})()
+
+    at_chance = findings_mmlu(run_with(0.0, 0.0))
+    assert "unclear" in at_chance and "Not judged" in at_chance and "disagrees" not in at_chance
+    skilled = findings_mmlu(run_with(0.8, 0.5))  # above chance: the rule decides (both ends below 0.8)
+    assert "agrees" in skilled and "Not judged" not in skilled

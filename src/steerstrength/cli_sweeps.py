@@ -31,25 +31,11 @@ UnitOpt = typer.Option("raw", "--alpha-unit", help="raw: alpha multiplies the st
                                                   "(the same strength at any layer). Tables carry both columns.")
 
 
-def parse_alphas(text: str) -> list[float]:
-    from steerstrength.grid import parse_alphas as parse
-
-    return parse(text)
-
-
-def alpha_grid(alphas: Optional[str], alpha_min: float, alpha_max: float, n_alphas: int):
-    """The --alphas list (0 inserted, with a note) or linspace(min, max, n) plus 0; and whether 0 was inserted."""
-    from steerstrength.grid import AlphaGrid
-
-    grid = AlphaGrid.parse(alphas) if alphas is not None else AlphaGrid.linspace(alpha_min, alpha_max, n_alphas)
-    if alphas is not None and grid.inserted_zero:
-        log("note: the alpha grid had no 0; inserted alpha = 0 (the baseline of every Delta)")
-    return grid.values, alphas is not None and grid.inserted_zero
-
-
 def grid_size(alphas: Optional[str], n_alphas: int) -> int:
     """How many alphas the grid will hold (0 included, at most), without building it."""
     if alphas is not None:
+        from steerstrength.grid import parse_alphas
+
         values = parse_alphas(alphas)
         return len(values) + (0.0 not in values)
     if n_alphas < 1:

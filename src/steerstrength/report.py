@@ -287,8 +287,22 @@ def findings_mmlu(run: RunTables) -> str:
         rows.append([key, s.get("n_questions"), s.get("k_shots"), at0, ends[0] if ends else None,
                      ends[1] if ends else None])
         ok = None if at0 is None or not ends else all(e <= at0 for e in ends)
+        # A model whose unsteered accuracy is not above guessing cannot show steering lowering it.
+        i0 = alphas.index(0) if 0 in alphas else None
+        lows, highs = acc.get("ci_low") or [], acc.get("ci_high") or []
+        low = lows[i0] if i0 is not None and i0 < len(lows) else None
+        high = highs[i0] if i0 is not None and i0 < len(highs) else None
+        guess = s.get("random_guess", 0.25)
+        at_chance = i0 is not None and low is not None and low <= guess
+        if at_chance:
+            ok = None
         verdicts.append(f"<li>{esc(key)}: " + verdict(ok, "accuracy at both ends of the α grid is at most the "
-                                                          "unsteered accuracy") + "</li>")
+                                                          "unsteered accuracy") +
+                        (f" <span class='why'>Not judged: the unsteered accuracy's 95% interval [{low:.2f}, "
+                         f"{high:.2f}] is not above random guessing ({guess:.2f}), so there is no skill for steering "
+                         "to remove (MMLU needs a larger model, or more questions to show it).</span>"
+                         if at_chance else "") +
+                        "</li>")
     return (f"<p>Source: {esc(data.get('source'))}.</p>" +
             table_html(["vector", "questions", "shots", "accuracy at α = 0", "at α_min", "at α_max"], rows) +
             "<ul>" + "".join(verdicts) + "</ul>")
