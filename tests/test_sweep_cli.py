@@ -168,13 +168,27 @@ def test_cli_limit_and_xent_write_tables(files, tmp_path, monkeypatch, capsys):
     assert summary["n_tokens"] == 3 * ((2 * 17 - 1) // 8) * 8
 
 
+def test_cli_xent_defaults_to_the_packaged_wikipedia_packed(files, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--seq-len", "8", "--max-tokens", "64",
+                            "--n-alphas", "4", "--no-curvature", "--out", tmp_path], monkeypatch, capsys, quiet=True)
+    assert code in (0, None), err
+    summary = json.loads((tmp_path / "xent.json").read_text())
+    assert summary["corpus"] == "wikipedia" and summary["packing"] is True
+    assert summary["per_vector"]["joy/1"]["n_tokens"] == 64  # 8 windows of the packed paragraphs
+    assert not (tmp_path / "corpus_samples.jsonl").exists()
+
+
 def test_cli_xent_on_model_samples_and_bad_inputs(files, tmp_path, monkeypatch, capsys):
-    code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--n-samples", "2", "--sample-tokens", "20",
-                            "--seq-len", "8", "--n-alphas", "4", "--no-curvature", "--out", tmp_path], monkeypatch,
-                           capsys, quiet=True)
+    code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--corpus", "model", "--n-samples", "2",
+                            "--sample-tokens", "20", "--seq-len", "8", "--n-alphas", "4", "--no-curvature", "--out",
+                            tmp_path], monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
     assert (tmp_path / "corpus_samples.jsonl").is_file()
-    assert "KL" in json.loads((tmp_path / "xent.json").read_text())["corpus"]
+    summary = json.loads((tmp_path / "xent.json").read_text())
+    assert "KL" in summary["corpus"] and summary["packing"] is False
+    code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--n-samples", "2", "--out",
+                            tmp_path / "bad"], monkeypatch, capsys, quiet=True)
+    assert code == 2 and "--corpus model" in err and not (tmp_path / "bad" / "xent.parquet").exists()
     (tmp_path / "short.jsonl").write_text('{"text": "too short"}\n')
     code, _, err = run_cli(["sweep", "xent", *common(files), "--layers", "1", "--corpus", tmp_path / "short.jsonl",
                             "--seq-len", "8", "--out", tmp_path / "bad"], monkeypatch, capsys, quiet=True)

@@ -33,13 +33,15 @@ def word_texts(lengths, seed=0):
 
 
 def hand_windows(model, texts, seq_len):
-    """The windowing definition written out: per text, windows [k T, k T + T + 1) while they fit."""
+    """The windowing definition written out: per text, windows [k T, k T + T + 1) while they fit; with a BOS
+    convention, BOS + the text's tokens [k T, k T + T) (every window led by BOS)."""
     out = []
     for text in texts:
         ids = model.token_ids(text)
+        bos, ids = (ids[:1], ids[1:]) if model.add_bos else ([], ids)
         k = 0
-        while k * seq_len + seq_len + 1 <= len(ids):
-            out.append(ids[k * seq_len: k * seq_len + seq_len + 1])
+        while k * seq_len + seq_len + 1 - len(bos) <= len(ids):
+            out.append(bos + ids[k * seq_len: k * seq_len + seq_len + 1 - len(bos)])
             k += 1
     return torch.tensor(out)
 
@@ -71,16 +73,17 @@ def plain_probs(model, v, layer, context, alphas):
 
 def test_windows_follow_the_definition():
     model = tiny_model("llama", add_bos=True)
-    texts = word_texts([20, 7, 16, 17])  # 21, 8, 17, 18 tokens with BOS
+    texts = word_texts([20, 7, 16, 17])  # 20, 7, 16, 17 text tokens after BOS
     ids = windows(model, texts, 8)
     assert torch.equal(ids, hand_windows(model, texts, 8))
-    # 21 tokens -> 2 windows (the third would need 25); 8 -> none; 17 -> 2 (exactly); 18 -> 2
+    # BOS + 8 text tokens per window: 20 -> 2 windows; 7 -> none; 16 -> 2 (exactly); 17 -> 2
     assert ids.shape == (6, 9)
-    # stride seq_len: consecutive windows of a text share one token; only each text's first starts with BOS
-    assert ids[0, -1] == ids[1, 0]
-    assert (ids[:, 0] == model.tokenizer.bos_token_id).sum() == 3
-    packed = windows(model, texts, 8, packing=True)
-    assert packed.shape[0] == (21 + 8 + 17 + 18 - 1) // 8
+    # every window starts with BOS; consecutive windows of a text cover consecutive tokens (each predicted once)
+    assert (ids[:, 0] == model.tokenizer.bos_token_id).all()
+    first = model.token_ids(texts[0])
+    assert ids[0, 1:].tolist() + ids[1, 1:].tolist() == first[1:17]
+    packed = windows(model, texts, 8, packing=True)  # the texts joined by EOS, BOS-less, then cut
+    assert packed.shape[0] == (20 + 7 + 16 + 17 + 4) // 8 and (packed[:, 0] == model.tokenizer.bos_token_id).all()
 
 
 def test_windows_without_bos_convention_start_at_the_first_word():

@@ -358,8 +358,9 @@ def sweep_limit(
 def sweep_xent(
     vectors: Path = VectorsOpt,
     layers: Optional[str] = LayersOpt,
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="A .txt/.jsonl/.parquet file, a Parquet directory, or "
-                                                                 "hf:NAME[:CONFIG]; default: samples of the unsteered model."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="wikipedia[:train|:test] (packaged), model (samples of "
+                                         "the unsteered model), a .txt/.jsonl/.parquet file, a Parquet directory, or "
+                                         "hf:NAME[:CONFIG]; default: the preset's xent.corpus (wikipedia)."),
     field: str = typer.Option("text", "--field", help="The text column / field of the corpus."),
     split: str = typer.Option("train", "--split", help="Split of a hf: dataset or of a local dataset directory."),
     data_files: Optional[List[str]] = typer.Option(None, "--data-files", help="Files of a hf: dataset (paths or "
@@ -372,7 +373,8 @@ def sweep_xent(
     seed: int = typer.Option(0, "--seed", help="Model-samples corpus: sampling seed."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Scored tokens per window (windows have seq_len + 1 "
                                                                   "tokens); default: the preset's."),
-    packing: bool = typer.Option(False, "--packing", help="Concatenate texts before windowing."),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Concatenate texts before windowing; "
+                                           "default: the preset's xent.packing (on for wikipedia)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score at most this many tokens; default: the "
                                                                         "preset's xent.n_tokens."),
     alpha_min: Optional[float] = AlphaMinOpt,
@@ -395,10 +397,9 @@ def sweep_xent(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Delta CE(alpha) on a corpus (Def. 3.7), curvature at 0 (Thm 3.8), plateau (Prop. 4.1): xent.parquet, xent.json."""
-    from steerstrength.corpus import load_corpus
     from steerstrength.io import check_output_dir
     from steerstrength.runs import write_result
-    from steerstrength.stages import model_corpus, xent_stage
+    from steerstrength.stages import corpus_texts, packs, xent_stage
 
     start = time.perf_counter()
     check_at_least(("--n-alphas", n_alphas, 2), ("--seq-len", seq_len, 1), ("--max-tokens", max_tokens, 1),
@@ -412,12 +413,10 @@ def sweep_xent(
     grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=alpha_unit, cfg=cfg,
                         spacing=section.spacing)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, grid.unit)
-    if corpus is None:
-        texts, source = model_corpus(st.model, section, seed=seed, cache_dir=out, n_samples=n_samples,
-                                     sample_tokens=sample_tokens, progress=progress_bar)
-    else:
-        texts, source = load_corpus(corpus, model=st.model, field=field, split=split, max_texts=max_texts,
-                                    data_files=data_files), corpus
+    texts, source = corpus_texts(st.model, section, seed=seed, cache_dir=out, source=corpus, field=field, split=split,
+                                 max_texts=max_texts, data_files=data_files, n_samples=n_samples,
+                                 sample_tokens=sample_tokens, progress=progress_bar)
+    packing = packs(section, source) if packing is None else packing
     result = xent_stage(st.model, list(st.vectors.values()), section, texts=texts, corpus=source, labels=st.labels,
                         positions=positions, grid=grid, packing=packing, curvature=curvature, progress=progress_bar)
     for key, s in result.summary()["per_vector"].items():

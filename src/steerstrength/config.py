@@ -91,7 +91,8 @@ class LimitConfig:
 @dataclass
 class XentConfig:
     enabled: bool = True
-    corpus: str = "model"  # "model" (samples of the unsteered model), a file, or a HF dataset name
+    corpus: str = "wikipedia"  # "wikipedia" (packaged, ~1.07M tokens), "model" (the unsteered model's samples), a file, hf:NAME
+    packing: Optional[bool] = None  # concatenate texts before windowing; None: for the wikipedia corpus (short paragraphs)
     n_tokens: int = 1_000_000
     seq_len: int = 128
     alpha_max: float = 1.0

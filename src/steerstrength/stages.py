@@ -323,8 +323,32 @@ def model_corpus(model, section: XentConfig, *, seed: int, cache_dir, n_samples:
     return texts, f"samples of {model.name} (Delta CE estimates the mean KL(unsteered || steered))"
 
 
+def corpus_texts(model, section: XentConfig, *, seed: int, cache_dir, source: str | None = None, field: str = "text",
+                 split: str = "train", max_texts: int | None = None, data_files=None, n_samples: int | None = None,
+                 sample_tokens: int | None = None, progress=no_progress) -> tuple[list[str], str]:
+    """The Delta CE corpus: `source` (default section.corpus) read by `corpus.load_corpus`, or "model" for samples
+    of the unsteered model (`model_corpus`). Returns (texts, what they are)."""
+    from steerstrength.corpus import load_corpus
+
+    source = section.corpus if source is None else source
+    if source != "model" and (n_samples or sample_tokens):
+        raise InputError(f"--n-samples/--sample-tokens size the model-samples corpus, not {source!r}; add --corpus model")
+    if source == "model":
+        return model_corpus(model, section, seed=seed, cache_dir=cache_dir, n_samples=n_samples,
+                            sample_tokens=sample_tokens, progress=progress)
+    return load_corpus(source, model=model, field=field, split=split, max_texts=max_texts, data_files=data_files), source
+
+
+def packs(section: XentConfig, corpus: str) -> bool:
+    """Whether Delta CE windows run across text boundaries: section.packing, by default only for the wikipedia
+    corpus (its paragraphs are shorter than a window)."""
+    from steerstrength.corpus import is_wikipedia
+
+    return bool(section.packing) if section.packing is not None else is_wikipedia(corpus)
+
+
 def xent_stage(model, vectors: Sequence, section: XentConfig, *, texts: Sequence[str], corpus: str, labels: dict,
-               unit: str = "resid", positions: str = "all", grid: AlphaGrid | None = None, packing: bool = False,
+               unit: str = "resid", positions: str = "all", grid: AlphaGrid | None = None, packing: bool | None = None,
                curvature: bool = True, chunk: Chunk | None = None, progress=no_progress) -> StageResult:
     """Delta CE(alpha) on `texts` for every vector (xent.parquet), with the curvature at 0 by forward-mode AD, the
     quadratic fit and the plateau (xent.json's per_vector).
@@ -332,11 +356,13 @@ def xent_stage(model, vectors: Sequence, section: XentConfig, *, texts: Sequence
     Args:
         section: seq_len, n_tokens (scored at most), alpha_max / n_alphas / spacing, curvature_tokens, chunk_windows.
         corpus: what the texts are (written in xent.json).
+        packing: concatenate the texts before windowing; None: `packs(section, corpus)`.
         chunk: the run's resumable pieces (each vector's windows, section.chunk_windows at a time); None: all at once.
     """
     from steerstrength.metrics.xent import sweep_units, xent_sweep
 
     grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, section.spacing, unit=unit)
+    packing = packs(section, corpus) if packing is None else packing
     units = sweep_units(model, texts, grid.values, seq_len=section.seq_len, packing=packing,
                         max_tokens=section.n_tokens)
     concept = labels.get("concept", "")
@@ -355,7 +381,7 @@ def xent_stage(model, vectors: Sequence, section: XentConfig, *, texts: Sequence
     import pandas as pd
 
     return StageResult("xent", {"xent.parquet": pd.concat(frames, ignore_index=True)},
-                       dict(corpus=corpus, per_vector=per_vector))
+                       dict(corpus=corpus, packing=packing, per_vector=per_vector))
 
 
 # ----------------------------------------------------------------------------- concept probability (Sec. 5, Thm 3.6)

@@ -1,10 +1,14 @@
 """Def. 3.7 on a real model: Delta CE(alpha) over an evaluation corpus; its curvature at 0 (Thm 3.8) and plateau (Prop. 4.1).
 
 Windowing (the definition `cross_entropy_curve` follows, so numbers are comparable): each text is
-tokenized on its own with the model's BOS convention and cut into windows of seq_len + 1 tokens with
-stride seq_len (consecutive windows share one token, so predictions never overlap); an incomplete
-last window is dropped; texts are never packed together unless `packing=True`. Every window scores
-its seq_len next-token predictions; the mean is over all scored tokens.
+tokenized on its own and cut into windows of seq_len + 1 tokens with stride seq_len (consecutive windows
+share one token, so predictions never overlap); an incomplete last window is dropped; texts are never
+packed together unless `packing=True` (then one stream, texts separated by EOS). Every window scores its
+seq_len next-token predictions; the mean is over all scored tokens. A model trained with a BOS token
+(Gemma, Llama) reads BOS first in *every* window: BOS + the next seq_len tokens of the text, the first
+of them predicted from BOS alone. Without it a window that starts mid-text is out of the model's
+distribution (Gemma-3-270M, 40 Wikipedia test paragraphs, 64-token windows: 3.85 nats/token with BOS
+on each text's first window only, 2.99 with BOS leading every window; packed, 5.43 against 3.46).
 """
 
 from __future__ import annotations
@@ -81,16 +85,20 @@ def _windows(model: Model, texts: Sequence[str], seq_len: int, packing: bool) ->
     if not texts:
         raise InputError("the corpus is empty: no non-empty text to evaluate cross-entropy on")
     rows = [model.token_ids(t) for t in texts]
+    bos = rows[0][:1] if model.add_bos else []  # token_ids starts every text with it
+    rows = [row[len(bos):] for row in rows]
     if packing:
-        # One stream; without a BOS convention the texts are separated by EOS, as in pretraining.
-        sep = [] if model.add_bos or model.tokenizer.eos_token_id is None else [int(model.tokenizer.eos_token_id)]
+        # One stream, the texts separated by EOS as in pretraining.
+        sep = [] if model.tokenizer.eos_token_id is None else [int(model.tokenizer.eos_token_id)]
         rows = [[tok for row in rows for tok in row + sep]]
-    out = [row[k * seq_len: k * seq_len + seq_len + 1] for row in rows for k in range((len(row) - 1) // seq_len)]
+    need = seq_len + 1 - len(bos)  # text tokens in one window
+    out = [bos + row[k * seq_len: k * seq_len + need] for row in rows for k in range((len(row) - need) // seq_len + 1)
+           if len(row) >= need]
     if not out:
-        longest = max(len(r) for r in rows)
+        longest = max(len(r) for r in rows) + len(bos)
         raise InputError(f"no text is at least seq_len + 1 = {seq_len + 1} tokens long (the longest has {longest}); "
                          "give longer texts, a smaller --seq-len, or --packing")
-    used = len(texts) if packing else sum(1 for r in rows if len(r) >= seq_len + 1)
+    used = len(texts) if packing else sum(1 for r in rows if len(r) >= need)
     return torch.tensor(out, dtype=torch.long), used
 
 
