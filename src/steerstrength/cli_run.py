@@ -43,14 +43,28 @@ def run(
             raise InputError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     start = time.perf_counter()
     log(f"run directory {out} (preset {preset})")
-    results = run_pipeline(cfg, out, progress=progress_bar, log=log, only=stages)
+    from steerstrength.crossmodel import is_multi_model
+
+    if is_multi_model(out) and not cfg.models:
+        from steerstrength.errors import InputError
+
+        raise InputError(f"{out} holds a run over several models; rerun it with its models=[...] or give another --out")
+    if cfg.models:
+        from steerstrength.crossmodel import run_models
+
+        per_model = run_models(cfg, out, progress=progress_bar, log=log, only=stages)
+    else:
+        per_model = {"": run_pipeline(cfg, out, progress=progress_bar, log=log, only=stages)}
     table = Table(title=f"steerstrength run: {out}")
+    if cfg.models:
+        table.add_column("model")
     table.add_column("stage")
     table.add_column("status")
     table.add_column("seconds", justify="right")
     table.add_column("note")
-    for stage, (status, seconds, note) in results.items():
-        table.add_row(stage, status, f"{seconds:.1f}", note)
+    for name, results in per_model.items():
+        for stage, (status, seconds, note) in results.items():
+            table.add_row(*([name] if cfg.models else []), stage, status, f"{seconds:.1f}", note)
     console.print(table)
     log(f"total {time.perf_counter() - start:.1f} s; open {out / 'report.html'}")
 
@@ -72,9 +86,21 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
     from steerstrength.report import write_report
     from steerstrength.runs import resume_command
 
+    from steerstrength.crossmodel import draw_models, is_multi_model, model_runs, write_models_report
+
     if not run_dir.is_dir():
         what = "is a file" if run_dir.exists() else "does not exist"
         raise InputError(f"run directory {run_dir} {what}; give the --out of a `steerstrength run`")
+    if is_multi_model(run_dir):  # a run over several models: each model's run, then the comparison
+        check_output_dir(run_dir, names=("report.html",), option="run directory")
+        for info in model_runs(run_dir):
+            sub = run_dir / "models" / info["folder"]
+            if (sub / "tables").is_dir():
+                draw_all(sub)
+                write_report(sub)
+        drawn = draw_models(run_dir)
+        log(f"drew {len(drawn)} comparison files and {write_models_report(run_dir)}")
+        return
     if not (run_dir / "tables").is_dir():
         raise InputError(f"{run_dir} has no tables/ directory (no stage has finished); `{resume_command(run_dir)}` "
                          "runs it")

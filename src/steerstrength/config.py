@@ -158,6 +158,9 @@ class RunConfig:
     positions: str = "all"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Several models (specs as model.spec takes them): each runs the whole pipeline in RUN/models/<name>, then Fig. 6
+    # and the theory badges are compared across them (crossmodel.py); empty: the one model of model.spec.
+    models: list = field(default_factory=list)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     vectors: VectorsConfig = field(default_factory=VectorsConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
@@ -367,6 +370,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.alpha_unit not in ("raw", "resid"):
         raise InputError(f"alpha_unit must be raw or resid (x the layer's median residual norm), not {cfg.alpha_unit!r}")
     _validate_layers(cfg.layers)
+    if not isinstance(cfg.models, list) or not all(isinstance(m, str) and m.strip() for m in cfg.models):
+        raise InputError(f"models must be a list of model specs, e.g. models=smollm2-135m-instruct,gemma3-270m, not "
+                         f"{cfg.models!r}")
     for key, low in MINIMUM.items():
         value = get(cfg, key)
         if value is None and key in OPTIONAL:

@@ -287,6 +287,11 @@ class Model:
             h.update(sample.view(torch.int16).numpy().tobytes())
         return h.hexdigest()[:16]
 
+    @property
+    def n_params(self) -> int:
+        """Parameters of the model (tied embeddings counted once)."""
+        return sum(p.numel() for p in self.hf.parameters())
+
     def describe(self) -> dict:
         """The facts `steerstrength models show` prints."""
         return {
@@ -296,6 +301,7 @@ class Model:
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "vocab_size": self.vocab_size,
+            "n_params": self.n_params,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "chat_template": self.has_chat_template,
@@ -651,6 +657,28 @@ def load_hf_id(spec: str, dtype: torch.dtype, device: torch.device):
         ) from exc
 
 
+def spec_kind(spec: str) -> str:
+    """How `load_model` reads `spec`: "embedded", "gguf", "dir" or "hf" (a Hugging Face id); one ModelLoadError line
+    for anything else. Reads no weights, so a run over several models checks every spec before it starts."""
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED:
+        return "embedded"
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist; check the path")
+        return "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: it is not a transformers model directory")
+        return "dir"
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf, a model directory or a HF id")
+    if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        return "hf"
+    raise ModelLoadError(f"model spec {spec!r} is not an embedded model ({', '.join(EMBEDDED)}), a .gguf file, a "
+                         "model directory or a HF id")
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     dtype: str | torch.dtype = "float32",
@@ -677,15 +705,14 @@ def load_model(
     import_seconds = import_transformers()
     start = time.perf_counter()
     path = Path(spec).expanduser()
-    if spec in EMBEDDED or path.suffix.lower() == ".gguf":
-        gguf = embedded_gguf(spec) if spec in EMBEDDED else path
-        if not gguf.is_file():
-            raise ModelLoadError(f"GGUF file {gguf} does not exist; check the path")
+    kind = spec_kind(spec)
+    if kind in ("embedded", "gguf"):
+        gguf = embedded_gguf(spec) if kind == "embedded" else path
         cached = gguf_cache_dir(gguf)
         if not (cached / "steerstrength.json").is_file():
             check_gguf(gguf)
             convert_gguf(gguf, cached)
-        name = spec if spec in EMBEDDED else gguf.stem
+        name = spec if kind == "embedded" else gguf.stem
         source = f"gguf:{gguf}"
         try:
             hf, tok = load_hf_dir(str(cached), torch_dtype, torch_device)
@@ -693,9 +720,7 @@ def load_model(
             raise ModelLoadError(
                 f"cannot load the converted cache {cached} ({type(exc).__name__}); delete it and retry"
             ) from exc
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json: it is not a transformers model directory")
+    elif kind == "dir":
         name, source = path.name, f"dir:{path.resolve()}"
         try:
             hf, tok = load_hf_dir(str(path), torch_dtype, torch_device)
@@ -703,21 +728,14 @@ def load_model(
             raise ModelLoadError(
                 f"{path} does not hold a causal LM that transformers can load ({first_line(exc)})"
             ) from exc
-    elif path.exists():
-        raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf, a model directory or a HF id")
-    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+    else:
         name, source = spec, f"hf:{spec}"
         hf, tok = load_hf_id(spec, torch_dtype, torch_device)
-    else:
-        known = ", ".join(EMBEDDED)
-        raise ModelLoadError(
-            f"model spec {spec!r} is not an embedded model ({known}), a .gguf file, a model directory or a HF id"
-        )
     hf = hf.to(device=torch_device, dtype=torch_dtype)
     model = wrap(hf, tok, name=name, source=source, blocks_path=blocks_path)
     model.load_seconds = time.perf_counter() - start
     model.info["import_seconds"] = import_seconds
-    if spec in EMBEDDED:
+    if kind == "embedded":
         model.info["license"] = EMBEDDED[spec].license
     return model
 

@@ -65,6 +65,114 @@ def na(reason: str) -> str:
     return f'<p class="na">Not available: {esc(reason)}.</p>'
 
 
+# ----------------------------------------------------------------------------- the rules
+# One home for each theory badge's rule: the findings below print them, `badges` tabulates them (the cross-model
+# report compares models with it).
+
+RULE_TOKENS = ("at least 75% of the dominating tokens' Δp curves are unimodal (a bump, or still increasing at "
+               "α_max)")
+RULE_CURVATURE = "the curvature of ΔCE at α = 0 (jvp) is positive"
+RULE_PLATEAU = "ΔCE(α_edge) / ΔCE(α_edge/2) < 2 on both sides (a parabola gives 4, a plateau 1)"
+RULE_MMLU = "accuracy at both ends of the α grid is at most the unsteered accuracy"
+
+
+def rule_tokens(dom) -> bool | None:
+    """Thm 3.3 on the top-8 rows at α_max (tokens_top, side alpha_max)."""
+    n = len(dom)
+    return (n - int((dom["shape"] == "other").sum())) >= 0.75 * n if n else None
+
+
+def rule_limit(s: dict) -> bool | None:
+    shrinks, reached = s.get("tv_shrinks", {}), s.get("limit_reached", {})
+    return all(shrinks.values()) and all(reached.values()) if shrinks and reached else None
+
+
+def rule_limit_text(s: dict) -> str:
+    return (f"the mean TV to softmax(LN(±v) Wᵀ) decreases as |α| grows, on each side, down to at most "
+            f"{fmt(s.get('reached_tv', 0.1))} at the largest |α|")
+
+
+def rule_curvature(s: dict) -> bool | None:
+    kappa = (s.get("curvature") or {}).get("jvp")
+    return None if kappa is None else kappa > 0
+
+
+def plateau_growth(s: dict) -> list:
+    plateau = s.get("plateau") or {}
+    return [plateau[side]["growth"] for side in ("negative", "positive") if side in plateau]
+
+
+def rule_plateau(s: dict) -> bool | None:
+    growth = plateau_growth(s)
+    return None if not growth else all(g < 2 for g in growth)
+
+
+def rule_concept(cur: dict) -> bool | None:
+    """Thm 3.6 on one judge's pooled curve, over its non-degenerate range."""
+    fit = cur.get("tanh_fit") or {}
+    nd = cur.get("tanh_fit_nondegenerate") or fit
+    r2 = nd.get("r2") if nd.get("status") == "ok" else None
+    rho = cur.get("spearman_rho_nondegenerate", cur.get("spearman_rho"))
+    return None if r2 is None or rho is None or not math.isfinite(rho) else (r2 >= 0.8 and abs(rho) >= 0.8)
+
+
+def rule_concept_text(cur: dict) -> str:
+    bad = cur.get("degenerate_alphas") or []
+    where = (f" over the non-degenerate range α ∈ [{fmt((cur.get('fit_range') or [None])[0])}, "
+             f"{fmt((cur.get('fit_range') or [None, None])[1])}]" if bad else "")
+    return f"the pooled curve{where} is monotone (|Spearman| ≥ 0.8) and sigmoidal (tanh fit R² ≥ 0.8)"
+
+
+def rule_mmlu(s: dict) -> tuple[bool | None, dict]:
+    """(verdict, facts): accuracy at both ends at most the unsteered one; unclear when the unsteered accuracy's
+    95% interval is not above random guessing (no skill for steering to remove)."""
+    acc = s.get("accuracy") or {}
+    alphas, values = acc.get("alpha") or [], acc.get("accuracy") or []
+    at0 = next((v for a, v in zip(alphas, values) if a == 0), None)
+    ends = [values[0], values[-1]] if values else []
+    ok = None if at0 is None or not ends else all(e <= at0 for e in ends)
+    i0 = alphas.index(0) if 0 in alphas else None
+    lows, highs = acc.get("ci_low") or [], acc.get("ci_high") or []
+    low = lows[i0] if i0 is not None and i0 < len(lows) else None
+    high = highs[i0] if i0 is not None and i0 < len(highs) else None
+    guess = s.get("random_guess", 0.25)
+    at_chance = i0 is not None and low is not None and low <= guess
+    return (None if at_chance else ok), dict(at0=at0, ends=ends, low=low, high=high, guess=guess, at_chance=at_chance)
+
+
+def _key(key: str) -> tuple[str, int | None]:
+    concept, _, layer = str(key).rpartition("/")
+    return (concept, int(layer)) if layer.lstrip("-").isdigit() else (str(key), None)
+
+
+def badges(run: RunTables):
+    """Every theory badge of a run as rows (concept, layer, claim, verdict, rule): the report's verdicts as data."""
+    import pandas as pd
+
+    word = {True: "agrees", False: "disagrees", None: "unclear"}
+    rows = []
+
+    def add(concept, layer, claim, ok, rule):
+        rows.append(dict(concept=concept, layer=layer, claim=claim, verdict=word[ok], rule=rule))
+
+    top = run.table("tokens_top")
+    if top is not None and not top.empty:
+        for (concept, layer), g in top.groupby(["concept", "layer"], sort=False):
+            add(concept, int(layer), "Thm 3.3", rule_tokens(g[(g["rank"] < 8) & (g["side"] == "alpha_max")]),
+                RULE_TOKENS)
+    for key, s in (run.summary("concept") or {}).items():
+        for judge, cur in (s.get("curves") or {}).items():
+            add(*_key(key), "Thm 3.6", rule_concept(cur), f"{judge}: {rule_concept_text(cur)}")
+    for key, s in ((run.summary("xent") or {}).get("per_vector") or {}).items():
+        add(*_key(key), "Thm 3.8", rule_curvature(s), RULE_CURVATURE)
+        add(*_key(key), "Prop. 4.1 (ΔCE plateau)", rule_plateau(s), RULE_PLATEAU)
+    for key, s in (run.summary("limit") or {}).items():
+        add(*_key(key), "Prop. 4.1 (limit)", rule_limit(s), rule_limit_text(s))
+    for key, s in ((run.summary("mmlu") or {}).get("per_vector") or {}).items():
+        add(*_key(key), "MMLU (Fig. A.6)", rule_mmlu(s)[0], RULE_MMLU)
+    return pd.DataFrame(rows, columns=["concept", "layer", "claim", "verdict", "rule"])
+
+
 # ----------------------------------------------------------------------------- findings
 
 
@@ -88,16 +196,13 @@ def findings_tokens(run: RunTables) -> str:
                          int(counts.get("decreasing", 0)), int(counts.get("other", 0)),
                          pct(unimodal / n if n else None)])
         dom = g[g["side"] == "alpha_max"]
-        n = len(dom)
-        unimodal = n - int((dom["shape"] == "other").sum())
         out.append(f"<h4>{esc(concept)}, layer {int(layer)}</h4>")
         out.append(table_html(["tokens", "n", "bump", "increasing", "decreasing", "other", "unimodal"], rows))
         out.append("<p class='rule'>Shapes are classified on the whole grid [α_min, α_max] (metrics.tokens): a token "
                    "that dominates at α_min rises towards α_min, so it reads as decreasing (or other when it also "
                    "moves at α &gt; 0).</p>")
-        ok = unimodal >= 0.75 * n if n else None
-        out.append("<p>Thm 3.3: " + verdict(ok, "at least 75% of the dominating tokens' Δp curves are unimodal "
-                                                "(a bump, or still increasing at α_max)") + "</p>")
+        ok = rule_tokens(dom)
+        out.append("<p>Thm 3.3: " + verdict(ok, RULE_TOKENS) + "</p>")
         out.append(_concept_words(run, concept, int(layer), dom))
         if ok is False:
             out.append(_why_not(run, concept, int(layer)))
@@ -207,12 +312,9 @@ def findings_limit(run: RunTables) -> str:
     out = []
     for key, s in data.items():
         rows = [[r["alpha"], r["tv_mean"], r["tv_max"], pct(r.get("top1_match"))] for r in s.get("per_alpha", [])]
-        shrinks, reached = s.get("tv_shrinks", {}), s.get("limit_reached", {})
-        ok = all(shrinks.values()) and all(reached.values()) if shrinks and reached else None
         out.append(f"<h4>{esc(key)}</h4>" + table_html(["α", "mean TV", "max TV", "top-1 equals the limit's"], rows))
-        out.append("<p>Prop. 4.1: " + verdict(ok, "the mean TV to softmax(LN(±v) Wᵀ) decreases as |α| grows, on "
-                                             f"each side, down to at most {fmt(s.get('reached_tv', 0.1))} at the "
-                                             "largest |α|") + f" <span class='rule'>{esc(s.get('note', ''))}</span></p>")
+        out.append("<p>Prop. 4.1: " + verdict(rule_limit(s), rule_limit_text(s)) +
+                   f" <span class='rule'>{esc(s.get('note', ''))}</span></p>")
     return "\n".join(out)
 
 
@@ -224,17 +326,15 @@ def findings_xent(run: RunTables) -> str:
     rows, verdicts = [], []
     for key, s in data.get("per_vector", {}).items():
         c = s.get("curvature") or {}
-        plateau = s.get("plateau") or {}
         limit = s.get("limit_delta_ce") or {}
         kappa = c.get("jvp")
-        growth = [plateau[side]["growth"] for side in ("negative", "positive") if side in plateau]
+        growth = plateau_growth(s)
         rows.append([key, s.get("n_tokens"), s.get("ce0"), kappa, c.get("fit"), c.get("relative_difference"),
                      (c.get("quadratic_range") or {}).get("max_abs_alpha"),
                      " / ".join(fmt(g) for g in growth),
                      " / ".join(fmt(limit.get(k)) for k in ("negative", "positive"))])
-        local = verdict(None if kappa is None else kappa > 0, "the curvature of ΔCE at α = 0 (jvp) is positive")
-        flat = verdict(None if not growth else all(g < 2 for g in growth),
-                       "ΔCE(α_edge) / ΔCE(α_edge/2) < 2 on both sides (a parabola gives 4, a plateau 1)")
+        local = verdict(rule_curvature(s), RULE_CURVATURE)
+        flat = verdict(rule_plateau(s), RULE_PLATEAU)
         verdicts.append(f"<li>{esc(key)}: Thm 3.8 {local}; Prop. 4.1 {flat}</li>")
     out.append(table_html(["vector", "tokens", "CE(0)", "κ (jvp)", "κ (fit)", "relative difference",
                            "quadratic holds to |α|", "growth − / +", "Prop. 4.1 limit ΔCE − / +"], rows))
@@ -255,16 +355,9 @@ def findings_concept(run: RunTables) -> str:
             rows.append([key, judge, acc.get("balanced_accuracy"), len(cur.get("alpha") or []),
                          (cur.get("n_per_alpha") or [None])[0], p[0] if p else None, p[-1] if p else None,
                          cur.get("spearman_rho"), fit.get("r2") if fit.get("status") == "ok" else fit.get("status")])
-            nd = cur.get("tanh_fit_nondegenerate") or fit
-            r2 = nd.get("r2") if nd.get("status") == "ok" else None
-            rho = cur.get("spearman_rho_nondegenerate", cur.get("spearman_rho"))
-            ok = None if r2 is None or rho is None or not math.isfinite(rho) else (r2 >= 0.8 and abs(rho) >= 0.8)
             bad = cur.get("degenerate_alphas") or []
-            where = (f" over the non-degenerate range α ∈ [{fmt((cur.get('fit_range') or [None])[0])}, "
-                     f"{fmt((cur.get('fit_range') or [None, None])[1])}]" if bad else "")
             verdicts.append(f"<li>{esc(key)} ({esc(judge)}): Thm 3.6 " +
-                            verdict(ok, f"the pooled curve{where} is monotone (|Spearman| ≥ 0.8) and sigmoidal "
-                                        "(tanh fit R² ≥ 0.8)") +
+                            verdict(rule_concept(cur), rule_concept_text(cur)) +
                             (f" <span class='rule'>Degenerate text (repetition, non-words) at α = "
                              f"{esc(', '.join(fmt(a) for a in bad))}: the concept curve falls there because the "
                              "text has collapsed, not because the concept left.</span>" if bad else "") + "</li>")
@@ -280,28 +373,16 @@ def findings_mmlu(run: RunTables) -> str:
         return na(run.why_missing("mmlu"))
     rows, verdicts = [], []
     for key, s in (data.get("per_vector") or {}).items():
-        acc = s.get("accuracy") or {}
-        alphas, values = acc.get("alpha") or [], acc.get("accuracy") or []
-        at0 = next((v for a, v in zip(alphas, values) if a == 0), None)
-        ends = [values[0], values[-1]] if values else []
-        rows.append([key, s.get("n_questions"), s.get("k_shots"), at0, ends[0] if ends else None,
+        ok, f = rule_mmlu(s)
+        ends = f["ends"]
+        rows.append([key, s.get("n_questions"), s.get("k_shots"), f["at0"], ends[0] if ends else None,
                      ends[1] if ends else None])
-        ok = None if at0 is None or not ends else all(e <= at0 for e in ends)
         # A model whose unsteered accuracy is not above guessing cannot show steering lowering it.
-        i0 = alphas.index(0) if 0 in alphas else None
-        lows, highs = acc.get("ci_low") or [], acc.get("ci_high") or []
-        low = lows[i0] if i0 is not None and i0 < len(lows) else None
-        high = highs[i0] if i0 is not None and i0 < len(highs) else None
-        guess = s.get("random_guess", 0.25)
-        at_chance = i0 is not None and low is not None and low <= guess
-        if at_chance:
-            ok = None
-        verdicts.append(f"<li>{esc(key)}: " + verdict(ok, "accuracy at both ends of the α grid is at most the "
-                                                          "unsteered accuracy") +
-                        (f" <span class='why'>Not judged: the unsteered accuracy's 95% interval [{low:.2f}, "
-                         f"{high:.2f}] is not above random guessing ({guess:.2f}), so there is no skill for steering "
-                         "to remove (MMLU needs a larger model, or more questions to show it).</span>"
-                         if at_chance else "") +
+        verdicts.append(f"<li>{esc(key)}: " + verdict(ok, RULE_MMLU) +
+                        (f" <span class='why'>Not judged: the unsteered accuracy's 95% interval [{f['low']:.2f}, "
+                         f"{f['high']:.2f}] is not above random guessing ({f['guess']:.2f}), so there is no skill for "
+                         "steering to remove (MMLU needs a larger model, or more questions to show it).</span>"
+                         if f["at_chance"] else "") +
                         "</li>")
     return (f"<p>Source: {esc(data.get('source'))}.</p>" +
             table_html(["vector", "questions", "shots", "accuracy at α = 0", "at α_min", "at α_max"], rows) +
