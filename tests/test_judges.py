@@ -45,9 +45,9 @@ NEUTRAL = [
 
 
 def test_unknown_judge_is_one_clear_error_listing_the_known_ones():
-    with pytest.raises(InputError, match="unknown judge 'oracle'.*llm, lexicon, embedding, probe"):
+    with pytest.raises(InputError, match="unknown judge 'oracle'.*llm, lexicon, embedding, probe, case"):
         make_judge("oracle")
-    assert set(JUDGES) == {"llm", "lexicon", "embedding", "probe"}
+    assert set(JUDGES) == {"llm", "lexicon", "embedding", "probe", "case"}
 
 
 def test_llm_judge_needs_a_model():
@@ -246,3 +246,19 @@ def test_llm_judge_runs_on_the_default_model(default_model):
     assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
     assert judge.chat and judge.yes_ids and judge.no_ids
     assert (judge.answer_mass > 0).all()
+
+
+def test_the_uppercase_concept_is_judged_by_its_rule():
+    from steerstrength.judges import best_judge, judge_for, make_judge
+    from steerstrength.prompts import curated_texts
+
+    judge = make_judge("case")
+    P, N = curated_texts("uppercase", "positive", "heldout"), curated_texts("uppercase", "negative", "heldout")
+    acc = judge.accuracy(P, N, "uppercase")
+    assert acc.balanced_accuracy == 1.0 and acc.n_positive == acc.n_negative == 32
+    assert judge.score(["HELLO there", "", "ÉTÉ 42 ok"], "uppercase").tolist() == [0.5, 0.0, 0.6]
+    assert best_judge("uppercase") == "case"
+    assert judge_for("uppercase", "probe") == "case" and judge_for("uppercase", "llm") == "llm"
+    assert judge_for("joy", "probe") == "probe"
+    with pytest.raises(InputError, match="case judge judges uppercase only"):
+        judge.score(["x"], "joy")

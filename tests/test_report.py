@@ -232,3 +232,20 @@ def test_the_mmlu_rule_is_not_judged_when_the_unsteered_model_is_not_above_chanc
     assert "unclear" in at_chance and "Not judged" in at_chance and "disagrees" not in at_chance
     skilled = findings_mmlu(run_with(0.8, 0.5))  # above chance: the rule decides (both ends below 0.8)
     assert "agrees" in skilled and "Not judged" not in skilled
+
+
+def test_a_concept_curve_with_too_few_fluent_alphas_is_unclear_with_the_reason():
+    """Gemma-3-270M at layer 14 (demo grid, 9 alphas in +/-1 r_l): text degenerates past 0.25 r_l, leaving 4 fluent
+    alphas; a 4-parameter tanh fits them exactly, so the badge must not read that as agreement."""
+    from steerstrength.metrics.concept import fit_tanh
+    from steerstrength.report import rule_concept, rule_concept_text
+
+    alphas = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0]
+    p = [0.0, 0.0, 0.0, 0.0, 0.0, 0.12, 0.12, 0.08, 0.0]
+    inside = [(a, q) for a, q in zip(alphas, p) if -0.5 <= a <= 0.25]
+    cur = dict(alpha=alphas, p=p, spearman_rho=0.51, tanh_fit=fit_tanh(alphas, p), fit_range=[-0.5, 0.25],
+               degenerate_alphas=[-1.0, -0.75, 0.5, 0.75, 1.0], spearman_rho_nondegenerate=0.77,
+               tanh_fit_nondegenerate=fit_tanh(*zip(*inside)))
+    assert rule_concept(cur) is None
+    text = rule_concept_text(cur)
+    assert "holds 4 grid points" in text and "concept.alpha_max" in text

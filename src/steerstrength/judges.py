@@ -572,10 +572,39 @@ class ProbeJudge(Judge):
                 "C": PROBE_C, "training": self.training}
 
 
+class CaseJudge(Judge):
+    """The "uppercase" concept (Sec. 3's example, Fig. A.4) by rule: the share of upper-case letters among the
+    text's letters (0 without letters); a text is upper case when at least half of its letters are."""
+
+    name = "case"
+
+    def check(self, concept: str) -> None:
+        super().check(concept)
+        if concept.strip().lower() not in RULE_JUDGES:
+            raise InputError(f"the case judge judges {', '.join(RULE_JUDGES)} only, not {concept!r}; pick another judge")
+
+    def score(self, texts: Sequence[str], concept: str) -> np.ndarray:
+        self.check(concept)
+        out = []
+        for text in texts:
+            letters = [ch for ch in str(text) if ch.isalpha() and ch.lower() != ch.upper()]
+            out.append(sum(ch.isupper() for ch in letters) / len(letters) if letters else 0.0)
+        return np.asarray(out, dtype=np.float64)
+
+
 # ----------------------------------------------------------------------------- registry
 
 JUDGES: dict[str, Callable[..., Judge]] = {"llm": LLMJudge, "lexicon": LexiconJudge, "embedding": EmbeddingJudge,
-                                           "probe": ProbeJudge}
+                                           "probe": ProbeJudge, "case": CaseJudge}
+# Concepts a rule decides exactly; the learned judges (trained or described for the 8 curated concepts) cannot.
+RULE_JUDGES = {"uppercase": "case"}
+
+
+def judge_for(concept: str, judge):
+    """The judge a concept is scored with: its rule judge (RULE_JUDGES) when it has one and `judge` is a learned
+    judge's name; otherwise `judge` itself (a Judge object, the llm judge, or any judge of another concept)."""
+    rule = RULE_JUDGES.get((concept or "").strip().lower())
+    return rule if rule is not None and isinstance(judge, str) and judge in ("probe", "embedding", "lexicon") else judge
 
 
 def check_judge_name(name: str) -> str:
@@ -593,7 +622,7 @@ def make_judge(name: str, *, model=None, device: str = "cpu", batch_size: int | 
         return LLMJudge(model, batch_size=batch_size or 8)
     if name in ("embedding", "probe"):
         return JUDGES[name](device=device, batch_size=batch_size or 32)
-    return LexiconJudge()
+    return JUDGES[name]()
 
 
 # ----------------------------------------------------------------------------- measured accuracy
@@ -663,6 +692,8 @@ HELD_OUT_BALANCED_ACCURACY: dict[str, dict[str, float]] = {
 def best_judge(concept: str) -> str:
     """The judge with the highest measured held-out balanced accuracy for `concept` (HELD_OUT_BALANCED_ACCURACY)."""
     key = (concept or "").strip().lower()
+    if key in RULE_JUDGES:
+        return RULE_JUDGES[key]
     if key not in HELD_OUT_BALANCED_ACCURACY:
         raise InputError(f"no measured judge accuracy for concept {concept!r}; measured: "
                          f"{', '.join(HELD_OUT_BALANCED_ACCURACY)}")

@@ -68,7 +68,8 @@ def curated_pairs(concept: str, split: str = "all") -> list[dict]:
     """Hand-written P/N pairs for Eq. (3): {pair, split, situation, positive, negative}, differing in the concept only.
 
     Args:
-        concept: one of the 8 curated concepts (curated_concepts()).
+        concept: one of the 8 curated concepts (curated_concepts()), or a derived one (DERIVED: "uppercase",
+            built by uppercase_pairs).
         split: "train" (64 pairs), "heldout" (32) or "all".
 
     Example::
@@ -76,12 +77,34 @@ def curated_pairs(concept: str, split: str = "all") -> list[dict]:
         ss.curated_pairs("joy", "heldout")[0]["positive"]
     """
     key = check_concept(concept).lower()
-    if key not in curated_concepts():
+    if key not in curated_concepts() and key not in DERIVED:
         raise InputError(f"no curated texts for concept {concept!r}; curated concepts: {', '.join(curated_concepts())}"
-                         " (use prompts.source=generate, or give your own files)")
+                         f", and derived: {', '.join(DERIVED)} (use prompts.source=generate, or give your own files)")
     _check_split(split)
-    rows = _data_jsonl(f"concepts/{key}.jsonl")
+    rows = DERIVED[key]() if key in DERIVED else _data_jsonl(f"concepts/{key}.jsonl")
     return [r for r in rows if split == "all" or r["split"] == split]
+
+
+def uppercase_pairs(n_train: int = 64, n_heldout: int = 32) -> list[dict]:
+    """Sec. 3's concept "uppercase": P a sentence in upper case, N the same sentence in lower case.
+
+    The sentences are the first sentences (40-200 characters) of the Wikipedia test-split paragraphs
+    (corpus.wikipedia_texts("test"), which `train-tiny` never trains on), in file order: 64 train, then 32 held-out.
+    """
+    from steerstrength.corpus import wikipedia_texts
+
+    sentences = []
+    for i, text in enumerate(wikipedia_texts("test")):
+        first = text.split(". ")[0].rstrip(".") + "."
+        if 40 <= len(first) <= 200:
+            sentences.append((i, first))
+    return [dict(pair=k, split="train" if k < n_train else "heldout", situation=f"wikipedia test paragraph {i}",
+                 positive=first.upper(), negative=first.lower())
+            for k, (i, first) in enumerate(sentences[: n_train + n_heldout])]
+
+
+# Concepts whose P/N pairs are built by a rule, not read from data/concepts (curated_pairs serves both).
+DERIVED = {"uppercase": uppercase_pairs}
 
 
 def curated_texts(concept: str, kind: str, split: str = "train") -> list[str]:

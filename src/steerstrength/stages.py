@@ -390,9 +390,9 @@ def xent_stage(model, vectors: Sequence, section: XentConfig, *, texts: Sequence
 def judge_texts(concept: str, fallback: tuple | None = None) -> tuple:
     """P and N texts to measure a judge on: our held-out curated pairs when the concept has them (the probe is trained
     on the training pairs), else `fallback` (e.g. the run's own P and N; the judges hold part out themselves)."""
-    from steerstrength.prompts import curated_concepts, curated_texts
+    from steerstrength.prompts import DERIVED, curated_concepts, curated_texts
 
-    if concept.lower() in curated_concepts():
+    if concept.lower() in curated_concepts() or concept.lower() in DERIVED:
         return curated_texts(concept, "positive", "heldout"), curated_texts(concept, "negative", "heldout")
     return fallback if fallback is not None else (None, None)
 
@@ -418,8 +418,10 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
     from steerstrength.metrics.concept import concept_probability
 
     grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit=unit)
-    judges = list(judges) if judges else [section.judge]
+    from steerstrength.judges import judge_for
+
     concept = labels.get("concept", "")
+    judges = [judge_for(concept, j) for j in (list(judges) if judges else [section.judge])]
     parts: dict[str, list] = {"completions": [], "scores": [], "curve": []}
     summary = {}
     for sv in vectors:
@@ -557,7 +559,10 @@ def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, promp
         if judge is None:
             raise InputError("grid-judge and global judge concept presence: name a judge (judge=..., CLI --judge, "
                              "run concept.judge)")
-        found_judge, accuracy = ready_judge(judge, concept, positive, negative, judge_model or model, seed)
+        from steerstrength.judges import judge_for
+
+        found_judge, accuracy = ready_judge(judge_for(concept, judge), concept, positive, negative,
+                                            judge_model or model, seed)
     generating = [m for m in methods if m in GENERATION_METHODS]
     base = dict(concept=concept, setting=setting, budget=budget, seed=seed, positions=positions, positive=positive,
                 negative=negative, chat=chat, batch_size=section.batch_size)

@@ -233,8 +233,12 @@ def tanh_curve(alpha, c, a, b, alpha0):
     return c + a * np.tanh(b * (np.asarray(alpha, dtype=np.float64) - alpha0))
 
 
+MIN_FIT_ALPHAS = 6  # the tanh has 4 parameters: on 4 or 5 alphas any curve fits (R^2 = 1 says nothing)
+
+
 def fit_tanh(alphas, p) -> dict:
-    """Least-squares tanh fit with b >= 0 (so sign(a) is the direction); status says when it cannot be fit."""
+    """Least-squares tanh fit with b >= 0 (so sign(a) is the direction); status says when it cannot be fit (fewer
+    than MIN_FIT_ALPHAS distinct alphas, a flat curve)."""
     from scipy.optimize import curve_fit
 
     x = np.asarray(alphas, dtype=np.float64)
@@ -242,8 +246,8 @@ def fit_tanh(alphas, p) -> dict:
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     result = {"status": "ok", "c": None, "a": None, "b": None, "alpha0": None, "r2": None}
-    if len(np.unique(x)) < 4:
-        return dict(result, status="too few alphas (need 4)")
+    if len(np.unique(x)) < MIN_FIT_ALPHAS:
+        return dict(result, status=f"too few alphas ({len(np.unique(x))}; the 4-parameter fit needs {MIN_FIT_ALPHAS})")
     sst = float(((y - y.mean()) ** 2).sum())
     if sst <= 1e-12:
         return dict(result, status="flat curve: nothing to fit")
