@@ -415,7 +415,7 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
 
     import pandas as pd
 
-    from steerstrength.metrics.concept import concept_probability
+    from steerstrength.metrics.concept import concept_probability, curve_summary
 
     grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit=unit)
     from steerstrength.judges import judge_for
@@ -442,7 +442,9 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
         scale = sv.resid_scale(model)
         for name in parts:
             parts[name].append(add_resid_column(done[name].assign(layer=sv.layer), scale))
-        summary[f"{concept}/{sv.layer}"] = json.loads(done["summary"]["json"].iloc[0])
+        # The fits are re-derived from the curve, so generations kept from an earlier run are analysed by this code.
+        summary[f"{concept}/{sv.layer}"] = dict(json.loads(done["summary"]["json"].iloc[0]),
+                                                curves=curve_summary(done["curve"]))
         if on_vector is not None:
             on_vector(summary[f"{concept}/{sv.layer}"])
     tables = {"concept_completions.jsonl": pd.concat(parts["completions"], ignore_index=True),
