@@ -16,7 +16,7 @@ $(PY):
 # your platform has. The project's bound (<2.14) then keeps pip from swapping it out.
 $(STAMP): $(PY) pyproject.toml requirements-extra.txt
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q "torch>=2.4,<2.14"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 	$(PIP) install -q --no-deps -r requirements-extra.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

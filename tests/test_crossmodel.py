@@ -10,19 +10,12 @@ from steerstrength.config import build_config
 from steerstrength.crossmodel import model_runs, run_models
 from steerstrength.errors import InputError, ModelLoadError
 from test_pipeline import SMALL, Quiet, run, tables
-from tiny import tiny_model
+from tiny import save_tiny_models
 
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
-    paths = []
-    for arch, name in (("gpt2", "tiny-gpt2"), ("llama", "tiny-llama")):
-        path = tmp_path_factory.mktemp("models") / name
-        model = tiny_model(arch)
-        model.hf.save_pretrained(path)
-        model.tokenizer.save_pretrained(path)
-        paths.append(path)
-    return paths
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 FAST = ["concept.enabled=false", "mmlu.enabled=false"]  # the comparison needs some badges, not all of them

@@ -75,3 +75,17 @@ def tiny_hf(arch: str, seed: int = 0):
 def tiny_model(arch: str = "llama", *, add_bos: bool = True, seed: int = 0) -> Model:
     """A steerstrength Model around a tiny random `arch` model."""
     return wrap(tiny_hf(arch, seed), tiny_tokenizer(add_bos), name=f"tiny-{arch}", source="test")
+
+
+def save_tiny_models(root, archs=(("gpt2", "tiny-gpt2"), ("llama", "tiny-llama"))) -> list:
+    """Tiny models saved as model directories (root/<name>), for runs that load models by path."""
+    from pathlib import Path
+
+    paths = []
+    for arch, name in archs:
+        path = Path(root) / name
+        model = tiny_model(arch)
+        model.hf.save_pretrained(path)
+        model.tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import console, log, progress_bar
+from steerstrength.cli_common import console, log, progress_bar, state
 
 config_app = typer.Typer(help="Show the run configuration.", no_args_is_help=True)
 
@@ -23,38 +24,59 @@ def run(
     config: Optional[Path] = ConfigOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<preset>)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated stages to run (others untouched)."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="local (here, one model after another) or ray "
+                                           "(one Ray actor per model, docs/scale.md); default: the config's executor."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The Ray cluster to run on (auto, "
+                                              "HOST:6379, ray://HOST:10001); implies --executor ray. Default: a "
+                                              "local Ray instance."),
 ) -> None:
     """Run the pipeline: prompts, vectors, sweeps, figures and report.html in a resumable run directory."""
     from rich.table import Table
 
     from steerstrength.config import build_config
+    from steerstrength.errors import InputError
     from steerstrength.io import check_output_dir
-    from steerstrength.pipeline import STAGES, run_pipeline
+    from steerstrength.pipeline import STAGES
 
-    cfg = build_config(preset, str(config) if config else None, overrides or [])
+    extra = []
+    if ray_address is not None:
+        if executor == "local":
+            raise InputError("--ray-address runs on Ray; drop --executor local or --ray-address")
+        executor = executor or "ray"
+        extra.append(f"ray.address={ray_address}")
+    if executor is not None:
+        extra.append(f"executor={executor}")
+    cfg = build_config(preset, str(config) if config else None, (overrides or []) + extra)
+    if cfg.executor == "ray":
+        from steerstrength.executors import require_ray
+
+        require_ray()  # one line naming the extra to install, before anything is written
     out = check_output_dir(out or Path("runs") / preset, names=("manifest.json", "config.toml", "report.html"))
     stages = None
     if only:
         stages = [s.strip() for s in only.split(",") if s.strip()]
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
-            from steerstrength.errors import InputError
-
             raise InputError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     start = time.perf_counter()
     log(f"run directory {out} (preset {preset})")
     from steerstrength.crossmodel import is_multi_model
 
     if is_multi_model(out) and not cfg.models:
-        from steerstrength.errors import InputError
-
         raise InputError(f"{out} holds a run over several models; rerun it with its models=[...] or give another --out")
-    if cfg.models:
-        from steerstrength.crossmodel import run_models
+    with cell_view(cfg) as watch:
+        if cfg.models:
+            from steerstrength.crossmodel import run_models
 
-        per_model = run_models(cfg, out, progress=progress_bar, log=log, only=stages)
-    else:
-        per_model = {"": run_pipeline(cfg, out, progress=progress_bar, log=log, only=stages)}
+            per_model = run_models(cfg, out, progress=progress_bar, log=log, only=stages, watch=watch)
+        else:  # one model: one cell (on Ray, one actor)
+            from steerstrength.crossmodel import model_dir_name
+            from steerstrength.executors import Cell, run_cells
+            from steerstrength.models import DEFAULT_MODEL
+
+            name = model_dir_name(cfg.model.spec or DEFAULT_MODEL)
+            per_model = {"": run_cells(cfg, [Cell(name, cfg, out)], progress=progress_bar, log=log, only=stages,
+                                       watch=watch)[name]}
     table = Table(title=f"steerstrength run: {out}")
     if cfg.models:
         table.add_column("model")
@@ -67,6 +89,48 @@ def run(
             table.add_row(*([name] if cfg.models else []), stage, status, f"{seconds:.1f}", note)
     console.print(table)
     log(f"total {time.perf_counter() - start:.1f} s; open {out / 'report.html'}")
+
+
+@contextlib.contextmanager
+def cell_view(cfg):
+    """The cells of a Ray run, live: each model's stages done, the stage it is in, and cells done / running / failed
+    (with --quiet, a log line per change). Yields the `watch(states)` callback executors.run_cells calls."""
+    if cfg.executor != "ray":
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    seen = {}
+
+    def summary(states) -> str:
+        count = {s: sum(1 for c in states if c.state == s) for s in ("done", "running", "waiting", "failed")}
+        return (f"cells: {count['done']} done, {count['running']} running, {count['waiting']} waiting, "
+                f"{count['failed']} failed of {len(states)}")
+
+    if state["quiet"]:
+        def watch(states):
+            for c in states:
+                now = (c.state, c.stage)
+                if seen.get(c.name) != now:
+                    seen[c.name] = now
+                    log(f"[ray] {c.name}: {c.state}{' ' + c.stage if c.stage else ''} "
+                        f"({c.stages_done}/{c.n_stages} stages); {summary(states)}")
+        yield watch
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console) as bar:
+        tasks = {}
+
+        def watch(states):
+            if "" not in tasks:
+                tasks[""] = bar.add_task("cells", total=len(states), note="")
+            bar.update(tasks[""], completed=sum(1 for c in states if c.state == "done"), note=summary(states))
+            for c in states:
+                if c.name not in tasks:
+                    tasks[c.name] = bar.add_task(c.name, total=c.n_stages, note="")
+                note = {"running": f"running {c.stage}", "failed": f"failed: {c.error}"}.get(c.state, c.state)
+                bar.update(tasks[c.name], completed=c.stages_done, note=note)
+        yield watch
 
 
 @config_app.command("show")

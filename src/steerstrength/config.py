@@ -150,6 +150,20 @@ class RecommendConfig:
 
 
 @dataclass
+class RayConfig:
+    """`executor = "ray"`: each model's pipeline is one Ray actor (executors.py; docs/scale.md)."""
+
+    address: Optional[str] = None  # None: start a local Ray instance; "auto": this node's cluster; "ray://head:10001"
+    num_cpus_per_model: int = 1
+    num_gpus_per_model: Optional[float] = None  # None: no GPU; 1: a GPU per model; 0.5: two small models share one
+    memory_gb: Optional[float] = None  # RAM reserved per model (Ray's `memory`); None: nothing reserved
+    max_retries: int = 3  # a model whose worker dies is restarted and resumes from its run directory this often
+
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
 class RunConfig:
     concepts: list = field(default_factory=lambda: ["joy"])
     layers: list = field(default_factory=lambda: ["middle"])  # ints, "early" / "middle" / "late", or "auto" (scan.py)
@@ -171,6 +185,10 @@ class RunConfig:
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     mmlu: MmluConfig = field(default_factory=MmluConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    # Where the models' pipelines run: "local" (one after the other, in this process) or "ray". Not part of any
+    # stage key: local and Ray runs of one config reuse each other's results.
+    executor: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,6 +210,7 @@ def preset(name: str) -> RunConfig:
         cfg = RunConfig(concepts=list(PAPER_CONCEPTS), layers=["early", "middle", "late", "auto"])
         cfg.vectors.resamples = 10
         cfg.mmlu.source = "mmlu"  # the 14,042-question test set, offline (each subject's first 5 are its shots)
+        cfg.ray.num_gpus_per_model = 1  # with executor=ray: one model per GPU (docs/scale.md)
         return cfg
     if name == "demo":
         cfg = RunConfig()
@@ -334,10 +353,12 @@ MINIMUM = {  # integer keys: the smallest valid value
     "recommend.n_prompts": 1, "recommend.completions": 1, "recommend.max_new_tokens": 1, "recommend.n_alphas": 2,
     "recommend.refine_steps": 0, "recommend.sweet_spot_refine_steps": 0, "recommend.n_target": 1,
     "recommend.batch_size": 1,
+    "ray.num_cpus_per_model": 1, "ray.max_retries": 0,
 }
-OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions")  # None: off / all
+OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions",
+            "ray.num_gpus_per_model", "ray.memory_gb")  # None: off / all / none
 POSITIVE = ("prompts.temperature", "concept.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",
-            "mmlu.alpha_max", "recommend.kl_budget")  # floats: positive and finite
+            "mmlu.alpha_max", "recommend.kl_budget", "ray.num_gpus_per_model", "ray.memory_gb")  # floats: positive and finite
 UNIT_INTERVAL = ("prompts.top_p", "logodds.extremal_fraction", "concept.top_p", "concept.holdout")  # floats in (0, 1]
 FILES = ("prompts.positive_file", "prompts.negative_file", "tokens.contexts_file", "concept.prompts_file")
 LAYER_NAMES = ("early", "middle", "late", "auto")
@@ -370,6 +391,11 @@ def validate(cfg: RunConfig) -> None:
     if cfg.alpha_unit not in ("raw", "resid"):
         raise InputError(f"alpha_unit must be raw or resid (x the layer's median residual norm), not {cfg.alpha_unit!r}")
     _validate_layers(cfg.layers)
+    if cfg.executor not in EXECUTORS:
+        raise InputError(f"executor must be {' or '.join(EXECUTORS)}, not {cfg.executor!r}")
+    if cfg.ray.address is not None and (not isinstance(cfg.ray.address, str) or not cfg.ray.address.strip()):
+        raise InputError(f"ray.address must be a cluster address (auto, HOST:6379 or ray://HOST:10001) or none, "
+                         f"not {cfg.ray.address!r}")
     if not isinstance(cfg.models, list) or not all(isinstance(m, str) and m.strip() for m in cfg.models):
         raise InputError(f"models must be a list of model specs, e.g. models=smollm2-135m-instruct,gemma3-270m, not "
                          f"{cfg.models!r}")
@@ -383,8 +409,11 @@ def validate(cfg: RunConfig) -> None:
             raise InputError(f"{key} must be at least {low}, not {value}")
     for key in POSITIVE + UNIT_INTERVAL:
         value = get(cfg, key)
+        if value is None and key in OPTIONAL:
+            continue
         if not _is_number(value) or not 0 < value < float("inf"):
-            raise InputError(f"{key} must be a positive finite number, not {value!r}")
+            none = " (or none)" if key in OPTIONAL else ""
+            raise InputError(f"{key} must be a positive finite number{none}, not {value!r}")
         if key in UNIT_INTERVAL and value > 1:
             raise InputError(f"{key} must be in (0, 1], not {value!r}")
     alphas = cfg.limit.alphas

@@ -63,15 +63,18 @@ def check_models(cfg: RunConfig) -> list[tuple[str, str]]:
 
 
 def run_models(cfg: RunConfig, out: str | Path, *, progress, log: Callable[[str], None],
-               only: list[str] | None = None) -> dict:
+               only: list[str] | None = None, watch: Callable | None = None) -> dict:
     """Run (or resume) the pipeline for every model of `cfg.models` in RUN/models/<name>, then draw the comparison.
 
-    Returns {model name: that model's run_pipeline results}.
+    The models run where `cfg.executor` says: one after the other here ("local"), or one Ray actor each ("ray",
+    executors.py; `watch` sees their progress). Returns {model name: that model's run_pipeline results}.
     """
     from filelock import FileLock, Timeout
 
-    from steerstrength.pipeline import run_pipeline
+    from steerstrength.executors import Cell, require_ray, run_cells
 
+    if cfg.executor == "ray":
+        require_ray()  # before anything is written
     listed = check_models(cfg)
     root = Path(out)
     if (root / "manifest.json").is_file():
@@ -85,11 +88,8 @@ def run_models(cfg: RunConfig, out: str | Path, *, progress, log: Callable[[str]
     try:
         with atomic_path(root / "config.toml") as tmp:
             tmp.write_text(to_toml(cfg))
-        results = {}
-        for spec, name in listed:
-            log(f"[models] {name} ({spec}) in {root / 'models' / name}")
-            results[name] = run_pipeline(model_config(cfg, spec), root / "models" / name, progress=progress, log=log,
-                                         only=only)
+        results = run_cells(cfg, [Cell(name, model_config(cfg, spec), root / "models" / name) for spec, name in listed],
+                            progress=progress, log=log, only=only, watch=watch)
         draw_models(root)
         write_models_report(root)
     finally:

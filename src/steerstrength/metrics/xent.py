@@ -63,17 +63,17 @@ def sweep_units(model: Model, texts: Sequence[str], alphas, *, seq_len: int = 12
 
 def _sweep_ids(model: Model, texts: Sequence[str], seq_len: int, packing: bool,
                max_tokens: int | None) -> tuple[torch.Tensor, int]:
-    """The windows `xent_sweep` scores: `_windows`, the first max_tokens // seq_len of them."""
-    ids, n_used = _windows(model, texts, seq_len, packing)
-    if max_tokens is not None:
-        if max_tokens < seq_len:
-            raise InputError(f"max_tokens {max_tokens} is below one window of {seq_len} scored tokens")
-        ids = ids[: max_tokens // seq_len]
-    return ids, n_used
+    """The windows `xent_sweep` scores: `_windows`, the first max_tokens // seq_len of them (the texts past those
+    windows are never tokenized: a 10^6-token corpus costs nothing when a slice is scored)."""
+    if max_tokens is not None and max_tokens < seq_len:
+        raise InputError(f"max_tokens {max_tokens} is below one window of {seq_len} scored tokens")
+    return _windows(model, texts, seq_len, packing, None if max_tokens is None else max_tokens // seq_len)
 
 
-def _windows(model: Model, texts: Sequence[str], seq_len: int, packing: bool) -> tuple[torch.Tensor, int]:
-    """(windows, number of texts that gave at least one window)."""
+def _windows(model: Model, texts: Sequence[str], seq_len: int, packing: bool,
+             max_windows: int | None = None) -> tuple[torch.Tensor, int]:
+    """(windows, number of texts read that gave a window or joined the stream); with `max_windows`, the first ones
+    only, the texts after them never tokenized."""
     if isinstance(texts, str):
         raise InputError("texts must be a list of strings, not one string; wrap it in a list")
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -84,21 +84,29 @@ def _windows(model: Model, texts: Sequence[str], seq_len: int, packing: bool) ->
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
         raise InputError("the corpus is empty: no non-empty text to evaluate cross-entropy on")
-    rows = [model.token_ids(t) for t in texts]
-    bos = rows[0][:1] if model.add_bos else []  # token_ids starts every text with it
-    rows = [row[len(bos):] for row in rows]
-    if packing:
-        # One stream, the texts separated by EOS as in pretraining.
-        sep = [] if model.tokenizer.eos_token_id is None else [int(model.tokenizer.eos_token_id)]
-        rows = [[tok for row in rows for tok in row + sep]]
+    bos = model.token_ids(texts[0])[:1] if model.add_bos else []  # token_ids starts every text with it
+    sep = [] if model.tokenizer.eos_token_id is None else [int(model.tokenizer.eos_token_id)]
     need = seq_len + 1 - len(bos)  # text tokens in one window
-    out = [bos + row[k * seq_len: k * seq_len + need] for row in rows for k in range((len(row) - need) // seq_len + 1)
-           if len(row) >= need]
+    out, stream, used, longest = [], [], 0, 0
+    for text in texts:  # in order, and only as far as the windows asked for
+        row = model.token_ids(text)[len(bos):]
+        longest = max(longest, len(row) + len(bos))
+        if packing:  # one stream, the texts separated by EOS as in pretraining
+            stream += row + sep
+            used += 1
+            if max_windows is not None and len(stream) >= need + (max_windows - 1) * seq_len:
+                break
+        elif len(row) >= need:
+            out += [bos + row[k * seq_len: k * seq_len + need] for k in range((len(row) - need) // seq_len + 1)]
+            used += 1
+            if max_windows is not None and len(out) >= max_windows:
+                break
+    if packing and len(stream) >= need:
+        out = [bos + stream[k * seq_len: k * seq_len + need] for k in range((len(stream) - need) // seq_len + 1)]
     if not out:
-        longest = max(len(r) for r in rows) + len(bos)
         raise InputError(f"no text is at least seq_len + 1 = {seq_len + 1} tokens long (the longest has {longest}); "
                          "give longer texts, a smaller --seq-len, or --packing")
-    used = len(texts) if packing else sum(1 for r in rows if len(r) >= need)
+    out = out if max_windows is None else out[:max_windows]
     return torch.tensor(out, dtype=torch.long), used
 
 
