@@ -85,3 +85,25 @@ def test_a_spec_that_is_no_model_is_one_error_before_any_model_runs(two_models, 
     assert code == 2 and [line for line in err.splitlines() if "error" in line] == [
         line for line in err.splitlines() if "nowhere" in line] and len([l for l in err.splitlines() if "error" in l]) == 1
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_model_entry_can_carry_its_own_overrides(two_models, tmp_path):
+    """"SPEC key=value": that model's stages use it (its keys change, the other model's do not)."""
+    from steerstrength.crossmodel import check_models, model_config
+    from steerstrength.pipeline import stage_keys
+
+    small, large = map(str, two_models)
+    cfg = multi([small, f"{large} concept.alpha_max=0.4 xent.n_alphas=4"])
+    (_, name_a), (entry_b, name_b) = check_models(cfg)
+    assert (name_a, name_b) == ("tiny-gpt2", "tiny-llama")
+    b = model_config(cfg, entry_b)
+    assert b.model.spec == large and b.concept.alpha_max == 0.4 and b.xent.n_alphas == 4
+    plain = build_config("demo", None, SMALL + FAST + [f"model.spec={large}"])
+    assert stage_keys(b)["xent"] != stage_keys(plain)["xent"] and stage_keys(b)["tokens"] == stage_keys(plain)["tokens"]
+    assert stage_keys(model_config(cfg, small)) == stage_keys(build_config("demo", None, SMALL + FAST + [
+        f"model.spec={small}"]))
+    for entry, message in ((f"{large} concept.alpha_max", "not key=value"), (f"{large} ray.max_retries=1", "the run's"),
+                           (f"{large} concept.alpha_max=-1", "concept.alpha_max"), (f"{large} nope.key=1", "unknown")):
+        with pytest.raises(InputError, match=message):
+            run_models(multi([small, entry]), tmp_path / "out", progress=Quiet(), log=lambda m: None)
+        assert not (tmp_path / "out").exists()

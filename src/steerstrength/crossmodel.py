@@ -40,26 +40,49 @@ def model_dir_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", name).strip(".-") or "model"
 
 
-def model_config(cfg: RunConfig, spec: str) -> RunConfig:
-    """The single-model configuration of one listed model (the same stages, sizes and seed)."""
+def split_entry(entry: str) -> tuple[str, list[str]]:
+    """A `models` entry: "SPEC", or "SPEC key=value ..." with that model's own overrides (e.g. "gemma3-270m
+    concept.alpha_max=0.4": a finer concept grid where its text stops being fluent sooner)."""
+    spec, *overrides = str(entry).split()
+    return spec, overrides
+
+
+def model_config(cfg: RunConfig, entry: str) -> RunConfig:
+    """The single-model configuration of one listed model: the run's stages, sizes and seed, then the entry's own
+    overrides (validated like the run's)."""
+    from steerstrength.config import _set, validate
+
+    spec, overrides = split_entry(entry)
     one = copy.deepcopy(cfg)
     one.models = []
     one.model.spec = spec
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise InputError(f"models entry {entry!r}: {item!r} is not key=value (e.g. \"{spec} concept.alpha_max=0.4\")")
+        if key in ("models", "model.spec", "executor") or key.startswith("ray."):
+            raise InputError(f"models entry {entry!r}: {key} is the run's, not one model's; set it for the whole run")
+        _set(one, key, value)
+    validate(one)
     return one
 
 
 def check_models(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(spec, folder name) of every listed model, checked before anything is written."""
+    """(entry, folder name) of every listed model, checked (specs and per-model overrides) before anything is
+    written."""
     if cfg.model.spec is not None:
         raise InputError("set either model.spec (one model) or models (several), not both; e.g. "
                          "models=[\"smollm2-135m-instruct\",\"gemma3-270m\"]")
-    specs = [str(s) for s in cfg.models]
+    entries = [str(s) for s in cfg.models]
+    specs = [split_entry(e)[0] for e in entries]
     if len(set(specs)) != len(specs):
         raise InputError(f"models lists a model twice ({', '.join(specs)}); list each once")
     names = [model_dir_name(s) for s in specs]  # spec_kind raises one line for a spec that cannot be a model
     if len(set(names)) != len(names):
         raise InputError(f"models {', '.join(specs)} would share a folder name ({', '.join(names)}); rename one")
-    return list(zip(specs, names))
+    for entry in entries:
+        model_config(cfg, entry)
+    return list(zip(entries, names))
 
 
 def run_models(cfg: RunConfig, out: str | Path, *, progress, log: Callable[[str], None],
@@ -88,7 +111,7 @@ def run_models(cfg: RunConfig, out: str | Path, *, progress, log: Callable[[str]
     try:
         with atomic_path(root / "config.toml") as tmp:
             tmp.write_text(to_toml(cfg))
-        results = run_cells(cfg, [Cell(name, model_config(cfg, spec), root / "models" / name) for spec, name in listed],
+        results = run_cells(cfg, [Cell(name, model_config(cfg, entry), root / "models" / name) for entry, name in listed],
                             progress=progress, log=log, only=only, watch=watch)
         draw_models(root)
         write_models_report(root)
