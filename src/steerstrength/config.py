@@ -158,6 +158,9 @@ class RayConfig:
     num_gpus_per_model: Optional[float] = None  # None: no GPU; 1: a GPU per model; 0.5: two small models share one
     memory_gb: Optional[float] = None  # RAM reserved per model (Ray's `memory`); None: nothing reserved
     max_retries: int = 3  # a model whose worker dies is restarted and resumes from its run directory this often
+    # Actors per model: above 1, the (concept, layer) cells of the long stages (tokens, xent, concept) of one model
+    # run in parallel on its actors (each loads the model once), and the model's pipeline then assembles the tables.
+    actors_per_model: int = 1
 
 
 EXECUTORS = ("local", "ray")
@@ -353,7 +356,7 @@ MINIMUM = {  # integer keys: the smallest valid value
     "recommend.n_prompts": 1, "recommend.completions": 1, "recommend.max_new_tokens": 1, "recommend.n_alphas": 2,
     "recommend.refine_steps": 0, "recommend.sweet_spot_refine_steps": 0, "recommend.n_target": 1,
     "recommend.batch_size": 1,
-    "ray.num_cpus_per_model": 1, "ray.max_retries": 0,
+    "ray.num_cpus_per_model": 1, "ray.max_retries": 0, "ray.actors_per_model": 1,
 }
 OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions",
             "ray.num_gpus_per_model", "ray.memory_gb")  # None: off / all / none

@@ -92,13 +92,33 @@ class ModelCell:
             os.chdir(cwd)
         self.cfg, self.out, self.only, self.fault = cfg, out, only, fault
         self.name = Path(out).name
+        self._model = None
 
-    def run(self) -> dict:
-        from steerstrength.pipeline import run_pipeline
+    def model(self):
+        """The model, loaded on first use and kept for every call this actor serves."""
+        if self._model is None:
+            from steerstrength.models import load_model
+
+            m = self.cfg.model
+            self._model = load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+        return self._model
+
+    def run(self, only: list[str] | None = None) -> dict:
+        """The model's pipeline (`only` these stages; default: the run's)."""
+        from steerstrength.pipeline import check_names, run_pipeline
         from steerstrength.stages import no_progress
 
+        check_names(self.cfg)
         self.wait_for_lock()
-        return run_pipeline(self.cfg, self.out, progress=no_progress, log=self.log, only=self.only)
+        return run_pipeline(self.cfg, self.out, progress=no_progress, log=self.log,
+                            only=self.only if only is None else only, model=self.model())
+
+    def cell(self, concept: str, layer: int) -> list[str]:
+        """One (concept, layer) cell of the long stages: its chunks, in the model's run directory (pipeline.run_cell)."""
+        from steerstrength.pipeline import run_cell
+        from steerstrength.stages import no_progress
+
+        return run_cell(self.cfg, self.out, concept, layer, progress=no_progress, log=self.log, model=self.model())
 
     def wait_for_lock(self) -> None:
         """A cell re-run right after its driver was killed may find the old worker still stopping, holding the run
@@ -161,17 +181,20 @@ def ray_session(cfg: RunConfig, log: Callable[[str], None]) -> Iterator:
         ray.shutdown()
 
 
-def check_resources(ray, cfg: RunConfig) -> None:
+def check_resources(ray, cfg: RunConfig, n_actors: int = 1) -> None:
     """A model that asks for more than the whole cluster has would wait forever: one line instead."""
     total = ray.cluster_resources()
     options = actor_options(cfg)
-    asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], "memory": options.get("memory", 0)}
+    asked = {"CPU": n_actors * options["num_cpus"], "GPU": n_actors * options["num_gpus"],
+             "memory": n_actors * options.get("memory", 0)}
     keys = {"CPU": "ray.num_cpus_per_model", "GPU": "ray.num_gpus_per_model", "memory": "ray.memory_gb"}
     for resource, need in asked.items():
         have = total.get(resource, 0)
         if need and have < need:
             shown = (lambda x: f"{x / 2**30:.1f} GB") if resource == "memory" else (lambda x: f"{x:g}")
-            raise InputError(f"each model asks for {shown(need)} {resource} ({keys[resource]}) but the Ray cluster has "
+            each = f"{n_actors} actors x " if n_actors > 1 else ""
+            raise InputError(f"each model asks for {each}{shown(need / n_actors)} {resource} ({keys[resource]}) but the "
+                             f"Ray cluster has "
                              f"{shown(have)}; add nodes or lower {keys[resource]}"
                              + ("=none" if resource == "GPU" else ""))
 
@@ -204,45 +227,125 @@ def failure_line(exc: BaseException) -> str:
 
 def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], only: list[str] | None = None,
             watch: Callable[[list[CellState]], None] | None = None) -> dict:
-    """Every cell as one Ray actor, all at once (Ray places them as resources free up); {name: results}."""
-    from steerstrength.pipeline import STAGES, stage_keys
+    """Every model as Ray actors, all at once (Ray places them as resources free up); {name: results}.
+
+    With `ray.actors_per_model` = 1 a model's actor runs its pipeline. With more (and prompts and vectors among the
+    stages run), its actors are placed together (a placement group) and its pipeline runs in three steps: prompts and vectors on the first actor; then each (concept, layer) cell of the long
+    stages (pipeline.CELL_STAGES) on the model's actors in parallel, each filling its resumable chunks; then the first
+    actor runs the pipeline, which finds every chunk and writes the tables a local run writes.
+    """
+    from steerstrength.pipeline import CELL_STAGES, STAGES, enabled, stage_keys, vector_cells
 
     wanted = [s for s in STAGES if not only or s in only]
+    n_actors = cfg.ray.actors_per_model
+    phased = (n_actors > 1 and (not only or {"prompts", "vectors"} <= set(only))
+              and any(enabled(c.cfg, s)[0] and s in wanted for c in cells[:1] for s in CELL_STAGES))
     with ray_session(cfg, log) as ray:
-        check_resources(ray, cfg)
-        actor_class = ray.remote(ModelCell).options(**actor_options(cfg))
+        check_resources(ray, cfg, n_actors if phased else 1)
+        remote_cell = ray.remote(ModelCell)
+        actor_class = remote_cell.options(**actor_options(cfg))
         fault, cwd = os.environ.get(KILL_ENV), os.getcwd()
         states = {c.name: CellState(c.name, n_stages=len(wanted)) for c in cells}
         keys = {c.name: stage_keys(c.cfg) for c in cells}
-        actors, refs = {}, {}
+        actors: dict[str, list] = {}
+        refs: dict = {}  # ref -> (model cell, step)
+        open_cells: dict[str, int] = {}  # model -> its (concept, layer) cells still running
         results, failed = {}, {}
+
+        def submit(cell: Cell, step: str, ref) -> None:
+            refs[ref] = (cell, step)
+
+        groups: dict = {}  # model -> its placement group (phased runs: all its actors are placed together)
+
+        def start(cell: Cell, group=None) -> None:
+            out = str(Path(cell.out).resolve())
+            klass = actor_class
+            if group is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                klass = remote_cell.options(**actor_options(cfg),
+                                            scheduling_strategy=PlacementGroupSchedulingStrategy(group))
+            actors[cell.name] = [klass.remote(cell.cfg, out, only, cwd, fault) for _ in range(n_actors if phased else 1)]
+            first = actors[cell.name][0]
+            submit(cell, "vectors" if phased else "run",
+                   first.run.remote(["prompts", "vectors"]) if phased else first.run.remote())
+
         try:
             for cell in cells:
                 if cfg.models:
-                    log(f"[models] {cell.name} ({cell.cfg.model.spec}) in {cell.out}: a Ray actor")
-                actors[cell.name] = actor_class.remote(cell.cfg, str(Path(cell.out).resolve()), only, cwd, fault)
-                refs[actors[cell.name].run.remote()] = cell
-            pending = list(refs)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
+                    log(f"[models] {cell.name} ({cell.cfg.model.spec}) in {cell.out}: "
+                        f"{n_actors if phased else 1} Ray actor(s)")
+                if phased:
+                    # All of a model's actors or none: an actor placed while its siblings wait for resources held by
+                    # other models' actors would hold its cells hostage.
+                    from ray.util.placement_group import placement_group
+
+                    options = actor_options(cfg)
+                    bundle = {k: v for k, v in (("CPU", options["num_cpus"]), ("GPU", options["num_gpus"]),
+                                                ("memory", options.get("memory", 0))) if v}
+                    groups[cell.name] = placement_group([bundle] * n_actors, strategy="PACK")
+                    submit(cell, "placed", groups[cell.name].ready())
+                else:
+                    start(cell)
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=POLL_SECONDS)
                 for ref in ready:
-                    cell = refs[ref]
+                    cell, step = refs.pop(ref)
+                    if cell.name in failed:
+                        continue
                     state = cell_state(cell, states[cell.name], keys[cell.name], wanted)
                     try:
-                        results[cell.name] = ray.get(ref)
-                        state.state, state.stage = "done", ""
-                    except Exception as exc:  # noqa: BLE001 - reported per cell below; the other cells go on
+                        value = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - reported per model below; the other models go on
                         failed[cell.name] = exc
                         state.state, state.error = "failed", failure_line(exc)
                         log(f"[ray] {cell.name} failed: {state.error}")
-                    ray.kill(actors.pop(cell.name))  # its CPUs / GPU go to the next cell now
+                        for actor in actors.pop(cell.name, []):
+                            ray.kill(actor)
+                        if cell.name in groups:
+                            from ray.util.placement_group import remove_placement_group
+
+                            remove_placement_group(groups.pop(cell.name))
+                        continue
+                    if step == "placed":
+                        start(cell, groups[cell.name])
+                    elif step == "vectors":  # the model's cells, spread over its actors
+                        todo = vector_cells(cell.cfg, cell.out)
+                        open_cells[cell.name] = len(todo)
+                        state.stage = f"cells 0/{len(todo)}"
+                        for i, (concept, layer) in enumerate(todo):
+                            submit(cell, "cell", actors[cell.name][i % n_actors].cell.remote(concept, layer))
+                        if not todo:
+                            submit(cell, "run", actors[cell.name][0].run.remote())
+                    elif step == "cell":
+                        open_cells[cell.name] -= 1
+                        if open_cells[cell.name] == 0:  # every chunk is there: the pipeline assembles the tables
+                            submit(cell, "run", actors[cell.name][0].run.remote())
+                    else:
+                        results[cell.name] = value
+                        state.state, state.stage = "done", ""
+                        for actor in actors.pop(cell.name, []):
+                            ray.kill(actor)  # its CPUs / GPU go to the next model now
+                        if cell.name in groups:
+                            from ray.util.placement_group import remove_placement_group
+
+                            remove_placement_group(groups.pop(cell.name))
                 for cell in cells:
-                    cell_state(cell, states[cell.name], keys[cell.name], wanted)
+                    st = cell_state(cell, states[cell.name], keys[cell.name], wanted)
+                    if st.state == "running" and open_cells.get(cell.name):
+                        n = sum(1 for c, step in refs.values() if c.name == cell.name and step == "cell")
+                        st.stage = f"cells: {n} of the long stages' (concept, layer) cells left"
                 if watch is not None:
                     watch(list(states.values()))
         finally:
-            for actor in actors.values():  # interrupted: stop the cells still running (their chunks are kept)
-                ray.kill(actor)
+            for group in actors.values():  # interrupted: stop the actors still running (their chunks are kept)
+                for actor in group:
+                    ray.kill(actor)
+            if groups:
+                from ray.util.placement_group import remove_placement_group
+
+                for group in groups.values():
+                    remove_placement_group(group)
     if failed:
         if len(failed) == 1:
             exc = next(iter(failed.values()))
@@ -253,4 +356,3 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
         raise RunError(f"{len(failed)} of {len(cells)} model runs failed ({lines}); the finished stages are kept and "
                        "the same command resumes")
     return results
-

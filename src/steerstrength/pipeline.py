@@ -39,6 +39,11 @@ class Context:
     model: object  # the loaded Model (loaded before the run directory is made)
     layers: list[int]  # cfg.layers resolved against the model's depth
     keys: dict = field(default_factory=dict)
+    cell: tuple | None = None  # (concept, layer): compute that vector's resumable chunks only, write no table
+
+    @property
+    def concepts(self) -> list[str]:
+        return [self.cell[0]] if self.cell else list(self.cfg.concepts)
 
     def labels(self, concept: str, layer: int | None = None) -> dict:
         """The columns every table row starts with (stages.row_labels), and the layer when given."""
@@ -52,9 +57,17 @@ class Context:
         return lambda name, compute: self.chunked(stage, name, compute)
 
     def vectors(self, concept: str):
+        import dataclasses
+
         from steerstrength.vectors import SteeringVectors
 
-        return SteeringVectors.load(self.run.path("vectors", f"{concept}.safetensors"))
+        sv = SteeringVectors.load(self.run.path("vectors", f"{concept}.safetensors"))
+        if self.cell is None:
+            return sv
+        layer = self.cell[1]
+        sv[layer]  # one line for a layer the vectors lack
+        return dataclasses.replace(sv, vectors={layer: sv.vectors[layer]},
+                                   resamples={k: v for k, v in sv.resamples.items() if k == layer})
 
     def prompt_texts(self, concept: str) -> tuple[list[str], list[str]]:
         from steerstrength.prompts import load_prompts, texts_of
@@ -79,7 +92,7 @@ def stage_prompts(ctx: Context) -> list[str]:
 
     p = ctx.cfg.prompts
     outputs = []
-    for concept in ctx.cfg.concepts:
+    for concept in ctx.concepts:
         for kind in ("positive", "negative"):
             user = p.positive_file if kind == "positive" else p.negative_file
 
@@ -125,7 +138,7 @@ def stage_vectors(ctx: Context) -> list:
     from steerstrength.stages import judge_texts, scan_stage, vectors_stage
 
     outputs, scans = [], []
-    for concept in ctx.cfg.concepts:
+    for concept in ctx.concepts:
         pos, neg = ctx.prompt_texts(concept)
         scan = None
         if wants_auto(ctx.cfg.layers):
@@ -149,9 +162,11 @@ def _contexts(ctx: Context, concept: str) -> list[dict]:
 
 
 def _write(ctx: Context, results: list) -> list:
-    """The concepts' results as one set of tables (runs.write_result)."""
+    """The concepts' results as one set of tables (runs.write_result); nothing for a cell (its chunks are written)."""
     from steerstrength.runs import StageResult, write_result
 
+    if ctx.cell is not None:
+        return []
     return write_result(ctx.run.path("tables"), StageResult.combine(results))
 
 
@@ -161,7 +176,7 @@ def stage_tokens(ctx: Context) -> list:
     return _write(ctx, [tokens_stage(ctx.model, ctx.vectors(c).values(), ctx.cfg.tokens, contexts=_contexts(ctx, c),
                                      labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                                      chunk=ctx.chunk_fn("tokens"), progress=ctx.progress)
-                        for c in ctx.cfg.concepts])
+                        for c in ctx.concepts])
 
 
 def stage_logodds(ctx: Context) -> list:
@@ -173,7 +188,7 @@ def stage_logodds(ctx: Context) -> list:
     curves = pd.read_parquet(ctx.run.path("tables", "tokens.parquet"),
                              columns=["concept", "layer", "context_id", "token_id", "peak_alpha", "shape"])
     results = []
-    for concept in ctx.cfg.concepts:
+    for concept in ctx.concepts:
         pos, neg = ctx.prompt_texts(concept)
         results.append(logodds_stage(ctx.model, pos, neg, ctx.cfg.logodds,
                                      tokens_top=tokens_top[tokens_top["concept"] == concept],
@@ -191,7 +206,7 @@ def stage_depth(ctx: Context) -> list:
 
     logodds = pd.read_parquet(ctx.run.path("tables", "logodds.parquet"), columns=["concept", "token_id", "M"])
     results = []
-    for concept in ctx.cfg.concepts:
+    for concept in ctx.concepts:
         lo = logodds[logodds["concept"] == concept].sort_values("token_id")
         pos, neg = ctx.prompt_texts(concept)
         results.append(depth_stage(ctx.model, pos, neg, ctx.cfg.depth, steered=ctx.vectors(concept).layers,
@@ -207,7 +222,7 @@ def stage_limit(ctx: Context) -> list:
 
     return _write(ctx, [limit_stage(ctx.model, ctx.vectors(c).values(), ctx.cfg.limit, contexts=_contexts(ctx, c),
                                     labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions)
-                        for c in ctx.cfg.concepts])
+                        for c in ctx.concepts])
 
 
 def stage_xent(ctx: Context) -> list:
@@ -219,7 +234,7 @@ def stage_xent(ctx: Context) -> list:
     return _write(ctx, [xent_stage(ctx.model, ctx.vectors(c).values(), x, texts=texts, corpus=source,
                                    labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                                    chunk=ctx.chunk_fn("xent"), progress=ctx.progress)
-                        for c in ctx.cfg.concepts])
+                        for c in ctx.concepts])
 
 
 def stage_concept(ctx: Context) -> list:
@@ -240,7 +255,7 @@ def stage_concept(ctx: Context) -> list:
 
         judge_model = load_model(c.judge_model, dtype=ctx.cfg.model.dtype, device=ctx.cfg.model.device)
     results = []
-    for concept in ctx.cfg.concepts:
+    for concept in ctx.concepts:
         pos, neg = _judge_texts(ctx, concept)
         results.append(concept_stage(ctx.model, ctx.vectors(concept).values(), c, prompts=prompts,
                                      labels=ctx.labels(concept), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
@@ -266,7 +281,7 @@ def stage_mmlu(ctx: Context) -> list:
     return _write(ctx, [mmlu_stage(ctx.model, ctx.vectors(c).values(), m, questions=questions, source=m.source,
                                    labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                                    progress=ctx.progress)
-                        for c in ctx.cfg.concepts])
+                        for c in ctx.concepts])
 
 
 def stage_recommend(ctx: Context) -> list:
@@ -292,7 +307,7 @@ def stage_recommend(ctx: Context) -> list:
     path = ctx.run.path("tables", "logodds.parquet")
     logodds = pd.read_parquet(path, columns=["concept", "token_id", "M"]) if path.is_file() else None
     results = []
-    for concept in ctx.cfg.concepts:
+    for concept in ctx.concepts:
         M = None
         lo = None if logodds is None else logodds[logodds["concept"] == concept].sort_values("token_id")
         if lo is not None and len(lo) == ctx.model.vocab_size:
@@ -374,7 +389,8 @@ def check_names(cfg: RunConfig) -> None:
         read_contexts(cfg.tokens.contexts_file)  # checks its ids: safe and distinct
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[str] | None = None) -> dict:
+def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[str] | None = None,
+                 model=None) -> dict:
     """Run (or resume) every stage, from P, N (Sec. 5) and v (Eq. 3) to report.html: {stage: (status, seconds)}.
 
     Args:
@@ -383,6 +399,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
         progress: progress(description, total), a context manager yielding advance(n).
         log: called with one line of text per event.
         only: run these stages only (names of pipeline.STAGES).
+        model: the model of cfg.model, already loaded (a Ray actor's); None: loaded here.
 
     Example::
 
@@ -395,7 +412,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
     # index past the model's depth is one error line, not a half-made run directory.
     check_names(cfg)
     m = cfg.model
-    model = load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+    model = model or load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
     layers = resolve_layers(cfg.layers, model.n_layers)  # "auto" is resolved per concept by the vectors stage
     run = RunDir(out)
     with run.lock():
@@ -426,3 +443,38 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
         run.manifest["finished"] = time.time()
         run.save()
     return results
+
+
+# ----------------------------------------------------------------------------- cells of a run (executors.py)
+
+# The stages whose work is kept in resumable chunks named per (concept, layer): a run's cells can compute them apart.
+CELL_STAGES = ("tokens", "xent", "concept")
+
+
+def vector_cells(cfg: RunConfig, out: str | Path) -> list[tuple[str, int]]:
+    """The (concept, layer) cells of a run directory whose vectors stage is done: one per steering vector."""
+    from steerstrength.vectors import SteeringVectors
+
+    run = RunDir(out)
+    return [(c, layer) for c in cfg.concepts
+            for layer in SteeringVectors.load(run.path("vectors", f"{c}.safetensors")).layers]
+
+
+def run_cell(cfg: RunConfig, out: str | Path, concept: str, layer: int, *, progress, log, model=None) -> list[str]:
+    """Compute (or find) one (concept, layer) cell's chunks of the long stages (CELL_STAGES) in a run directory whose
+    prompts and vectors are done, writing no table and no manifest entry: `run_pipeline` then builds those stages'
+    tables from the chunks, exactly as if it had computed them. Cells of one run may run at once, in other processes
+    or on other nodes (each chunk is written atomically under its own name). Returns the stages it filled."""
+    from steerstrength.models import load_model
+
+    m = cfg.model
+    model = model or load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+    run = RunDir(out)
+    ctx = Context(cfg=cfg, run=run, progress=progress, log=log, model=model,
+                  layers=resolve_layers(cfg.layers, model.n_layers), keys=stage_keys(cfg), cell=(concept, layer))
+    filled = []
+    for stage in CELL_STAGES:
+        if enabled(cfg, stage)[0]:
+            STAGE_FUNCS[stage](ctx)
+            filled.append(stage)
+    return filled
