@@ -235,7 +235,7 @@ def write_models_report(root: str | Path) -> Path:
     """RUN/report.html: the models by size, Fig. 6 across them, and each theory badge per model side by side."""
     import pandas as pd
 
-    from steerstrength.report import CSP, esc, table_html
+    from steerstrength.report import CSP, CSS, esc, table_html
 
     root = Path(root)
     models = model_runs(root)
@@ -262,7 +262,8 @@ def write_models_report(root: str | Path) -> Path:
                      f'<img alt="{esc(png.stem)}" style="max-width:100%" src="data:image/png;base64,{data}">')
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
     page = (f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
-            f"content=\"{esc(CSP)}\"><title>steerstrength: {esc(root.name)} across models</title></head><body>"
+            f"content=\"{esc(CSP)}\"><title>steerstrength: {esc(root.name)} across models</title>"
+            f"<style>{CSS}</style></head><body>"
             f"<h1>steerstrength across models: {esc(root.name)}</h1><p>Written {esc(when)}.</p>"
             + "\n".join(parts) + "</body></html>")
     out = root / "report.html"
