@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Callable
 
 from steerstrength.config import RunConfig, to_toml
-from steerstrength.errors import InputError, RunError
+from steerstrength.errors import InputError
 from steerstrength.io import atomic_path, write_json, write_parquet
 from steerstrength.models import spec_kind
 
 MODELS_FILE = "models.json"
-N_TOP = 8
 
 
 def model_dir_name(spec: str) -> str:
@@ -92,9 +91,8 @@ def run_models(cfg: RunConfig, out: str | Path, *, progress, log: Callable[[str]
     The models run where `cfg.executor` says: one after the other here ("local"), or one Ray actor each ("ray",
     executors.py; `watch` sees their progress). Returns {model name: that model's run_pipeline results}.
     """
-    from filelock import FileLock, Timeout
-
     from steerstrength.executors import Cell, require_ray, run_cells
+    from steerstrength.runs import RunDir
 
     if cfg.executor == "ray":
         require_ray()  # before anything is written
@@ -102,21 +100,13 @@ def run_models(cfg: RunConfig, out: str | Path, *, progress, log: Callable[[str]
     root = Path(out)
     if (root / "manifest.json").is_file():
         raise InputError(f"{root} is the run directory of one model; give a new --out for a run over several models")
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RunError(f"another steerstrength run is writing {root}; wait for it or use another --out") from None
-    try:
+    with RunDir(root).lock():  # one writer, as for a run of one model
         with atomic_path(root / "config.toml") as tmp:
             tmp.write_text(to_toml(cfg))
         results = run_cells(cfg, [Cell(name, model_config(cfg, entry), root / "models" / name) for entry, name in listed],
                             progress=progress, log=log, only=only, watch=watch)
         draw_models(root)
         write_models_report(root)
-    finally:
-        lock.release()
     return results
 
 

@@ -97,10 +97,9 @@ class ModelCell:
     def model(self):
         """The model, loaded on first use and kept for every call this actor serves."""
         if self._model is None:
-            from steerstrength.models import load_model
+            from steerstrength.pipeline import load_run_model
 
-            m = self.cfg.model
-            self._model = load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+            self._model = load_run_model(self.cfg)
         return self._model
 
     def run(self, only: list[str] | None = None) -> dict:

@@ -389,6 +389,14 @@ def check_names(cfg: RunConfig) -> None:
         read_contexts(cfg.tokens.contexts_file)  # checks its ids: safe and distinct
 
 
+def load_run_model(cfg: RunConfig):
+    """The model of a run's `model` section (spec, dtype, device, blocks path)."""
+    from steerstrength.models import load_model
+
+    m = cfg.model
+    return load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+
+
 def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[str] | None = None,
                  model=None) -> dict:
     """Run (or resume) every stage, from P, N (Sec. 5) and v (Eq. 3) to report.html: {stage: (status, seconds)}.
@@ -406,13 +414,10 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
         from steerstrength.cli_common import progress_bar      # or stages.no_progress
         ss.run_pipeline(ss.build_config("demo"), "runs/demo", progress=progress_bar, log=print)
     """
-    from steerstrength.models import load_model
-
     # The model and the layers are checked before anything is written: a wrong model spec or a layer
     # index past the model's depth is one error line, not a half-made run directory.
     check_names(cfg)
-    m = cfg.model
-    model = model or load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+    model = model or load_run_model(cfg)
     layers = resolve_layers(cfg.layers, model.n_layers)  # "auto" is resolved per concept by the vectors stage
     run = RunDir(out)
     with run.lock():
@@ -465,10 +470,7 @@ def run_cell(cfg: RunConfig, out: str | Path, concept: str, layer: int, *, progr
     prompts and vectors are done, writing no table and no manifest entry: `run_pipeline` then builds those stages'
     tables from the chunks, exactly as if it had computed them. Cells of one run may run at once, in other processes
     or on other nodes (each chunk is written atomically under its own name). Returns the stages it filled."""
-    from steerstrength.models import load_model
-
-    m = cfg.model
-    model = model or load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+    model = model or load_run_model(cfg)
     run = RunDir(out)
     ctx = Context(cfg=cfg, run=run, progress=progress, log=log, model=model,
                   layers=resolve_layers(cfg.layers, model.n_layers), keys=stage_keys(cfg), cell=(concept, layer))
