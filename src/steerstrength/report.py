@@ -120,9 +120,10 @@ def rule_concept_text(cur: dict) -> str:
     nd = cur.get("tanh_fit_nondegenerate") or cur.get("tanh_fit") or {}
     if str(nd.get("status", "")).startswith("too few alphas"):
         span = cur.get("fit_range") or [None, None]
+        inside = sum(1 for a in cur.get("alpha") or [] if span[0] is not None and span[0] <= a <= span[1])
         return (f"not judged: the fluent (non-degenerate) range α ∈ [{fmt(span[0])}, {fmt(span[1])}] holds "
-                f"{nd['status'].removeprefix('too few alphas (').split(';')[0]} grid points, too few for the "
-                "4-parameter tanh; rerun with a finer grid inside it (a smaller concept.alpha_max)")
+                f"{inside} grid points, too few for the 4-parameter tanh; rerun with a finer grid inside it (a smaller "
+                "concept.alpha_max)")
     bad = cur.get("degenerate_alphas") or []
     where = (f" over the non-degenerate range α ∈ [{fmt((cur.get('fit_range') or [None])[0])}, "
              f"{fmt((cur.get('fit_range') or [None, None])[1])}]" if bad else "")
