@@ -39,6 +39,10 @@ def test_auto_is_left_to_the_scan_and_names_resolve_everywhere():
         build_config("demo", None, ["alpha_unit=furlongs"])
     with pytest.raises(InputError, match="prompts.source"):
         build_config("demo", None, ["prompts.source=web"])
+    with pytest.raises(InputError, match="recommend.curvature_scope"):
+        build_config("demo", None, ["recommend.curvature_scope=everywhere"])
+    with pytest.raises(InputError, match="recommend.sweet_spot_rule"):
+        build_config("demo", None, ["recommend.sweet_spot_rule=peak"])
 
 
 def test_overrides_parse_types_and_nested_keys():

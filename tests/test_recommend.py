@@ -11,12 +11,17 @@ import torch
 from steerstrength import InputError, SteeringVectors, difference_of_means, next_token_probs, recommend_alpha
 from steerstrength.recommend import (
     METHODS,
+    QUADRATIC_CHECK,
     bisect_crossing,
+    budget_alpha,
+    departure,
     constrained_argmax,
     feasible_run,
     first_crossing,
     next_token_readings,
     peak_report,
+    prompt_curvature,
+    prompt_kl,
     token_kl,
 )
 from steerstrength.steering import steer
@@ -132,7 +137,7 @@ def test_token_kl_matches_a_plain_steered_forward(model, vector):
 # ----------------------------------------------------------------------------- every method on a tiny model
 
 
-BUDGETS = {"sweet-spot": 0.08, "iso-kl": 0.5, "grid-judge": 1.0, "global": 1.0}
+BUDGETS = {"sweet-spot": 0.08, "curvature": 0.02, "iso-kl": 0.5, "grid-judge": 1.0, "global": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +145,8 @@ def recs(model, vector, M):
     out = {"sweet-spot": recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot",
                                          budget=BUDGETS["sweet-spot"], log_odds=M, n_target=5, alphas=GRID,
                                          concept="joy")}
+    out["curvature"] = recommend_alpha(model, vector, LAYER, PROMPTS, method="curvature", budget=BUDGETS["curvature"],
+                                       concept="joy")
     for method in ("grid-judge", "global", "iso-kl"):
         out[method] = recommend_alpha(model, vector, LAYER, PROMPTS, method=method, budget=BUDGETS[method],
                                       concept="joy", judge="lexicon", positive=JOYFUL, negative=PLAIN, **SMALL)
@@ -152,7 +159,7 @@ def test_every_method_gives_one_alpha_per_prompt_with_its_curve(recs):
         t = rec.table
         assert len(t) == len(PROMPTS) and set(t["method"]) == {method}
         assert {"model", "concept", "layer", "setting", "alpha", "prompt_index", "budget"} <= set(t.columns)
-        assert t["alpha"].between(0, max(GRID)).all()
+        assert t["alpha"].between(0, max(GRID)).all() or method == "curvature"  # curvature: no grid
         assert len(rec.curve) and set(rec.curve["method"]) == {method}
         assert rec.summary["seconds"] > 0 and "seconds" not in t.columns  # timings: JSON only, tables reproducible
 
@@ -206,6 +213,75 @@ def test_iso_kl_lands_on_the_budget(recs):
     # The bracket around the crossing: measured below the budget just before it, at or above just after.
     assert below.max() < alpha < above.min() and above.min() - below.max() <= (1.0 - 0.5) / 4 + 1e-12
     assert len(pooled) == len(GRID) - 1 + 2  # the positive grid (0 needs no generation) plus two bisection points
+
+
+def test_curvature_is_the_second_derivative_of_the_measured_kl(model, vector):
+    """Thm 3.8 on a prompt: KL(p_0 || p_alpha) = kappa alpha^2 / 2 + O(alpha^3), kappa from one forward-mode pass."""
+    kappa = prompt_curvature(model, vector, LAYER, PROMPTS, chat=True)
+    assert kappa.shape == (len(PROMPTS),) and np.all(kappa > 0)
+    for prompt, k in zip(PROMPTS, kappa):
+        h = 1e-2 * budget_alpha(1.0, k)  # small against the alpha where the KL is 1 nat
+        kl = prompt_kl(model, vector, LAYER, prompt, [h, 2 * h], chat=True)
+        np.testing.assert_allclose(2 * kl / np.square([h, 2 * h]), k, rtol=2e-2)
+        # Steering the last position only is another (smaller) curvature: the direction is zero elsewhere.
+    last = prompt_curvature(model, vector, LAYER, PROMPTS, chat=True, positions="last")
+    assert np.all(last < kappa)
+
+
+def test_budget_alpha_and_departure_on_known_curves():
+    assert budget_alpha(2.0, 4.0) == pytest.approx(1.0)  # 4 a^2 / 2 = 2 at a = 1
+    assert budget_alpha(3.0, 2.0, slope=2.0) == pytest.approx(1.0)  # 2 a + a^2 = 3 at a = 1
+    with pytest.raises(InputError, match="not positive"):
+        budget_alpha(1.0, -0.5)
+    a = np.array([0.5, 1.0, 1.5, 2.0])
+    measured = 0.5 * a ** 2 * (1 + 0.15 * np.maximum(a - 1.0, 0))  # +7.5% at 1.5, +15% at 2: departs at 2
+    d = departure(a, measured, 0.0, 1.0)
+    assert d == {"quadratic_up_to": 1.5, "departs_at": 2.0}
+    assert departure(a, 0.5 * a ** 2, 0.0, 1.0)["departs_at"] is None
+
+
+def test_curvature_method_lands_on_its_budget(recs, model, vector, tmp_path):
+    from steerstrength.corpus import load_corpus
+
+    rec = recs["curvature"]
+    t = rec.table
+    assert (t["measured_over_predicted"].between(0.8, 1.25)).all()  # a small budget: the quadratic holds
+    assert t["alpha"].tolist() == pytest.approx([budget_alpha(BUDGETS["curvature"], k) for k in t["kappa"]])
+    for pi in range(len(PROMPTS)):
+        own = rec.curve[rec.curve["prompt_index"] == pi].sort_values("alpha")
+        assert len(own) == len(QUADRATIC_CHECK) and own["chosen"].sum() == 1
+        assert own[own["chosen"]]["predicted"].iloc[0] == pytest.approx(BUDGETS["curvature"])
+    # Scope corpus: one alpha from Delta CE's curvature and slope on the texts; its measured Delta CE is the budget's.
+    # The texts are the model's own samples (Thm 3.8's kappa > 0 is an expectation under the model).
+    corpus = load_corpus(None, model=model, n_samples=8, sample_tokens=80, seed=0, cache_dir=tmp_path)
+    glob = recommend_alpha(model, vector, LAYER, PROMPTS, method="curvature", budget=0.01, curvature_scope="corpus",
+                           corpus=corpus)
+    assert glob.table["alpha"].nunique() == 1 and set(glob.curve["prompt_index"]) == {-1}
+    assert 0.8 < glob.table["measured_over_predicted"].iloc[0] < 1.25
+    with pytest.raises(InputError, match="corpus"):
+        recommend_alpha(model, vector, LAYER, PROMPTS, method="curvature", curvature_scope="corpus")
+    with pytest.raises(InputError, match="curvature_scope"):
+        recommend_alpha(model, vector, LAYER, PROMPTS, method="curvature", curvature_scope="everywhere")
+
+
+def test_sweet_spot_between_rule_stays_within_the_budget_below_the_peaks_midpoint(model, vector, M):
+    fine = np.linspace(0, 12, 49).tolist()
+    for budget in (BUDGETS["sweet-spot"], 50.0):
+        mass = recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot", budget=budget, log_odds=M,
+                               n_target=5, alphas=fine)
+        between = recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot", budget=budget, log_odds=M,
+                                  n_target=5, alphas=fine, sweet_spot_rule="between")
+        for (_, m), (_, b) in zip(mass.table.iterrows(), between.table.iterrows()):
+            mid = 0.5 * (m["off_target_peak_alpha"] + m["target_peak_alpha"])
+            assert b["kl"] <= budget
+            if math.isnan(mid):
+                assert b["status"].startswith("no bump peaks") and b["alpha"] == m["alpha"]
+            elif b["status"] == "between the peaks":
+                assert b["alpha"] == pytest.approx(mid) and b["between_peaks"] is True
+            else:
+                assert b["alpha"] < mid
+    with pytest.raises(InputError, match="sweet_spot_rule"):
+        recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot", log_odds=M, sweet_spot_rule="peak")
 
 
 def test_save_writes_tables_json_texts_and_figure(recs, tmp_path):
@@ -267,16 +343,20 @@ def test_cli_writes_its_table_and_errors_exit_2(files, monkeypatch, capsys, tmp_
     common = ["--model", files / "model", "--device", "cpu", "--vectors", files / "v.safetensors",
               "--prompts", files / "prompts.txt", "-p", files / "p.txt", "-n", files / "n.txt"]
     out = tmp_path / "out"
-    code, err = run_cli(common + ["--layer", LAYER, "--method", "sweet-spot", "--method", "global", "--budget", "0.5",
+    code, err = run_cli(common + ["--layer", LAYER, "--method", "sweet-spot", "--method", "global", "--method",
+                                  "curvature", "--budget", "0.5",
                                   "--alphas", "0,2,4,8", "--completions", "1", "--max-new-tokens", "3",
                                   "--judge", "lexicon", "--out", out], monkeypatch, capsys)
     assert code in (0, None), err
     table = pd.read_parquet(out / "recommend.parquet")
-    assert sorted(set(table["method"])) == ["global", "sweet-spot"] and len(table) == 2 * len(PROMPTS)
+    assert sorted(set(table["method"])) == ["curvature", "global", "sweet-spot"] and len(table) == 3 * len(PROMPTS)
     assert (out / "recommend.png").is_file() and (out / "recommend.json").is_file()
     for args, message in ((["--layer", LAYER, "--method", "magic"], "unknown method"),
                           (["--method", "sweet-spot"], "pick one with --layer"),
                           (["--layer", LAYER, "--budget", "-1"], "budget"),
+                          (["--layer", LAYER, "--method", "curvature", "--curvature-scope", "all"], "--curvature-scope"),
+                          (["--layer", LAYER, "--sweet-spot-rule", "peak"], "--sweet-spot-rule"),
+                          (["--layer", LAYER, "--corpus", "wikipedia"], "--corpus feeds curvature"),
                           (["--layer", 7], "layer")):
         code, err = run_cli(common + args + ["--out", tmp_path / "bad"], monkeypatch, capsys)
         assert code == 2 and message in err and "Traceback" not in err
@@ -312,12 +392,12 @@ def test_pipeline_stage_writes_its_tables(model, vector, tmp_path):
     assert [p.name for p in paths] == ["recommend.parquet", "recommend_curve.parquet", "recommend_generations.jsonl",
                                        "recommend.json"]
     table = pd.read_parquet(paths[0])
-    assert sorted(set(table["method"])) == ["global", "iso-kl", "sweet-spot"] and len(table) == 3 * 2
+    assert sorted(set(table["method"])) == ["curvature", "global", "iso-kl", "sweet-spot"] and len(table) == 4 * 2
     assert {"model", "concept", "layer", "setting", "alpha", "alpha_resid"} <= set(table.columns)
     assert "seconds" not in table.columns
     summary = json.loads(paths[3].read_text())
     assert summary["budget"] == cfg.recommend.kl_budget and any("grid-judge" in n for n in summary["notes"])
-    assert summary["methods"] == ["sweet-spot", "iso-kl", "global"]
+    assert summary["methods"] == ["sweet-spot", "curvature", "iso-kl", "global"]
     # iso-kl and global read one grid of generations: each counts its time
     shared = [summary["per_vector"][f"joy/{LAYER}/{m}"]["seconds_shared_generations"] for m in ("iso-kl", "global")]
     assert shared[0] == shared[1] > 0
@@ -353,7 +433,8 @@ def test_the_cli_and_the_run_write_the_same_tables(files, monkeypatch, capsys, t
     out = tmp_path / "cli"
     code, err = run_cli(["--model", files / "model", "--device", "cpu", "--vectors", files / "v.safetensors",
                          "--layer", LAYER, "--prompts", files / "prompts.txt", "-p", files / "p.txt", "-n",
-                         files / "n.txt", "--method", "sweet-spot", "--method", "iso-kl", "--method", "global",
+                         files / "n.txt", "--method", "sweet-spot", "--method", "curvature", "--method", "iso-kl",
+                         "--method", "global",
                          "--judge", "lexicon", "--budget", "0.5", "--completions", "1", "--max-new-tokens", "3",
                          "--refine-steps", "1", "--preset", "demo", "--out", out], monkeypatch, capsys)
     assert code in (0, None), err
@@ -361,7 +442,7 @@ def test_the_cli_and_the_run_write_the_same_tables(files, monkeypatch, capsys, t
     tables = run.root / "tables"
     for name in ("recommend.parquet", "recommend_curve.parquet"):
         by_run, by_cli = pd.read_parquet(tables / name), pd.read_parquet(out / name)
-        assert len(by_run) and sorted(set(by_run["method"])) == ["global", "iso-kl", "sweet-spot"]
+        assert len(by_run) and sorted(set(by_run["method"])) == ["curvature", "global", "iso-kl", "sweet-spot"]
         pd.testing.assert_frame_equal(by_cli, by_run, check_exact=True)
     texts = [pd.DataFrame([json.loads(line) for line in (d / "recommend_generations.jsonl").read_text().splitlines()])
              for d in (tables, out)]

@@ -56,6 +56,8 @@ COLUMNS = {  # per method: (title suffix, {column: header}) for each printed tab
                    (": Thm 3.3 in the loop (median bump peaks)",
                     {"off_target_peak_alpha": "off-target", "target_peak_alpha": "target",
                      "between_peaks": "between"})],
+    "curvature": [("", {"kappa": "kappa", "measured": "measured", "quadratic_up_to": "quadratic up to",
+                        "departs_at": "departs at"})],
     "iso-kl": [("", {"p95_kl": "p95 KL", "status": "status"})],
     "grid-judge": [("", {"concept_p": "concept p", "p95_kl": "p95 KL", "status": "status"})],
     "global": [("", {"concept_p": "concept p", "p95_kl": "p95 KL", "status": "status"})],
@@ -99,11 +101,21 @@ def _print(result) -> None:
 def recommend(
     vectors: Path = VectorsOpt,
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer to steer; default: the file's only layer."),
-    method: List[str] = typer.Option(["sweet-spot"], "--method", help="sweet-spot, iso-kl, grid-judge, global, or "
-                                                                     "all; repeat for several."),
+    method: List[str] = typer.Option(["sweet-spot"], "--method", help="sweet-spot, curvature, iso-kl, grid-judge, "
+                                                                     "global, or all; repeat for several."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Distortion budget, nats: next-token KL "
-                                           "(sweet-spot), p95 per-token KL of generations (the others); default: the "
-                                           "preset's recommend.kl_budget."),
+                                           "(sweet-spot), the quadratic's KL or Delta CE (curvature), p95 per-token KL "
+                                           "of generations (the others); default: the preset's recommend.kl_budget."),
+    sweet_spot_rule: Optional[str] = typer.Option(None, "--sweet-spot-rule", help="sweet-spot: mass (the alpha of "
+                                                  "most target-token mass within the budget) or between (Thm 3.3's "
+                                                  "midpoint of the off-target and target peaks, within the budget); "
+                                                  "default: the preset's."),
+    curvature_scope: Optional[str] = typer.Option(None, "--curvature-scope", help="curvature: prompt (an alpha per "
+                                                  "prompt from its next-token curvature) or corpus (one alpha from "
+                                                  "Delta CE's curvature on --corpus); default: the preset's."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="curvature --curvature-scope corpus: wikipedia"
+                                         "[:train|:test], model, a file or hf:NAME, as `sweep xent`; default: the "
+                                         "preset's xent.corpus."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts (JSONL 'text' or one per line), used "
                                            "whole; default: the preset's recommend.n_prompts neutral evaluation "
                                            "prompts (training half), as `steerstrength run`."),
@@ -160,9 +172,14 @@ def recommend(
     if budget is not None and not 0 < budget < float("inf"):
         raise InputError(f"--budget must be a positive finite number of nats, not {budget}")
     # One preset system: the run's recommend section, so `recommend` and `run` measure with the same sizes.
+    if curvature_scope is not None and curvature_scope not in ("prompt", "corpus"):
+        raise InputError(f"--curvature-scope must be prompt or corpus, not {curvature_scope!r}")
+    if sweet_spot_rule is not None and sweet_spot_rule not in ("mass", "between"):
+        raise InputError(f"--sweet-spot-rule must be mass or between, not {sweet_spot_rule!r}")
     cfg, section = preset_section(preset, "recommend", kl_budget=budget, n_prompts=n_prompts, completions=completions,
                                   max_new_tokens=max_new_tokens, refine_steps=refine_steps,
-                                  sweet_spot_refine_steps=refine_steps, n_target=n_target, batch_size=batch_size)
+                                  sweet_spot_refine_steps=refine_steps, n_target=n_target, batch_size=batch_size,
+                                  curvature_scope=curvature_scope, sweet_spot_rule=sweet_spot_rule)
     check_output_dir(out, names=tuple(f"recommend{x}" for x in (".parquet", "_curve.parquet", ".json", ".png",
                                                                  "_generations.jsonl")))
     methods = check_methods(method, positions)
@@ -197,10 +214,17 @@ def recommend(
         judge_model = judge_model or cfg.concept.judge_model
         if judge == "llm":
             judge_lm = st.model if judge_model is None else load(judge_model, dtype=dtype, device=device)
+    texts = None
+    if "curvature" in methods and section.curvature_scope == "corpus":
+        from steerstrength.stages import corpus_texts
+
+        texts, _ = corpus_texts(st.model, cfg.xent, seed=seed, cache_dir=out, source=corpus)
+    elif corpus is not None:
+        raise InputError("--corpus feeds curvature with --curvature-scope corpus only; drop it or add those")
     result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list, labels=st.labels,
                              methods=methods, positive=pos, negative=neg, judge=judge, judge_model=judge_lm, seed=seed,
                              positions=positions, grid=sweep_grid, generation_grid=gen_grid,
-                             entropy_floor=entropy_floor, chat=chat, progress=progress_bar)
+                             entropy_floor=entropy_floor, chat=chat, corpus=texts, progress=progress_bar)
     _print(result)
     header = st.header(start, metric="recommend", preset=preset, judge=judge if judged else None,
                        judge_model=judge_lm.name if judge_lm is not None else None)

@@ -146,6 +146,8 @@ class RecommendConfig:
     refine_steps: int = 0  # iso-kl: bisection steps toward the budget crossing
     sweet_spot_refine_steps: int = 2  # sweet-spot: bisection steps toward the budget boundary
     n_target: int = 100  # sweet-spot: target tokens = the n of largest log-odds M
+    sweet_spot_rule: str = "mass"  # sweet-spot: "mass" (the most target mass in budget) or "between" (Thm 3.3's midpoint)
+    curvature_scope: str = "prompt"  # curvature: "prompt" (per prompt) or "corpus" (one alpha, xent's corpus)
     batch_size: int = 64  # rows (prompt x alpha x completion) per generate call
 
 
@@ -388,7 +390,9 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.concepts or not all(isinstance(c, str) and c.strip() for c in cfg.concepts):
         raise InputError(f"concepts must be a list of names, e.g. concepts=joy,evil, not {cfg.concepts!r}")
     for key, allowed in (("setting", ("random", "contrastive")), ("positions", ("all", "last")),
-                         ("xent.spacing", ("linear", "log")), ("prompts.source", ("curated", "generate"))):
+                         ("xent.spacing", ("linear", "log")), ("prompts.source", ("curated", "generate")),
+                         ("recommend.curvature_scope", ("prompt", "corpus")),
+                         ("recommend.sweet_spot_rule", ("mass", "between"))):
         if get(cfg, key) not in allowed:
             raise InputError(f"{key} must be {' or '.join(allowed)}, not {get(cfg, key)!r}")
     if cfg.alpha_unit not in ("raw", "resid"):

@@ -285,7 +285,8 @@ def stage_mmlu(ctx: Context) -> list:
 
 
 def stage_recommend(ctx: Context) -> list:
-    """Sweet-spot per prompt (target tokens: the logodds stage's M), iso-kl, and global with several prompts."""
+    """Sweet-spot and curvature per prompt (target tokens: the logodds stage's M), iso-kl, and global with several
+    prompts; curvature with recommend.curvature_scope "corpus" reads the xent stage's corpus."""
     import pandas as pd
     import torch
 
@@ -304,6 +305,12 @@ def stage_recommend(ctx: Context) -> list:
         from steerstrength.models import load_model
 
         judge_model = load_model(c.judge_model, dtype=ctx.cfg.model.dtype, device=ctx.cfg.model.device)
+    corpus = None
+    if ctx.cfg.recommend.curvature_scope == "corpus":
+        from steerstrength.stages import corpus_texts
+
+        corpus, _ = corpus_texts(ctx.model, ctx.cfg.xent, seed=ctx.cfg.seed, cache_dir=ctx.run.path("corpus", "x").parent,
+                                 progress=ctx.progress)
     path = ctx.run.path("tables", "logodds.parquet")
     logodds = pd.read_parquet(path, columns=["concept", "token_id", "M"]) if path.is_file() else None
     results = []
@@ -316,7 +323,7 @@ def stage_recommend(ctx: Context) -> list:
         results.append(recommend_stage(ctx.model, ctx.vectors(concept).values(), ctx.cfg.recommend, prompts=prompts,
                                        labels=ctx.labels(concept), log_odds=M, positive=pos, negative=neg,
                                        judge=c.judge, judge_model=judge_model, seed=ctx.cfg.seed,
-                                       positions=ctx.cfg.positions, progress=ctx.progress, log=ctx.log))
+                                       positions=ctx.cfg.positions, corpus=corpus, progress=ctx.progress, log=ctx.log))
     return _write(ctx, results)
 
 

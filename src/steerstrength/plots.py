@@ -537,6 +537,7 @@ def fig_depth(run: RunTables, concept: str) -> "Figure | None":
 
 RECOMMEND_PANELS = {  # method: (objective, its label, distortion, its label)
     "sweet-spot": ("target_mass", "target-token mass (top-M)", "kl", "next-token KL (nats)"),
+    "curvature": ("predicted", "quadratic ½κα² (+ slope α), nats", "measured", "measured distortion (nats)"),
     "iso-kl": (None, None, "p95_kl", "p95 per-token KL (nats)"),
     "grid-judge": ("concept_p", "judged concept probability", "p95_kl", "p95 per-token KL (nats)"),
     "global": ("concept_p", "judged concept probability", "p95_kl", "p95 per-token KL (nats)"),
@@ -571,7 +572,8 @@ def fig_recommendations(table: "pd.DataFrame", curve: "pd.DataFrame", title: str
                 ax.plot(g["alpha"], g[key], color="black" if pooled else None, lw=2.2 if pooled else 0.9,
                         alpha=1.0 if pooled else 0.6, label=name)
             for _, r in t.iterrows():
-                scope = -1 if method in ("iso-kl", "global") else r["prompt_index"]
+                own_rows = (c["prompt_index"] == r["prompt_index"]).any()
+                scope = r["prompt_index"] if own_rows and method not in ("iso-kl", "global") else -1
                 own = c[(c["layer"] == r["layer"]) & (c["prompt_index"] == scope)].sort_values("alpha")
                 if len(own):
                     ax.plot([r["alpha"]], [np.interp(r["alpha"], own["alpha"], own[key])], "o", color="crimson",
@@ -579,7 +581,7 @@ def fig_recommendations(table: "pd.DataFrame", curve: "pd.DataFrame", title: str
             if row == 1:
                 ax.axhline(t["budget"].iloc[0], color="grey", ls="--", lw=1, label="budget")
                 ax.set_xlabel("alpha")
-            if key in ("kl", "p95_kl", "target_mass"):
+            if key in ("kl", "p95_kl", "target_mass", "predicted", "measured"):
                 ax.set_yscale("symlog", linthresh=1e-3 if key == "target_mass" else 0.1)
                 ax.set_ylim(bottom=0)
             ax.set_ylabel(label, fontsize=8)

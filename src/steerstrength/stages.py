@@ -517,7 +517,7 @@ def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, promp
                     positive: Sequence[str] | None = None, negative: Sequence[str] | None = None, judge=None,
                     judge_model=None, seed: int = 0, positions: str = "all", grid: AlphaGrid | None = None,
                     generation_grid: AlphaGrid | None = None, entropy_floor: float | None = None,
-                    chat: bool | None = None, progress=no_progress,
+                    chat: bool | None = None, corpus: Sequence[str] | None = None, progress=no_progress,
                     log: Callable[[str], None] | None = None) -> StageResult:
     """An alpha per prompt and method for every vector (recommend.py): recommend.parquet (method x prompt),
     recommend_curve.parquet (the curves they came from), recommend_generations.jsonl (the completions behind the
@@ -531,7 +531,7 @@ def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, promp
         section: the recommend section: kl_budget (nats), completions, max_new_tokens, n_alphas, batch_size,
             refine_steps (iso-kl), sweet_spot_refine_steps, n_target.
         methods: recommend.METHODS (or "all"); default: the run's rule (recommend.default_methods): sweet-spot,
-            iso-kl unless positions="last", global with several prompts; grid-judge only when asked.
+            curvature, iso-kl unless positions="last", global with several prompts; grid-judge only when asked.
         log_odds: M over the vocabulary (Def. 3.2), sweet-spot's target tokens; default: from positive / negative.
         positive, negative: P and N texts: log-odds when not given, the judge's calibration and held-out accuracy.
         judge: grid-judge / global: a judges.JUDGES name or a Judge; judge_model: the llm judge's model (default: the
@@ -539,6 +539,7 @@ def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, promp
         grid: sweet-spot's raw alphas (>= 0, 0 added); generation_grid: the generation methods'; default: scaled to
             the vector (recommend.alpha_scale): linspace(0, 3 scale, 41) and linspace(0, 0.6 scale, n_alphas).
         entropy_floor: sweet-spot: also keep the next-token entropy at or above this (nats).
+        corpus: curvature with section.curvature_scope "corpus": the texts whose Delta CE curvature sets the alpha.
         log: called with one line per vector and method.
     """
     import time
@@ -577,7 +578,12 @@ def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, promp
                 found.append(recommend_alpha(model, sv, prompts, method="sweet-spot", log_odds=log_odds,
                                              alphas=None if grid is None else grid.values, n_target=section.n_target,
                                              entropy_floor=entropy_floor, refine_steps=section.sweet_spot_refine_steps,
-                                             progress=advance, **base))
+                                             sweet_spot_rule=section.sweet_spot_rule, progress=advance, **base))
+        if "curvature" in methods:
+            with progress(f"{concept}: curvature, layer {sv.layer}", len(prompts)) as advance:
+                found.append(recommend_alpha(model, sv, prompts, method="curvature",
+                                             curvature_scope=section.curvature_scope, corpus=corpus, progress=advance,
+                                             **base))
         if generating:
             alphas = generation_alphas(model, sv, prompts, None if generation_grid is None else generation_grid.values,
                                        chat=chat, points=section.n_alphas)
