@@ -23,6 +23,9 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     blocks_path: Optional[str] = None
+    # None: the whole model on `device`; "auto" / "balanced" / "sequential": over every visible GPU (accelerate), for
+    # a model larger than one GPU (with Ray: ray.num_gpus_per_model = the GPUs it spans).
+    device_map: Optional[str] = None
 
 
 @dataclass
@@ -395,6 +398,12 @@ def validate(cfg: RunConfig) -> None:
                          ("recommend.sweet_spot_rule", ("mass", "between"))):
         if get(cfg, key) not in allowed:
             raise InputError(f"{key} must be {' or '.join(allowed)}, not {get(cfg, key)!r}")
+    if cfg.model.device_map is not None:
+        from steerstrength.models import DEVICE_MAPS
+
+        if cfg.model.device_map not in DEVICE_MAPS:
+            raise InputError(f"model.device_map must be one of {', '.join(DEVICE_MAPS)} or none, not "
+                             f"{cfg.model.device_map!r}")
     if cfg.alpha_unit not in ("raw", "resid"):
         raise InputError(f"alpha_unit must be raw or resid (x the layer's median residual norm), not {cfg.alpha_unit!r}")
     _validate_layers(cfg.layers)

@@ -139,6 +139,15 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go and results come back: the unembedding's device, or, for a model placed over several
+        devices by `load_model(device_map=...)`, the first module's (the embeddings'; accelerate's hooks move each
+        block's inputs to its own device and the logits back here)."""
+        placed = getattr(self.hf, "hf_device_map", None)
+        if placed and len(set(placed.values())) > 1:
+            first = next(iter(placed.values()))
+            if first in ("cpu", "disk", "meta"):
+                return torch.device("cpu")
+            return torch.device(f"cuda:{first}") if isinstance(first, int) else torch.device(first)
         return self.unembed.weight.device
 
     @property
@@ -280,7 +289,7 @@ class Model:
         """
         h = hashlib.sha256(self.architecture.encode())
         h.update(repr([tuple(p.shape) for p in self.hf.parameters()]).encode())
-        for t in (self.unembed.weight, *self.blocks[0].parameters(), *self.blocks[-1].parameters()):
+        for t in (*_weights(self.unembed, "weight"), *_weights(self.blocks[0]), *_weights(self.blocks[-1])):
             flat = t.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLE)].to(torch.bfloat16).cpu()
             h.update(sample.view(torch.int16).numpy().tobytes())
@@ -597,14 +606,16 @@ def convert_gguf(path: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_hf_dir(source: str, dtype: torch.dtype, device: torch.device, **kwargs):
+def load_hf_dir(source: str, dtype: torch.dtype, device: torch.device, placement: dict | None = None, **kwargs):
+    """(model, tokenizer) from a directory or hub id; `placement`: from_pretrained's device_map / max_memory /
+    offload_folder, which place the model over several devices instead of moving it to `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    return hf.to(device), tok
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **(placement or {}), **kwargs)
+    return (hf if placement else hf.to(device)), tok
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
@@ -632,14 +643,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_hf_id(spec: str, dtype: torch.dtype, device: torch.device):
+def load_hf_id(spec: str, dtype: torch.dtype, device: torch.device, placement: dict | None = None):
     """A hub model, offline first: the local cache without any request, then the hub only when it is reachable.
 
     Without network (or with HF_HUB_OFFLINE set) an uncached id fails at once, in one line, instead of after
     huggingface_hub's retries.
     """
     try:
-        return load_hf_dir(spec, dtype, device, local_files_only=True)
+        return load_hf_dir(spec, dtype, device, placement, local_files_only=True)
     except (OSError, ValueError, KeyError):
         pass  # not (completely) in the local cache
     if not hub_reachable():
@@ -649,7 +660,7 @@ def load_hf_id(spec: str, dtype: torch.dtype, device: torch.device):
             f"(`hf download {spec}`) or pass a local model directory"
         )
     try:
-        return load_hf_dir(spec, dtype, device)
+        return load_hf_dir(spec, dtype, device, placement)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"cannot load {spec!r} from the Hugging Face hub ({first_line(exc)}); check the id "
@@ -685,6 +696,9 @@ def load_model(
     device: str | torch.device = "auto",
     *,
     blocks_path: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> Model:
     """Load a causal LM from an embedded name, a .gguf file, a local directory or a HF id (the f of Eq. 1).
 
@@ -694,6 +708,9 @@ def load_model(
         dtype: "float32" (the reference), "bfloat16" or "float16".
         device: "auto", "cpu", "cuda", "cuda:N" or "mps".
         blocks_path: dotted path of the decoder blocks, for an architecture steerstrength does not know.
+        device_map: place one model over several devices (a model larger than one GPU): "auto", "balanced",
+            "sequential" or a {module name: device} dict, as transformers' from_pretrained (accelerate); `device` is
+            then unused. max_memory ({device: "70GiB"}) and offload_folder (for "disk" entries) go with it.
 
     Example::
 
@@ -702,6 +719,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     spec = DEFAULT_MODEL if spec is None else str(spec)
+    placement = check_placement(device_map, max_memory, offload_folder)
     import_seconds = import_transformers()
     start = time.perf_counter()
     path = Path(spec).expanduser()
@@ -715,7 +733,7 @@ def load_model(
         name = spec if kind == "embedded" else gguf.stem
         source = f"gguf:{gguf}"
         try:
-            hf, tok = load_hf_dir(str(cached), torch_dtype, torch_device)
+            hf, tok = load_hf_dir(str(cached), torch_dtype, torch_device, placement)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(
                 f"cannot load the converted cache {cached} ({type(exc).__name__}); delete it and retry"
@@ -723,21 +741,59 @@ def load_model(
     elif kind == "dir":
         name, source = path.name, f"dir:{path.resolve()}"
         try:
-            hf, tok = load_hf_dir(str(path), torch_dtype, torch_device)
+            hf, tok = load_hf_dir(str(path), torch_dtype, torch_device, placement)
         except (ValueError, OSError, KeyError) as exc:
             raise ModelLoadError(
                 f"{path} does not hold a causal LM that transformers can load ({first_line(exc)})"
             ) from exc
     else:
         name, source = spec, f"hf:{spec}"
-        hf, tok = load_hf_id(spec, torch_dtype, torch_device)
-    hf = hf.to(device=torch_device, dtype=torch_dtype)
+        hf, tok = load_hf_id(spec, torch_dtype, torch_device, placement)
+    if placement is None:
+        hf = hf.to(device=torch_device, dtype=torch_dtype)
     model = wrap(hf, tok, name=name, source=source, blocks_path=blocks_path)
     model.load_seconds = time.perf_counter() - start
     model.info["import_seconds"] = import_seconds
     if kind == "embedded":
         model.info["license"] = EMBEDDED[spec].license
     return model
+
+
+def _weights(module: nn.Module, only: str | None = None):
+    """A module's parameters (or the one named `only`) as tensors with data: a block that a device_map offloaded
+    (its parameters on the meta device) gives the weights its accelerate hook loads at call time."""
+    seen = set()  # as module.parameters(): a shared parameter once, in the same order
+    for prefix, sub in module.named_modules():
+        stored = getattr(getattr(sub, "_hf_hook", None), "weights_map", None)  # accelerate's hook on the leaf
+        for name, p in sub.named_parameters(recurse=False):
+            if id(p) in seen or (only is not None and f"{prefix}.{name}".lstrip(".") != only):
+                continue
+            seen.add(id(p))
+            yield stored[name] if p.is_meta and stored is not None else p
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_placement(device_map, max_memory, offload_folder) -> dict | None:
+    """from_pretrained's placement arguments for `device_map`, checked (one ModelLoadError line), or None."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ModelLoadError("max_memory and offload_folder place a model with device_map; give device_map too")
+        return None
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ModelLoadError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a {{module: device}} dict, not "
+                             f"{device_map!r}")
+    if not isinstance(device_map, (str, dict)):
+        raise ModelLoadError(f"device_map must be a name or a {{module: device}} dict, not {type(device_map).__name__}")
+    if isinstance(device_map, dict) and "disk" in device_map.values() and offload_folder is None:
+        raise ModelLoadError("a device_map with \"disk\" entries needs offload_folder (where those weights wait)")
+    out = dict(device_map=device_map)
+    if max_memory is not None:
+        out["max_memory"] = max_memory
+    if offload_folder is not None:
+        out["offload_folder"] = str(offload_folder)
+    return out
 
 
 def import_transformers() -> float:

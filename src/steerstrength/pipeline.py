@@ -350,7 +350,8 @@ STAGE_FUNCS = {
 def stage_keys(cfg: RunConfig) -> dict[str, str]:
     """Each stage's key: its own config and its upstream keys (a change invalidates what follows)."""
     d = cfg.to_dict()
-    base = _hash(d["model"], cfg.concepts, cfg.setting, cfg.seed)
+    model = {k: v for k, v in d["model"].items() if not (k == "device_map" and v is None)}  # keys of earlier runs
+    base = _hash(model, cfg.concepts, cfg.setting, cfg.seed)
     k = {"prompts": _hash(base, d["prompts"])}
     k["vectors"] = _hash(k["prompts"], d["vectors"], cfg.layers)
     steer = _hash(k["vectors"], cfg.positions, cfg.alpha_unit)
@@ -397,11 +398,11 @@ def check_names(cfg: RunConfig) -> None:
 
 
 def load_run_model(cfg: RunConfig):
-    """The model of a run's `model` section (spec, dtype, device, blocks path)."""
+    """The model of a run's `model` section (spec, dtype, device, blocks path, device map)."""
     from steerstrength.models import load_model
 
     m = cfg.model
-    return load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path)
+    return load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path, device_map=m.device_map)
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[str] | None = None,

@@ -408,7 +408,7 @@ def findings_recommend(run: RunTables) -> str:
         out += [f"<p class='rule'>{esc(n)}</p>" for n in data.get("notes") or []]
     if table is not None and not table.empty:
         cols = [c for c in ("concept", "layer", "method", "prompt_index", "prompt", "alpha", "status", "target_mass",
-                            "kl", "concept_p", "p95_kl") if c in table.columns]
+                            "kl", "measured", "concept_p", "p95_kl") if c in table.columns]
         rows = [[_short(v, 60) if isinstance(v, str) else v for v in r] for r in table[cols].head(200).itertuples(
             index=False)]
         out.append(table_html(cols, rows))

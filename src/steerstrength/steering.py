@@ -156,6 +156,7 @@ def steer(model: Model, vector, layer: int, alpha, positions: str = "all") -> It
             delta = a[:, None] * v[None, :]
         else:
             delta = (a * v)[None, :]
+        delta = delta.to(h.device)  # the block's own device when the model spans several
         if positions == "all":
             h = h + delta[:, None, :]
         else:
@@ -182,7 +183,7 @@ def _capture(model: Model, layers: Sequence[int], store: dict) -> Iterator[None]
 
     def make(idx):
         def hook(_module, _inputs, output):
-            store[idx] = _hidden(output)
+            store[idx] = _hidden(output).to(model.device)  # a no-op unless the model spans several devices
             if idx == last:
                 raise _Stop
 
@@ -892,6 +893,10 @@ def forward_from_differentiable(model: Model, enc: Encoded, layer: int, hidden: 
     `hidden` may be a dual tensor, e.g. h + alpha * v with alpha a jvp input; blocks 0..layer never run.
     """
     check_layer(model, layer)
+    if any(p.is_meta for p in model.hf.parameters()):
+        raise InputError(f"{model.name} keeps some weights offloaded (device_map with \"cpu\"/\"disk\" entries), which "
+                         "accelerate loads inside the forward, where forward-mode AD (the curvature of Thm 3.8) cannot "
+                         "run; place the model on GPUs only, or skip the curvature (xent --no-curvature)")
     with _replay_from(model, layer, hidden):
         out = _forward(model, enc, use_cache=False, logits_to_keep=logits_to_keep)
     return out.logits
