@@ -173,10 +173,10 @@ def test_layers_auto_steers_the_scanned_layer_with_both_alpha_columns(tiny_dir, 
 
 
 def test_cells_computed_apart_give_the_tables_of_a_plain_run(tiny_dir, tmp_path, monkeypatch):
-    """run_cell fills one (concept, layer)'s chunks of tokens, xent and concept; the run then only assembles them."""
+    """run_cell fills one (concept, layer)'s chunks of tokens, xent, concept and MMLU; the run then only assembles them."""
     from steerstrength.pipeline import run_cell, vector_cells
 
-    cfg = config(tiny_dir, "concepts=joy,evil", "layers=1,2", "mmlu.enabled=false")
+    cfg = config(tiny_dir, "concepts=joy,evil", "layers=1,2")
     run(cfg, tmp_path / "plain")
     cells_dir = tmp_path / "cells"
     run(cfg, cells_dir, only=["prompts", "vectors"])
@@ -184,14 +184,14 @@ def test_cells_computed_apart_give_the_tables_of_a_plain_run(tiny_dir, tmp_path,
     assert cells == [("joy", 1), ("joy", 2), ("evil", 1), ("evil", 2)]
     for concept, layer in reversed(cells):  # any order
         assert run_cell(cfg, cells_dir, concept, layer, progress=Quiet(), log=lambda m: None) == [
-            "tokens", "xent", "concept"]
+            "tokens", "xent", "concept", "mmlu"]
     assert not (cells_dir / "tables" / "tokens.parquet").exists()  # cells write chunks, never tables
     import steerstrength.runs as runs
 
     real, computed = runs.read_or_compute, []
 
     def watching(directory, name, compute, log=None):
-        if Path(directory).parts[-2] in ("tokens", "xent", "concept") and not (Path(directory) / f"{name}.done").is_file():
+        if Path(directory).parts[-2] in ("tokens", "xent", "concept", "mmlu") and not (Path(directory) / f"{name}.done").is_file():
             computed.append((Path(directory).parts[-2], name))
         return real(directory, name, compute, log=log)
 

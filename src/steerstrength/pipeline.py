@@ -280,7 +280,7 @@ def stage_mmlu(ctx: Context) -> list:
     questions = mmlu_questions(m.source, m.subjects, m.max_questions)
     return _write(ctx, [mmlu_stage(ctx.model, ctx.vectors(c).values(), m, questions=questions, source=m.source,
                                    labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
-                                   progress=ctx.progress)
+                                   chunk=ctx.chunk_fn("mmlu"), progress=ctx.progress)
                         for c in ctx.concepts])
 
 
@@ -461,7 +461,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
 # ----------------------------------------------------------------------------- cells of a run (executors.py)
 
 # The stages whose work is kept in resumable chunks named per (concept, layer): a run's cells can compute them apart.
-CELL_STAGES = ("tokens", "xent", "concept")
+CELL_STAGES = ("tokens", "xent", "concept", "mmlu")
 
 
 def vector_cells(cfg: RunConfig, out: str | Path) -> list[tuple[str, int]]:

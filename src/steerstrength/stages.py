@@ -10,6 +10,7 @@ yielding `advance(n)` (cli_common.progress_bar, or the run's).
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Optional
 from typing import Callable, Sequence
@@ -411,7 +412,6 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
         positive, negative: texts the judges are measured (and calibrated) on.
         on_vector: called with each vector's summary when it is done (the CLI prints a table).
     """
-    import json
 
     import pandas as pd
 
@@ -478,13 +478,14 @@ def mmlu_questions(source: str | None, subjects: Sequence[str] | None = None, li
 
 def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict, source: str | None, labels: dict,
                unit: str = "resid", positions: str = "all", grid: AlphaGrid | None = None,
-               progress=no_progress) -> StageResult:
+               chunk: Chunk = compute_now, progress=no_progress) -> StageResult:
     """MMLU accuracy per alpha by answer-letter likelihood after section.k_shot solved questions:
     mmlu_questions.parquet (per question), mmlu.parquet (per subject) and mmlu.json.
 
     Args:
         questions: mmlu_questions(...) (read before the model loads).
         source: what the questions are (written in mmlu.json).
+        chunk: a run's resumable pieces, one per vector (a (concept, layer) cell of a Ray run fills its own).
     """
     import pandas as pd
 
@@ -495,15 +496,20 @@ def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict
     n_questions = sum(len(test) for _, test in questions["data"].values())
     per_q, per_subject, summary = [], [], {}
     for sv in vectors:
-        with progress(f"{concept}: MMLU, layer {sv.layer} (questions x alphas)", n_questions * len(grid)) as advance:
-            res = mmlu_accuracy(model, sv, alphas=sv.raw_alphas(grid, model), **questions, k_shots=section.k_shot,
-                                limit=section.max_questions, chat=section.chat, positions=positions, concept=concept,
-                                setting=labels.get("setting", ""), token_budget=section.token_budget,
-                                progress=advance)
+        def compute(sv=sv):
+            with progress(f"{concept}: MMLU, layer {sv.layer} (questions x alphas)", n_questions * len(grid)) as adv:
+                res = mmlu_accuracy(model, sv, alphas=sv.raw_alphas(grid, model), **questions, k_shots=section.k_shot,
+                                    limit=section.max_questions, chat=section.chat, positions=positions,
+                                    concept=concept, setting=labels.get("setting", ""),
+                                    token_budget=section.token_budget, progress=adv)
+            return {"questions": res.table, "subjects": res.accuracy,
+                    "summary": pd.DataFrame([{"json": json.dumps(res.summary, default=str)}])}
+
+        done = chunk(f"{concept}.{sv.layer}", compute)
         scale = sv.resid_scale(model)
-        per_q.append(add_resid_column(res.table.assign(layer=sv.layer), scale))
-        per_subject.append(add_resid_column(res.accuracy.assign(layer=sv.layer), scale))
-        summary[f"{concept}/{sv.layer}"] = res.summary
+        per_q.append(add_resid_column(done["questions"].assign(layer=sv.layer), scale))
+        per_subject.append(add_resid_column(done["subjects"].assign(layer=sv.layer), scale))
+        summary[f"{concept}/{sv.layer}"] = json.loads(done["summary"]["json"].iloc[0])
     return StageResult("mmlu", {"mmlu_questions.parquet": pd.concat(per_q, ignore_index=True),
                                 "mmlu.parquet": pd.concat(per_subject, ignore_index=True)},
                        dict(source=source, per_vector=summary))
