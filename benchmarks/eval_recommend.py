@@ -230,6 +230,8 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
     write_parquet(out / "table.parquet", table)
     write_parquet(out / "frontier.parquet", front.assign(model=model.name, concept=concept, layer=args.layer))
     write_jsonl(out / "generations.jsonl", f.to_dict(orient="records"))
+    write_json(out / "picks.json", {f"{label}|{budget:g}": {str(i): a for i, a in p.items()}
+                                    for (label, budget), p in picks.items()})  # each method's alpha per prompt
     write_json(out / "eval.json", dict(
         machine=dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads()),
         model=model.name, concept=concept, layer=args.layer, judge=accuracy, seconds=seconds, grid=grid,
@@ -277,6 +279,7 @@ def figure(table: pd.DataFrame, front: pd.DataFrame, path: Path, title: str) -> 
 def summarize(out: Path, docs: bool) -> None:
     tables = sorted(out.glob("*/*/table.parquet"))
     figs = ROOT / "docs" / "figures" if docs else out
+    pooled = []
     for t in tables:
         table, front = pd.read_parquet(t), pd.read_parquet(t.parent / "frontier.parquet")
         meta = json.loads((t.parent / "eval.json").read_text())
@@ -292,6 +295,7 @@ def summarize(out: Path, docs: bool) -> None:
         for _, r in table.iterrows():
             if r["delta_ce"] > front["delta_ce"].max():  # the constant alphas end below this distortion
                 r["frontier_p_at_ce"] = r["diff_vs_frontier"] = r["diff_low"] = r["diff_high"] = np.nan
+            pooled.append(r)
             print(f"| {r['method']} | {r['budget']:g} | {r['mean_alpha_resid']:.3f} ({r['min_alpha_resid']:.3f}–"
                   f"{r['max_alpha_resid']:.3f}) | {r['concept_p']:.3f} [{r['wilson_low']:.3f}, {r['wilson_high']:.3f}] | "
                   f"[{r['boot_low']:.3f}, {r['boot_high']:.3f}] | {r['delta_ce']:.3f} | {r['mean_kl']:.3f} | "
@@ -302,6 +306,15 @@ def summarize(out: Path, docs: bool) -> None:
         for col, fmt in (("concept_p", "{:.3f}"), ("delta_ce", "{:.3f}"), ("mean_kl", "{:.3f}"), ("p95_kl", "{:.2f}")):
             print(f"| {col} | " + " | ".join(fmt.format(x) for x in front[col]) + " |")
         print(f"\nseconds: {json.dumps({k: round(v) for k, v in meta['seconds'].items()})}")
+    # Every point of every concept: how each method stands against the frontier at its own Delta CE.
+    allp = pd.DataFrame(pooled)
+    allp = allp[allp["diff_vs_frontier"].notna()]
+    print("\n| model | method | points | mean difference with the frontier | above (CI > 0) | below (CI < 0) | "
+          "median seconds to choose |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (model, method), g in allp.groupby(["model", "method"], sort=False):
+        print(f"| {model} | {method} | {len(g)} | {g['diff_vs_frontier'].mean():+.3f} | {(g['diff_low'] > 0).sum()} | "
+              f"{(g['diff_high'] < 0).sum()} | {g['seconds'].median():.0f} |")
 
 
 def main() -> None:
