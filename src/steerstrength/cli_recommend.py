@@ -158,6 +158,7 @@ def recommend(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Which alpha? One per prompt, with the curve it came from: recommend.parquet, _curve.parquet, .json, .png."""
+    from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
     from steerstrength.io import check_output_dir
     from steerstrength.judges import check_judge_name
     from steerstrength.plots import plot_recommendations
@@ -171,11 +172,11 @@ def recommend(
                    ("--refine-steps", refine_steps, 0), ("--batch-size", batch_size, 1), ("--n-target", n_target, 1))
     if budget is not None and not 0 < budget < float("inf"):
         raise InputError(f"--budget must be a positive finite number of nats, not {budget}")
+    for option, value, allowed in (("--curvature-scope", curvature_scope, CURVATURE_SCOPES),
+                                   ("--sweet-spot-rule", sweet_spot_rule, SWEET_SPOT_RULES)):
+        if value is not None and value not in allowed:
+            raise InputError(f"{option} must be {' or '.join(allowed)}, not {value!r}")
     # One preset system: the run's recommend section, so `recommend` and `run` measure with the same sizes.
-    if curvature_scope is not None and curvature_scope not in ("prompt", "corpus"):
-        raise InputError(f"--curvature-scope must be prompt or corpus, not {curvature_scope!r}")
-    if sweet_spot_rule is not None and sweet_spot_rule not in ("mass", "between"):
-        raise InputError(f"--sweet-spot-rule must be mass or between, not {sweet_spot_rule!r}")
     cfg, section = preset_section(preset, "recommend", kl_budget=budget, n_prompts=n_prompts, completions=completions,
                                   max_new_tokens=max_new_tokens, refine_steps=refine_steps,
                                   sweet_spot_refine_steps=refine_steps, n_target=n_target, batch_size=batch_size,

@@ -154,6 +154,10 @@ class RecommendConfig:
     batch_size: int = 64  # rows (prompt x alpha x completion) per generate call
 
 
+SWEET_SPOT_RULES = ("mass", "between")  # recommend.sweet_spot_rule (recommend.py's module doc)
+CURVATURE_SCOPES = ("prompt", "corpus")  # recommend.curvature_scope
+
+
 @dataclass
 class RayConfig:
     """`executor = "ray"`: each model's pipeline is one Ray actor (executors.py; docs/scale.md)."""
@@ -394,8 +398,8 @@ def validate(cfg: RunConfig) -> None:
         raise InputError(f"concepts must be a list of names, e.g. concepts=joy,evil, not {cfg.concepts!r}")
     for key, allowed in (("setting", ("random", "contrastive")), ("positions", ("all", "last")),
                          ("xent.spacing", ("linear", "log")), ("prompts.source", ("curated", "generate")),
-                         ("recommend.curvature_scope", ("prompt", "corpus")),
-                         ("recommend.sweet_spot_rule", ("mass", "between"))):
+                         ("recommend.curvature_scope", CURVATURE_SCOPES),
+                         ("recommend.sweet_spot_rule", SWEET_SPOT_RULES)):
         if get(cfg, key) not in allowed:
             raise InputError(f"{key} must be {' or '.join(allowed)}, not {get(cfg, key)!r}")
     if cfg.model.device_map is not None:

@@ -225,12 +225,19 @@ def stage_limit(ctx: Context) -> list:
                         for c in ctx.concepts])
 
 
+def run_corpus(ctx: Context) -> tuple[list[str], str]:
+    """The run's Delta CE corpus (xent section; model samples cached in RUN/corpus/): (texts, what they are)."""
+    from steerstrength.stages import corpus_texts
+
+    return corpus_texts(ctx.model, ctx.cfg.xent, seed=ctx.cfg.seed, cache_dir=ctx.run.path("corpus", "x").parent,
+                        progress=ctx.progress)
+
+
 def stage_xent(ctx: Context) -> list:
-    from steerstrength.stages import corpus_texts, xent_stage
+    from steerstrength.stages import xent_stage
 
     x = ctx.cfg.xent
-    texts, source = corpus_texts(ctx.model, x, seed=ctx.cfg.seed, cache_dir=ctx.run.path("corpus", "x").parent,
-                                 progress=ctx.progress)
+    texts, source = run_corpus(ctx)
     return _write(ctx, [xent_stage(ctx.model, ctx.vectors(c).values(), x, texts=texts, corpus=source,
                                    labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                                    chunk=ctx.chunk_fn("xent"), progress=ctx.progress)
@@ -305,12 +312,7 @@ def stage_recommend(ctx: Context) -> list:
         from steerstrength.models import load_model
 
         judge_model = load_model(c.judge_model, dtype=ctx.cfg.model.dtype, device=ctx.cfg.model.device)
-    corpus = None
-    if ctx.cfg.recommend.curvature_scope == "corpus":
-        from steerstrength.stages import corpus_texts
-
-        corpus, _ = corpus_texts(ctx.model, ctx.cfg.xent, seed=ctx.cfg.seed, cache_dir=ctx.run.path("corpus", "x").parent,
-                                 progress=ctx.progress)
+    corpus = run_corpus(ctx)[0] if ctx.cfg.recommend.curvature_scope == "corpus" else None
     path = ctx.run.path("tables", "logodds.parquet")
     logodds = pd.read_parquet(path, columns=["concept", "token_id", "M"]) if path.is_file() else None
     results = []

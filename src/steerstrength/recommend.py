@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
 from steerstrength.errors import InputError
 from steerstrength.models import Model
 from steerstrength.steering import (
@@ -70,8 +71,6 @@ DEFAULT_N_TARGET = 100  # as metrics.logodds: the top-M target set
 # Default grids in units of alpha_scale (the alpha at which ||alpha v|| is the median residual norm).
 SWEEP_SPAN, SWEEP_POINTS = 3.0, 41
 GRID_SPAN, GRID_POINTS = 0.6, 6
-SWEET_SPOT_RULES = ("mass", "between")  # sweet-spot's choice inside the budget (module doc)
-CURVATURE_SCOPES = ("prompt", "corpus")
 QUADRATIC_CHECK = (0.25, 0.5, 1.0, 1.5, 2.0)  # curvature: multiples of its alpha where the quadratic is checked
 QUADRATIC_REL = 0.1  # ... and the relative error that counts as a departure (as metrics.xent.quadratic_range)
 CURVATURE_SEQ_LEN, CURVATURE_TOKENS = 64, 4096  # curvature, scope corpus: packed windows, tokens scored

@@ -412,7 +412,6 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
         positive, negative: texts the judges are measured (and calibrated) on.
         on_vector: called with each vector's summary when it is done (the CLI prints a table).
     """
-
     import pandas as pd
 
     from steerstrength.metrics.concept import concept_probability, curve_summary
