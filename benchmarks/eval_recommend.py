@@ -301,6 +301,13 @@ def summarize(out: Path, docs: bool) -> None:
                   f"[{r['boot_low']:.3f}, {r['boot_high']:.3f}] | {r['delta_ce']:.3f} | {r['mean_kl']:.3f} | "
                   f"{r['p95_kl']:.2f} | {r['frontier_p_at_ce']:.3f} | {r['diff_vs_frontier']:+.3f} "
                   f"[{r['diff_low']:+.3f}, {r['diff_high']:+.3f}] | {r['seconds']:.0f} |")
+        curv = table[table["method"].str.startswith("curvature")]
+        print("\n| curvature | budget | kappa: CV across prompts | measured / predicted (its own distortion) | "
+              "quadratic holds up to (x alpha) |")
+        print("| --- | --- | --- | --- | --- |")
+        for _, r in curv.iterrows():
+            print(f"| {r['method']} | {r['budget']:g} | {r['kappa_cv']:.3f} | {r['measured_over_predicted']:.3f} | "
+                  f"{r['quadratic_up_to_over_alpha']:.2f} |")
         print("\n| constant alpha (r_l) | " + " | ".join(f"{a:.3f}" for a in front["alpha_resid"]) + " |")
         print("| --- | " + " | ".join("---" for _ in front["alpha_resid"]) + " |")
         for col, fmt in (("concept_p", "{:.3f}"), ("delta_ce", "{:.3f}"), ("mean_kl", "{:.3f}"), ("p95_kl", "{:.2f}")):
