@@ -15,6 +15,10 @@ from steerstrength.stages import row_labels, tokens_stage
 from tiny import tiny_model
 
 CONTEXT = "i walked into the kitchen this morning and saw my friend"
+# Probabilities of one forward computed under two batch shapes (or chunkings): float32 sums reordered through a
+# few blocks and a softmax differ by a few ulps of the logits; measured up to 2.3e-7 relative, 4e-9 absolute.
+# 2e-5 relative is ~170 float32 ulps; never bit equality across shapes (no BLAS promises it).
+FLOAT32 = dict(rtol=2e-5, atol=1e-8)
 
 
 def vector(model, layer=1, seed=2):
@@ -36,10 +40,15 @@ def test_reductions_equal_the_full_matrix(positions):
     torch.testing.assert_close(out["kl"], (p * (p.log() - q.log())).sum(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["H"], -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
     assert out["kl"].dtype == out["H"].dtype == torch.float64
+    # Blocks of 4 alphas and one batch of 31 run different matmul shapes: no BLAS promises the same bits, so
+    # probabilities agree to float32 rounding through the blocks (FLOAT32), and top-k is checked by what it
+    # means (the returned ids hold the k largest probabilities), which a swap of two near-tied ids keeps.
     top = probs.topk(5, dim=1)
-    assert torch.equal(out["top"][0], top.indices) and torch.equal(out["top"][1], top.values)
-    assert torch.equal(out["p"], probs[:, [3, 7, 11]])
-    assert torch.equal(out["ends"], probs[[0, -1]]) and torch.equal(out["all"], probs)
+    torch.testing.assert_close(out["top"][1], top.values, **FLOAT32)
+    torch.testing.assert_close(probs.gather(1, out["top"][0]), top.values, **FLOAT32)
+    torch.testing.assert_close(out["p"], probs[:, [3, 7, 11]], **FLOAT32)
+    torch.testing.assert_close(out["ends"], probs[[0, -1]], **FLOAT32)
+    torch.testing.assert_close(out["all"], probs, **FLOAT32)
     assert out["kl"][alphas.tolist().index(0.0)] == 0.0  # p_0 is the alpha = 0 row itself
 
 
@@ -65,7 +74,8 @@ def frames(result, model):
 @pytest.mark.parametrize("positions", ["all", "last"])
 @pytest.mark.parametrize("block", [None, 5])
 def test_streamed_token_curves_give_identical_tables(arch, positions, block):
-    """A budget of 1 byte forces the two-pass, block-by-block path: the tables are the same, bit for bit."""
+    """A budget of 1 byte forces the two-pass, block-by-block path: the same tables (the same rows, tokens and
+    shapes; probabilities to float32 rounding, as the two paths may batch the alphas differently)."""
     model = tiny_model(arch)
     sv = vector(model)
     alphas = linspace_grid(-20, 20, 32)
@@ -73,7 +83,7 @@ def test_streamed_token_curves_give_identical_tables(arch, positions, block):
     one_pass = token_curves(model, sv, [CONTEXT, "the cat saw a dog and"], alphas, **kw)
     streamed = token_curves(model, sv, [CONTEXT, "the cat saw a dog and"], alphas, memory_budget=1, **kw)
     for a, b in zip(frames(one_pass, model), frames(streamed, model)):
-        pd.testing.assert_frame_equal(a, b, check_exact=True)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, **FLOAT32)
     full = next_token_probs(model, sv, CONTEXT, alphas, positions=positions)
     s = streamed.sets[0]
     torch.testing.assert_close(s.delta_p + s.p0, full[:, s.token_ids], rtol=0, atol=1e-6)
