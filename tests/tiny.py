@@ -15,6 +15,11 @@ WORDS = (
     "sun rain smile laugh cry love hate good bad very really so . , ! ? yes no 0 1 A B C D answer"
 ).split()
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+# Float32 results of one computation under two batch shapes, chunkings, thread counts or CPUs: no BLAS promises
+# the same bits, only the same value to rounding. Through a tiny model's blocks and a softmax the difference was
+# measured at 2.3e-7 relative, 4e-9 absolute; 2e-5 relative (~170 float32 ulps) bounds it with room and is far
+# below any change a wrong input makes. Compare across shapes, threads or machines with this, never bit for bit.
+FLOAT32 = dict(rtol=2e-5, atol=1e-8)
 
 ARCH_KWARGS = {
     "gpt2": dict(n_layer=3, n_embd=32, n_head=2, n_positions=128),
