@@ -26,8 +26,15 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/steerstrength run --preset demo
 
+# Then the float-sensitive tests again as another CPU computes them: no vectorised kernels past SSE (ATEN), MKL's
+# SSE4.2 code path, one thread. A test that assumes the same bits across batch shapes, threads or CPUs fails here
+# on any machine, not only on a newcomer's (docs/reliability.md).
+OTHER_CPU := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1
+FLOAT_TESTS := tests/test_reduce.py tests/test_steering.py tests/test_sweeps.py tests/test_stages.py
+
 test: install browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(OTHER_CPU) $(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(FLOAT_TESTS)
 
 # The report's browser test needs headless Chromium (Debian package); installed when missing.
 browser:
