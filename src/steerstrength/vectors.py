@@ -251,6 +251,39 @@ class SteeringVectors:
             check_layer(model, layer)
         return self
 
+    def prescaled(self, alpha, unit: str = "raw", model: Model | None = None,
+                  layers: Sequence[int] | None = None) -> "SteeringVectors":
+        """alpha_l * v_l per layer, so that adding the result once (llama.cpp's `--control-vector FILE`, scale 1)
+        steers at `alpha` in `unit` ("raw" or "resid": alpha_l = alpha r_l / ||v_l||, r_l recorded or measured on
+        `model`); `alpha` is one number or {layer: alpha}. meta["prescaled"] records the alphas; the strength of
+        the unscaled v stays in meta["strength"]."""
+        import math
+
+        from steerstrength.grid import check_unit
+
+        unit = check_unit(unit, ("raw", "resid"))
+        chosen = self.layers if layers is None else sorted(set(int(x) for x in layers))
+        given = {int(k): v for k, v in alpha.items()} if isinstance(alpha, dict) else {x: alpha for x in chosen}
+        raw, resid = {}, {}
+        for layer in chosen:
+            self[layer]  # a one-line error for a layer these vectors lack
+            a = given.get(layer)
+            if a is None or not math.isfinite(float(a)) or float(a) == 0:
+                raise InputError(f"the pre-scaling alpha for layer {layer} must be finite and nonzero, not {a!r}")
+            scale = self.resid_scale(layer, model) if unit == "resid" or self._has_r(layer) else None
+            raw[str(layer)] = float(a) / scale if unit == "resid" else float(a)
+            resid[str(layer)] = None if scale is None else raw[str(layer)] * scale
+        one = {float(given[x]) for x in chosen}
+        meta = dict(self.meta, prescaled=dict(unit=unit, alpha=one.pop() if len(one) == 1 else None, raw_alpha=raw,
+                                              alpha_resid=resid,
+                                              note="the tensors hold raw_alpha * v: apply at scale 1; scale s "
+                                                   "steers at s x alpha"))
+        return SteeringVectors({layer: (self.vectors[layer].double() * raw[str(layer)]).to(self.vectors[layer].dtype)
+                                for layer in chosen}, meta, {})
+
+    def _has_r(self, layer: int) -> bool:
+        return str(layer) in ((self.meta.get("residual_norms") or {}) if isinstance(self.meta, dict) else {})
+
     def to(self, device=None, dtype=None) -> "SteeringVectors":
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return SteeringVectors(
@@ -338,7 +371,15 @@ class SteeringVectors:
         writer = GGUFWriter(str(path), GGUF_ARCH)
         writer.add_string(f"{GGUF_ARCH}.model_hint", str(hint))
         writer.add_int32(f"{GGUF_ARCH}.layer_count", len(layers))
-        # Ignored by llama.cpp (it reads only direction.* tensors); kept so the file says how it was made.
+        # Ignored by llama.cpp (it reads only direction.* tensors); kept so the file says how it was made and at
+        # what strength: typed keys a GGUF viewer shows, and the whole metadata as JSON (steerstrength.meta).
+        for key, value in gguf_strength_keys(self, layers).items():
+            if isinstance(value, str):
+                writer.add_string(key, value)
+            elif isinstance(value, list):
+                writer.add_array(key, value)
+            else:
+                writer.add_float32(key, float(value))
         writer.add_string("steerstrength.meta", json.dumps(self.meta, sort_keys=True))
         for layer in layers:
             writer.add_tensor(f"direction.{layer}", self.vectors[layer].detach().float().cpu().contiguous().numpy())
@@ -397,6 +438,35 @@ class SteeringVectors:
             # llama.cpp adds the directions a file gives for one layer.
             vectors[layer] = vectors[layer] + v if layer in vectors else v
         return cls(vectors, meta)
+
+
+def gguf_strength_keys(sv: SteeringVectors, layers: Sequence[int]) -> dict:
+    """The typed GGUF keys that say what a control vector is and at what strength (per exported layer, in order):
+    model, fingerprint, layers, r_l (NaN when unknown), the unit, the pre-scaling and, as JSON, the recommended alphas
+    and fluent ranges of meta["strength"] (strength.py)."""
+    meta = sv.meta if isinstance(sv.meta, dict) else {}
+    r = meta.get("residual_norms") or {}
+    keys = {"steerstrength.model": str(meta.get("model") or ""),
+            "steerstrength.model_fingerprint": str(meta.get("model_fingerprint") or ""),
+            "steerstrength.concept": str(meta.get("concept") or ""),
+            "steerstrength.layers": [int(x) for x in layers],
+            "steerstrength.residual_norms": [float(r.get(str(x), float("nan"))) for x in layers],
+            "steerstrength.norms": [float(sv.vectors[x].double().norm()) for x in layers],
+            "steerstrength.unit": "raw: llama.cpp adds scale * direction.N; direction.N = prescale * v"}
+    pre = meta.get("prescaled")
+    if pre:
+        keys["steerstrength.prescale_unit"] = str(pre["unit"])
+        if pre.get("alpha") is not None:
+            keys["steerstrength.prescale_alpha"] = float(pre["alpha"])
+        keys["steerstrength.prescale_raw_alpha"] = [float(pre["raw_alpha"].get(str(x), float("nan"))) for x in layers]
+    strength = meta.get("strength")
+    if strength:
+        per = strength.get("layers") or {}
+        keys["steerstrength.recommended"] = json.dumps({str(x): (per.get(str(x)) or {}).get("recommended") or []
+                                                        for x in layers}, sort_keys=True)
+        keys["steerstrength.fluent_range"] = json.dumps({str(x): (per.get(str(x)) or {}).get("fluent_range")
+                                                         for x in layers}, sort_keys=True)
+    return keys
 
 
 def save_vectors(sv: SteeringVectors, out, gguf_out=None, gguf_layers: Sequence[int] | None = None) -> None:
@@ -592,6 +662,7 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
         dtype=str(model.dtype).removeprefix("torch."),
         concept=concept,
         setting=setting,
+        unit="raw",  # steering adds alpha * v of this file (residual units: alpha ||v|| / r_l, grid.py)
         n_positive=len(positive),
         n_negative=len(negative),
         layers=sorted(vectors),
