@@ -251,7 +251,7 @@ def scan(
     log(f"wrote {out / 'layer_scan.parquet'}, {out / 'layer_scan.json'} and {out / 'layer_scan.png'}")
 
 
-from steerstrength.cli_sweeps import UnitOpt  # noqa: E402  (the shared --alpha-unit)
+from steerstrength.cli_sweeps import GridUnitOpt  # noqa: E402  (the shared --alpha-unit)
 
 RecommendedOpt = typer.Option(None, "--recommended", help="A run directory or recommend.json: its recommended alphas "
                                "and fluent range (concept stage) travel in the file's metadata.")
@@ -275,7 +275,7 @@ def export_gguf(
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to export (default: all >= 1)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Pre-scale the directions so that llama.cpp at scale "
                                           "1 steers at this alpha (in --alpha-unit)."),
-    alpha_unit: str = UnitOpt,
+    alpha_unit: Optional[str] = GridUnitOpt,
     recommended: Optional[Path] = RecommendedOpt,
     method: Optional[str] = MethodOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Check the vectors against this model first "
@@ -291,8 +291,10 @@ def export_gguf(
     from steerstrength.strength import recommended_alpha
     from steerstrength.vectors import parse_layers
 
+    from steerstrength.config import USE
+
     check_output_file(out, option="OUT", example="vectors.gguf")
-    check_unit(alpha_unit)
+    alpha_unit = check_unit(alpha_unit or USE.alpha_unit)
     if method is not None and recommended is None:
         raise InputError("--method picks among --recommended's alphas; give --recommended RUN too")
     sv = load_with_strength(vectors_file, recommended)

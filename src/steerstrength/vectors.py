@@ -65,6 +65,21 @@ class SteeringVector:
 
         return steer(model, self.vector, self.layer, alpha, positions)
 
+    def generate(self, model: Model, prompts, alphas, *, unit: str = "raw", completions: int | None = None,
+                 settings=None, seed: int | None = None, streamer=None, progress=None):
+        """Steered completions side by side: a DataFrame, one row per (prompt, alpha, completion), each with its
+        per-token KL to the unsteered model and the degeneration verdict (use.generate_completions). All alphas
+        share one batched generation (alpha per row); `unit` "resid" reads alphas in residual units.
+
+        Example::
+
+            sv.generate(model, ["Tell me about your day."], [0, 0.5, 1], unit="resid")[["alpha", "completion"]]
+        """
+        from steerstrength.use import generate_completions
+
+        return generate_completions(model, self, prompts, alphas, unit=unit, completions=completions,
+                                    settings=settings, seed=seed, streamer=streamer, progress=progress)
+
     def norm(self) -> torch.Tensor:
         """||v|| (a 0-d tensor, as the tensor's own .norm())."""
         return self.vector.norm()
