@@ -155,3 +155,43 @@ def _table(frame, alphas, unit, labels, vec) -> None:
             cells.append(f"{escape(r['completion'])}\n[dim]KL {r['kl_mean']:.3g} nats/token[/]{flag}")
         table.add_row(*cells)
     Console().print(table)
+
+
+def serve(
+    run: Optional[Path] = typer.Argument(None, help="A run directory: its vectors, model, recommended alphas, fluent "
+                                         "ranges and concept curves."),
+    vectors: Optional[List[Path]] = typer.Option(None, "--vectors", "-v", help="Vector file(s) to serve (instead of "
+                                                 "or besides a run's)."),
+    recommended: Optional[Path] = RecommendedOpt,
+    port: Optional[int] = typer.Option(None, "--port", help="Port on 127.0.0.1 (default 8765); the page is never "
+                                       "served on another interface."),
+    model: Optional[str] = ModelOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    blocks_path: Optional[str] = BlocksPathOpt,
+) -> None:
+    """A local page to steer live: pick a vector, type a prompt, move alpha (residual units) and watch the next-token
+    distribution and sampled completions change."""
+    from steerstrength.serve import serve as run_server
+    from steerstrength.serve import steerable
+
+    if port is not None and not 1 <= port <= 65535:
+        raise InputError(f"--port must be in 1..65535, not {port}")
+    files = list(vectors or [])
+    spec = model
+    if run is not None:
+        if not run.is_dir():
+            raise InputError(f"run directory {run} does not exist; give a run made by `steerstrength run`, or -v FILE")
+        found = sorted((run / "vectors").glob("*.safetensors")) if (run / "vectors").is_dir() else []
+        if not found and not files:
+            raise InputError(f"{run} has no vectors/*.safetensors; finish its vectors stage or give -v FILE")
+        files = found + files
+        if spec is None and (run / "config.toml").is_file():
+            from steerstrength.config import build_config
+
+            spec = build_config("demo", str(run / "config.toml")).model.spec
+    if not files:
+        raise InputError("give a run directory or a vector file (-v FILE)")
+    lm = load(spec, dtype=dtype, device=device, blocks_path=blocks_path)
+    s = steerable(lm, files, recommended if recommended is not None else run)
+    run_server(s, port, print_fn=log)
