@@ -143,3 +143,29 @@ def test_a_run_for_another_concept_is_refused(sv, tmp_path):
     with pytest.raises(InputError, match="no recommendation or fluent range"):
         strength_from(make_run(tmp_path / "run", concept="evil"), sv)
     assert math.isfinite(sv.resid_scale(2))
+
+
+# ----------------------------------------------------------------------------- peers' objects
+
+
+def test_steering_vectors_round_trip_steers_the_same_and_takes_the_metadata_back(model, sv):
+    pytest.importorskip("steering_vectors")
+    theirs = sv.to_steering_vectors()
+    ids = torch.tensor([model.token_ids("i am happy")])
+    with torch.no_grad(), theirs.apply(model.hf, multiplier=3.0):
+        their_logits = model.hf(input_ids=ids).logits
+    with torch.no_grad(), sv[2].apply(model, 3.0), sv[1].apply(model, 3.0):
+        our_logits = model.hf(input_ids=ids).logits
+    torch.testing.assert_close(their_logits, our_logits, atol=1e-5, rtol=1e-5)  # same layer numbering
+    back = SteeringVectors.from_steering_vectors(theirs, meta=sv.meta)
+    assert back.layers == [1, 2] and torch.equal(back[2].vector, sv[2].vector)
+    assert back.meta["residual_norms"] == sv.meta["residual_norms"]  # only because we handed it back
+
+
+def test_a_repeng_control_vector_reads_in_without_metadata(sv):
+    from types import SimpleNamespace
+
+    cv = SimpleNamespace(model_type="llama", directions={2: sv[2].vector.numpy()})
+    back = SteeringVectors.from_repeng(cv)
+    assert back.layers == [2] and back.meta == {"model_type": "llama"}
+    torch.testing.assert_close(back[2].vector, sv[2].vector)

@@ -307,6 +307,49 @@ class SteeringVectors:
             {k: move(v) for k, v in self.resamples.items()},
         )
 
+    # ------------------------------------------------------------------------- peers' objects (docs/use.md)
+
+    def to_steering_vectors(self):
+        """steering-vectors' SteeringVector, layer_type "decoder_block" (the output of block l, where ours steers):
+        `.apply(model, multiplier=alpha)` there is `sv[l].apply(model, alpha)` here. It has no field for metadata, so
+        the model, r_l and strength stay behind (`from_steering_vectors(obj, meta=sv.meta)` puts them back)."""
+        try:
+            from steering_vectors import SteeringVector as Theirs
+        except ImportError as exc:
+            raise InputError(f"steering-vectors is not importable ({exc}); pip install steering-vectors") from None
+        return Theirs(layer_activations={k: v.detach().clone() for k, v in self.vectors.items()},
+                      layer_type="decoder_block")
+
+    @classmethod
+    def from_steering_vectors(cls, obj, meta: dict | None = None) -> "SteeringVectors":
+        """A steering-vectors SteeringVector (decoder_block layers only: others hook inside a block) as ours."""
+        if getattr(obj, "layer_type", "decoder_block") != "decoder_block":
+            raise InputError(f"a steering-vectors vector of layer_type {obj.layer_type!r} steers inside a block; only "
+                             "decoder_block (the block's output) is a steerstrength layer")
+        return cls({int(k): torch.as_tensor(v).detach().float().cpu() for k, v in obj.layer_activations.items()},
+                   dict(meta or {}))
+
+    def to_repeng(self):
+        """repeng's ControlVector(model_type, directions): `set_control(v, coeff)` there adds coeff * direction to
+        the output of layer l, as here. It has no field for metadata (nor has its GGUF export): write our GGUF
+        (`to_gguf`) when the strength must travel; repeng's `import_gguf` reads it (ignoring steerstrength.*)."""
+        import numpy as np
+
+        try:
+            from repeng import ControlVector
+        except (ImportError, AttributeError) as exc:  # repeng 0.4 uses np.float_, gone in NumPy 2
+            raise InputError(f"repeng is not importable here ({type(exc).__name__}: {exc})") from None
+        return ControlVector(model_type=str(self.meta.get("model_type") or "unknown"),
+                             directions={k: v.detach().float().cpu().numpy().astype(np.float32)
+                                         for k, v in self.vectors.items()})
+
+    @classmethod
+    def from_repeng(cls, control_vector, meta: dict | None = None) -> "SteeringVectors":
+        """A repeng ControlVector (anything with .directions {layer: array} and .model_type) as ours."""
+        directions = {int(k): torch.as_tensor(v).detach().float().reshape(-1).cpu()
+                      for k, v in control_vector.directions.items()}
+        return cls(directions, dict({"model_type": getattr(control_vector, "model_type", None)}, **(meta or {})))
+
     # ------------------------------------------------------------------------- safetensors
 
     def save(self, path) -> Path:
