@@ -130,6 +130,7 @@ def test_cli_reads_the_recommended_alphas_of_a_run(files, tmp_path, monkeypatch,
     (["--layer", "2", "--alpha", "1", "--top-p", "2", "hi"], "top-p"),
     (["--layer", "2", "--alpha", "1", "--alpha-unit", "cubits", "hi"], "alpha unit"),
     (["--layer", "2", "--recommended", "nowhere", "hi"], "does not exist"),
+    (["--layer", "2", "--alpha-unit", "raw", "hi"], "unit of --alpha"),
     (["--layer", "2", "--alpha", "nan", "hi"], "NaN"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(files, monkeypatch, capsys, extra, needle):

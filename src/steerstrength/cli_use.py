@@ -84,6 +84,8 @@ def generate(
     from steerstrength.use import generate_completions
 
     unit = check_unit(alpha_unit or USE.alpha_unit)
+    if alpha_unit is not None and alpha is None:
+        raise InputError("--alpha-unit says the unit of --alpha; the recommended alphas are the run's own (raw)")
     check_at_least(("--n", completions, 1), ("--max-new-tokens", max_new_tokens, 1))
     settings = SamplingSettings(max_new_tokens=max_new_tokens or USE.max_new_tokens,
                                 temperature=USE.temperature if temperature is None else temperature,
@@ -137,14 +139,14 @@ def _table(frame, alphas, unit, labels, vec) -> None:
 
     table = Table(title=f"steered completions ({vec.meta.get('concept') or 'vector'}, layer {vec.layer})",
                   show_lines=True)
-    table.add_column("prompt", max_width=28)
+    table.add_column("prompt", max_width=28, overflow="fold")
     keys = sorted(frame["alpha"].unique().tolist(), key=lambda a: frame.index[frame["alpha"] == a][0])
     for a, given, label in zip(keys, alphas, labels):
         sub = frame[frame["alpha"] == a].iloc[0]
         resid = "" if sub["alpha_resid"] is None else f"α_resid {sub['alpha_resid']:.3g}"
         head = f"α = {given:g} ({unit})" if unit != "raw" else f"α = {given:.4g}"
         table.add_column("\n".join(x for x in (label, head, resid if unit == "raw" else f"raw {a:.4g}") if x),
-                         ratio=1)
+                         ratio=1, overflow="fold")
     for (pi, c), group in frame.groupby(["prompt_index", "completion_index"], sort=True):
         cells = [group["prompt"].iloc[0] + (f" #{c + 1}" if frame["completion_index"].max() > 0 else "")]
         for a in keys:
