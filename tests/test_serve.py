@@ -237,3 +237,17 @@ def test_typing_and_sliding_change_the_tokens_in_chromium(steer_set, tmp_path):
     finally:
         browser.close()
         server.close()
+
+
+def test_cli_serve_reads_a_run_s_vectors_and_strength(run_dir, model, tmp_path, monkeypatch, capsys):
+    import steerstrength.serve as serve_module
+
+    model.hf.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    served = []
+    monkeypatch.setattr(serve_module, "serve", lambda s, port, print_fn: served.append((s, port)))
+    code, _, err = run_cli(["serve", run_dir, "-m", tmp_path / "tiny", "--port", "8799"], monkeypatch, capsys)
+    assert code == 0, err
+    (s, port), = served
+    assert port == 8799 and list(s.vectors) == ["joy/1", "joy/2"]
+    assert [r["method"] for r in s.info["joy/2"]["recommended"]] == ["sweet-spot", "iso-kl"]
