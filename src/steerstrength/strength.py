@@ -58,7 +58,8 @@ def strength_from(source, sv, concept: str | None = None) -> dict:
     """meta["strength"] for the vectors `sv` (a SteeringVectors) from a run directory or a recommend.json.
 
     Only entries for sv's concept (its meta, or `concept`) and layers are kept; alphas are the run's raw alphas on the
-    run's vector, so the file must hold the same vectors the run steered (checked by norm when the run recorded it).
+    run's vector, so they mean what they meant in the run only for the file the run steered (its vectors/<concept>
+    .safetensors); nothing here can check that another file of the same concept and layers is that one.
     """
     rec_path, con_path = measured_files(source)
     concept = concept or sv.meta.get("concept") or ""
