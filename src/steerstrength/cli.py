@@ -26,6 +26,8 @@ app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["vectors_app"]).
 import steerstrength.cli_sweeps  # noqa: F401,E402  (sweep tokens, logodds, limit, xent)
 import steerstrength.cli_concept  # noqa: F401,E402  (sweep concept, mmlu)
 app.command("recommend")(__import__("steerstrength.cli_recommend", fromlist=["recommend"]).recommend)  # which alpha?
+app.command("generate")(__import__("steerstrength.cli_use", fromlist=["generate"]).generate)  # steered text
+app.command("serve")(__import__("steerstrength.cli_use", fromlist=["serve"]).serve)  # the live steering page
 app.command("train-tiny")(__import__("steerstrength.cli_train", fromlist=["train_tiny"]).train_tiny)  # 1-layer GPT
 from steerstrength.theory.cli import app as theory_app  # noqa: E402
 

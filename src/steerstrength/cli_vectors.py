@@ -251,26 +251,67 @@ def scan(
     log(f"wrote {out / 'layer_scan.parquet'}, {out / 'layer_scan.json'} and {out / 'layer_scan.png'}")
 
 
+from steerstrength.cli_sweeps import GridUnitOpt  # noqa: E402  (the shared --alpha-unit)
+
+RecommendedOpt = typer.Option(None, "--recommended", help="A run directory or recommend.json: its recommended alphas "
+                               "and fluent range (concept stage) travel in the file's metadata.")
+MethodOpt = typer.Option(None, "--method", help="With --recommended and no --alpha: pre-scale at this method's alpha "
+                         "(default: the first one-alpha method: iso-kl, global, corpus curvature; else the first).")
+
+
+def load_with_strength(vectors_file: Path, recommended: Optional[Path]):
+    """The vector file, its metadata carrying --recommended's alphas and fluent range when given (strength.py)."""
+    from steerstrength.strength import strength_from, with_strength
+    from steerstrength.vectors import SteeringVectors
+
+    sv = SteeringVectors.load(vectors_file)
+    return with_strength(sv, strength_from(recommended, sv)) if recommended is not None else sv
+
+
 @app.command("export-gguf")
 def export_gguf(
     vectors_file: Path = typer.Argument(..., help="A .safetensors written by `steerstrength vectors`."),
     out: Path = typer.Argument(..., help="Output .gguf for llama.cpp's --control-vector."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to export (default: all >= 1)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Check the vectors against this model first."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Pre-scale the directions so that llama.cpp at scale "
+                                          "1 steers at this alpha (in --alpha-unit)."),
+    alpha_unit: Optional[str] = GridUnitOpt,
+    recommended: Optional[Path] = RecommendedOpt,
+    method: Optional[str] = MethodOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Check the vectors against this model first "
+                                        "(and measure r_l for --alpha-unit resid when the file lacks it)."),
     model_hint: Optional[str] = typer.Option(None, "--model-hint",
                                              help="controlvector.model_hint; default: the model type."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
-    """Convert steering vectors to a llama.cpp control vector (direction.N = output of block N)."""
+    """Convert steering vectors to a llama.cpp control vector (direction.N = output of block N), with their strength."""
+    from steerstrength.grid import check_unit
     from steerstrength.io import check_output_file
-    from steerstrength.vectors import SteeringVectors, parse_layers
+    from steerstrength.strength import recommended_alpha
+    from steerstrength.vectors import parse_layers
+
+    from steerstrength.config import USE
 
     check_output_file(out, option="OUT", example="vectors.gguf")
-    sv = SteeringVectors.load(vectors_file)
-    if model is not None:
-        sv.check(load(model, dtype=dtype, device=device))
-    chosen = None if layers is None else parse_layers(layers, max(sv.layers) + 1)
+    alpha_unit = check_unit(alpha_unit or USE.alpha_unit)
+    if method is not None and recommended is None:
+        raise InputError("--method picks among --recommended's alphas; give --recommended RUN too")
+    sv = load_with_strength(vectors_file, recommended)
+    lm = load(model, dtype=dtype, device=device) if model is not None else None
+    if lm is not None:
+        sv.check(lm)
+    chosen = sv.gguf_layers(None if layers is None else parse_layers(layers, max(sv.layers) + 1))
+    note = ""
+    if alpha is not None:
+        sv = sv.prescaled(alpha, alpha_unit, lm, chosen)
+        note = f", pre-scaled at alpha = {alpha:g} ({alpha_unit})"
+    elif recommended is not None:
+        picked = {layer: recommended_alpha(sv.meta["strength"], layer, method) for layer in chosen}
+        sv = sv.prescaled({layer: e["alpha"] for layer, e in picked.items()}, "raw", lm, chosen)
+        note = ", pre-scaled at the recommended " + ", ".join(
+            f"{e['method']} alpha {e['alpha']:.4g} (layer {layer})" for layer, e in picked.items())
     sv.to_gguf(out, chosen, model_hint=model_hint)
     print_norms(sv)
-    log(f"wrote {out} with layers {', '.join(str(x) for x in sv.gguf_layers(chosen))}")
+    log(f"wrote {out} with layers {', '.join(str(x) for x in chosen)}{note}"
+        + ("; llama.cpp applies it at scale 1: --control-vector " + str(out) if note else ""))

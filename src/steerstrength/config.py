@@ -154,6 +154,31 @@ class RecommendConfig:
     batch_size: int = 64  # rows (prompt x alpha x completion) per generate call
 
 
+@dataclass
+class UseConfig:
+    """The defaults of the commands that use an answer (`generate`, `serve`, `export-gguf --alpha`): not a run stage,
+    so not part of RunConfig (a run's keys and config.toml do not change with them)."""
+
+    alpha_unit: str = "resid"  # --alpha in residual units (x the layer's median residual norm): the same at any layer
+    completions: int = 1  # generate: completions per (prompt, alpha)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 64  # rows (prompt x alpha x completion) per generate call
+    # serve: the page's slider, the requests it accepts, and what each answer holds
+    host: str = "127.0.0.1"  # loopback only: the page is for this machine
+    port: int = 8765
+    alpha_resid_max: float = 2.0  # the slider spans +/- this in residual units; requests beyond are refused
+    max_prompt_chars: int = 2000
+    top_tokens: int = 12  # next-token distribution: the most probable tokens shown
+    serve_completions: int = 3  # sampled completions per request
+    serve_max_new_tokens: int = 24
+
+
+USE = UseConfig()
+
 SWEET_SPOT_RULES = ("mass", "between")  # recommend.sweet_spot_rule (recommend.py's module doc)
 CURVATURE_SCOPES = ("prompt", "corpus")  # recommend.curvature_scope
 

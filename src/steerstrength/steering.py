@@ -859,10 +859,11 @@ class RowSampler:
 @torch.inference_mode()
 def sample_rows(model: Model, enc: Encoded, seeds: Sequence[int], *, max_new_tokens: int, temperature: float,
                 top_p: float, top_k: int, stops: Sequence[int], vector=None, layer: int | None = None, alphas=None,
-                positions: str = "all") -> list[dict]:
+                positions: str = "all", streamer=None) -> list[dict]:
     """One sampled continuation per row of `enc`, row r from its own generator seeded seeds[r] (RowSampler):
     {text, n_tokens, finish ("stop"|"length")}, cut at the first of `stops`. With a `vector`, row r is
-    steered by alphas[r] * v after block `layer` (steered_generate).
+    steered by alphas[r] * v after block `layer` (steered_generate). `streamer`: transformers' streamer protocol
+    (put / end), for one row.
     """
     from transformers import LogitsProcessorList
 
@@ -871,6 +872,8 @@ def sample_rows(model: Model, enc: Encoded, seeds: Sequence[int], *, max_new_tok
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                   no_repeat_ngram_size=0, eos_token_id=list(stops) or None, pad_token_id=model.pad_id,
                   logits_processor=LogitsProcessorList([RowSampler(seeds, temperature, top_p, top_k)]))
+    if streamer is not None:
+        kwargs["streamer"] = streamer
     if vector is None:
         generated = model.hf.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **kwargs)
     else:

@@ -65,6 +65,21 @@ class SteeringVector:
 
         return steer(model, self.vector, self.layer, alpha, positions)
 
+    def generate(self, model: Model, prompts, alphas, *, unit: str = "raw", completions: int | None = None,
+                 settings=None, seed: int | None = None, streamer=None, progress=None):
+        """Steered completions side by side: a DataFrame, one row per (prompt, alpha, completion), each with its
+        per-token KL to the unsteered model and the degeneration verdict (use.generate_completions). All alphas
+        share one batched generation (alpha per row); `unit` "resid" reads alphas in residual units.
+
+        Example::
+
+            sv.generate(model, ["Tell me about your day."], [0, 0.5, 1], unit="resid")[["alpha", "completion"]]
+        """
+        from steerstrength.use import generate_completions
+
+        return generate_completions(model, self, prompts, alphas, unit=unit, completions=completions,
+                                    settings=settings, seed=seed, streamer=streamer, progress=progress)
+
     def norm(self) -> torch.Tensor:
         """||v|| (a 0-d tensor, as the tensor's own .norm())."""
         return self.vector.norm()
@@ -251,6 +266,39 @@ class SteeringVectors:
             check_layer(model, layer)
         return self
 
+    def prescaled(self, alpha, unit: str = "raw", model: Model | None = None,
+                  layers: Sequence[int] | None = None) -> "SteeringVectors":
+        """alpha_l * v_l per layer, so that adding the result once (llama.cpp's `--control-vector FILE`, scale 1)
+        steers at `alpha` in `unit` ("raw" or "resid": alpha_l = alpha r_l / ||v_l||, r_l recorded or measured on
+        `model`); `alpha` is one number or {layer: alpha}. meta["prescaled"] records the alphas; the strength of
+        the unscaled v stays in meta["strength"]."""
+        import math
+
+        from steerstrength.grid import check_unit
+
+        unit = check_unit(unit, ("raw", "resid"))
+        chosen = self.layers if layers is None else sorted(set(int(x) for x in layers))
+        given = {int(k): v for k, v in alpha.items()} if isinstance(alpha, dict) else {x: alpha for x in chosen}
+        raw, resid = {}, {}
+        for layer in chosen:
+            self[layer]  # a one-line error for a layer these vectors lack
+            a = given.get(layer)
+            if a is None or not math.isfinite(float(a)) or float(a) == 0:
+                raise InputError(f"the pre-scaling alpha for layer {layer} must be finite and nonzero, not {a!r}")
+            scale = self.resid_scale(layer, model) if unit == "resid" or self._has_r(layer) else None
+            raw[str(layer)] = float(a) / scale if unit == "resid" else float(a)
+            resid[str(layer)] = None if scale is None else raw[str(layer)] * scale
+        one = {float(given[x]) for x in chosen}
+        meta = dict(self.meta, prescaled=dict(unit=unit, alpha=one.pop() if len(one) == 1 else None, raw_alpha=raw,
+                                              alpha_resid=resid,
+                                              note="the tensors hold raw_alpha * v: apply at scale 1; scale s "
+                                                   "steers at s x alpha"))
+        return SteeringVectors({layer: (self.vectors[layer].double() * raw[str(layer)]).to(self.vectors[layer].dtype)
+                                for layer in chosen}, meta, {})
+
+    def _has_r(self, layer: int) -> bool:
+        return str(layer) in ((self.meta.get("residual_norms") or {}) if isinstance(self.meta, dict) else {})
+
     def to(self, device=None, dtype=None) -> "SteeringVectors":
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return SteeringVectors(
@@ -258,6 +306,49 @@ class SteeringVectors:
             dict(self.meta),
             {k: move(v) for k, v in self.resamples.items()},
         )
+
+    # ------------------------------------------------------------------------- peers' objects (docs/use.md)
+
+    def to_steering_vectors(self):
+        """steering-vectors' SteeringVector, layer_type "decoder_block" (the output of block l, where ours steers):
+        `.apply(model, multiplier=alpha)` there is `sv[l].apply(model, alpha)` here. It has no field for metadata, so
+        the model, r_l and strength stay behind (`from_steering_vectors(obj, meta=sv.meta)` puts them back)."""
+        try:
+            from steering_vectors import SteeringVector as Theirs
+        except ImportError as exc:
+            raise InputError(f"steering-vectors is not importable ({exc}); pip install steering-vectors") from None
+        return Theirs(layer_activations={k: v.detach().clone() for k, v in self.vectors.items()},
+                      layer_type="decoder_block")
+
+    @classmethod
+    def from_steering_vectors(cls, obj, meta: dict | None = None) -> "SteeringVectors":
+        """A steering-vectors SteeringVector (decoder_block layers only: others hook inside a block) as ours."""
+        if getattr(obj, "layer_type", "decoder_block") != "decoder_block":
+            raise InputError(f"a steering-vectors vector of layer_type {obj.layer_type!r} steers inside a block; only "
+                             "decoder_block (the block's output) is a steerstrength layer")
+        return cls({int(k): torch.as_tensor(v).detach().float().cpu() for k, v in obj.layer_activations.items()},
+                   dict(meta or {}))
+
+    def to_repeng(self):
+        """repeng's ControlVector(model_type, directions): `set_control(v, coeff)` there adds coeff * direction to
+        the output of layer l, as here. It has no field for metadata (nor has its GGUF export): write our GGUF
+        (`to_gguf`) when the strength must travel; repeng's `import_gguf` reads it (ignoring steerstrength.*)."""
+        import numpy as np
+
+        try:
+            from repeng import ControlVector
+        except (ImportError, AttributeError) as exc:  # repeng 0.4 uses np.float_, gone in NumPy 2
+            raise InputError(f"repeng is not importable here ({type(exc).__name__}: {exc})") from None
+        return ControlVector(model_type=str(self.meta.get("model_type") or "unknown"),
+                             directions={k: v.detach().float().cpu().numpy().astype(np.float32)
+                                         for k, v in self.vectors.items()})
+
+    @classmethod
+    def from_repeng(cls, control_vector, meta: dict | None = None) -> "SteeringVectors":
+        """A repeng ControlVector (anything with .directions {layer: array} and .model_type) as ours."""
+        directions = {int(k): torch.as_tensor(v).detach().float().reshape(-1).cpu()
+                      for k, v in control_vector.directions.items()}
+        return cls(directions, dict({"model_type": getattr(control_vector, "model_type", None)}, **(meta or {})))
 
     # ------------------------------------------------------------------------- safetensors
 
@@ -338,7 +429,15 @@ class SteeringVectors:
         writer = GGUFWriter(str(path), GGUF_ARCH)
         writer.add_string(f"{GGUF_ARCH}.model_hint", str(hint))
         writer.add_int32(f"{GGUF_ARCH}.layer_count", len(layers))
-        # Ignored by llama.cpp (it reads only direction.* tensors); kept so the file says how it was made.
+        # Ignored by llama.cpp (it reads only direction.* tensors); kept so the file says how it was made and at
+        # what strength: typed keys a GGUF viewer shows, and the whole metadata as JSON (steerstrength.meta).
+        for key, value in gguf_strength_keys(self, layers).items():
+            if isinstance(value, str):
+                writer.add_string(key, value)
+            elif isinstance(value, list):
+                writer.add_array(key, value)
+            else:
+                writer.add_float32(key, float(value))
         writer.add_string("steerstrength.meta", json.dumps(self.meta, sort_keys=True))
         for layer in layers:
             writer.add_tensor(f"direction.{layer}", self.vectors[layer].detach().float().cpu().contiguous().numpy())
@@ -397,6 +496,35 @@ class SteeringVectors:
             # llama.cpp adds the directions a file gives for one layer.
             vectors[layer] = vectors[layer] + v if layer in vectors else v
         return cls(vectors, meta)
+
+
+def gguf_strength_keys(sv: SteeringVectors, layers: Sequence[int]) -> dict:
+    """The typed GGUF keys that say what a control vector is and at what strength (per exported layer, in order):
+    model, fingerprint, layers, r_l (NaN when unknown), the unit, the pre-scaling and, as JSON, the recommended alphas
+    and fluent ranges of meta["strength"] (strength.py)."""
+    meta = sv.meta if isinstance(sv.meta, dict) else {}
+    r = meta.get("residual_norms") or {}
+    keys = {"steerstrength.model": str(meta.get("model") or ""),
+            "steerstrength.model_fingerprint": str(meta.get("model_fingerprint") or ""),
+            "steerstrength.concept": str(meta.get("concept") or ""),
+            "steerstrength.layers": [int(x) for x in layers],
+            "steerstrength.residual_norms": [float(r.get(str(x), float("nan"))) for x in layers],
+            "steerstrength.norms": [float(sv.vectors[x].double().norm()) for x in layers],
+            "steerstrength.unit": "raw: llama.cpp adds scale * direction.N; direction.N = prescale * v"}
+    pre = meta.get("prescaled")
+    if pre:
+        keys["steerstrength.prescale_unit"] = str(pre["unit"])
+        if pre.get("alpha") is not None:
+            keys["steerstrength.prescale_alpha"] = float(pre["alpha"])
+        keys["steerstrength.prescale_raw_alpha"] = [float(pre["raw_alpha"].get(str(x), float("nan"))) for x in layers]
+    strength = meta.get("strength")
+    if strength:
+        per = strength.get("layers") or {}
+        keys["steerstrength.recommended"] = json.dumps({str(x): (per.get(str(x)) or {}).get("recommended") or []
+                                                        for x in layers}, sort_keys=True)
+        keys["steerstrength.fluent_range"] = json.dumps({str(x): (per.get(str(x)) or {}).get("fluent_range")
+                                                         for x in layers}, sort_keys=True)
+    return keys
 
 
 def save_vectors(sv: SteeringVectors, out, gguf_out=None, gguf_layers: Sequence[int] | None = None) -> None:
@@ -592,6 +720,7 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
         dtype=str(model.dtype).removeprefix("torch."),
         concept=concept,
         setting=setting,
+        unit="raw",  # steering adds alpha * v of this file (residual units: alpha ||v|| / r_l, grid.py)
         n_positive=len(positive),
         n_negative=len(negative),
         layers=sorted(vectors),

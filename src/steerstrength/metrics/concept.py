@@ -117,11 +117,13 @@ class SamplingSettings:
 
 
 def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple[str, float, int]],
-                  settings: SamplingSettings, *, batch_size: int = 64, progress: Callable | None = None) -> list[dict]:
+                  settings: SamplingSettings, *, batch_size: int = 64, progress: Callable | None = None,
+                  streamer=None) -> list[dict]:
     """Completions of (prompt, alpha, seed) rows; batches of rows share one `generate` call each.
 
     Each row samples from its own generator (steering.sample_rows), so its text depends on its
-    (prompt, alpha, seed) and the settings only; alpha is per row in the batch.
+    (prompt, alpha, seed) and the settings only; alpha is per row in the batch. `streamer` (one row only):
+    transformers' streamer, fed the tokens as they are sampled.
     """
     from steerstrength.prompts import stop_ids
 
@@ -144,7 +146,7 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple[str, fl
         samples = sample_rows(model, enc, [rows[i][2] for i in idx], max_new_tokens=settings.max_new_tokens,
                               temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                               stops=stops, vector=v, layer=layer, alphas=[rows[i][1] for i in idx],
-                              positions=settings.positions)
+                              positions=settings.positions, streamer=streamer)
         for i, s in zip(idx, samples):
             out[i] = {"completion": s["text"], "n_new_tokens": s["n_tokens"], "finish": s["finish"]}
         if progress is not None:
