@@ -46,6 +46,18 @@ def file_record(path: str | os.PathLike) -> dict:
     return dict(size=os.path.getsize(path), sha256=digest.hexdigest())
 
 
+def content_digest(path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> str:
+    """sha256 of the bytes a stage reads at `path`: a file's, or a directory's files (those ending in `suffixes`, or
+    all; linked folders are not entered, as the readers' rglob does not), each under its relative name."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_record(path)["sha256"]
+    digest = hashlib.sha256()
+    for p in sorted(p for p in path.rglob("*") if p.is_file() and (not suffixes or p.name.endswith(suffixes))):
+        digest.update(f"{p.relative_to(path).as_posix()}\0{file_record(p)['sha256']}\0".encode())
+    return digest.hexdigest()
+
+
 def is_intact(path: Path, record) -> bool:
     """Whether `path` is still the file `record` (file_record) describes."""
     if not isinstance(record, dict) or not path.is_file() or path.stat().st_size != record.get("size"):
