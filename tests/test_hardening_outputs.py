@@ -13,6 +13,7 @@ from steerstrength.pipeline import stage_keys
 from test_pipeline import config, run, tiny_dir  # noqa: F401  (tiny_dir: the module's fixture)
 
 FAST = ["prompts", "vectors", "tokens"]
+SMALL_CLI = ["layers=1", "model.device=cpu", "tokens.n_alphas=4", "tokens.n_contexts=2"]  # `run`'s key=value sizes
 P = ["i am happy and glad today", "we laugh and smile in the sun", "my friend is very happy", "you love the morning"]
 N = ["i am sad and angry today", "we cry in the rain", "my friend is very sad", "you hate the evening"]
 
@@ -167,9 +168,6 @@ def test_plot_refuses_a_linked_figures_folder(tiny_dir, tmp_path, monkeypatch, c
     code, _, err = run_cli(["plot", out], monkeypatch, capsys, quiet=True)
     assert code == 2 and "figures is a symbolic link" in err
     assert list(elsewhere.iterdir()) == []
-
-
-SMALL_CLI = ["layers=1", "model.device=cpu", "tokens.n_alphas=4", "tokens.n_contexts=2"]
 
 
 # ----------------------------------------------------------------------------- sweeps: --out
