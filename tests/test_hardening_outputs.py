@@ -297,3 +297,51 @@ def test_the_reader_refuses_a_damaged_index(tiny_dir, vectors_file, tmp_path, mo
     (out / "tokens.set.json").write_bytes(b"\xff{not json")
     code, _, err = sweep_logodds(tiny_dir, out, tmp_path / "logodds", monkeypatch, capsys)
     assert code == 2 and "tokens.set.json is missing or damaged" in err, err
+
+
+WRITER = """
+import os, signal, sys
+import pandas as pd
+from steerstrength.runs import StageResult, output_folder, write_result
+
+out, value, die = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "die"
+real, calls = pd.DataFrame.to_parquet, []
+
+def to_parquet(self, *args, **kwargs):
+    calls.append(1)
+    if die and len(calls) == 2:  # in the second file's write: its temp file exists, not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args, **kwargs)
+
+pd.DataFrame.to_parquet = to_parquet
+frames = {"tokens.parquet": pd.DataFrame({"p": [value]}), "tokens_top.parquet": pd.DataFrame({"p": [value]})}
+with output_folder(out):
+    write_result(out, StageResult("tokens", frames, {"value": value}))
+"""
+
+
+def test_a_writer_killed_by_sigkill_mid_set_is_refused_cleaned_and_completed_by_the_next(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from steerstrength.errors import InputError
+    from steerstrength.runs import check_result_set
+
+    out, names = tmp_path / "out", ("tokens.parquet", "tokens_top.parquet")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def writer(value: int, mode: str) -> int:
+        return subprocess.run([sys.executable, "-c", WRITER, str(out), str(value), mode], env=env).returncode
+
+    assert writer(1, "ok") == 0
+    check_result_set(out, "tokens", names, "rerun")
+    assert writer(2, "die") == -signal.SIGKILL
+    assert [p.name for p in out.glob(".tokens_top.parquet.*.tmp")]  # what the kill left
+    with pytest.raises(InputError, match="tokens.parquet is not the file"):
+        check_result_set(out, "tokens", names, "rerun")
+    assert writer(2, "ok") == 0
+    check_result_set(out, "tokens", names, "rerun")
+    assert not list(out.glob(".*.tmp"))
+    assert pd.read_parquet(out / "tokens_top.parquet")["p"].tolist() == [2]
