@@ -390,7 +390,7 @@ def test_pipeline_stage_writes_its_tables(model, vector, tmp_path):
                           labels=lambda concept: row_labels(model.name, concept, cfg.setting, cfg.positions))
     paths = stage_recommend(ctx)
     assert [p.name for p in paths] == ["recommend.parquet", "recommend_curve.parquet", "recommend_generations.jsonl",
-                                       "recommend.json"]
+                                       "recommend.json", "recommend.set.json"]
     table = pd.read_parquet(paths[0])
     assert sorted(set(table["method"])) == ["curvature", "global", "iso-kl", "sweet-spot"] and len(table) == 4 * 2
     assert {"model", "concept", "layer", "setting", "alpha", "alpha_resid"} <= set(table.columns)

@@ -114,7 +114,7 @@ def sweep_concept(
     from steerstrength.io import check_output_dir, read_texts
     from steerstrength.judges import check_judge_name, make_judge
     from steerstrength.prompts import evaluation_prompts
-    from steerstrength.runs import write_result
+    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import concept_stage, judge_texts
 
     start = time.perf_counter()
@@ -156,14 +156,15 @@ def sweep_concept(
         judge_lm = st.model if judge_model is None else load(judge_model, dtype=dtype, device=device)
     judges = [make_judge(name, model=judge_lm, device="cpu" if str(st.model.device) == "cpu" else str(st.model.device))
               for name in judge]
-    result = concept_stage(st.model, list(st.vectors.values()), size, prompts=prompt_list, labels=st.labels,
-                           positions=positions, grid=grid, judges=judges, judge_model=judge_lm, positive=pos,
-                           negative=neg, seed=seed, progress=progress_bar, on_vector=_concept_table)
-    header = st.header(start, metric="concept_probability", preset=preset, judges=list(judge),
-                       judge_model=judge_lm.name if judge_lm is not None else None,
-                       sizes=dict(n_alphas=len(grid), n_prompts=len(prompt_list), completions=size.completions,
-                                  max_new_tokens=size.max_new_tokens))
-    paths = write_result(out, result, extra=header)
+    with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
+        result = concept_stage(st.model, list(st.vectors.values()), size, prompts=prompt_list, labels=st.labels,
+                               positions=positions, grid=grid, judges=judges, judge_model=judge_lm, positive=pos,
+                               negative=neg, seed=seed, progress=progress_bar, on_vector=_concept_table)
+        header = st.header(start, metric="concept_probability", preset=preset, judges=list(judge),
+                           judge_model=judge_lm.name if judge_lm is not None else None,
+                           sizes=dict(n_alphas=len(grid), n_prompts=len(prompt_list), completions=size.completions,
+                                      max_new_tokens=size.max_new_tokens))
+        paths = write_result(out, result, extra=header)
     log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -225,7 +226,7 @@ def sweep_mmlu(
     """MMLU accuracy against alpha by answer-letter likelihood (App. A, Fig. A.6): mmlu.parquet, mmlu_questions.parquet."""
     from steerstrength.grid import check_unit
     from steerstrength.io import check_output_dir
-    from steerstrength.runs import write_result
+    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import mmlu_questions, mmlu_stage
 
     start = time.perf_counter()
@@ -243,10 +244,12 @@ def sweep_mmlu(
     # Bad data fails before the model loads.
     questions = mmlu_questions(source, wanted, section.max_questions, mmlu_dir=mmlu_dir, mmlu_parquet=mmlu_parquet)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
-    result = mmlu_stage(st.model, list(st.vectors.values()), section, questions=questions,
-                        source=source or str(mmlu_dir or mmlu_parquet), labels=st.labels, positions=positions,
-                        grid=grid, progress=progress_bar)
-    for summary in result.summary()["per_vector"].values():
-        _mmlu_table(summary)
-    paths = write_result(out, result, extra=st.header(start, metric="mmlu_accuracy", random_guess=0.25, preset=preset))
+    with output_folder(out):
+        result = mmlu_stage(st.model, list(st.vectors.values()), section, questions=questions,
+                            source=source or str(mmlu_dir or mmlu_parquet), labels=st.labels, positions=positions,
+                            grid=grid, progress=progress_bar)
+        for summary in result.summary()["per_vector"].values():
+            _mmlu_table(summary)
+        paths = write_result(out, result, extra=st.header(start, metric="mmlu_accuracy", random_guess=0.25,
+                                                          preset=preset))
     log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")

@@ -164,7 +164,7 @@ def recommend(
     from steerstrength.plots import plot_recommendations
     from steerstrength.prompts import evaluation_prompts
     from steerstrength.recommend import check_methods
-    from steerstrength.runs import write_result
+    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import judge_texts, recommend_stage
 
     start = time.perf_counter()
@@ -222,15 +222,17 @@ def recommend(
         texts, _ = corpus_texts(st.model, cfg.xent, seed=seed, cache_dir=out, source=corpus)
     elif corpus is not None:
         raise InputError("--corpus feeds curvature with --curvature-scope corpus only; drop it or add those")
-    result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list, labels=st.labels,
-                             methods=methods, positive=pos, negative=neg, judge=judge, judge_model=judge_lm, seed=seed,
-                             positions=positions, grid=sweep_grid, generation_grid=gen_grid,
-                             entropy_floor=entropy_floor, chat=chat, corpus=texts, progress=progress_bar)
-    _print(result)
-    header = st.header(start, metric="recommend", preset=preset, judge=judge if judged else None,
-                       judge_model=judge_lm.name if judge_lm is not None else None)
-    paths = write_result(out, result, extra=header)
-    tables = result.tables()
-    paths.append(plot_recommendations(tables["recommend.parquet"], tables["recommend_curve.parquet"],
-                                      out / "recommend.png"))
+    with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
+        result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list,
+                                 labels=st.labels, methods=methods, positive=pos, negative=neg, judge=judge,
+                                 judge_model=judge_lm, seed=seed, positions=positions, grid=sweep_grid,
+                                 generation_grid=gen_grid, entropy_floor=entropy_floor, chat=chat, corpus=texts,
+                                 progress=progress_bar)
+        _print(result)
+        header = st.header(start, metric="recommend", preset=preset, judge=judge if judged else None,
+                           judge_model=judge_lm.name if judge_lm is not None else None)
+        paths = write_result(out, result, extra=header)
+        tables = result.tables()
+        paths.append(plot_recommendations(tables["recommend.parquet"], tables["recommend_curve.parquet"],
+                                          out / "recommend.png"))
     log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")

@@ -148,7 +148,7 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
     from steerstrength.io import check_output_dir
     from steerstrength.plots import draw_all
     from steerstrength.report import write_report
-    from steerstrength.runs import resume_command
+    from steerstrength.runs import RunDir, resume_command
 
     from steerstrength.crossmodel import draw_models, is_multi_model, model_runs, write_models_report
 
@@ -157,18 +157,21 @@ def plot(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
         raise InputError(f"run directory {run_dir} {what}; give the --out of a `steerstrength run`")
     if is_multi_model(run_dir):  # a run over several models: each model's run, then the comparison
         check_output_dir(run_dir, names=("report.html",), option="run directory")
-        for info in model_runs(run_dir):
-            sub = run_dir / "models" / info["folder"]
-            if (sub / "tables").is_dir():
-                draw_all(sub)
-                write_report(sub)
-        drawn = draw_models(run_dir)
-        log(f"drew {len(drawn)} comparison files and {write_models_report(run_dir)}")
+        with RunDir(run_dir).lock():  # no run writes it meanwhile; no link in it leads outside
+            for info in model_runs(run_dir):
+                sub = run_dir / "models" / info["folder"]
+                if (sub / "tables").is_dir():
+                    draw_all(sub)
+                    write_report(sub)
+            drawn = draw_models(run_dir)
+            report = write_models_report(run_dir)
+        log(f"drew {len(drawn)} comparison files and {report}")
         return
     if not (run_dir / "tables").is_dir():
         raise InputError(f"{run_dir} has no tables/ directory (no stage has finished); `{resume_command(run_dir)}` "
                          "runs it")
     check_output_dir(run_dir, names=("report.html",), option="run directory")
-    paths = draw_all(run_dir)
-    report = write_report(run_dir)
+    with RunDir(run_dir).lock():  # no run writes it meanwhile; no link in it leads outside
+        paths = draw_all(run_dir)
+        report = write_report(run_dir)
     log(f"drew {len(paths)} figure files and {report}")

@@ -180,7 +180,7 @@ def sweep_tokens(
     """Next-token curves Delta p(z, alpha) (Def. 3.1), peaks and shapes (Thm 3.3): tokens.parquet, tokens_top.parquet."""
     from steerstrength.grid import check_unit
     from steerstrength.io import check_output_dir
-    from steerstrength.runs import write_result
+    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import tokens_stage
 
     start = time.perf_counter()
@@ -195,9 +195,10 @@ def sweep_tokens(
     check_token_memory(grid_size(alphas, section.n_alphas), "--alphas" if alphas is not None else "--n-alphas",
                        st.model.vocab_size, len(ctxs), len(st.layers), section.top_k)
     grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=unit, cfg=cfg)
-    result = tokens_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
-                          positions=positions, grid=grid, chat=chat, progress=progress_bar)
-    paths = write_result(out, result, extra=st.header(start, preset=preset))
+    with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
+        result = tokens_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
+                              positions=positions, grid=grid, chat=chat, progress=progress_bar)
+        paths = write_result(out, result, extra=st.header(start, preset=preset))
     bound = (result.summary()["p_error_bound"].get(st.labels["concept"]) or {}).get("max")
     _done(out, paths, start, f"{len(ctxs)} contexts x {len(st.layers)} layer(s) x {len(grid)} alphas"
           + (f"; |p - p_float32| <= {bound:.2g} at the checked alphas" if bound is not None else ""))
@@ -243,7 +244,7 @@ def sweep_logodds(
 
     from steerstrength.grid import check_unit
     from steerstrength.io import check_output_dir, read_texts
-    from steerstrength.runs import write_result
+    from steerstrength.runs import check_result_set, output_folder, write_result
     from steerstrength.stages import log_probs_after, logodds_stage, row_labels, target_tokens, tokens_stage
 
     start = time.perf_counter()
@@ -260,10 +261,9 @@ def sweep_logodds(
     neg = [r["text"] for r in read_texts(negative, what="negative prompt file")]
     if tokens_dir is None and vectors is None:
         raise InputError("give --tokens-dir (output of `sweep tokens`) or --vectors to run the token sweep here")
-    if tokens_dir is not None:
-        for name in ("tokens.parquet", "tokens_top.parquet"):
-            if not (tokens_dir / name).is_file():
-                raise InputError(f"{tokens_dir / name} does not exist; run `steerstrength sweep tokens --out {tokens_dir}`")
+    if tokens_dir is not None:  # the set one `sweep tokens` finished, never a mix of two or a killed one's
+        check_result_set(tokens_dir, "tokens", ("tokens.parquet", "tokens_top.parquet"),
+                         f"steerstrength sweep tokens --out {tokens_dir}")
     if vectors is not None:
         _, tokens_section = preset_section(preset, "tokens", n_alphas=n_alphas, top_k=top_k, n_contexts=n_contexts)
         unit = check_unit(alpha_unit or cfg.alpha_unit)
@@ -279,31 +279,32 @@ def sweep_logodds(
         lm = load(model, dtype=dtype, device=device, blocks_path=blocks_path)
         labels = row_labels(lm.name, concept or "", setting or "", positions)
         header = dict(labels, model_fingerprint=lm.fingerprint(), preset=preset)
-    log_probs = log_probs_after(lm, pos, neg, section, concept=labels["concept"], progress=progress_bar)
-    tables = {}
-    if tokens_dir is not None:
-        top = pd.read_parquet(tokens_dir / "tokens_top.parquet")
-        curves = pd.read_parquet(tokens_dir / "tokens.parquet",
-                                 columns=["layer", "context_id", "token_id", "peak_alpha", "shape"])
-        for key in ("concept", "setting"):
-            if not labels.get(key) and key in top.columns and top[key].nunique() == 1:
-                labels[key] = header[key] = str(top[key].iloc[0])
-    else:
-        M = log_probs[0] - log_probs[1]
-        swept = tokens_stage(lm, list(st.vectors.values()), tokens_section, contexts=ctxs, labels=st.labels,
-                             positions=positions, grid=grid, tokens=target_tokens(M, section.n_target), chat=chat,
-                             progress=progress_bar)
-        tables = swept.tables()
-        top, curves = tables["tokens_top.parquet"], tables["tokens.parquet"]
-        write_result(out, swept, extra=st.header(preset=preset))
-    result = logodds_stage(lm, pos, neg, section, tokens_top=top, curves=curves, labels=labels, log_probs=log_probs)
-    frame = result.tables()["logodds.parquet"]
-    extra = dict(header, n_positive=len(pos), n_negative=len(neg), max_tokens=section.max_tokens,
-                 tokens_from=str(tokens_dir) if tokens_dir is not None else "computed here",
-                 top_M_tokens=frame.nsmallest(20, "rank")["token"].tolist(),
-                 bottom_M_tokens=frame.nlargest(20, "rank")["token"].tolist(),
-                 seconds=round(time.perf_counter() - start, 2))
-    paths = write_result(out, result, extra=extra)
+    with output_folder(out):  # one writer; the tables it writes are one set each
+        log_probs = log_probs_after(lm, pos, neg, section, concept=labels["concept"], progress=progress_bar)
+        tables = {}
+        if tokens_dir is not None:
+            top = pd.read_parquet(tokens_dir / "tokens_top.parquet")
+            curves = pd.read_parquet(tokens_dir / "tokens.parquet",
+                                     columns=["layer", "context_id", "token_id", "peak_alpha", "shape"])
+            for key in ("concept", "setting"):
+                if not labels.get(key) and key in top.columns and top[key].nunique() == 1:
+                    labels[key] = header[key] = str(top[key].iloc[0])
+        else:
+            M = log_probs[0] - log_probs[1]
+            swept = tokens_stage(lm, list(st.vectors.values()), tokens_section, contexts=ctxs, labels=st.labels,
+                                 positions=positions, grid=grid, tokens=target_tokens(M, section.n_target), chat=chat,
+                                 progress=progress_bar)
+            tables = swept.tables()
+            top, curves = tables["tokens_top.parquet"], tables["tokens.parquet"]
+            write_result(out, swept, extra=st.header(preset=preset))
+        result = logodds_stage(lm, pos, neg, section, tokens_top=top, curves=curves, labels=labels, log_probs=log_probs)
+        frame = result.tables()["logodds.parquet"]
+        extra = dict(header, n_positive=len(pos), n_negative=len(neg), max_tokens=section.max_tokens,
+                     tokens_from=str(tokens_dir) if tokens_dir is not None else "computed here",
+                     top_M_tokens=frame.nsmallest(20, "rank")["token"].tolist(),
+                     bottom_M_tokens=frame.nlargest(20, "rank")["token"].tolist(),
+                     seconds=round(time.perf_counter() - start, 2))
+        paths = write_result(out, result, extra=extra)
     _done(out, paths, start)
 
 
@@ -331,7 +332,7 @@ def sweep_limit(
     """Large-alpha limit (Prop. 4.1): TV(p_alpha, softmax(LN(+/-v) W^T)) per context and alpha: limit.parquet."""
     from steerstrength.grid import AlphaGrid, check_unit
     from steerstrength.io import check_output_dir
-    from steerstrength.runs import write_result
+    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import limit_stage
 
     start = time.perf_counter()
@@ -346,12 +347,14 @@ def sweep_limit(
         AlphaGrid.both_signs(section.alphas, unit=unit)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
     ctxs = st.contexts(contexts, chat, n_contexts)
-    result = limit_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
-                         positions=positions, grid=grid, chat=chat, progress=progress_bar)
+    with output_folder(out):
+        result = limit_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
+                             positions=positions, grid=grid, chat=chat, progress=progress_bar)
+        paths = write_result(out, result, extra=st.header(start, preset=preset))
     for key, s in result.summary().items():
         tv = ", ".join(f"{r['alpha']:g}: {r['tv_mean']:.3g}" for r in s["per_alpha"])
         log(f"{key}: mean TV to the limit by alpha: {tv}")
-    _done(out, write_result(out, result, extra=st.header(start, preset=preset)), start)
+    _done(out, paths, start)
 
 
 @sweep_app.command("xent")
@@ -398,7 +401,7 @@ def sweep_xent(
 ) -> None:
     """Delta CE(alpha) on a corpus (Def. 3.7), curvature at 0 (Thm 3.8), plateau (Prop. 4.1): xent.parquet, xent.json."""
     from steerstrength.io import check_output_dir
-    from steerstrength.runs import write_result
+    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import corpus_texts, packs, xent_stage
 
     start = time.perf_counter()
@@ -417,10 +420,13 @@ def sweep_xent(
                                  max_texts=max_texts, data_files=data_files, n_samples=n_samples,
                                  sample_tokens=sample_tokens, progress=progress_bar)
     packing = packs(section, source) if packing is None else packing
-    result = xent_stage(st.model, list(st.vectors.values()), section, texts=texts, corpus=source, labels=st.labels,
-                        positions=positions, grid=grid, packing=packing, curvature=curvature, progress=progress_bar)
+    with output_folder(out):  # after the corpus is read: a bad corpus leaves no --out behind
+        result = xent_stage(st.model, list(st.vectors.values()), section, texts=texts, corpus=source,
+                            labels=st.labels, positions=positions, grid=grid, packing=packing, curvature=curvature,
+                            progress=progress_bar)
+        paths = write_result(out, result, extra=st.header(start, preset=preset, packing=packing))
     for key, s in result.summary()["per_vector"].items():
         c = s.get("curvature")
         if c:
             log(f"{key}: CE''(0) jvp {c['jvp']:.4g}, quadratic fit {c['fit']:.4g}; CE'(0) {c['slope_jvp']:.3g}")
-    _done(out, write_result(out, result, extra=st.header(start, preset=preset, packing=packing)), start)
+    _done(out, paths, start)

@@ -225,7 +225,7 @@ def scan(
 
     from steerstrength.io import check_output_dir
     from steerstrength.plots import fig_layer_scan, save_figure
-    from steerstrength.runs import write_result
+    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import scan_stage
 
     check_output_dir(out, names=("layer_scan.parquet", "layer_scan.json", "layer_scan.png", "layer_scan.pdf"))
@@ -233,11 +233,12 @@ def scan(
     lm = load(model, dtype=dtype, device=device)
     label = concept or _common_field(pos_rows, "concept")
     check_at_least(("--top-k", top_k, 1), ("--batch-size", batch_size, 1))
-    tables, result = scan_stage(lm, [r["text"] for r in pos_rows], [r["text"] for r in neg_rows],
-                                _section(preset, scan_top_k=top_k, batch_size=batch_size), concept=label or "",
-                                heldout=(held_pos, held_neg), progress=progress_bar)
-    write_result(out, tables)
-    save_figure(fig_layer_scan(result.table, label), out, "layer_scan")
+    with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
+        tables, result = scan_stage(lm, [r["text"] for r in pos_rows], [r["text"] for r in neg_rows],
+                                    _section(preset, scan_top_k=top_k, batch_size=batch_size), concept=label or "",
+                                    heldout=(held_pos, held_neg), progress=progress_bar)
+        write_result(out, tables)
+        save_figure(fig_layer_scan(result.table, label), out, "layer_scan")
     table = Table(title=f"layer scan ({label or 'concept'}, {lm.name}): picks layer {result.chosen}")
     for col in ("layer", "held-out AUC", "lens share", "score", "‖v‖", "residual norm"):
         table.add_column(col, justify="right")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -29,6 +30,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# atomic_path's temp names (`.NAME.XXXXXXXX.tmp`) for the kinds of file steerstrength writes: what a sweep of the temp
+# files a killed writer left removes, and nothing else (a user's `.notes.tmp` beside our outputs is kept).
+TEMP_NAME = re.compile(r"\..+\.(parquet|jsonl?|safetensors|gguf|png|pdf|html|toml|done)\.[a-z0-9_]+\.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    return TEMP_NAME.fullmatch(name) is not None
 
 
 def write_figure(fig, out_dir: str | os.PathLike, stem: str, *, dpi: int = 120) -> list[Path]:
@@ -182,6 +192,9 @@ def check_output_dir(path, *, names: Iterable[str] = (), option: str = "--out") 
     if _exists(path, option) and not path.is_dir():
         raise InputError(f"{option} {path} is a file, not a directory; give a directory (it is made if missing)")
     for name in names:
+        if (path / name).is_symlink():
+            raise InputError(f"{option} {path}: {path / name} is a symbolic link (to {os.readlink(path / name)}); "
+                             f"steerstrength writes only inside {option}: remove the link or pick another {option}")
         if (path / name).is_dir():
             raise InputError(f"{option} {path}: {path / name} is a directory, so {name} cannot be written; "
                              f"remove it or pick another {option}")

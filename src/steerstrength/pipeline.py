@@ -349,9 +349,44 @@ STAGE_FUNCS = {
 }
 
 
+# The config entries that name a user's file or directory a stage reads. Stage keys hash the bytes read, not only the
+# path (DESIGN: caches are keyed on the bytes they read): a file edited in place recomputes the stages that read it.
+USER_INPUTS = (("prompts", "positive_file"), ("prompts", "negative_file"), ("tokens", "contexts_file"),
+               ("xent", "corpus"), ("concept", "prompts_file"), ("mmlu", "source"))
+DATA_SUFFIXES = (".csv", ".parquet")  # what the readers of a directory (an MMLU or corpus directory) read in it
+
+
+def user_path(section: str, value) -> Path | None:
+    """The file or directory a USER_INPUTS entry names, or None (unset, packaged data, the model's samples, the hub)."""
+    from steerstrength.corpus import is_wikipedia
+    from steerstrength.metrics.mmlu import PACKAGED
+
+    if not isinstance(value, str) or not value:
+        return None
+    if section == "xent" and (is_wikipedia(value) or value == "model" or value.startswith("hf:")):
+        return None
+    if section == "mmlu" and value in (*PACKAGED, "sample", "cais/mmlu", "hub", "hf:cais/mmlu"):
+        return None
+    path = Path(value).expanduser()
+    return path if path.exists() else None
+
+
+def with_input_digests(d: dict) -> dict:
+    """The config dict with each user input (USER_INPUTS) that names a file or directory as {path, sha256}."""
+    from steerstrength.runs import content_digest
+
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for section, key in USER_INPUTS:
+        path = user_path(section, d[section][key])
+        if path is not None:
+            d[section][key] = {"path": d[section][key], "sha256": content_digest(path, DATA_SUFFIXES)}
+    return d
+
+
 def stage_keys(cfg: RunConfig) -> dict[str, str]:
-    """Each stage's key: its own config and its upstream keys (a change invalidates what follows)."""
-    d = cfg.to_dict()
+    """Each stage's key: its own config, the bytes of the user files it reads, and its upstream keys (a change
+    invalidates what follows)."""
+    d = with_input_digests(cfg.to_dict())
     model = {k: v for k, v in d["model"].items() if not (k == "device_map" and v is None)}  # keys of earlier runs
     base = _hash(model, cfg.concepts, cfg.setting, cfg.seed)
     k = {"prompts": _hash(base, d["prompts"])}

@@ -332,7 +332,7 @@ def save_recommendations(recs: Sequence[Recommendation], out_dir) -> dict[str, P
                                   methods=[r.method for r in recs], prompts=recs[0].table["prompt"].tolist())
     result = StageResult("recommend", recommendation_tables(recs), info)
     names = {"recommend.parquet": "table", "recommend_curve.parquet": "curve",
-             "recommend_generations.jsonl": "generations", "recommend.json": "summary"}
+             "recommend_generations.jsonl": "generations", "recommend.json": "summary", "recommend.set.json": "index"}
     return {names[p.name]: p for p in write_result(out_dir, result)}
 
 

@@ -14,15 +14,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from steerstrength.errors import RunError
-from steerstrength.io import atomic_path, write_json, write_parquet
+from steerstrength.errors import InputError, RunError
+from steerstrength.io import atomic_path, is_temp_name, write_json, write_parquet
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 # Where the stages write; leftover temp files of a killed writer (io.atomic_path: `.NAME.XXXX.tmp`) are swept
 # from these folders and from the root itself, never from elsewhere (--out may be a folder with other files).
 RUN_FOLDERS = ("prompts", "vectors", "tables", "figures", "corpus", ".chunks")
+# What else a run writes at its root (models/: the run directories of a run over several models). None of these, and
+# nothing under them, may be a symbolic link: a write, a read or a delete through one would reach outside the run.
+RUN_FILES = (MANIFEST, "config.toml", "report.html", LOCK, "models")
 
 
 def package_versions() -> dict:
@@ -46,6 +50,92 @@ def file_record(path: str | os.PathLike) -> dict:
     return dict(size=os.path.getsize(path), sha256=digest.hexdigest())
 
 
+def find_link(root: Path, names: Iterable[str]) -> Path | None:
+    """The first symbolic link among root/NAME for `names`, or under those that are folders (a linked folder is
+    reported, never entered)."""
+    for name in names:
+        top = root / name
+        if top.is_symlink():
+            return top
+        folders = [top] if top.is_dir() else []
+        while folders:  # scandir's entries know whether they are links: no stat per file (.chunks holds thousands)
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        return Path(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+    return None
+
+
+def refuse_links(root: Path, names: Iterable[str], option: str = "--out") -> None:
+    """One RunError line, before anything is written, when an output of `root` (or a folder of them) is a symbolic
+    link: steerstrength writes, reads back and deletes only inside the folder it was given."""
+    link = find_link(root, names)
+    if link is not None:
+        raise RunError(f"{link} is a symbolic link (to {os.readlink(link)}); steerstrength writes only inside "
+                       f"{root}: replace the link with a real folder or file, or give another {option}")
+
+
+def remove_temp_files(folder: Path, *, recursive: bool) -> int:
+    """Remove the temp files of io.atomic_path (io.is_temp_name) a killed writer left in `folder` (and below it when
+    `recursive`): regular files only, never through a linked folder. Only under the folder's lock."""
+    if folder.is_symlink() or not folder.is_dir():
+        return 0
+    found = []
+    for here, _, files in os.walk(folder):  # followlinks=False
+        found += [Path(here, f) for f in files if is_temp_name(f)]
+        if not recursive:
+            break
+    found = [p for p in found if p.is_file() and not p.is_symlink()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return len(found)
+
+
+@contextmanager
+def output_lock(directory: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """One writer per output folder (a run directory, or a command's --out): a second gets one RunError line at once
+    rather than waiting (it would overwrite the first's results with its own when it ended)."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    refuse_links(directory, (LOCK,), option)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"another steerstrength run or sweep is writing {directory}; wait for it to finish or give "
+                       f"another {option}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def output_folder(directory: str | os.PathLike) -> Iterator[Path]:
+    """A command's --out while the command computes and writes: locked (output_lock), cleared of the temp files a
+    killed writer left at its top (never below: --out may hold other files)."""
+    directory = Path(directory)
+    with output_lock(directory):
+        remove_temp_files(directory, recursive=False)
+        yield directory
+
+
+def content_digest(path: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> str:
+    """sha256 of the bytes a stage reads at `path`: a file's, or a directory's files (those ending in `suffixes`, or
+    all; linked folders are not entered, as the readers' rglob does not), each under its relative name."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_record(path)["sha256"]
+    digest = hashlib.sha256()
+    for p in sorted(p for p in path.rglob("*") if p.is_file() and (not suffixes or p.name.endswith(suffixes))):
+        digest.update(f"{p.relative_to(path).as_posix()}\0{file_record(p)['sha256']}\0".encode())
+    return digest.hexdigest()
+
+
 def is_intact(path: Path, record) -> bool:
     """Whether `path` is still the file `record` (file_record) describes."""
     if not isinstance(record, dict) or not path.is_file() or path.stat().st_size != record.get("size"):
@@ -60,6 +150,7 @@ class RunDir:
         # Absolute, so that outputs are recorded relative to the run directory whatever the working
         # directory: a re-run from elsewhere, or of a moved directory, finds them.
         self.root = Path(root).resolve()
+        refuse_links(self.root, RUN_FILES + RUN_FOLDERS)
         self.root.mkdir(parents=True, exist_ok=True)
         self.notes: list[str] = []  # what the run directory repaired, for the caller to show
         self.manifest = self._read()
@@ -91,32 +182,18 @@ class RunDir:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """One writer per run directory; a second gets a clear error instead of waiting."""
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(str(self.root / ".lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise RunError(f"another steerstrength run is writing {self.root}; wait for it or use another --out") from None
-        try:
+        """One writer per run directory (output_lock); temp files a killed writer left are removed first."""
+        with output_lock(self.root):
             self.sweep_temp_files()
             yield
-        finally:
-            lock.release()
 
     def sweep_temp_files(self) -> int:
-        """Remove the temp files a killed writer left (only under the lock: no writer of ours is running)."""
-        found = list(self.root.glob(".*.tmp"))
-        for folder in RUN_FOLDERS:
-            if (self.root / folder).is_dir():
-                found += (self.root / folder).rglob(".*.tmp")
-        found = [p for p in found if p.is_file() and not p.is_symlink()]
-        for p in found:
-            p.unlink(missing_ok=True)
-        if found:
-            self.notes.append(f"removed {len(found)} temporary file(s) left by an interrupted run")
-        return len(found)
+        """Remove the temp files a killed writer left at the root and in RUN_FOLDERS (only under the lock)."""
+        n = remove_temp_files(self.root, recursive=False)
+        n += sum(remove_temp_files(self.root / folder, recursive=True) for folder in RUN_FOLDERS)
+        if n:
+            self.notes.append(f"removed {n} temporary file(s) left by an interrupted run")
+        return n
 
     # ------------------------------------------------------------------ stages
 
@@ -267,7 +344,8 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def write_result(directory: str | os.PathLike, result: StageResult, extra: dict | None = None) -> list[Path]:
-    """The one writer of stage outputs: every table, then <name>.json (the summary, plus `extra`), each atomically."""
+    """The one writer of stage outputs: every table, then <name>.json (the summary, plus `extra`), each atomically;
+    then, last, the set's index <name>.set.json (each file's size and sha256), which check_result_set reads."""
     from steerstrength.io import write_jsonl
 
     directory = Path(directory)
@@ -281,7 +359,37 @@ def write_result(directory: str | os.PathLike, result: StageResult, extra: dict 
     summary = result.summary()
     if summary is not None or extra:
         paths.append(write_json(directory / f"{result.name}.json", dict(extra or {}, **(summary or {}))))
-    return [Path(p) for p in paths]
+    paths = [Path(p) for p in paths]
+    index = {"stage": result.name, "files": {p.name: file_record(p) for p in paths}}
+    return paths + [write_json(directory / set_index(result.name), index)]
+
+
+def set_index(name: str) -> str:
+    """The file that closes a set of results written by write_result: written last, it records each file of the set."""
+    return f"{name}.set.json"
+
+
+def check_result_set(directory: str | os.PathLike, name: str, files: Iterable[str], rerun: str) -> None:
+    """Refuse (one InputError line naming `rerun`, the command that writes the set again) to read `files` of a set
+    `name` unless its index records each as it is now: a set that a killed or concurrent writer left mixed or
+    unfinished is never read."""
+    directory = Path(directory)
+    for f in files:
+        if not (directory / f).is_file():
+            raise InputError(f"{directory / f} does not exist; run `{rerun}`")
+    index = directory / set_index(name)
+    try:
+        records = json.loads(index.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):  # missing, not UTF-8 / JSON, not an object
+        records = None
+    if not isinstance(records, dict):
+        raise InputError(f"{directory} holds no finished set of {name} results ({index.name} is missing or damaged: "
+                         f"its writer was interrupted, or an older steerstrength wrote it); run `{rerun}` "
+                         "again")
+    for f in files:
+        if not is_intact(directory / f, records.get(f)):
+            raise InputError(f"{directory / f} is not the file the last {name} set written there recorded (its writer "
+                             f"was interrupted, or another wrote over it); run `{rerun}` again")
 
 
 def resume_command(run_dir: Path) -> str:
