@@ -51,6 +51,30 @@ def test_a_contexts_file_edited_in_place_reruns_the_token_sweep_only(tiny_dir, t
     assert {s: r[0] for s, r in again.items()} == {"prompts": "cached", "vectors": "cached", "tokens": "done"}
 
 
+def test_a_model_directory_changed_in_place_is_not_taken_for_the_same_model(tmp_path):
+    """The stage keys carry the weights' fingerprint, not only the model's path."""
+    from tiny import tiny_model
+
+    model_dir = tmp_path / "model"
+    first = tiny_model("llama")
+    first.hf.save_pretrained(model_dir)
+    first.tokenizer.save_pretrained(model_dir)
+    cfg = config(model_dir)
+    out = tmp_path / "run"
+    run(cfg, out, only=FAST)
+    before = pd.read_parquet(out / "tables" / "tokens.parquet")
+    assert {s: r[0] for s, r in run(cfg, out, only=FAST).items()} == dict.fromkeys(FAST, "cached")
+    import torch
+
+    with torch.no_grad():  # fine-tuned in place: the same path, the same config, other weights
+        for p in first.hf.parameters():
+            p.mul_(1.5)
+    first.hf.save_pretrained(model_dir)
+    again = run(cfg, out, only=FAST)
+    assert {s: r[0] for s, r in again.items()} == dict.fromkeys(FAST, "done")
+    assert not before["p"].equals(pd.read_parquet(out / "tables" / "tokens.parquet")["p"])
+
+
 def _mmlu_dir(tmp_path: Path) -> Path:
     from importlib.resources import files
 

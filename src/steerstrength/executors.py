@@ -13,6 +13,7 @@ directory must be on a file system every node mounts at the same path.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -198,10 +199,13 @@ def check_resources(ray, cfg: RunConfig, n_actors: int = 1) -> None:
                              + ("=none" if resource == "GPU" else ""))
 
 
-def cell_state(cell: Cell, state: CellState, keys: dict, wanted: list[str]) -> CellState:
-    """The stage a cell is in and how many of its stages are finished, from its manifest."""
+def cell_state(cell: Cell, state: CellState, keys: Callable[[str | None], dict], wanted: list[str]) -> CellState:
+    """The stage a cell is in and how many of its stages are finished, from its manifest; `keys(fingerprint)` are
+    the cell's stage keys for the model weights its manifest records (the driver loads no model)."""
     try:
-        stages = json.loads((Path(cell.out) / "manifest.json").read_text(encoding="utf-8")).get("stages") or {}
+        manifest = json.loads((Path(cell.out) / "manifest.json").read_text(encoding="utf-8"))
+        stages = manifest.get("stages") or {}
+        keys = keys(manifest.get("model_fingerprint"))
     except (OSError, ValueError, AttributeError):
         stages = {}
     finished = [s for s in wanted if isinstance(stages.get(s), dict) and (
@@ -245,7 +249,7 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
         actor_class = remote_cell.options(**actor_options(cfg))
         fault, cwd = os.environ.get(KILL_ENV), os.getcwd()
         states = {c.name: CellState(c.name, n_stages=len(wanted)) for c in cells}
-        keys = {c.name: stage_keys(c.cfg) for c in cells}
+        keys = {c.name: functools.lru_cache(maxsize=4)(functools.partial(stage_keys, c.cfg)) for c in cells}
         actors: dict[str, list] = {}
         refs: dict = {}  # ref -> (model cell, step)
         open_cells: dict[str, int] = {}  # model -> its (concept, layer) cells still running

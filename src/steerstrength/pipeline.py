@@ -383,11 +383,14 @@ def with_input_digests(d: dict) -> dict:
     return d
 
 
-def stage_keys(cfg: RunConfig) -> dict[str, str]:
-    """Each stage's key: its own config, the bytes of the user files it reads, and its upstream keys (a change
-    invalidates what follows)."""
+def stage_keys(cfg: RunConfig, fingerprint: str | None = None) -> dict[str, str]:
+    """Each stage's key: its own config, the bytes of the user files it reads, the model's weights (its
+    `Model.fingerprint`, so a model directory changed in place is not taken for the same model), and its upstream
+    keys (a change invalidates what follows)."""
     d = with_input_digests(cfg.to_dict())
     model = {k: v for k, v in d["model"].items() if not (k == "device_map" and v is None)}  # keys of earlier runs
+    if fingerprint is not None:
+        model["fingerprint"] = fingerprint
     base = _hash(model, cfg.concepts, cfg.setting, cfg.seed)
     k = {"prompts": _hash(base, d["prompts"])}
     k["vectors"] = _hash(k["prompts"], d["vectors"], cfg.layers)
@@ -468,7 +471,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
     with run.lock():
         for note in run.notes:
             log(f"[run] {note}")
-        keys = stage_keys(cfg)
+        keys = stage_keys(cfg, model.fingerprint())
         ctx = Context(cfg=cfg, run=run, progress=progress, log=log, model=model, layers=layers, keys=keys)
         with atomic_path(run.root / "config.toml") as tmp:
             tmp.write_text(to_toml(cfg))
@@ -518,7 +521,7 @@ def run_cell(cfg: RunConfig, out: str | Path, concept: str, layer: int, *, progr
     model = model or load_run_model(cfg)
     run = RunDir(out)
     ctx = Context(cfg=cfg, run=run, progress=progress, log=log, model=model,
-                  layers=resolve_layers(cfg.layers, model.n_layers), keys=stage_keys(cfg), cell=(concept, layer))
+                  layers=resolve_layers(cfg.layers, model.n_layers), keys=stage_keys(cfg, model.fingerprint()), cell=(concept, layer))
     filled = []
     for stage in CELL_STAGES:
         if enabled(cfg, stage)[0]:
