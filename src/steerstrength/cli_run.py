@@ -30,7 +30,11 @@ def run(
                                               "HOST:6379, ray://HOST:10001); implies --executor ray. Default: a "
                                               "local Ray instance."),
 ) -> None:
-    """Run the pipeline: prompts, vectors, sweeps, figures and report.html in a resumable run directory."""
+    """Run the pipeline: prompts, vectors, sweeps, figures and report.html in a resumable run directory.
+
+    A concept of your own, from your files (README: Your own concept):
+    steerstrength run concepts=anger prompts.files.anger=P.jsonl,N.jsonl --out runs/anger
+    """
     from rich.table import Table
 
     from steerstrength.config import build_config
