@@ -51,6 +51,9 @@ def run(
     if executor is not None:
         extra.append(f"executor={executor}")
     cfg = build_config(preset, str(config) if config else None, (overrides or []) + extra)
+    from steerstrength.preflight import check_run
+
+    check_run(cfg)  # every concept's files, judge and contexts: one line before anything else is printed or written
     if cfg.executor == "ray":
         from steerstrength.executors import require_ray
 

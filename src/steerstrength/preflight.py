@@ -107,7 +107,7 @@ def has_curated(concept: str) -> bool:
 def check_run(cfg: RunConfig) -> dict[str, PromptSource]:
     """Every concept's files, texts, judge and contexts, before any stage: one InputError line for the first problem.
     Returns the concepts' prompt sources."""
-    from steerstrength.prompts import builtin_concepts, curated_concepts, load_prompts
+    from steerstrength.prompts import curated_concepts, load_prompts
 
     check_file_keys(cfg)
     sources = prompt_sources(cfg)
@@ -133,14 +133,9 @@ def check_run(cfg: RunConfig) -> dict[str, PromptSource]:
     if cfg.tokens.contexts_file:
         from steerstrength.metrics.contexts import read_contexts
 
-        read_contexts(cfg.tokens.contexts_file)
-    else:
-        known = set(builtin_concepts())
-        for concept, src in sources.items():
-            # A concept without built-in contexts gets them from its held-out P (metrics/contexts.py): a user file
-            # has them (MIN_USER_TEXTS); generated P is checked for at least 2 texts when it is made.
-            if concept.lower() not in known and src.kind == "curated" and not has_curated(concept):
-                raise InputError(f"no contexts for concept {concept!r}; give tokens.contexts_file")
+        read_contexts(cfg.tokens.contexts_file)  # its texts and ids
+    # Otherwise every concept has contexts: the built-in neutral ones, plus its own (built-in for the 8 curated
+    # concepts; for any other, derived from its held-out P, which a user file has by MIN_USER_TEXTS).
     return sources
 
 
