@@ -242,8 +242,9 @@ def preset(name: str) -> RunConfig:
     if name == "demo":
         cfg = RunConfig()
         cfg.model.device = "cpu"
-        # The layer the scan picks (where concept words live: 29, the last block, for joy and anger on SmolLM2) and the middle one for
-        # contrast; curated contrastive pairs; every grid in residual units (docs/fidelity.md has the measurements).
+        # The layer the scan picks (where concept words live: 29, the last block, for joy and anger on SmolLM2) and
+        # the middle one for contrast; curated contrastive pairs; every grid in residual units (docs/fidelity.md has
+        # the measurements).
         cfg.layers = ["auto", "middle"]
         cfg.prompts = PromptsConfig(n=24, max_new_tokens=48, batch_size=24)
         cfg.vectors.resamples = 8

@@ -28,7 +28,8 @@ class PromptSource:
     def describe(self) -> str:
         if self.kind == "files":
             return f"user files {self.positive}" + (f" and {self.negative}" if self.negative else "")
-        return {"curated": "curated pairs (data/concepts)", "generate": "generated with the paper's template"}[self.kind]
+        return {"curated": "curated pairs (data/concepts)",
+                "generate": "generated with the paper's template"}[self.kind]
 
 
 def has_user_files(cfg: RunConfig) -> bool:
@@ -54,8 +55,9 @@ def check_file_keys(cfg: RunConfig) -> None:
         raise InputError("give prompts.files or prompts.positive_file / negative_file, not both: with several "
                          "concepts, name each concept's files in prompts.files")
     if (p.positive_file is not None or p.negative_file is not None) and len(cfg.concepts) > 1:
-        raise InputError(f"prompts.positive_file would give all {len(cfg.concepts)} concepts ({', '.join(cfg.concepts)}) "
-                         "the same texts; give each its own: prompts.files.CONCEPT=P.jsonl,N.jsonl")
+        raise InputError(f"prompts.positive_file would give all {len(cfg.concepts)} concepts "
+                         f"({', '.join(cfg.concepts)}) the same texts; give each its own: "
+                         "prompts.files.CONCEPT=P.jsonl,N.jsonl")
     if p.negative_file is not None and p.positive_file is None:
         raise InputError("prompts.positive_file is missing: prompts.negative_file gives N only; give the P texts too "
                          "(prompts.positive_file=P.jsonl)")
@@ -126,8 +128,9 @@ def check_run(cfg: RunConfig) -> dict[str, PromptSource]:
                              f"prompts.files.{concept}=P.jsonl,N.jsonl or prompts.source=curated")
         elif src.kind == "curated" and not has_curated(concept):
             raise InputError(f"no texts for concept {concept!r}: it has no curated pairs (curated: "
-                             f"{', '.join(curated_concepts())}); give its files, prompts.files.{concept}=P.jsonl,N.jsonl "
-                             "(README: Your own concept), or prompts.source=generate")
+                             f"{', '.join(curated_concepts())}); give its files, "
+                             f"prompts.files.{concept}=P.jsonl,N.jsonl (README: Your own concept), or "
+                             "prompts.source=generate")
         if cfg.concept.enabled or cfg.recommend.enabled:
             check_judge(cfg, concept)
     if cfg.tokens.contexts_file:

@@ -8,9 +8,10 @@ Per layer l, from the token-averaged residual streams of P and N (Eq. 3, first t
   pass from the last layer) are in the top `extremal_fraction` of the vocabulary: does v_l point at concept words?
 - `score` = (2 AUC - 1) * lens_share; the chosen layer maximizes it over [n/6, n - 1] (ties: the earlier layer),
   the last block included: steering its output acts through the final norm and the unembedding only, and that is
-  where a concept's words can dominate most (an anger set of 48 pairs on SmolLM2-135M: layer 29 of 30 had the highest
-  score and 50% anger words among the top-8 tokens at alpha_max, against 17% at layer 27, the pick while the last
-  block was left out). `runners_up` in the summary: the next best eligible layers with their scores.
+  where a concept's words can dominate most. Measured on SmolLM2-135M: the 48 anger pairs of docs/examples score 0.659
+  at layer 29 (lens share 0.76) against 0.284 at 28 and 0.265 at 27, and the run's top-8 tokens at alpha_max there are
+  all anger words (fury, screaming, rage, hatred); joy scores 0.545 at 29 against 0.402 at 28.
+  `runners_up` in the summary: the next best eligible layers with their scores.
 
 On SmolLM2-135M the lens share is ~0 up to layer ~18 and grows to 0.4-1.0 at layers 22-29 (docs/fidelity.md):
 the middle layer separates P from N (AUC ~1) without pointing at concept words, which is why the paper's middle
