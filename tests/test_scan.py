@@ -189,3 +189,25 @@ def test_sweep_tokens_in_residual_units_carries_both_columns(tiny_dir, tmp_path,
         assert rows["alpha"].iloc[0] == pytest.approx(2.0 / sv.resid_scale(layer))
     curves = pd.read_parquet(tmp_path / "tokens.parquet")
     assert sorted(curves["alpha_resid"].round(9).unique()) == [-2.0, -1.0, 0.0, 1.0, 2.0]
+
+
+def test_the_scan_considers_every_layer_including_the_last_block(model):
+    scan = scan_layers(model, P, N, heldout_positive=HP, heldout_negative=HN, top_k=5)
+    eligible = scan.table[scan.table["eligible"]]["layer"].tolist()
+    assert model.n_layers - 1 in eligible  # the last block is steerable: it is scored and can be picked
+    assert scan.rule.endswith(f"..{model.n_layers - 1}")
+
+
+def test_the_summary_ranks_the_runner_up_layers_by_score(model):
+    from steerstrength.scan import RUNNERS_UP
+
+    scan = scan_layers(model, P, N, heldout_positive=HP, heldout_negative=HN, top_k=5)
+    runners = scan.summary()["runners_up"]
+    eligible = scan.table[scan.table["eligible"]].set_index("layer")
+    assert len(runners) == min(RUNNERS_UP, len(eligible) - 1)
+    assert scan.chosen not in [r["layer"] for r in runners]
+    scores = [r["score"] for r in runners]
+    assert scores == sorted(scores, reverse=True)
+    assert all(s <= eligible.loc[scan.chosen, "score"] for s in scores)
+    for r in runners:
+        assert r["score"] == pytest.approx(eligible.loc[r["layer"], "score"])

@@ -30,7 +30,11 @@ def run(
                                               "HOST:6379, ray://HOST:10001); implies --executor ray. Default: a "
                                               "local Ray instance."),
 ) -> None:
-    """Run the pipeline: prompts, vectors, sweeps, figures and report.html in a resumable run directory."""
+    """Run the pipeline: prompts, vectors, sweeps, figures and report.html in a resumable run directory.
+
+    A concept of your own, from your files (README: Your own concept):
+    steerstrength run concepts=anger prompts.files.anger=P.jsonl,N.jsonl --out runs/anger
+    """
     from rich.table import Table
 
     from steerstrength.config import build_config
@@ -47,6 +51,9 @@ def run(
     if executor is not None:
         extra.append(f"executor={executor}")
     cfg = build_config(preset, str(config) if config else None, (overrides or []) + extra)
+    from steerstrength.preflight import check_run
+
+    check_run(cfg)  # every concept's files, judge and contexts: one line before anything else is printed or written
     if cfg.executor == "ray":
         from steerstrength.executors import require_ray
 

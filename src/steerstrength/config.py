@@ -30,15 +30,21 @@ class ModelConfig:
 
 @dataclass
 class PromptsConfig:
-    source: str = "curated"  # "curated": our hand-written pairs (data/concepts); "generate": the paper's template
+    # Where P and N come from for a concept without its own files: "curated" (our hand-written pairs, data/concepts),
+    # "generate" (the paper's template); "files" (set by build_config when every concept has user files).
+    source: str = "curated"
     n: int = 500  # texts in P and in N (generated; curated sets use their 64 training pairs)
     max_new_tokens: int = 300
     temperature: float = 1.0
     top_p: float = 0.9
     top_k: int = 0
     generator: Optional[str] = None  # None: the steered model generates P (and contrastive N)
-    positive_file: Optional[str] = None  # user files replace generation
+    positive_file: Optional[str] = None  # user files replace generation (one concept; several: `files`)
     negative_file: Optional[str] = None
+    # Per-concept user files, {concept: [P file, N file]}: TOML `[prompts.files] anger = ["P.jsonl", "N.jsonl"]`,
+    # or key=value `prompts.files.anger=P.jsonl,N.jsonl`. Every third text (index % 3 == 2) of a user file, or the
+    # rows whose "split" is "heldout", is held out: the judge is measured and the concept's contexts derived there.
+    files: dict = field(default_factory=dict)
     opposite: Optional[str] = None  # contrastive setting: None asks the generator
     batch_size: int = 16
 
@@ -122,6 +128,8 @@ class ConceptConfig:
     chat: Optional[bool] = None  # None: the chat template when the model has one
     batch_size: int = 64  # rows (alpha x prompt x completion) per generate call
     holdout: float = 0.5  # share of P and N held out to measure a judge that calibrates on them
+    # A judge whose measured held-out balanced accuracy is below this is flagged next to every concept verdict.
+    judge_floor: float = 0.8
 
 
 @dataclass
@@ -178,6 +186,13 @@ class UseConfig:
 
 
 USE = UseConfig()
+
+# A concept without built-in contexts (data/contexts.json) and without tokens.contexts_file: its concept contexts are
+# the opening CONTEXT_WORDS words of its first DERIVED_CONTEXTS held-out P texts (metrics/contexts.py).
+DERIVED_CONTEXTS = 4
+CONTEXT_WORDS = 10
+# A user prompt file needs this many texts: every third is held out, and each split needs at least 2.
+MIN_USER_TEXTS = 6
 
 SWEET_SPOT_RULES = ("mass", "between")  # recommend.sweet_spot_rule (recommend.py's module doc)
 CURVATURE_SCOPES = ("prompt", "corpus")  # recommend.curvature_scope
@@ -252,8 +267,9 @@ def preset(name: str) -> RunConfig:
     if name == "demo":
         cfg = RunConfig()
         cfg.model.device = "cpu"
-        # The layer the scan picks (where concept words live: ~27-28 of 30 on SmolLM2) and the middle one for
-        # contrast; curated contrastive pairs; every grid in residual units (docs/fidelity.md has the measurements).
+        # The layer the scan picks (where concept words live: 29, the last block, for joy and anger on SmolLM2) and
+        # the middle one for contrast; curated contrastive pairs; every grid in residual units (docs/fidelity.md has
+        # the measurements).
         cfg.layers = ["auto", "middle"]
         cfg.prompts = PromptsConfig(n=24, max_new_tokens=48, batch_size=24)
         cfg.vectors.resamples = 8
@@ -280,6 +296,9 @@ def preset(name: str) -> RunConfig:
 
 def _set(obj, dotted: str, raw: str) -> None:
     parts = dotted.split(".")
+    if parts[:2] == ["prompts", "files"] and len(parts) == 3:  # one concept's files: prompts.files.anger=P,N
+        obj.prompts.files = dict(obj.prompts.files, **{parts[2]: _parse(raw, [], dotted)})
+        return
     target = obj
     for part in parts[:-1]:
         if not dataclasses.is_dataclass(target) or not hasattr(target, part):
@@ -304,6 +323,10 @@ def _parse(raw: Any, current: Any, dotted: str) -> Any:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw  # a bare string
+    if isinstance(current, list) and isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        value = [v.strip().strip("'\"") for v in value[1:-1].split(",")]  # [anger,joy]: TOML without its quotes
+    if isinstance(current, dict) and not isinstance(value, dict):
+        raise InputError(f"{dotted} takes a table, e.g. {dotted}.anger=P.jsonl,N.jsonl, not {raw!r}")
     if isinstance(current, bool) and not isinstance(value, bool):
         raise InputError(f"{dotted} takes true or false, not {raw!r}")
     if isinstance(current, list) and not isinstance(value, list):
@@ -371,6 +394,9 @@ def build_config(preset_name: str = "demo", config_file: str | None = None, over
         key, raw = item.split("=", 1)
         _set(cfg, key.strip(), raw.strip())
     validate(cfg)
+    from steerstrength.preflight import settle_source
+
+    settle_source(cfg)
     return cfg
 
 
@@ -396,7 +422,8 @@ OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", 
             "ray.num_gpus_per_model", "ray.memory_gb")  # None: off / all / none
 POSITIVE = ("prompts.temperature", "concept.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",
             "mmlu.alpha_max", "recommend.kl_budget", "ray.num_gpus_per_model", "ray.memory_gb")  # floats: positive and finite
-UNIT_INTERVAL = ("prompts.top_p", "logodds.extremal_fraction", "concept.top_p", "concept.holdout")  # floats in (0, 1]
+UNIT_INTERVAL = ("prompts.top_p", "logodds.extremal_fraction", "concept.top_p", "concept.holdout",
+                 "concept.judge_floor")  # floats in (0, 1]
 FILES = ("prompts.positive_file", "prompts.negative_file", "tokens.contexts_file", "concept.prompts_file")
 LAYER_NAMES = ("early", "middle", "late", "auto")
 
@@ -422,7 +449,7 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.concepts or not all(isinstance(c, str) and c.strip() for c in cfg.concepts):
         raise InputError(f"concepts must be a list of names, e.g. concepts=joy,evil, not {cfg.concepts!r}")
     for key, allowed in (("setting", ("random", "contrastive")), ("positions", ("all", "last")),
-                         ("xent.spacing", ("linear", "log")), ("prompts.source", ("curated", "generate")),
+                         ("xent.spacing", ("linear", "log")), ("prompts.source", ("curated", "generate", "files")),
                          ("recommend.curvature_scope", CURVATURE_SCOPES),
                          ("recommend.sweet_spot_rule", SWEET_SPOT_RULES)):
         if get(cfg, key) not in allowed:
@@ -478,6 +505,9 @@ def validate(cfg: RunConfig) -> None:
         value = get(cfg, key)
         if value is not None and not Path(str(value)).is_file():
             raise InputError(f"{key} {value} is not a file; check the path (or {key}=none)")
+    from steerstrength.preflight import check_file_keys
+
+    check_file_keys(cfg)  # per-concept files: shape, both P and N, paths (preflight.check_run reads them)
 
 
 def _validate_layers(layers) -> None:

@@ -129,6 +129,10 @@ def judge_accuracy(judge: Judge, concept: str, positive: Sequence[str], negative
     if not 0.0 < holdout < 1.0:
         raise InputError(f"holdout fraction must be in (0, 1), not {holdout}")
     judge.check(concept)
+    if concept in getattr(judge, "trained_apart", ()):  # trained on other texts: every text given is held out
+        result = judge.accuracy(positive, negative, concept)
+        result.n_calibration = judge.training[concept]["n_positive"] + judge.training[concept]["n_negative"]
+        return result
     p_cal, p_held = split_holdout(positive, holdout, seed)
     n_cal, n_held = split_holdout(negative, holdout, seed + 1)
     if judge.calibrates:
@@ -510,6 +514,7 @@ class ProbeJudge(Judge):
         self.heads: dict[str, LogisticRegression] = {}  # concept -> its fitted head
         self.training: dict[str, dict] = {}  # concept -> what its head was trained on
         self._neutral: np.ndarray | None = None
+        self.trained_apart: set[str] = set()  # concepts trained on texts apart from those it is measured on
 
     def check(self, concept: str) -> None:
         from steerstrength.prompts import curated_concepts
@@ -518,8 +523,9 @@ class ProbeJudge(Judge):
         curated = curated_concepts()
         if concept not in self.heads and concept.strip().lower() not in curated:
             raise InputError(f"the probe judge is trained only for the curated concepts ({', '.join(curated)}); for "
-                             f"{concept!r} train it on P and N texts (ProbeJudge.calibrate) or use --judge embedding "
-                             "or --judge llm")
+                             f"{concept!r} give P and N texts to train it on (`steerstrength run` trains it on the "
+                             "run's P/N train split by itself; in Python: ProbeJudge.train_apart), or use --judge "
+                             "embedding or --judge llm")
 
     def neutral_embeddings(self) -> np.ndarray:
         """The neutral train texts, embedded once: the "no concept" examples every head learns from."""
@@ -549,6 +555,15 @@ class ProbeJudge(Judge):
         that calm everyday notes express (calm, routine)."""
         Judge.check(self, concept)
         return self.fit(positive, negative, concept, source="user")
+
+    def train_apart(self, positive: Sequence[str], negative: Sequence[str], concept: str,
+                    source: str = "user train split") -> "ProbeJudge":
+        """Train on a training split of P and N (plus the neutral train texts), for any concept: `judge_accuracy` then
+        measures it on every P and N text it is given (the held-out split), none of them seen in training."""
+        Judge.check(self, concept)
+        self.fit(positive, negative, concept, source=source)
+        self.trained_apart.add(concept)
+        return self
 
     def head(self, concept: str) -> LogisticRegression:
         """The concept's fitted head; a curated concept's is trained on the curated train split on first use."""

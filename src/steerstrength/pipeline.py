@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from steerstrength.config import RunConfig, resolve_layers, to_toml, wants_auto
+from steerstrength.config import ConceptConfig, RunConfig, resolve_layers, to_toml, wants_auto
 from steerstrength.errors import InputError
 from steerstrength.io import atomic_path, write_jsonl
 from steerstrength.runs import RunDir, package_versions
@@ -70,11 +70,34 @@ class Context:
                                    resamples={k: v for k, v in sv.resamples.items() if k == layer})
 
     def prompt_texts(self, concept: str) -> tuple[list[str], list[str]]:
-        from steerstrength.prompts import load_prompts, texts_of
+        """The P and N the vectors are made of: the training split (user files hold every third text out)."""
+        pos, neg = self.prompt_rows(concept)
+        return ([r["text"] for r in pos if r.get("split") != "heldout"],
+                [r["text"] for r in neg if r.get("split") != "heldout"])
 
-        pos = texts_of(load_prompts(self.run.path("prompts", f"{concept}.positive.jsonl")))
-        neg = texts_of(load_prompts(self.run.path("prompts", f"{concept}.negative.jsonl")))
-        return pos, neg
+    def prompt_rows(self, concept: str) -> tuple[list[dict], list[dict]]:
+        from steerstrength.prompts import load_prompts
+
+        return (load_prompts(self.run.path("prompts", f"{concept}.positive.jsonl")),
+                load_prompts(self.run.path("prompts", f"{concept}.negative.jsonl")))
+
+    def split_texts(self, concept: str) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+        """((train P, train N), (held-out P, held-out N)) of the run's texts (prompts.split_texts)."""
+        from steerstrength.prompts import split_texts
+
+        (p_train, p_held), (n_train, n_held) = (split_texts(rows) for rows in self.prompt_rows(concept))
+        return (p_train, n_train), (p_held, n_held)
+
+    def source(self, concept: str):
+        from steerstrength.preflight import prompt_sources
+
+        return prompt_sources(self.cfg)[concept]
+
+    def curated(self, concept: str) -> bool:
+        """Whether the concept's P and N are our curated pairs (its held-out pairs then measure the scan and judge)."""
+        from steerstrength.preflight import has_curated
+
+        return self.source(concept).kind == "curated" and has_curated(concept)
 
     def chunked(self, stage: str, name: str, compute: Callable[[], dict]) -> dict:
         """A finished chunk ({part: DataFrame}) of this stage's key, read back or computed (RunDir.chunk)."""
@@ -93,14 +116,20 @@ def stage_prompts(ctx: Context) -> list[str]:
     p = ctx.cfg.prompts
     outputs = []
     for concept in ctx.concepts:
+        src = ctx.source(concept)
         for kind in ("positive", "negative"):
-            user = p.positive_file if kind == "positive" else p.negative_file
+            user = src.positive if kind == "positive" else src.negative
 
             def compute(kind=kind, user=user) -> dict:
                 if user:
-                    rows = rows_from_texts(texts_of(load_prompts(user)), concept, kind,
+                    from steerstrength.prompts import tag_splits
+
+                    given = tag_splits(load_prompts(user))  # every third held out: the judge's test, the contexts
+                    rows = rows_from_texts(texts_of(given), concept, kind,
                                            ctx.cfg.setting if kind == "negative" else None)
-                elif p.source == "curated" and (kind == "positive" or ctx.cfg.setting == "contrastive"):
+                    for r, g in zip(rows, given):
+                        r["split"], r["source"] = g["split"], str(user)
+                elif src.kind == "curated" and (kind == "positive" or ctx.cfg.setting == "contrastive"):
                     from steerstrength.prompts import curated_texts
 
                     rows = rows_from_texts(curated_texts(concept, kind, "train"), concept, kind,
@@ -142,9 +171,10 @@ def stage_vectors(ctx: Context) -> list:
         pos, neg = ctx.prompt_texts(concept)
         scan = None
         if wants_auto(ctx.cfg.layers):
-            curated = ctx.cfg.prompts.source == "curated" and ctx.cfg.setting == "contrastive"
+            curated = ctx.curated(concept) and ctx.cfg.setting == "contrastive"
+            held = ctx.split_texts(concept)[1] if ctx.source(concept).kind == "files" else None
             result, scan = scan_stage(ctx.model, pos, neg, ctx.cfg.vectors, concept=concept,
-                                      heldout=judge_texts(concept) if curated else None, progress=ctx.progress)
+                                      heldout=judge_texts(concept) if curated else held, progress=ctx.progress)
             scans.append(result)
             ctx.log(f"[vectors] {concept}: the layer scan picks layer {scan.chosen} ({scan.rule})")
         sv = vectors_stage(ctx.model, pos, neg, ctx.cfg.vectors, layers=ctx.layers, concept=concept,
@@ -156,9 +186,34 @@ def stage_vectors(ctx: Context) -> list:
 
 
 def _contexts(ctx: Context, concept: str) -> list[dict]:
-    from steerstrength.metrics.contexts import stage_contexts
+    """The tokens file's, or the built-in ones; a concept without built-in contexts gets its own from its held-out P
+    (metrics.contexts.derive_contexts)."""
+    from steerstrength.config import CONTEXT_WORDS, DERIVED_CONTEXTS
+    from steerstrength.metrics.contexts import derive_contexts, stage_contexts
+    from steerstrength.prompts import builtin_concepts
 
-    return stage_contexts(concept, ctx.cfg.tokens.contexts_file, ctx.cfg.tokens.n_contexts)
+    own = None
+    if not ctx.cfg.tokens.contexts_file and concept.lower() not in builtin_concepts():
+        own = derive_contexts(concept, ctx.split_texts(concept)[1][0], DERIVED_CONTEXTS, CONTEXT_WORDS)
+    return stage_contexts(concept, ctx.cfg.tokens.contexts_file, ctx.cfg.tokens.n_contexts, own=own)
+
+
+def contexts_note(ctx: Context, concept: str, contexts: list[dict]) -> dict:
+    """What contexts a stage swept, for its summary and the report."""
+    from steerstrength.prompts import builtin_concepts
+
+    if ctx.cfg.tokens.contexts_file:
+        origin = f"the contexts file {ctx.cfg.tokens.contexts_file}"
+    elif concept.lower() in builtin_concepts():
+        origin = "built-in contexts (data/contexts.json): neutral and the concept's own"
+    elif any(c["kind"] == "concept" for c in contexts):
+        from steerstrength.config import CONTEXT_WORDS
+
+        origin = (f"built-in neutral contexts and the concept's own, derived from its held-out P texts (their opening "
+                  f"{CONTEXT_WORDS} words)")
+    else:
+        origin = "built-in neutral contexts only (no held-out P text to derive the concept's own from)"
+    return dict(origin=origin, contexts=[{k: c[k] for k in ("id", "kind", "text")} for c in contexts])
 
 
 def _write(ctx: Context, results: list) -> list:
@@ -173,10 +228,16 @@ def _write(ctx: Context, results: list) -> list:
 def stage_tokens(ctx: Context) -> list:
     from steerstrength.stages import tokens_stage
 
-    return _write(ctx, [tokens_stage(ctx.model, ctx.vectors(c).values(), ctx.cfg.tokens, contexts=_contexts(ctx, c),
-                                     labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
-                                     chunk=ctx.chunk_fn("tokens"), progress=ctx.progress)
-                        for c in ctx.concepts])
+    results = []
+    for c in ctx.concepts:
+        contexts = _contexts(ctx, c)
+        res = tokens_stage(ctx.model, ctx.vectors(c).values(), ctx.cfg.tokens, contexts=contexts,
+                           labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
+                           chunk=ctx.chunk_fn("tokens"), progress=ctx.progress)
+        res.info.setdefault("contexts", {})[c] = contexts_note(ctx, c, contexts)
+        ctx.log(f"[tokens] {c}: {contexts_note(ctx, c, contexts)['origin']}")
+        results.append(res)
+    return _write(ctx, results)
 
 
 def stage_logodds(ctx: Context) -> list:
@@ -263,21 +324,33 @@ def stage_concept(ctx: Context) -> list:
         judge_model = load_model(c.judge_model, dtype=ctx.cfg.model.dtype, device=ctx.cfg.model.device)
     results = []
     for concept in ctx.concepts:
-        pos, neg = _judge_texts(ctx, concept)
+        judge, pos, neg = concept_judge(ctx, concept)
         results.append(concept_stage(ctx.model, ctx.vectors(concept).values(), c, prompts=prompts,
                                      labels=ctx.labels(concept), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
-                                     judge_model=judge_model, positive=pos, negative=neg, seed=ctx.cfg.seed,
-                                     chunk=ctx.chunk_fn("concept"), progress=ctx.progress))
+                                     judges=[judge], judge_model=judge_model, positive=pos, negative=neg,
+                                     seed=ctx.cfg.seed, chunk=ctx.chunk_fn("concept"), progress=ctx.progress))
     return _write(ctx, results)
 
 
-def _judge_texts(ctx: Context, concept: str) -> tuple[list[str], list[str]]:
-    """The held-out curated pairs when the run uses curated data, else the run's own P and N (stages.judge_texts)."""
+def concept_judge(ctx: Context, concept: str) -> tuple:
+    """(judge, P, N to measure it on) for a concept: the run's concept.judge with our held-out curated pairs for a
+    curated concept; for any other concept the probe is trained here on the run's P / N training split (plus the
+    neutral train texts) and measured on the held-out split (judges.ProbeJudge.train_apart); other judges get the
+    run's P and N (they calibrate on one half and are measured on the other)."""
     from steerstrength.stages import judge_texts
 
-    if ctx.cfg.prompts.source == "curated":
-        return judge_texts(concept, fallback=ctx.prompt_texts(concept))
-    return ctx.prompt_texts(concept)
+    from steerstrength.preflight import has_curated
+
+    name = ctx.cfg.concept.judge
+    if ctx.curated(concept):
+        return (name, *judge_texts(concept, fallback=ctx.prompt_texts(concept)))
+    (p_train, n_train), (p_held, n_held) = ctx.split_texts(concept)
+    if name == "probe" and not has_curated(concept):
+        from steerstrength.judges import ProbeJudge
+
+        judge = ProbeJudge(device="cpu").train_apart(p_train, n_train, concept, source="the run's P/N train split")
+        return judge, p_held, n_held
+    return name, p_train + p_held, n_train + n_held
 
 
 def stage_mmlu(ctx: Context) -> list:
@@ -297,6 +370,7 @@ def stage_recommend(ctx: Context) -> list:
     import pandas as pd
     import torch
 
+    from steerstrength.preflight import has_curated
     from steerstrength.prompts import evaluation_prompts
     from steerstrength.recommend import default_methods
     from steerstrength.stages import recommend_stage
@@ -322,9 +396,12 @@ def stage_recommend(ctx: Context) -> list:
         if lo is not None and len(lo) == ctx.model.vocab_size:
             M = torch.tensor(lo["M"].to_numpy(), dtype=torch.float64)
         pos, neg = ctx.prompt_texts(concept)
+        judge = c.judge
+        if judge == "probe" and not has_curated(concept):
+            judge, pos, neg = concept_judge(ctx, concept)  # trained on the train split, measured on the held-out one
         results.append(recommend_stage(ctx.model, ctx.vectors(concept).values(), ctx.cfg.recommend, prompts=prompts,
                                        labels=ctx.labels(concept), log_odds=M, positive=pos, negative=neg,
-                                       judge=c.judge, judge_model=judge_model, seed=ctx.cfg.seed,
+                                       judge=judge, judge_model=judge_model, seed=ctx.cfg.seed,
                                        positions=ctx.cfg.positions, corpus=corpus, progress=ctx.progress, log=ctx.log))
     return _write(ctx, results)
 
@@ -392,7 +469,10 @@ def stage_keys(cfg: RunConfig, fingerprint: str | None = None) -> dict[str, str]
     if fingerprint is not None:
         model["fingerprint"] = fingerprint
     base = _hash(model, cfg.concepts, cfg.setting, cfg.seed)
-    k = {"prompts": _hash(base, d["prompts"])}
+    prompts = {k: v for k, v in d["prompts"].items() if not (k == "files" and not v)}  # keys of earlier runs
+    # the judge floor flags the report only
+    d["concept"] = {k: v for k, v in d["concept"].items() if k != "judge_floor"}
+    k = {"prompts": _hash(base, prompts)}
     k["vectors"] = _hash(k["prompts"], d["vectors"], cfg.layers)
     steer = _hash(k["vectors"], cfg.positions, cfg.alpha_unit)
     k["tokens"] = _hash(steer, d["tokens"])
@@ -404,7 +484,8 @@ def stage_keys(cfg: RunConfig, fingerprint: str | None = None) -> dict[str, str]
     k["mmlu"] = _hash(steer, d["mmlu"])
     k["recommend"] = _hash(k["tokens"], k["logodds"], k["xent"], k["concept"], d["recommend"])
     k["figures"] = _hash(*(k[s] for s in STAGES if s in k))
-    k["report"] = _hash(k["figures"])
+    floor = cfg.concept.judge_floor
+    k["report"] = _hash(k["figures"], *([floor] if floor != ConceptConfig().judge_floor else []))  # earlier runs' keys
     return k
 
 
@@ -465,6 +546,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
     # The model and the layers are checked before anything is written: a wrong model spec or a layer
     # index past the model's depth is one error line, not a half-made run directory.
     check_names(cfg)
+    from steerstrength.preflight import check_run
+
+    check_run(cfg)  # every concept's files, texts, judge and contexts: one line now, not a failure stages later
     model = model or load_run_model(cfg)
     layers = resolve_layers(cfg.layers, model.n_layers)  # "auto" is resolved per concept by the vectors stage
     run = RunDir(out)

@@ -126,6 +126,8 @@ class RunTables:
         try:
             for concept in self.concepts() or [None]:
                 out.update({c["id"]: c["text"] for c in builtin_contexts(concept)})
+            for note in ((self.summary("tokens") or {}).get("contexts") or {}).values():  # derived ones too
+                out.update({c["id"]: c["text"] for c in note.get("contexts") or []})
             path = self.manifest.get("config", {}).get("tokens", {}).get("contexts_file")
             if path:
                 out.update({c["id"]: c["text"] for c in read_contexts(path)})

@@ -353,6 +353,20 @@ def generate_prompts(model: Model, concept: str, kind: str, n: int, *, setting: 
     return rows
 
 
+def tag_splits(rows: Sequence[dict]) -> list[dict]:
+    """User rows with a `split`: their own "train" / "heldout" when they give one, else every third (index % 3 == 2)
+    held out, as in the curated pairs (data/README.md)."""
+    return [dict(r, split=r["split"] if r.get("split") in ("train", "heldout") else
+                 "heldout" if i % 3 == 2 else "train") for i, r in enumerate(rows)]
+
+
+def split_texts(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """(train, held-out) texts of prompt rows: by their `split` when any is held out, else every third held out."""
+    if not any(r.get("split") == "heldout" for r in rows):
+        rows = tag_splits([{k: v for k, v in r.items() if k != "split"} for r in rows])
+    return ([r["text"] for r in rows if r["split"] != "heldout"], [r["text"] for r in rows if r["split"] == "heldout"])
+
+
 def rows_from_texts(texts: Sequence[str], concept: str, kind: str, setting: str | None = None) -> list[dict]:
     """User-supplied texts as prompt-set rows (generator "user", no seed)."""
     return [dict(concept=concept, kind=kind, setting=setting, text=t, generator="user", seed=None) for t in texts]

@@ -169,7 +169,8 @@ def badges(run: RunTables):
                 RULE_TOKENS)
     for key, s in (run.summary("concept") or {}).items():
         for judge, cur in (s.get("curves") or {}).items():
-            add(*_key(key), "Thm 3.6", rule_concept(cur), f"{judge}: {rule_concept_text(cur)}")
+            add(*_key(key), "Thm 3.6", rule_concept(cur),
+                f"{judge}: {rule_concept_text(cur)}{judge_caveat(run, s, judge)}")
     for key, s in ((run.summary("xent") or {}).get("per_vector") or {}).items():
         add(*_key(key), "Thm 3.8", rule_curvature(s), RULE_CURVATURE)
         add(*_key(key), "Prop. 4.1 (ΔCE plateau)", rule_plateau(s), RULE_PLATEAU)
@@ -190,6 +191,11 @@ def findings_tokens(run: RunTables) -> str:
         return na(run.why_missing("tokens_top"))
     out = []
     texts = run.context_texts()
+    for concept, note in ((run.summary("tokens") or {}).get("contexts") or {}).items():
+        kinds = [c.get("kind") for c in note.get("contexts") or []]
+        own = [c for c in note.get("contexts") or [] if c.get("kind") == "concept"]
+        out.append(f"<p>Contexts for {esc(concept)}: {len(kinds)} — {esc(note.get('origin'))}" +
+                   (": " + "; ".join(f"“{esc(c.get('text'))}…”" for c in own) if own else "") + ".</p>")
     for (concept, layer), g in top.groupby(["concept", "layer"], sort=False):
         g = g[g["rank"] < 8]
         rows = []
@@ -271,8 +277,11 @@ def findings_scan(run: RunTables) -> str:
         per = s.get("per_layer") or {}
         rows = [[layer, auc, share, score] for layer, auc, share, score in
                 zip(per.get("layer", []), per.get("heldout_auc", []), per.get("lens_share", []), per.get("score", []))]
+        chosen_score = dict(zip(per.get("layer", []), per.get("score", []))).get(s.get("chosen"))
+        runners = ", ".join(f"layer {r['layer']} ({fmt(r['score'])})" for r in s.get("runners_up") or [])
         out.append(f"<h4>{esc(concept)}: the scan picks layer {esc(s.get('chosen'))}</h4>"
-                   f"<p class='rule'>{esc(s.get('rule'))}</p>")
+                   f"<p>Score of the pick: {fmt(chosen_score)}" + (f"; runners-up: {esc(runners)}" if runners else "") +
+                   f".</p><p class='rule'>{esc(s.get('rule'))}</p>")
         out.append("<details><summary>Per-layer scan table</summary>" +
                    table_html(["layer", "held-out AUC", "lens share", "score"], rows) + "</details>")
     if depth is not None and not depth.empty:
@@ -349,6 +358,42 @@ def findings_xent(run: RunTables) -> str:
     return "\n".join(out)
 
 
+def judge_floor(run: RunTables) -> float:
+    from steerstrength.config import ConceptConfig
+
+    floor = run.manifest.get("config", {}).get("concept", {}).get("judge_floor")
+    return float(floor) if isinstance(floor, (int, float)) else ConceptConfig().judge_floor
+
+
+def judge_caveat(run: RunTables, s: dict, judge: str) -> str:
+    """The warning set beside every concept-probability verdict whose judge measured below concept.judge_floor (or
+    was not measured)."""
+    acc = ((s.get("judge_accuracy") or {}).get(judge) or {}).get("balanced_accuracy")
+    floor = judge_floor(run)
+    if acc is None or not math.isfinite(acc):
+        return f" — the {judge} judge's held-out accuracy was not measured: read this verdict with care"
+    if acc < floor:
+        return (f" — the {judge} judge measured balanced accuracy {acc:.2f} on held-out P/N, below the floor "
+                f"{floor:.2f} (concept.judge_floor): this verdict rests on an unreliable judge")
+    return ""
+
+
+def judge_training(s: dict, judge: str) -> str:
+    """Where a judge was trained and measured, in words (the probe's training record and the accuracy counts)."""
+    desc = (s.get("judges") or {}).get(judge) or {}
+    acc = (s.get("judge_accuracy") or {}).get(judge) or {}
+    concept = s.get("concept")
+    trained = (desc.get("training") or {}).get(concept)
+    out = []
+    if trained:
+        out.append(f"trained on {trained.get('source')} ({trained.get('n_positive')} P, {trained.get('n_negative')} N, "
+                   f"{trained.get('n_neutral')} neutral texts)")
+    if acc:
+        out.append(f"measured on {acc.get('n_positive')} held-out P and {acc.get('n_negative')} held-out N texts "
+                   f"(balanced accuracy {fmt(acc.get('balanced_accuracy'))}, AUC {fmt(acc.get('auc'))})")
+    return "; ".join(out)
+
+
 def findings_concept(run: RunTables) -> str:
     data = run.summary("concept")
     if not data:
@@ -363,12 +408,17 @@ def findings_concept(run: RunTables) -> str:
                          (cur.get("n_per_alpha") or [None])[0], p[0] if p else None, p[-1] if p else None,
                          cur.get("spearman_rho"), fit.get("r2") if fit.get("status") == "ok" else fit.get("status")])
             bad = cur.get("degenerate_alphas") or []
+            caveat = judge_caveat(run, s, judge)
             verdicts.append(f"<li>{esc(key)} ({esc(judge)}): Thm 3.6 " +
                             verdict(rule_concept(cur), rule_concept_text(cur)) +
+                            (f" <b class='why'>{esc(caveat.removeprefix(' — '))}</b>" if caveat else "") +
                             (f" <span class='rule'>Degenerate text (repetition, non-words) at α = "
                              f"{esc(', '.join(fmt(a) for a in bad))}: the concept curve falls there because the "
                              "text has collapsed, not because the concept left.</span>" if bad else "") + "</li>")
     notes = [n for s in data.values() for n in (s.get("notes") or [])]
+    trained = {f"{s.get('concept')} ({judge}): {judge_training(s, judge)}" for s in data.values()
+               for judge in (s.get("curves") or {}) if judge_training(s, judge)}
+    notes += sorted(f"the judge of {t}" for t in trained)
     out = table_html(["vector", "judge", "judge balanced accuracy on P/N", "alphas", "completions per α",
                       "p at α_min", "p at α_max", "Spearman(α, p)", "tanh fit R²"], rows)
     return out + "<ul>" + "".join(verdicts) + "".join(f"<li>note: {esc(n)}</li>" for n in notes) + "</ul>"

@@ -59,13 +59,35 @@ def as_contexts(model: Model, contexts: Sequence[str | dict] | str, *, chat: boo
     return check_ids(out)
 
 
-def stage_contexts(concept: str | None, contexts_file=None, n_contexts: int | None = None) -> list[dict]:
-    """The contexts a next-token stage sweeps: the user's file, or the built-in ones (neutral + the concept's own);
-    `n_contexts` keeps that many, half of them (at least one) the concept's own when it has some."""
+def derive_contexts(concept: str, texts: Sequence[str], n: int, words: int) -> list[dict]:
+    """Concept contexts from a concept's own (held-out) P texts, as the curated ones are written: the opening `words`
+    words of each text (one fewer than the text has, so the next token stays open), the first `n` distinct ones."""
+    out, seen = [], set()
+    for text in texts:
+        parts = text.split()
+        if len(parts) < 3:
+            continue
+        opening = " ".join(parts[: min(words, len(parts) - 1)]).rstrip(",;:")
+        if opening.casefold() in seen:
+            continue
+        seen.add(opening.casefold())
+        out.append(dict(id=f"{concept[:66]}-own-{len(out) + 1}", text=opening, kind="concept"))
+        if len(out) == n:
+            break
+    return out
+
+
+def stage_contexts(concept: str | None, contexts_file=None, n_contexts: int | None = None,
+                   own: Sequence[dict] | None = None) -> list[dict]:
+    """The contexts a next-token stage sweeps: the user's file, or the built-in ones (neutral + the concept's own, or
+    `own` for a concept without built-in ones: derive_contexts); `n_contexts` keeps that many, half of them (at least
+    one) the concept's own when it has some."""
     if contexts_file:
         items = read_contexts(contexts_file)
     else:
         items = builtin_contexts(concept)
+        if own and not any(c["kind"] == "concept" for c in items):
+            items = items + [dict(c, kind="concept") for c in own]
         if n_contexts is not None:
             own = [c for c in items if c["kind"] == "concept"]
             neutral = [c for c in items if c["kind"] != "concept"]
