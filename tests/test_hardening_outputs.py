@@ -14,8 +14,10 @@ from test_pipeline import config, run, tiny_dir  # noqa: F401  (tiny_dir: the mo
 
 FAST = ["prompts", "vectors", "tokens"]
 SMALL_CLI = ["layers=1", "model.device=cpu", "tokens.n_alphas=4", "tokens.n_contexts=2"]  # `run`'s key=value sizes
-P = ["i am happy and glad today", "we laugh and smile in the sun", "my friend is very happy", "you love the morning"]
-N = ["i am sad and angry today", "we cry in the rain", "my friend is very sad", "you hate the evening"]
+P = ["i am happy and glad today", "we laugh and smile in the sun", "my friend is very happy", "you love the morning",
+     "the cat is glad to see you", "we smile at the house"]  # a run needs 6 texts a side (config.MIN_USER_TEXTS)
+N = ["i am sad and angry today", "we cry in the rain", "my friend is very sad", "you hate the evening",
+     "the cat is sad to see you", "we cry at the house"]
 
 
 def write_texts(path: Path, texts: list[str]) -> Path:
@@ -33,7 +35,8 @@ def test_a_prompts_file_edited_in_place_recomputes_prompts_vectors_and_the_table
     run(cfg, out, only=FAST)
     before = pd.read_parquet(out / "tables" / "tokens.parquet")
     assert {s: r[0] for s, r in run(cfg, out, only=FAST).items()} == dict.fromkeys(FAST, "cached")
-    write_texts(pos, ["the cat saw a dog", "the dog saw a cat", "a house in the rain", "the kitchen table"])
+    write_texts(pos, ["the cat saw a dog", "the dog saw a cat", "a house in the rain", "the kitchen table",
+                      "a dog in the house", "the morning table"])
     again = run(cfg, out, only=FAST)  # the same config, the same path: only the file's bytes changed
     assert {s: r[0] for s, r in again.items()} == dict.fromkeys(FAST, "done")
     assert "cat" in (out / "prompts" / "joy.positive.jsonl").read_text()
@@ -94,13 +97,14 @@ DOWNSTREAM = {"figures", "report"}
     ("mmlu.source", _mmlu_dir, lambda d: (d / "test" / "astronomy_test.csv").write_text("Q?,a,b,c,d,A\n"), {"mmlu"}),
     ("tokens.contexts_file", lambda d: write_texts(d / "contexts.jsonl", ["the cat"]),
      lambda p: write_texts(p, ["the dog"]), {"tokens", "logodds", "depth", "limit", "recommend"}),
-    ("prompts.negative_file", lambda d: write_texts(d / "n.jsonl", N), lambda p: write_texts(p, N[:3]),
+    ("prompts.negative_file", lambda d: write_texts(d / "n.jsonl", N), lambda p: write_texts(p, N[::-1]),
      {"prompts", "vectors", "tokens", "logodds", "depth", "limit", "xent", "concept", "mmlu", "recommend"}),
 ], ids=["concept-prompts", "corpus-file", "mmlu-dir", "contexts", "negative-prompts"])
 def test_editing_a_user_input_in_place_changes_exactly_the_keys_of_the_stages_that_read_it(tiny_dir, tmp_path, key,
                                                                                          make, edit, changed):
     path = make(tmp_path)
-    cfg = config(tiny_dir, f"{key}={path}")
+    pair = [f"prompts.positive_file={write_texts(tmp_path / 'p.jsonl', P)}"] if key == "prompts.negative_file" else []
+    cfg = config(tiny_dir, f"{key}={path}", *pair)  # N only is refused: P comes with it
     before = stage_keys(cfg)
     assert stage_keys(cfg) == before  # the same bytes: the same keys
     edit(path)
