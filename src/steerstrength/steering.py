@@ -883,6 +883,232 @@ def sample_rows(model: Model, enc: Encoded, seeds: Sequence[int], *, max_new_tok
     return out
 
 
+# ----------------------------------------------------------------------------- batched steered sampling
+#
+# The decode loop of the generation stages (concept, recommend, the controls of the trust issue). Rows are
+# (prompt, vector, alpha, seed); what does not depend on alpha or the vector is computed once:
+# - blocks 0..l of each distinct prompt run once (their keys are unsteered: the edit is at block l's output);
+# - blocks l+1.. of the prompt run once per distinct (prompt, vector, alpha), shared by its completions, and
+#   give their first token's distribution;
+# - each row then decodes one token per step, steered by its own alpha_r * V[vector_r] (any mix of vectors
+#   and alphas in one batch), into a KV cache preallocated for the whole completion (no concatenation);
+# - finished rows leave the batch.
+# Row r draws one uniform per step from its own generator (as `RowSampler`), so its text is a function of
+# (prompt, vector, alpha, seed) and the settings, not of its batch (up to float rounding between batch shapes).
+
+# Set to "hf" to sample through `model.hf.generate` with a hook (the former path; benchmarks compare the two).
+GENERATION_ENGINE = "batched"
+# Prompt tokens per prefill forward (rows x padded length): bounded memory for long prompts and many groups.
+PREFILL_TOKEN_BUDGET = 16384
+
+
+def as_vectors(model: Model, vectors) -> torch.Tensor:
+    """[n, d_model] on the model's device and dtype: one vector, a list of vectors/SteeringVectors, or a stacked
+    [n, d] tensor; each checked as `as_vector`."""
+    if isinstance(vectors, torch.Tensor) and vectors.ndim == 2:
+        return torch.stack([as_vector(model, v) for v in vectors]) if len(vectors) else \
+            vectors.to(device=model.device, dtype=model.dtype).reshape(0, model.d_model)
+    if isinstance(vectors, (list, tuple)):
+        return torch.stack([as_vector(model, v) for v in vectors])
+    return as_vector(model, vectors)[None, :]
+
+
+class _RowDelta:
+    """A forward hook adding each batch row's own steering delta [B, d] at `positions`; `delta` may be
+    replaced between forwards (rows leave the batch)."""
+
+    def __init__(self, delta: torch.Tensor | None):
+        self.delta = delta
+
+    def __call__(self, _module, _inputs, output):
+        if self.delta is None:
+            return output
+        h = _hidden(output)
+        return _replace_hidden(output, h + self.delta.to(h.device)[:, None, :])
+
+
+class _Preallocated:
+    """Cache layer mixin: keys and values live in a buffer sized for the whole completion; a forward writes its
+    new keys in place and attends to a view of the filled part (no concatenation, no copy per step)."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.buffer_k.shape[-2]:
+            raise RuntimeError("the preallocated KV cache is full")
+        self.buffer_k[:, :, self.length:end] = key_states
+        self.buffer_v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.buffer_k[:, :, :end], self.buffer_v[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.buffer_k, self.buffer_v = self.buffer_k[indices], self.buffer_v[indices]
+        self.keys, self.values = self.buffer_k[:, :, :self.length], self.buffer_v[:, :, :self.length]
+
+
+@functools.cache
+def _preallocated_class():
+    from transformers.cache_utils import DynamicLayer
+
+    return type("PreallocatedDynamicLayer", (_Preallocated, DynamicLayer), {})
+
+
+def _decode_cache(model: Model, layers_kv: dict[int, tuple[torch.Tensor, torch.Tensor]], capacity: int):
+    """A KV cache holding `layers_kv` (every layer, batch = rows), full-attention layers preallocated to
+    `capacity` positions; other layer kinds (sliding windows) keep their own update."""
+    from transformers.cache_utils import DynamicLayer
+
+    cache = prefix_cache(model, layers_kv)
+    twin = _preallocated_class()
+    for idx, cache_layer in enumerate(cache.layers):
+        if type(cache_layer) is DynamicLayer and cache_layer.keys is not None:
+            keys, values = cache_layer.keys, cache_layer.values
+            B, H, T, D = keys.shape
+            buffer_k = keys.new_empty((B, H, capacity, D))
+            buffer_v = values.new_empty((B, H, capacity, values.shape[-1]))
+            buffer_k[:, :, :T], buffer_v[:, :, :T] = keys, values
+            cache.layers[idx] = layer = object.__new__(twin)
+            layer.__dict__.update(cache_layer.__dict__, buffer_k=buffer_k, buffer_v=buffer_v, length=T,
+                                  keys=buffer_k[:, :, :T], values=buffer_v[:, :, :T])
+    return cache
+
+
+def _draw(generators: Sequence[torch.Generator], scores: torch.Tensor, temperature: float, top_p: float,
+          top_k: int) -> torch.Tensor:
+    """[B] token ids: row r by inverse CDF at one uniform from generators[r] (the rule of `RowSampler`)."""
+    values, ids = candidates(scores, temperature, top_p, top_k)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    cdf = values.cumsum(-1)
+    target = (u.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    pick = torch.searchsorted(cdf, target).clamp(max=values.shape[-1] - 1)
+    pick = torch.where(values.gather(-1, pick) > 0, pick, values.argmax(-1, keepdim=True))
+    return ids.gather(-1, pick)[:, 0]
+
+
+def _group_rows(rows: Sequence[tuple[int, int, float, int]]) -> tuple[list[int], list[tuple], list[int], list[int]]:
+    """(distinct prompt indices, distinct (prompt, vector, alpha) groups, each group's prompt slot, each row's group)."""
+    prompts = sorted({r[0] for r in rows})
+    slot = {p: i for i, p in enumerate(prompts)}
+    groups = sorted({(r[0], r[1], float(r[2])) for r in rows}, key=lambda g: (slot[g[0]], g[1], g[2]))
+    index = {g: i for i, g in enumerate(groups)}
+    return prompts, groups, [slot[g[0]] for g in groups], [index[(r[0], r[1], float(r[2]))] for r in rows]
+
+
+@torch.inference_mode()
+def _prefill(model: Model, enc: Encoded, layer: int | None, vectors: torch.Tensor | None, groups, group_slot,
+             positions: str):
+    """(first-token logits [G, V] float32, {layer: (keys, values)} per prompt slot for blocks 0..l, per group
+    above l): blocks 0..l once per prompt, blocks l+1.. once per (prompt, vector, alpha) group."""
+    T = enc.input_ids.shape[1]
+    slots = torch.tensor(group_slot, device=model.device)
+
+    def sub(e: Encoded, idx: torch.Tensor) -> Encoded:
+        return Encoded(e.input_ids[idx], e.attention_mask[idx], e.position_ids[idx], e.padding_side)
+
+    if layer is None:  # unsteered: the whole model once per prompt
+        cache = prefix_cache(model)
+        logits = _forward(model, enc, use_cache=True, past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+        return logits[slots], cache_snapshot(cache, range(model.n_layers)), None
+    low = prefix_cache(model)
+    h = hidden_at(model, enc, layer, past_key_values=low)  # [P, T, d]
+    lo = cache_snapshot(low, range(layer + 1))
+    step = max(1, PREFILL_TOKEN_BUDGET // max(1, T))
+    logits, hi_parts = [], []
+    for start in range(0, len(groups), step):
+        part = groups[start:start + step]
+        idx = slots[start:start + len(part)]
+        alphas = torch.tensor([g[2] for g in part], dtype=h.dtype, device=h.device)
+        delta = alphas[:, None] * vectors[torch.tensor([g[1] for g in part], device=vectors.device)]
+        steered = h[idx].clone()
+        if positions == "all":
+            steered += delta[:, None, :]
+        else:
+            steered[:, -1] += delta
+        cache = prefix_cache(model)
+        logits.append(forward_from(model, sub(enc, idx), layer, steered, logits_to_keep=1,
+                                   past_key_values=cache)[:, -1].float())
+        hi_parts.append(cache_snapshot(cache, range(layer + 1, model.n_layers)))
+    hi = {i: tuple(torch.cat([p[i][j] for p in hi_parts]) if len(hi_parts) > 1 else hi_parts[0][i][j]
+                   for j in range(2)) for i in range(layer + 1, model.n_layers)}
+    return torch.cat(logits), lo, hi
+
+
+@torch.inference_mode()
+def sample_steered(model: Model, prompts: Sequence[Sequence[int]], rows: Sequence[tuple[int, int, float, int]], *,
+                   max_new_tokens: int, temperature: float, top_p: float, top_k: int, stops: Sequence[int],
+                   vectors: torch.Tensor | None = None, layer: int | None = None, positions: str = "all") -> list[dict]:
+    """One sampled continuation per row (prompt_index, vector_index, alpha, seed), all rows in one decode loop:
+    {ids, n_tokens, finish ("stop"|"length")}, cut at the first of `stops`. Row r adds alpha_r * vectors[vector_r]
+    after block `layer` (`vectors` [n, d], or None: unsteered); it samples from its own generator seeded seed_r.
+    """
+    check_positions(positions)
+    B = len(rows)
+    if B == 0:
+        return []
+    dev = model.device
+    prompt_list, groups, group_slot, row_group = _group_rows(rows)
+    enc = model.pad([list(prompts[p]) for p in prompt_list], padding_side="left")
+    T = enc.input_ids.shape[1]
+    steered = vectors is not None and layer is not None
+    first_logits, lo, hi = _prefill(model, enc, layer if steered else None, vectors, groups, group_slot, positions)
+
+    # Each row's prompt cache: blocks 0..l from its prompt, blocks l+1.. from its group (one copy, into the buffer).
+    row_group_t = torch.tensor(row_group, device=dev)
+    row_slot_t = torch.tensor(group_slot, device=dev)[row_group_t]
+    if steered:
+        kv = {i: (k[row_slot_t], v[row_slot_t]) for i, (k, v) in lo.items()}
+        kv.update({i: (k[row_group_t], v[row_group_t]) for i, (k, v) in hi.items()})
+        alphas = torch.tensor([float(r[2]) for r in rows], dtype=vectors.dtype, device=vectors.device)
+        delta = alphas[:, None] * vectors[torch.tensor([r[1] for r in rows], device=vectors.device)]
+    else:
+        kv = {i: (k[row_slot_t], v[row_slot_t]) for i, (k, v) in lo.items()}
+        delta = None
+    cache = _decode_cache(model, kv, T + max_new_tokens)
+    mask = enc.attention_mask[row_slot_t]
+    position = enc.position_ids[row_slot_t][:, -1:]
+    generators = [torch.Generator().manual_seed(int(r[3])) for r in rows]
+    stop_set = torch.tensor(sorted(set(int(s) for s in stops)) or [-1], device=dev)
+
+    out: list[dict] = [{} for _ in rows]
+    tokens: list[list[int]] = [[] for _ in rows]
+    active = list(range(B))  # original row index of each batch row
+    hook = _RowDelta(delta)
+    handle = model.blocks[layer].register_forward_hook(hook) if steered else None
+    try:
+        logits = first_logits[row_group_t]
+        for step in range(max_new_tokens):
+            picked = _draw(generators, logits, temperature, top_p, top_k)
+            done = torch.isin(picked, stop_set)
+            for j, (r, t, d) in enumerate(zip(active, picked.tolist(), done.tolist())):
+                if d:
+                    out[r] = dict(ids=tokens[r], n_tokens=len(tokens[r]), finish="stop")
+                else:
+                    tokens[r].append(t)
+            if step == max_new_tokens - 1:
+                break
+            keep = (~done).nonzero()[:, 0]
+            if keep.numel() == 0:
+                break
+            if keep.numel() < len(active):  # finished rows leave the batch
+                active = [active[j] for j in keep.tolist()]
+                generators = [generators[j] for j in keep.tolist()]
+                picked, mask, position = picked[keep], mask[keep], position[keep]
+                cache.batch_select_indices(keep)
+                if hook.delta is not None:
+                    hook.delta = hook.delta[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            position = position + 1
+            logits = _forward(model, Encoded(picked[:, None], mask, position, "left"), use_cache=True,
+                              past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+    finally:
+        if handle is not None:
+            handle.remove()
+    for r in range(B):
+        if not out[r]:
+            out[r] = dict(ids=tokens[r], n_tokens=len(tokens[r]), finish="length")
+    return out
+
+
 # ----------------------------------------------------------------------------- differentiable replay
 
 

@@ -116,40 +116,71 @@ class SamplingSettings:
         return self
 
 
-def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple[str, float, int]],
-                  settings: SamplingSettings, *, batch_size: int = 64, progress: Callable | None = None) -> list[dict]:
-    """Completions of (prompt, alpha, seed) rows; batches of rows share one `generate` call each.
+def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], settings: SamplingSettings, *,
+                  batch_size: int = 64, progress: Callable | None = None) -> list[dict]:
+    """Completions of (prompt, alpha, seed) rows, or of (prompt, vector_index, alpha, seed) rows when `vector` is a
+    stacked [n_vectors, d] tensor (or a list of vectors): the concept direction and its random controls, every
+    alpha and completion, share one batched decode loop (steering.sample_steered).
 
-    Each row samples from its own generator (steering.sample_rows), so its text depends on its
-    (prompt, alpha, seed) and the settings only; alpha is per row in the batch.
+    Each row samples from its own generator, so its text depends on its (prompt, vector, alpha, seed) and the
+    settings only. Rows are batched by prompt, then vector and alpha: a batch's prompt runs once through blocks
+    0..l, and once through blocks l+1.. per (vector, alpha), shared by its completions.
     """
     from steerstrength.prompts import stop_ids
+    from steerstrength.steering import as_vectors
 
     settings.check(batch_size)
-    v = as_vector(model, vector)
+    vectors = as_vectors(model, vector)
     check_layer(model, layer)
+    rows = [tuple(r) if len(r) == 4 else (r[0], 0, r[1], r[2]) for r in rows]
+    bad = [r for r in rows if not 0 <= int(r[1]) < len(vectors)]
+    if bad:
+        raise InputError(f"a row names vector {bad[0][1]} but {len(vectors)} vector(s) were given")
     if settings.chat and not model.has_chat_template:
         raise InputError(f"{model.name} has no chat template; run without the chat template (--no-chat)")
     stops = stop_ids(model)
-    ids = {p: model.token_ids(p, chat=settings.chat) for p in {r[0] for r in rows}}
+    prompts = sorted({r[0] for r in rows})
+    ids = {p: model.token_ids(p, chat=settings.chat) for p in prompts}
     longest = max((len(i) for i in ids.values()), default=0)
     if model.max_length and longest + settings.max_new_tokens > model.max_length:
         raise InputError(f"a prompt ({longest} tokens) plus {settings.max_new_tokens} new tokens exceeds "
                          f"{model.name}'s maximum length {model.max_length}; lower --max-new-tokens")
     out: list[dict] = [{} for _ in rows]
-    order = sorted(range(len(rows)), key=lambda i: (len(ids[rows[i][0]]), rows[i][0]))  # little padding
+    # Prompt, then vector and alpha: rows that share prefill work share a batch; similar lengths pad little.
+    order = sorted(range(len(rows)), key=lambda i: (len(ids[rows[i][0]]), rows[i][0], int(rows[i][1]),
+                                                    float(rows[i][2])))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = model.pad([ids[rows[i][0]] for i in idx], padding_side="left")
-        samples = sample_rows(model, enc, [rows[i][2] for i in idx], max_new_tokens=settings.max_new_tokens,
-                              temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                              stops=stops, vector=v, layer=layer, alphas=[rows[i][1] for i in idx],
-                              positions=settings.positions)
-        for i, s in zip(idx, samples):
+        for i, s in zip(idx, _sample_batch(model, ids, [rows[i] for i in idx], vectors, layer, settings, stops)):
             out[i] = {"completion": s["text"], "n_new_tokens": s["n_tokens"], "finish": s["finish"]}
         if progress is not None:
             progress(len(idx))
     return out
+
+
+def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer: int, settings: SamplingSettings,
+                  stops: Sequence[int]) -> list[dict]:
+    """One batch of (prompt, vector_index, alpha, seed) rows through the engine steering.GENERATION_ENGINE names."""
+    from steerstrength import steering
+
+    kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+              top_k=settings.top_k, stops=stops)
+    if steering.GENERATION_ENGINE == "hf":  # the former path: one `generate` with a hook, one vector per call
+        out: list[dict] = [{} for _ in rows]
+        for k in sorted({int(r[1]) for r in rows}):
+            idx = [i for i, r in enumerate(rows) if int(r[1]) == k]
+            enc = model.pad([ids[rows[i][0]] for i in idx], padding_side="left")
+            samples = sample_rows(model, enc, [rows[i][3] for i in idx], vector=vectors[k], layer=layer,
+                                  alphas=[rows[i][2] for i in idx], positions=settings.positions, **kw)
+            for i, s in zip(idx, samples):
+                out[i] = s
+        return out
+    prompts = sorted({r[0] for r in rows})
+    slot = {p: i for i, p in enumerate(prompts)}
+    done = steering.sample_steered(model, [ids[p] for p in prompts], [(slot[r[0]], int(r[1]), float(r[2]), int(r[3]))
+                                                                        for r in rows],
+                                   vectors=vectors, layer=layer, positions=settings.positions, **kw)
+    return [dict(text=model.decode(d["ids"]).strip(), n_tokens=d["n_tokens"], finish=d["finish"]) for d in done]
 
 
 def regenerate(model: Model, vector, layer: int, prompt: str, alpha: float, seed: int,
