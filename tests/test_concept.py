@@ -248,7 +248,10 @@ def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path)
     # Every completion is measured for degeneration, in both tables, by the documented rule.
     for col in ("n_words", "distinct2", "repeat_share", "nonword_share", "degenerate"):
         assert col in c.columns and col in s.columns
-    assert c["degenerate"].tolist() == [degeneration(t)["degenerate"] for t in c["completion"]]
+    assert c["degenerate_rules"].tolist() == [degeneration(t)["degenerate"] for t in c["completion"]]
+    # Degenerate: by the rules, or read as noise by the unsteered model (above the calibrated NLL threshold).
+    threshold = result.summary["fluency_calibration"]["threshold"]
+    assert c["degenerate"].tolist() == (c["degenerate_rules"] | (c["nll"] > threshold)).tolist()
     assert "degenerate_share" in result.curve.columns and result.curve["degenerate"].dtype == bool
     pooled = result.curve[result.curve.scope == "pooled"]
     assert len(pooled) == 3 and (pooled["n"] == 6).all()
@@ -407,3 +410,31 @@ def test_the_batched_engine_samples_what_hf_generate_samples(model, vector):
     finally:
         steering.GENERATION_ENGINE = "batched"
     assert ours == theirs
+
+
+def test_completion_nll_is_the_unsteered_models_teacher_forced_loss(model):
+    from steerstrength.steering import completion_nll
+
+    prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
+    rows = [(0, model.token_ids("happy and glad")[1:]), (1, model.token_ids("a dog")[1:]), (0, [])]
+    got = completion_nll(model, prompts, rows)
+    for (p, ids), nll in zip(rows, got):
+        assert nll.shape == (len(ids),)
+        if not ids:
+            continue
+        full = torch.tensor([prompts[p] + ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model.hf(input_ids=full).logits[0].float(), -1)
+        want = [-float(logp[len(prompts[p]) - 1 + j, t]) for j, t in enumerate(ids)]
+        assert np.allclose(nll, want, atol=1e-4)
+
+
+def test_degenerate_completions_are_counted_apart_from_the_fluent_concept_probability():
+    scores = pd.DataFrame(dict(judge="lexicon", alpha=[1.0] * 4 + [2.0] * 4, prompt_index=0, score=1.0,
+                               judged=[True, True, False, False, True, True, True, True],
+                               degenerate=[False, False, False, True, True, True, True, False]))
+    pooled = concept_curve(scores).query("scope == 'pooled'").set_index("alpha")
+    assert pooled.loc[1.0, "p"] == 0.5 and pooled.loc[2.0, "p"] == 1.0  # the judge's rate, as before
+    assert pooled.loc[1.0, "n_fluent"] == 3 and pooled.loc[1.0, "p_fluent"] == pytest.approx(2 / 3)
+    assert pooled.loc[2.0, "degenerate_share"] == 0.75 and pooled.loc[2.0, "p_fluent"] == 1.0
+    assert pooled.loc[2.0, "ci_low_fluent"] < 0.5  # one fluent completion decides nothing

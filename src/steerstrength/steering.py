@@ -21,6 +21,7 @@ import functools
 import math
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -1106,6 +1107,46 @@ def sample_steered(model: Model, prompts: Sequence[Sequence[int]], rows: Sequenc
     for r in range(B):
         if not out[r]:
             out[r] = dict(ids=tokens[r], n_tokens=len(tokens[r]), finish="length")
+    return out
+
+
+@torch.inference_mode()
+def completion_nll(model: Model, prompts: Sequence[Sequence[int]], rows: Sequence[tuple[int, Sequence[int]]], *,
+                   logit_budget: int = DEFAULT_LOGIT_BUDGET) -> list[np.ndarray]:
+    """Per row (prompt_index, completion ids): each completion token's negative log-likelihood (nats, float64)
+    under the unsteered model, teacher-forced after its prompt. Each distinct prompt runs once; its KV cache
+    is expanded to the rows that complete it (the text as the unsteered model reads it)."""
+    out = [np.zeros(0) for _ in rows]
+    todo = [r for r in range(len(rows)) if len(rows[r][1])]
+    todo.sort(key=lambda r: (rows[r][0], len(rows[r][1])))
+    k_max = max((len(rows[r][1]) for r in todo), default=1)
+    size = max(1, logit_budget // (k_max * model.vocab_size))
+    dev = model.device
+    for start in range(0, len(todo), size):
+        chunk = todo[start:start + size]
+        slots = sorted({rows[r][0] for r in chunk})
+        slot = {p: i for i, p in enumerate(slots)}
+        enc = model.pad([list(prompts[p]) for p in slots], padding_side="left")
+        cache = prefix_cache(model)
+        first = _forward(model, enc, use_cache=True, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        first = torch.log_softmax(first.float(), dim=-1)
+        idx = torch.tensor([slot[rows[r][0]] for r in chunk], device=dev)
+        kv = {i: (k[idx], v[idx]) for i, (k, v) in cache_snapshot(cache, range(model.n_layers)).items()}
+        comp = model.pad([list(rows[r][1]) for r in chunk], padding_side="right")
+        k = comp.input_ids.shape[1]
+        mask = torch.cat([enc.attention_mask[idx], comp.attention_mask], dim=-1)
+        position = enc.position_ids[idx][:, -1:] + 1 + torch.arange(k, device=dev)
+        logits = _forward(model, Encoded(comp.input_ids, mask, position, "right"), use_cache=True,
+                          past_key_values=prefix_cache(model, kv), logits_to_keep=0).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # position j predicts completion token j + 1
+        target = comp.input_ids
+        nll = torch.empty(target.shape, dtype=torch.float64)
+        nll[:, 0] = -first[idx].gather(-1, target[:, :1])[:, 0].double().cpu()
+        if k > 1:
+            nll[:, 1:] = -logp[:, :-1].gather(-1, target[:, 1:, None])[..., 0].double().cpu()
+        for j, r in enumerate(chunk):
+            out[r] = nll[j, :len(rows[r][1])].numpy()
+        del logits, logp
     return out
 
 
