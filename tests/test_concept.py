@@ -438,3 +438,31 @@ def test_degenerate_completions_are_counted_apart_from_the_fluent_concept_probab
     assert pooled.loc[1.0, "n_fluent"] == 3 and pooled.loc[1.0, "p_fluent"] == pytest.approx(2 / 3)
     assert pooled.loc[2.0, "degenerate_share"] == 0.75 and pooled.loc[2.0, "p_fluent"] == 1.0
     assert pooled.loc[2.0, "ci_low_fluent"] < 0.5  # one fluent completion decides nothing
+
+
+@pytest.mark.slow
+def test_the_fluency_check_separates_fluent_from_scrambled_text_on_held_out_texts(default_model):
+    """Issue 24 item 3: fit on the train split's fluent texts vs their token shuffles, measured on the held-out split."""
+    from steerstrength.metrics.concept import calibrate_fluency, mean_nll
+
+    cal = calibrate_fluency(default_model, chat=True, n_texts=16, max_tokens=16, splits=("train", "heldout"))
+    assert cal["n_heldout"] == 32 and cal["heldout_accuracy"] >= 0.9
+    # Word salad of the kind steering produces reads as noise; a plain sentence does not.
+    salad = "derWordstritbodied ACRIMACROzu MACHATA-ERUSONUS derWordstrincdeath fragments blissfulREAM"
+    plain = "I spent the morning at the library and then walked home through the park."
+    nll = mean_nll(default_model, ["Tell me about your day."] * 2, [salad, plain], chat=True, max_tokens=16)
+    assert nll[0] > cal["threshold"] > nll[1]
+
+
+def test_the_fluency_read_during_the_decode_is_the_unsteered_models_nll_of_the_tokens(model, vector):
+    """sample_steered(read_tokens=k) reruns only blocks l+1.. on the recorded residual stream; it must equal a plain
+    teacher-forced unsteered forward of prompt + the first k generated tokens."""
+    from steerstrength.steering import completion_nll, sample_steered
+
+    prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
+    rows = [(0, 0, 9.0, 1), (1, 0, -9.0, 2), (0, 0, 0.0, 3), (1, 0, 30.0, 4)]
+    done = sample_steered(model, prompts, rows, max_new_tokens=7, temperature=1.0, top_p=1.0, top_k=0, stops=[2],
+                          vectors=vector[None, :], layer=1, read_tokens=5)
+    want = completion_nll(model, prompts, [(r[0], d["ids"][:5]) for r, d in zip(rows, done)])
+    for d, w in zip(done, want):
+        assert d["nll"].shape == w.shape and np.allclose(d["nll"], w, atol=1e-4)

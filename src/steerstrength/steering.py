@@ -920,11 +920,14 @@ class _RowDelta:
 
     def __init__(self, delta: torch.Tensor | None):
         self.delta = delta
+        self.record = None  # a list: each forward's unsteered last-position residual stream is appended
 
     def __call__(self, _module, _inputs, output):
+        h = _hidden(output)
+        if self.record is not None:
+            self.record.append(h[:, -1].clone())
         if self.delta is None:
             return output
-        h = _hidden(output)
         return _replace_hidden(output, h + self.delta.to(h.device)[:, None, :])
 
 
@@ -997,7 +1000,7 @@ def _group_rows(rows: Sequence[tuple[int, int, float, int]]) -> tuple[list[int],
 
 @torch.inference_mode()
 def _prefill(model: Model, enc: Encoded, layer: int | None, vectors: torch.Tensor | None, groups, group_slot,
-             positions: str):
+             positions: str, read: dict | None = None):
     """(first-token logits [G, V] float32, {layer: (keys, values)} per prompt slot for blocks 0..l, per group
     above l): blocks 0..l once per prompt, blocks l+1.. once per (prompt, vector, alpha) group."""
     T = enc.input_ids.shape[1]
@@ -1031,16 +1034,26 @@ def _prefill(model: Model, enc: Encoded, layer: int | None, vectors: torch.Tenso
         hi_parts.append(cache_snapshot(cache, range(layer + 1, model.n_layers)))
     hi = {i: tuple(torch.cat([p[i][j] for p in hi_parts]) if len(hi_parts) > 1 else hi_parts[0][i][j]
                    for j in range(2)) for i in range(layer + 1, model.n_layers)}
+    if read is not None:  # the unsteered model above l, once per prompt: its first-token logits and keys (fluency reading)
+        cache = prefix_cache(model)
+        plain = forward_from(model, enc, layer, h, logits_to_keep=1, past_key_values=cache)[:, -1].float()
+        read.update(logits=plain, hi=cache_snapshot(cache, range(layer + 1, model.n_layers)))
     return torch.cat(logits), lo, hi
 
 
 @torch.inference_mode()
 def sample_steered(model: Model, prompts: Sequence[Sequence[int]], rows: Sequence[tuple[int, int, float, int]], *,
                    max_new_tokens: int, temperature: float, top_p: float, top_k: int, stops: Sequence[int],
-                   vectors: torch.Tensor | None = None, layer: int | None = None, positions: str = "all") -> list[dict]:
+                   vectors: torch.Tensor | None = None, layer: int | None = None, positions: str = "all",
+                   read_tokens: int = 0) -> list[dict]:
     """One sampled continuation per row (prompt_index, vector_index, alpha, seed), all rows in one decode loop:
     {ids, n_tokens, finish ("stop"|"length")}, cut at the first of `stops`. Row r adds alpha_r * vectors[vector_r]
     after block `layer` (`vectors` [n, d], or None: unsteered); it samples from its own generator seeded seed_r.
+
+    With `read_tokens` (steered only), each row also gets `nll`: the unsteered model's negative log-likelihood of
+    its first `read_tokens` tokens, teacher-forced after the prompt. Blocks 0..l of the unsteered model see
+    exactly what the steered decode fed them (the edit is at block l's output), so their residual stream is
+    recorded during the decode and only blocks l+1.. run again, over the new tokens, on the prompt's unsteered keys.
     """
     check_positions(positions)
     B = len(rows)
@@ -1051,7 +1064,9 @@ def sample_steered(model: Model, prompts: Sequence[Sequence[int]], rows: Sequenc
     enc = model.pad([list(prompts[p]) for p in prompt_list], padding_side="left")
     T = enc.input_ids.shape[1]
     steered = vectors is not None and layer is not None
-    first_logits, lo, hi = _prefill(model, enc, layer if steered else None, vectors, groups, group_slot, positions)
+    read = {} if steered and read_tokens > 0 else None
+    first_logits, lo, hi = _prefill(model, enc, layer if steered else None, vectors, groups, group_slot, positions,
+                                    read)
 
     # Each row's prompt cache: blocks 0..l from its prompt, blocks l+1.. from its group (one copy, into the buffer).
     row_group_t = torch.tensor(row_group, device=dev)
@@ -1074,6 +1089,7 @@ def sample_steered(model: Model, prompts: Sequence[Sequence[int]], rows: Sequenc
     tokens: list[list[int]] = [[] for _ in rows]
     active = list(range(B))  # original row index of each batch row
     hook = _RowDelta(delta)
+    recorded: list[tuple[list[int], torch.Tensor]] = []  # (rows, their unsteered residual at block l) per step
     handle = model.blocks[layer].register_forward_hook(hook) if steered else None
     try:
         logits = first_logits[row_group_t]
@@ -1099,14 +1115,59 @@ def sample_steered(model: Model, prompts: Sequence[Sequence[int]], rows: Sequenc
                     hook.delta = hook.delta[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             position = position + 1
+            hook.record = [] if read is not None and step < read_tokens - 1 else None
             logits = _forward(model, Encoded(picked[:, None], mask, position, "left"), use_cache=True,
                               past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+            if hook.record:
+                recorded.append((list(active), hook.record[0]))
     finally:
         if handle is not None:
             handle.remove()
+        hook.record = None
     for r in range(B):
         if not out[r]:
             out[r] = dict(ids=tokens[r], n_tokens=len(tokens[r]), finish="length")
+    if read is not None:
+        del cache
+        for r, nll in enumerate(_read_unsteered(model, layer, read, kv, row_slot_t, enc, tokens, recorded,
+                                                read_tokens)):
+            out[r]["nll"] = nll
+    return out
+
+
+@torch.inference_mode()
+def _read_unsteered(model: Model, layer: int, read: dict, kv: dict, row_slot: torch.Tensor, enc: Encoded,
+                    tokens: list[list[int]], recorded: list, read_tokens: int) -> list[np.ndarray]:
+    """Per row: the unsteered NLL of its first `read_tokens` tokens, from the recorded block-l residual streams of
+    its tokens (blocks l+1.. only, over the prompt's unsteered keys above l and its keys up to l)."""
+    B, d = len(tokens), model.d_model
+    n = [min(len(t), read_tokens) for t in tokens]
+    first = torch.log_softmax(read["logits"], dim=-1)[row_slot]  # [B, V]: the prompt's unsteered next token
+    out = [np.array([-float(first[r, tokens[r][0]])]) if n[r] else np.zeros(0) for r in range(B)]
+    k = max(n) - 1  # positions fed back: tokens 0..n-2 predict tokens 1..n-1
+    if k <= 0:
+        return out
+    hidden = torch.zeros((B, k, d), dtype=model.dtype, device=model.device)
+    for j, (rows, h) in enumerate(recorded[:k]):
+        hidden[torch.tensor(rows, device=model.device), j] = h
+    ids = torch.full((B, k), model.pad_id, dtype=torch.long, device=model.device)
+    own = torch.zeros((B, k), dtype=torch.long, device=model.device)
+    for r in range(B):
+        if n[r] > 1:
+            ids[r, :n[r] - 1] = torch.tensor(tokens[r][:n[r] - 1])
+            own[r, :n[r] - 1] = 1
+    mask = torch.cat([enc.attention_mask[row_slot], own], dim=-1)
+    position = enc.position_ids[row_slot][:, -1:] + 1 + torch.arange(k, device=model.device)
+    cache = prefix_cache(model, {**{i: kv[i] for i in range(layer + 1)},
+                                 **{i: (a[row_slot], b[row_slot]) for i, (a, b) in read["hi"].items()}})
+    logits = forward_from(model, Encoded(ids, mask, position, "right"), layer, hidden, logits_to_keep=0,
+                          past_key_values=cache)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    for r in range(B):
+        if n[r] > 1:
+            nxt = torch.tensor(tokens[r][1:n[r]], device=model.device)
+            more = -logp[r, torch.arange(n[r] - 1), nxt].double().cpu().numpy()
+            out[r] = np.concatenate([out[r], more])
     return out
 
 

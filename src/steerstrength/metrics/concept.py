@@ -117,14 +117,15 @@ class SamplingSettings:
 
 
 def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], settings: SamplingSettings, *,
-                  batch_size: int = 64, progress: Callable | None = None) -> list[dict]:
+                  batch_size: int = 64, read_tokens: int = 0, progress: Callable | None = None) -> list[dict]:
     """Completions of (prompt, alpha, seed) rows, or of (prompt, vector_index, alpha, seed) rows when `vector` is a
     stacked [n_vectors, d] tensor (or a list of vectors): the concept direction and its random controls, every
     alpha and completion, share one batched decode loop (steering.sample_steered).
 
     Each row samples from its own generator, so its text depends on its (prompt, vector, alpha, seed) and the
     settings only. Rows are batched by prompt, then vector and alpha: a batch's prompt runs once through blocks
-    0..l, and once through blocks l+1.. per (vector, alpha), shared by its completions.
+    0..l, and once through blocks l+1.. per (vector, alpha), shared by its completions. With `read_tokens`, each
+    row also gets `nll`: the unsteered model's mean NLL of its first `read_tokens` tokens (the fluency reading).
     """
     from steerstrength.prompts import stop_ids
     from steerstrength.steering import as_vectors
@@ -151,15 +152,18 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
                                                     float(rows[i][2])))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        for i, s in zip(idx, _sample_batch(model, ids, [rows[i] for i in idx], vectors, layer, settings, stops)):
+        for i, s in zip(idx, _sample_batch(model, ids, [rows[i] for i in idx], vectors, layer, settings, stops,
+                                           read_tokens)):
             out[i] = {"completion": s["text"], "n_new_tokens": s["n_tokens"], "finish": s["finish"]}
+            if "nll" in s:
+                out[i]["nll"] = s["nll"]
         if progress is not None:
             progress(len(idx))
     return out
 
 
 def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer: int, settings: SamplingSettings,
-                  stops: Sequence[int]) -> list[dict]:
+                  stops: Sequence[int], read_tokens: int = 0) -> list[dict]:
     """One batch of (prompt, vector_index, alpha, seed) rows through the engine steering.GENERATION_ENGINE names."""
     from steerstrength import steering
 
@@ -179,8 +183,11 @@ def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer
     slot = {p: i for i, p in enumerate(prompts)}
     done = steering.sample_steered(model, [ids[p] for p in prompts], [(slot[r[0]], int(r[1]), float(r[2]), int(r[3]))
                                                                         for r in rows],
-                                   vectors=vectors, layer=layer, positions=settings.positions, **kw)
-    return [dict(text=model.decode(d["ids"]).strip(), n_tokens=d["n_tokens"], finish=d["finish"]) for d in done]
+                                   vectors=vectors, layer=layer, positions=settings.positions,
+                                   read_tokens=read_tokens, **kw)
+    return [dict(text=model.decode(d["ids"]).strip(), n_tokens=d["n_tokens"], finish=d["finish"],
+                 **({"nll": float(d["nll"].mean()) if d["nll"].size else float("nan")} if "nll" in d else {}))
+            for d in done]
 
 
 def regenerate(model: Model, vector, layer: int, prompt: str, alpha: float, seed: int,
@@ -589,7 +596,9 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     rows = [(p, alpha, completion_seed(seed, p, c)) for p in prompts for alpha in a for c in range(n_completions)]
     meta = [(pi, c) for pi, _ in enumerate(prompts) for _ in a for c in range(n_completions)]
     t0 = time.perf_counter()
-    generated = generate_rows(model, v, layer, rows, settings, batch_size=batch_size, progress=progress)
+    generated = generate_rows(model, v, layer, rows, settings, batch_size=batch_size, read_tokens=fluency_tokens,
+                              progress=progress)
+    read_nll = [g.pop("nll", None) for g in generated]
     gen_seconds = time.perf_counter() - t0
     base = dict(model=model.name, concept=concept, layer=layer, setting=setting)
     completions = pd.DataFrame([
@@ -605,8 +614,9 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     if fluency_tokens > 0:  # gibberish is never the concept: the unsteered model's reading of each completion
         fluency = calibrate_fluency(model, chat=settings.chat, n_texts=fluency_texts_n, max_tokens=fluency_tokens,
                                     seed=seed)
-        completions["nll"] = mean_nll(model, completions["prompt"].tolist(), texts, chat=settings.chat,
-                                      max_tokens=fluency_tokens)
+        # Read during the decode (blocks l+1.. only) where the engine did; else teacher-forced from the text.
+        completions["nll"] = read_nll if all(x is not None for x in read_nll) else \
+            mean_nll(model, completions["prompt"].tolist(), texts, chat=settings.chat, max_tokens=fluency_tokens)
         completions["degenerate_rules"] = completions["degenerate"]
         completions["degenerate"] = completions["degenerate_rules"] | (completions["nll"] > fluency["threshold"])
     fluency_seconds = time.perf_counter() - t0
