@@ -15,7 +15,7 @@ engine + the unsteered-NLL fluency check), same process, same core.
 
     steerstrength vectors --concept joy --layers 15,28 --normalize --out /tmp/joy.safetensors
     taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generation.py --vectors /tmp/joy.safetensors \\
-        [--quick] [--concept] [--json out.json]
+        [--quick] [--new-tokens 32] [--concept] [--no-throughput] [--json out.json]
 Speed is reported as ratios within this process (the machine is shared): compare columns, not seconds across runs.
 """
 
@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="B in 1, 16; T = 16; 8 new tokens")
     parser.add_argument("--concept", action="store_true", help="also the demo's concept stage before/after")
     parser.add_argument("--no-throughput", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per row (the full grid)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -172,7 +173,7 @@ def main() -> None:
     print(f"llama.cpp column: {'skipped: ' + note if note else 'available'}")
     results = dict(llama_cpp=note or "available")
     if not args.no_throughput:
-        sizes, lengths, new = ((1, 16), (16,), 8) if args.quick else ((1, 16, 64), (16, 512), 32)
+        sizes, lengths, new = ((1, 16), (16,), 8) if args.quick else ((1, 16, 64), (16, 512), args.new_tokens)
         results["throughput"] = throughput(model, vectors, args.layer, sizes, lengths, new)
     if args.concept:
         results["concept"] = concept_demo(model, sv, args.layer)

@@ -1059,6 +1059,19 @@ def sample_steered(model: Model, prompts: Sequence[Sequence[int]], rows: Sequenc
     B = len(rows)
     if B == 0:
         return []
+    lengths = {len(prompts[r[0]]) for r in rows}
+    if len(lengths) > 1 and model.hf.config.get_text_config(decoder=True) is not model.hf.config:
+        # A multimodal wrapper (Gemma 3) builds its own masks, and its decode steps over a left-padded batch differ
+        # from the rows alone (measured, tests/test_steering.py): prompts of one length per batch, never padded.
+        out: list[dict] = [{} for _ in rows]
+        for n in sorted(lengths):
+            idx = [i for i, r in enumerate(rows) if len(prompts[r[0]]) == n]
+            for i, d in zip(idx, sample_steered(model, prompts, [rows[i] for i in idx], max_new_tokens=max_new_tokens,
+                                                temperature=temperature, top_p=top_p, top_k=top_k, stops=stops,
+                                                vectors=vectors, layer=layer, positions=positions,
+                                                read_tokens=read_tokens)):
+                out[i] = d
+        return out
     dev = model.device
     prompt_list, groups, group_slot, row_group = _group_rows(rows)
     enc = model.pad([list(prompts[p]) for p in prompt_list], padding_side="left")

@@ -434,8 +434,8 @@ def concept_curve(scores, *, group: Sequence[str] = ("judge",)) -> "pd.DataFrame
     curve["k_fluent"] = curve["k_fluent"].fillna(0).astype(np.int64)
     curve["n_fluent"] = curve["n_fluent"].fillna(0).astype(np.int64)
     curve["p_fluent"] = np.where(curve["n_fluent"] > 0, curve["k_fluent"] / curve["n_fluent"].clip(lower=1), np.nan)
-    low, high = wilson_interval(curve["k_fluent"].to_numpy(), curve["n_fluent"].to_numpy())
     empty = curve["n_fluent"].to_numpy() == 0
+    low, high = wilson_interval(curve["k_fluent"].to_numpy(), np.maximum(curve["n_fluent"].to_numpy(), 1))
     curve["ci_low_fluent"], curve["ci_high_fluent"] = np.where(empty, np.nan, low), np.where(empty, np.nan, high)
     return curve[keys + ["scope", "prompt_index", "alpha", "k", "n", "p", "ci_low", "ci_high", "mean_score",
                          "degenerate_share", "degenerate", "k_fluent", "n_fluent", "p_fluent", "ci_low_fluent",
