@@ -10,7 +10,7 @@ Columns, for the embedded model (SmolLM2-135M, float32, CPU) at batch sizes B an
   llama.cpp xllamacpp with a control vector per alpha: skipped when the wheel exposes no control-vector list (said
             in the output).
 With --concept, the demo preset's concept stage per completion (9 alphas x 6 prompts x 4 completions x 32 tokens at
-one layer, the probe judge) the former way (hooked `generate` in batches, rule-based degeneration) and now (batched
+each of its two layers, 28 and 15, the probe judge) the former way (hooked `generate` in batches, rule-based degeneration) and now (batched
 engine + the unsteered-NLL fluency check), same process, same core.
 
     steerstrength vectors --concept joy --layers 15,28 --normalize --out /tmp/joy.safetensors
@@ -118,8 +118,9 @@ def throughput(model, vectors, layer, sizes, lengths, new_tokens) -> list[dict]:
     return out
 
 
-def concept_demo(model, sv, layer) -> dict:
-    """The demo preset's concept stage at one layer, the former way and now, per completion."""
+def concept_demo(model, vectors, layers) -> dict:
+    """The demo preset's concept stage over its layers (one judge object for all, as the stage), the former way
+    and now, per completion."""
     from steerstrength.config import preset
     from steerstrength.grid import AlphaGrid
     from steerstrength.judges import judge_for
@@ -130,20 +131,23 @@ def concept_demo(model, sv, layer) -> dict:
     grid = AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit="resid")
     prompts = evaluation_prompts("train")[:section.n_prompts]
     P, N = curated_texts("joy", "positive"), curated_texts("joy", "negative")
-    judge = judge_for("joy", section.judge)
-    kw = dict(alphas=sv.raw_alphas(grid, model), prompts=prompts, n_completions=section.completions,
-              max_new_tokens=section.max_new_tokens, judges=[judge], positive=P, negative=N,
-              batch_size=section.batch_size)
+    kw = dict(prompts=prompts, n_completions=section.completions, max_new_tokens=section.max_new_tokens,
+              positive=P, negative=N, batch_size=section.batch_size)
     out = {}
     for name, engine, fluency in (("before", "hf", 0), ("after", "batched", section.fluency_tokens)):
         steering.GENERATION_ENGINE = engine
-        t = time.perf_counter()
-        res = concept_probability(model, sv, "joy", fluency_tokens=fluency, fluency_texts_n=section.fluency_texts, **kw)
+        judge = judge_for("joy", section.judge)  # fresh for each run: nothing carried over between them
+        t, n, parts = time.perf_counter(), 0, []
+        for layer in layers:
+            sv = vectors[layer]
+            res = concept_probability(model, sv, "joy", alphas=sv.raw_alphas(grid, model), judges=[judge],
+                                      fluency_tokens=fluency, fluency_texts_n=section.fluency_texts, **kw)
+            n += len(res.completions)
+            parts.append(res.summary["seconds"])
         total = time.perf_counter() - t
-        n = len(res.completions)
-        out[name] = dict(seconds=total, per_completion=total / n, n=n, parts=res.summary["seconds"])
-        print(f"concept stage {name}: {n} completions, {total:.1f} s ({total / n:.3f} s per completion); "
-              f"parts {json.dumps(res.summary['seconds'], default=lambda x: round(x, 2))}", flush=True)
+        out[name] = dict(seconds=total, per_completion=total / n, n=n, parts=parts)
+        print(f"concept stage {name}: layers {layers}, {n} completions, {total:.1f} s ({total / n:.3f} s per "
+              f"completion); parts {json.dumps(parts, default=lambda x: round(x, 2))}", flush=True)
     steering.GENERATION_ENGINE = "batched"
     out["after_over_before"] = out["after"]["per_completion"] / out["before"]["per_completion"]
     print(f"per completion, after / before: {out['after_over_before']:.2f}")
@@ -157,6 +161,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="B in 1, 16; T = 16; 8 new tokens")
     parser.add_argument("--concept", action="store_true", help="also the demo's concept stage before/after")
     parser.add_argument("--no-throughput", action="store_true")
+    parser.add_argument("--concept-layers", default="28,15", help="the demo's layers (auto = 28 on SmolLM2, middle)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per row (the full grid)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -176,7 +181,8 @@ def main() -> None:
         sizes, lengths, new = ((1, 16), (16,), 8) if args.quick else ((1, 16, 64), (16, 512), args.new_tokens)
         results["throughput"] = throughput(model, vectors, args.layer, sizes, lengths, new)
     if args.concept:
-        results["concept"] = concept_demo(model, sv, args.layer)
+        everything = SteeringVectors.load(args.vectors)
+        results["concept"] = concept_demo(model, everything, [int(x) for x in args.concept_layers.split(",")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

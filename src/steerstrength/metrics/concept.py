@@ -15,7 +15,10 @@ stripped, for the repetition measures):
   nonword_share  share of tokens with no letter a-z/A-Z, or a run of 4+ identical characters, or over
                  20 characters (so text in a non-Latin script counts as non-words too),
 and flags it degenerate when distinct2 < 0.5 or repeat_share > 0.4 (both only with at least 3 words, so
-"Sure!" is not degenerate) or nonword_share > 0.3, or when it is empty. An alpha is degenerate when
+"Sure!" is not degenerate) or nonword_share > 0.3, or when it is empty (`degenerate_rules`); and, with the
+fluency check (fluency_tokens > 0), when the unsteered model reads its first tokens with a mean NLL above the
+threshold `calibrate_fluency` fits on fluent texts vs their token shuffles (word salad the rules pass). Degenerate
+completions are counted apart: the curve's p_fluent is the judge's rate among the fluent ones. An alpha is degenerate when
 more than half of its completions are (`degenerate_share` > 0.5, per scope: pooled or per prompt).
 `curve_summary` then fits the tanh a second time on the fit range: the contiguous run of non-degenerate
 alphas (on the sorted grid) containing alpha = 0, or, when 0 is degenerate or off the grid, the
