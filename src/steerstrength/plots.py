@@ -333,11 +333,11 @@ def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure
                         ls=["-", ":", "-."][j % 3])
                 if "p_fluent" in jf and jf["p_fluent"].notna().any():  # degenerate completions never count
                     ax.plot(x, jf["p_fluent"], marker="s", mfc="none", color=color, ms=3.5, lw=0.9, ls="--",
-                            label=f"{name}: fluent only")
+                            label=f"fluent only, {name}")
                 if j == 0 and "degenerate_share" in jf and jf["degenerate_share"].notna().any():
                     ax.bar(x, jf["degenerate_share"], width=0.6 * float(np.diff(np.sort(x)).min() if len(x) > 1 else 1),
                            color=color, alpha=0.22, hatch="//", edgecolor=color, lw=0,
-                           label=f"layer {int(layer)}: degenerate share")
+                           label=f"degenerate share, layer {int(layer)}")
                 cur = fits.get(f"{concept}/{int(layer)}", {}).get("curves", {}).get(judge, {})
                 fit, span = cur.get("tanh_fit", {}), (jf["alpha"].min(), jf["alpha"].max())
                 nd = cur.get("tanh_fit_nondegenerate") or {}
