@@ -15,7 +15,7 @@ engine + the unsteered-NLL fluency check), same process, same core.
 
     steerstrength vectors --concept joy --layers 15,28 --normalize --out /tmp/joy.safetensors
     taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generation.py --vectors /tmp/joy.safetensors \\
-        [--quick] [--new-tokens 32] [--concept] [--no-throughput] [--json out.json]
+        [--quick] [--new-tokens 32] [--concept] [--interleaved 2] [--no-throughput] [--json out.json]
 Speed is reported as ratios within this process (the machine is shared): compare columns, not seconds across runs.
 """
 
@@ -154,6 +154,40 @@ def concept_demo(model, vectors, layers) -> dict:
     return out
 
 
+def concept_interleaved(model, vectors, layers, n_prompts: int) -> dict:
+    """The demo concept stage's generation (with the fluency reading where the engine does it), the former and the
+    batched engine alternating prompt by prompt, so both see the same load on a shared machine."""
+    from steerstrength.config import preset
+    from steerstrength.grid import AlphaGrid
+    from steerstrength.metrics.concept import SamplingSettings, completion_seed, generate_rows
+    from steerstrength.prompts import evaluation_prompts
+
+    section = preset("demo").concept
+    grid = AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit="resid")
+    settings = SamplingSettings(max_new_tokens=section.max_new_tokens)
+    seconds, n, same = {"hf": 0.0, "batched": 0.0}, 0, 0
+    for i, prompt in enumerate(evaluation_prompts("train")[:n_prompts]):
+        for layer in layers:
+            sv = vectors[layer]
+            rows = [(prompt, a, completion_seed(0, prompt, c)) for a in sv.raw_alphas(grid, model).tolist()
+                    for c in range(section.completions)]
+            texts = {}
+            for engine in (("hf", "batched") if i % 2 == 0 else ("batched", "hf")):
+                steering.GENERATION_ENGINE = engine
+                t = time.perf_counter()
+                done = generate_rows(model, sv, layer, rows, settings, batch_size=section.batch_size,
+                                     read_tokens=section.fluency_tokens if engine == "batched" else 0)
+                seconds[engine] += time.perf_counter() - t
+                texts[engine] = [d["completion"] for d in done]
+            n += len(rows)
+            same += sum(a == b for a, b in zip(texts["hf"], texts["batched"]))
+    steering.GENERATION_ENGINE = "batched"
+    ratio = seconds["batched"] / seconds["hf"]
+    print(f"interleaved generation, {n} completions per engine: former {seconds['hf']:.1f} s, batched (with the "
+          f"fluency reading) {seconds['batched']:.1f} s: ratio {ratio:.2f}; identical texts {same}/{n}", flush=True)
+    return dict(seconds=seconds, n=n, ratio=ratio, identical=same)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", required=True, help="`steerstrength vectors` output holding --layer")
@@ -161,6 +195,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="B in 1, 16; T = 16; 8 new tokens")
     parser.add_argument("--concept", action="store_true", help="also the demo's concept stage before/after")
     parser.add_argument("--no-throughput", action="store_true")
+    parser.add_argument("--interleaved", type=int, default=0, help="N prompts: generation, engines alternating")
     parser.add_argument("--concept-layers", default="28,15", help="the demo's layers (auto = 28 on SmolLM2, middle)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per row (the full grid)")
     parser.add_argument("--json", default=None)
@@ -183,6 +218,10 @@ def main() -> None:
     if args.concept:
         everything = SteeringVectors.load(args.vectors)
         results["concept"] = concept_demo(model, everything, [int(x) for x in args.concept_layers.split(",")])
+    if args.interleaved:
+        everything = SteeringVectors.load(args.vectors)
+        results["interleaved"] = concept_interleaved(model, everything, [int(x) for x in args.concept_layers.split(",")],
+                                                     args.interleaved)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
