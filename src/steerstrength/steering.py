@@ -1162,7 +1162,7 @@ def _read_unsteered(model: Model, layer: int, read: dict, kv: dict, row_slot: to
         return out
     hidden = torch.zeros((B, k, d), dtype=model.dtype, device=model.device)
     for j, (rows, h) in enumerate(recorded[:k]):
-        hidden[torch.tensor(rows, device=model.device), j] = h
+        hidden[torch.tensor(rows, device=model.device), j] = h.to(device=hidden.device, dtype=hidden.dtype)
     ids = torch.full((B, k), model.pad_id, dtype=torch.long, device=model.device)
     own = torch.zeros((B, k), dtype=torch.long, device=model.device)
     for r in range(B):
