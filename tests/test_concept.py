@@ -248,7 +248,10 @@ def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path)
     # Every completion is measured for degeneration, in both tables, by the documented rule.
     for col in ("n_words", "distinct2", "repeat_share", "nonword_share", "degenerate"):
         assert col in c.columns and col in s.columns
-    assert c["degenerate"].tolist() == [degeneration(t)["degenerate"] for t in c["completion"]]
+    assert c["degenerate_rules"].tolist() == [degeneration(t)["degenerate"] for t in c["completion"]]
+    # Degenerate: by the rules, or read as noise by the unsteered model (above the calibrated NLL threshold).
+    threshold = result.summary["fluency_calibration"]["threshold"]
+    assert c["degenerate"].tolist() == (c["degenerate_rules"] | (c["nll"] > threshold)).tolist()
     assert "degenerate_share" in result.curve.columns and result.curve["degenerate"].dtype == bool
     pooled = result.curve[result.curve.scope == "pooled"]
     assert len(pooled) == 3 and (pooled["n"] == 6).all()
@@ -374,3 +377,92 @@ def test_cli_sweep_concept_errors_exit_2(monkeypatch, capsys, tmp_path, model_di
                             *args], monkeypatch, capsys, quiet=True)
     assert code == 2 and message in err and "Traceback" not in err
     assert not list(tmp_path.glob("concept*"))  # nothing half-written
+
+
+def test_rows_of_several_vectors_share_one_decode_and_match_each_vector_alone(model, vector):
+    """(prompt, vector_index, alpha, seed) rows over a stacked [n, d] tensor: each row's text is the text its own
+    vector gives alone, whatever else shares the batch (a control direction beside v)."""
+    torch.manual_seed(1)
+    control = torch.randn(model.d_model)
+    settings = SamplingSettings(max_new_tokens=8, chat=False)
+    rows = [("the cat is", 0, 6.0, 11), ("the cat is", 1, 6.0, 11), ("i saw my friend", 1, -6.0, 12),
+            ("i saw my friend", 0, 0.0, 13), ("the cat is", 1, 6.0, 14)]
+    mixed = generate_rows(model, torch.stack([vector, control]), 1, rows, settings, batch_size=5)
+    for (prompt, k, alpha, seed), got in zip(rows, mixed):
+        alone = generate_rows(model, [vector, control][k], 1, [(prompt, alpha, seed)], settings)[0]
+        assert got["completion"] == alone["completion"]
+    # The two directions steer differently at the same alpha and seed.
+    assert mixed[0]["completion"] != mixed[1]["completion"]
+    with pytest.raises(InputError, match="names vector 2"):
+        generate_rows(model, torch.stack([vector, control]), 1, [("the cat is", 2, 1.0, 0)], settings)
+
+
+def test_the_batched_engine_samples_what_hf_generate_samples(model, vector):
+    from steerstrength import steering
+
+    settings = SamplingSettings(max_new_tokens=8, chat=False)
+    rows = [("the cat is", a, completion_seed(0, "the cat is", c)) for a in (-8.0, 0.0, 8.0) for c in range(2)]
+    rows.append(("i walked into the kitchen this morning", 3.0, 5))
+    ours = generate_rows(model, vector, 1, rows, settings, batch_size=7)
+    try:
+        steering.GENERATION_ENGINE = "hf"
+        theirs = generate_rows(model, vector, 1, rows, settings, batch_size=7)
+    finally:
+        steering.GENERATION_ENGINE = "batched"
+    assert ours == theirs
+
+
+def test_completion_nll_is_the_unsteered_models_teacher_forced_loss(model):
+    from steerstrength.steering import completion_nll
+
+    prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
+    rows = [(0, model.token_ids("happy and glad")[1:]), (1, model.token_ids("a dog")[1:]), (0, [])]
+    got = completion_nll(model, prompts, rows)
+    for (p, ids), nll in zip(rows, got):
+        assert nll.shape == (len(ids),)
+        if not ids:
+            continue
+        full = torch.tensor([prompts[p] + ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model.hf(input_ids=full).logits[0].float(), -1)
+        want = [-float(logp[len(prompts[p]) - 1 + j, t]) for j, t in enumerate(ids)]
+        assert np.allclose(nll, want, atol=1e-4)
+
+
+def test_degenerate_completions_are_counted_apart_from_the_fluent_concept_probability():
+    scores = pd.DataFrame(dict(judge="lexicon", alpha=[1.0] * 4 + [2.0] * 4, prompt_index=0, score=1.0,
+                               judged=[True, True, False, False, True, True, True, True],
+                               degenerate=[False, False, False, True, True, True, True, False]))
+    pooled = concept_curve(scores).query("scope == 'pooled'").set_index("alpha")
+    assert pooled.loc[1.0, "p"] == 0.5 and pooled.loc[2.0, "p"] == 1.0  # the judge's rate, as before
+    assert pooled.loc[1.0, "n_fluent"] == 3 and pooled.loc[1.0, "p_fluent"] == pytest.approx(2 / 3)
+    assert pooled.loc[2.0, "degenerate_share"] == 0.75 and pooled.loc[2.0, "p_fluent"] == 1.0
+    assert pooled.loc[2.0, "ci_low_fluent"] < 0.5  # one fluent completion decides nothing
+
+
+@pytest.mark.slow
+def test_the_fluency_check_separates_fluent_from_scrambled_text_on_held_out_texts(default_model):
+    """Issue 24 item 3: fit on the train split's fluent texts vs their token shuffles, measured on the held-out split."""
+    from steerstrength.metrics.concept import calibrate_fluency, mean_nll
+
+    cal = calibrate_fluency(default_model, chat=True, n_texts=16, max_tokens=16, splits=("train", "heldout"))
+    assert cal["n_heldout"] == 32 and cal["heldout_accuracy"] >= 0.9
+    # Word salad of the kind steering produces reads as noise; a plain sentence does not.
+    salad = "derWordstritbodied ACRIMACROzu MACHATA-ERUSONUS derWordstrincdeath fragments blissfulREAM"
+    plain = "I spent the morning at the library and then walked home through the park."
+    nll = mean_nll(default_model, ["Tell me about your day."] * 2, [salad, plain], chat=True, max_tokens=16)
+    assert nll[0] > cal["threshold"] > nll[1]
+
+
+def test_the_fluency_read_during_the_decode_is_the_unsteered_models_nll_of_the_tokens(model, vector):
+    """sample_steered(read_tokens=k) reruns only blocks l+1.. on the recorded residual stream; it must equal a plain
+    teacher-forced unsteered forward of prompt + the first k generated tokens."""
+    from steerstrength.steering import completion_nll, sample_steered
+
+    prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
+    rows = [(0, 0, 9.0, 1), (1, 0, -9.0, 2), (0, 0, 0.0, 3), (1, 0, 30.0, 4)]
+    done = sample_steered(model, prompts, rows, max_new_tokens=7, temperature=1.0, top_p=1.0, top_k=0, stops=[2],
+                          vectors=vector[None, :], layer=1, read_tokens=5)
+    want = completion_nll(model, prompts, [(r[0], d["ids"][:5]) for r, d in zip(rows, done)])
+    for d, w in zip(done, want):
+        assert d["nll"].shape == w.shape and np.allclose(d["nll"], w, atol=1e-4)

@@ -262,3 +262,19 @@ def test_the_uppercase_concept_is_judged_by_its_rule():
     assert judge_for("joy", "probe") == "probe"
     with pytest.raises(InputError, match="case judge judges uppercase only"):
         judge.score(["x"], "joy")
+
+
+def test_judge_accuracy_on_the_same_texts_is_not_recomputed_unless_the_judge_was_recalibrated(monkeypatch):
+    """The concept stage measures one judge once per layer on the same P and N: the second call reuses the first."""
+    from steerstrength.judges import LexiconJudge, judge_accuracy
+
+    judge = LexiconJudge()
+    calls = []
+    original = judge.accuracy
+    monkeypatch.setattr(judge, "accuracy", lambda *a, **k: calls.append(1) or original(*a, **k))
+    P, N = ["i am so happy and full of joy", "what a joyful day"] * 2, ["the table is brown", "a car is parked"] * 2
+    first = judge_accuracy(judge, "joy", P, N)
+    second = judge_accuracy(judge, "joy", P, N)
+    assert len(calls) == 1 and second == first
+    judge_accuracy(judge, "joy", P, N[:3])  # other texts: measured again
+    assert len(calls) == 2

@@ -350,6 +350,13 @@ def test_fig7_draws_the_sigmoid_fit_and_the_measured_curvature(full_run):
         np.testing.assert_allclose(ln.get_ydata(), want)
     measured = [ln for ln in top.get_lines() if ln.get_label().startswith("layer")]
     assert [ln.get_label() for ln in measured] == ["layer 3", "layer 5"]
+    # The fluent concept probability (degenerate completions excluded) is drawn beside the judge's rate.
+    curve = pd.read_parquet(full_run / "tables" / "concept_curve.parquet").query("scope == 'pooled'")
+    fluent = [ln for ln in top.get_lines() if ln.get_label().startswith("fluent only")]
+    assert [ln.get_label() for ln in fluent] == ["fluent only, layer 3", "fluent only, layer 5"]
+    for ln, layer in zip(fluent, (3, 5)):
+        want = curve[curve["layer"] == layer].sort_values("alpha")["p_fluent"].to_numpy()
+        np.testing.assert_allclose(ln.get_ydata(), want)
 
 
 def test_missing_stages_are_named_and_nothing_crashes(tmp_path):

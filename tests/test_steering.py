@@ -261,3 +261,54 @@ def test_forcing_the_concatenating_path_gives_the_same_probabilities(monkeypatch
     monkeypatch.setattr(steering, "SHARED_PREFIX_ATTENTION", False)
     torch.testing.assert_close(next_token_probs(model, sv, LONG_CONTEXT, alphas, positions="last"), shared,
                                atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("positions", ["all"])
+def test_batched_steered_sampling_picks_the_tokens_of_a_hooked_full_forward(arch, positions):
+    """sample_steered (prompt shared, per-row vectors, preallocated cache, finished rows leaving) against the plain
+    computation: each row alone, a hooked full forward over prompt + its tokens so far at every step."""
+    from steerstrength.steering import sample_steered
+
+    model = tiny_model(arch)
+    torch.manual_seed(0)
+    V = torch.randn(2, model.d_model)
+    prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning and")]
+    rows = [(0, 0, 4.0, 1), (1, 1, -4.0, 2), (0, 1, 4.0, 3), (1, 0, 0.0, 4), (0, 0, 4.0, 5)]
+    done = sample_steered(model, prompts, rows, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0,
+                          stops=[2], vectors=V, layer=1, positions=positions)
+    for (p, k, alpha, seed), got in zip(rows, done):
+        g, ids = torch.Generator().manual_seed(seed), list(prompts[p])
+        want = []
+        for _ in range(6):
+            with steer(model, V[k], 1, alpha, positions=positions), torch.no_grad():
+                logits = model.hf(input_ids=torch.tensor([ids])).logits[:, -1].float()
+            probs = torch.softmax(logits, -1)
+            u = torch.rand(1, generator=g, dtype=torch.float64)
+            cdf = probs.cumsum(-1)
+            token = int(torch.searchsorted(cdf, (u.float() * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1))
+            if token == 2:
+                break
+            want.append(token)
+            ids.append(token)
+        assert got["ids"] == want
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "gemma3"])
+def test_batched_steered_sampling_with_last_position_steering_matches_hooked_generate(arch):
+    """positions="last" steers each token when it is the newest (its keys above l stay steered): the reference is
+    a hooked `generate`, row by row (a full forward would steer only the newest token)."""
+    from steerstrength.steering import sample_rows, sample_steered
+
+    model = tiny_model(arch)
+    torch.manual_seed(0)
+    V = torch.randn(2, model.d_model)
+    prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning and")]
+    rows = [(0, 0, 4.0, 1), (1, 1, -4.0, 2), (0, 1, 4.0, 3), (1, 0, 0.0, 4)]
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, stops=[2])
+    done = sample_steered(model, prompts, rows, vectors=V, layer=1, positions="last", **kw)
+    for (p, k, alpha, seed), got in zip(rows, done):
+        want = sample_rows(model, model.pad([prompts[p]]), [seed], vector=V[k], layer=1, alphas=[alpha],
+                           positions="last", **kw)[0]
+        assert model.decode(got["ids"]).strip() == want["text"]
+

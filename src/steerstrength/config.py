@@ -130,6 +130,11 @@ class ConceptConfig:
     holdout: float = 0.5  # share of P and N held out to measure a judge that calibrates on them
     # A judge whose measured held-out balanced accuracy is below this is flagged next to every concept verdict.
     judge_floor: float = 0.8
+    # Gibberish is never the concept: the unsteered model reads each completion's first fluency_tokens tokens, and a
+    # mean NLL above the threshold calibrated on fluency_texts fluent texts vs their shuffles marks it degenerate
+    # (0: the repetition and non-word rules only). Held-out accuracy: docs/concept.md.
+    fluency_tokens: int = 16
+    fluency_texts: int = 16
 
 
 @dataclass
@@ -411,7 +416,8 @@ MINIMUM = {  # integer keys: the smallest valid value
     "depth.every": 1, "depth.n_alphas": 2, "depth.n_contexts": 1,
     "xent.n_tokens": 1, "xent.seq_len": 1, "xent.n_alphas": 2, "xent.chunk_windows": 1, "xent.curvature_tokens": 1,
     "concept.n_alphas": 2, "concept.n_prompts": 1, "concept.completions": 1, "concept.max_new_tokens": 1,
-    "concept.top_k": 0, "concept.batch_size": 1, "mmlu.token_budget": 1,
+    "concept.top_k": 0, "concept.batch_size": 1, "concept.fluency_tokens": 0, "concept.fluency_texts": 2,
+    "mmlu.token_budget": 1,
     "mmlu.k_shot": 0, "mmlu.max_questions": 1, "mmlu.n_alphas": 2,
     "recommend.n_prompts": 1, "recommend.completions": 1, "recommend.max_new_tokens": 1, "recommend.n_alphas": 2,
     "recommend.refine_steps": 0, "recommend.sweet_spot_refine_steps": 0, "recommend.n_target": 1,

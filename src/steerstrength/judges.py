@@ -18,7 +18,9 @@ and `best_judge` names the judge that measured best for a concept.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -133,13 +135,25 @@ def judge_accuracy(judge: Judge, concept: str, positive: Sequence[str], negative
         result = judge.accuracy(positive, negative, concept)
         result.n_calibration = judge.training[concept]["n_positive"] + judge.training[concept]["n_negative"]
         return result
+    # The same judge on the same texts (the concept stage's second layer): its calibration and accuracy are
+    # already known, and the judge is still calibrated on them.
+    key = (concept, holdout, seed, hashlib.sha256("\x00".join(positive + ["\x01"] + negative).encode()).hexdigest())
+    cached = getattr(judge, "_accuracy_of", None)
+    if cached is not None and cached[0] == key and cached[2] == _state(judge):  # not recalibrated since
+        return dataclasses.replace(cached[1])
     p_cal, p_held = split_holdout(positive, holdout, seed)
     n_cal, n_held = split_holdout(negative, holdout, seed + 1)
     if judge.calibrates:
         judge.calibrate(p_cal, n_cal, concept)
     result = judge.accuracy(p_held, n_held, concept)
     result.n_calibration = len(p_cal) + len(n_cal) if judge.calibrates else 0
+    judge._accuracy_of = (key, dataclasses.replace(result), _state(judge))
     return result
+
+
+def _state(judge) -> dict:
+    """The identity of each attribute of `judge`: a calibration assigns new objects, so this changes with it."""
+    return {k: id(v) for k, v in vars(judge).items() if k != "_accuracy_of"}
 
 
 # ----------------------------------------------------------------------------- llm judge

@@ -333,6 +333,13 @@ def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure
                 ax.fill_between(x, jf["ci_low"], jf["ci_high"], color=color, alpha=0.18, lw=0)
                 ax.plot(x, jf["p"], marker="o", color=color, ms=3.5, lw=1.2, label=name,
                         ls=["-", ":", "-."][j % 3])
+                if "p_fluent" in jf and jf["p_fluent"].notna().any():  # degenerate completions never count
+                    ax.plot(x, jf["p_fluent"], marker="s", mfc="none", color=color, ms=3.5, lw=0.9, ls="--",
+                            label=f"fluent only, {name}")
+                if j == 0 and "degenerate_share" in jf and jf["degenerate_share"].notna().any():
+                    ax.bar(x, jf["degenerate_share"], width=0.6 * float(np.diff(np.sort(x)).min() if len(x) > 1 else 1),
+                           color=color, alpha=0.22, hatch="//", edgecolor=color, lw=0,
+                           label=f"degenerate share, layer {int(layer)}")
                 cur = fits.get(f"{concept}/{int(layer)}", {}).get("curves", {}).get(judge, {})
                 fit, span = cur.get("tanh_fit", {}), (jf["alpha"].min(), jf["alpha"].max())
                 nd = cur.get("tanh_fit_nondegenerate") or {}
@@ -349,7 +356,7 @@ def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure
             ax.set_xlabel("α (× the layer's median residual norm)")
         else:
             ax.set_xlabel("α")
-    ax.set_title(f"{concept}: concept probability (Thm 3.6), 95% Wilson band", fontsize=9)
+    ax.set_title(f"{concept}: concept probability (Thm 3.6), 95% Wilson band; bars: degenerate share", fontsize=9)
     ax = axes[1, 0]
     if xent is None or xent.empty:
         _not_available(ax, run.why_missing("xent"))

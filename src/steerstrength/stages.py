@@ -433,7 +433,8 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
                     judge_model=judge_model, positive=positive, negative=negative, temperature=section.temperature,
                     top_p=section.top_p, top_k=section.top_k, seed=seed, chat=section.chat, positions=positions,
                     setting=labels.get("setting", ""), batch_size=section.batch_size, holdout=section.holdout,
-                    judge_device=judge_device, progress=adv)
+                    judge_device=judge_device, fluency_tokens=section.fluency_tokens,
+                    fluency_texts_n=section.fluency_texts, progress=adv)
             return {"completions": res.completions, "scores": res.scores, "curve": res.curve,
                     "summary": pd.DataFrame([{"json": json.dumps(res.summary, default=str)}])}
 

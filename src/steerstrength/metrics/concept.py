@@ -15,7 +15,10 @@ stripped, for the repetition measures):
   nonword_share  share of tokens with no letter a-z/A-Z, or a run of 4+ identical characters, or over
                  20 characters (so text in a non-Latin script counts as non-words too),
 and flags it degenerate when distinct2 < 0.5 or repeat_share > 0.4 (both only with at least 3 words, so
-"Sure!" is not degenerate) or nonword_share > 0.3, or when it is empty. An alpha is degenerate when
+"Sure!" is not degenerate) or nonword_share > 0.3, or when it is empty (`degenerate_rules`); and, with the
+fluency check (fluency_tokens > 0), when the unsteered model reads its first tokens with a mean NLL above the
+threshold `calibrate_fluency` fits on fluent texts vs their token shuffles (word salad the rules pass). Degenerate
+completions are counted apart: the curve's p_fluent is the judge's rate among the fluent ones. An alpha is degenerate when
 more than half of its completions are (`degenerate_share` > 0.5, per scope: pooled or per prompt).
 `curve_summary` then fits the tanh a second time on the fit range: the contiguous run of non-degenerate
 alphas (on the sorted grid) containing alpha = 0, or, when 0 is degenerate or off the grid, the
@@ -116,42 +119,83 @@ class SamplingSettings:
         return self
 
 
-def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple[str, float, int]],
-                  settings: SamplingSettings, *, batch_size: int = 64, progress: Callable | None = None,
+def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], settings: SamplingSettings, *,
+                  batch_size: int = 64, read_tokens: int = 0, progress: Callable | None = None,
                   streamer=None) -> list[dict]:
-    """Completions of (prompt, alpha, seed) rows; batches of rows share one `generate` call each.
+    """Completions of (prompt, alpha, seed) rows, or of (prompt, vector_index, alpha, seed) rows when `vector` is a
+    stacked [n_vectors, d] tensor (or a list of vectors): the concept direction and its random controls, every
+    alpha and completion, share one batched decode loop (steering.sample_steered).
 
-    Each row samples from its own generator (steering.sample_rows), so its text depends on its
-    (prompt, alpha, seed) and the settings only; alpha is per row in the batch. `streamer` (one row only):
-    transformers' streamer, fed the tokens as they are sampled.
+    Each row samples from its own generator, so its text depends on its (prompt, vector, alpha, seed) and the
+    settings only. Rows are batched by prompt, then vector and alpha: a batch's prompt runs once through blocks
+    0..l, and once through blocks l+1.. per (vector, alpha), shared by its completions. With `read_tokens`, each
+    row also gets `nll`: the unsteered model's mean NLL of its first `read_tokens` tokens (the fluency reading).
+    `streamer` (one row only): transformers' streamer, fed the tokens as they are sampled (the same tokens: the
+    engines sample alike, tests/test_concept.py).
     """
     from steerstrength.prompts import stop_ids
+    from steerstrength.steering import as_vectors
 
     settings.check(batch_size)
-    v = as_vector(model, vector)
+    vectors = as_vectors(model, vector)
     check_layer(model, layer)
+    rows = [tuple(r) if len(r) == 4 else (r[0], 0, r[1], r[2]) for r in rows]
+    bad = [r for r in rows if not 0 <= int(r[1]) < len(vectors)]
+    if bad:
+        raise InputError(f"a row names vector {bad[0][1]} but {len(vectors)} vector(s) were given")
     if settings.chat and not model.has_chat_template:
         raise InputError(f"{model.name} has no chat template; run without the chat template (--no-chat)")
     stops = stop_ids(model)
-    ids = {p: model.token_ids(p, chat=settings.chat) for p in {r[0] for r in rows}}
+    prompts = sorted({r[0] for r in rows})
+    ids = {p: model.token_ids(p, chat=settings.chat) for p in prompts}
     longest = max((len(i) for i in ids.values()), default=0)
     if model.max_length and longest + settings.max_new_tokens > model.max_length:
         raise InputError(f"a prompt ({longest} tokens) plus {settings.max_new_tokens} new tokens exceeds "
                          f"{model.name}'s maximum length {model.max_length}; lower --max-new-tokens")
     out: list[dict] = [{} for _ in rows]
-    order = sorted(range(len(rows)), key=lambda i: (len(ids[rows[i][0]]), rows[i][0]))  # little padding
+    # Prompt, then vector and alpha: rows that share prefill work share a batch; similar lengths pad little.
+    order = sorted(range(len(rows)), key=lambda i: (len(ids[rows[i][0]]), rows[i][0], int(rows[i][1]),
+                                                    float(rows[i][2])))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = model.pad([ids[rows[i][0]] for i in idx], padding_side="left")
-        samples = sample_rows(model, enc, [rows[i][2] for i in idx], max_new_tokens=settings.max_new_tokens,
-                              temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                              stops=stops, vector=v, layer=layer, alphas=[rows[i][1] for i in idx],
-                              positions=settings.positions, streamer=streamer)
-        for i, s in zip(idx, samples):
+        for i, s in zip(idx, _sample_batch(model, ids, [rows[i] for i in idx], vectors, layer, settings, stops,
+                                           read_tokens, streamer)):
             out[i] = {"completion": s["text"], "n_new_tokens": s["n_tokens"], "finish": s["finish"]}
+            if "nll" in s:
+                out[i]["nll"] = s["nll"]
         if progress is not None:
             progress(len(idx))
     return out
+
+
+def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer: int, settings: SamplingSettings,
+                  stops: Sequence[int], read_tokens: int = 0, streamer=None) -> list[dict]:
+    """One batch of (prompt, vector_index, alpha, seed) rows through the engine steering.GENERATION_ENGINE names
+    (a streamed row through `generate`, which feeds a streamer)."""
+    from steerstrength import steering
+
+    kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+              top_k=settings.top_k, stops=stops)
+    if steering.GENERATION_ENGINE == "hf" or streamer is not None:  # one `generate` with a hook, one vector per call
+        out: list[dict] = [{} for _ in rows]
+        for k in sorted({int(r[1]) for r in rows}):
+            idx = [i for i, r in enumerate(rows) if int(r[1]) == k]
+            enc = model.pad([ids[rows[i][0]] for i in idx], padding_side="left")
+            samples = sample_rows(model, enc, [rows[i][3] for i in idx], vector=vectors[k], layer=layer,
+                                  alphas=[rows[i][2] for i in idx], positions=settings.positions, streamer=streamer,
+                                  **kw)
+            for i, s in zip(idx, samples):
+                out[i] = s
+        return out
+    prompts = sorted({r[0] for r in rows})
+    slot = {p: i for i, p in enumerate(prompts)}
+    done = steering.sample_steered(model, [ids[p] for p in prompts], [(slot[r[0]], int(r[1]), float(r[2]), int(r[3]))
+                                                                        for r in rows],
+                                   vectors=vectors, layer=layer, positions=settings.positions,
+                                   read_tokens=read_tokens, **kw)
+    return [dict(text=model.decode(d["ids"]).strip(), n_tokens=d["n_tokens"], finish=d["finish"],
+                 **({"nll": float(d["nll"].mean()) if d["nll"].size else float("nan")} if "nll" in d else {}))
+            for d in done]
 
 
 def regenerate(model: Model, vector, layer: int, prompt: str, alpha: float, seed: int,
@@ -185,6 +229,89 @@ def degeneration(text: str) -> dict:
 
 
 DEGENERATION_COLUMNS = ("n_words", "distinct2", "repeat_share", "nonword_share", "degenerate")
+FLUENCY_COLUMNS = ("nll", "degenerate_rules")  # with the fluency check: mean NLL, and the rules' verdict alone
+
+
+# ----------------------------------------------------------------------------- fluency under the unsteered model
+#
+# Gibberish is never the concept (issue 24): a completion the unsteered model reads as noise -- its mean
+# per-token negative log-likelihood above a threshold -- is degenerate too, beside the repetition and non-word
+# rules (which catch loops, whose likelihood is high). The threshold is calibrated per model on fluent texts
+# (curated P, N and neutral texts, "train" split, completing the evaluation prompts) against the same texts
+# with their tokens shuffled, at the midpoint that best separates them; its accuracy is measured on the
+# "heldout" split (benchmarks/bench_degeneration.py adds steered-to-collapse texts).
+
+FLUENCY_PROMPT = "Write a few sentences about your day."  # the chat prompt calibration texts complete
+
+
+def mean_nll(model: Model, prompts: Sequence[str], texts: Sequence[str], *, chat: bool,
+             max_tokens: int | None = None) -> np.ndarray:
+    """Per text: the unsteered model's mean per-token negative log-likelihood (nats) of `texts[i]` (its first
+    `max_tokens` tokens) after `prompts[i]` (NaN for an empty text); each distinct prompt runs once."""
+    from steerstrength.steering import completion_nll
+
+    distinct = sorted(set(prompts))
+    slot = {p: i for i, p in enumerate(distinct)}
+    prompt_ids = [model.token_ids(p, chat=chat) for p in distinct]
+    ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] if t else [] for t in texts]
+    nll = completion_nll(model, prompt_ids, [(slot[p], i) for p, i in zip(prompts, ids)])
+    return np.array([x.mean() if x.size else np.nan for x in nll])
+
+
+def shuffled_tokens(model: Model, text: str, rng: np.random.Generator) -> str:
+    """`text` with its tokens in a random order: the same tokens, no language."""
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return model.decode([ids[i] for i in rng.permutation(len(ids))])
+
+
+def fluency_texts(split: str) -> list[str]:
+    """Fluent calibration texts: every curated concept's P and N texts and the neutral texts of `split`."""
+    from steerstrength.prompts import curated_concepts, curated_texts, neutral_texts
+
+    out = [t for c in curated_concepts() for kind in ("positive", "negative") for t in curated_texts(c, kind, split)]
+    return out + neutral_texts(split)
+
+
+def separating_threshold(fluent, gibberish) -> float:
+    """The NLL threshold (midpoint between neighbouring scores) with the best balanced accuracy, fluent below."""
+    f, g = np.asarray(fluent, np.float64), np.asarray(gibberish, np.float64)
+    f, g = f[np.isfinite(f)], g[np.isfinite(g)]
+    values = np.unique(np.concatenate([f, g]))
+    cuts = (values[1:] + values[:-1]) / 2 if len(values) > 1 else values
+    accuracy = [((f <= c).mean() + (g > c).mean()) / 2 for c in cuts]
+    return float(cuts[int(np.argmax(accuracy))])
+
+
+_CALIBRATED: dict = {}
+
+
+def calibrate_fluency(model: Model, *, chat: bool, n_texts: int, max_tokens: int | None = None, seed: int = 0,
+                      splits: Sequence[str] = ("train",)) -> dict:
+    """{threshold, heldout_accuracy, ...}: the mean-NLL threshold of `model` separating `n_texts` fluent texts from
+    their token shuffles (first `max_tokens` tokens), fit on the train split; with "heldout" in `splits`, its
+    balanced accuracy there (cached per model in the process)."""
+    key = (model.fingerprint(), str(model.dtype), chat, n_texts, max_tokens, seed, tuple(splits))
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    rng = np.random.default_rng(seed)
+    scores = {}
+    for split in splits:
+        texts = fluency_texts(split)
+        texts = [texts[i] for i in sorted(rng.choice(len(texts), min(n_texts, len(texts)), replace=False))]
+        shuffled = [shuffled_tokens(model, t, rng) for t in texts]
+        both = mean_nll(model, [FLUENCY_PROMPT] * (2 * len(texts)), texts + shuffled, chat=chat,
+                        max_tokens=max_tokens)
+        scores[split] = (both[:len(texts)], both[len(texts):])
+    threshold = separating_threshold(*scores["train"])
+    fluent, gibberish = scores["train"]
+    out = dict(threshold=threshold, n_train=int(2 * len(fluent)), max_tokens=max_tokens,
+               fluent_nll_median=float(np.nanmedian(fluent)), shuffled_nll_median=float(np.nanmedian(gibberish)))
+    if "heldout" in scores:
+        fluent, gibberish = scores["heldout"]
+        out.update(heldout_accuracy=float(((fluent <= threshold).mean() + (gibberish > threshold).mean()) / 2),
+                   n_heldout=int(2 * len(fluent)))
+    _CALIBRATED[key] = out
+    return out
 
 
 def fit_range(alphas, degenerate) -> tuple[float, float] | None:
@@ -300,8 +427,27 @@ def concept_curve(scores, *, group: Sequence[str] = ("judge",)) -> "pd.DataFrame
     curve["p"] = curve["k"] / curve["n"]
     curve["ci_low"], curve["ci_high"] = wilson_interval(curve["k"].to_numpy(), curve["n"].to_numpy())
     curve["degenerate"] = (curve["degenerate_share"] > MAX_DEGENERATE_SHARE).astype(bool)
+    # The fluent concept probability: degenerate completions are counted apart, never as the concept.
+    fluent = scores.assign(judged=scores["judged"] & ~scores["degenerate"].astype(bool)) \
+        if "degenerate" in scores.columns else scores
+    fluent = fluent[~fluent["degenerate"].astype(bool)] if "degenerate" in fluent.columns else fluent
+    parts = []
+    for scope, by in (("pooled", keys + ["alpha"]), ("prompt", keys + ["prompt_index", "alpha"])):
+        agg = fluent.groupby(by, sort=True).agg(k_fluent=("judged", "sum"), n_fluent=("judged", "size")).reset_index()
+        if scope == "pooled":
+            agg["prompt_index"] = -1
+        agg["scope"] = scope
+        parts.append(agg)
+    curve = curve.merge(pd.concat(parts, ignore_index=True), on=keys + ["scope", "prompt_index", "alpha"], how="left")
+    curve["k_fluent"] = curve["k_fluent"].fillna(0).astype(np.int64)
+    curve["n_fluent"] = curve["n_fluent"].fillna(0).astype(np.int64)
+    curve["p_fluent"] = np.where(curve["n_fluent"] > 0, curve["k_fluent"] / curve["n_fluent"].clip(lower=1), np.nan)
+    empty = curve["n_fluent"].to_numpy() == 0
+    low, high = wilson_interval(curve["k_fluent"].to_numpy(), np.maximum(curve["n_fluent"].to_numpy(), 1))
+    curve["ci_low_fluent"], curve["ci_high_fluent"] = np.where(empty, np.nan, low), np.where(empty, np.nan, high)
     return curve[keys + ["scope", "prompt_index", "alpha", "k", "n", "p", "ci_low", "ci_high", "mean_score",
-                         "degenerate_share", "degenerate"]]
+                         "degenerate_share", "degenerate", "k_fluent", "n_fluent", "p_fluent", "ci_low_fluent",
+                         "ci_high_fluent"]]
 
 
 def _spearman(x, y) -> float:
@@ -399,7 +545,8 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
                         temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                         chat: bool | None = None,
                         positions: str = "all", setting: str = "", batch_size: int = 64, holdout: float = 0.5,
-                        judge_device: str = "cpu", progress: Callable | None = None) -> ConceptResult:
+                        judge_device: str = "cpu", fluency_tokens: int = 16, fluency_texts_n: int = 16,
+                        progress: Callable | None = None) -> ConceptResult:
     """Sec. 5: fraction of sampled steered completions a judge finds `concept` in, per alpha (Thm 3.6).
 
     Args:
@@ -412,6 +559,9 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
             steered model itself, unsteered).
         positive, negative: P and N texts: calibrate the embedding judge and give every judge's held-out accuracy.
         seed: completion seeds derive from (seed, prompt, index), the same for every alpha.
+        fluency_tokens: the first this many tokens of each completion are read by the unsteered model; a mean NLL
+            above the threshold calibrated on `fluency_texts_n` fluent texts and their shuffles marks it degenerate
+            (0: the repetition and non-word rules only).
         progress: called with the number of completions generated, then judged by each judge.
 
     Example::
@@ -454,7 +604,9 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     rows = [(p, alpha, completion_seed(seed, p, c)) for p in prompts for alpha in a for c in range(n_completions)]
     meta = [(pi, c) for pi, _ in enumerate(prompts) for _ in a for c in range(n_completions)]
     t0 = time.perf_counter()
-    generated = generate_rows(model, v, layer, rows, settings, batch_size=batch_size, progress=progress)
+    generated = generate_rows(model, v, layer, rows, settings, batch_size=batch_size, read_tokens=fluency_tokens,
+                              progress=progress)
+    read_nll = [g.pop("nll", None) for g in generated]
     gen_seconds = time.perf_counter() - t0
     base = dict(model=model.name, concept=concept, layer=layer, setting=setting)
     completions = pd.DataFrame([
@@ -466,6 +618,16 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     measures = pd.DataFrame([degeneration(t) for t in texts], columns=list(DEGENERATION_COLUMNS))
     for col in DEGENERATION_COLUMNS:
         completions[col] = measures[col].to_numpy()
+    fluency, t0 = None, time.perf_counter()
+    if fluency_tokens > 0:  # gibberish is never the concept: the unsteered model's reading of each completion
+        fluency = calibrate_fluency(model, chat=settings.chat, n_texts=fluency_texts_n, max_tokens=fluency_tokens,
+                                    seed=seed)
+        # Read during the decode (blocks l+1.. only) where the engine did; else teacher-forced from the text.
+        completions["nll"] = read_nll if all(x is not None for x in read_nll) else \
+            mean_nll(model, completions["prompt"].tolist(), texts, chat=settings.chat, max_tokens=fluency_tokens)
+        completions["degenerate_rules"] = completions["degenerate"]
+        completions["degenerate"] = completions["degenerate_rules"] | (completions["nll"] > fluency["threshold"])
+    fluency_seconds = time.perf_counter() - t0
     score_frames, judge_seconds, judge_notes = [], {}, {}
     for j in judge_objs:
         t0 = time.perf_counter()
@@ -480,7 +642,8 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
         judge_seconds[j.name] = time.perf_counter() - t0
         completions[f"score_{j.name}"] = s
         frame = completions[["completion_id", "model", "concept", "layer", "setting", "alpha", "prompt_index",
-                             "completion_index", "seed", *DEGENERATION_COLUMNS]].copy()
+                             "completion_index", "seed", *DEGENERATION_COLUMNS,
+                             *[c for c in FLUENCY_COLUMNS if c in completions]]].copy()
         frame["judge"] = j.name
         frame["score"] = s
         frame["judged"] = s >= j.threshold
@@ -513,9 +676,13 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
         "judge_accuracy": accuracy,
         "judge_answer_mass": answer_mass,
         "curves": curves,
-        "degeneration_rule": DEGENERATION_RULE,
+        "degeneration_rule": DEGENERATION_RULE + ("" if fluency is None else
+                                                  f"; or its first {fluency_tokens} tokens' mean NLL under the "
+                                                  f"unsteered model exceeds {fluency['threshold']:.2f} nats"),
+        "fluency_calibration": fluency,
         "notes": notes,
-        "seconds": {"generate": gen_seconds, "judges": judge_seconds, "total": time.perf_counter() - t_start},
+        "seconds": {"generate": gen_seconds, "fluency": fluency_seconds, "judges": judge_seconds,
+                    "total": time.perf_counter() - t_start},
         "n_rows": len(rows),
     }
     return ConceptResult(completions=completions, scores=scores, curve=curve, summary=summary)
