@@ -43,12 +43,12 @@ def files(tmp_path_factory, model, sv):
 
 
 def test_every_alpha_shares_one_batched_generation(model, sv, monkeypatch):
-    import steerstrength.metrics.concept as concept
+    from steerstrength import steering
 
     calls = []
-    real = concept.sample_rows
-    monkeypatch.setattr(concept, "sample_rows", lambda *a, **k: calls.append(k["alphas"]) or real(*a, **k))
-    sv[2].generate(model, PROMPTS, [0.0, 0.5, 1.0], settings=SETTINGS, completions=2)
+    real = steering.sample_steered
+    monkeypatch.setattr(steering, "sample_steered", lambda *a, **k: calls.append([r[2] for r in a[2]]) or real(*a, **k))
+    sv[2].generate(model, PROMPTS, [0.0, 0.5, 1.0], unit="raw", settings=SETTINGS, completions=2)
     assert len(calls) == 1 and sorted(set(calls[0])) == [0.0, 0.5, 1.0] and len(calls[0]) == 2 * 3 * 2
 
 
