@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, console, load, log,
-                                      progress_bar)
+from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, console,
+                                      load, log, progress_bar)
 from steerstrength.cli_sweeps import (
     ConceptOpt,
     NormalizeOpt,
@@ -170,6 +170,7 @@ def recommend(
     start = time.perf_counter()
     check_at_least(("--n-prompts", n_prompts, 1), ("--completions", completions, 1), ("--max-new-tokens", max_new_tokens, 1),
                    ("--refine-steps", refine_steps, 0), ("--batch-size", batch_size, 1), ("--n-target", n_target, 1))
+    check_seed(seed)
     if budget is not None and not 0 < budget < float("inf"):
         raise InputError(f"--budget must be a positive finite number of nats, not {budget}")
     for option, value, allowed in (("--curvature-scope", curvature_scope, CURVATURE_SCOPES),

@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, load, log, progress_bar,
-                                      sweep_app)
+from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, load, log,
+                                      progress_bar, sweep_app)
 from steerstrength.errors import InputError
 from steerstrength.stages import check_token_memory
 
@@ -405,6 +405,7 @@ def sweep_xent(
     check_at_least(("--n-alphas", n_alphas, 2), ("--seq-len", seq_len, 1), ("--max-tokens", max_tokens, 1),
                    ("--n-samples", n_samples, 1), ("--sample-tokens", sample_tokens, 1),
                    ("--curvature-tokens", curvature_tokens, 1))
+    check_seed(seed)
     if spacing not in (None, "linear", "log"):
         raise InputError(f"--spacing must be linear or log, not {spacing!r}")
     check_output_dir(out, names=("xent.parquet", "xent.json", "corpus_samples.jsonl"))

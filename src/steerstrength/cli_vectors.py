@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli_common import DeviceOpt, DtypeOpt, check_at_least, console, load, log, progress_bar
+from steerstrength.cli_common import (DeviceOpt, DtypeOpt, check_at_least, check_seed, console, load, log,
+                                      progress_bar)
 from steerstrength.errors import InputError
 
 app = typer.Typer()
@@ -44,6 +45,7 @@ def prompts(
                                        rows_from_texts)
 
     concept = check_concept(concept)
+    check_seed(seed)
     check_output_file(out, example=f"{concept}.{kind}.jsonl")
     if kind not in KINDS:
         raise InputError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -179,6 +181,7 @@ def vectors(
     if gguf_out is not None:
         check_output_file(gguf_out, option="--gguf-out", example="vectors.gguf")
     check_at_least(("--resamples", resamples, 0), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2))
+    check_seed(seed)
     section = _section(preset, resamples=resamples, skip_first_token=skip_first_token, normalize=normalize,
                        batch_size=batch_size, max_length=max_length)
     pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
