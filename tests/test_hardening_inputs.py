@@ -112,3 +112,185 @@ def test_a_seed_no_generator_takes_is_one_line(files, tmp_path, monkeypatch, cap
     code, _, err = quiet_cli([*args, "--seed", seed], monkeypatch, capsys)
     assert code == 2 and one_line(err) and f"--seed must be in [0, {SEED_MAX}], not {seed}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- item 6: files of the wrong kind
+
+
+@pytest.mark.parametrize("norms, message", [
+    ("abc", "residual_norms is a str, not an object"),
+    ([1.0, 2.0], "residual_norms is a list, not an object"),
+    ({"1": "abc"}, "residual_norms['1'] is 'abc'"),
+    ({"1": [3.0]}, "residual_norms['1'] is [3.0]"),
+    ({"1": float("nan")}, "residual_norms['1'] is nan"),
+])
+def test_residual_norm_metadata_that_is_not_a_number_per_layer_is_one_line(files, tmp_path, monkeypatch, capsys,
+                                                                           norms, message):
+    path = tmp_path / "v.safetensors"
+    _save_raw_meta(path, dict(concept="joy", residual_norms=norms))
+    with pytest.raises(InputError, match="residual_norms"):
+        SteeringVectors.load(path)
+    args = ["sweep", "tokens", "--model", files / "model", "--vectors", path, "--device", "cpu", "--n-alphas", "4",
+            "--alpha-unit", "resid", "--out", tmp_path / "out"]
+    code, _, err = quiet_cli(args, monkeypatch, capsys)
+    assert code == 2 and one_line(err) and message in err and str(path) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _save_raw_meta(path, meta: dict) -> None:
+    """A vector file whose metadata says anything (as a file edited by hand or another tool would)."""
+    from safetensors.torch import save_file
+
+    save_file({"layer.1": torch.ones(32)}, str(path), metadata={"steerstrength": json.dumps(meta)})
+
+
+def test_our_own_control_vector_given_as_the_model_is_one_line_and_not_cached(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STEERSTRENGTH_CACHE", str(tmp_path / "cache"))
+    control = tmp_path / "joy.gguf"
+    code, _, err = quiet_cli(["vectors", "--concept", "joy", "--model", files / "model", "--device", "cpu", "--layers",
+                              "1", "--out", tmp_path / "v.safetensors", "--gguf-out", control], monkeypatch, capsys)
+    assert code == 0 and control.is_file(), err
+    code, _, err = quiet_cli(["sweep", "tokens", "--model", control, "--vectors", files / "v.safetensors", "--device",
+                              "cpu", "--n-alphas", "4", "--out", tmp_path / "out"], monkeypatch, capsys)
+    assert code == 2 and one_line(err) and "is a llama.cpp control vector" in err and "--vectors" in err, err
+    assert not (tmp_path / "out").exists()
+    index = tmp_path / "cache" / "sha256.json"
+    assert not index.exists() or str(control.resolve()) not in index.read_text()
+
+
+def test_a_refused_gguf_is_not_recorded_in_the_cache_index(tmp_path, monkeypatch, capsys):
+    """Item 8: a file refused as a model leaves no sha256 entry behind (it was hashed before it was checked)."""
+    monkeypatch.setenv("STEERSTRENGTH_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    code, _, err = quiet_cli(["models", "show", bad, "--device", "cpu"], monkeypatch, capsys)
+    assert code == 2 and one_line(err) and "not a GGUF file" in err, err
+    assert not (tmp_path / "cache" / "sha256.json").exists()
+
+
+@pytest.mark.parametrize("config, message", [("[1, 2]", "config.json is a JSON list, not an object"),
+                                             ('"llama"', "config.json is a JSON str, not an object"),
+                                             ("{broken", "config.json is not readable JSON")])
+def test_a_model_directory_whose_config_is_not_an_object_is_one_line(tmp_path, monkeypatch, capsys, config, message):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(config)
+    code, _, err = quiet_cli(["models", "show", tmp_path / "model", "--device", "cpu"], monkeypatch, capsys)
+    assert code == 2 and one_line(err) and message in err, err
+
+
+def test_an_unknown_model_type_is_one_line_without_a_transformers_warning(files, tmp_path):
+    """Item 8: transformers logs a warning line of its own before the error; a separate process sees the real stderr."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(files / "model", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps(dict(config, model_type="not-a-real-model")))
+    out = subprocess.run([sys.executable, "-m", "steerstrength.cli", "models", "show", str(tmp_path / "model"),
+                          "--device", "cpu"], capture_output=True, text=True, env=_env())
+    assert out.returncode == 2 and "does not hold a causal LM" in out.stderr
+    assert error_lines(out.stderr) == [out.stderr.strip()] and "[transformers]" not in out.stderr, out.stderr
+
+
+def _env() -> dict:
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ("[1, 2]", "manifest.json is a JSON list, not an object"),
+    ('"done"', "manifest.json is a JSON str, not an object"),
+    ('{"stages": [1]}', "its 'stages' is a list"),
+    ('{"model": "tiny"}', "its 'model' is a str"),
+    ('{"stages": {"tokens": 3}}', "its stage 'tokens' is a int"),
+    ('{"config": {"tokens": [1]}}', "its config section 'tokens' is a list"),
+])
+def test_plot_on_a_damaged_manifest_is_one_line_naming_the_repair(small_run, tmp_path, monkeypatch, capsys, manifest,
+                                                                  message):
+    run = copy_run(small_run, tmp_path)
+    (run / "manifest.json").write_text(manifest)
+    code, _, err = quiet_cli(["plot", run], monkeypatch, capsys)
+    assert code == 2 and one_line(err) and message in err and "steerstrength run" in err, err
+    assert not (run / "report.html").exists()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """A run directory with the vectors and tokens stages' tables (tests/test_plots.py's synthetic run)."""
+    from test_plots import make_run
+
+    run = tmp_path_factory.mktemp("small") / "run"
+    make_run(run, stages=("vectors", "tokens"))
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+DAMAGED_INDEX = ["[1]", "{broken", '{"figures": [{"files": 3}]}', '{"figures": [{"files": [3]}]}']
+
+
+def test_a_damaged_figure_index_is_redrawn_by_plot_and_skipped_by_the_report(small_run, tmp_path, monkeypatch, capsys):
+    from steerstrength.plots import RunTables
+    from steerstrength.report import section_figures
+
+    run = copy_run(small_run, tmp_path)
+    (run / "figures").mkdir()
+    for index in DAMAGED_INDEX:  # the report alone (the run's report stage) reads the index as it is
+        (run / "figures" / "index.json").write_text(index)
+        assert "<img" not in section_figures(RunTables(run))
+    code, _, err = quiet_cli(["plot", run], monkeypatch, capsys)  # plot redraws over the last one
+    assert code == 0 and "Traceback" not in err, err
+    assert isinstance(json.loads((run / "figures" / "index.json").read_text())["figures"], list)
+
+
+@pytest.mark.parametrize("gguf", [False, True])
+def test_a_disk_full_while_writing_vectors_is_one_line_with_nothing_written(files, tmp_path, monkeypatch, capsys, gguf):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")  # what a full disk leaves before the error
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["vectors", "--concept", "joy", "--model", files / "model", "--device", "cpu", "--layers", "1",
+            "--out", out / "v.safetensors", *(["--gguf-out", out / "v.gguf"] if gguf else [])]
+    code, _, err = quiet_cli(args, monkeypatch, capsys)
+    assert code == 2 and one_line(err) and "No space left on device" in err and str(out) in err, err
+    assert list(out.iterdir()) == []
+    sv = SteeringVectors({1: torch.ones(4)})
+    with pytest.raises(OSError, match="No space left"):
+        sv.save(out / "v.safetensors")
+    assert list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- item 8: smaller
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_vector_files_get_the_mode_of_every_other_output(tmp_path, umask):
+    """safetensors writes a file of its own (mode 0600) and renames it; ours follow the umask like every output."""
+    import os
+
+    from steerstrength.io import write_json
+    from steerstrength.vectors import save_vectors
+
+    old = os.umask(umask)
+    try:
+        sv = SteeringVectors({1: torch.ones(4)}, dict(concept="joy"))
+        sv.save(tmp_path / "a.safetensors")
+        save_vectors(sv, tmp_path / "b.safetensors", tmp_path / "b.gguf")
+        write_json(tmp_path / "c.json", {})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["a.safetensors", "b.safetensors", "b.gguf", "c.json"], 0o666 & ~umask)
