@@ -294,3 +294,134 @@ def test_vector_files_get_the_mode_of_every_other_output(tmp_path, umask):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == dict.fromkeys(["a.safetensors", "b.safetensors", "b.gguf", "c.json"], 0o666 & ~umask)
+
+
+def test_run_user_errors_are_one_line_without_a_banner(files, tmp_path, monkeypatch, capsys):
+    code, _, err = quiet_cli(["run", f"model.spec={tmp_path / 'no-such-model'}", "--out", tmp_path / "run"],
+                             monkeypatch, capsys)
+    assert code == 2 and one_line(err) and "no-such-model" in err, err
+
+
+def test_only_prompts_does_not_point_at_a_report_it_did_not_write(files, tmp_path, monkeypatch, capsys):
+    code, _, err = quiet_cli(["run", f"model.spec={files / 'model'}", "layers=1", "--only", "prompts", "--out",
+                              tmp_path / "run"], monkeypatch, capsys)
+    assert code == 0, err
+    assert not (tmp_path / "run" / "report.html").exists() and "report.html" not in err, err
+
+
+# ----------------------------------------------------------------------------- item 7: options silently ignored
+
+
+def contexts_file(tmp_path, n: int = 20) -> Path:
+    path = tmp_path / "contexts.txt"
+    path.write_text("".join(f"the cat saw {i} dogs and\n" for i in range(n)))
+    return path
+
+
+def test_a_users_contexts_file_is_swept_whole_unless_n_contexts_is_given(files, tmp_path, monkeypatch, capsys):
+    """`sweep tokens` kept the preset's 6 of 20 contexts without a word (`sweep limit` swept all 20)."""
+    import pandas as pd
+
+    path = contexts_file(tmp_path)
+    for command, table in (("tokens", "tokens_top.parquet"), ("limit", "limit.parquet")):
+        for extra, n in (([], 20), (["--n-contexts", "3"], 3)):
+            out = tmp_path / f"{command}-{n}"
+            code, _, err = quiet_cli([*tiny(files, "sweep", command, "--contexts", path, "--out", out), *extra,
+                                      *(["--n-alphas", "2"] if command == "tokens" else [])], monkeypatch, capsys)
+            assert code == 0, err
+            assert pd.read_parquet(out / table)["context_id"].nunique() == n, (command, extra)
+    # The run: a contexts file set without tokens.n_contexts is used whole; both set, the count holds.
+    assert build_config("demo", None, [f"tokens.contexts_file={path}"]).tokens.n_contexts is None
+    assert build_config("demo", None, [f"tokens.contexts_file={path}", "tokens.n_contexts=4"]).tokens.n_contexts == 4
+    assert build_config("demo", None, []).tokens.n_contexts == 6  # the built-in contexts keep the preset's count
+
+
+def test_the_layer_scan_reads_texts_as_the_vectors_do_with_max_length(files):
+    from steerstrength.config import VectorsConfig
+    from steerstrength.models import load_model
+    from steerstrength.stages import scan_stage
+
+    model = load_model(str(files / "model"), device="cpu")
+    long = ["i am happy and glad and the sun is good today my friend " * 3] * 6
+    other = ["the table was in the kitchen and the rain on the house " * 3] * 6
+    full = scan_stage(model, long, other, VectorsConfig())[1].table
+    cut = scan_stage(model, long, other, VectorsConfig(max_length=4))[1].table
+    assert not full["vector_norm"].equals(cut["vector_norm"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--split", "test"], "--corpus wikipedia:test"),
+    (["--field", "body"], "--field selects a column or split of a dataset; the wikipedia corpus has none"),
+    (["--seed", "3"], "--seed seeds the model-samples corpus"),
+    (["--corpus", "model", "--field", "body"], "the model corpus has none"),
+])
+def test_xent_options_the_corpus_does_not_read_are_refused(files, tmp_path, monkeypatch, capsys, extra, message):
+    code, _, err = quiet_cli([*tiny(files, "sweep", "xent", "--out", tmp_path / "out"), *extra], monkeypatch, capsys)
+    assert code == 2 and one_line(err) and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra", [["--model", "/no/such"], ["--n", "7"], ["--temperature", "0.5"],
+                                   ["--generator", "x"], ["--seed", "1"]])
+def test_prompts_from_a_file_refuses_the_generation_options(files, tmp_path, monkeypatch, capsys, extra):
+    out = tmp_path / "p.jsonl"
+    code, _, err = quiet_cli(["prompts", "--concept", "joy", "--from-file", files / "p.jsonl", "--out", out, *extra],
+                             monkeypatch, capsys)
+    assert code == 2 and one_line(err) and f"{extra[0]} has no effect with --from-file" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("only", [",", " , ,", ""])
+def test_run_only_naming_no_stage_is_refused(tmp_path, monkeypatch, capsys, only):
+    code, _, err = quiet_cli(["run", "--only", only, "--out", tmp_path / "run"], monkeypatch, capsys)
+    assert code == 2 and one_line(err) and "names no stage" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_vectors_and_gguf_to_the_same_path_is_refused(files, tmp_path, monkeypatch, capsys):
+    (tmp_path / "sub").mkdir()
+    for gguf in (tmp_path / "v.out", tmp_path / "sub" / ".." / "v.out"):
+        code, _, err = quiet_cli(["vectors", "--concept", "joy", "--model", files / "model", "--device", "cpu",
+                                  "--layers", "1", "--out", tmp_path / "v.out", "--gguf-out", gguf], monkeypatch, capsys)
+        assert code == 2 and one_line(err) and "--out and --gguf-out are both" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+@pytest.mark.parametrize("command", ["tokens", "logodds", "xent", "concept", "mmlu", "recommend"])
+@pytest.mark.parametrize("linspace", [["--alpha-max", "2"], ["--n-alphas", "5"], ["--alpha-min", "-1"]])
+def test_alphas_with_a_linspace_option_is_refused(files, tmp_path, monkeypatch, capsys, command, linspace):
+    if command == "recommend" and linspace[0] == "--alpha-min":
+        pytest.skip("recommend has no --alpha-min")
+    args = {
+        "tokens": tiny(files, "sweep", "tokens"),
+        "logodds": tiny(files, "sweep", "logodds", "-p", files / "p.jsonl", "-n", files / "n.jsonl"),
+        "xent": tiny(files, "sweep", "xent"),
+        "concept": tiny(files, "sweep", "concept", "--judge", "lexicon"),
+        "mmlu": tiny(files, "sweep", "mmlu", "--source", "sample"),
+        "recommend": tiny(files, "recommend", "--method", "iso-kl"),
+    }[command]
+    code, _, err = quiet_cli([*args, "--alphas=-1,0,1", *linspace, "--out", tmp_path / "out"], monkeypatch, capsys)
+    assert code == 2 and one_line(err) and f"--alphas gives the grid itself; drop {linspace[0]}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_xent_alphas_with_spacing_is_refused(files, tmp_path, monkeypatch, capsys):
+    code, _, err = quiet_cli([*tiny(files, "sweep", "xent"), "--alphas=-1,0,1", "--spacing", "log", "--out",
+                              tmp_path / "out"], monkeypatch, capsys)
+    assert code == 2 and one_line(err) and "drop --spacing" in err, err
+
+
+def test_a_json_file_of_json_lines_is_read_as_json_lines(files, tmp_path, monkeypatch, capsys):
+    from steerstrength.io import read_texts
+
+    path = tmp_path / "texts.json"
+    path.write_text("".join(json.dumps({"text": t, "id": f"c{i}"}) + "\n" for i, t in enumerate(["a b", "c d"])))
+    assert [r["text"] for r in read_texts(path)] == ["a b", "c d"]
+    out = tmp_path / "p.jsonl"
+    code, _, err = quiet_cli(["prompts", "--concept", "joy", "--from-file", path, "--out", out], monkeypatch, capsys)
+    assert code == 0, err
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == ["a b", "c d"]
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1))  # a JSON array: one line, not texts
+    with pytest.raises(InputError, match="array.json:1: malformed JSON"):
+        read_texts(array)

@@ -34,9 +34,10 @@ def _texts(path: Optional[Path], what: str, min_count: int = 1) -> Optional[list
 def _grids(alphas: Optional[str], alpha_max: Optional[float], n_alphas: Optional[int], generation_points: int):
     """(sweet-spot's grid, the generation methods' grid): --alphas for both (0 added), linspace(0, --alpha-max, n)
     (n: --n-alphas, else 41 and the preset's recommend.n_alphas), or (None, None): the grids scaled to the vector."""
-    from steerstrength.grid import AlphaGrid
+    from steerstrength.grid import AlphaGrid, refuse_with_explicit
     from steerstrength.recommend import SWEEP_POINTS
 
+    refuse_with_explicit(alphas, **{"--alpha-max": alpha_max, "--n-alphas": n_alphas})
     if alphas is not None:
         grid = AlphaGrid.parse(alphas)
         return grid, grid

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from steerstrength.cli_common import (DeviceOpt, DtypeOpt, check_at_least, check_seed, console, load, log,
-                                      progress_bar)
+                                      progress_bar, refuse_given)
 from steerstrength.errors import InputError
 
 app = typer.Typer()
@@ -16,6 +16,7 @@ app = typer.Typer()
 
 @app.command("prompts")
 def prompts(
+    ctx: typer.Context,
     concept: str = typer.Option(..., "--concept", "-c", help="The concept, e.g. joy (the paper's 8: docs/vectors.md)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL: one row per text."),
     kind: str = typer.Option("positive", "--kind", help="positive (P) or negative (N)."),
@@ -53,6 +54,8 @@ def prompts(
         raise InputError(f"--setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
     row_setting = setting if kind == "negative" else None
     if from_file is not None:
+        refuse_given(ctx, "--from-file", ("model", "generator", "n", "max_new_tokens", "temperature", "top_p", "top_k",
+                                          "seed", "batch_size", "opposite", "dtype", "device"))
         texts = [r["text"] for r in load_prompts(from_file, min_count=1)]
         write_jsonl(out, rows_from_texts(texts, concept, kind, row_setting))
         log(f"wrote {len(texts)} texts from {from_file} to {out}")
@@ -180,6 +183,9 @@ def vectors(
     check_output_file(out, example="vectors.safetensors")
     if gguf_out is not None:
         check_output_file(gguf_out, option="--gguf-out", example="vectors.gguf")
+        if gguf_out.resolve() == out.resolve():
+            raise InputError(f"--out and --gguf-out are both {out}; the second file would replace the first: give "
+                             "the GGUF another name (e.g. vectors.gguf)")
     check_at_least(("--resamples", resamples, 0), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2))
     check_seed(seed)
     section = _section(preset, resamples=resamples, skip_first_token=skip_first_token, normalize=normalize,

@@ -59,7 +59,7 @@ class TokensConfig:
     alpha_max: float = 2.0  # in RunConfig.alpha_unit (default: x the layer's median residual norm)
     n_alphas: int = 1024  # plus 0
     contexts_file: Optional[str] = None  # None: built-in contexts (neutral + the concept's own)
-    n_contexts: Optional[int] = None  # keep the first n contexts (None: all)
+    n_contexts: Optional[int] = None  # keep the first n contexts (None: all); set with contexts_file or not: all of it
     top_k: int = 100  # stored at alpha_max and at alpha_min
     top_each: int = 10  # also stored: the top tokens at every alpha (the report's explorer shows them)
     # bfloat16 / float16 models: re-run the tracked curves in float32 at 9 evenly spaced alphas (plus both ends and 0)
@@ -317,13 +317,17 @@ def _scalar(v):
     return v
 
 
-def _apply(cfg, data: dict, prefix: str = "") -> None:
+def _apply(cfg, data: dict, prefix: str = "") -> list[str]:
+    """Set every key of a TOML table; the dotted keys set."""
+    done = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            _apply(cfg, value, dotted + ".")
+            done += _apply(cfg, value, dotted + ".")
         else:
             _set(cfg, dotted, value)
+            done.append(dotted)
+    return done
 
 
 # Bounds on a TOML text, checked by one scan before tomllib parses it: tomllib recurses once per nesting level and
@@ -392,15 +396,15 @@ def build_config(preset_name: str = "demo", config_file: str | None = None, over
         cfg.tokens.alpha_max, cfg.alpha_unit     # (1.5, "resid")
     """
     cfg = preset(preset_name)
-    if config_file:
-        from steerstrength.io import read_text_file
-
-        _apply(cfg, read_toml(Path(config_file)))
+    given = _apply(cfg, read_toml(Path(config_file))) if config_file else []
     for item in overrides or []:
         if "=" not in item:
             raise InputError(f"override {item!r} is not key=value (e.g. concepts=joy or xent.n_tokens=4096)")
         key, raw = item.split("=", 1)
         _set(cfg, key.strip(), raw.strip())
+        given.append(key.strip())
+    if "tokens.contexts_file" in given and "tokens.n_contexts" not in given:
+        cfg.tokens.n_contexts = None  # a preset's count is for the built-in contexts: the user's file is used whole
     validate(cfg)
     return cfg
 
