@@ -262,6 +262,7 @@ def scan(
 
 @app.command("export-gguf")
 def export_gguf(
+    ctx: typer.Context,
     vectors_file: Path = typer.Argument(..., help="A .safetensors written by `steerstrength vectors`."),
     out: Path = typer.Argument(..., help="Output .gguf for llama.cpp's --control-vector."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to export (default: all >= 1)."),
@@ -276,6 +277,8 @@ def export_gguf(
     from steerstrength.vectors import SteeringVectors, parse_layers
 
     check_output_file(out, option="OUT", example="vectors.gguf")
+    if model is None:
+        refuse_given(ctx, "no --model (they load the model the vectors are checked against)", ("dtype", "device"))
     sv = SteeringVectors.load(vectors_file)
     if model is not None:
         sv.check(load(model, dtype=dtype, device=device))
