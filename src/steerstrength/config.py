@@ -59,7 +59,7 @@ class TokensConfig:
     alpha_max: float = 2.0  # in RunConfig.alpha_unit (default: x the layer's median residual norm)
     n_alphas: int = 1024  # plus 0
     contexts_file: Optional[str] = None  # None: built-in contexts (neutral + the concept's own)
-    n_contexts: Optional[int] = None  # keep the first n contexts (None: all); set with contexts_file or not: all of it
+    n_contexts: Optional[int] = None  # keep the first n contexts (None: all); a contexts_file set without it: all
     top_k: int = 100  # stored at alpha_max and at alpha_min
     top_each: int = 10  # also stored: the top tokens at every alpha (the report's explorer shows them)
     # bfloat16 / float16 models: re-run the tracked curves in float32 at 9 evenly spaced alphas (plus both ends and 0)

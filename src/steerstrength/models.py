@@ -526,8 +526,8 @@ def check_gguf(path: Path) -> None:
     try:
         from gguf import GGUFReader
 
-        field = GGUFReader(str(path)).fields.get("general.architecture")
-        architecture = field.contents() if field is not None else None
+        entry = GGUFReader(str(path)).fields.get("general.architecture")
+        architecture = entry.contents() if entry is not None else None
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise ModelLoadError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}); re-download it") from None
     if architecture == "controlvector":  # what `export-gguf` and `vectors --gguf-out` write
@@ -767,7 +767,8 @@ def load_model(
             check_gguf(gguf)  # before its sha256 enters the cache's index: a refused file leaves no trace there
         cached = gguf_cache_dir(gguf)
         if not (cached / "steerstrength.json").is_file():
-            check_gguf(gguf)
+            if kind == "embedded":
+                check_gguf(gguf)
             convert_gguf(gguf, cached)
         name = spec if kind == "embedded" else gguf.stem
         source = f"gguf:{gguf}"
