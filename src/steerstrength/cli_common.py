@@ -32,6 +32,25 @@ def check_at_least(*checks: tuple[str, Optional[int], int]) -> None:
             raise InputError(f"{option} must be at least {low}, not {value}")
 
 
+def refuse_given(ctx, because: str, names) -> None:
+    """One line for the first option among parameter `names` given on the command line, which `because` makes
+    unused (an option is honoured or refused, never ignored)."""
+    from steerstrength.errors import InputError
+
+    for param in ctx.command.params:
+        if param.name in names and ctx.get_parameter_source(param.name).name in ("COMMANDLINE", "ENVIRONMENT"):
+            raise InputError(f"{param.opts[0]} has no effect with {because}; drop one of them")
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """A seed every generator takes (config.SEED_MAX): one line, not numpy's or torch's overflow traceback."""
+    from steerstrength.config import SEED_MAX
+    from steerstrength.errors import InputError
+
+    if not 0 <= seed <= SEED_MAX:
+        raise InputError(f"{option} must be in [0, {SEED_MAX}], not {seed}")
+
+
 def load(spec: Optional[str], dtype: str = "float32", device: str = "auto", blocks_path: Optional[str] = None):
     from steerstrength.models import load_model
 

@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, console, load, log,
-                                      progress_bar, sweep_app)
+from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, console,
+                                      load, log, progress_bar, sweep_app)
 from steerstrength.cli_sweeps import (
     AlphasOpt,
     ConceptOpt,
@@ -120,6 +120,7 @@ def sweep_concept(
     start = time.perf_counter()
     check_at_least(("--n-prompts", n_prompts, 1), ("--completions", completions, 1),
                    ("--max-new-tokens", max_new_tokens, 1), ("--n-alphas", n_alphas, 1), ("--batch-size", batch_size, 1))
+    check_seed(seed)
     # One preset system: the run's concept section, so `sweep concept` and `run` measure the same sizes.
     cfg, size = preset_section(preset, "concept", n_prompts=n_prompts, completions=completions,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

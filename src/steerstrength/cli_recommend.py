@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, console, load, log,
-                                      progress_bar)
+from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, console,
+                                      load, log, progress_bar)
 from steerstrength.cli_sweeps import (
     ConceptOpt,
     NormalizeOpt,
@@ -34,9 +34,10 @@ def _texts(path: Optional[Path], what: str, min_count: int = 1) -> Optional[list
 def _grids(alphas: Optional[str], alpha_max: Optional[float], n_alphas: Optional[int], generation_points: int):
     """(sweet-spot's grid, the generation methods' grid): --alphas for both (0 added), linspace(0, --alpha-max, n)
     (n: --n-alphas, else 41 and the preset's recommend.n_alphas), or (None, None): the grids scaled to the vector."""
-    from steerstrength.grid import AlphaGrid
+    from steerstrength.grid import AlphaGrid, refuse_with_explicit
     from steerstrength.recommend import SWEEP_POINTS
 
+    refuse_with_explicit(alphas, **{"--alpha-max": alpha_max, "--n-alphas": n_alphas})
     if alphas is not None:
         grid = AlphaGrid.parse(alphas)
         return grid, grid
@@ -170,6 +171,7 @@ def recommend(
     start = time.perf_counter()
     check_at_least(("--n-prompts", n_prompts, 1), ("--completions", completions, 1), ("--max-new-tokens", max_new_tokens, 1),
                    ("--refine-steps", refine_steps, 0), ("--batch-size", batch_size, 1), ("--n-target", n_target, 1))
+    check_seed(seed)
     if budget is not None and not 0 < budget < float("inf"):
         raise InputError(f"--budget must be a positive finite number of nats, not {budget}")
     for option, value, allowed in (("--curvature-scope", curvature_scope, CURVATURE_SCOPES),

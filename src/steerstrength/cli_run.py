@@ -60,13 +60,15 @@ def run(
         require_ray()  # one line naming the extra to install, before anything is written
     out = check_output_dir(out or Path("runs") / preset, names=("manifest.json", "config.toml", "report.html"))
     stages = None
-    if only:
+    if only is not None:
         stages = [s.strip() for s in only.split(",") if s.strip()]
+        if not stages:
+            raise InputError(f"--only {only!r} names no stage; give e.g. --only vectors,tokens (stages: "
+                             f"{', '.join(STAGES)})")
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise InputError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
-    start = time.perf_counter()
-    log(f"run directory {out} (preset {preset})")
+    start = time.perf_counter()  # no banner line: an error is then the only line a failed run prints
     from steerstrength.crossmodel import is_multi_model
 
     if is_multi_model(out) and not cfg.models:
@@ -95,7 +97,9 @@ def run(
         for stage, (status, seconds, note) in results.items():
             table.add_row(*([name] if cfg.models else []), stage, status, f"{seconds:.1f}", note)
     console.print(table)
-    log(f"total {time.perf_counter() - start:.1f} s; open {out / 'report.html'}")
+    report = out / "report.html"
+    log(f"total {time.perf_counter() - start:.1f} s (preset {preset}, run directory {out})"
+        + (f"; open {report}" if report.is_file() else ""))
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, load, log, progress_bar,
-                                      sweep_app)
+from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, load, log,
+                                      progress_bar, sweep_app)
 from steerstrength.errors import InputError
 from steerstrength.stages import check_token_memory
 
@@ -121,14 +121,17 @@ class Steering:
 
         return add_resid_column(frame, self.scale(layer))
 
-    def contexts(self, path: Optional[Path], chat: bool, n_contexts: Optional[int] = None):
-        """--contexts, or the built-in ones the run uses (metrics.contexts.stage_contexts), checked on the model."""
+    def contexts(self, path: Optional[Path], chat: bool, n_contexts: Optional[int] = None,
+                 preset_n: Optional[int] = None):
+        """--contexts, or the built-in ones the run uses (metrics.contexts.stage_contexts), checked on the model:
+        the first --n-contexts of them; without it, all of a user's file, or the preset's count of the built-in."""
         from steerstrength.metrics.contexts import as_contexts, builtin_concepts, stage_contexts
 
         concept = self.labels["concept"]
         if path is None and concept and concept.lower() not in builtin_concepts():
             log(f"note: no built-in contexts for concept {concept!r}; using the 44 neutral ones")
-        return as_contexts(self.model, stage_contexts(concept, path, n_contexts), chat=chat)
+        n = n_contexts if n_contexts is not None or path is not None else preset_n
+        return as_contexts(self.model, stage_contexts(concept, path, n), chat=chat)
 
 
 def _done(out: Path, paths, start: float, what: str = "") -> None:
@@ -143,8 +146,9 @@ GridUnitOpt = typer.Option(None, "--alpha-unit", help="raw: alpha multiplies the
                                                       "(the same strength at any layer); default: the preset's "
                                                       "(resid). Tables carry both columns.")
 AlphaMinOpt = typer.Option(None, "--alpha-min", help="default: -alpha_max.")
-NContextsOpt = typer.Option(None, "--n-contexts", help="Keep N of the built-in contexts (half the concept's own); "
-                                                       "default: the preset's.")
+NContextsOpt = typer.Option(None, "--n-contexts", help="Keep the first N contexts (of the built-in ones, half the "
+                                                       "concept's own); default: all of --contexts, or the preset's "
+                                                       "count of the built-in ones.")
 
 
 @sweep_app.command("tokens")
@@ -191,7 +195,7 @@ def sweep_tokens(
                                   n_contexts=n_contexts, certify=certify)
     unit = check_unit(alpha_unit or cfg.alpha_unit)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
-    ctxs = st.contexts(contexts, chat, section.n_contexts)
+    ctxs = st.contexts(contexts, chat, n_contexts, section.n_contexts)
     check_token_memory(grid_size(alphas, section.n_alphas), "--alphas" if alphas is not None else "--n-alphas",
                        st.model.vocab_size, len(ctxs), len(st.layers), section.top_k)
     grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=unit, cfg=cfg)
@@ -270,7 +274,7 @@ def sweep_logodds(
         st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
         lm, labels, header = st.model, dict(st.labels), st.header(preset=preset)
         if tokens_dir is None:  # the token sweep runs here: refuse one that cannot fit before computing log p
-            ctxs = st.contexts(contexts, chat, tokens_section.n_contexts)
+            ctxs = st.contexts(contexts, chat, n_contexts, tokens_section.n_contexts)
             check_token_memory(grid_size(alphas, tokens_section.n_alphas),
                                "--alphas" if alphas is not None else "--n-alphas", lm.vocab_size, len(ctxs),
                                len(st.layers), tokens_section.top_k)
@@ -364,8 +368,10 @@ def sweep_xent(
     corpus: Optional[str] = typer.Option(None, "--corpus", help="wikipedia[:train|:test] (packaged), model (samples of "
                                          "the unsteered model), a .txt/.jsonl/.parquet file, a Parquet directory, or "
                                          "hf:NAME[:CONFIG]; default: the preset's xent.corpus (wikipedia)."),
-    field: str = typer.Option("text", "--field", help="The text column / field of the corpus."),
-    split: str = typer.Option("train", "--split", help="Split of a hf: dataset or of a local dataset directory."),
+    field: Optional[str] = typer.Option(None, "--field", help="The text column / field of a dataset or JSON corpus "
+                                        "(default: text)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a hf: dataset or of a local dataset directory "
+                                        "(default: train)."),
     data_files: Optional[List[str]] = typer.Option(None, "--data-files", help="Files of a hf: dataset (paths or "
                                                    "globs; repeatable)."),
     max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use the first N texts (hf: default 1000)."),
@@ -373,7 +379,7 @@ def sweep_xent(
                                                                       "enough for --max-tokens."),
     sample_tokens: Optional[int] = typer.Option(None, "--sample-tokens", help="Model-samples corpus: tokens per text; "
                                                                               "default: seq_len + 8."),
-    seed: int = typer.Option(0, "--seed", help="Model-samples corpus: sampling seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Model-samples corpus: sampling seed (default 0)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Scored tokens per window (windows have seq_len + 1 "
                                                                   "tokens); default: the preset's."),
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Concatenate texts before windowing; "
@@ -400,6 +406,8 @@ def sweep_xent(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Delta CE(alpha) on a corpus (Def. 3.7), curvature at 0 (Thm 3.8), plateau (Prop. 4.1): xent.parquet, xent.json."""
+    from steerstrength.corpus import check_corpus_options
+    from steerstrength.grid import refuse_with_explicit
     from steerstrength.io import check_output_dir
     from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import corpus_texts, packs, xent_stage
@@ -408,17 +416,23 @@ def sweep_xent(
     check_at_least(("--n-alphas", n_alphas, 2), ("--seq-len", seq_len, 1), ("--max-tokens", max_tokens, 1),
                    ("--n-samples", n_samples, 1), ("--sample-tokens", sample_tokens, 1),
                    ("--curvature-tokens", curvature_tokens, 1))
+    if seed is not None:
+        check_seed(seed)
     if spacing not in (None, "linear", "log"):
         raise InputError(f"--spacing must be linear or log, not {spacing!r}")
+    refuse_with_explicit(alphas, **{"--spacing": spacing, "--alpha-min": alpha_min, "--alpha-max": alpha_max,
+                                    "--n-alphas": n_alphas})
     check_output_dir(out, names=("xent.parquet", "xent.json", "corpus_samples.jsonl"))
     cfg, section = preset_section(preset, "xent", n_alphas=n_alphas, seq_len=seq_len, n_tokens=max_tokens,
                                   spacing=spacing, curvature_tokens=curvature_tokens)
+    check_corpus_options(corpus or section.corpus, field=field, split=split, seed=seed)
     grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=alpha_unit, cfg=cfg,
                         spacing=section.spacing)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, grid.unit)
-    texts, source = corpus_texts(st.model, section, seed=seed, cache_dir=out, source=corpus, field=field, split=split,
-                                 max_texts=max_texts, data_files=data_files, n_samples=n_samples,
-                                 sample_tokens=sample_tokens, progress=progress_bar)
+    texts, source = corpus_texts(st.model, section, seed=seed or 0, cache_dir=out, source=corpus,
+                                 field=field or "text", split=split or "train", max_texts=max_texts,
+                                 data_files=data_files, n_samples=n_samples, sample_tokens=sample_tokens,
+                                 progress=progress_bar)
     packing = packs(section, source) if packing is None else packing
     with output_folder(out):  # after the corpus is read: a bad corpus leaves no --out behind
         result = xent_stage(st.model, list(st.vectors.values()), section, texts=texts, corpus=source,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli_common import log, progress_bar
+from steerstrength.cli_common import check_seed, log, progress_bar
 
 
 def train_tiny(
@@ -30,6 +30,7 @@ def train_tiny(
     """Train a 1-layer GPT (~9 M parameters, SmolLM2's tokenizer) on CPU on the Wikipedia paragraphs (Fig. A.4)."""
     from steerstrength.train_tiny import train_tiny as train
 
+    check_seed(seed)
     keep_freed_memory()
     summary = train(out, minutes=minutes, steps=steps, d_model=d_model, n_head=n_head, seq_len=seq_len,
                     batch_size=batch_size, lr=lr, warmup=warmup, upper_fraction=upper_fraction, eval_every=eval_every,

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli_common import DeviceOpt, DtypeOpt, check_at_least, console, load, log, progress_bar
+from steerstrength.cli_common import (DeviceOpt, DtypeOpt, check_at_least, check_seed, console, load, log,
+                                      progress_bar, refuse_given)
 from steerstrength.errors import InputError
 
 app = typer.Typer()
@@ -15,6 +16,7 @@ app = typer.Typer()
 
 @app.command("prompts")
 def prompts(
+    ctx: typer.Context,
     concept: str = typer.Option(..., "--concept", "-c", help="The concept, e.g. joy (the paper's 8: docs/vectors.md)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output JSONL: one row per text."),
     kind: str = typer.Option("positive", "--kind", help="positive (P) or negative (N)."),
@@ -44,6 +46,7 @@ def prompts(
                                        rows_from_texts)
 
     concept = check_concept(concept)
+    check_seed(seed)
     check_output_file(out, example=f"{concept}.{kind}.jsonl")
     if kind not in KINDS:
         raise InputError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -51,6 +54,8 @@ def prompts(
         raise InputError(f"--setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
     row_setting = setting if kind == "negative" else None
     if from_file is not None:
+        refuse_given(ctx, "--from-file", ("model", "generator", "n", "max_new_tokens", "temperature", "top_p", "top_k",
+                                          "seed", "batch_size", "opposite", "dtype", "device"))
         texts = [r["text"] for r in load_prompts(from_file, min_count=1)]
         write_jsonl(out, rows_from_texts(texts, concept, kind, row_setting))
         log(f"wrote {len(texts)} texts from {from_file} to {out}")
@@ -178,7 +183,11 @@ def vectors(
     check_output_file(out, example="vectors.safetensors")
     if gguf_out is not None:
         check_output_file(gguf_out, option="--gguf-out", example="vectors.gguf")
+        if gguf_out.resolve() == out.resolve():
+            raise InputError(f"--out and --gguf-out are both {out}; the second file would replace the first: give "
+                             "the GGUF another name (e.g. vectors.gguf)")
     check_at_least(("--resamples", resamples, 0), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2))
+    check_seed(seed)
     section = _section(preset, resamples=resamples, skip_first_token=skip_first_token, normalize=normalize,
                        batch_size=batch_size, max_length=max_length)
     pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
@@ -271,6 +280,7 @@ def load_with_strength(vectors_file: Path, recommended: Optional[Path]):
 
 @app.command("export-gguf")
 def export_gguf(
+    ctx: typer.Context,
     vectors_file: Path = typer.Argument(..., help="A .safetensors written by `steerstrength vectors`."),
     out: Path = typer.Argument(..., help="Output .gguf for llama.cpp's --control-vector."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to export (default: all >= 1)."),
@@ -295,6 +305,8 @@ def export_gguf(
     from steerstrength.config import USE
 
     check_output_file(out, option="OUT", example="vectors.gguf")
+    if model is None:
+        refuse_given(ctx, "no --model (they load the model the vectors are checked against)", ("dtype", "device"))
     alpha_unit = check_unit(alpha_unit or USE.alpha_unit)
     if method is not None and recommended is None:
         raise InputError("--method picks among --recommended's alphas; give --recommended RUN too")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ class TokensConfig:
     alpha_max: float = 2.0  # in RunConfig.alpha_unit (default: x the layer's median residual norm)
     n_alphas: int = 1024  # plus 0
     contexts_file: Optional[str] = None  # None: built-in contexts (neutral + the concept's own)
-    n_contexts: Optional[int] = None  # keep the first n contexts (None: all)
+    n_contexts: Optional[int] = None  # keep the first n contexts (None: all); a contexts_file set without it: all
     top_k: int = 100  # stored at alpha_max and at alpha_min
     top_each: int = 10  # also stored: the top tokens at every alpha (the report's explorer shows them)
     # bfloat16 / float16 models: re-run the tracked curves in float32 at 9 evenly spaced alphas (plus both ends and 0)
@@ -324,10 +325,7 @@ def _parse(raw: Any, current: Any, dotted: str) -> Any:
     elif raw.lower() in ("none", "null"):
         return None
     else:
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # a bare string
+        value = _toml_value(raw, current, dotted)
     if isinstance(current, list) and isinstance(value, str) and value.startswith("[") and value.endswith("]"):
         value = [v.strip().strip("'\"") for v in value[1:-1].split(",")]  # [anger,joy]: TOML without its quotes
     if isinstance(current, dict) and not isinstance(value, dict):
@@ -346,6 +344,20 @@ def _parse(raw: Any, current: Any, dotted: str) -> Any:
     return value
 
 
+def _toml_value(raw: str, current: Any, dotted: str) -> Any:
+    """`raw` as a TOML value, else the bare string; one nested or numbered past any configuration is refused unless
+    the key takes a string (a model id or a path may hold anything)."""
+    try:
+        check_toml_shape(raw, f"{dotted}={raw[:20]}...", keys=False)
+        return tomllib.loads(f"v = {raw}")["v"]
+    except InputError:
+        if isinstance(current, str) or current is None:
+            return raw
+        raise
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        return raw  # a bare string
+
+
 def _scalar(v):
     if isinstance(v, str):
         try:
@@ -358,13 +370,69 @@ def _scalar(v):
     return v
 
 
-def _apply(cfg, data: dict, prefix: str = "") -> None:
+def _apply(cfg, data: dict, prefix: str = "") -> list[str]:
+    """Set every key of a TOML table; the dotted keys set."""
+    done = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            _apply(cfg, value, dotted + ".")
+            done += _apply(cfg, value, dotted + ".")
         else:
             _set(cfg, dotted, value)
+            done.append(dotted)
+    return done
+
+
+# Bounds on a TOML text, checked by one scan before tomllib parses it: tomllib recurses once per nesting level and
+# keeps every prefix of a dotted key (quadratic memory: a 200 KB key of 100,000 parts took 24 GB), and Python refuses
+# integers of more than 4300 digits. A full `config show` is ~4 KB, two levels deep, with numbers of a few digits.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_TOML_NESTING = 16  # arrays and inline tables inside one another
+MAX_KEY_PARTS = 16  # parts of one dotted key (the configuration has at most 2: section.key)
+MAX_DIGITS = 100  # digits of one number
+_TOML_STRING = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*')
+_TOML_KEY_RUN = re.compile(r"[^=,{}\[\]\n]+")
+_TOML_DIGITS = re.compile(r"[0-9_]{%d,}" % (MAX_DIGITS + 1))
+
+
+def check_toml_shape(text: str, where: str, *, keys: bool = True) -> None:
+    """One InputError line for a TOML text nested, dotted (`keys`: a document, not one value) or numbered past what
+    a configuration can hold, found by a linear scan (strings and comments skipped) before any parser sees it."""
+    bare = _TOML_STRING.sub('""', text)
+    depth = deepest = 0
+    for char in re.findall(r"[\[\]{}]", bare):
+        depth = depth + 1 if char in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_TOML_NESTING:
+        raise InputError(f"{where}: arrays or tables nest {deepest} levels deep (at most {MAX_TOML_NESTING}); a "
+                         "configuration is section.key = value (see `steerstrength config show`)")
+    parts = max((run.count(".") + 1 for run in _TOML_KEY_RUN.findall(bare)), default=0) if keys else 0
+    if parts > MAX_KEY_PARTS:
+        raise InputError(f"{where}: a dotted key has {parts} parts (at most {MAX_KEY_PARTS}); a configuration key is "
+                         "section.key (see `steerstrength config show`)")
+    digits = _TOML_DIGITS.search(bare)
+    if digits:
+        raise InputError(f"{where}: a number has {len(digits.group())} digits (at most {MAX_DIGITS}); no "
+                         "configuration value is that large")
+
+
+def read_toml(path: Path) -> dict:
+    """A TOML configuration file, bounded (size, nesting, key depth, digits) before it is parsed: one InputError
+    line for anything that is not a configuration."""
+    from steerstrength.io import check_input_file, read_text_file
+
+    if not path.exists():
+        raise InputError(f"config file {path} does not exist; write one with `steerstrength config show > {path}`")
+    size = check_input_file(path, "config file").stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise InputError(f"config file {path} has {size} bytes (at most {MAX_CONFIG_BYTES}); a configuration is a few "
+                         "KB (`steerstrength config show`)")
+    text = read_text_file(path, what="config file", want="a UTF-8 TOML file (`steerstrength config show`)")
+    check_toml_shape(text, f"config file {path}")
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path} is not valid TOML ({exc})") from None
 
 
 def build_config(preset_name: str = "demo", config_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -381,23 +449,15 @@ def build_config(preset_name: str = "demo", config_file: str | None = None, over
         cfg.tokens.alpha_max, cfg.alpha_unit     # (1.5, "resid")
     """
     cfg = preset(preset_name)
-    if config_file:
-        from steerstrength.io import read_text_file
-
-        path = Path(config_file)
-        if not path.exists():
-            raise InputError(f"config file {path} does not exist; write one with `steerstrength config show > {path}`")
-        text = read_text_file(path, what="config file", want="a UTF-8 TOML file (`steerstrength config show`)")
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise InputError(f"{path} is not valid TOML ({exc})") from None
-        _apply(cfg, data)
+    given = _apply(cfg, read_toml(Path(config_file))) if config_file else []
     for item in overrides or []:
         if "=" not in item:
             raise InputError(f"override {item!r} is not key=value (e.g. concepts=joy or xent.n_tokens=4096)")
         key, raw = item.split("=", 1)
         _set(cfg, key.strip(), raw.strip())
+        given.append(key.strip())
+    if "tokens.contexts_file" in given and "tokens.n_contexts" not in given:
+        cfg.tokens.n_contexts = None  # a preset's count is for the built-in contexts: the user's file is used whole
     validate(cfg)
     from steerstrength.preflight import settle_source
 
@@ -424,6 +484,10 @@ MINIMUM = {  # integer keys: the smallest valid value
     "recommend.batch_size": 1,
     "ray.num_cpus_per_model": 1, "ray.max_retries": 0, "ray.actors_per_model": 1,
 }
+SEED_MAX = 2**32 - 1  # numpy's and torch's generators all take seeds in [0, 2**32) (prompts add offsets < 2**22)
+INT_MAX = 2**31 - 1  # any other integer key: a size torch and numpy index in 32 bits everywhere
+GRID_MAX = 100_000  # alphas in one grid (the paper's largest has 1024): every alpha is rows per context and token
+MAXIMUM = {"seed": SEED_MAX, **{key: GRID_MAX for key in MINIMUM if key.endswith(".n_alphas")}}  # else INT_MAX
 OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions",
             "ray.num_gpus_per_model", "ray.memory_gb")  # None: off / all / none
 POSITIVE = ("prompts.temperature", "concept.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",
@@ -485,6 +549,8 @@ def validate(cfg: RunConfig) -> None:
             raise InputError(f"{key} takes an integer, not {value!r}")
         if value < low:
             raise InputError(f"{key} must be at least {low}, not {value}")
+        if value > MAXIMUM.get(key, INT_MAX):
+            raise InputError(f"{key} must be at most {MAXIMUM.get(key, INT_MAX)}, not {value}")
     for key in POSITIVE + UNIT_INTERVAL:
         value = get(cfg, key)
         if value is None and key in OPTIONAL:

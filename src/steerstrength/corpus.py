@@ -74,6 +74,23 @@ def is_wikipedia(source) -> bool:
     return str(source or "").split(":")[0] == "wikipedia"
 
 
+def check_corpus_options(source: str, *, field: str | None = None, split: str | None = None,
+                         seed: int | None = None) -> None:
+    """Refuse, with one line, an option the corpus `source` does not read (None: not given): --field and --split
+    select a column and a split of a dataset (the packaged wikipedia names its split in the source, the model's
+    samples have neither), --seed seeds the model's samples only."""
+    kind = "model" if source == "model" else "wikipedia" if is_wikipedia(source) else None
+    if kind == "wikipedia" and split is not None:
+        raise InputError(f"--split selects a split of a hf: dataset or a dataset directory; the packaged wikipedia "
+                         f"names it in --corpus: --corpus wikipedia:{split if split in WIKIPEDIA_SPLITS else 'test'}")
+    if kind is not None and (field is not None or split is not None):
+        option = "--field" if field is not None else "--split"
+        raise InputError(f"{option} selects a column or split of a dataset; the {kind} corpus has none: drop it")
+    if kind != "model" and seed is not None:
+        raise InputError(f"--seed seeds the model-samples corpus (--corpus model); corpus {source!r} is read, not "
+                         "sampled: drop --seed")
+
+
 def _nonempty(texts: Sequence[str], where: str) -> list[str]:
     kept = [t for t in texts if isinstance(t, str) and t.strip()]
     if not kept:

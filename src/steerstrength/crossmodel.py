@@ -119,7 +119,9 @@ def model_runs(root: str | Path) -> list[dict]:
             m = json.loads(manifest.read_text())
         except (OSError, ValueError):
             continue
-        facts = m.get("model") or {}
+        if not isinstance(m, dict):
+            continue  # damaged: not a model run (as unreadable JSON)
+        facts = m.get("model") if isinstance(m.get("model"), dict) else {}
         found.append(dict(name=facts.get("name") or manifest.parent.name, folder=manifest.parent.name,
                           n_params=facts.get("n_params"), n_layers=facts.get("n_layers"),
                           d_model=facts.get("d_model"), architecture=facts.get("architecture"),

@@ -141,6 +141,7 @@ class AlphaGrid:
                      section, unit: str, section_unit: str, zero: bool = True, spacing: str = "linear") -> "AlphaGrid":
         """A sweep command's grid: --alphas, else its --alpha-min/--alpha-max/--n-alphas over the config section's
         (alpha_max, n_alphas), which are in `section_unit`."""
+        refuse_with_explicit(alphas, **{"--alpha-min": alpha_min, "--alpha-max": alpha_max, "--n-alphas": n})
         if alphas is not None:
             return cls.parse(alphas, unit=unit, zero=zero)
         if unit != section_unit and alpha_max is None:
@@ -298,3 +299,11 @@ def with_zero(alphas, *, warn: bool = True) -> tuple[torch.Tensor, bool]:
     """The grid sorted with 0 inserted if missing: (values, inserted). AlphaGrid.explicit is the new form."""
     grid = AlphaGrid.explicit(alphas, note=warn)
     return grid.values, grid.inserted_zero
+
+
+def refuse_with_explicit(alphas, **options) -> None:
+    """--alphas is the whole grid: a linspace option given with it (not None) would be ignored, so it is refused."""
+    given = [name for name, value in options.items() if value is not None]
+    if alphas is not None and given:
+        raise InputError(f"--alphas gives the grid itself; drop {' and '.join(given)} (they size a linspace grid), or "
+                         "drop --alphas")

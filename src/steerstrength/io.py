@@ -101,7 +101,7 @@ def read_texts(path, *, field: str = "text", min_count: int = 1, what: str = "pr
     """
     path = check_input_file(path, what)
     rows: list[dict] = []
-    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson", ".json")  # a .json of texts: JSON lines, never plain text
     try:
         with open(path, encoding="utf-8-sig") as fh:  # -sig: a leading byte-order mark is not part of the text
             for lineno, line in enumerate(fh, start=1):

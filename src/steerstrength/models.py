@@ -6,6 +6,7 @@ Every architecture difference lives here: the rest of the package sees a `Model`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -525,9 +526,13 @@ def check_gguf(path: Path) -> None:
     try:
         from gguf import GGUFReader
 
-        GGUFReader(str(path))
+        entry = GGUFReader(str(path)).fields.get("general.architecture")
+        architecture = entry.contents() if entry is not None else None
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise ModelLoadError(f"{path} is a corrupt or truncated GGUF file ({type(exc).__name__}); re-download it") from None
+    if architecture == "controlvector":  # what `export-gguf` and `vectors --gguf-out` write
+        raise ModelLoadError(f"{path} is a llama.cpp control vector (steering directions), not a model; give it as "
+                             "--vectors and the model with --model")
 
 
 def file_sha256(path: Path) -> str:
@@ -585,10 +590,14 @@ def convert_gguf(path: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        try:
+            with warnings.catch_warnings(), transformers_errors_only():
+                warnings.simplefilter("ignore")
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        except (ValueError, KeyError, TypeError) as exc:  # e.g. an architecture transformers cannot read from GGUF
+            raise ModelLoadError(f"transformers cannot load {path} as a causal LM ({first_line(exc)}); convert it to "
+                                 "a model directory, or pass a HF id") from None
         # The weights are dequantized float32 now; drop the GGUF quantizer so they can be saved.
         hf.hf_quantizer = None
         if hasattr(hf.config, "quantization_config"):
@@ -611,11 +620,25 @@ def load_hf_dir(source: str, dtype: torch.dtype, device: torch.device, placement
     offload_folder, which place the model over several devices instead of moving it to `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), transformers_errors_only():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **(placement or {}), **kwargs)
     return (hf if placement else hf.to(device)), tok
+
+
+@contextlib.contextmanager
+def transformers_errors_only():
+    """transformers' logger at ERROR while it loads: its warnings (an unknown model type, unused weights) restate
+    what our one-line error says, or concern nothing the user did."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
@@ -681,6 +704,7 @@ def spec_kind(spec: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: it is not a transformers model directory")
+        check_model_config(path / "config.json")
         return "dir"
     if path.exists():
         raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf, a model directory or a HF id")
@@ -688,6 +712,19 @@ def spec_kind(spec: str) -> str:
         return "hf"
     raise ModelLoadError(f"model spec {spec!r} is not an embedded model ({', '.join(EMBEDDED)}), a .gguf file, a "
                          "model directory or a HF id")
+
+
+def check_model_config(path: Path) -> None:
+    """A model directory's config.json is a JSON object (transformers' own reader fails on anything else with a
+    traceback)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON ({first_line(exc)}); it is not a transformers model "
+                             "config") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} is a JSON {type(config).__name__}, not an object; it is not a transformers "
+                             "model config")
 
 
 def load_model(
@@ -726,9 +763,12 @@ def load_model(
     kind = spec_kind(spec)
     if kind in ("embedded", "gguf"):
         gguf = embedded_gguf(spec) if kind == "embedded" else path
+        if kind == "gguf":
+            check_gguf(gguf)  # before its sha256 enters the cache's index: a refused file leaves no trace there
         cached = gguf_cache_dir(gguf)
         if not (cached / "steerstrength.json").is_file():
-            check_gguf(gguf)
+            if kind == "embedded":
+                check_gguf(gguf)
             convert_gguf(gguf, cached)
         name = spec if kind == "embedded" else gguf.stem
         source = f"gguf:{gguf}"

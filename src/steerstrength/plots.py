@@ -49,8 +49,9 @@ class RunTables:
         path = self.root / "manifest.json"
         try:
             self.manifest = json.loads(path.read_text()) if path.is_file() else {}
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(f"{path} is not valid JSON; rerun `{resume_command(self.root)}`") from None
+        _check_manifest(self.manifest, path, self.root)
         self._cache: dict = {}
 
     def has(self, name: str) -> bool:
@@ -703,6 +704,26 @@ def save_figure(fig: "Figure", out_dir: Path, stem: str) -> list[Path]:
     return write_figure(fig, out_dir, stem, dpi=DPI)
 
 
+def _check_manifest(manifest, path: Path, root: Path) -> None:
+    """The manifest's shape as the readers use it (runs.py writes it): an object whose stages, config, model and
+    versions are objects, each stage's record an object. One InputError line for a damaged file."""
+    damaged = f"the file is damaged; `{resume_command(root)}` rewrites it"
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path} is a JSON {type(manifest).__name__}, not an object; {damaged}")
+    for key in ("stages", "config", "model", "versions"):
+        value = manifest.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise InputError(f"{path}: its {key!r} is a {type(value).__name__}, not an object; {damaged}")
+    from steerstrength.config import RunConfig
+
+    sections = {k for k, v in RunConfig().to_dict().items() if isinstance(v, dict)}
+    parts = [(f"stage {k!r}", v) for k, v in (manifest.get("stages") or {}).items()]
+    parts += [(f"config section {k!r}", v) for k, v in (manifest.get("config") or {}).items() if k in sections]
+    for what, value in parts:
+        if not isinstance(value, dict):
+            raise InputError(f"{path}: its {what} is a {type(value).__name__}, not an object; {damaged}")
+
+
 def draw_all(run_dir: str | Path) -> list[Path]:
     """Redraw every figure of a run from its tables into RUN/figures (PNG + PDF) and write figures/index.json."""
     run = RunTables(run_dir)
@@ -732,5 +753,5 @@ def _previous_files(index_path: Path) -> set[str]:
         data = json.loads(index_path.read_text())
         return {f for e in data.get("figures", []) for f in e.get("files", [])
                 if f.startswith("figures/") and "/" not in f[len("figures/"):]}
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):  # a damaged index: nothing known to clean up
         return set()

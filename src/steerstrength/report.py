@@ -562,9 +562,16 @@ def section_figures(run: RunTables) -> str:
     index_path = run.root / "figures" / "index.json"
     if not index_path.is_file():
         return na(f"no figures drawn yet; run `steerstrength plot {run.root}`")
-    index = json.loads(index_path.read_text())
+    try:
+        index = json.loads(index_path.read_text())
+        entries = list(index.get("figures", []))
+        if not all(isinstance(e, dict) and isinstance(e.get("files", []), list) and
+                   all(isinstance(f, str) for f in e.get("files", [])) for e in entries):
+            raise ValueError("a figure entry is not {stem, title, files: [...]}")
+    except (OSError, ValueError, AttributeError, TypeError):  # written by plots.draw_all; damaged by hand
+        return na(f"figures/index.json is damaged; redraw with `steerstrength plot {run.root}`")
     out = []
-    for e in index.get("figures", []):
+    for e in entries:
         png = next((f for f in e.get("files", []) if f.endswith(".png")), None)
         if png is None or not (run.root / png).is_file():
             out.append(f"<h3>{esc(e['title'])}</h3>" + na(f"{png} is missing; redraw with `steerstrength plot`"))

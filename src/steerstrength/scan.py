@@ -60,8 +60,9 @@ class LayerScan:
 
 
 @torch.inference_mode()
-def _pass(model: Model, texts: Sequence[str], layers: list[int], batch_size: int, progress):
-    """Per layer [n, d] float64 token means (first token out), per-token norms, and [V] sum of last-token log p."""
+def _pass(model: Model, texts: Sequence[str], layers: list[int], batch_size: int, progress, text_options: dict):
+    """Per layer [n, d] float64 token means (first token out), per-token norms, and [V] sum of last-token log p;
+    `text_options`: layer_states' max_length and skip_first_token, as the vectors read the texts."""
     from steerstrength.steering import layer_states, token_means, token_norms
 
     last = model.n_layers - 1
@@ -69,7 +70,7 @@ def _pass(model: Model, texts: Sequence[str], layers: list[int], batch_size: int
     means = {layer: torch.empty((len(texts), model.d_model), dtype=torch.float64) for layer in want}
     norms: dict[int, list] = {layer: [] for layer in want}
     log_p = torch.zeros(model.vocab_size, dtype=torch.float64)
-    for start, mask, hidden in layer_states(model, texts, want, batch_size=batch_size):
+    for start, mask, hidden in layer_states(model, texts, want, batch_size=batch_size, **text_options):
         for layer in want:
             means[layer][start:start + mask.shape[0]] = token_means(hidden[layer], mask)
             norms[layer].append(token_norms(hidden[layer], mask))
@@ -87,6 +88,7 @@ def scan_layers(model: Model, positive: Sequence[str], negative: Sequence[str], 
                 heldout_positive: Sequence[str] | None = None, heldout_negative: Sequence[str] | None = None,
                 layers: Sequence[int] | None = None, top_k: int = DEFAULT_TOP_K,
                 extremal_fraction: float = DEFAULT_EXTREMAL_FRACTION, batch_size: int = 8,
+                max_length: int | None = None, skip_first_token: bool = True,
                 progress: Callable[[int], None] | None = None, labels: dict | None = None) -> LayerScan:
     """Where Eq. (3)'s v carries the concept: per layer, held-out AUC x the share of LN(v) W^T's top tokens with
     extremal log-odds M (Def. 3.2); the best layer is what `--layers auto` steers (module doc).
@@ -96,6 +98,7 @@ def scan_layers(model: Model, positive: Sequence[str], negative: Sequence[str], 
         heldout_positive, heldout_negative: the texts the separation (AUC) is measured on.
         layers: the layers scored (default: all); the pick is among layers n/6 .. n - 1 (the last block included).
         top_k: tokens of LN(v) W^T checked against M; extremal_fraction: M's top fraction that counts.
+        max_length, skip_first_token: how each text is read, as for the vectors (`mean_activations`).
 
     Example::
 
@@ -122,7 +125,8 @@ def scan_layers(model: Model, positive: Sequence[str], negative: Sequence[str], 
     layers = list(range(n)) if layers is None else sorted(set(int(x) for x in layers))
     runs = {}
     for name, texts in (("P", positive), ("N", negative), ("hP", heldout_positive), ("hN", heldout_negative)):
-        runs[name] = _pass(model, texts, layers, batch_size, progress)
+        runs[name] = _pass(model, texts, layers, batch_size, progress,
+                           dict(max_length=max_length, skip_first_token=skip_first_token))
     M = runs["P"][2] / len(positive) - runs["N"][2] / len(negative)
     high, _ = extremal_thresholds(M, extremal_fraction)
     rows = []

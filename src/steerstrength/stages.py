@@ -57,7 +57,8 @@ def scan_stage(model, positive: Sequence[str], negative: Sequence[str], section:
     n = len(positive) + len(negative) + sum(len(t) for t in held.values())
     with progress(f"{concept}: layer scan (one forward per text)", n) as advance:
         scan = scan_layers(model, list(positive), list(negative), top_k=section.scan_top_k,
-                           batch_size=section.batch_size, progress=advance,
+                           batch_size=section.batch_size, max_length=section.max_length,
+                           skip_first_token=section.skip_first_token, progress=advance,
                            labels=dict(model=model.name, concept=concept), **held)
     return StageResult("layer_scan", {"layer_scan.parquet": scan.table}, {concept or "concept": scan.summary()}), scan
 

@@ -147,6 +147,20 @@ class SteeringVector:
         return func(*args, **kwargs)
 
 
+def _check_residual_norms(norms) -> None:
+    """The metadata's r_l per layer: {"layer": positive finite number}, or absent (measured on the model)."""
+    if norms is None:
+        return
+    if not isinstance(norms, dict):
+        raise InputError(f"the metadata's residual_norms is a {type(norms).__name__}, not an object {{layer: r_l}}; "
+                         "remake the file with `steerstrength vectors` (or drop the key: r_l is then measured)")
+    for layer, r in norms.items():
+        if not (isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf")) \
+                or not str(layer).isdigit():
+            raise InputError(f"the metadata's residual_norms[{layer!r}] is {r!r}; r_l is a positive finite number "
+                             "per layer: remake the file with `steerstrength vectors` (or drop the key)")
+
+
 def _tensor_use(what: str) -> None:
     import warnings
 
@@ -184,6 +198,7 @@ class SteeringVectors:
             if not torch.isfinite(v).all():
                 raise InputError(f"the vector for layer {layer} contains NaN or inf; recompute it from finite "
                                  "activations (float32 avoids overflow)")
+        _check_residual_norms(self.meta.get("residual_norms"))
         d = sizes.pop()
         for layer, r in self.resamples.items():
             if not r.is_floating_point():
@@ -364,7 +379,13 @@ class SteeringVectors:
         tensors = {f"layer.{k}": v.detach().contiguous().cpu() for k, v in self.vectors.items()}
         tensors.update({f"layer.{k}.resamples": v.detach().contiguous().cpu() for k, v in self.resamples.items()})
         meta = {"steerstrength": json.dumps(self.meta, sort_keys=True)}
-        save_file(tensors, str(path), metadata=meta)
+        mode = path.stat().st_mode & 0o777 if path.exists() else None  # atomic_path's: the umask's, like any output
+        try:
+            save_file(tensors, str(path), metadata=meta)  # writes a new file (mode 0600) and renames it onto `path`
+        except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError: a disk full, a permission lost
+            raise _write_error(exc, path) from None
+        if mode is not None:
+            path.chmod(mode)
 
     @classmethod
     def load(cls, path) -> "SteeringVectors":
@@ -398,7 +419,10 @@ class SteeringVectors:
                              "it is not a steerstrength vector file")
         if not vectors:
             raise InputError(f"{path} holds no `layer.N` tensors; it is not a steerstrength vector file")
-        return cls(vectors, meta, resamples)
+        try:
+            return cls(vectors, meta, resamples)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
 
     # ------------------------------------------------------------------------- llama.cpp GGUF
 
@@ -525,6 +549,16 @@ def gguf_strength_keys(sv: SteeringVectors, layers: Sequence[int]) -> dict:
         keys["steerstrength.fluent_range"] = json.dumps({str(x): (per.get(str(x)) or {}).get("fluent_range")
                                                          for x in layers}, sort_keys=True)
     return keys
+
+
+def _write_error(exc: Exception, path: Path) -> OSError:
+    """safetensors' write error (its own type) as the OSError it stands for, so the CLI says it in one line."""
+    import errno
+    import os
+
+    code = re.search(r"os error (\d+)", str(exc))
+    number = int(code.group(1)) if code else errno.EIO
+    return OSError(number, os.strerror(number) if code else f"cannot write safetensors ({exc})", str(path.parent))
 
 
 def save_vectors(sv: SteeringVectors, out, gguf_out=None, gguf_layers: Sequence[int] | None = None) -> None:

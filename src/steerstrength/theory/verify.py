@@ -153,6 +153,10 @@ def build_world(config: TheoryConfig, progress: Callable[[int, float], None] | N
     alphas = alpha_grid(config.alpha_max, config.alpha_points)
     if config.size < 1:
         raise InputError(f"--size {config.size} must be >= 1")
+    from steerstrength.config import SEED_MAX
+
+    if not 0 <= config.seed <= SEED_MAX:
+        raise InputError(f"--seed must be in [0, {SEED_MAX}], not {config.seed}")
     ds = concept_dataset(
         config.family,
         vocab_size=config.vocab_size,
