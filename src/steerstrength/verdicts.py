@@ -316,12 +316,11 @@ def token_verdicts(concept: str, stats, *, n_boot: int, seed: int) -> list[Verdi
     return out
 
 
-def concept_verdicts(concept: str, scores, curve_summaries: dict, *, n_boot: int, seed: int) -> list[Verdict]:
+def concept_verdicts(concept: str, scores, *, n_boot: int, seed: int) -> list[Verdict]:
     """The judge's rate at alpha_max under v against random directions' (per prompt), and Thm 3.6's rule for v and
-    for the controls (generic)."""
-    import pandas as pd
-
+    for the controls (generic). `scores`: concept_scores rows of every direction."""
     from steerstrength.metrics.concept import concept_curve, curve_summary
+    from steerstrength.report import rule_concept
 
     out = []
     for (layer, judge), g in scores.groupby(["layer", "judge"]):
@@ -340,8 +339,6 @@ def concept_verdicts(concept: str, scores, curve_summaries: dict, *, n_boot: int
                    f"false-positive rate); effect {res['estimate']:+.2f} [{res['low']:+.2f}, {res['high']:+.2f}] over "
                    f"{res['n']} prompts ({n_completions} completions)")
             out.append(_row(concept, layer, "concept probability rises under v", "v-vs-random", res, why, "prompts"))
-        from steerstrength.report import rule_concept
-
         for direction, rows in (("v", g[g["direction"] == "v"]), ("random", g[g["direction"] != "v"])):
             if rows.empty:
                 continue
@@ -355,7 +352,6 @@ def concept_verdicts(concept: str, scores, curve_summaries: dict, *, n_boot: int
             why = (f"{judge} judge, {'v' if direction == 'v' else 'random directions pooled'}: Spearman "
                    f"{num(rho)}, tanh R² {num(r2)}")
             out.append(_row(concept, layer, "Thm 3.6 (sigmoidal rise)", direction, res, why, "prompts"))
-    _ = pd  # noqa
     return out
 
 
@@ -381,8 +377,10 @@ def xent_verdicts(summary: dict) -> list[Verdict]:
             share = float(np.mean([x > 0 for x in values]))
             res = dict(verdict=AGREES if share == 1 else DISAGREES if share == 0 else INCONCLUSIVE, estimate=share,
                        low=math.nan, high=math.nan, threshold=1.0, n=len(values), n_more=math.nan,
-                       v=kappa if kappa is not None else math.nan, n_controls=len(ck))
-            why = f"κ > 0 for {sum(x > 0 for x in values)} of {len(values)} {'(v)' if direction == 'v' else 'random directions'}"
+                       v=kappa if (kappa is not None and direction == "v") else math.nan,
+                       controls=float(np.mean(ck)) if ck else math.nan, n_controls=len(ck))
+            who = "(v)" if direction == "v" else "random directions"
+            why = f"κ > 0 for {sum(x > 0 for x in values)} of {len(values)} {who}"
             out.append(_row(concept, layer, "Thm 3.8 (positive curvature)", direction, res, why, "directions"))
     return out
 
@@ -406,7 +404,8 @@ def mmlu_verdicts(mmlu) -> list[Verdict]:
                 continue
             share = float(np.mean(values))
             res = dict(verdict=AGREES if share == 1 else DISAGREES if share == 0 else INCONCLUSIVE, estimate=share,
-                       low=math.nan, high=math.nan, threshold=1.0, n=len(values), n_more=math.nan, n_controls=len(controls))
+                       low=math.nan, high=math.nan, threshold=1.0, n=len(values), n_more=math.nan,
+                       n_controls=len(controls))
             why = (f"accuracy at both ends ≤ unsteered for {sum(values)} of {len(values)} "
                    f"{'(v)' if direction == 'v' else 'random directions'}")
             out.append(_row(concept, layer, "MMLU (Fig. A.6)", direction, res, why, "directions"))
@@ -451,7 +450,7 @@ def run_verdicts(run) -> "pd.DataFrame":
     if run.has_directions("concept_scores"):
         scores = run.table("concept_scores", direction=None)
         for concept, g in scores.groupby("concept"):
-            rows += concept_verdicts(concept, g, {}, n_boot=n_boot, seed=seed)
+            rows += concept_verdicts(concept, g, n_boot=n_boot, seed=seed)
     xent = run.summary("xent")
     if xent:
         rows += xent_verdicts(xent)
