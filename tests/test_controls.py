@@ -137,3 +137,14 @@ def test_a_null_concept_never_reads_agrees_on_a_concept_specific_verdict(null_ru
     specific = table[table["kind"] == V.SPECIFIC]
     assert len(specific) >= 5, specific[["claim", "verdict"]]
     assert not (specific["verdict"] == V.AGREES).any(), specific[["claim", "verdict", "why"]].to_string()
+
+
+def test_the_report_says_each_verdict_with_its_kind_rule_and_measured_contrast(null_run):
+    page = (null_run / "report.html").read_text()
+    assert "Verdicts with controls" in page and "could not be read" not in page
+    assert "<b>Generic</b>" in page and "<b>Concept-specific</b>" in page
+    assert "random directions of the same norm at layer 1" in page  # a measured contrast, not a conjecture
+    assert "does not carry" not in page and "Assumption 1" not in page
+    table = pd.read_parquet(null_run / "tables" / "verdicts.parquet")
+    assert set(table["verdict"]) <= {V.AGREES, V.DISAGREES, V.INCONCLUSIVE}
+    assert set(table["kind"]) == {V.GENERIC, V.SPECIFIC}

@@ -291,8 +291,11 @@ def findings_verdicts(run: RunTables) -> str:
                 if r.verdict == INCONCLUSIVE:
                     if r.wider == "directions":
                         more = " More random directions would narrow it (controls.n_random)."
-                    elif math.isfinite(r.n_more) and r.n_more > 0:
+                    elif math.isfinite(r.n_more) and 0 < r.n_more <= 100 * max(r.n, 1):
                         more = f" About {int(r.n_more)} more {r.unit} would decide."
+                    elif r.n_more > 0:
+                        more = (f" The estimate sits on the threshold: more than 100 times the {r.unit} would be "
+                                "needed to decide.")
                 who = {"v": "v", "random": "random directions", "v-vs-random": "v − random"}.get(r.direction,
                                                                                                  r.direction)
                 items.append(f"<li><b>{esc(r.claim)}</b> ({esc(who)}): {verdict(r.verdict, r.rule)}<br>"

@@ -349,8 +349,10 @@ def concept_verdicts(concept: str, scores, *, n_boot: int, seed: int) -> list[Ve
             res = dict(verdict={True: AGREES, False: DISAGREES, None: INCONCLUSIVE}[ok], estimate=math.nan,
                        low=math.nan, high=math.nan, threshold=0.8, n=int(rows["prompt_index"].nunique()),
                        n_more=0.0 if ok is not None else math.inf, n_controls=len(controls))
+            fit = cur.get("tanh_fit_nondegenerate") or cur.get("tanh_fit") or {}
+            status = "" if fit.get("status") in (None, "ok") else f" (tanh fit: {fit['status']})"
             why = (f"{judge} judge, {'v' if direction == 'v' else 'random directions pooled'}: Spearman "
-                   f"{num(rho)}, tanh R² {num(r2)}")
+                   f"{num(rho)}, tanh R² {num(r2)}{status}")
             out.append(_row(concept, layer, "Thm 3.6 (sigmoidal rise)", direction, res, why, "prompts"))
     return out
 
