@@ -598,8 +598,10 @@ def fig_depth(run: RunTables, concept: str) -> "Figure | None":
         if col == "concept_word_share" and controls is not None and not controls.empty:
             by = controls.groupby("layer")[col]
             ax.fill_between(by.min().index, by.min().to_numpy(), by.max().to_numpy(), color=line.get_color(),
-                            alpha=0.2, lw=0, label=f"concept words, {controls['direction'].nunique()} random "
-                                                   "direction(s) per layer")
+                            alpha=0.2, lw=0)
+            ax.plot(by.mean().index, by.mean().to_numpy(), "x:", color=line.get_color(), ms=5, lw=0.8,
+                    label=f"concept words, {controls['direction'].nunique()} random direction(s) per layer "
+                          "(mean; band: min-max)")
     if scan is not None and concept in set(scan["concept"]):
         s = scan[scan["concept"] == concept].sort_values("layer")
         ax.plot(s["layer"], s["lens_share"], color="0.6", lw=1, label="scan: lens share (no sweep)")

@@ -392,24 +392,29 @@ def mmlu_verdicts(mmlu) -> list[Verdict]:
     out = []
     acc = mmlu[mmlu["subject"] == "ALL"] if "subject" in mmlu.columns else mmlu
     for (concept, layer), g in acc.groupby(["concept", "layer"]):
-        holds = {}
+        holds, at_chance = {}, False
         for direction, d in g.groupby("direction"):
             d = d.sort_values("alpha")
-            at0 = d.loc[d["alpha"] == 0, "accuracy"]
-            if at0.empty:
+            zero = d[d["alpha"] == 0]
+            if zero.empty:
                 continue
             ends = d["accuracy"].iloc[[0, -1]].to_numpy()
-            holds[direction] = bool((ends <= float(at0.iloc[0])).all())
+            holds[direction] = bool((ends <= float(zero["accuracy"].iloc[0])).all())
+            if "ci_low" in zero.columns and "random_guess" in zero.columns:  # report.rule_mmlu's "unclear"
+                at_chance |= bool(zero["ci_low"].iloc[0] <= zero["random_guess"].iloc[0])
         controls = [h for d, h in holds.items() if d != "v"]
         for direction, values in (("v", [holds["v"]] if "v" in holds else []), ("random", controls)):
             if not values:
                 continue
             share = float(np.mean(values))
-            res = dict(verdict=AGREES if share == 1 else DISAGREES if share == 0 else INCONCLUSIVE, estimate=share,
+            word = AGREES if share == 1 else DISAGREES if share == 0 else INCONCLUSIVE
+            res = dict(verdict=INCONCLUSIVE if at_chance else word, estimate=share,
                        low=math.nan, high=math.nan, threshold=1.0, n=len(values), n_more=math.nan,
                        n_controls=len(controls))
             why = (f"accuracy at both ends ≤ unsteered for {sum(values)} of {len(values)} "
-                   f"{'(v)' if direction == 'v' else 'random directions'}")
+                   f"{'(v)' if direction == 'v' else 'random directions'}"
+                   + ("; the unsteered accuracy's 95% interval reaches random guessing: no skill for steering to "
+                      "remove" if at_chance else ""))
             out.append(_row(concept, layer, "MMLU (Fig. A.6)", direction, res, why, "directions"))
     return out
 
