@@ -99,7 +99,8 @@ def test_interrupted_cross_entropy_sweep_resumes_to_identical_tables(tiny_dir, t
         ("prompts", "vectors", "tokens", "logodds", "limit"), "cached")
     assert second["xent"][0] == "done"
     n_windows = 96 // 8
-    assert recomputed["n"] == -(-n_windows // 3) - 2  # only the unfinished chunks ran
+    directions = 1 + cfg.controls.n_xent  # v and its random directions, each swept in chunks of 3 windows
+    assert recomputed["n"] == directions * -(-n_windows // 3) - 2  # only the unfinished chunks ran
     ref_tables, new_tables = tables(tmp_path / "reference"), tables(out)
     assert set(ref_tables) == set(new_tables)
     for name, frame in ref_tables.items():

@@ -29,13 +29,16 @@ def same_table(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 
 # The run's sizes (test_pipeline.SMALL) as the sweep commands' options; everything else is the demo preset's.
+# The random directions too: the demo's controls section (n_random 4, n_xent 2, n_concept 2).
 SWEEPS = {
-    "tokens": (["--n-alphas", "16", "--n-contexts", "2", "--top-k", "5"], ["tokens.parquet", "tokens_top.parquet"]),
-    "limit": (["--n-contexts", "2"], ["limit.parquet"]),
-    "xent": (["--max-tokens", "96", "--seq-len", "8", "--n-alphas", "6"], ["xent.parquet"]),
-    "concept": (["--n-alphas", "3", "--completions", "1", "--n-prompts", "1", "--max-new-tokens", "4"],
-                ["concept_scores.parquet", "concept_curve.parquet", "concept_completions.jsonl"]),
-    "mmlu": (["--limit", "2", "--n-alphas", "3", "--k-shots", "1"], ["mmlu.parquet", "mmlu_questions.parquet"]),
+    "tokens": (["--n-alphas", "16", "--n-contexts", "2", "--top-k", "5", "--controls", "4"],
+               ["tokens.parquet", "tokens_top.parquet"]),
+    "limit": (["--n-contexts", "2", "--controls", "4"], ["limit.parquet"]),
+    "xent": (["--max-tokens", "96", "--seq-len", "8", "--n-alphas", "6", "--controls", "2"], ["xent.parquet"]),
+    "concept": (["--n-alphas", "3", "--completions", "1", "--n-prompts", "1", "--max-new-tokens", "4", "--controls",
+                 "2"], ["concept_scores.parquet", "concept_curve.parquet", "concept_completions.jsonl"]),
+    "mmlu": (["--limit", "2", "--n-alphas", "3", "--k-shots", "1", "--controls", "4"],
+             ["mmlu.parquet", "mmlu_questions.parquet"]),
 }
 
 
@@ -57,11 +60,18 @@ def test_sweep_writes_the_tables_the_run_writes(stage, finished_run, tiny_dir, t
 def test_sweep_logodds_writes_the_table_the_run_writes(finished_run, tiny_dir, tmp_path, monkeypatch,  # noqa: F811
                                                        capsys):
     prompts = finished_run / "prompts"
+    from steerstrength.prompts import curated_texts
+
+    held = {}
+    for kind in ("positive", "negative"):  # the run's M_heldout: the curated held-out pairs
+        held[kind] = tmp_path / f"heldout.{kind}.txt"
+        held[kind].write_text("\n".join(curated_texts("joy", kind, "heldout")) + "\n")
     code, _, err = run_cli(["sweep", "logodds", "-p", prompts / "joy.positive.jsonl", "-n",
                             prompts / "joy.negative.jsonl", "--tokens-dir", finished_run / "tables", "--model",
-                            tiny_dir, "--device", "cpu", "--out", tmp_path], monkeypatch, capsys, quiet=True)
+                            tiny_dir, "--device", "cpu", "--heldout-positive", held["positive"], "--heldout-negative",
+                            held["negative"], "--out", tmp_path / "out"], monkeypatch, capsys, quiet=True)
     assert code in (0, None), err
-    same_table(pd.read_parquet(tmp_path / "logodds.parquet"),
+    same_table(pd.read_parquet(tmp_path / "out" / "logodds.parquet"),
                pd.read_parquet(finished_run / "tables" / "logodds.parquet"))
 
 

@@ -11,7 +11,7 @@ from steerstrength.models import Model, load_model
 from steerstrength.steering import next_token_probs, steer, steered_generate
 from steerstrength.prompts import (concepts, curated_pairs, curated_texts, evaluation_prompts, generate_prompts,
                                    load_prompts, neutral_texts)
-from steerstrength.vectors import SteeringVectors, difference_of_means, residual_norms
+from steerstrength.vectors import SteeringVectors, difference_of_means, random_controls, residual_norms
 from steerstrength.scan import scan_layers
 from steerstrength.grid import resid_scale, to_raw
 from steerstrength.metrics.depth import depth_profile
@@ -45,6 +45,7 @@ __all__ = [
     "steered_generate",
     "SteeringVectors",
     "difference_of_means",
+    "random_controls",
     "residual_norms",
     "scan_layers",
     "resid_scale",

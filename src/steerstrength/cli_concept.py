@@ -13,6 +13,7 @@ from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelO
 from steerstrength.cli_sweeps import (
     AlphasOpt,
     ConceptOpt,
+    ControlsOpt,
     LayersOpt,
     NormalizeOpt,
     OutOpt,
@@ -93,7 +94,9 @@ def sweep_concept(
     temperature: Optional[float] = typer.Option(None, "--temperature"),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="0: off."),
-    seed: int = typer.Option(0, "--seed", help="Completion seeds derive from (seed, prompt, index), shared across alphas."),
+    seed: int = typer.Option(0, "--seed", help="Completion seeds derive from (seed, prompt, index), shared across alphas; "
+                                               "the random directions (--controls) derive from it too."),
+    controls: Optional[int] = ControlsOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows (alpha x prompt x completion) per "
                                                                         "generate call."),
     chat: Optional[bool] = PromptChatOpt,
@@ -158,7 +161,7 @@ def sweep_concept(
     judges = [make_judge(name, model=judge_lm, device="cpu" if str(st.model.device) == "cpu" else str(st.model.device))
               for name in judge]
     with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
-        result = concept_stage(st.model, list(st.vectors.values()), size, prompts=prompt_list, labels=st.labels,
+        result = concept_stage(st.model, st.steered(cfg, "concept", controls, seed), size, prompts=prompt_list, labels=st.labels,
                                positions=positions, grid=grid, judges=judges, judge_model=judge_lm, positive=pos,
                                negative=neg, seed=seed, progress=progress_bar, on_vector=_concept_table)
         header = st.header(start, metric="concept_probability", preset=preset, judges=list(judge),
@@ -217,6 +220,7 @@ def sweep_mmlu(
     alpha_unit: Optional[str] = GridUnitOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    controls: Optional[int] = ControlsOpt,
     preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
@@ -246,7 +250,7 @@ def sweep_mmlu(
     questions = mmlu_questions(source, wanted, section.max_questions, mmlu_dir=mmlu_dir, mmlu_parquet=mmlu_parquet)
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
     with output_folder(out):
-        result = mmlu_stage(st.model, list(st.vectors.values()), section, questions=questions,
+        result = mmlu_stage(st.model, st.steered(cfg, "mmlu", controls), section, questions=questions,
                             source=source or str(mmlu_dir or mmlu_parquet), labels=st.labels, positions=positions,
                             grid=grid, progress=progress_bar)
         for summary in result.summary()["per_vector"].values():

@@ -95,6 +95,17 @@ class Steering:
                                  setting or self.sv.meta.get("setting") or "", positions)
         self.vectors_path = str(vectors_path)
 
+    def steered(self, cfg, stage: str, n_controls: Optional[int], seed: Optional[int] = None) -> list:
+        """v at every layer, each followed by its random directions (vectors.random_controls): --controls, or the
+        preset's count for the stage, seeded from the run seed, exactly as `steerstrength run` steers them."""
+        from steerstrength.vectors import random_controls
+
+        n = controls_count(cfg, stage, n_controls)
+        out = []
+        for sv in self.vectors.values():
+            out += [sv, *random_controls(sv, n, seed=cfg.seed if seed is None else seed)]
+        return out
+
     def header(self, start: float | None = None, **extra) -> dict:
         """What the summary JSON says besides the stage's own summary: the inputs, and the seconds it took."""
         out = dict(self.labels, model_fingerprint=self.model.fingerprint(), vectors_file=self.vectors_path,
@@ -134,6 +145,14 @@ class Steering:
         return as_contexts(self.model, stage_contexts(concept, path, n), chat=chat)
 
 
+def controls_count(cfg, stage: str, given: Optional[int]) -> int:
+    """--controls, or the preset's controls.n_sweep (0: v alone; `steerstrength run` steers controls.n_random)."""
+    if given is not None:
+        check_at_least(("--controls", given, 0))
+        return given
+    return cfg.controls.n_sweep
+
+
 def _done(out: Path, paths, start: float, what: str = "") -> None:
     log(f"wrote {', '.join(str(p) for p in paths)}{' (' + what + ')' if what else ''} "
         f"in {time.perf_counter() - start:.1f} s")
@@ -149,6 +168,10 @@ AlphaMinOpt = typer.Option(None, "--alpha-min", help="default: -alpha_max.")
 NContextsOpt = typer.Option(None, "--n-contexts", help="Keep the first N contexts (of the built-in ones, half the "
                                                        "concept's own); default: all of --contexts, or the preset's "
                                                        "count of the built-in ones.")
+ControlsOpt = typer.Option(None, "--controls", help="Random directions of v's norm, orthogonal to v, steered beside "
+                                                   "each vector (rows with direction random-0, ...), as a run steers "
+                                                   "controls.n_random of them; default: the preset's "
+                                                   "controls.n_sweep (0: v alone).")
 
 
 @sweep_app.command("tokens")
@@ -174,6 +197,7 @@ def sweep_tokens(
     chat: bool = ChatOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    controls: Optional[int] = ControlsOpt,
     preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
@@ -200,7 +224,7 @@ def sweep_tokens(
                        st.model.vocab_size, len(ctxs), len(st.layers), section.top_k)
     grid = command_grid(alphas, alpha_min, alpha_max, n_alphas, section=section, unit=unit, cfg=cfg)
     with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
-        result = tokens_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
+        result = tokens_stage(st.model, st.steered(cfg, "tokens", controls), section, contexts=ctxs, labels=st.labels,
                               positions=positions, grid=grid, chat=chat, progress=progress_bar)
         paths = write_result(out, result, extra=st.header(start, preset=preset))
     bound = (result.summary()["p_error_bound"].get(st.labels["concept"]) or {}).get("max")
@@ -230,6 +254,11 @@ def sweep_logodds(
     extremal_fraction: Optional[float] = typer.Option(None, "--extremal-fraction", help="Extremal M: top / bottom "
                                                                                         "fraction of the vocabulary."),
     n_target: Optional[int] = typer.Option(None, "--n-target", help="Target tokens: the n tokens of largest M."),
+    heldout_positive: Optional[Path] = typer.Option(None, "--heldout-positive", help="P texts the vector was not "
+                                                    "built from (with --heldout-negative): their M is the table's "
+                                                    "M_heldout, which the concept-specific verdicts read."),
+    heldout_negative: Optional[Path] = typer.Option(None, "--heldout-negative", help="N texts the vector was not "
+                                                    "built from."),
     positions: str = PositionsOpt,
     normalize: bool = NormalizeOpt,
     alpha_unit: Optional[str] = GridUnitOpt,
@@ -287,9 +316,14 @@ def sweep_logodds(
         log_probs = log_probs_after(lm, pos, neg, section, concept=labels["concept"], progress=progress_bar)
         tables = {}
         if tokens_dir is not None:
-            top = pd.read_parquet(tokens_dir / "tokens_top.parquet")
+            import pyarrow.parquet as pq
+
+            # a run's tables hold the random directions too (`direction`): M is analysed against v's curves
+            v_only = [("direction", "==", "v")] if "direction" in pq.read_schema(tokens_dir / "tokens_top.parquet").names \
+                else None
+            top = pd.read_parquet(tokens_dir / "tokens_top.parquet", filters=v_only)
             curves = pd.read_parquet(tokens_dir / "tokens.parquet",
-                                     columns=["layer", "context_id", "token_id", "peak_alpha", "shape"])
+                                     columns=["layer", "context_id", "token_id", "peak_alpha", "shape"], filters=v_only)
             for key in ("concept", "setting"):
                 if not labels.get(key) and key in top.columns and top[key].nunique() == 1:
                     labels[key] = header[key] = str(top[key].iloc[0])
@@ -301,7 +335,13 @@ def sweep_logodds(
             tables = swept.tables()
             top, curves = tables["tokens_top.parquet"], tables["tokens.parquet"]
             write_result(out, swept, extra=st.header(preset=preset))
-        result = logodds_stage(lm, pos, neg, section, tokens_top=top, curves=curves, labels=labels, log_probs=log_probs)
+        if (heldout_positive is None) != (heldout_negative is None):
+            raise InputError("give both --heldout-positive and --heldout-negative, or neither")
+        heldout = None if heldout_positive is None else (
+            [r["text"] for r in read_texts(heldout_positive, min_count=2, what="held-out positive file")],
+            [r["text"] for r in read_texts(heldout_negative, min_count=2, what="held-out negative file")])
+        result = logodds_stage(lm, pos, neg, section, tokens_top=top, curves=curves, labels=labels, log_probs=log_probs,
+                               heldout=heldout)
         frame = result.tables()["logodds.parquet"]
         extra = dict(header, n_positive=len(pos), n_negative=len(neg), max_tokens=section.max_tokens,
                      tokens_from=str(tokens_dir) if tokens_dir is not None else "computed here",
@@ -326,6 +366,7 @@ def sweep_limit(
     chat: bool = ChatOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    controls: Optional[int] = ControlsOpt,
     preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
@@ -352,7 +393,7 @@ def sweep_limit(
     st = Steering(model, dtype, device, blocks_path, vectors, layers, concept, setting, normalize, positions, unit)
     ctxs = st.contexts(contexts, chat, n_contexts)
     with output_folder(out):
-        result = limit_stage(st.model, list(st.vectors.values()), section, contexts=ctxs, labels=st.labels,
+        result = limit_stage(st.model, st.steered(cfg, "limit", controls), section, contexts=ctxs, labels=st.labels,
                              positions=positions, grid=grid, chat=chat, progress=progress_bar)
         paths = write_result(out, result, extra=st.header(start, preset=preset))
     for key, s in result.summary().items():
@@ -398,6 +439,7 @@ def sweep_xent(
     alpha_unit: Optional[str] = GridUnitOpt,
     concept: Optional[str] = ConceptOpt,
     setting: Optional[str] = SettingOpt,
+    controls: Optional[int] = ControlsOpt,
     preset: str = PresetOpt,
     out: Path = OutOpt,
     model: Optional[str] = ModelOpt,
@@ -435,7 +477,7 @@ def sweep_xent(
                                  progress=progress_bar)
     packing = packs(section, source) if packing is None else packing
     with output_folder(out):  # after the corpus is read: a bad corpus leaves no --out behind
-        result = xent_stage(st.model, list(st.vectors.values()), section, texts=texts, corpus=source,
+        result = xent_stage(st.model, st.steered(cfg, "xent", controls, seed), section, texts=texts, corpus=source,
                             labels=st.labels, positions=positions, grid=grid, packing=packing, curvature=curvature,
                             progress=progress_bar)
         paths = write_result(out, result, extra=st.header(start, preset=preset, packing=packing))

@@ -48,6 +48,9 @@ class PromptsConfig:
     files: dict = field(default_factory=dict)
     opposite: Optional[str] = None  # contrastive setting: None asks the generator
     batch_size: int = 16
+    # The null concept: P and N become a seeded random split of P + N (one distribution), so every concept-specific
+    # verdict should read "disagrees" or "inconclusive" (docs/fidelity.md, "Controls").
+    null_split: bool = False
 
 
 @dataclass
@@ -153,6 +156,19 @@ class MmluConfig:
 
 
 @dataclass
+class ControlsConfig:
+    """Random directions steered beside v: per (concept, layer), n_random vectors of v's norm, orthogonal to v, seeded
+    from the run seed (vectors.random_controls). They are rows of every table (`direction` = random-0, ...)."""
+
+    n_random: int = 16  # tokens, logodds, limit, mmlu (and the default of the two below)
+    n_xent: Optional[int] = None  # Delta CE sweeps of random directions; None: n_random
+    n_concept: Optional[int] = None  # steered generations of random directions; None: n_random
+    n_depth: Optional[int] = None  # per layer of the depth profile; None: n_random
+    n_bootstrap: int = 2000  # resamples of contexts / prompts behind every verdict's 95% interval (verdicts.py)
+    n_sweep: int = 0  # random directions a `steerstrength sweep X` command steers beside v unless --controls says
+
+
+@dataclass
 class RecommendConfig:
     enabled: bool = True
     kl_budget: float = 1.0
@@ -243,6 +259,7 @@ class RunConfig:
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     mmlu: MmluConfig = field(default_factory=MmluConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    controls: ControlsConfig = field(default_factory=ControlsConfig)
     # Where the models' pipelines run: "local" (one after the other, in this process) or "ray". Not part of any
     # stage key: local and Ray runs of one config reuse each other's results.
     executor: str = "local"
@@ -296,6 +313,10 @@ def preset(name: str) -> RunConfig:
         cfg.limit.alphas = [1e1, 1e2, 1e3, 1e4]
         cfg.depth = DepthConfig(every=4, alpha_max=1.5, n_alphas=48, n_contexts=3)
         cfg.recommend = RecommendConfig(n_prompts=3, completions=3, max_new_tokens=24, n_alphas=4)
+        # 4 random directions per layer through the cheap stages; 2 through Delta CE and the generations (the two
+        # long stages; 2 is the fewest whose spread a verdict can read: docs/fidelity.md, "Controls and verdicts"),
+        # 1 per layer of the depth profile (its figure's band).
+        cfg.controls = ControlsConfig(n_random=4, n_xent=2, n_concept=2, n_depth=1)
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
 
@@ -482,6 +503,8 @@ MINIMUM = {  # integer keys: the smallest valid value
     "recommend.n_prompts": 1, "recommend.completions": 1, "recommend.max_new_tokens": 1, "recommend.n_alphas": 2,
     "recommend.refine_steps": 0, "recommend.sweet_spot_refine_steps": 0, "recommend.n_target": 1,
     "recommend.batch_size": 1,
+    "controls.n_random": 0, "controls.n_xent": 0, "controls.n_concept": 0, "controls.n_bootstrap": 100,
+    "controls.n_sweep": 0, "controls.n_depth": 0,
     "ray.num_cpus_per_model": 1, "ray.max_retries": 0, "ray.actors_per_model": 1,
 }
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators all take seeds in [0, 2**32) (prompts add offsets < 2**22)
@@ -489,6 +512,7 @@ INT_MAX = 2**31 - 1  # any other integer key: a size torch and numpy index in 32
 GRID_MAX = 100_000  # alphas in one grid (the paper's largest has 1024): every alpha is rows per context and token
 MAXIMUM = {"seed": SEED_MAX, **{key: GRID_MAX for key in MINIMUM if key.endswith(".n_alphas")}}  # else INT_MAX
 OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions",
+            "controls.n_xent", "controls.n_concept", "controls.n_depth",
             "ray.num_gpus_per_model", "ray.memory_gb")  # None: off / all / none
 POSITIVE = ("prompts.temperature", "concept.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",
             "mmlu.alpha_max", "recommend.kl_budget", "ray.num_gpus_per_model", "ray.memory_gb")  # floats: positive and finite

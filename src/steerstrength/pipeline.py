@@ -69,6 +69,22 @@ class Context:
         return dataclasses.replace(sv, vectors={layer: sv.vectors[layer]},
                                    resamples={k: v for k, v in sv.resamples.items() if k == layer})
 
+    def steered(self, concept: str, stage: str) -> list:
+        """The vectors a stage steers: v at every layer, each followed by its random directions (the stage's count in
+        the controls section; vectors.random_controls, seeded from the run seed)."""
+        from steerstrength.vectors import random_controls
+
+        out = []
+        for sv in self.vectors(concept).values():
+            out += [sv, *random_controls(sv, self.n_controls(stage), seed=self.cfg.seed)]
+        return out
+
+    def n_controls(self, stage: str) -> int:
+        """Random directions per vector in `stage` (the controls section)."""
+        c = self.cfg.controls
+        n = {"xent": c.n_xent, "concept": c.n_concept, "depth": c.n_depth}.get(stage)
+        return c.n_random if n is None else n
+
     def prompt_texts(self, concept: str) -> tuple[list[str], list[str]]:
         """The P and N the vectors are made of: the training split (user files hold every third text out)."""
         pos, neg = self.prompt_rows(concept)
@@ -117,6 +133,7 @@ def stage_prompts(ctx: Context) -> list[str]:
     outputs = []
     for concept in ctx.concepts:
         src = ctx.source(concept)
+        sets = {}
         for kind in ("positive", "negative"):
             user = src.positive if kind == "positive" else src.negative
 
@@ -150,9 +167,25 @@ def stage_prompts(ctx: Context) -> list[str]:
                 return {"rows": pd.DataFrame([{"json": json.dumps(rows)}])}  # rows as written: types intact
 
             # A finished file is a chunk: a run killed between P and N keeps P.
-            rows = json.loads(ctx.chunked("prompts", f"{concept}.{kind}", compute)["rows"]["json"].iloc[0])
-            outputs.append(write_jsonl(ctx.run.path("prompts", f"{concept}.{kind}.jsonl"), rows))
+            sets[kind] = json.loads(ctx.chunked("prompts", f"{concept}.{kind}", compute)["rows"]["json"].iloc[0])
+        if p.null_split:
+            sets = null_split(sets["positive"], sets["negative"], seed=ctx.cfg.seed)
+        for kind in ("positive", "negative"):
+            outputs.append(write_jsonl(ctx.run.path("prompts", f"{concept}.{kind}.jsonl"), sets[kind]))
     return outputs
+
+
+def null_split(positive: list, negative: list, *, seed: int) -> dict:
+    """The null concept (prompts.null_split): P + N shuffled (seeded) and cut in two halves, so that both sets come
+    from one distribution and carry no concept between them."""
+    import random
+
+    rows = list(positive) + list(negative)
+    random.Random(seed).shuffle(rows)
+    half = len(rows) // 2
+    tag = lambda part, kind: [r if isinstance(r, str) else dict(r, kind=kind, null_split=True)  # noqa: E731
+                              for r in part]
+    return dict(positive=tag(rows[:half], "positive"), negative=tag(rows[half:], "negative"))
 
 
 def _generator(ctx: Context, load_model):
@@ -231,7 +264,7 @@ def stage_tokens(ctx: Context) -> list:
     results = []
     for c in ctx.concepts:
         contexts = _contexts(ctx, c)
-        res = tokens_stage(ctx.model, ctx.vectors(c).values(), ctx.cfg.tokens, contexts=contexts,
+        res = tokens_stage(ctx.model, ctx.steered(c, "tokens"), ctx.cfg.tokens, contexts=contexts,
                            labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                            chunk=ctx.chunk_fn("tokens"), progress=ctx.progress)
         res.info.setdefault("contexts", {})[c] = contexts_note(ctx, c, contexts)
@@ -245,17 +278,38 @@ def stage_logodds(ctx: Context) -> list:
 
     from steerstrength.stages import logodds_stage
 
-    tokens_top = pd.read_parquet(ctx.run.path("tables", "tokens_top.parquet"))
+    # v's rows: the random directions' are read by verdicts.py
+    tokens_top = pd.read_parquet(ctx.run.path("tables", "tokens_top.parquet"), filters=[("direction", "==", "v")])
     curves = pd.read_parquet(ctx.run.path("tables", "tokens.parquet"),
-                             columns=["concept", "layer", "context_id", "token_id", "peak_alpha", "shape"])
+                             columns=["concept", "layer", "context_id", "token_id", "peak_alpha", "shape"],
+                             filters=[("direction", "==", "v")])
     results = []
     for concept in ctx.concepts:
         pos, neg = ctx.prompt_texts(concept)
         results.append(logodds_stage(ctx.model, pos, neg, ctx.cfg.logodds,
                                      tokens_top=tokens_top[tokens_top["concept"] == concept],
                                      curves=curves[curves["concept"] == concept], labels=ctx.labels(concept),
-                                     progress=ctx.progress))
+                                     heldout=_heldout_texts(ctx, concept), progress=ctx.progress))
     return _write(ctx, results)
+
+
+def _heldout_texts(ctx: Context, concept: str) -> tuple | None:
+    """P and N texts v was not built from (the curated held-out pairs; a user file's held-out third; None for
+    generated texts), split at random like P and N themselves under prompts.null_split."""
+    from steerstrength.stages import judge_texts
+
+    if ctx.curated(concept):
+        pos, neg = judge_texts(concept)
+    elif ctx.source(concept).kind != "files":
+        return None  # generated P / N: nothing was held out
+    else:
+        _, (pos, neg) = ctx.split_texts(concept)
+    if len(pos) < 2 or len(neg) < 2:
+        return None
+    if ctx.cfg.prompts.null_split:
+        halves = null_split(pos, neg, seed=ctx.cfg.seed + 1)
+        pos, neg = halves["positive"], halves["negative"]
+    return list(pos), list(neg)
 
 
 def stage_depth(ctx: Context) -> list:
@@ -274,14 +328,14 @@ def stage_depth(ctx: Context) -> list:
                                    contexts=_contexts(ctx, concept),
                                    M=torch.tensor(lo["M"].to_numpy(), dtype=torch.float64),
                                    labels=dict(model=ctx.model.name, concept=concept), positions=ctx.cfg.positions,
-                                   progress=ctx.progress))
+                                   controls=ctx.n_controls("depth"), seed=ctx.cfg.seed, progress=ctx.progress))
     return _write(ctx, results)
 
 
 def stage_limit(ctx: Context) -> list:
     from steerstrength.stages import limit_stage
 
-    return _write(ctx, [limit_stage(ctx.model, ctx.vectors(c).values(), ctx.cfg.limit, contexts=_contexts(ctx, c),
+    return _write(ctx, [limit_stage(ctx.model, ctx.steered(c, "limit"), ctx.cfg.limit, contexts=_contexts(ctx, c),
                                     labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions)
                         for c in ctx.concepts])
 
@@ -299,7 +353,7 @@ def stage_xent(ctx: Context) -> list:
 
     x = ctx.cfg.xent
     texts, source = run_corpus(ctx)
-    return _write(ctx, [xent_stage(ctx.model, ctx.vectors(c).values(), x, texts=texts, corpus=source,
+    return _write(ctx, [xent_stage(ctx.model, ctx.steered(c, "xent"), x, texts=texts, corpus=source,
                                    labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                                    chunk=ctx.chunk_fn("xent"), progress=ctx.progress)
                         for c in ctx.concepts])
@@ -325,7 +379,7 @@ def stage_concept(ctx: Context) -> list:
     results = []
     for concept in ctx.concepts:
         judge, pos, neg = concept_judge(ctx, concept)
-        results.append(concept_stage(ctx.model, ctx.vectors(concept).values(), c, prompts=prompts,
+        results.append(concept_stage(ctx.model, ctx.steered(concept, "concept"), c, prompts=prompts,
                                      labels=ctx.labels(concept), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                                      judges=[judge], judge_model=judge_model, positive=pos, negative=neg,
                                      seed=ctx.cfg.seed, chunk=ctx.chunk_fn("concept"), progress=ctx.progress))
@@ -358,7 +412,7 @@ def stage_mmlu(ctx: Context) -> list:
 
     m = ctx.cfg.mmlu
     questions = mmlu_questions(m.source, m.subjects, m.max_questions)
-    return _write(ctx, [mmlu_stage(ctx.model, ctx.vectors(c).values(), m, questions=questions, source=m.source,
+    return _write(ctx, [mmlu_stage(ctx.model, ctx.steered(c, "mmlu"), m, questions=questions, source=m.source,
                                    labels=ctx.labels(c), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
                                    chunk=ctx.chunk_fn("mmlu"), progress=ctx.progress)
                         for c in ctx.concepts])
@@ -474,7 +528,7 @@ def stage_keys(cfg: RunConfig, fingerprint: str | None = None) -> dict[str, str]
     d["concept"] = {k: v for k, v in d["concept"].items() if k != "judge_floor"}
     k = {"prompts": _hash(base, prompts)}
     k["vectors"] = _hash(k["prompts"], d["vectors"], cfg.layers)
-    steer = _hash(k["vectors"], cfg.positions, cfg.alpha_unit)
+    steer = _hash(k["vectors"], cfg.positions, cfg.alpha_unit, d["controls"])
     k["tokens"] = _hash(steer, d["tokens"])
     k["logodds"] = _hash(k["tokens"], d["logodds"])
     k["depth"] = _hash(k["logodds"], d["depth"], d["tokens"]["contexts_file"])

@@ -57,19 +57,34 @@ class RunTables:
     def has(self, name: str) -> bool:
         return (self.root / "tables" / f"{name}.parquet").is_file()
 
-    def table(self, name: str, columns: list[str] | None = None, filters: list | None = None) -> "pd.DataFrame | None":
-        """tables/<name>.parquet (only `columns`, rows matching pyarrow `filters`), or None when absent."""
+    def table(self, name: str, columns: list[str] | None = None, filters: list | None = None,
+              direction: str | None = "v") -> "pd.DataFrame | None":
+        """tables/<name>.parquet (only `columns`, rows matching pyarrow `filters`), or None when absent.
+
+        `direction`: a table with a `direction` column (controls are rows: v, random-0, ...) gives the rows of this
+        direction only, v's by default, so every reader of v's numbers reads what it read before controls; None:
+        every direction."""
         import pandas as pd
+        import pyarrow.parquet as pq
 
         path = self.root / "tables" / f"{name}.parquet"
         if not path.is_file():
             return None
+        by_direction = [("direction", "==", direction)] if (
+            direction is not None and "direction" in pq.read_schema(path).names) else []
         if filters is not None:  # filtered reads can be large (the tokens table): not kept
-            return pd.read_parquet(path, columns=columns, filters=filters)
-        key = (name, tuple(columns or ()))
+            return pd.read_parquet(path, columns=columns, filters=list(filters) + by_direction)
+        key = (name, tuple(columns or ()), direction)
         if key not in self._cache:
-            self._cache[key] = pd.read_parquet(path, columns=columns)
+            self._cache[key] = pd.read_parquet(path, columns=columns, filters=by_direction or None)
         return self._cache[key]
+
+    def has_directions(self, name: str) -> bool:
+        """Whether tables/<name>.parquet has a `direction` column (its rows include random directions)."""
+        import pyarrow.parquet as pq
+
+        path = self.root / "tables" / f"{name}.parquet"
+        return path.is_file() and "direction" in pq.read_schema(path).names
 
     def summary(self, name: str) -> dict | None:
         """tables/<name>.json, or None when absent or unreadable."""
@@ -273,10 +288,15 @@ def fig_delta_p(run: RunTables, concept: str, layer: int, side: str) -> "Figure 
     texts = run.context_texts()
     colors = palette()
     color_of: dict[str, tuple] = {}
+    band = control_band_delta_p(run, concept, layer, side)
     fig, axes = _panels(len(contexts), 4, (3.6, 2.8), top=0.62)
     for ax, cid in zip(axes, contexts):
         rows = top[top["context_id"] == cid].sort_values("rank")
         mine = curves[curves["context_id"] == cid]
+        b = band.get(cid)
+        if b is not None:
+            ax.fill_between(b["alpha"], b["low"], b["high"], color="0.6", alpha=0.3, lw=0,
+                            label=f"random directions ({b['n']}): largest Δp of their top-{N_TOP}")
         for _, r in rows.iterrows():
             c = mine[mine["token_id"] == r["token_id"]].sort_values("alpha")
             label = token_label(r["token"])
@@ -293,8 +313,43 @@ def fig_delta_p(run: RunTables, concept: str, layer: int, side: str) -> "Figure 
     end = "α_max" if positive else "α_min"
     key = ("solid ★: target tokens (top-M log-odds), dashed: others" if target is not None
            else "target tokens unknown (logodds stage not available)")
+    if band:
+        key += "; grey: random directions of the same norm"
     fig.suptitle(f"{concept}, layer {layer}: Δp of the top-{N_TOP} tokens at {end}  ({key})", fontsize=9)
     return fig
+
+
+def control_band_delta_p(run: RunTables, concept: str, layer: int, side: str) -> dict:
+    """Per context: the band (min to max over the random directions of the layer) of the largest Delta p among each
+    direction's own top-8 tokens at that end of the grid: what steering of the same norm does to its top tokens."""
+    if not run.has_directions("tokens_top") or not run.has_directions("tokens"):
+        return {}
+    top = run.table("tokens_top", columns=["direction", "context_id", "side", "rank", "token_id"],
+                    filters=[("concept", "==", concept), ("layer", "==", layer)], direction=None)
+    top = top[(top["direction"] != "v") & (top["side"] == side) & (top["rank"] < N_TOP)]
+    if top.empty:
+        return {}
+    ids = sorted({int(t) for t in top["token_id"]})
+    curves = run.table("tokens", columns=["direction", "context_id", "token_id", "alpha", "delta_p"],
+                       filters=[("concept", "==", concept), ("layer", "==", layer), ("token_id", "in", ids),
+                                ("direction", "!=", "v")], direction=None)
+    curves = curves[curves["alpha"] >= 0] if side == "alpha_max" else curves[curves["alpha"] <= 0]
+    mine = curves.merge(top[["direction", "context_id", "token_id"]], on=["direction", "context_id", "token_id"])
+    out = {}
+    for cid, g in mine.groupby("context_id"):
+        peak = g.groupby(["direction", "alpha"], as_index=False)["delta_p"].max()
+        alpha, low, high, _ = control_band(peak, "delta_p")
+        out[cid] = dict(alpha=alpha, low=low, high=high, n=int(peak["direction"].nunique()))
+    return out
+
+
+def control_band(frame, value: str):
+    """(alpha, min, max, mean) of `value` over the random directions of one layer, point by point of their common
+    grid (the i-th alpha of every direction: their raw alphas agree up to rounding)."""
+    f = frame.assign(point=frame.groupby("direction")["alpha"].rank(method="first"))
+    by = f.groupby("point")
+    return (by["alpha"].mean().to_numpy(), by[value].min().to_numpy(), by[value].max().to_numpy(),
+            by[value].mean().to_numpy())
 
 
 def _resid_scale(frame) -> float | None:
@@ -350,6 +405,17 @@ def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure
                     grid = np.linspace(span[0], span[1], 200)
                     ax.plot(grid * (scale or 1.0), tanh_curve(grid, fit["c"], fit["a"], fit["b"], fit["alpha0"]),
                             color=color, lw=1, ls="--", label=f"sigmoid fit, R²={fit['r2']:.2f}")
+        controls = run.table("concept_curve", filters=[("concept", "==", concept), ("scope", "==", "pooled"),
+                                                       ("direction", "!=", "v")], direction=None) \
+            if run.has_directions("concept_curve") else None
+        if controls is not None and not controls.empty:
+            for layer, cf in controls.groupby("layer"):
+                scale = _resid_scale(cf) or 1.0
+                x, low, high, mean = control_band(cf, "p")
+                color = colors.get(int(layer), "k")
+                ax.fill_between(x * scale, low, high, color=color, alpha=0.12, lw=0, hatch="//",
+                                label=f"layer {int(layer)}: {cf['direction'].nunique()} random directions")
+                ax.plot(x * scale, mean, color=color, lw=0.8, ls=":")
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("concept probability")
         ax.legend(fontsize=7, frameon=False)
@@ -378,6 +444,16 @@ def fig_concept_xent(run: RunTables, concept: str, layers: list[int]) -> "Figure
                 grid = np.linspace(lf["alpha"].min(), lf["alpha"].max(), 400)
                 ax.plot(grid * scale, slope * grid + 0.5 * curvature * grid**2, color=color, lw=1, ls="--",
                         label=f"local quadratic, κ={curvature:.3g} ({source})")
+        controls = run.table("xent", filters=[("concept", "==", concept), ("direction", "!=", "v")], direction=None) \
+            if run.has_directions("xent") else None
+        if controls is not None and not controls.empty:
+            for layer, cf in controls.groupby("layer"):
+                scale = _resid_scale(cf) or 1.0
+                x, low, high, _ = control_band(cf, "delta_ce")
+                color = colors.get(int(layer), "k")
+                ax.fill_between(x * scale, low, high, color=color, alpha=0.15, lw=0, hatch="//",
+                                label=f"layer {int(layer)}: {cf['direction'].nunique()} random directions")
+                hi = max(hi, float(cf["delta_ce"].max()))
         inner, outer = min(a for a, _ in spans), max(b for _, b in spans)
         if outer > 50 * inner:  # a log-spaced grid: show the quadratic near 0 and the plateau far out
             ax.set_xscale("symlog", linthresh=inner)
@@ -522,11 +598,20 @@ def fig_depth(run: RunTables, concept: str) -> "Figure | None":
     scan = run.table("layer_scan")
     fig, axes = _new_figure(1, 1, (6.0, 3.2), top=0.5)
     ax = axes[0, 0]
+    controls = run.table("depth", direction=None) if run.has_directions("depth") else None
+    controls = None if controls is None else controls[(controls["concept"] == concept) & (controls["direction"] != "v")]
     for col, label, style in (("concept_word_share", "concept words in the top-8 at α_max", "o-"),
                               ("bump_share", "bumps among the top-8", "s-"),
                               ("unimodal_share", "unimodal among the top-8", "^:"),
                               ("spearman_M_peak", "Spearman(M, peak α), median", "d--")):
-        ax.plot(d["layer"], d[col], style, ms=4, label=label)
+        line, = ax.plot(d["layer"], d[col], style, ms=4, label=label)
+        if col == "concept_word_share" and controls is not None and not controls.empty:
+            by = controls.groupby("layer")[col]
+            ax.fill_between(by.min().index, by.min().to_numpy(), by.max().to_numpy(), color=line.get_color(),
+                            alpha=0.2, lw=0)
+            ax.plot(by.mean().index, by.mean().to_numpy(), "x:", color=line.get_color(), ms=5, lw=0.8,
+                    label=f"concept words, {controls['direction'].nunique()} random direction(s) per layer "
+                          "(mean; band: min-max)")
     if scan is not None and concept in set(scan["concept"]):
         s = scan[scan["concept"] == concept].sort_values("layer")
         ax.plot(s["layer"], s["lens_share"], color="0.6", lw=1, label="scan: lens share (no sweep)")

@@ -55,9 +55,12 @@ def table_html(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def verdict(ok: bool | None, rule: str) -> str:
-    """A badge saying whether a measurement agrees with the theory, and the rule that decided it."""
-    word, cls = {True: ("agrees", "ok"), False: ("disagrees", "bad"), None: ("unclear", "meh")}[ok]
+def verdict(ok: bool | None | str, rule: str) -> str:
+    """A badge saying whether a measurement agrees with the theory, and the rule that decided it (ok: True, False,
+    None, or a verdicts.py word)."""
+    word, cls = {True: ("agrees", "ok"), False: ("disagrees", "bad"), None: ("unclear", "meh"),
+                 "agrees": ("agrees", "ok"), "disagrees": ("disagrees", "bad"),
+                 "inconclusive": ("inconclusive", "meh")}[ok]
     return f'<span class="badge {cls}" title="{esc(rule)}">{word}</span> <span class="rule">{esc(rule)}</span>'
 
 
@@ -217,8 +220,7 @@ def findings_tokens(run: RunTables) -> str:
         ok = rule_tokens(dom)
         out.append("<p>Thm 3.3: " + verdict(ok, RULE_TOKENS) + "</p>")
         out.append(_concept_words(run, concept, int(layer), dom))
-        if ok is False:
-            out.append(_why_not(run, concept, int(layer)))
+        out.append(_contrast(run, concept, int(layer)))
         lines = []
         for cid, c in dom.groupby("context_id", sort=False):
             words = ", ".join(token_label(t, 24) for t in c.sort_values("rank")["token"].tolist())
@@ -248,22 +250,64 @@ def _concept_words(run: RunTables, concept: str, layer: int, dom) -> str:
             f"{esc(listed)}.</p>")
 
 
-def _why_not(run: RunTables, concept: str, layer: int) -> str:
-    """A measured reason when a layer disagrees: what the layer scan says about that layer."""
-    scan = run.table("layer_scan")
-    if scan is None or concept not in set(scan["concept"]):
+def _contrast(run: RunTables, concept: str, layer: int) -> str:
+    """Why, as measured contrasts with the random directions of the same layer (verdicts.py), never a conjecture."""
+    table = run_verdicts_cached(run)
+    if table is None or table.empty:
         return ""
-    s = scan[scan["concept"] == concept].set_index("layer")
-    if layer not in s.index:
+    rows = table[(table["concept"] == concept) & (table["layer"] == layer) &
+                 table["claim"].isin(["Thm 3.3 (unimodal curves)", "concept words lead at α_max"])]
+    whys = list(dict.fromkeys(rows["why"].tolist()))
+    if not whys:
         return ""
-    row, chosen = s.loc[layer], int(s[s["chosen"]].index[0])
-    best = s.loc[chosen]
-    return (f"<p class='why'>Why: at layer {layer} the steering direction separates P from N (held-out AUC "
-            f"{fmt(row['heldout_auc'])}) but does not point at concept words: {pct(row['lens_share'])} of the top "
-            f"tokens of LN(v)Wᵀ have high log-odds, against {pct(best['lens_share'])} at layer {chosen}, the "
-            "layer the scan picks. The dominating tokens here are function words whose curves move with the "
-            "sentence frame, not the concept: Thm 3.3 assumes a direction that carries the concept (Assumption 1), "
-            "which this layer of this model does not provide (docs/fidelity.md).</p>")
+    return "<p class='why'>Measured against random directions: " + "; ".join(esc(w) for w in whys) + ".</p>"
+
+
+def run_verdicts_cached(run: RunTables):
+    """verdicts.run_verdicts of the run, computed once per page."""
+    if "verdicts" not in run._cache:
+        from steerstrength.verdicts import run_verdicts
+
+        run._cache["verdicts"] = run_verdicts(run)
+    return run._cache["verdicts"]
+
+
+def findings_verdicts(run: RunTables) -> str:
+    """Every verdict with its rule, interval and controls, generic and concept-specific said apart (verdicts.py)."""
+    from steerstrength.verdicts import GENERIC, INCONCLUSIVE
+
+    table = run_verdicts_cached(run)
+    if table is None or table.empty:
+        return na("no random directions in this run's tables (controls.n_random = 0, or a run made before controls)")
+    out = ["<p class='rule'>Generic: does the law hold as stated, for v and for random directions of v's norm at the "
+           "same layer (then it is a property of steering, not of the concept)? Concept-specific: the effect of v "
+           "against the random directions with a 95% interval (bootstrap over contexts or prompts, widened by where "
+           "one more random direction would fall); <i>inconclusive</i> when the interval contains the threshold.</p>"]
+    for (concept, layer), g in table.groupby(["concept", "layer"], sort=False):
+        out.append(f"<h4>{esc(concept)}, layer {int(layer)}</h4>")
+        for kind in (GENERIC, "concept-specific"):
+            part = g[g["kind"] == kind]
+            if part.empty:
+                continue
+            items = []
+            for r in part.itertuples(index=False):
+                interval = (f" [{fmt(r.low, 2)}, {fmt(r.high, 2)}]" if math.isfinite(r.low) and math.isfinite(r.high)
+                            else "")
+                more = ""
+                if r.verdict == INCONCLUSIVE:
+                    if r.wider == "directions":
+                        more = " More random directions would narrow it (controls.n_random)."
+                    elif math.isfinite(r.n_more) and 0 < r.n_more <= 100 * max(r.n, 1):
+                        more = f" About {int(r.n_more)} more {r.unit} would decide."
+                    elif r.n_more > 0:
+                        more = (f" The estimate sits on the threshold: more than 100 times the {r.unit} would be "
+                                "needed to decide.")
+                who = {"v": "v", "random": "random directions", "v-vs-random": "v − random"}.get(r.direction,
+                                                                                                 r.direction)
+                items.append(f"<li><b>{esc(r.claim)}</b> ({esc(who)}): {verdict(r.verdict, r.rule)}<br>"
+                             f"{esc(r.why)}{esc(interval and ' — interval' + interval)}.{esc(more)}</li>")
+            out.append(f"<p><b>{esc(kind.capitalize())}</b></p><ul>" + "".join(items) + "</ul>")
+    return "\n".join(out)
 
 
 def findings_scan(run: RunTables) -> str:
@@ -619,7 +663,8 @@ def render(run: RunTables) -> str:
         top = run.table("tokens_top", columns=["model"])
         model = str(top["model"].iloc[0]) if top is not None and not top.empty else "unknown model"
     concepts, layers = run.concepts(), run.layers()
-    findings = [("Where the concept lives (layer scan, depth)", findings_scan),
+    findings = [("Verdicts with controls: generic and concept-specific", findings_verdicts),
+                ("Where the concept lives (layer scan, depth)", findings_scan),
                 ("Next-token curves (Def. 3.1, Thm 3.3)", findings_tokens),
                 ("Log-odds and dominating tokens (Def. 3.2, Thm 3.3)", findings_logodds),
                 ("Large-α limit (Prop. 4.1)", findings_limit),
@@ -659,6 +704,10 @@ def write_report(run_dir: str | Path) -> Path:
     """
     run = RunTables(run_dir)
     page = render(run)
+    table = run._cache.get("verdicts")
+    if table is not None and not table.empty:  # the verdicts as data: tables/verdicts.parquet
+        with atomic_path(run.root / "tables" / "verdicts.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
     path = run.root / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -22,6 +22,7 @@ from steerstrength.config import (ConceptConfig, DepthConfig, LimitConfig, LogOd
                                   TokensConfig, VectorsConfig, XentConfig)
 from steerstrength.grid import AlphaGrid, add_resid_column
 from steerstrength.runs import StageResult
+from steerstrength.vectors import direction_of
 
 Chunk = Callable[[str, Callable[[], dict]], dict]
 
@@ -39,6 +40,18 @@ def no_progress(description: str, total: int):
 def row_labels(model_name: str, concept: str, setting: str, positions: str) -> dict:
     """The columns every stage table starts with."""
     return dict(model=model_name, concept=concept, setting=setting, positions=positions)
+
+
+def piece_name(concept: str, sv, *rest) -> str:
+    """A resumable piece's name: concept.layer[.direction].rest (v's pieces keep the names of earlier runs)."""
+    d = direction_of(sv)
+    return ".".join(str(x) for x in (concept, sv.layer, *([] if d == "v" else [d]), *rest))
+
+
+def summary_key(concept: str, sv) -> str:
+    """A vector's key in a stage summary: concept/layer for v, concept/layer/direction for a control."""
+    d = direction_of(sv)
+    return f"{concept}/{sv.layer}" if d == "v" else f"{concept}/{sv.layer}/{d}"
 
 
 # ----------------------------------------------------------------------------- the layer scan and the vectors
@@ -120,11 +133,12 @@ def tokens_stage(model, vectors: Sequence, section: TokensConfig, *, contexts: l
                     return {"curves": add_resid_column(res.curves_frame(model, **labels), scale),
                             "top": add_resid_column(res.top_frame(model, **labels), scale)}
 
-                parts = chunk(f"{concept}.{sv.layer}.{c['id']}", compute)
-                curves.append(parts["curves"])
-                tops.append(parts["top"])
+                parts = chunk(piece_name(concept, sv, c["id"]), compute)
+                curves.append(parts["curves"].assign(direction=direction_of(sv)))
+                tops.append(parts["top"].assign(direction=direction_of(sv)))
                 first = parts["curves"]["alpha"] == parts["curves"]["alpha"].iloc[0]
-                per_curve.append(parts["curves"][first])  # the summaries read one row a curve: the first alpha's
+                if direction_of(sv) == "v":  # the summaries read one row a curve (the first alpha's), of v
+                    per_curve.append(parts["curves"][first])
                 advance(1)
     import pandas as pd
 
@@ -132,7 +146,7 @@ def tokens_stage(model, vectors: Sequence, section: TokensConfig, *, contexts: l
     del curves
     per_curve = pd.concat(per_curve, ignore_index=True)
     summary = dict(alphas=grid.tolist(), alpha_unit=grid.unit, inserted_zero=grid.inserted_zero,
-                   per_concept={concept: shape_summary(per_curve, tops_df)},
+                   per_concept={concept: shape_summary(per_curve, tops_df[tops_df["direction"] == "v"])},
                    p_error_bound={concept: error_bound_summary(per_curve, model.dtype)})
     return StageResult("tokens", {"tokens.parquet": curves_df, "tokens_top.parquet": tops_df}, summary)
 
@@ -236,7 +250,8 @@ def log_probs_after(model, positive: Sequence[str], negative: Sequence[str], sec
 
 
 def logodds_stage(model, positive: Sequence[str], negative: Sequence[str], section: LogOddsConfig, *, tokens_top,
-                  curves, labels: dict, log_probs: tuple | None = None, progress=no_progress) -> StageResult:
+                  curves, labels: dict, log_probs: tuple | None = None, heldout: tuple | None = None,
+                  progress=no_progress) -> StageResult:
     """M(z) from P and N (logodds.parquet: one row per vocabulary token) and the theory-vs-practice analysis of the
     token curves (logodds.json: dominating tokens vs extremal M, target vs off-target peak positions).
 
@@ -244,6 +259,9 @@ def logodds_stage(model, positive: Sequence[str], negative: Sequence[str], secti
         tokens_top, curves: the tokens stage's tables (tokens_top.parquet, and tokens.parquet's per-curve columns).
         labels: model, concept, setting (M does not depend on the layer or on alpha).
         log_probs: (log p after P, log p after N) when already computed (log_probs_after).
+        heldout: (P, N) texts v was not built from: their M is logodds.parquet's M_heldout (NaN without them), which
+            the concept-specific verdicts read (verdicts.py: M from v's own texts shares their sampling noise with v,
+            so a null concept would pass against random directions).
     """
     from steerstrength.metrics.logodds import log_odds_analysis, log_odds_frame
 
@@ -254,6 +272,11 @@ def logodds_stage(model, positive: Sequence[str], negative: Sequence[str], secti
     vocab_labels = {k: labels[k] for k in ("model", "concept", "setting") if k in labels}
     frame = log_odds_frame(model, M, positive=lp_pos, negative=lp_neg, extremal_fraction=section.extremal_fraction,
                            **vocab_labels)
+    frame["M_heldout"] = float("nan")
+    if heldout is not None and heldout[0] and heldout[1]:
+        held = log_probs_after(model, heldout[0], heldout[1], section, concept=f"{concept} (held out)",
+                               progress=progress)
+        frame["M_heldout"] = (held[0] - held[1]).numpy()
     analysis = log_odds_analysis(M, tokens_top, curves, n_dominant=section.n_dominant,
                                  extremal_fraction=section.extremal_fraction, n_target=section.n_target)
     return StageResult("logodds", {"logodds.parquet": frame}, {concept: analysis})
@@ -282,8 +305,10 @@ def limit_stage(model, vectors: Sequence, section: LimitConfig, *, contexts: lis
         for sv in vectors:
             check = limit_check(model, sv, contexts, sv.raw_alphas(grid, model).tolist(), positions=positions,
                                 chat=chat, progress=advance)
-            frames.append(add_resid_column(check.frame(model, **labels, layer=sv.layer), sv.resid_scale(model)))
-            summary[f"{concept}/{sv.layer}"] = check.summary()
+            frame = check.frame(model, **labels, layer=sv.layer).assign(direction=direction_of(sv))
+            frames.append(add_resid_column(frame, sv.resid_scale(model)))
+            if direction_of(sv) == "v":  # controls are rows of limit.parquet; the summary (and its badge) is v's
+                summary[f"{concept}/{sv.layer}"] = check.summary()
     import pandas as pd
 
     return StageResult("limit", {"limit.parquet": pd.concat(frames, ignore_index=True)}, summary)
@@ -293,10 +318,11 @@ def limit_stage(model, vectors: Sequence, section: LimitConfig, *, contexts: lis
 
 
 def depth_stage(model, positive: Sequence[str], negative: Sequence[str], section: DepthConfig, *, steered: Sequence[int],
-                contexts: list[dict], M: torch.Tensor, labels: dict, positions: str = "all",
-                progress=no_progress) -> StageResult:
+                contexts: list[dict], M: torch.Tensor, labels: dict, positions: str = "all", controls: int = 0,
+                seed: int = 0, progress=no_progress) -> StageResult:
     """Concept words, bumps and Spearman(M, peak) against the steered layer (metrics/depth.py), every
-    `section.every`-th layer plus the `steered` ones: depth.parquet and depth_top.parquet (no summary)."""
+    `section.every`-th layer plus the `steered` ones: depth.parquet and depth_top.parquet (no summary); with
+    `controls` random directions per layer beside each layer's v (rows with `direction`, seeded by `seed`)."""
     from steerstrength.metrics.depth import depth_profile
 
     grid = AlphaGrid.symmetric(section.alpha_max, section.n_alphas, unit="resid")
@@ -304,7 +330,7 @@ def depth_stage(model, positive: Sequence[str], negative: Sequence[str], section
     neutral = [c for c in contexts if c["kind"] == "neutral"][: section.n_contexts]
     with progress(f"{labels.get('concept', '')}: depth profile", len(layers)) as advance:
         table, top = depth_profile(model, positive, negative, layers, neutral, grid.values, M, positions=positions,
-                                   progress=advance, labels=labels)
+                                   progress=advance, labels=labels, n_controls=controls, seed=seed)
     return StageResult("depth", {"depth.parquet": table.assign(steered=table["layer"].isin(list(steered))),
                                  "depth_top.parquet": top})
 
@@ -368,22 +394,25 @@ def xent_stage(model, vectors: Sequence, section: XentConfig, *, texts: Sequence
     units = sweep_units(model, texts, grid.values, seq_len=section.seq_len, packing=packing,
                         max_tokens=section.n_tokens)
     concept = labels.get("concept", "")
-    frames, per_vector = [], {}
+    frames, per_vector, controls = [], {}, {}
     for sv in vectors:
         pieces = None if chunk is None else (
-            lambda name, compute, sv=sv: chunk(f"{concept}.{sv.layer}.{name}", compute))
+            lambda name, compute, sv=sv: chunk(piece_name(concept, sv, name), compute))
         with progress(f"{concept}: Delta CE, layer {sv.layer}", units) as advance:
             res = xent_sweep(model, sv, texts, sv.raw_alphas(grid, model), seq_len=section.seq_len,
                              positions=positions, packing=packing, max_tokens=section.n_tokens, curvature=curvature,
                              curvature_tokens=section.curvature_tokens, chunk=pieces,
                              chunk_windows=section.chunk_windows, progress=advance)
         res.inserted_zero = grid.inserted_zero
-        frames.append(add_resid_column(res.frame(**labels, layer=sv.layer), sv.resid_scale(model)))
-        per_vector[f"{concept}/{sv.layer}"] = dict(res.summary(), resid_scale=sv.resid_scale(model))
+        frames.append(add_resid_column(res.frame(**labels, layer=sv.layer, direction=direction_of(sv)),
+                                       sv.resid_scale(model)))
+        # v's summary in per_vector (its badges), the random directions' beside it in controls (verdicts.py)
+        (per_vector if direction_of(sv) == "v" else controls)[summary_key(concept, sv)] = dict(
+            res.summary(), resid_scale=sv.resid_scale(model))
     import pandas as pd
 
     return StageResult("xent", {"xent.parquet": pd.concat(frames, ignore_index=True)},
-                       dict(corpus=corpus, packing=packing, per_vector=per_vector))
+                       dict(corpus=corpus, packing=packing, per_vector=per_vector, controls=controls))
 
 
 # ----------------------------------------------------------------------------- concept probability (Sec. 5, Thm 3.6)
@@ -427,7 +456,9 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
     for sv in vectors:
         def compute(sv=sv):
             total = len(grid) * len(prompts) * section.completions * (1 + len(judges))
-            with progress(f"{concept}: steered generations, layer {sv.layer} (generate, then judge)", total) as adv:
+            what = "" if direction_of(sv) == "v" else f", control {direction_of(sv)}"
+            with progress(f"{concept}: steered generations, layer {sv.layer}{what} (generate, then judge)",
+                          total) as adv:
                 res = concept_probability(
                     model, sv, concept, alphas=sv.raw_alphas(grid, model), prompts=list(prompts),
                     n_completions=section.completions, max_new_tokens=section.max_new_tokens, judges=judges,
@@ -439,10 +470,12 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
             return {"completions": res.completions, "scores": res.scores, "curve": res.curve,
                     "summary": pd.DataFrame([{"json": json.dumps(res.summary, default=str)}])}
 
-        done = chunk(f"{concept}.{sv.layer}", compute)
+        done = chunk(piece_name(concept, sv), compute)
         scale = sv.resid_scale(model)
         for name in parts:
-            parts[name].append(add_resid_column(done[name].assign(layer=sv.layer), scale))
+            parts[name].append(add_resid_column(done[name].assign(layer=sv.layer, direction=direction_of(sv)), scale))
+        if direction_of(sv) != "v":  # a control's rows are in the tables (its false-positive rate); no summary
+            continue
         # The fits are re-derived from the curve, so generations kept from an earlier run are analysed by this code.
         summary[f"{concept}/{sv.layer}"] = dict(json.loads(done["summary"]["json"].iloc[0]),
                                                 curves=curve_summary(done["curve"]))
@@ -506,11 +539,13 @@ def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict
             return {"questions": res.table, "subjects": res.accuracy,
                     "summary": pd.DataFrame([{"json": json.dumps(res.summary, default=str)}])}
 
-        done = chunk(f"{concept}.{sv.layer}", compute)
+        done = chunk(piece_name(concept, sv), compute)
         scale = sv.resid_scale(model)
-        per_q.append(add_resid_column(done["questions"].assign(layer=sv.layer), scale))
-        per_subject.append(add_resid_column(done["subjects"].assign(layer=sv.layer), scale))
-        summary[f"{concept}/{sv.layer}"] = json.loads(done["summary"]["json"].iloc[0])
+        d = direction_of(sv)
+        per_q.append(add_resid_column(done["questions"].assign(layer=sv.layer, direction=d), scale))
+        per_subject.append(add_resid_column(done["subjects"].assign(layer=sv.layer, direction=d), scale))
+        if d == "v":  # controls are rows of the tables; the summary (and its badge) is v's
+            summary[f"{concept}/{sv.layer}"] = json.loads(done["summary"]["json"].iloc[0])
     return StageResult("mmlu", {"mmlu_questions.parquet": pd.concat(per_q, ignore_index=True),
                                 "mmlu.parquet": pd.concat(per_subject, ignore_index=True)},
                        dict(source=source, per_vector=summary))

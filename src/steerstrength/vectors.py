@@ -161,6 +161,44 @@ def _check_residual_norms(norms) -> None:
                              "per layer: remake the file with `steerstrength vectors` (or drop the key)")
 
 
+def direction_of(sv) -> str:
+    """A vector's `direction` column: "v" for the concept's own vector, "random-k" for a control (random_controls)."""
+    meta = getattr(sv, "meta", None) or {}
+    return str(meta.get("direction", "v"))
+
+
+def control_seed(seed: int, concept: str, layer: int) -> int:
+    """The seed of one (concept, layer)'s random directions: derived from the run seed, the same in every stage."""
+    digest = hashlib.sha256(f"controls|{seed}|{concept}|{layer}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def random_controls(sv: SteeringVector, n: int, *, seed: int = 0) -> list[SteeringVector]:
+    """n random directions of v's layer and norm, orthogonal to v (Gaussian, v's component removed, rescaled):
+    the controls of every stage, meta["direction"] = "random-0" ... (the same n first ones for any larger n).
+
+    Example::
+
+        controls = ss.random_controls(sv[28], 4, seed=0)
+        [c.meta["direction"] for c in controls]      # ['random-0', 'random-1', 'random-2', 'random-3']
+    """
+    v = sv.vector.double().cpu()
+    norm = float(v.norm())
+    if norm == 0:
+        raise InputError(f"the layer-{sv.layer} vector is zero; random directions of its norm would be zero too")
+    gen = torch.Generator().manual_seed(control_seed(seed, sv.meta.get("concept", ""), sv.layer))
+    unit = v / norm
+    out = []
+    for k in range(n):
+        r = torch.randn(v.numel(), generator=gen, dtype=torch.float64)
+        r = r - (r @ unit) * unit
+        r = r - (r @ unit) * unit  # twice: orthogonal to rounding
+        r = r * (norm / float(r.norm()))
+        out.append(SteeringVector(r.to(sv.vector.dtype).to(sv.vector.device), sv.layer, sv.residual_norm,
+                                  dict(sv.meta, direction=f"random-{k}")))
+    return out
+
+
 def _tensor_use(what: str) -> None:
     import warnings
 

@@ -39,7 +39,8 @@ def concept_word_share(M: torch.Tensor, token_ids: Sequence[int], fraction: floa
 
 def depth_profile(model: Model, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int],
                   contexts: Sequence[dict], alphas_resid, M: torch.Tensor, *, positions: str = "all",
-                  progress: Callable[[int], None] | None = None, labels: dict | None = None):
+                  progress: Callable[[int], None] | None = None, labels: dict | None = None, n_controls: int = 0,
+                  seed: int = 0):
     """Thm 3.3 against depth: (table, one row per layer; curves_top, the top-8 rows per layer and context).
 
     Each layer is steered with its own unit difference of means (Eq. 3) on the same grid in residual units; the
@@ -51,6 +52,8 @@ def depth_profile(model: Model, positive: Sequence[str], negative: Sequence[str]
         contexts: {id, text, kind} dicts (metrics.contexts.builtin_contexts).
         alphas_resid: the grid in multiples of each layer's residual norm r_l (0 included).
         M: the log-odds (Def. 3.2) over the vocabulary, [V] (ss.log_odds).
+        n_controls: random directions of each layer's v norm, orthogonal to it (vectors.random_controls, seeded by
+            `seed`), swept beside v: rows with `direction` random-0, ... (v's rows: "v").
 
     Example::
 
@@ -64,22 +67,25 @@ def depth_profile(model: Model, positive: Sequence[str], negative: Sequence[str]
     from steerstrength.grid import to_raw
     from steerstrength.metrics.logodds import log_odds_analysis
     from steerstrength.metrics.tokens import token_curves
-    from steerstrength.vectors import difference_of_means
+    from steerstrength.vectors import difference_of_means, direction_of, random_controls
 
     if M.numel() != model.vocab_size:
         raise InputError(f"M has {M.numel()} entries but the model's vocabulary has {model.vocab_size}")
     layers = sorted(set(int(x) for x in layers))
     sv = difference_of_means(model, positive, negative, layers, normalize=True)
     rows, tops = [], []
-    for layer in layers:
+    steered = [(layer, d) for layer in layers
+               for d in [sv[layer], *random_controls(sv[layer], n_controls, seed=seed)]]
+    for layer, direction in steered:
         scale = sv.resid_scale(layer, model)
-        res = token_curves(model, sv[layer], layer, list(contexts), to_raw(alphas_resid, "resid", scale),
+        res = token_curves(model, direction, list(contexts), to_raw(alphas_resid, "resid", scale),
                            positions=positions, top_k=N_DOMINANT, top_each=0)
         top = res.top_frame(model)
         curves = res.curves_frame(model)[["layer", "context_id", "token_id", "peak_alpha", "shape"]]
         analysis = log_odds_analysis(M, top, curves, n_dominant=N_DOMINANT)["per_layer"][str(layer)]
         dom = top[(top["side"] == "alpha_max") & (top["rank"] < N_DOMINANT)]
-        rows.append(dict(labels or {}, layer=layer, residual_norm=sv.residual_norm(layer, model),
+        rows.append(dict(labels or {}, layer=layer, direction=direction_of(direction),
+                         residual_norm=sv.residual_norm(layer, model),
                          alpha_resid_max=float(torch.as_tensor(alphas_resid).max()),
                          concept_word_share=concept_word_share(M, dom["token_id"].tolist()),
                          unimodal_share=float((dom["shape"] != "other").mean()),
@@ -87,7 +93,7 @@ def depth_profile(model: Model, positive: Sequence[str], negative: Sequence[str]
                          spearman_M_peak=analysis["spearman_M_peak_alpha"]["median"],
                          target_later=analysis["peak_position"]["fraction_target_later"],
                          top_words=" | ".join(dom["token"].value_counts().head(8).index.tolist())))
-        tops.append(dom.assign(**(labels or {})))
-        if progress is not None:
+        tops.append(dom.assign(**(labels or {}), direction=direction_of(direction)))
+        if progress is not None and direction_of(direction) == "v":
             progress(1)
     return pd.DataFrame(rows), pd.concat(tops, ignore_index=True)
