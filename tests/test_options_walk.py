@@ -157,7 +157,25 @@ def specs(f: dict) -> dict:
             "--dtype": [(["bfloat16"], ["--n", "4", "--max-new-tokens", "40"])]}),
         "export-gguf": Walk([f["v"], "{out}/v.gguf"], {
             "vectors_file": [Replace([f["v2"], "{out}/v.gguf"])], "--layers": ["2"], "--model": [f["wide_model"]],
-            "--model-hint": ["llama"], "--dtype": ["bfloat16"]}),
+            "--model-hint": ["llama"], "--dtype": ["bfloat16"], "--alpha": ["0.5"],
+            # resid needs r_l: measured on --model; raw multiplies the stored vector
+            "--alpha-unit": [(["raw"], ["--alpha", "0.5", "--model", f["model"]])],
+            "--recommended": [f["p"]], "--method": ["iso-kl"]}),  # not a run or recommend.json; no --recommended
+        "generate": Walk(["generate", "the cat saw", "-v", f["v"], "--model", f["model"], "--device", "cpu", "--layer",
+                          "1", "--alpha", "0,1", "--max-new-tokens", "4"], {
+            "prompts": [Replace(["generate", "my friend is", "-v", f["v"], "--model", f["model"], "--device", "cpu",
+                                 "--layer", "1", "--alpha", "0,1", "--max-new-tokens", "4"])],
+            "--vectors": [f["v2"]], "--layer": ["2"], "--alpha": ["0,3"], "--alpha-unit": ["raw"],
+            "--recommended": [f["p"]], "--method": ["iso-kl"], "--n": ["2"], "--max-new-tokens": ["6"],
+            "--temperature": ["0.5"], "--top-p": ["0.5"], "--seed": ["1"], "--chat": ["--no-chat"], "--json": ["--json"],
+            "--stream": [(["--no-stream"], ["--alpha", "1"])], "--model": [f["model2"]],
+            "--dtype": [(["bfloat16"], ["--json"])],  # the KL's digits, which the table rounds
+            "--blocks-path": ["model.embed_tokens"]}),
+        # serve's server is replaced by a print of what it would serve (test_every_option_is_honoured_or_refused)
+        "serve": Walk(["serve", "-v", f["v"], "--model", f["model"], "--device", "cpu"], {
+            "run": [Replace(["serve", f["p"], "--model", f["model"], "--device", "cpu"])], "--vectors": [f["v2"]],
+            "--recommended": [f["p"]], "--port": ["9000"], "--model": [f["model2"]], "--dtype": ["bfloat16"],
+            "--blocks-path": ["model.embed_tokens"]}),
         "vectors": Walk(["--concept", "joy", "--model", f["model"], "--device", "cpu", "--layers", "1",
                          "--out", "{out}/v.safetensors"], {
             "--positive": [f["p"]], "--negative": [f["n"]], "--layers": ["2"], "--resamples": ["2"], "--seed": ["1"],
@@ -169,28 +187,32 @@ def specs(f: dict) -> dict:
             "--model": [f["model2"]], "--dtype": ["bfloat16"]}),
         "sweep tokens": Walk(["sweep", "tokens", *small, *tiny], {
             **steer, **grid, **ctx, "--top-k": ["5"], "--top-each": [(["0"], ["--top-k", "5"])],  # the top-k tracks all of a tiny vocabulary
-            "--certify": [(["--no-certify"], ["--dtype", "bfloat16"])]}),
+            "--certify": [(["--no-certify"], ["--dtype", "bfloat16"])], "--controls": ["1"]}),
         "sweep logodds": Walk(["sweep", "logodds", "-p", f["p"], "-n", f["n"], *small, *tiny], {
             **steer, **grid, **ctx, "--positive": [f["p2"]], "--negative": [f["n2"]], "--tokens-dir": ["{tokens}"],
             "--top-k": ["5"], "--max-tokens": ["2"], "--n-dominant": ["2"], "--extremal-fraction": ["0.2"],
-            "--n-target": ["5"]}),
-        "sweep limit": Walk(["sweep", "limit", "--n-contexts", "2", *tiny], {**steer, **ctx, "--alphas": ["5,50"]}),
+            "--n-target": ["5"], "--heldout-positive": [([f["p2"], "--heldout-negative", f["n2"]], [])],
+            "--heldout-negative": [([f["n2"], "--heldout-positive", f["p2"]], [])]}),
+        "sweep limit": Walk(["sweep", "limit", "--n-contexts", "2", *tiny], {**steer, **ctx, "--alphas": ["5,50"],
+                                                                           "--controls": ["1"]}),
         "sweep xent": Walk(["sweep", "xent", "--corpus", f["corpus"], "--seq-len", "8", "--n-alphas", "4",
                             "--max-tokens", "32", *tiny], {
             **steer, **grid, "--corpus": [f["corpus2"]], "--field": ["body"], "--split": ["test"],
             "--data-files": ["x.parquet"], "--max-texts": ["3"], "--n-samples": ["2"], "--sample-tokens": ["4"],
             "--seed": ["1"], "--seq-len": ["4"], "--packing": ["--packing"], "--max-tokens": ["16"],
-            "--spacing": ["linear"], "--curvature": ["--no-curvature"], "--curvature-tokens": ["4"]}),
+            "--spacing": ["linear"], "--curvature": ["--no-curvature"], "--curvature-tokens": ["4"], "--controls": ["1"]}),
         "sweep concept": Walk(["sweep", "concept", "--judge", "lexicon", "--n-prompts", "1", "--completions", "1",
                                "--max-new-tokens", "4", "--n-alphas", "2", *tiny], {
             **steer, **grid, "--judge": ["probe"], "--judge-model": [([f["model2"]], llm_judge)],
             "--positive": [f["p2"]], "--negative": [f["n2"]], "--holdout": [(["0.3"], ["--judge", "probe"])],
             "--prompts": [f["prompts"]], "--n-prompts": ["2"], "--completions": ["2"], "--max-new-tokens": ["6"],
-            "--temperature": ["0.5"], "--top-p": ["0.5"], "--top-k": ["3"], "--seed": ["1"], "--chat": ["--no-chat"]}),
+            "--temperature": ["0.5"], "--top-p": ["0.5"], "--top-k": ["3"], "--seed": ["1"], "--chat": ["--no-chat"],
+            "--controls": ["1"]}),
         "sweep mmlu": Walk(["sweep", "mmlu", "--source", "sample", "--limit", "1", "--k-shots", "0", "--n-alphas", "2",
                             *tiny], {
             **steer, **grid, "--source": ["mmlu"], "--mmlu-dir": ["{mmlu_sample}"], "--mmlu-parquet": ["x.parquet"],
-            "--subjects": ["{mmlu_subject}"], "--k-shots": ["1"], "--limit": ["2"], "--chat": ["--chat"]}),
+            "--subjects": ["{mmlu_subject}"], "--k-shots": ["1"], "--limit": ["2"], "--chat": ["--chat"],
+            "--controls": ["1"]}),
         "recommend": Walk(["recommend", "--method", "iso-kl", "--layer", "1", "--n-prompts", "1", "--completions", "1",
                            "--max-new-tokens", "4", *tiny], {
             **{k: v for k, v in steer.items() if k not in ("--layers", "--alpha-unit")}, "--layer": ["2"],
@@ -280,12 +302,15 @@ def places(inputs, tmp_path_factory) -> dict:
 # train-tiny trains on SmolLM2's tokenizer (the embedded model's) and the packaged Wikipedia: about a minute a case.
 WALKS = ["models show", "config show", "run", "prompts", "export-gguf", "vectors", "vectors scan", "sweep tokens",
          "sweep logodds", "sweep limit", "sweep xent", "sweep concept", "sweep mmlu", "recommend", "theory verify",
-         "theory figures", pytest.param("train-tiny", marks=pytest.mark.slow)]
+         "theory figures", "generate", "serve", pytest.param("train-tiny", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("command", WALKS)
 def test_every_option_is_honoured_or_refused(inputs, places, tmp_path, monkeypatch, capsys, command):
     monkeypatch.setenv("STEERSTRENGTH_CACHE", str(tmp_path / "cache"))
+    if command == "serve":  # what the page would serve, instead of serving it until Ctrl-C
+        monkeypatch.setattr("steerstrength.serve.serve", lambda s, port=None, print_fn=print: print(json.dumps(
+            dict(s.describe(), port=port, dtype=str(s.model.dtype)), sort_keys=True, default=str)))
     monkeypatch.chdir(tmp_path)
     walk = specs(inputs)[command]
     out = tmp_path / "out"

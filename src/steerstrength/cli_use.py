@@ -195,5 +195,5 @@ def serve(
     if not files:
         raise InputError("give a run directory or a vector file (-v FILE)")
     lm = load(spec, dtype=dtype, device=device, blocks_path=blocks_path)
-    s = steerable(lm, files, recommended if recommended is not None else run)
+    s = steerable(lm, files, run, recommended)
     run_server(s, port, print_fn=log)

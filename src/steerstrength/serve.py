@@ -47,8 +47,10 @@ class Steerable:
                     vectors=[dict(id=k, **self.info[k]) for k in self.vectors])
 
 
-def steerable(model: Model, vector_files, run_dir: Path | None = None) -> Steerable:
-    """Every layer of every vector file, with the run's recommended alphas, fluent ranges and concept curves."""
+def steerable(model: Model, vector_files, run_dir: Path | None = None, recommended: Path | None = None) -> Steerable:
+    """Every layer of every vector file, with the run's recommended alphas, fluent ranges and concept curves
+    (`recommended`: a run directory or recommend.json to take them from instead; unlike a run's own, which may not
+    have them yet, it must hold them)."""
     from steerstrength.strength import strength_from, with_strength
     from steerstrength.vectors import SteeringVectors
 
@@ -56,7 +58,9 @@ def steerable(model: Model, vector_files, run_dir: Path | None = None) -> Steera
     for path in vector_files:
         sv = SteeringVectors.load(path)
         sv.check(model)
-        if run_dir is not None:
+        if recommended is not None:
+            sv = with_strength(sv, strength_from(recommended, sv))
+        elif run_dir is not None:
             try:
                 sv = with_strength(sv, strength_from(run_dir, sv))
             except InputError:
