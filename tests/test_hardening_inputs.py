@@ -12,32 +12,7 @@ from steerstrength import InputError, SteeringVectors
 from steerstrength.config import MAX_CONFIG_BYTES, SEED_MAX, build_config
 from cliutil import error_lines, run_cli
 from tiny import tiny_model
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny model directory, a vector file and good P/N texts."""
-    root = tmp_path_factory.mktemp("inputs")
-    model = tiny_model("llama")
-    model.hf.save_pretrained(root / "model")
-    model.tokenizer.save_pretrained(root / "model")
-    torch.manual_seed(0)
-    SteeringVectors({1: torch.randn(model.d_model)}, dict(concept="joy", setting="random")).save(root / "v.safetensors")
-    (root / "p.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["i am happy and glad", "joy"]))
-    (root / "n.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["the table", "rain"]))
-    return root
-
-
-def quiet_cli(args, monkeypatch, capsys):
-    return run_cli(args, monkeypatch, capsys, quiet=True)
-
-
-def one_line(err: str) -> bool:
-    return len(error_lines(err)) == 1 and "Traceback" not in err
-
-
-def tiny(files, *args):
-    return [*args, "--model", files / "model", "--vectors", files / "v.safetensors", "--device", "cpu"]
+from test_hardening_cli import files, one_line, quiet_cli, tiny  # noqa: F401  (files: the module's fixture)
 
 
 # ----------------------------------------------------------------------------- item 5: the config reader is bounded
