@@ -208,7 +208,7 @@ def test_sizes_below_one_are_refused(files, tmp_path, monkeypatch, capsys, args,
 
 
 def test_theory_verify_bad_settings_error_before_any_progress_bar(monkeypatch, capsys):
-    from steerstrength.cli_common import state
+    from steerstrength.cli.common import state
 
     monkeypatch.setitem(state, "quiet", False)  # bars on, as in a terminal
     code, _, err = run_cli(["theory", "verify", "--groups", "0"], monkeypatch, capsys)

@@ -38,7 +38,7 @@ ALLOWED = {
     "vectors scan --preset": "the presets' scan keys (scan_top_k, batch_size, max_length) are equal; the section "
                              "is read as `vectors --preset` reads it",
 }
-# theory figures builds its world from the same option objects (theory/cli.py) as theory verify, walked there; drawing
+# theory figures builds its world from the same option objects (cli/theory.py) as theory verify, walked there; drawing
 # its figures takes seconds per case.
 SAME_AS_VERIFY = ("--groups", "--size", "--context-length", "--eps", "--d", "--negatives", "--q", "--target", "--seed",
                   "--alpha-max", "--alpha-points", "--steps", "--lr")

@@ -594,7 +594,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
 
     Example::
 
-        from steerstrength.cli_common import progress_bar      # or stages.no_progress
+        from steerstrength.cli.common import progress_bar      # or stages.no_progress
         ss.run_pipeline(ss.build_config("demo"), "runs/demo", progress=progress_bar, log=print)
     """
     # The model and the layers are checked before anything is written: a wrong model spec or a layer

@@ -4,7 +4,7 @@ Each takes the model, the steering vectors of one concept (SteeringVector: each 
 config section of its stage (config.py: the only defaults), and returns a `runs.StageResult` (`.tables()`,
 `.summary()`) that `runs.write_result` writes. The run passes `chunk=RunDir.chunk` bound to its stage key, so a killed
 run keeps its finished pieces; the CLI computes them directly. `progress(description, total)` is a context manager
-yielding `advance(n)` (cli_common.progress_bar, or the run's).
+yielding `advance(n)` (cli.common.progress_bar, or the run's).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def _trained(config: TheoryConfig, quiet: bool, check: bool = True):
     line with no bar before it."""
     import contextlib
 
-    from steerstrength.cli_common import progress_bar, state
+    from steerstrength.cli.common import progress_bar, state
     from steerstrength.theory.verify import build_world, verify
 
     with contextlib.ExitStack() as stack:

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import console, log, progress_bar, state
+from steerstrength.cli.common import console, log, progress_bar, state
 
 config_app = typer.Typer(help="Show the run configuration.", no_args_is_help=True)
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, load, log,
+from steerstrength.cli.common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, load, log,
                                       progress_bar, sweep_app)
 from steerstrength.errors import InputError
 from steerstrength.stages import check_token_memory

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli_common import BlocksPathOpt, DeviceOpt, DtypeOpt, console, state, sweep_app
+from steerstrength.cli.common import BlocksPathOpt, DeviceOpt, DtypeOpt, console, state, sweep_app
 from steerstrength.errors import SteerStrengthError
 
 app = typer.Typer(
@@ -21,18 +21,18 @@ models_app = typer.Typer(help="Inspect models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(sweep_app, name="sweep")
 # Command groups, one line each:
-app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["app"]).app)  # prompts, export-gguf
-app.add_typer(__import__("steerstrength.cli_vectors", fromlist=["vectors_app"]).vectors_app, name="vectors")
-import steerstrength.cli_sweeps  # noqa: F401,E402  (sweep tokens, logodds, limit, xent)
-import steerstrength.cli_concept  # noqa: F401,E402  (sweep concept, mmlu)
-app.command("recommend")(__import__("steerstrength.cli_recommend", fromlist=["recommend"]).recommend)  # which alpha?
-app.command("generate")(__import__("steerstrength.cli_use", fromlist=["generate"]).generate)  # steered text
-app.command("serve")(__import__("steerstrength.cli_use", fromlist=["serve"]).serve)  # the live steering page
-app.command("train-tiny")(__import__("steerstrength.cli_train", fromlist=["train_tiny"]).train_tiny)  # 1-layer GPT
-from steerstrength.theory.cli import app as theory_app  # noqa: E402
+app.add_typer(__import__("steerstrength.cli.vectors", fromlist=["app"]).app)  # prompts, export-gguf
+app.add_typer(__import__("steerstrength.cli.vectors", fromlist=["vectors_app"]).vectors_app, name="vectors")
+import steerstrength.cli.sweeps  # noqa: F401,E402  (sweep tokens, logodds, limit, xent)
+import steerstrength.cli.concept  # noqa: F401,E402  (sweep concept, mmlu)
+app.command("recommend")(__import__("steerstrength.cli.recommend", fromlist=["recommend"]).recommend)  # which alpha?
+app.command("generate")(__import__("steerstrength.cli.use", fromlist=["generate"]).generate)  # steered text
+app.command("serve")(__import__("steerstrength.cli.use", fromlist=["serve"]).serve)  # the live steering page
+app.command("train-tiny")(__import__("steerstrength.cli.train", fromlist=["train_tiny"]).train_tiny)  # 1-layer GPT
+from steerstrength.cli.theory import app as theory_app  # noqa: E402
 
 app.add_typer(theory_app, name="theory")
-from steerstrength import cli_run  # noqa: E402  (run, config show, plot)
+from steerstrength.cli import run as cli_run  # noqa: E402  (run, config show, plot)
 
 app.command("run")(cli_run.run)
 app.command("plot")(cli_run.plot)

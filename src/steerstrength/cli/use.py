@@ -8,9 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, load, log
-from steerstrength.cli_sweeps import GridUnitOpt, PromptChatOpt, VectorsOpt
-from steerstrength.cli_vectors import MethodOpt, RecommendedOpt, load_with_strength
+from steerstrength.cli.common import BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, load, log
+from steerstrength.cli.sweeps import GridUnitOpt, PromptChatOpt, VectorsOpt
+from steerstrength.cli.vectors import MethodOpt, RecommendedOpt, load_with_strength
 from steerstrength.errors import InputError
 
 LayerOpt = typer.Option(None, "--layer", "-l", help="The layer to steer; default: the file's only layer.")
@@ -121,7 +121,7 @@ def _stream(lm, vec, prompts, alpha, unit, settings, seed) -> None:
     from rich.markup import escape
     from transformers import TextStreamer
 
-    from steerstrength.cli_common import console
+    from steerstrength.cli.common import console
     from steerstrength.use import generate_completions
 
     for prompt in prompts:

@@ -8,9 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from steerstrength.cli_common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, console,
+from steerstrength.cli.common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, console,
                                       load, log, progress_bar, sweep_app)
-from steerstrength.cli_sweeps import (
+from steerstrength.cli.sweeps import (
     AlphasOpt,
     ConceptOpt,
     ControlsOpt,

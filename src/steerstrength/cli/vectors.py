@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli_common import (DeviceOpt, DtypeOpt, check_at_least, check_seed, console, load, log,
+from steerstrength.cli.common import (DeviceOpt, DtypeOpt, check_at_least, check_seed, console, load, log,
                                       progress_bar, refuse_given)
 from steerstrength.errors import InputError
 
@@ -261,7 +261,7 @@ def scan(
     log(f"wrote {out / 'layer_scan.parquet'}, {out / 'layer_scan.json'} and {out / 'layer_scan.png'}")
 
 
-from steerstrength.cli_sweeps import GridUnitOpt  # noqa: E402  (the shared --alpha-unit)
+from steerstrength.cli.sweeps import GridUnitOpt  # noqa: E402  (the shared --alpha-unit)
 
 RecommendedOpt = typer.Option(None, "--recommended", help="A run directory or recommend.json: its recommended alphas "
                                "and fluent range (concept stage) travel in the file's metadata.")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli_common import check_seed, log, progress_bar
+from steerstrength.cli.common import check_seed, log, progress_bar
 
 
 def train_tiny(

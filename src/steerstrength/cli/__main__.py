@@ -1,0 +1,5 @@
+"""`python -m steerstrength.cli`."""
+
+from steerstrength.cli import main
+
+main()
