@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from steerstrength.cli.common import BlocksPathOpt, DeviceOpt, DtypeOpt, console, state, sweep_app
+from steerstrength.cli.common import console, state, sweep_app
+from steerstrength.cli.options import BlocksPathOpt, DeviceOpt, DtypeOpt
 from steerstrength.errors import SteerStrengthError
 
 app = typer.Typer(

@@ -2,53 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from steerstrength.cli.common import (BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, check_seed, console,
-                                      load, log, progress_bar)
-from steerstrength.cli.sweeps import (
-    ConceptOpt,
-    NormalizeOpt,
-    OutOpt,
-    PositionsOpt,
-    PresetOpt,
-    PromptChatOpt,
-    SettingOpt,
-    Steering,
-    VectorsOpt,
-    preset_section,
-)
+from steerstrength.cli.common import Steering, check_at_least, check_seed, console, load, log, progress_bar
+from steerstrength.cli.options import (MODEL, STEERED, AlphaMaxOpt, AlphasOpt, GridOptions, Group, ModelOptions,
+                                       NAlphasOpt, OutOpt, PresetOpt, PromptOptions, SectionOptions, SeedOpt,
+                                       SteeredOptions, TextsOptions, grouped, prompts_group, section_group, texts_group)
 from steerstrength.errors import InputError
 
 
-def _texts(path: Optional[Path], what: str, min_count: int = 1) -> Optional[list[str]]:
-    from steerstrength.io import read_texts
-
-    return [r["text"] for r in read_texts(path, min_count=min_count, what=what)] if path else None
-
-
-def _grids(alphas: Optional[str], alpha_max: Optional[float], n_alphas: Optional[int], generation_points: int):
+def _grids(grid: GridOptions, generation_points: int):
     """(sweet-spot's grid, the generation methods' grid): --alphas for both (0 added), linspace(0, --alpha-max, n)
     (n: --n-alphas, else 41 and the preset's recommend.n_alphas), or (None, None): the grids scaled to the vector."""
     from steerstrength.grid import AlphaGrid, refuse_with_explicit
     from steerstrength.recommend import SWEEP_POINTS
 
-    refuse_with_explicit(alphas, **{"--alpha-max": alpha_max, "--n-alphas": n_alphas})
-    if alphas is not None:
-        grid = AlphaGrid.parse(alphas)
-        return grid, grid
-    if alpha_max is None:
-        if n_alphas is not None:
+    refuse_with_explicit(grid.alphas, **{"--alpha-max": grid.alpha_max, "--n-alphas": grid.n_alphas})
+    if grid.alphas is not None:
+        made = AlphaGrid.parse(grid.alphas)
+        return made, made
+    if grid.alpha_max is None:
+        if grid.n_alphas is not None:
             raise InputError("--n-alphas needs --alpha-max (the default grid is scaled to the vector)")
         return None, None
-    if not alpha_max > 0 or (n_alphas is not None and n_alphas < 2):
+    if not grid.alpha_max > 0 or (grid.n_alphas is not None and grid.n_alphas < 2):
         raise InputError("--alpha-max must be positive and --n-alphas at least 2")
-    return (AlphaGrid.from_zero(alpha_max, n_alphas or SWEEP_POINTS),
-            AlphaGrid.from_zero(alpha_max, n_alphas or generation_points))
+    return (AlphaGrid.from_zero(grid.alpha_max, grid.n_alphas or SWEEP_POINTS),
+            AlphaGrid.from_zero(grid.alpha_max, grid.n_alphas or generation_points))
 
 
 COLUMNS = {  # per method: (title suffix, {column: header}) for each printed table
@@ -99,139 +85,162 @@ def _print(result) -> None:
             log(f"judge {acc['judge']}: held-out P-vs-N accuracy {acc['accuracy']:.2f}")
 
 
+@dataclass
+class SweetSpotOptions:
+    """sweet-spot's own (recommend.sweet_spot_rule, recommend.n_target; the entropy floor is this command's)."""
+
+    sweet_spot_rule: Optional[str] = None
+    n_target: Optional[int] = None
+    entropy_floor: Optional[float] = None
+
+
+SWEET_SPOT = Group(SweetSpotOptions, dict(
+    sweet_spot_rule=typer.Option(None, "--sweet-spot-rule", help="sweet-spot: mass (the alpha of most target-token "
+                                 "mass within the budget) or between (Thm 3.3's midpoint of the off-target and target "
+                                 "peaks, within the budget); default: the preset's."),
+    n_target=typer.Option(None, "--n-target", help="sweet-spot: target tokens = the N of largest log-odds; default: "
+                          "the preset's recommend.n_target."),
+    entropy_floor=typer.Option(None, "--entropy-floor", help="sweet-spot: also keep the next-token entropy at or "
+                               "above this (nats)."),
+))
+
+
+@dataclass
+class CurvatureOptions:
+    """curvature's own: recommend.curvature_scope, and the corpus of its corpus scope (as `sweep xent`'s)."""
+
+    curvature_scope: Optional[str] = None
+    corpus: Optional[str] = None
+
+
+CURVATURE = Group(CurvatureOptions, dict(
+    curvature_scope=typer.Option(None, "--curvature-scope", help="curvature: prompt (an alpha per prompt from its "
+                                 "next-token curvature) or corpus (one alpha from Delta CE's curvature on --corpus); "
+                                 "default: the preset's."),
+    corpus=typer.Option(None, "--corpus", help="curvature --curvature-scope corpus: wikipedia[:train|:test], model, a "
+                        "file or hf:NAME, as `sweep xent`; default: the preset's xent.corpus."),
+))
+
+
+@dataclass
+class JudgeOptions:
+    """grid-judge's and global's judge (recommend reads the preset's concept.judge and concept.judge_model)."""
+
+    judge: Optional[str] = None
+    judge_model: Optional[str] = None
+
+
+JUDGE = Group(JudgeOptions, dict(
+    judge=typer.Option(None, "--judge", "-j", help="grid-judge / global: probe, llm, lexicon or embedding; default: "
+                       "the preset's concept.judge (probe)."),
+    judge_model=typer.Option(None, "--judge-model", help="The llm judge's model; default: the steered one."),
+))
+# The generation methods' sizes and the budget: fields of config.RecommendConfig.
+SIZES = section_group(
+    "recommend",
+    kl_budget=typer.Option(None, "--budget", help="Distortion budget, nats: next-token KL (sweet-spot), the "
+                           "quadratic's KL or Delta CE (curvature), p95 per-token KL of generations (the others); "
+                           "default: the preset's recommend.kl_budget."),
+    completions=typer.Option(None, "--completions", help="Completions per prompt and alpha; default: the preset's."),
+    max_new_tokens=typer.Option(None, "--max-new-tokens", help="default: the preset's."),
+    refine_steps=typer.Option(None, "--refine-steps", help="Bisection steps toward the budget boundary (sweet-spot "
+                              "and iso-kl); default: the preset's recommend.sweet_spot_refine_steps and "
+                              "recommend.refine_steps."),
+    batch_size=typer.Option(None, "--batch-size", help="Rows per generate call; default: the preset's."),
+)
+
+
+@grouped
 def recommend(
-    vectors: Path = VectorsOpt,
+    steered: SteeredOptions = STEERED.but(layers=None),
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Layer to steer; default: the file's only layer."),
     method: List[str] = typer.Option(["sweet-spot"], "--method", help="sweet-spot, curvature, iso-kl, grid-judge, "
                                                                      "global, or all; repeat for several."),
-    budget: Optional[float] = typer.Option(None, "--budget", help="Distortion budget, nats: next-token KL "
-                                           "(sweet-spot), the quadratic's KL or Delta CE (curvature), p95 per-token KL "
-                                           "of generations (the others); default: the preset's recommend.kl_budget."),
-    sweet_spot_rule: Optional[str] = typer.Option(None, "--sweet-spot-rule", help="sweet-spot: mass (the alpha of "
-                                                  "most target-token mass within the budget) or between (Thm 3.3's "
-                                                  "midpoint of the off-target and target peaks, within the budget); "
-                                                  "default: the preset's."),
-    curvature_scope: Optional[str] = typer.Option(None, "--curvature-scope", help="curvature: prompt (an alpha per "
-                                                  "prompt from its next-token curvature) or corpus (one alpha from "
-                                                  "Delta CE's curvature on --corpus); default: the preset's."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="curvature --curvature-scope corpus: wikipedia"
-                                         "[:train|:test], model, a file or hf:NAME, as `sweep xent`; default: the "
-                                         "preset's xent.corpus."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts (JSONL 'text' or one per line), used "
-                                           "whole; default: the preset's recommend.n_prompts neutral evaluation "
-                                           "prompts (training half), as `steerstrength run`."),
-    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N prompts."),
-    positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts: log-odds targets (sweet-spot), "
-                                                                          "judge calibration and accuracy."),
-    negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts, same formats."),
-    judge: Optional[str] = typer.Option(None, "--judge", "-j", help="grid-judge / global: probe, llm, lexicon or "
-                                        "embedding; default: the preset's concept.judge (probe)."),
-    judge_model: Optional[str] = typer.Option(None, "--judge-model",
-                                              help="The llm judge's model; default: the steered one."),
-    alpha_max: Optional[float] = typer.Option(None, "--alpha-max", help="Grid linspace(0, alpha_max); default: "
-                                                                        "scaled to the vector (see docs)."),
-    n_alphas: Optional[int] = typer.Option(None, "--n-alphas", help="Grid points with --alpha-max (default 41 for "
-                                           "sweet-spot, the preset's recommend.n_alphas for the others)."),
-    alphas: Optional[str] = typer.Option(None, "--alphas", help="Explicit alphas >= 0, comma-separated (0 is added)."),
-    n_target: Optional[int] = typer.Option(None, "--n-target", help="sweet-spot: target tokens = the N of largest "
-                                           "log-odds; default: the preset's recommend.n_target."),
-    entropy_floor: Optional[float] = typer.Option(None, "--entropy-floor", help="sweet-spot: also keep the next-token "
-                                                                                "entropy at or above this (nats)."),
-    completions: Optional[int] = typer.Option(None, "--completions", help="Completions per prompt and alpha; "
-                                              "default: the preset's."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="default: the preset's."),
-    refine_steps: Optional[int] = typer.Option(None, "--refine-steps", help="Bisection steps toward the budget "
-                                               "boundary (sweet-spot and iso-kl); default: the preset's "
-                                               "recommend.sweet_spot_refine_steps and recommend.refine_steps."),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per generate call; default: the "
-                                                                        "preset's."),
-    chat: Optional[bool] = PromptChatOpt,
-    positions: str = PositionsOpt,
-    normalize: bool = NormalizeOpt,
-    concept: Optional[str] = ConceptOpt,
-    setting: Optional[str] = SettingOpt,
-    preset: str = PresetOpt,
-    out: Path = OutOpt,
-    model: Optional[str] = ModelOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    blocks_path: Optional[str] = BlocksPathOpt,
+    sizes: SectionOptions = SIZES,
+    sweet_spot: SweetSpotOptions = SWEET_SPOT,
+    curvature: CurvatureOptions = CURVATURE,
+    prompts: PromptOptions = prompts_group("Prompts (JSONL 'text' or one per line), used whole; default: the "
+                                           "preset's recommend.n_prompts neutral evaluation prompts (training half), "
+                                           "as `steerstrength run`.", "Use the first N prompts."),
+    texts: TextsOptions = texts_group("P texts: log-odds targets (sweet-spot), judge calibration and accuracy."),
+    judge: JudgeOptions = JUDGE,
+    grid: GridOptions = Group(GridOptions, dict(
+        alpha_max=AlphaMaxOpt("Grid linspace(0, alpha_max); default: scaled to the vector (see docs)."),
+        n_alphas=NAlphasOpt("Grid points with --alpha-max (default 41 for sweet-spot, the preset's recommend.n_alphas "
+                            "for the others)."),
+        alphas=AlphasOpt("Explicit alphas >= 0, comma-separated (0 is added)."))),
+    seed: int = SeedOpt(),
+    preset: str = PresetOpt(),
+    out: Path = OutOpt(),
+    model: ModelOptions = MODEL,
 ) -> None:
     """Which alpha? One per prompt, with the curve it came from: recommend.parquet, _curve.parquet, .json, .png."""
     from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
     from steerstrength.io import check_output_dir
     from steerstrength.judges import check_judge_name
     from steerstrength.plots import plot_recommendations
-    from steerstrength.prompts import evaluation_prompts
     from steerstrength.recommend import check_methods
     from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import judge_texts, recommend_stage
 
     start = time.perf_counter()
-    check_at_least(("--n-prompts", n_prompts, 1), ("--completions", completions, 1), ("--max-new-tokens", max_new_tokens, 1),
-                   ("--refine-steps", refine_steps, 0), ("--batch-size", batch_size, 1), ("--n-target", n_target, 1))
+    check_at_least(("--n-prompts", prompts.n_prompts, 1), ("--completions", sizes.completions, 1),
+                   ("--max-new-tokens", sizes.max_new_tokens, 1), ("--refine-steps", sizes.refine_steps, 0),
+                   ("--batch-size", sizes.batch_size, 1), ("--n-target", sweet_spot.n_target, 1))
     check_seed(seed)
-    if budget is not None and not 0 < budget < float("inf"):
-        raise InputError(f"--budget must be a positive finite number of nats, not {budget}")
-    for option, value, allowed in (("--curvature-scope", curvature_scope, CURVATURE_SCOPES),
-                                   ("--sweet-spot-rule", sweet_spot_rule, SWEET_SPOT_RULES)):
+    if sizes.kl_budget is not None and not 0 < sizes.kl_budget < float("inf"):
+        raise InputError(f"--budget must be a positive finite number of nats, not {sizes.kl_budget}")
+    for option, value, allowed in (("--curvature-scope", curvature.curvature_scope, CURVATURE_SCOPES),
+                                   ("--sweet-spot-rule", sweet_spot.sweet_spot_rule, SWEET_SPOT_RULES)):
         if value is not None and value not in allowed:
             raise InputError(f"{option} must be {' or '.join(allowed)}, not {value!r}")
     # One preset system: the run's recommend section, so `recommend` and `run` measure with the same sizes.
-    cfg, section = preset_section(preset, "recommend", kl_budget=budget, n_prompts=n_prompts, completions=completions,
-                                  max_new_tokens=max_new_tokens, refine_steps=refine_steps,
-                                  sweet_spot_refine_steps=refine_steps, n_target=n_target, batch_size=batch_size,
-                                  curvature_scope=curvature_scope, sweet_spot_rule=sweet_spot_rule)
+    cfg, section = sizes.of(preset, n_prompts=prompts.n_prompts, sweet_spot_refine_steps=sizes.refine_steps,
+                            n_target=sweet_spot.n_target, curvature_scope=curvature.curvature_scope,
+                            sweet_spot_rule=sweet_spot.sweet_spot_rule)
     check_output_dir(out, names=tuple(f"recommend{x}" for x in (".parquet", "_curve.parquet", ".json", ".png",
                                                                  "_generations.jsonl")))
-    methods = check_methods(method, positions)
-    if (positive is None) != (negative is None):
-        raise InputError("give both --positive and --negative (P and N texts), or neither")
+    methods = check_methods(method, steered.positions)
+    texts.given()
     judged = [m for m in methods if m in ("grid-judge", "global")]
-    judge = judge or cfg.concept.judge
+    judge_name = judge.judge or cfg.concept.judge
     if judged:
-        check_judge_name(judge)
-    pos = _texts(positive, "positive text file", 2)
-    neg = _texts(negative, "negative text file", 2)
+        check_judge_name(judge_name)
+    pos, neg = texts.read("text file", min_count=2)
     if "sweet-spot" in methods and pos is None:
         raise InputError("sweet-spot finds its target tokens by log-odds: give --positive and --negative texts")
-    # The preset's prompt count applies to the built-in prompts; a --prompts file is used whole (as in `run`).
-    prompt_list = _texts(prompts, "prompt file") or evaluation_prompts("train")
-    keep = n_prompts if n_prompts is not None else (section.n_prompts if prompts is None else None)
-    prompt_list = prompt_list[:keep]
-    sweep_grid, gen_grid = _grids(alphas, alpha_max, n_alphas, section.n_alphas)
+    prompt_list = prompts.texts(section.n_prompts)
+    sweep_grid, gen_grid = _grids(grid, section.n_alphas)
     if layer is not None and layer < 0:
         raise InputError(f"--layer must be a block index >= 0, not {layer}")
-    st = Steering(model, dtype, device, blocks_path, vectors, None if layer is None else str(layer), concept, setting,
-                  normalize, positions)
+    st = Steering(model, dataclasses.replace(steered, layers=None if layer is None else str(layer)))
     if len(st.layers) != 1:
-        raise InputError(f"{vectors} has layers {st.layers}; pick one with --layer")
+        raise InputError(f"{steered.vectors} has layers {st.layers}; pick one with --layer")
     concept_name = st.labels["concept"]
     judge_lm = None
     if judged:
         if not concept_name:
-            raise InputError(f"{vectors} names no concept; pass --concept (e.g. --concept joy)")
+            raise InputError(f"{steered.vectors} names no concept; pass --concept (e.g. --concept joy)")
         if pos is None:  # the held-out curated pairs, as `sweep concept` measures its judge on
             pos, neg = judge_texts(concept_name)
-        judge_model = judge_model or cfg.concept.judge_model
-        if judge == "llm":
-            judge_lm = st.model if judge_model is None else load(judge_model, dtype=dtype, device=device)
-    texts = None
+        judge_model = judge.judge_model or cfg.concept.judge_model
+        if judge_name == "llm":
+            judge_lm = st.model if judge_model is None else load(judge_model, dtype=model.dtype, device=model.device)
+    corpus = None
     if "curvature" in methods and section.curvature_scope == "corpus":
         from steerstrength.stages import corpus_texts
 
-        texts, _ = corpus_texts(st.model, cfg.xent, seed=seed, cache_dir=out, source=corpus)
-    elif corpus is not None:
+        corpus, _ = corpus_texts(st.model, cfg.xent, seed=seed, cache_dir=out, source=curvature.corpus)
+    elif curvature.corpus is not None:
         raise InputError("--corpus feeds curvature with --curvature-scope corpus only; drop it or add those")
     with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
         result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list,
-                                 labels=st.labels, methods=methods, positive=pos, negative=neg, judge=judge,
-                                 judge_model=judge_lm, seed=seed, positions=positions, grid=sweep_grid,
-                                 generation_grid=gen_grid, entropy_floor=entropy_floor, chat=chat, corpus=texts,
-                                 progress=progress_bar)
+                                 labels=st.labels, methods=methods, positive=pos, negative=neg, judge=judge_name,
+                                 judge_model=judge_lm, seed=seed, positions=steered.positions, grid=sweep_grid,
+                                 generation_grid=gen_grid, entropy_floor=sweet_spot.entropy_floor, chat=prompts.chat,
+                                 corpus=corpus, progress=progress_bar)
         _print(result)
-        header = st.header(start, metric="recommend", preset=preset, judge=judge if judged else None,
+        header = st.header(start, metric="recommend", preset=preset, judge=judge_name if judged else None,
                            judge_model=judge_lm.name if judge_lm is not None else None)
         paths = write_result(out, result, extra=header)
         tables = result.tables()

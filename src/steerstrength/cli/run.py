@@ -10,17 +10,18 @@ from typing import List, Optional
 import typer
 
 from steerstrength.cli.common import console, log, progress_bar, state
+from steerstrength.cli.options import PresetOpt
 
 config_app = typer.Typer(help="Show the run configuration.", no_args_is_help=True)
 
-PresetOpt = typer.Option("demo", "--preset", help="demo (2 CPU cores, minutes) or paper (the paper's sizes, GPUs).")
+RunPresetOpt = PresetOpt("demo (2 CPU cores, minutes) or paper (the paper's sizes, GPUs).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="A TOML file (see `steerstrength config show`).")
 
 
 def run(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. concepts=joy,evil "
                                                                "xent.n_tokens=4096 model.spec=Qwen/Qwen2.5-0.5B"),
-    preset: str = PresetOpt,
+    preset: str = RunPresetOpt,
     config: Optional[Path] = ConfigOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<preset>)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated stages to run (others untouched)."),
@@ -145,7 +146,7 @@ def cell_view(cfg):
 
 
 @config_app.command("show")
-def config_show(preset: str = PresetOpt, config: Optional[Path] = ConfigOpt,
+def config_show(preset: str = RunPresetOpt, config: Optional[Path] = ConfigOpt,
                 overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides")) -> None:
     """Print the configuration a run would use, as TOML (every key can be overridden with key=value)."""
     from steerstrength.config import build_config, to_toml

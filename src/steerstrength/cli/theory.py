@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from steerstrength.cli.options import Group, SeedOpt, grouped
 from steerstrength.theory.verify import TheoryConfig
 
 app = typer.Typer(
@@ -16,20 +18,27 @@ app = typer.Typer(
 )
 
 _DEFAULT = TheoryConfig()
-FamilyOpt = typer.Option(_DEFAULT.family, "--family", help="b1 (App. B.1), b3 (App. B.3, random weights) or context (a_z depends on the context, App. B.1).")
-GroupsOpt = typer.Option(_DEFAULT.groups, "--groups", help="G, the number of concepts.")
-SizeOpt = typer.Option(_DEFAULT.size, "--size", help="s, tokens per concept (V = G*s).")
-LengthOpt = typer.Option(_DEFAULT.context_length, "--context-length", help="T: contexts hold T-1 tokens of one concept.")
-EpsOpt = typer.Option(_DEFAULT.eps, "--eps", help="Smoothing eps in (0, (G-1)/G).")
-DOpt = typer.Option(None, "--d", help="Embedding dimension d; default rank(log p), just large enough to fit the data.")
-NegOpt = typer.Option(_DEFAULT.negatives, "--negatives", help="random (any contexts outside the target) or contrastive (one opposite concept).")
-QOpt = typer.Option(_DEFAULT.q, "--q", help="|P| = |N| = q contexts for the steering vector.")
-TargetOpt = typer.Option(_DEFAULT.target, "--target", help="Index of the target concept T.")
-SeedOpt = typer.Option(_DEFAULT.seed, "--seed", help="Seed for weights, P and N, and the UFM initialisation.")
-AlphaMaxOpt = typer.Option(_DEFAULT.alpha_max, "--alpha-max", help="The alpha grid spans [-alpha_max, alpha_max].")
-PointsOpt = typer.Option(_DEFAULT.alpha_points, "--alpha-points", help="Grid points (odd, so alpha = 0 is on it).")
-StepsOpt = typer.Option(_DEFAULT.steps, "--steps", help="Adam steps (full batch).")
-LrOpt = typer.Option(_DEFAULT.lr, "--lr", help="Adam step size (cosine-decayed to 0).")
+# One UFM world: the options are TheoryConfig's fields (its defaults are theirs); the command gets a TheoryConfig.
+WORLD = Group(TheoryConfig, dict(
+    family=typer.Option(_DEFAULT.family, "--family", help="b1 (App. B.1), b3 (App. B.3, random weights) or context "
+                        "(a_z depends on the context, App. B.1)."),
+    groups=typer.Option(_DEFAULT.groups, "--groups", help="G, the number of concepts."),
+    size=typer.Option(_DEFAULT.size, "--size", help="s, tokens per concept (V = G*s)."),
+    context_length=typer.Option(_DEFAULT.context_length, "--context-length", help="T: contexts hold T-1 tokens of one "
+                                "concept."),
+    eps=typer.Option(_DEFAULT.eps, "--eps", help="Smoothing eps in (0, (G-1)/G)."),
+    d=typer.Option(None, "--d", help="Embedding dimension d; default rank(log p), just large enough to fit the data."),
+    negatives=typer.Option(_DEFAULT.negatives, "--negatives", help="random (any contexts outside the target) or "
+                           "contrastive (one opposite concept)."),
+    q=typer.Option(_DEFAULT.q, "--q", help="|P| = |N| = q contexts for the steering vector."),
+    target=typer.Option(_DEFAULT.target, "--target", help="Index of the target concept T."),
+    seed=SeedOpt("Seed for weights, P and N, and the UFM initialisation.", default=_DEFAULT.seed),
+    alpha_max=typer.Option(_DEFAULT.alpha_max, "--alpha-max", help="The alpha grid spans [-alpha_max, alpha_max]."),
+    alpha_points=typer.Option(_DEFAULT.alpha_points, "--alpha-points", help="Grid points (odd, so alpha = 0 is on "
+                              "it)."),
+    steps=typer.Option(_DEFAULT.steps, "--steps", help="Adam steps (full batch)."),
+    lr=typer.Option(_DEFAULT.lr, "--lr", help="Adam step size (cosine-decayed to 0)."),
+))
 QuietOpt = typer.Option(False, "--quiet", help="No progress bar.")
 
 
@@ -84,21 +93,9 @@ def format_table(result) -> str:
 
 
 @app.command("verify")
+@grouped
 def verify_cmd(
-    family: str = FamilyOpt,
-    groups: int = GroupsOpt,
-    size: int = SizeOpt,
-    context_length: int = LengthOpt,
-    eps: float = EpsOpt,
-    d: Optional[int] = DOpt,
-    negatives: str = NegOpt,
-    q: int = QOpt,
-    target: int = TargetOpt,
-    seed: int = SeedOpt,
-    alpha_max: float = AlphaMaxOpt,
-    alpha_points: int = PointsOpt,
-    steps: int = StepsOpt,
-    lr: float = LrOpt,
+    world: TheoryConfig = WORLD,
     all_contexts: bool = typer.Option(False, "--all-contexts", help="Check (and write) every context, not one per role and concept."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write config, curves and checks here (atomically)."),
     quiet: bool = QuietOpt,
@@ -109,16 +106,15 @@ def verify_cmd(
 
     if json_path is not None:
         check_output_file(json_path, option="--json", example="verify.json")
-    config = TheoryConfig(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
-                     negatives=negatives, q=q, target=target, seed=seed, alpha_max=alpha_max,
-                     alpha_points=alpha_points, steps=steps, lr=lr, all_contexts=all_contexts)
+    config = dataclasses.replace(world, all_contexts=all_contexts)
     result = _trained(config, quiet)
     w = result.world
-    print(f"UFM world: family={family} V={config.vocab_size} G={groups} s={size} T={context_length} eps={eps:g} "
-          f"d={w.ufm.d} m={w.dataset.m} negatives={negatives} q={q} target={target} seed={seed}")
+    print(f"UFM world: family={config.family} V={config.vocab_size} G={config.groups} s={config.size} "
+          f"T={config.context_length} eps={config.eps:g} d={w.ufm.d} m={w.dataset.m} negatives={config.negatives} "
+          f"q={config.q} target={config.target} seed={config.seed}")
     print(f"P={w.P.tolist()} N={w.N.tolist()} checked contexts={w.checked.tolist()}")
     print(f"dataset entropy {w.entropy:.6f}   final CE {w.ufm.final_loss:.6f}   "
-          f"training {w.ufm.seconds:.2f} s ({steps} steps)   total {result.seconds:.2f} s")
+          f"training {w.ufm.seconds:.2f} s ({config.steps} steps)   total {result.seconds:.2f} s")
     print(format_table(result))
     counts = {s: sum(c.status == s for c in result.checks) for s in ("pass", "fail", "skip")}
     print(f"{counts['pass']} pass, {counts['fail']} fail, {counts['skip']} skip")
@@ -129,22 +125,11 @@ def verify_cmd(
 
 
 @app.command("figures")
+@grouped
 def figures_cmd(
     out: Path = typer.Option(..., "--out", help="Directory for the PNG and PDF files."),
-    family: str = typer.Option("b3", "--family", help="b3 by default: random weights give the target bumps of Fig. 3."),
-    groups: int = GroupsOpt,
-    size: int = SizeOpt,
-    context_length: int = LengthOpt,
-    eps: float = EpsOpt,
-    d: Optional[int] = DOpt,
-    negatives: str = NegOpt,
-    q: int = QOpt,
-    target: int = TargetOpt,
-    seed: int = SeedOpt,
-    alpha_max: float = AlphaMaxOpt,
-    alpha_points: int = PointsOpt,
-    steps: int = StepsOpt,
-    lr: float = LrOpt,
+    world: TheoryConfig = WORLD.but(family=typer.Option("b3", "--family", help="b3 by default: random weights give "
+                                                                                "the target bumps of Fig. 3.")),
     context: Optional[int] = typer.Option(None, "--context", help="Context index j for Fig. 3, B.1 and 4; default: one outside T."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -153,9 +138,6 @@ def figures_cmd(
     from steerstrength.theory.figures import make_figures
 
     check_output_dir(out)
-    config = TheoryConfig(family=family, groups=groups, size=size, context_length=context_length, eps=eps, d=d,
-                     negatives=negatives, q=q, target=target, seed=seed, alpha_max=alpha_max,
-                     alpha_points=alpha_points, steps=steps, lr=lr)
-    world = _trained(config, quiet, check=False)
-    for path in make_figures(world, out, context=context):
+    trained = _trained(world, quiet, check=False)
+    for path in make_figures(trained, out, context=context):
         print(path)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from steerstrength.cli.common import BlocksPathOpt, DeviceOpt, DtypeOpt, ModelOpt, check_at_least, load, log
-from steerstrength.cli.sweeps import GridUnitOpt, PromptChatOpt, VectorsOpt
-from steerstrength.cli.vectors import MethodOpt, RecommendedOpt, load_with_strength
+from steerstrength.cli.common import check_at_least, log
+from steerstrength.cli.options import (MODEL, AlphaUnitOpt, Group, LayerOpt, MethodOpt, ModelOptions, PromptChatOpt,
+                                       RecommendedOpt, SeedOpt, VectorsOpt, grouped)
+from steerstrength.cli.vectors import load_with_strength
+from steerstrength.config import USE
 from steerstrength.errors import InputError
-
-LayerOpt = typer.Option(None, "--layer", "-l", help="The layer to steer; default: the file's only layer.")
 
 
 def pick_layer(sv, layer: Optional[int]) -> int:
@@ -49,6 +50,39 @@ def strengths(sv, layer: int, alpha: Optional[str], unit: str, method: Optional[
                                                                         for e in entries]
 
 
+@dataclass
+class SamplingOptions:
+    """How `generate` samples; not given: config.USE's."""
+
+    completions: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+
+    def settings(self):
+        """metrics.concept.SamplingSettings, checked (one line for a bad value)."""
+        from steerstrength.metrics.concept import SamplingSettings
+        from steerstrength.prompts import check_sampling
+
+        check_at_least(("--n", self.completions, 1), ("--max-new-tokens", self.max_new_tokens, 1))
+        settings = SamplingSettings(max_new_tokens=self.max_new_tokens or USE.max_new_tokens,
+                                    temperature=USE.temperature if self.temperature is None else self.temperature,
+                                    top_p=USE.top_p if self.top_p is None else self.top_p, top_k=USE.top_k)
+        check_sampling(1, settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k, 1)
+        return settings
+
+
+SAMPLING = Group(SamplingOptions, dict(
+    completions=typer.Option(None, "--n", help="Completions per prompt and alpha (default 1)."),
+    max_new_tokens=typer.Option(None, "--max-new-tokens", help="default 48."),
+    temperature=typer.Option(None, "--temperature", help="default 1.0."),
+    top_p=typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.9; 1 = off)."),
+    seed=SeedOpt("Base seed; the same for every alpha (default 0).", default=None),
+))
+
+
+@grouped
 def generate(
     prompts: List[str] = typer.Argument(..., help="One or more prompts (the chat template wraps them when the model "
                                         "has one)."),
@@ -56,41 +90,27 @@ def generate(
     layer: Optional[int] = LayerOpt,
     alpha: Optional[str] = typer.Option(None, "--alpha", "-a", help="Strengths, comma-separated, e.g. 0,0.25,0.5,1 "
                                         "(in --alpha-unit); default with --recommended: 0 and each method's alpha."),
-    alpha_unit: Optional[str] = GridUnitOpt,
+    alpha_unit: Optional[str] = AlphaUnitOpt(),
     recommended: Optional[Path] = RecommendedOpt,
     method: Optional[str] = MethodOpt,
-    completions: Optional[int] = typer.Option(None, "--n", help="Completions per prompt and alpha (default 1)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="default 48."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="default 1.0."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.9; 1 = off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Base seed; the same for every alpha (default 0)."),
+    sampling: SamplingOptions = SAMPLING,
     chat: Optional[bool] = PromptChatOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (one object per line) for scripts."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="With one alpha and --n 1: print tokens as they "
                                 "come."),
-    model: Optional[str] = ModelOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    blocks_path: Optional[str] = BlocksPathOpt,
+    model: ModelOptions = MODEL,
 ) -> None:
     """Steered completions side by side, one column per alpha, each with its per-token KL to the unsteered model and
     the degeneration flag; all alphas in one batched generation, seeded."""
     import dataclasses
 
-    from steerstrength.config import USE
     from steerstrength.grid import check_unit
-    from steerstrength.metrics.concept import SamplingSettings
-    from steerstrength.prompts import check_sampling
     from steerstrength.use import generate_completions
 
     unit = check_unit(alpha_unit or USE.alpha_unit)
     if alpha_unit is not None and alpha is None:
         raise InputError("--alpha-unit says the unit of --alpha; the recommended alphas are the run's own (raw)")
-    check_at_least(("--n", completions, 1), ("--max-new-tokens", max_new_tokens, 1))
-    settings = SamplingSettings(max_new_tokens=max_new_tokens or USE.max_new_tokens,
-                                temperature=USE.temperature if temperature is None else temperature,
-                                top_p=USE.top_p if top_p is None else top_p, top_k=USE.top_k)
-    check_sampling(1, settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k, 1)
+    settings = sampling.settings()
     if any(not p.strip() for p in prompts):
         raise InputError("a prompt is empty; give non-empty prompts")
     if method is not None and recommended is None:
@@ -98,17 +118,18 @@ def generate(
     sv = load_with_strength(vectors, recommended)
     layer = pick_layer(sv, layer)
     alphas, unit, labels = strengths(sv, layer, alpha, unit, method)
-    lm = load(model, dtype=dtype, device=device, blocks_path=blocks_path)
+    lm = model.load()
     sv.check(lm)
     fp = sv.meta.get("model_fingerprint")
     if fp and fp != lm.fingerprint():
         log(f"warning: {vectors} was made with model {sv.meta.get('model')!r} (fingerprint {fp}), not {lm.name}")
     vec = sv.select([layer], lm)[0]
     settings = dataclasses.replace(settings, chat=lm.has_chat_template if chat is None else chat)
-    n = USE.completions if completions is None else completions
+    n = USE.completions if sampling.completions is None else sampling.completions
     if stream and not as_json and len(alphas) == 1 and n == 1:
-        return _stream(lm, vec, prompts, alphas[0], unit, settings, seed)
-    frame = generate_completions(lm, vec, prompts, alphas, unit=unit, completions=n, settings=settings, seed=seed)
+        return _stream(lm, vec, prompts, alphas[0], unit, settings, sampling.seed)
+    frame = generate_completions(lm, vec, prompts, alphas, unit=unit, completions=n, settings=settings,
+                                 seed=sampling.seed)
     if as_json:
         for row in frame.to_dict(orient="records"):
             print(json.dumps(row, default=float))
@@ -159,6 +180,7 @@ def _table(frame, alphas, unit, labels, vec) -> None:
     Console().print(table)
 
 
+@grouped
 def serve(
     run: Optional[Path] = typer.Argument(None, help="A run directory: its vectors, model, recommended alphas, fluent "
                                          "ranges and concept curves."),
@@ -167,20 +189,19 @@ def serve(
     recommended: Optional[Path] = RecommendedOpt,
     port: Optional[int] = typer.Option(None, "--port", help="Port on 127.0.0.1 (default 8765); the page is never "
                                        "served on another interface."),
-    model: Optional[str] = ModelOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    blocks_path: Optional[str] = BlocksPathOpt,
+    model: ModelOptions = MODEL,
 ) -> None:
     """A local page to steer live: pick a vector, type a prompt, move alpha (residual units) and watch the next-token
     distribution and sampled completions change."""
+    import dataclasses
+
     from steerstrength.serve import serve as run_server
     from steerstrength.serve import steerable
 
     if port is not None and not 1 <= port <= 65535:
         raise InputError(f"--port must be in 1..65535, not {port}")
     files = list(vectors or [])
-    spec = model
+    spec = model.model
     if run is not None:
         if not run.is_dir():
             raise InputError(f"run directory {run} does not exist; give a run made by `steerstrength run`, or -v FILE")
@@ -194,6 +215,6 @@ def serve(
             spec = build_config("demo", str(run / "config.toml")).model.spec
     if not files:
         raise InputError("give a run directory or a vector file (-v FILE)")
-    lm = load(spec, dtype=dtype, device=device, blocks_path=blocks_path)
+    lm = dataclasses.replace(model, model=spec).load()
     s = steerable(lm, files, run, recommended)
     run_server(s, port, print_fn=log)

@@ -2,43 +2,68 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from steerstrength.cli.common import (DeviceOpt, DtypeOpt, check_at_least, check_seed, console, load, log,
-                                      progress_bar, refuse_given)
+from steerstrength.cli.common import check_at_least, check_seed, console, log, progress_bar, refuse_given
+from steerstrength.cli.options import (AlphaUnitOpt, Group, MethodOpt, ModelOptions, OutOpt, PresetOpt, RecommendedOpt,
+                                       SectionOptions, SeedOpt, TextsOptions, grouped, model_group, section_group,
+                                       texts_group)
+from steerstrength.config import PromptsConfig, RunConfig
 from steerstrength.errors import InputError
 
 app = typer.Typer()
 
 
+_PROMPTS = PromptsConfig()
+_RUN = RunConfig()
+
+
+@dataclass
+class PromptSampling:
+    """How `steerstrength prompts` samples P and N (config.PromptsConfig's keys)."""
+
+    n: int = _PROMPTS.n
+    max_new_tokens: int = _PROMPTS.max_new_tokens
+    temperature: float = _PROMPTS.temperature
+    top_p: float = _PROMPTS.top_p
+    top_k: int = _PROMPTS.top_k
+    seed: int = _RUN.seed
+    batch_size: int = 8  # a CPU-sized batch; a run's prompts.batch_size is larger
+
+
+PROMPT_SAMPLING = Group(PromptSampling, dict(
+    n=typer.Option(_PROMPTS.n, "--n", help="Number of texts to sample (empty ones are dropped and counted)."),
+    max_new_tokens=typer.Option(_PROMPTS.max_new_tokens, "--max-new-tokens", help="New tokens per text at most."),
+    temperature=typer.Option(_PROMPTS.temperature, "--temperature"),
+    top_p=typer.Option(_PROMPTS.top_p, "--top-p", help="Nucleus sampling mass; 1 turns it off."),
+    top_k=typer.Option(_PROMPTS.top_k, "--top-k", help="Top-k sampling; 0 turns it off."),
+    seed=SeedOpt("Base seed; each text gets its own seed, recorded in its row."),
+    batch_size=typer.Option(PromptSampling.batch_size, "--batch-size"),
+))
+
+
 @app.command("prompts")
+@grouped
 def prompts(
     ctx: typer.Context,
     concept: str = typer.Option(..., "--concept", "-c", help="The concept, e.g. joy (the paper's 8: docs/vectors.md)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output JSONL: one row per text."),
+    out: Path = OutOpt("Output JSONL: one row per text.", default=...),
     kind: str = typer.Option("positive", "--kind", help="positive (P) or negative (N)."),
-    setting: str = typer.Option("contrastive", "--setting",
+    setting: str = typer.Option(_RUN.setting, "--setting",
                                 help="For N: contrastive (opposite concept) or random (samples from BOS)."),
-    n: int = typer.Option(500, "--n", help="Number of texts to sample (empty ones are dropped and counted)."),
-    max_new_tokens: int = typer.Option(300, "--max-new-tokens", help="New tokens per text at most."),
-    temperature: float = typer.Option(1.0, "--temperature"),
-    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass; 1 turns it off."),
-    top_k: int = typer.Option(0, "--top-k", help="Top-k sampling; 0 turns it off."),
-    seed: int = typer.Option(0, "--seed", help="Base seed; each text gets its own seed, recorded in its row."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    sampling: PromptSampling = PROMPT_SAMPLING,
     opposite: Optional[str] = typer.Option(None, "--opposite",
                                            help="Opposite concept for contrastive N; default: ask the generator."),
     generator: Optional[str] = typer.Option(None, "--generator", help="Instruct model writing P and contrastive N; "
                                             "default: --model, else the embedded model."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="The model to be steered: random N is sampled from it."),
     from_file: Optional[Path] = typer.Option(None, "--from-file", help="Use your own texts (JSONL with 'text', "
                                              "or one per line) instead of generating."),
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
+    model: ModelOptions = model_group("The model to be steered: random N is sampled from it."),
 ) -> None:
     """Write a prompt set (P, or N contrastive / random) as JSONL."""
     from steerstrength.io import check_output_file, write_jsonl
@@ -46,7 +71,7 @@ def prompts(
                                        rows_from_texts)
 
     concept = check_concept(concept)
-    check_seed(seed)
+    check_seed(sampling.seed)
     check_output_file(out, example=f"{concept}.{kind}.jsonl")
     if kind not in KINDS:
         raise InputError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -60,24 +85,25 @@ def prompts(
         write_jsonl(out, rows_from_texts(texts, concept, kind, row_setting))
         log(f"wrote {len(texts)} texts from {from_file} to {out}")
         return
-    check_sampling(n, max_new_tokens, temperature, top_p, top_k, batch_size)
+    s = sampling
+    check_sampling(s.n, s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.batch_size)
     random_n = kind == "negative" and setting == "random"
-    if random_n and generator is not None and model is None:
+    if random_n and generator is not None and model.model is None:
         raise InputError("the random setting samples from the model to be steered: pass it with --model, "
                          "not --generator")
-    spec = model if random_n else (generator if generator is not None else model)
-    lm = load(spec, dtype=dtype, device=device)
+    spec = model.model if random_n else (generator if generator is not None else model.model)
+    lm = dataclasses.replace(model, model=spec).load()
     what = "P" if kind == "positive" else f"N ({setting})"
-    with progress_bar(f"{what} for {concept}", n) as advance:
-        rows = generate_prompts(lm, concept, kind, n, setting=setting, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size,
-                                opposite=opposite, progress=advance)
+    with progress_bar(f"{what} for {concept}", s.n) as advance:
+        rows = generate_prompts(lm, concept, kind, s.n, setting=setting, max_new_tokens=s.max_new_tokens,
+                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+                                batch_size=s.batch_size, opposite=opposite, progress=advance)
     if len(rows) < 1:
-        raise InputError(f"all {n} sampled texts were empty; raise --max-new-tokens or change the generator")
+        raise InputError(f"all {s.n} sampled texts were empty; raise --max-new-tokens or change the generator")
     write_jsonl(out, rows)
     stopped = sum(r["finish"] == "stop" for r in rows)
     note = f"; opposite: {rows[0]['opposite']} ({rows[0]['opposite_source']})" if "opposite" in rows[0] else ""
-    log(f"wrote {len(rows)} texts to {out} ({n - len(rows)} empty dropped, {stopped} ended at EOS, "
+    log(f"wrote {len(rows)} texts to {out} ({s.n - len(rows)} empty dropped, {stopped} ended at EOS, "
         f"{len(rows) - stopped} at --max-new-tokens){note}")
 
 
@@ -112,15 +138,13 @@ def print_norms(sv) -> None:
 vectors_app = typer.Typer(help="Difference-of-means steering vectors (Eq. 3); `vectors scan` finds the layer.")
 
 
-def _texts(concept: Optional[str], positive: Optional[Path], negative: Optional[Path]):
+def _texts(concept: Optional[str], texts: TextsOptions):
     """(P rows, N rows, held-out P, held-out N): the user's files, or the concept's curated training pairs."""
     from steerstrength.prompts import curated_concepts, curated_texts, load_prompts, rows_from_texts
 
-    if (positive is None) != (negative is None):
-        raise InputError("give both --positive and --negative, or neither (then --concept's curated pairs are used)")
-    if positive is not None:
-        return (load_prompts(positive, what="positive prompt file"), load_prompts(negative, what="negative prompt file"),
-                None, None)
+    if texts.given("give both --positive and --negative, or neither (then --concept's curated pairs are used)"):
+        return (load_prompts(texts.positive, what="positive prompt file"),
+                load_prompts(texts.negative, what="negative prompt file"), None, None)
     if not concept:
         raise InputError("give --positive and --negative files, or --concept NAME for the curated pairs "
                          f"({', '.join(curated_concepts())})")
@@ -129,47 +153,39 @@ def _texts(concept: Optional[str], positive: Optional[Path], negative: Optional[
     return pos, neg, curated_texts(concept, "positive", "heldout"), curated_texts(concept, "negative", "heldout")
 
 
-def _section(preset: str, **given):
-    """The preset's vectors section (config.py: the only defaults) with the options the user gave."""
-    import dataclasses
-
-    from steerstrength.config import preset as run_preset
-
-    return dataclasses.replace(run_preset(preset).vectors, **{k: v for k, v in given.items() if v is not None})
-
-
-PresetOpt = typer.Option("demo", "--preset", help="Where the defaults come from: that preset's vectors section "
-                                                  "(`steerstrength config show --preset NAME`).")
+VectorsPresetOpt = PresetOpt("Where the defaults come from: that preset's vectors section (`steerstrength config show "
+                             "--preset NAME`).")
+VectorsModel = model_group("The model to be steered (HF id, directory, .gguf, embedded name).")
+VECTORS = section_group(
+    "vectors",
+    resamples=typer.Option(None, "--resamples", help="K bootstrap resamples of P and N, for error bars (default 0)."),
+    normalize=typer.Option(None, "--normalize/--no-normalize", help="Scale each vector to unit norm; default: the "
+                           "preset's vectors.normalize."),
+    skip_first_token=typer.Option(None, "--skip-first-token/--no-skip-first-token",
+                                  help="Leave position 0 (attention sink) out of each text's average."),
+    batch_size=typer.Option(None, "--batch-size", help="Texts per forward (default 8)."),
+    max_length=typer.Option(None, "--max-length", help="Truncate each text to this many tokens."),
+)
 
 
 @vectors_app.callback(invoke_without_command=True)
+@grouped
 def vectors(
     ctx: typer.Context,
-    positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P: JSONL with a 'text' field, or one text "
-                                            "per line; default: --concept's curated training texts."),
-    negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N: same formats (contrastive or random)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .safetensors."),
-    layers: str = typer.Option("middle", "--layers", "-l", help="e.g. 5,15,25, early/middle/late, 'all', or 'auto' "
-                               "(the layer scan's pick, plus any others listed: auto,middle)."),
-    resamples: Optional[int] = typer.Option(None, "--resamples", help="K bootstrap resamples of P and N, for error "
-                                                                      "bars (default 0)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
-    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Scale each vector to unit norm; "
-                                             "default: the preset's vectors.normalize."),
-    skip_first_token: Optional[bool] = typer.Option(None, "--skip-first-token/--no-skip-first-token",
-                                          help="Leave position 0 (attention sink) out of each text's average."),
+    texts: TextsOptions = texts_group("P: JSONL with a 'text' field, or one text per line; default: --concept's "
+                                      "curated training texts.", "N: same formats (contrastive or random)."),
+    out: Optional[Path] = OutOpt("Output .safetensors.", default=None),
+    layers: str = typer.Option(_RUN.layers[0], "--layers", "-l", help="e.g. 5,15,25, early/middle/late, 'all', or "
+                               "'auto' (the layer scan's pick, plus any others listed: auto,middle)."),
+    section: SectionOptions = VECTORS,
+    seed: int = SeedOpt("Seed of the bootstrap."),
     gguf_out: Optional[Path] = typer.Option(None, "--gguf-out",
                                             help="Also write a llama.cpp control vector (layers >= 1)."),
     concept: Optional[str] = typer.Option(None, "--concept", help="Without -p/-n: use this concept's curated pairs; "
                                           "recorded in the metadata (default: from P's rows)."),
     setting: Optional[str] = typer.Option(None, "--setting", help="Recorded in the metadata; default: from N's rows."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Texts per forward (default 8)."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Truncate each text to this many tokens."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="The model to be steered (HF id, directory, .gguf, embedded name)."),
-    preset: str = PresetOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
+    model: ModelOptions = VectorsModel,
+    preset: str = VectorsPresetOpt,
 ) -> None:
     """Difference-of-means steering vectors (Eq. 3) from P and N, one per layer."""
     from steerstrength.io import check_output_file
@@ -186,12 +202,12 @@ def vectors(
         if gguf_out.resolve() == out.resolve():
             raise InputError(f"--out and --gguf-out are both {out}; the second file would replace the first: give "
                              "the GGUF another name (e.g. vectors.gguf)")
-    check_at_least(("--resamples", resamples, 0), ("--batch-size", batch_size, 1), ("--max-length", max_length, 2))
+    check_at_least(("--resamples", section.resamples, 0), ("--batch-size", section.batch_size, 1),
+                   ("--max-length", section.max_length, 2))
     check_seed(seed)
-    section = _section(preset, resamples=resamples, skip_first_token=skip_first_token, normalize=normalize,
-                       batch_size=batch_size, max_length=max_length)
-    pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
-    lm = load(model, dtype=dtype, device=device)
+    _, sizes = section.of(preset)
+    pos_rows, neg_rows, held_pos, held_neg = _texts(concept, texts)
+    lm = model.load()
     items = [x.strip() for x in layers.split(",") if x.strip()]
     auto = "auto" in [x.lower() for x in items]
     rest = ",".join(x for x in items if x.lower() != "auto")
@@ -201,12 +217,12 @@ def vectors(
     label = concept or _common_field(pos_rows, "concept")
     scan = None
     if auto:
-        _, scan = scan_stage(lm, [r["text"] for r in pos_rows], [r["text"] for r in neg_rows], section,
+        _, scan = scan_stage(lm, [r["text"] for r in pos_rows], [r["text"] for r in neg_rows], sizes,
                              concept=label or "", heldout=(held_pos, held_neg), progress=progress_bar)
         log(f"the layer scan picks layer {scan.chosen} ({scan.rule})")
     if gguf_out is not None and sorted(set(chosen) | ({scan.chosen} if scan else set())) == [0]:
         raise InputError("llama.cpp cannot steer layer 0; pick layers >= 1 for --gguf-out")
-    sv = vectors_stage(lm, pos_rows, neg_rows, section, layers=chosen, concept=label or "",
+    sv = vectors_stage(lm, pos_rows, neg_rows, sizes, layers=chosen, concept=label or "",
                        setting=setting or _common_field(neg_rows, "setting") or "", seed=seed, scan=scan,
                        progress=progress_bar)
     save_vectors(sv, out, gguf_out)
@@ -215,19 +231,19 @@ def vectors(
 
 
 @vectors_app.command("scan")
+@grouped
 def scan(
     concept: Optional[str] = typer.Option(None, "--concept", "-c", help="Use this concept's curated pairs (held-out "
                                           "pairs for the separation), or label your files."),
-    positive: Optional[Path] = typer.Option(None, "--positive", "-p", help="P texts (every third is held out)."),
-    negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts."),
-    out: Path = typer.Option(Path("."), "--out", "-o", help="Output directory: layer_scan.parquet, .json, .png."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top tokens of LN(v) W^T checked against the log-odds "
-                                                              "M (default: vectors.scan_top_k, 50)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Texts per forward (default 8)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model to be steered."),
-    preset: str = PresetOpt,
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
+    texts: TextsOptions = texts_group("P texts (every third is held out).", "N texts."),
+    out: Path = OutOpt("Output directory: layer_scan.parquet, .json, .png."),
+    section: SectionOptions = section_group(
+        "vectors",
+        scan_top_k=typer.Option(None, "--top-k", help="Top tokens of LN(v) W^T checked against the log-odds M "
+                                "(default: vectors.scan_top_k, 50)."),
+        batch_size=VECTORS.options["batch_size"]),
+    model: ModelOptions = model_group("The model to be steered."),
+    preset: str = VectorsPresetOpt,
 ) -> None:
     """Score every layer for steering (one forward pass per text, no generation) and pick one: what --layers auto uses."""
     from rich.table import Table
@@ -238,13 +254,13 @@ def scan(
     from steerstrength.stages import scan_stage
 
     check_output_dir(out, names=("layer_scan.parquet", "layer_scan.json", "layer_scan.png", "layer_scan.pdf"))
-    pos_rows, neg_rows, held_pos, held_neg = _texts(concept, positive, negative)
-    lm = load(model, dtype=dtype, device=device)
+    pos_rows, neg_rows, held_pos, held_neg = _texts(concept, texts)
+    lm = model.load()
     label = concept or _common_field(pos_rows, "concept")
-    check_at_least(("--top-k", top_k, 1), ("--batch-size", batch_size, 1))
+    check_at_least(("--top-k", section.scan_top_k, 1), ("--batch-size", section.batch_size, 1))
     with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
         tables, result = scan_stage(lm, [r["text"] for r in pos_rows], [r["text"] for r in neg_rows],
-                                    _section(preset, scan_top_k=top_k, batch_size=batch_size), concept=label or "",
+                                    section.of(preset)[1], concept=label or "",
                                     heldout=(held_pos, held_neg), progress=progress_bar)
         write_result(out, tables)
         save_figure(fig_layer_scan(result.table, label), out, "layer_scan")
@@ -261,14 +277,6 @@ def scan(
     log(f"wrote {out / 'layer_scan.parquet'}, {out / 'layer_scan.json'} and {out / 'layer_scan.png'}")
 
 
-from steerstrength.cli.sweeps import GridUnitOpt  # noqa: E402  (the shared --alpha-unit)
-
-RecommendedOpt = typer.Option(None, "--recommended", help="A run directory or recommend.json: its recommended alphas "
-                               "and fluent range (concept stage) travel in the file's metadata.")
-MethodOpt = typer.Option(None, "--method", help="With --recommended and no --alpha: pre-scale at this method's alpha "
-                         "(default: the first one-alpha method: iso-kl, global, corpus curvature; else the first).")
-
-
 def load_with_strength(vectors_file: Path, recommended: Optional[Path]):
     """The vector file, its metadata carrying --recommended's alphas and fluent range when given (strength.py)."""
     from steerstrength.strength import strength_from, with_strength
@@ -279,6 +287,7 @@ def load_with_strength(vectors_file: Path, recommended: Optional[Path]):
 
 
 @app.command("export-gguf")
+@grouped
 def export_gguf(
     ctx: typer.Context,
     vectors_file: Path = typer.Argument(..., help="A .safetensors written by `steerstrength vectors`."),
@@ -286,15 +295,13 @@ def export_gguf(
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help="Layers to export (default: all >= 1)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Pre-scale the directions so that llama.cpp at scale "
                                           "1 steers at this alpha (in --alpha-unit)."),
-    alpha_unit: Optional[str] = GridUnitOpt,
+    alpha_unit: Optional[str] = AlphaUnitOpt(),
     recommended: Optional[Path] = RecommendedOpt,
     method: Optional[str] = MethodOpt,
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Check the vectors against this model first "
-                                        "(and measure r_l for --alpha-unit resid when the file lacks it)."),
     model_hint: Optional[str] = typer.Option(None, "--model-hint",
                                              help="controlvector.model_hint; default: the model type."),
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
+    model: ModelOptions = model_group("Check the vectors against this model first (and measure r_l for --alpha-unit "
+                                      "resid when the file lacks it)."),
 ) -> None:
     """Convert steering vectors to a llama.cpp control vector (direction.N = output of block N), with their strength."""
     from steerstrength.grid import check_unit
@@ -305,13 +312,13 @@ def export_gguf(
     from steerstrength.config import USE
 
     check_output_file(out, option="OUT", example="vectors.gguf")
-    if model is None:
+    if model.model is None:
         refuse_given(ctx, "no --model (they load the model the vectors are checked against)", ("dtype", "device"))
     alpha_unit = check_unit(alpha_unit or USE.alpha_unit)
     if method is not None and recommended is None:
         raise InputError("--method picks among --recommended's alphas; give --recommended RUN too")
     sv = load_with_strength(vectors_file, recommended)
-    lm = load(model, dtype=dtype, device=device) if model is not None else None
+    lm = model.load() if model.model is not None else None
     if lm is not None:
         sv.check(lm)
     chosen = sv.gguf_layers(None if layers is None else parse_layers(layers, max(sv.layers) + 1))

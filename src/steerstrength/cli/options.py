@@ -1,0 +1,322 @@
+"""Every option two commands share, declared once, and the option groups commands take them in.
+
+typer builds a command's options from its signature. A group is a parameter whose default is a `Group`: `grouped`
+puts the group's options into the command's signature in its place and hands the command one object built from
+them, so a command lists only what is its own. Defaults are None (the preset's config section decides) or read from
+config.py, the only home of defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from steerstrength.config import ModelConfig, RunConfig
+
+_MODEL = ModelConfig()
+_RUN = RunConfig()
+
+
+@dataclass(frozen=True)
+class Group:
+    """Options that travel together: `kind` is built from their values (keyword per option name)."""
+
+    kind: Callable[..., Any]
+    options: dict  # parameter name -> typer.Option, in the order --help lists them
+
+    def but(self, **options) -> "Group":
+        """The same group with some options said differently for one command (None: the command lacks it)."""
+        merged = {**self.options, **options}
+        return Group(self.kind, {name: opt for name, opt in merged.items() if opt is not None})
+
+    def fields(self) -> dict:
+        """{name: annotation} of the options, from the kind's fields (a section's: Optional, None is "not given")."""
+        hints = typing.get_type_hints(self.kind)
+        return {name: hints[name] for name in self.options}
+
+
+def grouped(command: Callable) -> Callable:
+    """The command with each Group-valued parameter replaced by the group's options (typer reads the signature);
+    called, it builds each group's object from them."""
+    signature = inspect.signature(command)
+    hints = typing.get_type_hints(command)
+    params, groups = [], {}
+    for p in signature.parameters.values():
+        if isinstance(p.default, Group):
+            groups[p.name] = p.default
+            params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hint)
+                       for (name, opt), hint in zip(p.default.options.items(), p.default.fields().values())]
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
+    names = [p.name for p in params]
+    assert len(names) == len(set(names)), f"{command.__name__}: an option is in two of its groups"
+
+    @functools.wraps(command)
+    def run(**given):
+        for name, group in groups.items():
+            values = {field: given.pop(field) for field in group.options}
+            given[name] = group.kind(**values)
+        return command(**given)
+
+    run.__signature__ = signature.replace(parameters=params)
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
+# --- the model -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelOptions:
+    """Which model, loaded how (config.ModelConfig)."""
+
+    model: Optional[str] = None
+    dtype: str = _MODEL.dtype
+    device: str = _MODEL.device
+    blocks_path: Optional[str] = None
+
+    def load(self):
+        from steerstrength.models import load_model
+
+        return load_model(self.model, dtype=self.dtype, device=self.device, blocks_path=self.blocks_path)
+
+
+def ModelOpt(help: str = "HF id, model directory, .gguf file or embedded name.") -> Any:
+    return typer.Option(None, "--model", "-m", help=help)
+
+
+DtypeOpt = typer.Option(_MODEL.dtype, "--dtype", help="float32 (reference), bfloat16 or float16.")
+DeviceOpt = typer.Option(_MODEL.device, "--device", help="auto, cpu, cuda, cuda:N or mps.")
+BlocksPathOpt = typer.Option(None, "--blocks-path", help="Dotted path of the decoder blocks, for unknown architectures.")
+MODEL = Group(ModelOptions, dict(model=ModelOpt(), dtype=DtypeOpt, device=DeviceOpt, blocks_path=BlocksPathOpt))
+
+
+def model_group(help: str) -> Group:
+    """A command that loads a model with no --blocks-path (P / N texts, vectors): --model said its own way."""
+    return MODEL.but(model=ModelOpt(help), blocks_path=None)
+
+
+# --- what is steered -------------------------------------------------------------------------------------------------
+
+@dataclass
+class SteeredOptions:
+    """The vectors, the layers steered, how (positions, raw or unit v), and the labels of the rows."""
+
+    vectors: Optional[Path] = None
+    layers: Optional[str] = None
+    positions: str = _RUN.positions
+    normalize: bool = False
+    concept: Optional[str] = None
+    setting: Optional[str] = None
+
+
+VectorsOpt = typer.Option(..., "--vectors", "-v", help="Steering vectors (.safetensors from `steerstrength vectors`).")
+LayerOpt = typer.Option(None, "--layer", "-l", help="The layer to steer; default: the file's only layer.")
+STEERED = Group(SteeredOptions, dict(
+    vectors=VectorsOpt,
+    layers=typer.Option(None, "--layers", "-l", help="e.g. 15 or 5,15,25, 'middle', 'all'; default: every layer in "
+                                                     "the vector file."),
+    positions=typer.Option(_RUN.positions, "--positions", help="Steer all positions or only the last one."),
+    normalize=typer.Option(False, "--normalize", help="Steer with v / ||v|| instead of the raw vector."),
+    concept=typer.Option(None, "--concept", help="Concept label; default: from the vector file."),
+    setting=typer.Option(None, "--setting", help="Setting label (random / contrastive); default: from the vector file."),
+))
+
+
+# --- the contexts a next-token sweep reads ----------------------------------------------------------------------------
+
+@dataclass
+class ContextOptions:
+    contexts: Optional[Path] = None
+    n_contexts: Optional[int] = None
+    chat: bool = False
+
+
+CONTEXTS = Group(ContextOptions, dict(
+    contexts=typer.Option(None, "--contexts", help="Contexts: JSONL with 'text' (and optional 'id'), or one per line; "
+                                                   "default: 44 neutral + the concept's 4 built-in contexts."),
+    n_contexts=typer.Option(None, "--n-contexts", help="Keep the first N contexts (of the built-in ones, half the "
+                                                       "concept's own); default: all of --contexts, or the preset's "
+                                                       "count of the built-in ones."),
+    chat=typer.Option(False, "--chat", help="Wrap contexts in the model's chat template."),
+))
+
+
+# --- the alpha grid ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class GridOptions:
+    """--alphas, else a linspace over the preset's section (grid.AlphaGrid.from_options), in --alpha-unit."""
+
+    alpha_min: Optional[float] = None
+    alpha_max: Optional[float] = None
+    n_alphas: Optional[int] = None
+    alphas: Optional[str] = None
+    alpha_unit: Optional[str] = None
+
+
+def AlphaMaxOpt(help: str) -> Any:
+    return typer.Option(None, "--alpha-max", help=help)
+
+
+def NAlphasOpt(help: str = "linspace points (0 is added); default: the preset's.") -> Any:
+    return typer.Option(None, "--n-alphas", help=help)
+
+
+def AlphasOpt(help: str = "Explicit comma-separated alphas (overrides the linspace), e.g. --alphas=-5,0,5.") -> Any:
+    return typer.Option(None, "--alphas", help=help)
+
+
+def AlphaUnitOpt(help: str = "raw: alpha multiplies the stored vector; resid: the added alpha * v has alpha times the "
+                             "layer's median residual norm (the same strength at any layer); default: the preset's "
+                             "(resid). Tables carry both columns.") -> Any:
+    return typer.Option(None, "--alpha-unit", help=help)
+
+
+def grid_group(section: str) -> Group:
+    """The grid of a sweep whose defaults are the preset's `section` (its alpha_max and n_alphas)."""
+    return Group(GridOptions, dict(
+        alpha_min=typer.Option(None, "--alpha-min", help="default: -alpha_max."),
+        alpha_max=AlphaMaxOpt(f"default: the preset's {section}.alpha_max."),
+        n_alphas=NAlphasOpt(),
+        alphas=AlphasOpt(),
+        alpha_unit=AlphaUnitOpt(),
+    ))
+
+
+# --- texts: P and N, and the prompts a generation stage steers --------------------------------------------------------
+
+@dataclass
+class TextsOptions:
+    """P and N text files (JSONL 'text' or one per line): both or neither."""
+
+    positive: Optional[Path] = None
+    negative: Optional[Path] = None
+
+    def given(self, refusal: str = "give both --positive and --negative (P and N texts), or neither") -> bool:
+        if (self.positive is None) != (self.negative is None):
+            from steerstrength.errors import InputError
+
+            raise InputError(refusal)
+        return self.positive is not None
+
+    def read(self, what: str, min_count: int = 1) -> tuple[Optional[list[str]], Optional[list[str]]]:
+        """(P texts, N texts), or (None, None) when neither file is given."""
+        if not self.given():
+            return None, None
+        return (read_texts(self.positive, f"positive {what}", min_count),
+                read_texts(self.negative, f"negative {what}", min_count))
+
+
+def texts_group(positive_help: str, negative_help: str = "N texts, same formats.", required: bool = False) -> Group:
+    return Group(TextsOptions, dict(
+        positive=typer.Option(... if required else None, "--positive", "-p", help=positive_help),
+        negative=typer.Option(... if required else None, "--negative", "-n", help=negative_help)))
+
+
+def read_texts(path: Optional[Path], what: str, min_count: int = 1) -> Optional[list[str]]:
+    """The 'text' of each row of a user's file (io.read_texts), or None without a file."""
+    from steerstrength.io import read_texts as read_rows
+
+    return [r["text"] for r in read_rows(path, min_count=min_count, what=what)] if path else None
+
+
+@dataclass
+class PromptOptions:
+    """The prompts steered generations start from: a user's file, used whole, or the preset's count of the neutral
+    evaluation prompts (training half), as `steerstrength run` takes them."""
+
+    prompts: Optional[Path] = None
+    n_prompts: Optional[int] = None
+    chat: Optional[bool] = None
+
+    def texts(self, preset_n: int) -> list[str]:
+        from steerstrength.prompts import evaluation_prompts
+
+        given = read_texts(self.prompts, "prompt file")
+        keep = self.n_prompts if self.n_prompts is not None else (preset_n if given is None else None)
+        return (given or evaluation_prompts("train"))[:keep]
+
+
+PromptChatOpt = typer.Option(None, "--chat/--no-chat", help="Chat template on prompts; default: on for chat models.")
+
+
+def prompts_group(prompts_help: str, n_prompts_help: str) -> Group:
+    return Group(PromptOptions, dict(prompts=typer.Option(None, "--prompts", help=prompts_help),
+                                     n_prompts=typer.Option(None, "--n-prompts", help=n_prompts_help),
+                                     chat=PromptChatOpt))
+
+
+# --- a config section's own options ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SectionOptions:
+    """A config section's options as given: each name is the section's field, None when not given."""
+
+    name: str
+    given: dict
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["given"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def of(self, preset: str, **more):
+        """(the preset's RunConfig, its section `name` with these options and `more` where given)."""
+        return preset_section(preset, self.name, **self.given, **more)
+
+
+def section_group(name: str, **options) -> Group:
+    """Options that override fields of the config section `name` (each parameter named as the field)."""
+    hints = typing.get_type_hints(getattr(RunConfig(), name).__class__)
+
+    def build(**given) -> SectionOptions:
+        return SectionOptions(name, given)
+
+    build.__annotations__ = {field: Optional[_unoptional(hints[field])] for field in options}
+    return Group(build, options)
+
+
+def _unoptional(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def preset_section(preset: str, name: str, **given):
+    """The preset's config section `name` (config.py: the only defaults) with the options the user gave (not None)."""
+    from steerstrength.config import preset as run_preset
+
+    cfg = run_preset(preset)
+    return cfg, dataclasses.replace(getattr(cfg, name), **{k: v for k, v in given.items() if v is not None})
+
+
+# --- single options several commands take -------------------------------------------------------------------------------
+
+def PresetOpt(help: str = "Where the defaults come from: that preset's section of `steerstrength config show "
+                          "--preset NAME` (demo or paper).") -> Any:
+    return typer.Option("demo", "--preset", help=help)
+
+
+def OutOpt(help: str = "Output directory.", default: Any = Path(".")) -> Any:
+    return typer.Option(default, "--out", "-o", help=help)
+
+
+def SeedOpt(help: Optional[str] = None, default: Any = _RUN.seed) -> Any:
+    return typer.Option(default, "--seed", help=help)
+
+
+ControlsOpt = typer.Option(None, "--controls", help="Random directions of v's norm, orthogonal to v, steered beside "
+                                                   "each vector (rows with direction random-0, ...), as a run steers "
+                                                   "controls.n_random of them; default: the preset's "
+                                                   "controls.n_sweep (0: v alone).")
+RecommendedOpt = typer.Option(None, "--recommended", help="A run directory or recommend.json: its recommended alphas "
+                               "and fluent range (concept stage) travel in the file's metadata.")
+MethodOpt = typer.Option(None, "--method", help="With --recommended and no --alpha: pre-scale at this method's alpha "
+                         "(default: the first one-alpha method: iso-kl, global, corpus curvature; else the first).")
