@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from steerstrength.cli.options import ContextOptions, GridOptions, ModelOptions, SteeredOptions
+from steerstrength.cli.options import ContextOptions, GridOptions, ModelOptions, SteeredOptions, SweepRun, grouped
 
 console = Console(stderr=True)
 state = {"quiet": False}
@@ -74,9 +74,13 @@ def log(message: str) -> None:
     console.print(escape(message), highlight=False, soft_wrap=True)
 
 
-def done(paths, start: float, what: str = "") -> None:
-    log(f"wrote {', '.join(str(p) for p in paths)}{' (' + what + ')' if what else ''} "
-        f"in {time.perf_counter() - start:.1f} s")
+def sweep_command(name: str):
+    """`steerstrength sweep NAME`, its option groups spliced in (options.grouped)."""
+    return lambda command: sweep_app.command(name)(grouped(command))
+
+
+def done(paths, run: SweepRun, what: str = "") -> None:
+    log(f"wrote {', '.join(str(p) for p in paths)}{' (' + what + ')' if what else ''} in {run.seconds():.1f} s")
 
 
 def grid_size(grid: GridOptions, n_alphas: int) -> int:

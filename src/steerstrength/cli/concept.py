@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from steerstrength.cli.common import Steering, check_at_least, check_seed, command_grid, console, load, log, \
-    progress_bar, sweep_app
-from steerstrength.cli.options import (MODEL, STEERED, AlphaMaxOpt, AlphaUnitOpt, ControlsOpt, GridOptions, ModelOptions,
-                                       OutOpt, PresetOpt, PromptOptions, SectionOptions, SeedOpt, SteeredOptions,
-                                       TextsOptions, grid_group, grouped, prompts_group, section_group, texts_group)
+    progress_bar, sweep_command
+from steerstrength.cli.options import (MODEL, STEERED, SWEEP, AlphaMaxOpt, AlphaUnitOpt, GridOptions, ModelOptions,
+                                       PresetOpt, PromptOptions, SectionOptions, SeedOpt, SteeredOptions, SweepRun,
+                                       TextsOptions, grid_group, prompts_group, section_group, texts_group)
 from steerstrength.errors import InputError
 
 
@@ -64,8 +63,7 @@ CONCEPT = section_group(
 )
 
 
-@sweep_app.command("concept")
-@grouped
+@sweep_command("concept")
 def sweep_concept(
     steered: SteeredOptions = STEERED,
     judge: Optional[List[str]] = typer.Option(None, "--judge", "-j", help="probe (calibrated), llm, lexicon or "
@@ -77,8 +75,6 @@ def sweep_concept(
     prompts: PromptOptions = prompts_group("Prompts (JSONL 'text' or one per line); default: the 32 neutral "
                                            "evaluation prompts (training half).",
                                            "Use the first N prompts; default: the preset's."),
-    preset: str = PresetOpt(f"Sizes: the concept section of `steerstrength run --preset NAME` (config.py): demo "
-                            f"({_preset_sizes('demo')}) or paper ({_preset_sizes('paper')})."),
     grid: GridOptions = grid_group("concept").but(
         alpha_min=typer.Option(None, "--alpha-min", help="default: the preset's (-concept.alpha_max)."),
         alpha_max=AlphaMaxOpt("default: the preset's (concept.alpha_max)."),
@@ -87,28 +83,25 @@ def sweep_concept(
     sizes: SectionOptions = CONCEPT,
     seed: int = SeedOpt("Completion seeds derive from (seed, prompt, index), shared across alphas; the random "
                         "directions (--controls) derive from it too."),
-    controls: Optional[int] = ControlsOpt,
-    out: Path = OutOpt(),
+    run: SweepRun = SWEEP.but(preset=PresetOpt(f"Sizes: the concept section of `steerstrength run --preset NAME` "
+                                               f"(config.py): demo ({_preset_sizes('demo')}) or paper "
+                                               f"({_preset_sizes('paper')}).")),
     model: ModelOptions = MODEL,
 ) -> None:
     """Concept probability in sampled steered completions, judged (Sec. 5, Thm 3.6): concept_*.parquet, concept.json."""
     from steerstrength.grid import check_unit
-    from steerstrength.io import check_output_dir
     from steerstrength.judges import check_judge_name, make_judge
-    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import concept_stage, judge_texts
 
-    start = time.perf_counter()
     check_at_least(("--n-prompts", prompts.n_prompts, 1), ("--completions", sizes.completions, 1),
                    ("--max-new-tokens", sizes.max_new_tokens, 1), ("--n-alphas", grid.n_alphas, 1),
                    ("--batch-size", sizes.batch_size, 1))
     check_seed(seed)
     # One preset system: the run's concept section, so `sweep concept` and `run` measure the same sizes.
-    cfg, size = sizes.of(preset, n_prompts=prompts.n_prompts, chat=prompts.chat)
+    cfg, size = sizes.of(run.preset, n_prompts=prompts.n_prompts, chat=prompts.chat)
     unit = check_unit(grid.alpha_unit or cfg.alpha_unit)
     alphas = command_grid(grid, section=size, cfg=cfg, unit=unit, zero=False)
-    check_output_dir(out, names=("concept_completions.jsonl", "concept_scores.parquet", "concept_curve.parquet",
-                                 "concept.json"))
+    run.check_out("concept_completions.jsonl", "concept_scores.parquet", "concept_curve.parquet", "concept.json")
     for name in judge or []:
         check_judge_name(name)
     pos, neg = texts.read("text file", min_count=2)
@@ -131,16 +124,16 @@ def sweep_concept(
         judge_lm = st.model if judge_model is None else load(judge_model, dtype=model.dtype, device=model.device)
     judges = [make_judge(name, model=judge_lm, device="cpu" if str(st.model.device) == "cpu" else str(st.model.device))
               for name in judge]
-    with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
-        result = concept_stage(st.model, st.steered(cfg, controls, seed), size, prompts=prompt_list, labels=st.labels,
+    with run.folder():
+        result = concept_stage(st.model, st.steered(cfg, run.controls, seed), size, prompts=prompt_list, labels=st.labels,
                                positions=steered.positions, grid=alphas, judges=judges, judge_model=judge_lm, positive=pos,
                                negative=neg, seed=seed, progress=progress_bar, on_vector=_concept_table)
-        header = st.header(start, metric="concept_probability", preset=preset, judges=list(judge),
+        header = st.header(run.start, metric="concept_probability", preset=run.preset, judges=list(judge),
                            judge_model=judge_lm.name if judge_lm is not None else None,
                            sizes=dict(n_alphas=len(alphas), n_prompts=len(prompt_list), completions=size.completions,
                                       max_new_tokens=size.max_new_tokens))
-        paths = write_result(out, result, extra=header)
-    log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")
+        paths = run.write(result, header)
+    log(f"wrote {', '.join(str(p) for p in paths)} ({run.seconds():.1f} s)")
 
 
 def _mmlu_table(summary: dict) -> None:
@@ -171,8 +164,7 @@ MMLU = section_group(
 )
 
 
-@sweep_app.command("mmlu")
-@grouped
+@sweep_command("mmlu")
 def sweep_mmlu(
     steered: SteeredOptions = STEERED,
     source: Optional[str] = typer.Option(None, "--source", help="mmlu (the packaged MMLU test set; the preset's "
@@ -187,23 +179,18 @@ def sweep_mmlu(
                                                                     "mmlu.subjects with its source, else every subject."),
     mmlu: SectionOptions = MMLU,
     grid: GridOptions = grid_group("mmlu"),
-    controls: Optional[int] = ControlsOpt,
-    preset: str = PresetOpt(),
-    out: Path = OutOpt(),
+    run: SweepRun = SWEEP,
     model: ModelOptions = MODEL,
 ) -> None:
     """MMLU accuracy against alpha by answer-letter likelihood (App. A, Fig. A.6): mmlu.parquet, mmlu_questions.parquet."""
     from steerstrength.grid import check_unit
-    from steerstrength.io import check_output_dir
-    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import mmlu_questions, mmlu_stage
 
-    start = time.perf_counter()
     check_at_least(("--token-budget", mmlu.token_budget, 1), ("--k-shots", mmlu.k_shot, 0),
                    ("--limit", mmlu.max_questions, 1), ("--n-alphas", grid.n_alphas, 1))
-    check_output_dir(out, names=("mmlu_questions.parquet", "mmlu.parquet", "mmlu.json"))
+    run.check_out("mmlu_questions.parquet", "mmlu.parquet", "mmlu.json")
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
-    cfg, section = mmlu.of(preset, subjects=wanted)
+    cfg, section = mmlu.of(run.preset, subjects=wanted)
     unit = check_unit(grid.alpha_unit or cfg.alpha_unit)
     alphas = command_grid(grid, section=section, cfg=cfg, unit=unit)
     source = source if source is not None or mmlu_dir or mmlu_parquet else section.source
@@ -212,12 +199,11 @@ def sweep_mmlu(
     # Bad data fails before the model loads.
     questions = mmlu_questions(source, wanted, section.max_questions, mmlu_dir=mmlu_dir, mmlu_parquet=mmlu_parquet)
     st = Steering(model, steered, unit)
-    with output_folder(out):
-        result = mmlu_stage(st.model, st.steered(cfg, controls), section, questions=questions,
+    with run.folder():
+        result = mmlu_stage(st.model, st.steered(cfg, run.controls), section, questions=questions,
                             source=source or str(mmlu_dir or mmlu_parquet), labels=st.labels,
                             positions=steered.positions, grid=alphas, progress=progress_bar)
         for summary in result.summary()["per_vector"].values():
             _mmlu_table(summary)
-        paths = write_result(out, result, extra=st.header(start, metric="mmlu_accuracy", random_guess=0.25,
-                                                          preset=preset))
-    log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")
+        paths = run.write(result, st.header(run.start, metric="mmlu_accuracy", random_guess=0.25, preset=run.preset))
+    log(f"wrote {', '.join(str(p) for p in paths)} ({run.seconds():.1f} s)")

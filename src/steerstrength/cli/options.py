@@ -2,19 +2,22 @@
 
 typer builds a command's options from its signature. A group is a parameter whose default is a `Group`: `grouped`
 puts the group's options into the command's signature in its place and hands the command one object built from
-them, so a command lists only what is its own. Defaults are None (the preset's config section decides) or read from
-config.py, the only home of defaults.
+them, so a command lists only what is its own. An `option_group` class declares each of its fields with its option;
+a `section_group` is options that override fields of one config section. Defaults are None (the preset's config
+section decides) or read from config.py, the only home of defaults.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
@@ -70,22 +73,18 @@ def grouped(command: Callable) -> Callable:
     return run
 
 
+def option_group(cls):
+    """A class whose fields are declared with their typer options, once: it becomes a dataclass (each field's default
+    is its option's; None for a required one) and `cls.group`, the Group of its options."""
+    options = {name: value for name, value in vars(cls).items() if isinstance(value, typer.models.ParameterInfo)}
+    for name, option in options.items():
+        setattr(cls, name, None if option.default is ... else option.default)
+    cls = dataclass(cls)
+    cls.group = Group(cls, options)
+    return cls
+
+
 # --- the model -------------------------------------------------------------------------------------------------------
-
-@dataclass
-class ModelOptions:
-    """Which model, loaded how (config.ModelConfig)."""
-
-    model: Optional[str] = None
-    dtype: str = _MODEL.dtype
-    device: str = _MODEL.device
-    blocks_path: Optional[str] = None
-
-    def load(self):
-        from steerstrength.models import load_model
-
-        return load_model(self.model, dtype=self.dtype, device=self.device, blocks_path=self.blocks_path)
-
 
 def ModelOpt(help: str = "HF id, model directory, .gguf file or embedded name.") -> Any:
     return typer.Option(None, "--model", "-m", help=help)
@@ -94,7 +93,24 @@ def ModelOpt(help: str = "HF id, model directory, .gguf file or embedded name.")
 DtypeOpt = typer.Option(_MODEL.dtype, "--dtype", help="float32 (reference), bfloat16 or float16.")
 DeviceOpt = typer.Option(_MODEL.device, "--device", help="auto, cpu, cuda, cuda:N or mps.")
 BlocksPathOpt = typer.Option(None, "--blocks-path", help="Dotted path of the decoder blocks, for unknown architectures.")
-MODEL = Group(ModelOptions, dict(model=ModelOpt(), dtype=DtypeOpt, device=DeviceOpt, blocks_path=BlocksPathOpt))
+
+
+@option_group
+class ModelOptions:
+    """Which model, loaded how (config.ModelConfig)."""
+
+    model: Optional[str] = ModelOpt()
+    dtype: str = DtypeOpt
+    device: str = DeviceOpt
+    blocks_path: Optional[str] = BlocksPathOpt
+
+    def load(self):
+        from steerstrength.models import load_model
+
+        return load_model(self.model, dtype=self.dtype, device=self.device, blocks_path=self.blocks_path)
+
+
+MODEL = ModelOptions.group
 
 
 def model_group(help: str) -> Group:
@@ -104,62 +120,44 @@ def model_group(help: str) -> Group:
 
 # --- what is steered -------------------------------------------------------------------------------------------------
 
-@dataclass
+VectorsOpt = typer.Option(..., "--vectors", "-v", help="Steering vectors (.safetensors from `steerstrength vectors`).")
+LayerOpt = typer.Option(None, "--layer", "-l", help="The layer to steer; default: the file's only layer.")
+
+
+@option_group
 class SteeredOptions:
     """The vectors, the layers steered, how (positions, raw or unit v), and the labels of the rows."""
 
-    vectors: Optional[Path] = None
-    layers: Optional[str] = None
-    positions: str = _RUN.positions
-    normalize: bool = False
-    concept: Optional[str] = None
-    setting: Optional[str] = None
+    vectors: Optional[Path] = VectorsOpt
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help="e.g. 15 or 5,15,25, 'middle', 'all'; default: "
+                                         "every layer in the vector file.")
+    positions: str = typer.Option(_RUN.positions, "--positions", help="Steer all positions or only the last one.")
+    normalize: bool = typer.Option(False, "--normalize", help="Steer with v / ||v|| instead of the raw vector.")
+    concept: Optional[str] = typer.Option(None, "--concept", help="Concept label; default: from the vector file.")
+    setting: Optional[str] = typer.Option(None, "--setting", help="Setting label (random / contrastive); default: "
+                                          "from the vector file.")
 
 
-VectorsOpt = typer.Option(..., "--vectors", "-v", help="Steering vectors (.safetensors from `steerstrength vectors`).")
-LayerOpt = typer.Option(None, "--layer", "-l", help="The layer to steer; default: the file's only layer.")
-STEERED = Group(SteeredOptions, dict(
-    vectors=VectorsOpt,
-    layers=typer.Option(None, "--layers", "-l", help="e.g. 15 or 5,15,25, 'middle', 'all'; default: every layer in "
-                                                     "the vector file."),
-    positions=typer.Option(_RUN.positions, "--positions", help="Steer all positions or only the last one."),
-    normalize=typer.Option(False, "--normalize", help="Steer with v / ||v|| instead of the raw vector."),
-    concept=typer.Option(None, "--concept", help="Concept label; default: from the vector file."),
-    setting=typer.Option(None, "--setting", help="Setting label (random / contrastive); default: from the vector file."),
-))
+STEERED = SteeredOptions.group
 
 
 # --- the contexts a next-token sweep reads ----------------------------------------------------------------------------
 
-@dataclass
+@option_group
 class ContextOptions:
-    contexts: Optional[Path] = None
-    n_contexts: Optional[int] = None
-    chat: bool = False
+    contexts: Optional[Path] = typer.Option(None, "--contexts", help="Contexts: JSONL with 'text' (and optional 'id'), "
+                                            "or one per line; default: 44 neutral + the concept's 4 built-in "
+                                            "contexts.")
+    n_contexts: Optional[int] = typer.Option(None, "--n-contexts", help="Keep the first N contexts (of the built-in "
+                                             "ones, half the concept's own); default: all of --contexts, or the "
+                                             "preset's count of the built-in ones.")
+    chat: bool = typer.Option(False, "--chat", help="Wrap contexts in the model's chat template.")
 
 
-CONTEXTS = Group(ContextOptions, dict(
-    contexts=typer.Option(None, "--contexts", help="Contexts: JSONL with 'text' (and optional 'id'), or one per line; "
-                                                   "default: 44 neutral + the concept's 4 built-in contexts."),
-    n_contexts=typer.Option(None, "--n-contexts", help="Keep the first N contexts (of the built-in ones, half the "
-                                                       "concept's own); default: all of --contexts, or the preset's "
-                                                       "count of the built-in ones."),
-    chat=typer.Option(False, "--chat", help="Wrap contexts in the model's chat template."),
-))
+CONTEXTS = ContextOptions.group
 
 
 # --- the alpha grid ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class GridOptions:
-    """--alphas, else a linspace over the preset's section (grid.AlphaGrid.from_options), in --alpha-unit."""
-
-    alpha_min: Optional[float] = None
-    alpha_max: Optional[float] = None
-    n_alphas: Optional[int] = None
-    alphas: Optional[str] = None
-    alpha_unit: Optional[str] = None
-
 
 def AlphaMaxOpt(help: str) -> Any:
     return typer.Option(None, "--alpha-max", help=help)
@@ -179,25 +177,37 @@ def AlphaUnitOpt(help: str = "raw: alpha multiplies the stored vector; resid: th
     return typer.Option(None, "--alpha-unit", help=help)
 
 
+@option_group
+class GridOptions:
+    """--alphas, else a linspace over the preset's section (grid.AlphaGrid.from_options), in --alpha-unit."""
+
+    alpha_min: Optional[float] = typer.Option(None, "--alpha-min", help="default: -alpha_max.")
+    alpha_max: Optional[float] = AlphaMaxOpt("default: the preset's tokens.alpha_max.")
+    n_alphas: Optional[int] = NAlphasOpt()
+    alphas: Optional[str] = AlphasOpt()
+    alpha_unit: Optional[str] = AlphaUnitOpt()
+
+
 def grid_group(section: str) -> Group:
     """The grid of a sweep whose defaults are the preset's `section` (its alpha_max and n_alphas)."""
-    return Group(GridOptions, dict(
-        alpha_min=typer.Option(None, "--alpha-min", help="default: -alpha_max."),
-        alpha_max=AlphaMaxOpt(f"default: the preset's {section}.alpha_max."),
-        n_alphas=NAlphasOpt(),
-        alphas=AlphasOpt(),
-        alpha_unit=AlphaUnitOpt(),
-    ))
+    return GridOptions.group.but(alpha_max=AlphaMaxOpt(f"default: the preset's {section}.alpha_max."))
 
 
 # --- texts: P and N, and the prompts a generation stage steers --------------------------------------------------------
 
-@dataclass
+def read_texts(path: Optional[Path], what: str, min_count: int = 1) -> Optional[list[str]]:
+    """The 'text' of each row of a user's file (io.read_texts), or None without a file."""
+    from steerstrength.io import read_texts as read_rows
+
+    return [r["text"] for r in read_rows(path, min_count=min_count, what=what)] if path else None
+
+
+@option_group
 class TextsOptions:
     """P and N text files (JSONL 'text' or one per line): both or neither."""
 
-    positive: Optional[Path] = None
-    negative: Optional[Path] = None
+    positive: Optional[Path] = typer.Option(None, "--positive", "-p")
+    negative: Optional[Path] = typer.Option(None, "--negative", "-n", help="N texts, same formats.")
 
     def given(self, refusal: str = "give both --positive and --negative (P and N texts), or neither") -> bool:
         if (self.positive is None) != (self.negative is None):
@@ -215,26 +225,22 @@ class TextsOptions:
 
 
 def texts_group(positive_help: str, negative_help: str = "N texts, same formats.", required: bool = False) -> Group:
-    return Group(TextsOptions, dict(
+    return TextsOptions.group.but(
         positive=typer.Option(... if required else None, "--positive", "-p", help=positive_help),
-        negative=typer.Option(... if required else None, "--negative", "-n", help=negative_help)))
+        negative=typer.Option(... if required else None, "--negative", "-n", help=negative_help))
 
 
-def read_texts(path: Optional[Path], what: str, min_count: int = 1) -> Optional[list[str]]:
-    """The 'text' of each row of a user's file (io.read_texts), or None without a file."""
-    from steerstrength.io import read_texts as read_rows
-
-    return [r["text"] for r in read_rows(path, min_count=min_count, what=what)] if path else None
+PromptChatOpt = typer.Option(None, "--chat/--no-chat", help="Chat template on prompts; default: on for chat models.")
 
 
-@dataclass
+@option_group
 class PromptOptions:
     """The prompts steered generations start from: a user's file, used whole, or the preset's count of the neutral
     evaluation prompts (training half), as `steerstrength run` takes them."""
 
-    prompts: Optional[Path] = None
-    n_prompts: Optional[int] = None
-    chat: Optional[bool] = None
+    prompts: Optional[Path] = typer.Option(None, "--prompts")
+    n_prompts: Optional[int] = typer.Option(None, "--n-prompts")
+    chat: Optional[bool] = PromptChatOpt
 
     def texts(self, preset_n: int) -> list[str]:
         from steerstrength.prompts import evaluation_prompts
@@ -244,13 +250,9 @@ class PromptOptions:
         return (given or evaluation_prompts("train"))[:keep]
 
 
-PromptChatOpt = typer.Option(None, "--chat/--no-chat", help="Chat template on prompts; default: on for chat models.")
-
-
 def prompts_group(prompts_help: str, n_prompts_help: str) -> Group:
-    return Group(PromptOptions, dict(prompts=typer.Option(None, "--prompts", help=prompts_help),
-                                     n_prompts=typer.Option(None, "--n-prompts", help=n_prompts_help),
-                                     chat=PromptChatOpt))
+    return PromptOptions.group.but(prompts=typer.Option(None, "--prompts", help=prompts_help),
+                                   n_prompts=typer.Option(None, "--n-prompts", help=n_prompts_help))
 
 
 # --- a config section's own options ------------------------------------------------------------------------------------
@@ -316,6 +318,44 @@ ControlsOpt = typer.Option(None, "--controls", help="Random directions of v's no
                                                    "each vector (rows with direction random-0, ...), as a run steers "
                                                    "controls.n_random of them; default: the preset's "
                                                    "controls.n_sweep (0: v alone).")
+
+
+@option_group
+class SweepRun:
+    """A sweep command's run: the preset its defaults come from, the folder its tables go to, the random directions
+    steered beside v (vectors.random_controls), and its clock."""
+
+    controls: Optional[int] = ControlsOpt
+    preset: str = PresetOpt()
+    out: Path = OutOpt()
+
+    def __post_init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def check_out(self, *names: str) -> None:
+        """--out may take these files (io.check_output_dir), before any work."""
+        from steerstrength.io import check_output_dir
+
+        check_output_dir(self.out, names=names)
+
+    @contextlib.contextmanager
+    def folder(self) -> Iterator[None]:
+        """--out, locked: one writer; the tables it writes are one set each (runs.check_result_set)."""
+        from steerstrength.runs import output_folder
+
+        with output_folder(self.out):
+            yield
+
+    def write(self, result, header: dict) -> list:
+        from steerstrength.runs import write_result
+
+        return write_result(self.out, result, extra=header)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+SWEEP = SweepRun.group
 RecommendedOpt = typer.Option(None, "--recommended", help="A run directory or recommend.json: its recommended alphas "
                                "and fluent range (concept stage) travel in the file's metadata.")
 MethodOpt = typer.Option(None, "--method", help="With --recommended and no --alpha: pre-scale at this method's alpha "

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from steerstrength.cli.common import Steering, check_at_least, check_seed, console, load, log, progress_bar
-from steerstrength.cli.options import (MODEL, STEERED, AlphaMaxOpt, AlphasOpt, GridOptions, Group, ModelOptions,
-                                       NAlphasOpt, OutOpt, PresetOpt, PromptOptions, SectionOptions, SeedOpt,
-                                       SteeredOptions, TextsOptions, grouped, prompts_group, section_group, texts_group)
+from steerstrength.cli.options import (MODEL, STEERED, SWEEP, AlphaMaxOpt, AlphasOpt, GridOptions, ModelOptions,
+                                       NAlphasOpt, PromptOptions, SectionOptions, SeedOpt, SteeredOptions, SweepRun,
+                                       TextsOptions, grouped, option_group, prompts_group, section_group, texts_group)
 from steerstrength.errors import InputError
 
 
@@ -85,56 +82,42 @@ def _print(result) -> None:
             log(f"judge {acc['judge']}: held-out P-vs-N accuracy {acc['accuracy']:.2f}")
 
 
-@dataclass
+@option_group
 class SweetSpotOptions:
     """sweet-spot's own (recommend.sweet_spot_rule, recommend.n_target; the entropy floor is this command's)."""
 
-    sweet_spot_rule: Optional[str] = None
-    n_target: Optional[int] = None
-    entropy_floor: Optional[float] = None
+    sweet_spot_rule: Optional[str] = typer.Option(None, "--sweet-spot-rule", help="sweet-spot: mass (the alpha of "
+                                                  "most target-token mass within the budget) or between (Thm 3.3's "
+                                                  "midpoint of the off-target and target peaks, within the budget); "
+                                                  "default: the preset's.")
+    n_target: Optional[int] = typer.Option(None, "--n-target", help="sweet-spot: target tokens = the N of largest "
+                                           "log-odds; default: the preset's recommend.n_target.")
+    entropy_floor: Optional[float] = typer.Option(None, "--entropy-floor", help="sweet-spot: also keep the next-token "
+                                                  "entropy at or above this (nats).")
 
 
-SWEET_SPOT = Group(SweetSpotOptions, dict(
-    sweet_spot_rule=typer.Option(None, "--sweet-spot-rule", help="sweet-spot: mass (the alpha of most target-token "
-                                 "mass within the budget) or between (Thm 3.3's midpoint of the off-target and target "
-                                 "peaks, within the budget); default: the preset's."),
-    n_target=typer.Option(None, "--n-target", help="sweet-spot: target tokens = the N of largest log-odds; default: "
-                          "the preset's recommend.n_target."),
-    entropy_floor=typer.Option(None, "--entropy-floor", help="sweet-spot: also keep the next-token entropy at or "
-                               "above this (nats)."),
-))
-
-
-@dataclass
+@option_group
 class CurvatureOptions:
     """curvature's own: recommend.curvature_scope, and the corpus of its corpus scope (as `sweep xent`'s)."""
 
-    curvature_scope: Optional[str] = None
-    corpus: Optional[str] = None
+    curvature_scope: Optional[str] = typer.Option(None, "--curvature-scope", help="curvature: prompt (an alpha per "
+                                                  "prompt from its next-token curvature) or corpus (one alpha from "
+                                                  "Delta CE's curvature on --corpus); default: the preset's.")
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="curvature --curvature-scope corpus: wikipedia"
+                                         "[:train|:test], model, a file or hf:NAME, as `sweep xent`; default: the "
+                                         "preset's xent.corpus.")
 
 
-CURVATURE = Group(CurvatureOptions, dict(
-    curvature_scope=typer.Option(None, "--curvature-scope", help="curvature: prompt (an alpha per prompt from its "
-                                 "next-token curvature) or corpus (one alpha from Delta CE's curvature on --corpus); "
-                                 "default: the preset's."),
-    corpus=typer.Option(None, "--corpus", help="curvature --curvature-scope corpus: wikipedia[:train|:test], model, a "
-                        "file or hf:NAME, as `sweep xent`; default: the preset's xent.corpus."),
-))
-
-
-@dataclass
+@option_group
 class JudgeOptions:
-    """grid-judge's and global's judge (recommend reads the preset's concept.judge and concept.judge_model)."""
+    """grid-judge's and global's judge; not given: the preset's concept.judge and concept.judge_model."""
 
-    judge: Optional[str] = None
-    judge_model: Optional[str] = None
+    judge: Optional[str] = typer.Option(None, "--judge", "-j", help="grid-judge / global: probe, llm, lexicon or "
+                                        "embedding; default: the preset's concept.judge (probe).")
+    judge_model: Optional[str] = typer.Option(None, "--judge-model",
+                                              help="The llm judge's model; default: the steered one.")
 
 
-JUDGE = Group(JudgeOptions, dict(
-    judge=typer.Option(None, "--judge", "-j", help="grid-judge / global: probe, llm, lexicon or embedding; default: "
-                       "the preset's concept.judge (probe)."),
-    judge_model=typer.Option(None, "--judge-model", help="The llm judge's model; default: the steered one."),
-))
 # The generation methods' sizes and the budget: fields of config.RecommendConfig.
 SIZES = section_group(
     "recommend",
@@ -157,33 +140,30 @@ def recommend(
     method: List[str] = typer.Option(["sweet-spot"], "--method", help="sweet-spot, curvature, iso-kl, grid-judge, "
                                                                      "global, or all; repeat for several."),
     sizes: SectionOptions = SIZES,
-    sweet_spot: SweetSpotOptions = SWEET_SPOT,
-    curvature: CurvatureOptions = CURVATURE,
+    sweet_spot: SweetSpotOptions = SweetSpotOptions.group,
+    curvature: CurvatureOptions = CurvatureOptions.group,
     prompts: PromptOptions = prompts_group("Prompts (JSONL 'text' or one per line), used whole; default: the "
                                            "preset's recommend.n_prompts neutral evaluation prompts (training half), "
                                            "as `steerstrength run`.", "Use the first N prompts."),
     texts: TextsOptions = texts_group("P texts: log-odds targets (sweet-spot), judge calibration and accuracy."),
-    judge: JudgeOptions = JUDGE,
-    grid: GridOptions = Group(GridOptions, dict(
+    judge: JudgeOptions = JudgeOptions.group,
+    grid: GridOptions = GridOptions.group.but(
+        alpha_min=None, alpha_unit=None,
         alpha_max=AlphaMaxOpt("Grid linspace(0, alpha_max); default: scaled to the vector (see docs)."),
         n_alphas=NAlphasOpt("Grid points with --alpha-max (default 41 for sweet-spot, the preset's recommend.n_alphas "
                             "for the others)."),
-        alphas=AlphasOpt("Explicit alphas >= 0, comma-separated (0 is added)."))),
+        alphas=AlphasOpt("Explicit alphas >= 0, comma-separated (0 is added).")),
     seed: int = SeedOpt(),
-    preset: str = PresetOpt(),
-    out: Path = OutOpt(),
+    run: SweepRun = SWEEP.but(controls=None),
     model: ModelOptions = MODEL,
 ) -> None:
     """Which alpha? One per prompt, with the curve it came from: recommend.parquet, _curve.parquet, .json, .png."""
     from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
-    from steerstrength.io import check_output_dir
     from steerstrength.judges import check_judge_name
     from steerstrength.plots import plot_recommendations
     from steerstrength.recommend import check_methods
-    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import judge_texts, recommend_stage
 
-    start = time.perf_counter()
     check_at_least(("--n-prompts", prompts.n_prompts, 1), ("--completions", sizes.completions, 1),
                    ("--max-new-tokens", sizes.max_new_tokens, 1), ("--refine-steps", sizes.refine_steps, 0),
                    ("--batch-size", sizes.batch_size, 1), ("--n-target", sweet_spot.n_target, 1))
@@ -195,11 +175,10 @@ def recommend(
         if value is not None and value not in allowed:
             raise InputError(f"{option} must be {' or '.join(allowed)}, not {value!r}")
     # One preset system: the run's recommend section, so `recommend` and `run` measure with the same sizes.
-    cfg, section = sizes.of(preset, n_prompts=prompts.n_prompts, sweet_spot_refine_steps=sizes.refine_steps,
+    cfg, section = sizes.of(run.preset, n_prompts=prompts.n_prompts, sweet_spot_refine_steps=sizes.refine_steps,
                             n_target=sweet_spot.n_target, curvature_scope=curvature.curvature_scope,
                             sweet_spot_rule=sweet_spot.sweet_spot_rule)
-    check_output_dir(out, names=tuple(f"recommend{x}" for x in (".parquet", "_curve.parquet", ".json", ".png",
-                                                                 "_generations.jsonl")))
+    run.check_out(*(f"recommend{x}" for x in (".parquet", "_curve.parquet", ".json", ".png", "_generations.jsonl")))
     methods = check_methods(method, steered.positions)
     texts.given()
     judged = [m for m in methods if m in ("grid-judge", "global")]
@@ -230,20 +209,20 @@ def recommend(
     if "curvature" in methods and section.curvature_scope == "corpus":
         from steerstrength.stages import corpus_texts
 
-        corpus, _ = corpus_texts(st.model, cfg.xent, seed=seed, cache_dir=out, source=curvature.corpus)
+        corpus, _ = corpus_texts(st.model, cfg.xent, seed=seed, cache_dir=run.out, source=curvature.corpus)
     elif curvature.corpus is not None:
         raise InputError("--corpus feeds curvature with --curvature-scope corpus only; drop it or add those")
-    with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
+    with run.folder():
         result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list,
                                  labels=st.labels, methods=methods, positive=pos, negative=neg, judge=judge_name,
                                  judge_model=judge_lm, seed=seed, positions=steered.positions, grid=sweep_grid,
                                  generation_grid=gen_grid, entropy_floor=sweet_spot.entropy_floor, chat=prompts.chat,
                                  corpus=corpus, progress=progress_bar)
         _print(result)
-        header = st.header(start, metric="recommend", preset=preset, judge=judge_name if judged else None,
+        header = st.header(run.start, metric="recommend", preset=run.preset, judge=judge_name if judged else None,
                            judge_model=judge_lm.name if judge_lm is not None else None)
-        paths = write_result(out, result, extra=header)
+        paths = run.write(result, header)
         tables = result.tables()
         paths.append(plot_recommendations(tables["recommend.parquet"], tables["recommend_curve.parquet"],
-                                          out / "recommend.png"))
-    log(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)")
+                                          run.out / "recommend.png"))
+    log(f"wrote {', '.join(str(p) for p in paths)} ({run.seconds():.1f} s)")

@@ -3,19 +3,17 @@ the stage (stages.py) the run calls too, write its tables (runs.write_result).""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from steerstrength.cli.common import Steering, check_at_least, check_seed, command_grid, done, grid_size, log, \
-    progress_bar, sweep_app
-from steerstrength.cli.options import (CONTEXTS, MODEL, STEERED, AlphasOpt, Group, SeedOpt, preset_section, ContextOptions, ControlsOpt, GridOptions,
-                                       ModelOptions, NAlphasOpt, OutOpt, PresetOpt, SectionOptions, SteeredOptions,
-                                       AlphaUnitOpt, TextsOptions, grid_group, texts_group, grouped,
-                                       section_group)
+    progress_bar, sweep_command
+from steerstrength.cli.options import (CONTEXTS, MODEL, STEERED, SWEEP, AlphasOpt, ContextOptions,
+                                       GridOptions, ModelOptions, NAlphasOpt, SectionOptions, SeedOpt, SteeredOptions,
+                                       SweepRun, TextsOptions, grid_group, option_group, preset_section, read_texts,
+                                       section_group, texts_group)
 from steerstrength.errors import InputError
 from steerstrength.stages import check_token_memory
 
@@ -38,46 +36,39 @@ LOGODDS = section_group(
 )
 
 
-@sweep_app.command("tokens")
-@grouped
+@sweep_command("tokens")
 def sweep_tokens(
     steered: SteeredOptions = STEERED,
     context: ContextOptions = CONTEXTS,
     grid: GridOptions = grid_group("tokens"),
     tokens: SectionOptions = TOKENS,
-    controls: Optional[int] = ControlsOpt,
-    preset: str = PresetOpt(),
-    out: Path = OutOpt(),
+    run: SweepRun = SWEEP,
     model: ModelOptions = MODEL,
 ) -> None:
     """Next-token curves Delta p(z, alpha) (Def. 3.1), peaks and shapes (Thm 3.3): tokens.parquet, tokens_top.parquet."""
     from steerstrength.grid import check_unit
-    from steerstrength.io import check_output_dir
-    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import tokens_stage
 
-    start = time.perf_counter()
     check_at_least(("--n-alphas", grid.n_alphas, 1), ("--top-k", tokens.top_k, 1), ("--top-each", tokens.top_each, 0),
                    ("--n-contexts", context.n_contexts, 1))
-    check_output_dir(out, names=("tokens.parquet", "tokens_top.parquet", "tokens.json"))
-    cfg, section = tokens.of(preset, n_alphas=grid.n_alphas, n_contexts=context.n_contexts)
+    run.check_out("tokens.parquet", "tokens_top.parquet", "tokens.json")
+    cfg, section = tokens.of(run.preset, n_alphas=grid.n_alphas, n_contexts=context.n_contexts)
     unit = check_unit(grid.alpha_unit or cfg.alpha_unit)
     st = Steering(model, steered, unit)
     ctxs = st.contexts(context, section.n_contexts)
     check_token_memory(grid_size(grid, section.n_alphas), "--alphas" if grid.alphas is not None else "--n-alphas",
                        st.model.vocab_size, len(ctxs), len(st.layers), section.top_k)
     alphas = command_grid(grid, section=section, cfg=cfg, unit=unit)
-    with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
-        result = tokens_stage(st.model, st.steered(cfg, controls), section, contexts=ctxs, labels=st.labels,
+    with run.folder():
+        result = tokens_stage(st.model, st.steered(cfg, run.controls), section, contexts=ctxs, labels=st.labels,
                               positions=steered.positions, grid=alphas, chat=context.chat, progress=progress_bar)
-        paths = write_result(out, result, extra=st.header(start, preset=preset))
+        paths = run.write(result, st.header(run.start, preset=run.preset))
     bound = (result.summary()["p_error_bound"].get(st.labels["concept"]) or {}).get("max")
-    done(paths, start, f"{len(ctxs)} contexts x {len(st.layers)} layer(s) x {len(alphas)} alphas"
+    done(paths, run, f"{len(ctxs)} contexts x {len(st.layers)} layer(s) x {len(alphas)} alphas"
          + (f"; |p - p_float32| <= {bound:.2g} at the checked alphas" if bound is not None else ""))
 
 
-@sweep_app.command("logodds")
-@grouped
+@sweep_command("logodds")
 def sweep_logodds(
     texts: TextsOptions = texts_group("P: JSONL with a 'text' field, or one text per line.", "N: same formats.",
                                       required=True),
@@ -94,25 +85,22 @@ def sweep_logodds(
                                                     "M_heldout, which the concept-specific verdicts read."),
     heldout_negative: Optional[Path] = typer.Option(None, "--heldout-negative", help="N texts the vector was not "
                                                     "built from."),
-    preset: str = PresetOpt(),
-    out: Path = OutOpt(),
+    run: SweepRun = SWEEP.but(controls=None),
     model: ModelOptions = MODEL,
 ) -> None:
     """Log-odds M(z) (Def. 3.2) from P and N, and the theory-vs-practice analysis: logodds.parquet, logodds.json."""
     import pandas as pd
 
     from steerstrength.grid import check_unit
-    from steerstrength.io import check_output_dir, read_texts
-    from steerstrength.runs import check_result_set, output_folder, write_result
+    from steerstrength.runs import check_result_set
     from steerstrength.stages import log_probs_after, logodds_stage, row_labels, target_tokens, tokens_stage
 
-    start = time.perf_counter()
     check_at_least(("--n-alphas", grid.n_alphas, 1), ("--top-k", top_k, 1), ("--max-tokens", logodds.max_tokens, 1),
                    ("--batch-size", logodds.batch_size, 1), ("--n-dominant", logodds.n_dominant, 1),
                    ("--n-target", logodds.n_target, 1), ("--n-contexts", context.n_contexts, 1))
-    check_output_dir(out, names=("logodds.parquet", "logodds.json") +
-                     (("tokens.parquet", "tokens_top.parquet", "tokens.json") if tokens_dir is None else ()))
-    cfg, section = logodds.of(preset)
+    run.check_out("logodds.parquet", "logodds.json",
+                  *(("tokens.parquet", "tokens_top.parquet", "tokens.json") if tokens_dir is None else ()))
+    cfg, section = logodds.of(run.preset)
     if not 0 < section.extremal_fraction <= 1:
         raise InputError(f"--extremal-fraction must be in (0, 1], not {section.extremal_fraction}")
     pos, neg = texts.read("prompt file")
@@ -122,11 +110,11 @@ def sweep_logodds(
         check_result_set(tokens_dir, "tokens", ("tokens.parquet", "tokens_top.parquet"),
                          f"steerstrength sweep tokens --out {tokens_dir}")
     if steered.vectors is not None:
-        _, tokens_section = preset_section(preset, "tokens", n_alphas=grid.n_alphas, top_k=top_k,
+        _, tokens_section = preset_section(run.preset, "tokens", n_alphas=grid.n_alphas, top_k=top_k,
                                            n_contexts=context.n_contexts)
         unit = check_unit(grid.alpha_unit or cfg.alpha_unit)
         st = Steering(model, steered, unit)
-        lm, labels, header = st.model, dict(st.labels), st.header(preset=preset)
+        lm, labels, header = st.model, dict(st.labels), st.header(preset=run.preset)
         if tokens_dir is None:  # the token sweep runs here: refuse one that cannot fit before computing log p
             ctxs = st.contexts(context, tokens_section.n_contexts)
             check_token_memory(grid_size(grid, tokens_section.n_alphas),
@@ -136,8 +124,8 @@ def sweep_logodds(
     else:
         lm = model.load()
         labels = row_labels(lm.name, steered.concept or "", steered.setting or "", steered.positions)
-        header = dict(labels, model_fingerprint=lm.fingerprint(), preset=preset)
-    with output_folder(out):  # one writer; the tables it writes are one set each
+        header = dict(labels, model_fingerprint=lm.fingerprint(), preset=run.preset)
+    with run.folder():
         log_probs = log_probs_after(lm, pos, neg, section, concept=labels["concept"], progress=progress_bar)
         tables = {}
         if tokens_dir is not None:
@@ -159,12 +147,12 @@ def sweep_logodds(
                                  chat=context.chat, progress=progress_bar)
             tables = swept.tables()
             top, curves = tables["tokens_top.parquet"], tables["tokens.parquet"]
-            write_result(out, swept, extra=st.header(preset=preset))
+            run.write(swept, st.header(preset=run.preset))
         if (heldout_positive is None) != (heldout_negative is None):
             raise InputError("give both --heldout-positive and --heldout-negative, or neither")
         heldout = None if heldout_positive is None else (
-            [r["text"] for r in read_texts(heldout_positive, min_count=2, what="held-out positive file")],
-            [r["text"] for r in read_texts(heldout_negative, min_count=2, what="held-out negative file")])
+            read_texts(heldout_positive, "held-out positive file", 2),
+            read_texts(heldout_negative, "held-out negative file", 2))
         result = logodds_stage(lm, pos, neg, section, tokens_top=top, curves=curves, labels=labels, log_probs=log_probs,
                                heldout=heldout)
         frame = result.tables()["logodds.parquet"]
@@ -172,34 +160,28 @@ def sweep_logodds(
                      tokens_from=str(tokens_dir) if tokens_dir is not None else "computed here",
                      top_M_tokens=frame.nsmallest(20, "rank")["token"].tolist(),
                      bottom_M_tokens=frame.nlargest(20, "rank")["token"].tolist(),
-                     seconds=round(time.perf_counter() - start, 2))
-        paths = write_result(out, result, extra=extra)
-    done(paths, start)
+                     seconds=round(run.seconds(), 2))
+        paths = run.write(result, extra)
+    done(paths, run)
 
 
-@sweep_app.command("limit")
-@grouped
+@sweep_command("limit")
 def sweep_limit(
     steered: SteeredOptions = STEERED,
     context: ContextOptions = CONTEXTS,
-    grid: GridOptions = Group(GridOptions, dict(
-        alphas=AlphasOpt("Nonzero alphas, comma-separated; default: +/- each of the preset's limit.alphas."),
-        alpha_unit=AlphaUnitOpt())),
-    controls: Optional[int] = ControlsOpt,
-    preset: str = PresetOpt(),
-    out: Path = OutOpt(),
+    grid: GridOptions = GridOptions.group.but(
+        alpha_min=None, alpha_max=None, n_alphas=None,
+        alphas=AlphasOpt("Nonzero alphas, comma-separated; default: +/- each of the preset's limit.alphas.")),
+    run: SweepRun = SWEEP,
     model: ModelOptions = MODEL,
 ) -> None:
     """Large-alpha limit (Prop. 4.1): TV(p_alpha, softmax(LN(+/-v) W^T)) per context and alpha: limit.parquet."""
     from steerstrength.grid import AlphaGrid, check_unit
-    from steerstrength.io import check_output_dir
-    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import limit_stage
 
-    start = time.perf_counter()
     check_at_least(("--n-contexts", context.n_contexts, 1))
-    check_output_dir(out, names=("limit.parquet", "limit.json"))
-    cfg, section = preset_section(preset, "limit")
+    run.check_out("limit.parquet", "limit.json")
+    cfg, section = preset_section(run.preset, "limit")
     unit = check_unit(grid.alpha_unit or cfg.alpha_unit)
     if grid.alphas is None and unit != cfg.alpha_unit:
         raise InputError(f"the preset's limit.alphas are in {cfg.alpha_unit} units; with --alpha-unit {unit} give "
@@ -208,48 +190,39 @@ def sweep_limit(
         AlphaGrid.both_signs(section.alphas, unit=unit)
     st = Steering(model, steered, unit)
     ctxs = st.contexts(context)
-    with output_folder(out):
-        result = limit_stage(st.model, st.steered(cfg, controls), section, contexts=ctxs, labels=st.labels,
+    with run.folder():
+        result = limit_stage(st.model, st.steered(cfg, run.controls), section, contexts=ctxs, labels=st.labels,
                              positions=steered.positions, grid=alphas, chat=context.chat, progress=progress_bar)
-        paths = write_result(out, result, extra=st.header(start, preset=preset))
+        paths = run.write(result, st.header(run.start, preset=run.preset))
     for key, s in result.summary().items():
         tv = ", ".join(f"{r['alpha']:g}: {r['tv_mean']:.3g}" for r in s["per_alpha"])
         log(f"{key}: mean TV to the limit by alpha: {tv}")
-    done(paths, start)
+    done(paths, run)
 
 
-@dataclass
+@option_group
 class CorpusOptions:
     """The evaluation texts of Delta CE (corpus.py, stages.corpus_texts), and whether they are packed."""
 
-    corpus: Optional[str] = None
-    field: Optional[str] = None
-    split: Optional[str] = None
-    data_files: Optional[List[str]] = None
-    max_texts: Optional[int] = None
-    n_samples: Optional[int] = None
-    sample_tokens: Optional[int] = None
-    seed: Optional[int] = None
-    packing: Optional[bool] = None
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="wikipedia[:train|:test] (packaged), model (samples of "
+                                         "the unsteered model), a .txt/.jsonl/.parquet file, a Parquet directory, or "
+                                         "hf:NAME[:CONFIG]; default: the preset's xent.corpus (wikipedia).")
+    field: Optional[str] = typer.Option(None, "--field", help="The text column / field of a dataset or JSON corpus "
+                                        "(default: text).")
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a hf: dataset or of a local dataset directory "
+                                        "(default: train).")
+    data_files: Optional[List[str]] = typer.Option(None, "--data-files", help="Files of a hf: dataset (paths or globs; "
+                                                   "repeatable).")
+    max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use the first N texts (hf: default 1000).")
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="Model-samples corpus: number of texts; default: "
+                                            "enough for --max-tokens.")
+    sample_tokens: Optional[int] = typer.Option(None, "--sample-tokens", help="Model-samples corpus: tokens per text; "
+                                                "default: seq_len + 8.")
+    seed: Optional[int] = SeedOpt("Model-samples corpus: sampling seed (default 0).", default=None)
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Concatenate texts before windowing; "
+                                           "default: the preset's xent.packing (on for wikipedia).")
 
 
-CORPUS = Group(CorpusOptions, dict(
-    corpus=typer.Option(None, "--corpus", help="wikipedia[:train|:test] (packaged), model (samples of the unsteered "
-                        "model), a .txt/.jsonl/.parquet file, a Parquet directory, or hf:NAME[:CONFIG]; default: the "
-                        "preset's xent.corpus (wikipedia)."),
-    field=typer.Option(None, "--field", help="The text column / field of a dataset or JSON corpus (default: text)."),
-    split=typer.Option(None, "--split", help="Split of a hf: dataset or of a local dataset directory (default: "
-                       "train)."),
-    data_files=typer.Option(None, "--data-files", help="Files of a hf: dataset (paths or globs; repeatable)."),
-    max_texts=typer.Option(None, "--max-texts", help="Use the first N texts (hf: default 1000)."),
-    n_samples=typer.Option(None, "--n-samples", help="Model-samples corpus: number of texts; default: enough for "
-                           "--max-tokens."),
-    sample_tokens=typer.Option(None, "--sample-tokens", help="Model-samples corpus: tokens per text; default: "
-                               "seq_len + 8."),
-    seed=SeedOpt("Model-samples corpus: sampling seed (default 0).", default=None),
-    packing=typer.Option(None, "--packing/--no-packing", help="Concatenate texts before windowing; default: the "
-                         "preset's xent.packing (on for wikipedia)."),
-))
 XENT = section_group(
     "xent",
     seq_len=typer.Option(None, "--seq-len", help="Scored tokens per window (windows have seq_len + 1 tokens); "
@@ -261,27 +234,21 @@ XENT = section_group(
 )
 
 
-@sweep_app.command("xent")
-@grouped
+@sweep_command("xent")
 def sweep_xent(
     steered: SteeredOptions = STEERED,
-    corpus: CorpusOptions = CORPUS,
+    corpus: CorpusOptions = CorpusOptions.group,
     xent: SectionOptions = XENT,
     grid: GridOptions = grid_group("xent").but(n_alphas=NAlphasOpt("Grid points (0 is added); default: the preset's.")),
     curvature: bool = typer.Option(True, "--curvature/--no-curvature", help="d2 CE/d alpha2 at 0 by jvp-of-jvp."),
-    controls: Optional[int] = ControlsOpt,
-    preset: str = PresetOpt(),
-    out: Path = OutOpt(),
+    run: SweepRun = SWEEP,
     model: ModelOptions = MODEL,
 ) -> None:
     """Delta CE(alpha) on a corpus (Def. 3.7), curvature at 0 (Thm 3.8), plateau (Prop. 4.1): xent.parquet, xent.json."""
     from steerstrength.corpus import check_corpus_options
     from steerstrength.grid import refuse_with_explicit
-    from steerstrength.io import check_output_dir
-    from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import corpus_texts, packs, xent_stage
 
-    start = time.perf_counter()
     check_at_least(("--n-alphas", grid.n_alphas, 2), ("--seq-len", xent.seq_len, 1), ("--max-tokens", xent.n_tokens, 1),
                    ("--n-samples", corpus.n_samples, 1), ("--sample-tokens", corpus.sample_tokens, 1),
                    ("--curvature-tokens", xent.curvature_tokens, 1))
@@ -291,23 +258,23 @@ def sweep_xent(
         raise InputError(f"--spacing must be linear or log, not {xent.spacing!r}")
     refuse_with_explicit(grid.alphas, **{"--spacing": xent.spacing, "--alpha-min": grid.alpha_min,
                                          "--alpha-max": grid.alpha_max, "--n-alphas": grid.n_alphas})
-    check_output_dir(out, names=("xent.parquet", "xent.json", "corpus_samples.jsonl"))
-    cfg, section = xent.of(preset, n_alphas=grid.n_alphas)
+    run.check_out("xent.parquet", "xent.json", "corpus_samples.jsonl")
+    cfg, section = xent.of(run.preset, n_alphas=grid.n_alphas)
     check_corpus_options(corpus.corpus or section.corpus, field=corpus.field, split=corpus.split, seed=corpus.seed)
     alphas = command_grid(grid, section=section, cfg=cfg, spacing=section.spacing)
     st = Steering(model, steered, alphas.unit)
-    texts, source = corpus_texts(st.model, section, seed=corpus.seed or 0, cache_dir=out, source=corpus.corpus,
+    texts, source = corpus_texts(st.model, section, seed=corpus.seed or 0, cache_dir=run.out, source=corpus.corpus,
                                  field=corpus.field or "text", split=corpus.split or "train",
                                  max_texts=corpus.max_texts, data_files=corpus.data_files, n_samples=corpus.n_samples,
                                  sample_tokens=corpus.sample_tokens, progress=progress_bar)
     packing = packs(section, source) if corpus.packing is None else corpus.packing
-    with output_folder(out):  # after the corpus is read: a bad corpus leaves no --out behind
-        result = xent_stage(st.model, st.steered(cfg, controls, corpus.seed), section, texts=texts, corpus=source,
+    with run.folder():  # after the corpus is read: a bad corpus leaves no --out behind
+        result = xent_stage(st.model, st.steered(cfg, run.controls, corpus.seed), section, texts=texts, corpus=source,
                             labels=st.labels, positions=steered.positions, grid=alphas, packing=packing,
                             curvature=curvature, progress=progress_bar)
-        paths = write_result(out, result, extra=st.header(start, preset=preset, packing=packing))
+        paths = run.write(result, st.header(run.start, preset=run.preset, packing=packing))
     for key, s in result.summary()["per_vector"].items():
         c = s.get("curvature")
         if c:
             log(f"{key}: CE''(0) jvp {c['jvp']:.4g}, quadratic fit {c['fit']:.4g}; CE'(0) {c['slope_jvp']:.3g}")
-    done(paths, start)
+    done(paths, run)

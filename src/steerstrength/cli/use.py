@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from steerstrength.cli.common import check_at_least, log
-from steerstrength.cli.options import (MODEL, AlphaUnitOpt, Group, LayerOpt, MethodOpt, ModelOptions, PromptChatOpt,
-                                       RecommendedOpt, SeedOpt, VectorsOpt, grouped)
+from steerstrength.cli.options import (MODEL, AlphaUnitOpt, LayerOpt, MethodOpt, ModelOptions, PromptChatOpt,
+                                       RecommendedOpt, SeedOpt, VectorsOpt, grouped, option_group)
 from steerstrength.cli.vectors import load_with_strength
 from steerstrength.config import USE
 from steerstrength.errors import InputError
@@ -50,15 +49,15 @@ def strengths(sv, layer: int, alpha: Optional[str], unit: str, method: Optional[
                                                                         for e in entries]
 
 
-@dataclass
+@option_group
 class SamplingOptions:
     """How `generate` samples; not given: config.USE's."""
 
-    completions: Optional[int] = None
-    max_new_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
+    completions: Optional[int] = typer.Option(None, "--n", help="Completions per prompt and alpha (default 1).")
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="default 48.")
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="default 1.0.")
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.9; 1 = off).")
+    seed: Optional[int] = SeedOpt("Base seed; the same for every alpha (default 0).", default=None)
 
     def settings(self):
         """metrics.concept.SamplingSettings, checked (one line for a bad value)."""
@@ -73,15 +72,6 @@ class SamplingOptions:
         return settings
 
 
-SAMPLING = Group(SamplingOptions, dict(
-    completions=typer.Option(None, "--n", help="Completions per prompt and alpha (default 1)."),
-    max_new_tokens=typer.Option(None, "--max-new-tokens", help="default 48."),
-    temperature=typer.Option(None, "--temperature", help="default 1.0."),
-    top_p=typer.Option(None, "--top-p", help="Nucleus sampling mass (default 0.9; 1 = off)."),
-    seed=SeedOpt("Base seed; the same for every alpha (default 0).", default=None),
-))
-
-
 @grouped
 def generate(
     prompts: List[str] = typer.Argument(..., help="One or more prompts (the chat template wraps them when the model "
@@ -93,7 +83,7 @@ def generate(
     alpha_unit: Optional[str] = AlphaUnitOpt(),
     recommended: Optional[Path] = RecommendedOpt,
     method: Optional[str] = MethodOpt,
-    sampling: SamplingOptions = SAMPLING,
+    sampling: SamplingOptions = SamplingOptions.group,
     chat: Optional[bool] = PromptChatOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON (one object per line) for scripts."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="With one alpha and --n 1: print tokens as they "

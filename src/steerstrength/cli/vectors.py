@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from steerstrength.cli.common import check_at_least, check_seed, console, log, progress_bar, refuse_given
-from steerstrength.cli.options import (AlphaUnitOpt, Group, MethodOpt, ModelOptions, OutOpt, PresetOpt, RecommendedOpt,
-                                       SectionOptions, SeedOpt, TextsOptions, grouped, model_group, section_group,
-                                       texts_group)
+from steerstrength.cli.options import (AlphaUnitOpt, MethodOpt, ModelOptions, OutOpt, PresetOpt, RecommendedOpt,
+                                       SectionOptions, SeedOpt, TextsOptions, grouped, model_group, option_group,
+                                       section_group, texts_group)
 from steerstrength.config import PromptsConfig, RunConfig
 from steerstrength.errors import InputError
 
@@ -23,28 +22,17 @@ _PROMPTS = PromptsConfig()
 _RUN = RunConfig()
 
 
-@dataclass
+@option_group
 class PromptSampling:
-    """How `steerstrength prompts` samples P and N (config.PromptsConfig's keys)."""
+    """How `steerstrength prompts` samples P and N (config.PromptsConfig's keys and defaults)."""
 
-    n: int = _PROMPTS.n
-    max_new_tokens: int = _PROMPTS.max_new_tokens
-    temperature: float = _PROMPTS.temperature
-    top_p: float = _PROMPTS.top_p
-    top_k: int = _PROMPTS.top_k
-    seed: int = _RUN.seed
-    batch_size: int = 8  # a CPU-sized batch; a run's prompts.batch_size is larger
-
-
-PROMPT_SAMPLING = Group(PromptSampling, dict(
-    n=typer.Option(_PROMPTS.n, "--n", help="Number of texts to sample (empty ones are dropped and counted)."),
-    max_new_tokens=typer.Option(_PROMPTS.max_new_tokens, "--max-new-tokens", help="New tokens per text at most."),
-    temperature=typer.Option(_PROMPTS.temperature, "--temperature"),
-    top_p=typer.Option(_PROMPTS.top_p, "--top-p", help="Nucleus sampling mass; 1 turns it off."),
-    top_k=typer.Option(_PROMPTS.top_k, "--top-k", help="Top-k sampling; 0 turns it off."),
-    seed=SeedOpt("Base seed; each text gets its own seed, recorded in its row."),
-    batch_size=typer.Option(PromptSampling.batch_size, "--batch-size"),
-))
+    n: int = typer.Option(_PROMPTS.n, "--n", help="Number of texts to sample (empty ones are dropped and counted).")
+    max_new_tokens: int = typer.Option(_PROMPTS.max_new_tokens, "--max-new-tokens", help="New tokens per text at most.")
+    temperature: float = typer.Option(_PROMPTS.temperature, "--temperature")
+    top_p: float = typer.Option(_PROMPTS.top_p, "--top-p", help="Nucleus sampling mass; 1 turns it off.")
+    top_k: int = typer.Option(_PROMPTS.top_k, "--top-k", help="Top-k sampling; 0 turns it off.")
+    seed: int = SeedOpt("Base seed; each text gets its own seed, recorded in its row.")
+    batch_size: int = typer.Option(8, "--batch-size")  # a CPU-sized batch; a run's prompts.batch_size is larger
 
 
 @app.command("prompts")
@@ -56,7 +44,7 @@ def prompts(
     kind: str = typer.Option("positive", "--kind", help="positive (P) or negative (N)."),
     setting: str = typer.Option(_RUN.setting, "--setting",
                                 help="For N: contrastive (opposite concept) or random (samples from BOS)."),
-    sampling: PromptSampling = PROMPT_SAMPLING,
+    sampling: PromptSampling = PromptSampling.group,
     opposite: Optional[str] = typer.Option(None, "--opposite",
                                            help="Opposite concept for contrastive N; default: ask the generator."),
     generator: Optional[str] = typer.Option(None, "--generator", help="Instruct model writing P and contrastive N; "
