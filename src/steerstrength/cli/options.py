@@ -17,7 +17,7 @@ import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
@@ -38,6 +38,11 @@ class Group:
         """The same group with some options said differently for one command (None: the command lacks it)."""
         merged = {**self.options, **options}
         return Group(self.kind, {name: opt for name, opt in merged.items() if opt is not None})
+
+    def only(self, **options) -> "Group":
+        """The group with only these options (said this command's way); the kind's other fields keep their
+        defaults."""
+        return Group(self.kind, options)
 
     def fields(self) -> dict:
         """{name: annotation} of the options, from the kind's fields (a section's: Optional, None is "not given")."""
@@ -82,6 +87,27 @@ def option_group(cls):
     cls = dataclass(cls)
     cls.group = Group(cls, options)
     return cls
+
+
+# --- single options several commands take -------------------------------------------------------------------------------
+
+def PresetOpt(help: str = "Where the defaults come from: that preset's section of `steerstrength config show "
+                          "--preset NAME` (demo or paper).") -> Any:
+    return typer.Option("demo", "--preset", help=help)
+
+
+def OutOpt(help: str = "Output directory.", default: Any = Path(".")) -> Any:
+    return typer.Option(default, "--out", "-o", help=help)
+
+
+def SeedOpt(help: Optional[str] = None, default: Any = _RUN.seed) -> Any:
+    return typer.Option(default, "--seed", help=help)
+
+
+ControlsOpt = typer.Option(None, "--controls", help="Random directions of v's norm, orthogonal to v, steered beside "
+                                                   "each vector (rows with direction random-0, ...), as a run steers "
+                                                   "controls.n_random of them; default: the preset's "
+                                                   "controls.n_sweep (0: v alone).")
 
 
 # --- the model -------------------------------------------------------------------------------------------------------
@@ -193,6 +219,31 @@ def grid_group(section: str) -> Group:
     return GridOptions.group.but(alpha_max=AlphaMaxOpt(f"default: the preset's {section}.alpha_max."))
 
 
+# --- the corpus Delta CE is measured on ------------------------------------------------------------------------------
+
+@option_group
+class CorpusOptions:
+    """The evaluation texts of Delta CE (corpus.py, stages.corpus_texts), and whether they are packed."""
+
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="wikipedia[:train|:test] (packaged), model (samples of "
+                                         "the unsteered model), a .txt/.jsonl/.parquet file, a Parquet directory, or "
+                                         "hf:NAME[:CONFIG]; default: the preset's xent.corpus (wikipedia).")
+    field: Optional[str] = typer.Option(None, "--field", help="The text column / field of a dataset or JSON corpus "
+                                        "(default: text).")
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a hf: dataset or of a local dataset directory "
+                                        "(default: train).")
+    data_files: Optional[List[str]] = typer.Option(None, "--data-files", help="Files of a hf: dataset (paths or globs; "
+                                                   "repeatable).")
+    max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use the first N texts (hf: default 1000).")
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="Model-samples corpus: number of texts; default: "
+                                            "enough for --max-tokens.")
+    sample_tokens: Optional[int] = typer.Option(None, "--sample-tokens", help="Model-samples corpus: tokens per text; "
+                                                "default: seq_len + 8.")
+    seed: Optional[int] = SeedOpt("Model-samples corpus: sampling seed (default 0).", default=None)
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Concatenate texts before windowing; "
+                                           "default: the preset's xent.packing (on for wikipedia).")
+
+
 # --- texts: P and N, and the prompts a generation stage steers --------------------------------------------------------
 
 def read_texts(path: Optional[Path], what: str, min_count: int = 1) -> Optional[list[str]]:
@@ -297,27 +348,6 @@ def preset_section(preset: str, name: str, **given):
 
     cfg = run_preset(preset)
     return cfg, dataclasses.replace(getattr(cfg, name), **{k: v for k, v in given.items() if v is not None})
-
-
-# --- single options several commands take -------------------------------------------------------------------------------
-
-def PresetOpt(help: str = "Where the defaults come from: that preset's section of `steerstrength config show "
-                          "--preset NAME` (demo or paper).") -> Any:
-    return typer.Option("demo", "--preset", help=help)
-
-
-def OutOpt(help: str = "Output directory.", default: Any = Path(".")) -> Any:
-    return typer.Option(default, "--out", "-o", help=help)
-
-
-def SeedOpt(help: Optional[str] = None, default: Any = _RUN.seed) -> Any:
-    return typer.Option(default, "--seed", help=help)
-
-
-ControlsOpt = typer.Option(None, "--controls", help="Random directions of v's norm, orthogonal to v, steered beside "
-                                                   "each vector (rows with direction random-0, ...), as a run steers "
-                                                   "controls.n_random of them; default: the preset's "
-                                                   "controls.n_sweep (0: v alone).")
 
 
 @option_group

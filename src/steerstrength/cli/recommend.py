@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from steerstrength.cli.common import Steering, check_at_least, check_seed, console, load, log, progress_bar
-from steerstrength.cli.options import (MODEL, STEERED, SWEEP, AlphaMaxOpt, AlphasOpt, GridOptions, ModelOptions,
+from steerstrength.cli.options import (MODEL, STEERED, SWEEP, AlphaMaxOpt, CorpusOptions, AlphasOpt, GridOptions, ModelOptions,
                                        NAlphasOpt, PromptOptions, SectionOptions, SeedOpt, SteeredOptions, SweepRun,
                                        TextsOptions, grouped, option_group, prompts_group, section_group, texts_group)
 from steerstrength.errors import InputError
@@ -97,18 +97,6 @@ class SweetSpotOptions:
 
 
 @option_group
-class CurvatureOptions:
-    """curvature's own: recommend.curvature_scope, and the corpus of its corpus scope (as `sweep xent`'s)."""
-
-    curvature_scope: Optional[str] = typer.Option(None, "--curvature-scope", help="curvature: prompt (an alpha per "
-                                                  "prompt from its next-token curvature) or corpus (one alpha from "
-                                                  "Delta CE's curvature on --corpus); default: the preset's.")
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="curvature --curvature-scope corpus: wikipedia"
-                                         "[:train|:test], model, a file or hf:NAME, as `sweep xent`; default: the "
-                                         "preset's xent.corpus.")
-
-
-@option_group
 class JudgeOptions:
     """grid-judge's and global's judge; not given: the preset's concept.judge and concept.judge_model."""
 
@@ -126,6 +114,9 @@ SIZES = section_group(
                            "default: the preset's recommend.kl_budget."),
     completions=typer.Option(None, "--completions", help="Completions per prompt and alpha; default: the preset's."),
     max_new_tokens=typer.Option(None, "--max-new-tokens", help="default: the preset's."),
+    curvature_scope=typer.Option(None, "--curvature-scope", help="curvature: prompt (an alpha per prompt from its "
+                                 "next-token curvature) or corpus (one alpha from Delta CE's curvature on --corpus); "
+                                 "default: the preset's."),
     refine_steps=typer.Option(None, "--refine-steps", help="Bisection steps toward the budget boundary (sweet-spot "
                               "and iso-kl); default: the preset's recommend.sweet_spot_refine_steps and "
                               "recommend.refine_steps."),
@@ -141,7 +132,9 @@ def recommend(
                                                                      "global, or all; repeat for several."),
     sizes: SectionOptions = SIZES,
     sweet_spot: SweetSpotOptions = SweetSpotOptions.group,
-    curvature: CurvatureOptions = CurvatureOptions.group,
+    corpus: CorpusOptions = CorpusOptions.group.only(
+        corpus=typer.Option(None, "--corpus", help="curvature --curvature-scope corpus: wikipedia[:train|:test], model, "
+                            "a file or hf:NAME, as `sweep xent`; default: the preset's xent.corpus.")),
     prompts: PromptOptions = prompts_group("Prompts (JSONL 'text' or one per line), used whole; default: the "
                                            "preset's recommend.n_prompts neutral evaluation prompts (training half), "
                                            "as `steerstrength run`.", "Use the first N prompts."),
@@ -170,14 +163,13 @@ def recommend(
     check_seed(seed)
     if sizes.kl_budget is not None and not 0 < sizes.kl_budget < float("inf"):
         raise InputError(f"--budget must be a positive finite number of nats, not {sizes.kl_budget}")
-    for option, value, allowed in (("--curvature-scope", curvature.curvature_scope, CURVATURE_SCOPES),
+    for option, value, allowed in (("--curvature-scope", sizes.curvature_scope, CURVATURE_SCOPES),
                                    ("--sweet-spot-rule", sweet_spot.sweet_spot_rule, SWEET_SPOT_RULES)):
         if value is not None and value not in allowed:
             raise InputError(f"{option} must be {' or '.join(allowed)}, not {value!r}")
     # One preset system: the run's recommend section, so `recommend` and `run` measure with the same sizes.
     cfg, section = sizes.of(run.preset, n_prompts=prompts.n_prompts, sweet_spot_refine_steps=sizes.refine_steps,
-                            n_target=sweet_spot.n_target, curvature_scope=curvature.curvature_scope,
-                            sweet_spot_rule=sweet_spot.sweet_spot_rule)
+                            n_target=sweet_spot.n_target, sweet_spot_rule=sweet_spot.sweet_spot_rule)
     run.check_out(*(f"recommend{x}" for x in (".parquet", "_curve.parquet", ".json", ".png", "_generations.jsonl")))
     methods = check_methods(method, steered.positions)
     texts.given()
@@ -205,19 +197,19 @@ def recommend(
         judge_model = judge.judge_model or cfg.concept.judge_model
         if judge_name == "llm":
             judge_lm = st.model if judge_model is None else load(judge_model, dtype=model.dtype, device=model.device)
-    corpus = None
+    evaluation = None
     if "curvature" in methods and section.curvature_scope == "corpus":
         from steerstrength.stages import corpus_texts
 
-        corpus, _ = corpus_texts(st.model, cfg.xent, seed=seed, cache_dir=run.out, source=curvature.corpus)
-    elif curvature.corpus is not None:
+        evaluation, _ = corpus_texts(st.model, cfg.xent, seed=seed, cache_dir=run.out, source=corpus.corpus)
+    elif corpus.corpus is not None:
         raise InputError("--corpus feeds curvature with --curvature-scope corpus only; drop it or add those")
     with run.folder():
         result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list,
                                  labels=st.labels, methods=methods, positive=pos, negative=neg, judge=judge_name,
                                  judge_model=judge_lm, seed=seed, positions=steered.positions, grid=sweep_grid,
                                  generation_grid=gen_grid, entropy_floor=sweet_spot.entropy_floor, chat=prompts.chat,
-                                 corpus=corpus, progress=progress_bar)
+                                 corpus=evaluation, progress=progress_bar)
         _print(result)
         header = st.header(run.start, metric="recommend", preset=run.preset, judge=judge_name if judged else None,
                            judge_model=judge_lm.name if judge_lm is not None else None)

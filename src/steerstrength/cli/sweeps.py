@@ -10,7 +10,7 @@ import typer
 
 from steerstrength.cli.common import Steering, check_at_least, check_seed, command_grid, done, grid_size, log, \
     progress_bar, sweep_command
-from steerstrength.cli.options import (CONTEXTS, MODEL, STEERED, SWEEP, AlphasOpt, ContextOptions,
+from steerstrength.cli.options import (CONTEXTS, MODEL, STEERED, SWEEP, AlphasOpt, ContextOptions, CorpusOptions,
                                        GridOptions, ModelOptions, NAlphasOpt, SectionOptions, SeedOpt, SteeredOptions,
                                        SweepRun, TextsOptions, grid_group, option_group, preset_section, read_texts,
                                        section_group, texts_group)
@@ -198,29 +198,6 @@ def sweep_limit(
         tv = ", ".join(f"{r['alpha']:g}: {r['tv_mean']:.3g}" for r in s["per_alpha"])
         log(f"{key}: mean TV to the limit by alpha: {tv}")
     done(paths, run)
-
-
-@option_group
-class CorpusOptions:
-    """The evaluation texts of Delta CE (corpus.py, stages.corpus_texts), and whether they are packed."""
-
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="wikipedia[:train|:test] (packaged), model (samples of "
-                                         "the unsteered model), a .txt/.jsonl/.parquet file, a Parquet directory, or "
-                                         "hf:NAME[:CONFIG]; default: the preset's xent.corpus (wikipedia).")
-    field: Optional[str] = typer.Option(None, "--field", help="The text column / field of a dataset or JSON corpus "
-                                        "(default: text).")
-    split: Optional[str] = typer.Option(None, "--split", help="Split of a hf: dataset or of a local dataset directory "
-                                        "(default: train).")
-    data_files: Optional[List[str]] = typer.Option(None, "--data-files", help="Files of a hf: dataset (paths or globs; "
-                                                   "repeatable).")
-    max_texts: Optional[int] = typer.Option(None, "--max-texts", help="Use the first N texts (hf: default 1000).")
-    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="Model-samples corpus: number of texts; default: "
-                                            "enough for --max-tokens.")
-    sample_tokens: Optional[int] = typer.Option(None, "--sample-tokens", help="Model-samples corpus: tokens per text; "
-                                                "default: seq_len + 8.")
-    seed: Optional[int] = SeedOpt("Model-samples corpus: sampling seed (default 0).", default=None)
-    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Concatenate texts before windowing; "
-                                           "default: the preset's xent.packing (on for wikipedia).")
 
 
 XENT = section_group(
