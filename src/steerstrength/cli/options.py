@@ -171,6 +171,8 @@ STEERED = SteeredOptions.group
 
 @option_group
 class ContextOptions:
+    """The contexts whose next token a sweep reads: a user's file, or the built-in ones the run uses."""
+
     contexts: Optional[Path] = typer.Option(None, "--contexts", help="Contexts: JSONL with 'text' (and optional 'id'), "
                                             "or one per line; default: 44 neutral + the concept's 4 built-in "
                                             "contexts.")
