@@ -92,7 +92,7 @@ def test_two_groups_may_not_declare_the_same_option():
     def clash(a: Pair = Pair.group, b: Pair = Pair.group) -> None:
         pass
 
-    with pytest.raises(AssertionError, match="two of its groups"):
+    with pytest.raises(TypeError, match="two of its groups"):
         grouped(clash)
 
 

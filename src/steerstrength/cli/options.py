@@ -64,14 +64,14 @@ def grouped(command: Callable) -> Callable:
         else:
             params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation)))
     names = [p.name for p in params]
-    assert len(names) == len(set(names)), f"{command.__name__}: an option is in two of its groups"
+    if len(names) != len(set(names)):
+        raise TypeError(f"{command.__name__}: an option is in two of its groups")
 
     @functools.wraps(command)
     def run(**given):
-        for name, group in groups.items():
-            values = {field: given.pop(field) for field in group.options}
-            given[name] = group.kind(**values)
-        return command(**given)
+        # every group's values first: a group may bear the name of another group's option (`model` holds --model)
+        values = {name: {field: given.pop(field) for field in group.options} for name, group in groups.items()}
+        return command(**given, **{name: groups[name].kind(**v) for name, v in values.items()})
 
     run.__signature__ = signature.replace(parameters=params)
     run.__annotations__ = {p.name: p.annotation for p in params}

@@ -4,15 +4,15 @@ the stage (stages.py) the run calls too, write its tables (runs.write_result).""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from steerstrength.cli.common import Steering, check_at_least, check_seed, command_grid, done, grid_size, log, \
     progress_bar, sweep_command
 from steerstrength.cli.options import (CONTEXTS, MODEL, STEERED, SWEEP, AlphasOpt, ContextOptions, CorpusOptions,
-                                       GridOptions, ModelOptions, NAlphasOpt, SectionOptions, SeedOpt, SteeredOptions,
-                                       SweepRun, TextsOptions, grid_group, option_group, preset_section, read_texts,
+                                       GridOptions, ModelOptions, NAlphasOpt, SectionOptions, SteeredOptions,
+                                       SweepRun, TextsOptions, grid_group, preset_section, read_texts,
                                        section_group, texts_group)
 from steerstrength.errors import InputError
 from steerstrength.stages import check_token_memory
