@@ -138,5 +138,19 @@ def recommended_alpha(strength: dict, layer: int, method: str | None = None) -> 
     return next((e for e in entries if e.get("scope") == ONE_ALPHA), entries[0])
 
 
+def recommended_strengths(strength: dict | None, layer: int, method: str | None = None) -> tuple[list[float], list[str]]:
+    """0 and each recommended alpha at `layer` (raw; `method`'s only, when given), each with its label ("unsteered",
+    "iso-kl (B=1)"): the strengths `steerstrength generate --recommended` compares."""
+    if not strength:
+        raise InputError("give the strengths with --alpha (e.g. --alpha 0,0.5,1) or --recommended RUN")
+    entries = ((strength.get("layers") or {}).get(str(layer)) or {}).get("recommended") or []
+    if method is not None:
+        entries = [e for e in entries if e["method"] == method]
+    if not entries:
+        raise InputError(f"--recommended has no{' ' + method if method else ''} recommended alpha for layer {layer}; "
+                         "give --alpha")
+    return [0.0] + [e["alpha"] for e in entries], ["unsteered"] + [f"{e['method']} (B={e['budget']:g})" for e in entries]
+
+
 def fluent_range(strength: dict, layer: int) -> dict | None:
     return ((strength or {}).get("layers") or {}).get(str(layer), {}).get("fluent_range")

@@ -36,17 +36,10 @@ def strengths(sv, layer: int, alpha: Optional[str], unit: str, method: Optional[
         except InputError as exc:
             raise InputError(str(exc).replace("--alphas", "--alpha")) from None
         return values, unit, ["" for _ in values]
-    strength = sv.meta.get("strength")
-    if not strength:
-        raise InputError("give the strengths with --alpha (e.g. --alpha 0,0.5,1) or --recommended RUN")
-    entries = ((strength.get("layers") or {}).get(str(layer)) or {}).get("recommended") or []
-    if method is not None:
-        entries = [e for e in entries if e["method"] == method]
-    if not entries:
-        raise InputError(f"--recommended has no{' ' + method if method else ''} recommended alpha for layer {layer}; "
-                         "give --alpha")
-    return [0.0] + [e["alpha"] for e in entries], "raw", ["unsteered"] + [f"{e['method']} (B={e['budget']:g})"
-                                                                        for e in entries]
+    from steerstrength.strength import recommended_strengths
+
+    alphas, labels = recommended_strengths(sv.meta.get("strength"), layer, method)
+    return alphas, "raw", labels
 
 
 @option_group
