@@ -277,6 +277,7 @@ class RunConfig:
 
 
 PAPER_CONCEPTS = ["apathetic", "depression", "evil", "humorous", "impolite", "joy", "lying", "optimistic"]
+DEFAULT_PRESET = "demo"  # what a command reads its defaults from unless --preset says
 
 
 def preset(name: str) -> RunConfig:
@@ -456,7 +457,7 @@ def read_toml(path: Path) -> dict:
         raise InputError(f"{path} is not valid TOML ({exc})") from None
 
 
-def build_config(preset_name: str = "demo", config_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+def build_config(preset_name: str = DEFAULT_PRESET, config_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A run's configuration: the preset, then the TOML file, then `key=value` overrides (later wins), validated.
 
     Args:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
-from steerstrength.config import ModelConfig, RunConfig
+from steerstrength.config import DEFAULT_PRESET, ModelConfig, RunConfig
 
 _MODEL = ModelConfig()
 _RUN = RunConfig()
@@ -93,7 +93,7 @@ def option_group(cls):
 
 def PresetOpt(help: str = "Where the defaults come from: that preset's section of `steerstrength config show "
                           "--preset NAME` (demo or paper).") -> Any:
-    return typer.Option("demo", "--preset", help=help)
+    return typer.Option(DEFAULT_PRESET, "--preset", help=help)
 
 
 def OutOpt(help: str = "Output directory.", default: Any = Path(".")) -> Any:
