@@ -19,6 +19,7 @@ state = {"quiet": False}
 sweep_app = typer.Typer(help="Alpha sweeps on a real model; each writes a Parquet table and a JSON summary.",
                         no_args_is_help=True)
 
+
 def check_at_least(*checks: tuple[str, Optional[int], int]) -> None:
     """Each (option, value, smallest) before any work: a value below its smallest is one line naming the option (a
     size of 0 is not "use the default", and a negative count does not slice from the end)."""

@@ -330,7 +330,7 @@ class SectionOptions:
 
 def section_group(name: str, **options) -> Group:
     """Options that override fields of the config section `name` (each parameter named as the field)."""
-    hints = typing.get_type_hints(getattr(RunConfig(), name).__class__)
+    hints = typing.get_type_hints(typing.get_type_hints(RunConfig)[name])
 
     def build(**given) -> SectionOptions:
         return SectionOptions(name, given)
@@ -351,6 +351,8 @@ def preset_section(preset: str, name: str, **given):
     cfg = run_preset(preset)
     return cfg, dataclasses.replace(getattr(cfg, name), **{k: v for k, v in given.items() if v is not None})
 
+
+# --- a sweep's run and what it writes -----------------------------------------------------------------------------------
 
 @option_group
 class SweepRun:
@@ -388,6 +390,10 @@ class SweepRun:
 
 
 SWEEP = SweepRun.group
+
+
+# --- using an answer: a run's recommended strengths ---------------------------------------------------------------------
+
 RecommendedOpt = typer.Option(None, "--recommended", help="A run directory or recommend.json: its recommended alphas "
                                "and fluent range (concept stage) travel in the file's metadata.")
 MethodOpt = typer.Option(None, "--method", help="With --recommended and no --alpha: pre-scale at this method's alpha "
