@@ -14,14 +14,16 @@ Columns, for the embedded model (SmolLM2-135M, float32, CPU) at batch sizes B an
             full logits (the sampler's cost is not what is compared). On the F32 GGUF of the model (our weights in
             float32: the fair comparison) and on its own Q4_1 GGUF (llama.cpp's native quantized speed). Checked
             first: at alpha 0 and at alpha_resid 0.5, the batched sequences' distributions against a one-sequence
-            llama.cpp decode and against ours (total variation).
+            llama.cpp decode and against ours (total variation). --llamacpp-bound B adds a bound that is not the
+            llama.cpp way: all B rows in ONE llama.cpp context at one alpha (as if a control vector could differ per
+            sequence), against ours.
 With --concept, the demo preset's concept stage per completion (9 alphas x 6 prompts x 4 completions x 32 tokens at
 each of its two layers, 28 and 15, the probe judge) the former way (hooked `generate` in batches, rule-based degeneration) and now (batched
 engine + the unsteered-NLL fluency check), same process, same core.
 
     steerstrength vectors --concept joy --layers 15,28 --normalize --out /tmp/joy.safetensors
     taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generation.py --vectors /tmp/joy.safetensors \\
-        [--quick] [--new-tokens 32] [--no-llamacpp] [--concept] [--interleaved 2] [--no-throughput] [--json out.json]
+        [--quick] [--new-tokens 32] [--no-llamacpp] [--llamacpp-bound 64] [--concept] [--interleaved 2] [--no-throughput] [--json out.json]
 Speed is reported as ratios within this process (the machine is shared): compare columns, not seconds across runs.
 """
 
@@ -198,6 +200,39 @@ def throughput(model, vectors, layer, sizes, lengths, new_tokens, engines=(), cv
     return out
 
 
+def llamacpp_bound(model, vectors, layer, engines, cvec_files, B, lengths, new_tokens) -> list[dict]:
+    """A bound, not the llama.cpp way: llama.cpp with all B rows as parallel sequences of ONE context at one alpha
+    (what it could do if a control vector could differ per sequence), against ours with its B rows over
+    alphas x directions as in the throughput grid; each run twice, the order reversed the second time."""
+    out = []
+    for T in lengths:
+        ids = prompt_of_length(model, T)
+        runs = [("ours", lambda: run_ours(model, ids, vectors, layer, B, new_tokens)),
+                *[(label, lambda cpp=cpp: _one_context(cpp, ids, cvec_files[0], B, new_tokens))
+                  for label, cpp in engines]]
+        seconds = {label: 0.0 for label, _ in runs}
+        for order in (runs, runs[::-1]):
+            for label, go in order:
+                seconds[label] += go()
+        n = 2 * B * new_tokens
+        row = dict(T=T, B=B, new_tokens=new_tokens, ours_tok_s=n / seconds["ours"])
+        for label, _ in engines:
+            key = label.replace(".", "").replace(" ", "_")
+            row[f"{key}_one_context_tok_s"] = n / seconds[label]
+            row[f"ours_over_{key}_one_context"] = seconds[label] / seconds["ours"]
+        print(f"bound T={T:4d} B={B:3d}  ours {row['ours_tok_s']:7.1f} tok/s  " + "  ".join(
+            f"{label} one context {n / seconds[label]:7.1f} tok/s (ours/it {seconds[label] / seconds['ours']:.2f}x)"
+            for label, _ in engines), flush=True)
+        out.append(row)
+    return out
+
+
+def _one_context(cpp, ids, cvec_file, B, new_tokens) -> float:
+    t = time.perf_counter()
+    cpp.sample_parallel(ids, B, new_tokens, np.random.default_rng(0), cvec=cpp.control_vector(cvec_file, 8.0))
+    return time.perf_counter() - t
+
+
 def concept_demo(model, vectors, layers) -> dict:
     """The demo preset's concept stage over its layers (one judge object for all, as the stage), the former way
     and now, per completion."""
@@ -279,6 +314,8 @@ def main() -> None:
     parser.add_argument("--concept-layers", default="28,15", help="the demo's layers (auto = 28 on SmolLM2, middle)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per row (the full grid)")
     parser.add_argument("--no-llamacpp", action="store_true", help="leave out the llama.cpp columns")
+    parser.add_argument("--llamacpp-bound", type=int, default=0,
+                        help="B: also llama.cpp with all B rows in one context at one alpha (a bound), against ours")
     parser.add_argument("--workdir", default="/tmp/steerstrength-llamacpp", help="the F32 GGUF and control vectors")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -292,13 +329,13 @@ def main() -> None:
     print(f"model {model.name}  layer {args.layer}  threads {torch.get_num_threads()}  "
           f"cpu {platform.processor() or platform.machine()}")
     results = {}
-    if not args.no_throughput:
+    if not args.no_throughput or args.llamacpp_bound:
         engines, note = ([], "--no-llamacpp") if args.no_llamacpp else llama_cpp_engines(model, Path(args.workdir))
         print(f"llama.cpp columns: {'skipped: ' + note if note else ', '.join(label for label, _ in engines)} "
               "(one thread; sampling in numpy from the full logits: the sampler's cost is not what is compared)")
         results["llama_cpp"] = note or [dict(label=label, gguf=str(cpp.path)) for label, cpp in engines]
         cvec_files = control_vector_files(vectors, args.layer, Path(args.workdir)) if engines else []
-        if engines:
+        if engines and not args.no_throughput:
             strong = 0.5 * sv.r(model) / float(sv.vector.norm())  # alpha_resid 0.5: far from alpha = 0
             ids = prompt_of_length(model, 16)
             results["llama_cpp_check"] = {}
@@ -310,7 +347,11 @@ def main() -> None:
                           f"{r['tv_batched_vs_single']:.1e}, batched/ours {r['tv_batched_vs_ours']:.1e} "
                           f"(ours alpha vs 0: {r['tv_ours_alpha_vs_0']:.3f})", flush=True)
         sizes, lengths, new = ((1, 16), (16,), 8) if args.quick else ((1, 16, 64), (16, 512), args.new_tokens)
-        results["throughput"] = throughput(model, vectors, args.layer, sizes, lengths, new, engines, cvec_files)
+        if not args.no_throughput:
+            results["throughput"] = throughput(model, vectors, args.layer, sizes, lengths, new, engines, cvec_files)
+        if args.llamacpp_bound and engines:
+            results["llamacpp_bound"] = llamacpp_bound(model, vectors, args.layer, engines, cvec_files,
+                                                       args.llamacpp_bound, lengths, new)
     if args.concept:
         everything = SteeringVectors.load(args.vectors)
         results["concept"] = concept_demo(model, everything, [int(x) for x in args.concept_layers.split(",")])
