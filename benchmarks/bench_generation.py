@@ -7,15 +7,23 @@ Columns, for the embedded model (SmolLM2-135M, float32, CPU) at batch sizes B an
             prompt's blocks shared (new tokens/s over all rows, and its per-token cost / floor);
   hooked    a hooked Hugging Face `generate` per (direction, alpha) (the steering-vectors / repeng way: `with steer(...)`
             around `generate`, batch = the completions of that alpha);
-  llama.cpp xllamacpp with a control vector per alpha: skipped when the wheel exposes no control-vector list (said
-            in the output).
+  llama.cpp the llama.cpp way, through the xllamacpp wheel's C API (benchmarks/llamacpp.py): per (direction, alpha),
+            one context with the control vector loaded at that alpha (`--control-vector-scaled FILE alpha`) and set
+            over the layers, its completions decoded as parallel sequences in one llama_batch per step (prompt
+            prefilled once, shared with llama_memory_seq_cp), one thread, no stop token; sampled in numpy from the
+            full logits (the sampler's cost is not what is compared). On the F32 GGUF of the model (our weights in
+            float32: the fair comparison) and on its own Q4_1 GGUF (llama.cpp's native quantized speed). Checked
+            first: at alpha 0 and at alpha_resid 0.5, the batched sequences' distributions against a one-sequence
+            llama.cpp decode and against ours (total variation). --llamacpp-bound B adds a bound that is not the
+            llama.cpp way: all B rows in ONE llama.cpp context at one alpha (as if a control vector could differ per
+            sequence), against ours.
 With --concept, the demo preset's concept stage per completion (9 alphas x 6 prompts x 4 completions x 32 tokens at
 each of its two layers, 28 and 15, the probe judge) the former way (hooked `generate` in batches, rule-based degeneration) and now (batched
 engine + the unsteered-NLL fluency check), same process, same core.
 
     steerstrength vectors --concept joy --layers 15,28 --normalize --out /tmp/joy.safetensors
     taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generation.py --vectors /tmp/joy.safetensors \\
-        [--quick] [--new-tokens 32] [--concept] [--interleaved 2] [--no-throughput] [--json out.json]
+        [--quick] [--new-tokens 32] [--no-llamacpp] [--llamacpp-bound 64] [--concept] [--interleaved 2] [--no-throughput] [--json out.json]
 Speed is reported as ratios within this process (the machine is shared): compare columns, not seconds across runs.
 """
 
@@ -25,7 +33,9 @@ import argparse
 import json
 import platform
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from steerstrength import SteeringVectors, load_model, steer, steering
@@ -87,35 +97,140 @@ def run_hooked(model, ids, vectors, layer, B, new_tokens) -> float:
     return time.perf_counter() - t
 
 
-def llama_cpp_note() -> str | None:
+def llama_cpp_engines(model, workdir) -> tuple[list, str | None]:
+    """[(label, LlamaCpp)] for the F32 GGUF of the model (our weights in float32: the fair comparison) and its own
+    GGUF (llama.cpp's native quantized speed), one thread each; or ([], why not)."""
     try:
-        import xllamacpp
+        import xllamacpp  # noqa: F401
     except ImportError:
-        return "xllamacpp is not installed"
-    if not any("control_vectors" == n for n in dir(xllamacpp.CommonParams())):
-        return ("this xllamacpp wheel exposes control_vector_layer_start/end but no control-vector list in "
-                "CommonParams: a control vector cannot be loaded through it")
-    return None
+        return [], "xllamacpp is not installed"
+    from llamacpp import LlamaCpp, f32_gguf, gguf_quantization
+
+    if not str(model.source).startswith("gguf:"):
+        return [], f"{model.name} was not loaded from a GGUF"
+    src = Path(str(model.source).removeprefix("gguf:"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    f32 = f32_gguf(src, workdir / f"{model.name}.f32.gguf")
+    return [(f"llama.cpp {gguf_quantization(path)}", LlamaCpp(path, threads=1)) for path in (f32, src)], None
 
 
-def throughput(model, vectors, layer, sizes, lengths, new_tokens) -> list[dict]:
+def control_vector_files(vectors, layer, workdir) -> list[Path]:
+    """Each direction as a llama.cpp control vector (direction.{layer} = v): loaded at strength alpha, as
+    `--control-vector-scaled FILE alpha` (or `export-gguf --alpha` then `--control-vector`) would steer."""
+    return [SteeringVectors({layer: v}).to_gguf(workdir / f"direction{d}.{layer}.gguf") for d, v in enumerate(vectors)]
+
+
+def run_llamacpp(cpp, ids, cvec_files, B, new_tokens) -> tuple[float, dict]:
+    """The llama.cpp way: per (direction, alpha), one context with the control vector at that alpha set over the
+    layers, its completions decoded as parallel sequences in one llama_batch per step (the prompt prefilled once,
+    copied to the others' sequences), sampled in numpy from the full logits."""
+    nd, na, nc = plan(B)
+    alphas = torch.linspace(-1.0, 1.0, na).tolist() if na > 1 else [0.5]
+    rng = np.random.default_rng(0)
+    split = dict(setup_s=0.0, prefill_s=0.0, decode_s=0.0)
+    t = time.perf_counter()
+    for d in range(nd):
+        for a in alphas:
+            out = cpp.sample_parallel(ids, nc, new_tokens, rng, cvec=cpp.control_vector(cvec_files[d], a * 8.0))
+            for k in split:
+                split[k] += out[k]
+    return time.perf_counter() - t, split
+
+
+def check_llamacpp(model, cpp, ids, vector, cvec_file, layer, alphas) -> list[dict]:
+    """The timed path is the steered path: per alpha, the distributions of the batch/sequence setup (prefill, then
+    one decode step of 4 sequences fed different tokens after llama_memory_seq_cp) against llama.cpp's plain
+    one-sequence decode of the same tokens and against ours (a hooked forward), by total variation."""
+    from llamacpp import total_variation
+
+    feed = [int(x) for x in model.token_ids(" the day was good")[-4:]]
+    rows = []
+    for alpha in alphas:
+        out = cpp.sample_parallel(ids, 4, 2, np.random.default_rng(0), cvec=cpp.control_vector(cvec_file, alpha),
+                                  feed=feed)
+        contexts = [ids] + [ids + [f] for f in feed]
+        batched = [out["probs"][0][0]] + list(out["probs"][1])
+        single = [cpp.next_token_probs(c, cvec_file, alpha) for c in contexts]
+        x = torch.tensor([ids + [f] for f in feed])
+        with torch.inference_mode():
+            with steer(model, vector, layer, alpha):
+                logits = model.hf(input_ids=x).logits[:, -2:].double()
+            plain = model.hf(input_ids=x[:1]).logits[0, -2].double()
+        ours = [torch.softmax(logits[0, 0], -1)] + [torch.softmax(logits[i, 1], -1) for i in range(4)]
+        rows.append(dict(alpha_raw=alpha,
+                         tv_batched_vs_single=max(total_variation(b, s) for b, s in zip(batched, single)),
+                         tv_batched_vs_ours=max(total_variation(b, o.numpy()) for b, o in zip(batched, ours)),
+                         tv_ours_alpha_vs_0=total_variation(ours[0].numpy(), torch.softmax(plain, -1).numpy())))
+    return rows
+
+
+def throughput(model, vectors, layer, sizes, lengths, new_tokens, engines=(), cvec_files=()) -> list[dict]:
     out = []
     for T in lengths:
         ids = prompt_of_length(model, T)
         for B in sizes:
             floor = floor_step(model, ids, B)
-            ours = run_ours(model, ids, vectors, layer, B, new_tokens)
-            hooked = run_hooked(model, ids, vectors, layer, B, new_tokens)
             n = B * new_tokens
+            runs = [("ours", lambda: (run_ours(model, ids, vectors, layer, B, new_tokens), None)),
+                    *[(label, lambda cpp=cpp: run_llamacpp(cpp, ids, cvec_files, B, new_tokens))
+                      for label, cpp in engines],
+                    ("hooked", lambda: (run_hooked(model, ids, vectors, layer, B, new_tokens), None))]
+            if len(out) % 2:  # alternate the order from one cell to the next: no engine always runs first
+                runs.reverse()
+            seconds, splits = {}, {}
+            for label, go in runs:
+                seconds[label], splits[label] = go()
+            ours, hooked = seconds["ours"], seconds["hooked"]
             row = dict(T=T, B=B, new_tokens=new_tokens, floor_ms_per_token=1e3 * floor / B,
                        ours_tok_s=n / ours, hooked_tok_s=n / hooked, ours_over_floor=(ours / n) / (floor / B),
                        hooked_over_floor=(hooked / n) / (floor / B), ours_speedup_vs_hooked=hooked / ours)
-            out.append(row)
             print(f"T={T:4d} B={B:3d}  floor {row['floor_ms_per_token']:6.2f} ms/token  ours {row['ours_tok_s']:7.1f} "
                   f"tok/s ({row['ours_over_floor']:.2f}x floor)  hooked {row['hooked_tok_s']:7.1f} tok/s "
                   f"({row['hooked_over_floor']:.2f}x floor)  ours/hooked speed {row['ours_speedup_vs_hooked']:.2f}x",
                   flush=True)
+            for label, _ in engines:
+                key = label.replace(".", "").replace(" ", "_")  # "llama.cpp F32" -> "llamacpp_F32"
+                row[f"{key}_tok_s"] = n / seconds[label]
+                row[f"ours_over_{key}"] = seconds[label] / ours  # ours' tok/s over llama.cpp's
+                row[f"{key}_seconds"] = {k: round(v, 3) for k, v in splits[label].items()}
+                print(f"{'':13}{label}: {row[f'{key}_tok_s']:7.1f} tok/s  ours/llama.cpp speed "
+                      f"{row[f'ours_over_{key}']:.2f}x  (setup {splits[label]['setup_s']:.1f} s, prefill "
+                      f"{splits[label]['prefill_s']:.1f} s, decode {splits[label]['decode_s']:.1f} s)", flush=True)
+            out.append(row)
     return out
+
+
+def llamacpp_bound(model, vectors, layer, engines, cvec_files, B, lengths, new_tokens) -> list[dict]:
+    """A bound, not the llama.cpp way: llama.cpp with all B rows as parallel sequences of ONE context at one alpha
+    (what it could do if a control vector could differ per sequence), against ours with its B rows over
+    alphas x directions as in the throughput grid; each run twice, the order reversed the second time."""
+    out = []
+    for T in lengths:
+        ids = prompt_of_length(model, T)
+        runs = [("ours", lambda: run_ours(model, ids, vectors, layer, B, new_tokens)),
+                *[(label, lambda cpp=cpp: _one_context(cpp, ids, cvec_files[0], B, new_tokens))
+                  for label, cpp in engines]]
+        seconds = {label: 0.0 for label, _ in runs}
+        for order in (runs, runs[::-1]):
+            for label, go in order:
+                seconds[label] += go()
+        n = 2 * B * new_tokens
+        row = dict(T=T, B=B, new_tokens=new_tokens, ours_tok_s=n / seconds["ours"])
+        for label, _ in engines:
+            key = label.replace(".", "").replace(" ", "_")
+            row[f"{key}_one_context_tok_s"] = n / seconds[label]
+            row[f"ours_over_{key}_one_context"] = seconds[label] / seconds["ours"]
+        print(f"bound T={T:4d} B={B:3d}  ours {row['ours_tok_s']:7.1f} tok/s  " + "  ".join(
+            f"{label} one context {n / seconds[label]:7.1f} tok/s (ours/it {seconds[label] / seconds['ours']:.2f}x)"
+            for label, _ in engines), flush=True)
+        out.append(row)
+    return out
+
+
+def _one_context(cpp, ids, cvec_file, B, new_tokens) -> float:
+    t = time.perf_counter()
+    cpp.sample_parallel(ids, B, new_tokens, np.random.default_rng(0), cvec=cpp.control_vector(cvec_file, 8.0))
+    return time.perf_counter() - t
 
 
 def concept_demo(model, vectors, layers) -> dict:
@@ -198,6 +313,10 @@ def main() -> None:
     parser.add_argument("--interleaved", type=int, default=0, help="N prompts: generation, engines alternating")
     parser.add_argument("--concept-layers", default="28,15", help="the demo's layers (auto = 28 on SmolLM2, middle)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per row (the full grid)")
+    parser.add_argument("--no-llamacpp", action="store_true", help="leave out the llama.cpp columns")
+    parser.add_argument("--llamacpp-bound", type=int, default=0,
+                        help="B: also llama.cpp with all B rows in one context at one alpha (a bound), against ours")
+    parser.add_argument("--workdir", default="/tmp/steerstrength-llamacpp", help="the F32 GGUF and control vectors")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -209,12 +328,30 @@ def main() -> None:
     vectors = torch.stack([sv.vector.float(), control])
     print(f"model {model.name}  layer {args.layer}  threads {torch.get_num_threads()}  "
           f"cpu {platform.processor() or platform.machine()}")
-    note = llama_cpp_note()
-    print(f"llama.cpp column: {'skipped: ' + note if note else 'available'}")
-    results = dict(llama_cpp=note or "available")
-    if not args.no_throughput:
+    results = {}
+    if not args.no_throughput or args.llamacpp_bound:
+        engines, note = ([], "--no-llamacpp") if args.no_llamacpp else llama_cpp_engines(model, Path(args.workdir))
+        print(f"llama.cpp columns: {'skipped: ' + note if note else ', '.join(label for label, _ in engines)} "
+              "(one thread; sampling in numpy from the full logits: the sampler's cost is not what is compared)")
+        results["llama_cpp"] = note or [dict(label=label, gguf=str(cpp.path)) for label, cpp in engines]
+        cvec_files = control_vector_files(vectors, args.layer, Path(args.workdir)) if engines else []
+        if engines and not args.no_throughput:
+            strong = 0.5 * sv.r(model) / float(sv.vector.norm())  # alpha_resid 0.5: far from alpha = 0
+            ids = prompt_of_length(model, 16)
+            results["llama_cpp_check"] = {}
+            for label, cpp in engines:
+                rows = check_llamacpp(model, cpp, ids, vectors[0], cvec_files[0], args.layer, [0.0, strong])
+                results["llama_cpp_check"][label] = rows
+                for r in rows:
+                    print(f"check {label} alpha {r['alpha_raw']:.4g}: max TV batched/single sequence "
+                          f"{r['tv_batched_vs_single']:.1e}, batched/ours {r['tv_batched_vs_ours']:.1e} "
+                          f"(ours alpha vs 0: {r['tv_ours_alpha_vs_0']:.3f})", flush=True)
         sizes, lengths, new = ((1, 16), (16,), 8) if args.quick else ((1, 16, 64), (16, 512), args.new_tokens)
-        results["throughput"] = throughput(model, vectors, args.layer, sizes, lengths, new)
+        if not args.no_throughput:
+            results["throughput"] = throughput(model, vectors, args.layer, sizes, lengths, new, engines, cvec_files)
+        if args.llamacpp_bound and engines:
+            results["llamacpp_bound"] = llamacpp_bound(model, vectors, args.layer, engines, cvec_files,
+                                                       args.llamacpp_bound, lengths, new)
     if args.concept:
         everything = SteeringVectors.load(args.vectors)
         results["concept"] = concept_demo(model, everything, [int(x) for x in args.concept_layers.split(",")])
