@@ -398,22 +398,22 @@ def test_rows_of_several_vectors_share_one_decode_and_match_each_vector_alone(mo
 
 
 def test_the_batched_engine_samples_what_hf_generate_samples(model, vector):
-    from steerstrength import steering
+    from steerstrength import sampling
 
     settings = SamplingSettings(max_new_tokens=8, chat=False)
     rows = [("the cat is", a, completion_seed(0, "the cat is", c)) for a in (-8.0, 0.0, 8.0) for c in range(2)]
     rows.append(("i walked into the kitchen this morning", 3.0, 5))
     ours = generate_rows(model, vector, 1, rows, settings, batch_size=7)
     try:
-        steering.GENERATION_ENGINE = "hf"
+        sampling.GENERATION_ENGINE = "hf"
         theirs = generate_rows(model, vector, 1, rows, settings, batch_size=7)
     finally:
-        steering.GENERATION_ENGINE = "batched"
+        sampling.GENERATION_ENGINE = "batched"
     assert ours == theirs
 
 
 def test_completion_nll_is_the_unsteered_models_teacher_forced_loss(model):
-    from steerstrength.steering import completion_nll
+    from steerstrength.sampling import completion_nll
 
     prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
     rows = [(0, model.token_ids("happy and glad")[1:]), (1, model.token_ids("a dog")[1:]), (0, [])]
@@ -457,7 +457,7 @@ def test_the_fluency_check_separates_fluent_from_scrambled_text_on_held_out_text
 def test_the_fluency_read_during_the_decode_is_the_unsteered_models_nll_of_the_tokens(model, vector):
     """sample_steered(read_tokens=k) reruns only blocks l+1.. on the recorded residual stream; it must equal a plain
     teacher-forced unsteered forward of prompt + the first k generated tokens."""
-    from steerstrength.steering import completion_nll, sample_steered
+    from steerstrength.sampling import completion_nll, sample_steered
 
     prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
     rows = [(0, 0, 9.0, 1), (1, 0, -9.0, 2), (0, 0, 0.0, 3), (1, 0, 30.0, 4)]

@@ -6,7 +6,8 @@ import torch
 from steerstrength.vectors import SteeringVector
 
 from steerstrength import InputError
-from steerstrength.steering import next_token_probs, steer, steered_generate
+from steerstrength.sampling import steered_generate
+from steerstrength.steering import next_token_probs, steer
 from tiny import ARCHITECTURES, tiny_model
 
 CONTEXT = "i walked into the kitchen this morning and saw my friend"
@@ -268,7 +269,7 @@ def test_forcing_the_concatenating_path_gives_the_same_probabilities(monkeypatch
 def test_batched_steered_sampling_picks_the_tokens_of_a_hooked_full_forward(arch, positions):
     """sample_steered (prompt shared, per-row vectors, preallocated cache, finished rows leaving) against the plain
     computation: each row alone, a hooked full forward over prompt + its tokens so far at every step."""
-    from steerstrength.steering import sample_steered
+    from steerstrength.sampling import sample_steered
 
     model = tiny_model(arch)
     torch.manual_seed(0)
@@ -298,7 +299,7 @@ def test_batched_steered_sampling_picks_the_tokens_of_a_hooked_full_forward(arch
 def test_batched_steered_sampling_with_last_position_steering_matches_hooked_generate(arch):
     """positions="last" steers each token when it is the newest (its keys above l stay steered): the reference is
     a hooked `generate`, row by row (a full forward would steer only the newest token)."""
-    from steerstrength.steering import sample_rows, sample_steered
+    from steerstrength.sampling import sample_rows, sample_steered
 
     model = tiny_model(arch)
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
-from steerstrength.steering import sample_rows
+from steerstrength.sampling import sample_rows
 
 KINDS = ("positive", "negative")
 SETTINGS = ("contrastive", "random")

@@ -44,6 +44,7 @@ import torch
 from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
 from steerstrength.errors import InputError
 from steerstrength.models import Model
+from steerstrength.forward_ad import forward_ad_safe, forward_from_differentiable
 from steerstrength.steering import (
     takes_vector,
     DEFAULT_LOGIT_BUDGET,
@@ -51,9 +52,7 @@ from steerstrength.steering import (
     as_vector,
     check_layer,
     check_positions,
-    forward_ad_safe,
     forward_from,
-    forward_from_differentiable,
     hidden_at,
     next_token_probs,
     repeat_rows,

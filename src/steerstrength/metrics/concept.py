@@ -25,7 +25,7 @@ alphas (on the sorted grid) containing alpha = 0, or, when 0 is degenerate or of
 non-degenerate alpha nearest to 0 (a tie goes to the longer run, then to the negative side).
 
 Reproducibility: row r samples with its own generator torch.Generator(seed_r), one uniform per decode
-step, by inverse CDF (steering.RowSampler). A completion is therefore a function of (prompt, alpha,
+step, by inverse CDF (sampling.RowSampler). A completion is therefore a function of (prompt, alpha,
 seed_r), the sampling settings and the model/dtype/device, not of which rows shared its batch (up to
 float rounding between batch shapes, which flips a token only if a uniform falls within ~1e-6 of a
 CDF boundary). Seeds are shared across alphas (common random numbers), so differences between alphas
@@ -49,7 +49,8 @@ import numpy as np
 from steerstrength.errors import InputError
 from steerstrength.grid import default_alphas
 from steerstrength.models import Model
-from steerstrength.steering import takes_vector, as_alphas, as_vector, check_layer, check_positions, sample_rows
+from steerstrength.sampling import sample_rows
+from steerstrength.steering import takes_vector, as_alphas, as_vector, check_layer, check_positions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,7 +125,7 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
                   streamer=None) -> list[dict]:
     """Completions of (prompt, alpha, seed) rows, or of (prompt, vector_index, alpha, seed) rows when `vector` is a
     stacked [n_vectors, d] tensor (or a list of vectors): the concept direction and its random controls, every
-    alpha and completion, share one batched decode loop (steering.sample_steered).
+    alpha and completion, share one batched decode loop (sampling.sample_steered).
 
     Each row samples from its own generator, so its text depends on its (prompt, vector, alpha, seed) and the
     settings only. Rows are batched by prompt, then vector and alpha: a batch's prompt runs once through blocks
@@ -134,7 +135,7 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
     engines sample alike, tests/test_concept.py).
     """
     from steerstrength.prompts import stop_ids
-    from steerstrength.steering import as_vectors
+    from steerstrength.sampling import as_vectors
 
     settings.check(batch_size)
     vectors = as_vectors(model, vector)
@@ -170,13 +171,13 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
 
 def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer: int, settings: SamplingSettings,
                   stops: Sequence[int], read_tokens: int = 0, streamer=None) -> list[dict]:
-    """One batch of (prompt, vector_index, alpha, seed) rows through the engine steering.GENERATION_ENGINE names
+    """One batch of (prompt, vector_index, alpha, seed) rows through the engine sampling.GENERATION_ENGINE names
     (a streamed row through `generate`, which feeds a streamer)."""
-    from steerstrength import steering
+    from steerstrength import sampling
 
     kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
               top_k=settings.top_k, stops=stops)
-    if steering.GENERATION_ENGINE == "hf" or streamer is not None:  # one `generate` with a hook, one vector per call
+    if sampling.GENERATION_ENGINE == "hf" or streamer is not None:  # one `generate` with a hook, one vector per call
         out: list[dict] = [{} for _ in rows]
         for k in sorted({int(r[1]) for r in rows}):
             idx = [i for i, r in enumerate(rows) if int(r[1]) == k]
@@ -189,7 +190,7 @@ def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer
         return out
     prompts = sorted({r[0] for r in rows})
     slot = {p: i for i, p in enumerate(prompts)}
-    done = steering.sample_steered(model, [ids[p] for p in prompts], [(slot[r[0]], int(r[1]), float(r[2]), int(r[3]))
+    done = sampling.sample_steered(model, [ids[p] for p in prompts], [(slot[r[0]], int(r[1]), float(r[2]), int(r[3]))
                                                                         for r in rows],
                                    vectors=vectors, layer=layer, positions=settings.positions,
                                    read_tokens=read_tokens, **kw)
@@ -248,7 +249,7 @@ def mean_nll(model: Model, prompts: Sequence[str], texts: Sequence[str], *, chat
              max_tokens: int | None = None) -> np.ndarray:
     """Per text: the unsteered model's mean per-token negative log-likelihood (nats) of `texts[i]` (its first
     `max_tokens` tokens) after `prompts[i]` (NaN for an empty text); each distinct prompt runs once."""
-    from steerstrength.steering import completion_nll
+    from steerstrength.sampling import completion_nll
 
     distinct = sorted(set(prompts))
     slot = {p: i for i, p in enumerate(distinct)}

@@ -30,9 +30,9 @@ from steerstrength.steering import (
     as_vector,
     check_layer,
     check_positions,
-    common_prefix_length,
     shared_prefix_last_logits,
 )
+from steerstrength.prefix import common_prefix_length
 
 if TYPE_CHECKING:
     import pandas as pd

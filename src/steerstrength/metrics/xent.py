@@ -22,6 +22,7 @@ import torch
 from steerstrength.errors import InputError
 from steerstrength.grid import AlphaGrid, zero_index
 from steerstrength.models import Encoded, Model
+from steerstrength.forward_ad import forward_ad_safe, forward_from_differentiable
 from steerstrength.steering import (
     takes_vector,
     DEFAULT_LOGIT_BUDGET,
@@ -32,8 +33,6 @@ from steerstrength.steering import (
     check_layer,
     check_positions,
     forward_from,
-    forward_ad_safe,
-    forward_from_differentiable,
     hidden_at,
     repeat_rows,
     steered_hidden,
