@@ -145,10 +145,10 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
         add("curvature (corpus)", b, recommend_alpha(model, sv, heldout, method="curvature", budget=b,
                                                      curvature_scope="corpus", corpus=corpus, **common))
     t0 = time.perf_counter()
-    gens_pos = generate_and_measure(model, sv, args.layer, train, grid[1:], judge=judge, concept=concept, **sampling)
+    gens_pos = generate_and_measure(model, sv, train, grid[1:], judge=judge, concept=concept, **sampling)
     t_pos = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gens_zero = generate_and_measure(model, sv, args.layer, train, grid[:1], judge=judge, concept=concept, **sampling)
+    gens_zero = generate_and_measure(model, sv, train, grid[:1], judge=judge, concept=concept, **sampling)
     t_zero = time.perf_counter() - t0
     for b in floats(args.kl_budgets):
         add("iso-kl", b, recommend_alpha(model, sv, train, method="iso-kl", budget=b, generations=gens_pos,
@@ -162,7 +162,7 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
             a = picks[(label, b)][0]
             picks[(label, b)] = {i: a for i in range(len(heldout))}
     t0 = time.perf_counter()
-    gens_gj = generate_and_measure(model, sv, args.layer, heldout, grid, judge=judge, concept=concept, seed=0,
+    gens_gj = generate_and_measure(model, sv, heldout, grid, judge=judge, concept=concept, seed=0,
                                    n_completions=args.gj_completions, max_new_tokens=args.max_new_tokens, chat=chat)
     t_gj = time.perf_counter() - t0
     for b in floats(args.kl_budgets):
@@ -174,7 +174,7 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
     pairs = {(i, a) for i in range(len(heldout)) for a in frontier}
     pairs |= {(i, a) for p in picks.values() for i, a in p.items()}
     t0 = time.perf_counter()
-    ev = measure_pairs(model, sv, args.layer, [(i, heldout[i], a) for i, a in sorted(pairs)], judge=judge,
+    ev = measure_pairs(model, sv, [(i, heldout[i], a) for i, a in sorted(pairs)], judge=judge,
                        concept=concept, seed=1, n_completions=args.completions, max_new_tokens=args.max_new_tokens,
                        chat=chat)
     seconds["evaluation_generations"] = time.perf_counter() - t0

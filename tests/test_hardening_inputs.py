@@ -212,7 +212,7 @@ DAMAGED_INDEX = ["[1]", "{broken", '{"figures": [{"files": 3}]}', '{"figures": [
 
 
 def test_a_damaged_figure_index_is_redrawn_by_plot_and_skipped_by_the_report(small_run, tmp_path, monkeypatch, capsys):
-    from steerstrength.plots import RunTables
+    from steerstrength.run_tables import RunTables
     from steerstrength.report import section_figures
 
     run = copy_run(small_run, tmp_path)

@@ -33,7 +33,7 @@ def test_next_token_probs_matches_a_full_forward(arch, positions):
     v = torch.randn(model.d_model)
     alphas = torch.linspace(-8, 8, 7)
     for layer in (0, 1, model.n_layers - 1):
-        fast = next_token_probs(model, v, layer, CONTEXT, alphas, positions=positions, token_budget=40)
+        fast = next_token_probs(model, SteeringVector(v, layer), CONTEXT, alphas, positions=positions, token_budget=40)
         ref = plain_probs(model, v, layer, CONTEXT, alphas, positions)
         assert fast.shape == (7, model.vocab_size)
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
@@ -62,7 +62,7 @@ def test_hooks_are_removed_even_when_an_exception_is_raised():
 def test_engine_restores_blocks_after_a_sweep():
     model = tiny_model("llama")
     blocks = list(model.blocks)
-    next_token_probs(model, torch.ones(model.d_model), 1, CONTEXT, [0.0, 1.0])
+    next_token_probs(model, SteeringVector(torch.ones(model.d_model), 1), CONTEXT, [0.0, 1.0])
     assert list(model.blocks) == blocks
     assert all(len(b._forward_hooks) == 0 and len(b._forward_pre_hooks) == 0 for b in model.blocks)
 
@@ -139,7 +139,8 @@ def test_bad_input_is_a_clear_error(kwargs, message):
     args = dict(vector=torch.ones(32), layer=1, alphas=[0.0, 1.0], positions="all")
     args.update(kwargs)
     with pytest.raises(InputError, match=message):
-        next_token_probs(model, args["vector"], args["layer"], CONTEXT, args["alphas"], positions=args["positions"])
+        next_token_probs(model, SteeringVector(args["vector"], args["layer"]), CONTEXT, args["alphas"],
+                         positions=args["positions"])
 
 
 @pytest.mark.slow
@@ -148,7 +149,7 @@ def test_default_model_fast_path_matches_plain_code(default_model):
     v = torch.randn(default_model.d_model)
     alphas = torch.linspace(-50, 50, 5)
     for positions in ("all", "last"):
-        fast = next_token_probs(default_model, v, 15, CONTEXT, alphas, positions=positions)
+        fast = next_token_probs(default_model, SteeringVector(v, 15), CONTEXT, alphas, positions=positions)
         ref = plain_probs(default_model, v, 15, CONTEXT, alphas, positions)
         assert (fast - ref).abs().max() < 1e-5
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ class XentConfig:
     n_alphas: int = 128  # plus 0
     chunk_windows: int = 16  # windows per resumable chunk
     curvature_tokens: Optional[int] = None  # tokens for the jvp curvature at 0 (None: all)
-    spacing: str = "linear"  # "linear", or "log": +/- alpha_max * 2^(-j/2), j < n_alphas/2, plus 0 (grid.log_grid)
+    spacing: str = "linear"  # "linear", or "log": +/- alpha_max * 2^(-j/2), j < n_alphas/2, plus 0 (grid.AlphaGrid.log)
 
 
 @dataclass
@@ -269,11 +268,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str) -> str:
-        import hashlib
+        from steerstrength.io import json_digest
 
         d = self.to_dict()
-        part = {n: d[n] for n in names}
-        return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return json_digest({n: d[n] for n in names})
 
 
 PAPER_CONCEPTS = ["apathetic", "depression", "evil", "humorous", "impolite", "joy", "lying", "optimistic"]

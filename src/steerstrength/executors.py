@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,6 @@ from typing import Callable, Iterator
 from steerstrength.config import RunConfig
 from steerstrength.errors import InputError, RunError, SteerStrengthError
 
-# Fault injection for tests/test_ray.py: "STAGE:MARKER" makes the first cell that finishes STAGE kill its own worker
-# process (SIGKILL, as the kernel's OOM killer would), once: the marker file records that it happened.
-KILL_ENV = "STEERSTRENGTH_TEST_KILL_CELL"
 POLL_SECONDS = 1.0
 LOCK_WAIT_SECONDS = 60.0
 
@@ -88,10 +84,10 @@ def require_ray():
 class ModelCell:
     """One model's pipeline in one Ray worker process (`ray.remote(ModelCell)`): the model loads once, there."""
 
-    def __init__(self, cfg: RunConfig, out: str, only: list[str] | None, cwd: str, fault: str | None = None):
+    def __init__(self, cfg: RunConfig, out: str, only: list[str] | None, cwd: str):
         if os.path.isdir(cwd):  # relative paths in the config mean what they meant to the driver
             os.chdir(cwd)
-        self.cfg, self.out, self.only, self.fault = cfg, out, only, fault
+        self.cfg, self.out, self.only = cfg, out, only
         self.name = Path(out).name
         self._model = None
 
@@ -136,14 +132,6 @@ class ModelCell:
 
     def log(self, line: str) -> None:
         print(f"[{self.name}] {line}", flush=True)  # Ray forwards a worker's output to the driver's terminal
-        if self.fault:
-            stage, marker = self.fault.split(":", 1)
-            if line.startswith(f"[{stage}] done"):
-                try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # once, whichever cell is first
-                except FileExistsError:
-                    return
-                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def actor_options(cfg: RunConfig) -> dict:
@@ -247,7 +235,7 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
         check_resources(ray, cfg, n_actors if phased else 1)
         remote_cell = ray.remote(ModelCell)
         actor_class = remote_cell.options(**actor_options(cfg))
-        fault, cwd = os.environ.get(KILL_ENV), os.getcwd()
+        cwd = os.getcwd()
         states = {c.name: CellState(c.name, n_stages=len(wanted)) for c in cells}
         keys = {c.name: functools.lru_cache(maxsize=4)(functools.partial(stage_keys, c.cfg)) for c in cells}
         actors: dict[str, list] = {}
@@ -268,7 +256,7 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
 
                 klass = remote_cell.options(**actor_options(cfg),
                                             scheduling_strategy=PlacementGroupSchedulingStrategy(group))
-            actors[cell.name] = [klass.remote(cell.cfg, out, only, cwd, fault) for _ in range(n_actors if phased else 1)]
+            actors[cell.name] = [klass.remote(cell.cfg, out, only, cwd) for _ in range(n_actors if phased else 1)]
             first = actors[cell.name][0]
             submit(cell, "vectors" if phased else "run",
                    first.run.remote(["prompts", "vectors"]) if phased else first.run.remote())

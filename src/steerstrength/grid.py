@@ -277,30 +277,6 @@ def add_resid_column(frame, scale: float, column: str = "alpha"):
     return frame
 
 
-# ----------------------------------------------------------------------------- the former functions (one release)
-
-
-def linspace_grid(alpha_min: float, alpha_max: float, n: int, *, zero: bool = True) -> torch.Tensor:
-    """Deprecated form of AlphaGrid.linspace(...).values."""
-    return AlphaGrid.linspace(alpha_min, alpha_max, n, zero=zero).values
-
-
-def log_grid(alpha_max: float, n: int) -> torch.Tensor:
-    """Deprecated form of AlphaGrid.log(...).values."""
-    return AlphaGrid.log(alpha_max, n).values
-
-
-def stage_grid(alpha_max: float, n: int, spacing: str = "linear", *, zero: bool = True) -> torch.Tensor:
-    """Deprecated form of AlphaGrid.symmetric(...).values."""
-    return AlphaGrid.symmetric(alpha_max, n, spacing, zero=zero).values
-
-
-def with_zero(alphas, *, warn: bool = True) -> tuple[torch.Tensor, bool]:
-    """The grid sorted with 0 inserted if missing: (values, inserted). AlphaGrid.explicit is the new form."""
-    grid = AlphaGrid.explicit(alphas, note=warn)
-    return grid.values, grid.inserted_zero
-
-
 def refuse_with_explicit(alphas, **options) -> None:
     """--alphas is the whole grid: a linspace option given with it (not None) would be ignored, so it is refused."""
     given = [name for name, value in options.items() if value is not None]

@@ -8,7 +8,6 @@ and ends with the same tables as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Callable
 
 from steerstrength.config import ConceptConfig, RunConfig, resolve_layers, to_toml, wants_auto
 from steerstrength.errors import InputError
-from steerstrength.io import atomic_path, write_jsonl
+from steerstrength.io import atomic_path, json_digest, write_jsonl
 from steerstrength.runs import RunDir, package_versions
 
 STAGES = ("prompts", "vectors", "tokens", "logodds", "depth", "limit", "xent", "concept", "mmlu", "recommend", "figures",
@@ -25,7 +24,7 @@ STAGES = ("prompts", "vectors", "tokens", "logodds", "depth", "limit", "xent", "
 
 
 def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(parts)
 
 
 @dataclass
@@ -594,7 +593,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
 
     Example::
 
-        from steerstrength.cli.common import progress_bar      # or stages.no_progress
+        from steerstrength.progress import progress_bar        # or stages.no_progress
         ss.run_pipeline(ss.build_config("demo"), "runs/demo", progress=progress_bar, log=print)
     """
     # The model and the layers are checked before anything is written: a wrong model spec or a layer

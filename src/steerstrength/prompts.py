@@ -244,15 +244,6 @@ def sample_continuations(model: Model, prompt_ids: Sequence[int], seeds: Sequenc
     return out
 
 
-def sample_texts(*args, **kwargs) -> list[dict]:
-    """Deprecated name of `sample_continuations` (it collided with corpus.sample_texts)."""
-    import warnings
-
-    warnings.warn("steerstrength.prompts.sample_texts is deprecated; use sample_continuations",
-                  DeprecationWarning, stacklevel=2)
-    return sample_continuations(*args, **kwargs)
-
-
 # ----------------------------------------------------------------------------- prompt sets
 
 

@@ -43,20 +43,18 @@ import torch
 
 from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
 from steerstrength.errors import InputError
-from steerstrength.models import Model
 from steerstrength.forward_ad import forward_ad_safe, forward_from_differentiable
+from steerstrength.models import Model
 from steerstrength.steering import (
-    takes_vector,
     DEFAULT_LOGIT_BUDGET,
     as_alphas,
-    as_vector,
-    check_layer,
     check_positions,
     forward_from,
     hidden_at,
     next_token_probs,
     repeat_rows,
     steered_hidden,
+    vector_of,
 )
 
 if TYPE_CHECKING:
@@ -183,9 +181,8 @@ def peak_report(alphas: torch.Tensor, probs: torch.Tensor, target_ids: torch.Ten
 # ----------------------------------------------------------------------------- generation measurements
 
 
-@takes_vector
 @torch.inference_mode()
-def token_kl(model: Model, vector, layer: int, prompt_ids: Sequence[Sequence[int]],
+def token_kl(model: Model, sv, prompt_ids: Sequence[Sequence[int]],
              completion_ids: Sequence[Sequence[int]], alphas, *,
              logit_budget: int = DEFAULT_LOGIT_BUDGET) -> list[np.ndarray]:
     """Per generated token, KL(p_alpha || p_0) in nats, teacher-forced on prompt + completion (module doc).
@@ -193,8 +190,7 @@ def token_kl(model: Model, vector, layer: int, prompt_ids: Sequence[Sequence[int
     Row r is steered with alphas[r] at every position; blocks 0..layer run once per batch, and the
     steered and unsteered copies go through blocks layer+1.. together (steering.forward_from).
     """
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    v, layer = vector_of(model, sv)
     a = as_alphas(alphas).tolist()
     if not len(prompt_ids) == len(completion_ids) == len(a):
         raise InputError("token_kl needs one prompt, one completion and one alpha per row")
@@ -263,14 +259,14 @@ class Generations:
         return out
 
 
-def generate_and_measure(model: Model, vector, layer: int, prompts: Sequence[str], alphas, **kwargs) -> Generations:
+def generate_and_measure(model: Model, sv, prompts: Sequence[str], alphas, **kwargs) -> Generations:
     """Steered completions for every prompt at every alpha of the grid (see `measure_pairs`)."""
     a = as_alphas(alphas).tolist()
-    return measure_pairs(model, vector, layer, [(pi, p, alpha) for pi, p in enumerate(prompts) for alpha in a],
+    return measure_pairs(model, sv, [(pi, p, alpha) for pi, p in enumerate(prompts) for alpha in a],
                          **kwargs)
 
 
-def measure_pairs(model: Model, vector, layer: int, pairs: Sequence[tuple[int, str, float]], *, n_completions: int,
+def measure_pairs(model: Model, sv, pairs: Sequence[tuple[int, str, float]], *, n_completions: int,
                   max_new_tokens: int, seed: int = 0, chat: bool = True, temperature: float = 1.0, judge=None,
                   concept: str = "", batch_size: int = 64, progress: Progress | None = None) -> Generations:
     """`n_completions` steered completions per (prompt_index, prompt, alpha), their per-token KL, judged when `judge`.
@@ -286,12 +282,12 @@ def measure_pairs(model: Model, vector, layer: int, pairs: Sequence[tuple[int, s
     rows = [(p, float(alpha), completion_seed(seed, p, c)) for _, p, alpha in pairs for c in range(n_completions)]
     meta = [(pi, c) for pi, _, _ in pairs for c in range(n_completions)]
     as_alphas([r[1] for r in rows] or [0.0])
-    done = generate_rows(model, vector, layer, rows, settings, batch_size=batch_size, progress=progress)
+    done = generate_rows(model, sv.vector, sv.layer, rows, settings, batch_size=batch_size, progress=progress)
     frame = pd.DataFrame([dict(prompt_index=pi, prompt=p, alpha=alpha, completion_index=c, seed=s, **g)
                           for (p, alpha, s), (pi, c), g in zip(rows, meta, done)])
     prompt_ids = {p: model.token_ids(p, chat=chat) for _, p, _ in pairs}
     completion_ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in frame["completion"]]
-    kl = token_kl(model, vector, layer, [prompt_ids[p] for p in frame["prompt"]], completion_ids,
+    kl = token_kl(model, sv, [prompt_ids[p] for p in frame["prompt"]], completion_ids,
                   frame["alpha"].tolist())
     frame["p95_kl"] = [float(np.percentile(x, KL_PERCENTILE)) if x.size else 0.0 for x in kl]
     if judge is not None:
@@ -335,7 +331,7 @@ def save_recommendations(recs: Sequence[Recommendation], out_dir) -> dict[str, P
     return {names[p.name]: p for p in write_result(out_dir, result)}
 
 
-def _check(model: Model, vector, layer: int, prompts, method: str, budget: float, entropy_floor, positions: str):
+def _check(model: Model, sv, prompts, method: str, budget: float, entropy_floor, positions: str):
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; pick one of {', '.join(METHODS)}")
     if isinstance(prompts, str) or not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -347,14 +343,12 @@ def _check(model: Model, vector, layer: int, prompts, method: str, budget: float
     check_positions(positions)
     if method in GENERATION_METHODS and positions != "all":
         raise InputError(f"{method} steers generations at all positions; use positions='all' (or method sweet-spot)")
-    check_layer(model, layer)
-    from steerstrength.metrics.concept import layer_vector
-
-    return as_vector(model, layer_vector(vector, layer))
+    vector_of(model, sv)
 
 
-def alpha_scale(model: Model, vector: torch.Tensor, layer: int, prompts: Sequence[str], *, chat: bool) -> float:
-    """The alpha at which ||alpha v|| is the median residual norm at `layer` on the prompts (first tokens skipped)."""
+def alpha_scale(model: Model, sv, prompts: Sequence[str], *, chat: bool) -> float:
+    """The alpha at which ||alpha v|| is the median residual norm at v's layer on the prompts (first tokens skipped)."""
+    vector, layer = vector_of(model, sv)
     enc = model.encode(list(prompts), chat=chat)
     h = hidden_at(model, enc, layer)
     keep = enc.attention_mask.bool() & (enc.position_ids > 0)  # position 0: the attention sink
@@ -401,8 +395,7 @@ def ready_judge(judge, concept: str, positive, negative, judge_model, seed: int)
     return j, None
 
 
-@takes_vector
-def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *, budget: float = DEFAULT_BUDGET,
+def recommend_alpha(model: Model, sv, prompts: Sequence[str], *, budget: float = DEFAULT_BUDGET,
                     method: str = "sweet-spot", alphas=None, concept: str = "", setting: str = "",
                     positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
                     log_odds: torch.Tensor | None = None, n_target: int = DEFAULT_N_TARGET,
@@ -426,14 +419,15 @@ def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *,
     `progress(n)` is called per prompt swept or completion generated.
     """
     t0 = time.perf_counter()
-    v = _check(model, vector, layer, prompts, method, budget, entropy_floor, positions)
+    _check(model, sv, prompts, method, budget, entropy_floor, positions)
+    layer = sv.layer
     if not isinstance(refine_steps, int) or refine_steps < 0:
         raise InputError(f"refine_steps must be an integer >= 0, not {refine_steps!r}")
     prompts = list(prompts)
     chat = model.has_chat_template if chat is None else bool(chat)
     if chat and not model.has_chat_template:
         raise InputError(f"{model.name} has no chat template; pass chat=False (CLI: --no-chat)")
-    scale = alpha_scale(model, v, layer, prompts, chat=chat)
+    scale = alpha_scale(model, sv, prompts, chat=chat)
     labels = _labels(model, concept, layer, setting, method, float(budget))
     common = dict(method=method, budget=float(budget), alpha_scale=scale, n_prompts=len(prompts), chat=chat,
                   positions=positions, layer=layer, concept=concept, model=model.name)
@@ -441,14 +435,14 @@ def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *,
         if sweet_spot_rule not in SWEET_SPOT_RULES:
             raise InputError(f"sweet_spot_rule must be one of {', '.join(SWEET_SPOT_RULES)}, not {sweet_spot_rule!r}")
         common.update(rule=sweet_spot_rule)
-        rec = _sweet_spot(model, v, layer, prompts, _grid(alphas, scale, SWEEP_SPAN, SWEEP_POINTS), labels, common,
+        rec = _sweet_spot(model, sv, prompts, _grid(alphas, scale, SWEEP_SPAN, SWEEP_POINTS), labels, common,
                           positive=positive, negative=negative, M=log_odds, n_target=n_target,
                           entropy_floor=entropy_floor, refine_steps=refine_steps, chat=chat, positions=positions,
                           progress=progress)
     elif method == "curvature":
         if curvature_scope not in CURVATURE_SCOPES:
             raise InputError(f"curvature_scope must be one of {', '.join(CURVATURE_SCOPES)}, not {curvature_scope!r}")
-        rec = _curvature(model, v, layer, prompts, labels, common, scope=curvature_scope, corpus=corpus, chat=chat,
+        rec = _curvature(model, sv, prompts, labels, common, scope=curvature_scope, corpus=corpus, chat=chat,
                          positions=positions, progress=progress)
     else:
         if n_completions < 1 or max_new_tokens < 1:
@@ -462,13 +456,13 @@ def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *,
             grid = _grid(alphas, scale, GRID_SPAN, GRID_POINTS)
             if method == "iso-kl":
                 grid = grid[grid > 0]  # KL is 0 at alpha = 0: nothing to generate
-            generations = generate_and_measure(model, v, layer, prompts, grid, judge=j, concept=concept,
+            generations = generate_and_measure(model, sv, prompts, grid, judge=j, concept=concept,
                                                progress=progress, **sampling)
         common.update(sampling=sampling)
         if j is not None or generations.judge is not None:
             common.update(judge=(j or generations.judge).describe(), judge_accuracy=accuracy)
         if method == "iso-kl":
-            rec = _iso_kl(model, v, layer, prompts, generations, labels, common, refine_steps=refine_steps,
+            rec = _iso_kl(model, sv, prompts, generations, labels, common, refine_steps=refine_steps,
                           sampling=sampling, progress=progress)
         else:
             rec = _judged(prompts, generations, labels, common, method)
@@ -476,7 +470,7 @@ def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *,
     return rec
 
 
-def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floor, refine_steps, chat,
+def _sweet_spot_prompt(model, sv, prompt, grid, T, budget, *, entropy_floor, refine_steps, chat,
                       positions, rule: str = "mass") -> tuple[dict, "pd.DataFrame"]:
     """One prompt: the sweep, the constrained argmax, and bisection toward the budget boundary when it binds.
 
@@ -485,7 +479,7 @@ def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floo
     """
     import pandas as pd
 
-    probs = next_token_probs(model, v, layer, prompt, grid, positions=positions, chat=chat)
+    probs = next_token_probs(model, sv, prompt, grid, positions=positions, chat=chat)
     r = next_token_readings(probs, T)
     feasible = feasible_run(r["kl"], budget, entropy=r["entropy"], entropy_floor=entropy_floor)
     best = constrained_argmax(r["target_mass"], r["kl"], budget, entropy=r["entropy"], entropy_floor=entropy_floor)
@@ -500,7 +494,7 @@ def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floo
         for _ in range(refine_steps):
             mid = 0.5 * (lo + hi)
             probe = next_token_readings(torch.cat([probs[:1], next_token_probs(
-                model, v, layer, prompt, [mid], positions=positions, chat=chat)]), T)
+                model, sv, prompt, [mid], positions=positions, chat=chat)]), T)
             m = {k: float(x[1]) for k, x in probe.items()}
             ok = bool(feasible_run([0.0, m["kl"]], budget, entropy=[math.inf, m["entropy"]],
                                    entropy_floor=entropy_floor)[1])
@@ -516,7 +510,7 @@ def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floo
             edge = max([float(grid[i]) for i in np.flatnonzero(feasible)] + [e["alpha"] for e in extra if e["feasible"]])
             alpha = min(mid, edge)
             m = next_token_readings(torch.cat([probs[:1], next_token_probs(
-                model, v, layer, prompt, [alpha], positions=positions, chat=chat)]), T)
+                model, sv, prompt, [alpha], positions=positions, chat=chat)]), T)
             at = {k: float(x[1]) for k, x in m.items()}
             status = "between the peaks" if alpha == mid else "budget edge below the peaks' midpoint"
             extra.append(dict(alpha=alpha, feasible=at["kl"] <= budget, **at))
@@ -533,7 +527,7 @@ def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floo
     return row, curve
 
 
-def _sweet_spot(model, v, layer, prompts, grid, labels, common, *, positive, negative, M, n_target, entropy_floor,
+def _sweet_spot(model, sv, prompts, grid, labels, common, *, positive, negative, M, n_target, entropy_floor,
                 refine_steps, chat, positions, progress) -> Recommendation:
     import pandas as pd
 
@@ -550,7 +544,7 @@ def _sweet_spot(model, v, layer, prompts, grid, labels, common, *, positive, neg
     T = target_tokens(M, n_target)
     rows, curves = [], []
     for pi, prompt in enumerate(prompts):
-        row, curve = _sweet_spot_prompt(model, v, layer, prompt, grid, T, common["budget"], entropy_floor=entropy_floor,
+        row, curve = _sweet_spot_prompt(model, sv, prompt, grid, T, common["budget"], entropy_floor=entropy_floor,
                                         refine_steps=refine_steps, chat=chat, positions=positions,
                                         rule=common.get("rule", "mass"))
         rows.append(dict(labels, prompt_index=pi, prompt=prompt, **row))
@@ -581,7 +575,7 @@ def _from_zero(alphas, kl) -> tuple[np.ndarray, np.ndarray]:
     return (a, y) if a.size and a[0] == 0 else (np.r_[0.0, a], np.r_[0.0, y])
 
 
-def _iso_kl(model, v, layer, prompts, gens: Generations, labels, common, *, refine_steps, sampling,
+def _iso_kl(model, sv, prompts, gens: Generations, labels, common, *, refine_steps, sampling,
             progress) -> Recommendation:
     import pandas as pd
 
@@ -597,7 +591,7 @@ def _iso_kl(model, v, layer, prompts, gens: Generations, labels, common, *, refi
     elif refine_steps:
         def measure(a: float) -> float:
             nonlocal gens
-            more = generate_and_measure(model, v, layer, prompts, [a], judge=gens.judge, concept=labels["concept"],
+            more = generate_and_measure(model, sv, prompts, [a], judge=gens.judge, concept=labels["concept"],
                                         progress=progress, **sampling)
             gens = gens.extend(more)
             tokens = np.concatenate(more.kl_tokens + [np.zeros(0)])
@@ -660,8 +654,7 @@ def _prompt_positions(enc) -> torch.Tensor:
     return (enc.attention_mask.bool() & (enc.position_ids > 0)).cpu()
 
 
-@takes_vector
-def prompt_curvature(model: Model, vector, layer: int, prompts: Sequence[str], *, chat: bool,
+def prompt_curvature(model: Model, sv, prompts: Sequence[str], *, chat: bool,
                      positions: str = "all") -> np.ndarray:
     """Per prompt, kappa = d^2/d alpha^2 of KL(p_0 || p_alpha) at alpha = 0, the mean over the prompt's positions
     (after the first) of the next-token Fisher information along v: Var_{z ~ p_0}[d logit_z / d alpha].
@@ -671,8 +664,7 @@ def prompt_curvature(model: Model, vector, layer: int, prompts: Sequence[str], *
     """
     from torch.func import jvp
 
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    v, layer = vector_of(model, sv)
     check_positions(positions)
     out = np.zeros(len(prompts))
     for i, prompt in enumerate(prompts):
@@ -699,12 +691,11 @@ def prompt_curvature(model: Model, vector, layer: int, prompts: Sequence[str], *
     return out
 
 
-@takes_vector
 @torch.inference_mode()
-def prompt_kl(model: Model, vector, layer: int, prompt: str, alphas, *, chat: bool,
+def prompt_kl(model: Model, sv, prompt: str, alphas, *, chat: bool,
               positions: str = "all") -> np.ndarray:
     """[len(alphas)] the mean over the prompt's positions (after the first) of KL(p_0 || p_alpha), nats."""
-    v = as_vector(model, vector)
+    v, layer = vector_of(model, sv)
     a = torch.cat([torch.zeros(1, dtype=torch.float64), as_alphas(alphas)])
     enc = model.encode([prompt], chat=chat)
     keep = _prompt_positions(enc)[0]
@@ -737,18 +728,18 @@ def departure(alphas, measured, slope: float, curvature: float, *, rel: float = 
                 departs_at=float(a[first_bad]) if first_bad is not None else None)
 
 
-def _curvature(model, v, layer, prompts, labels, common, *, scope, corpus, chat, positions,
+def _curvature(model, sv, prompts, labels, common, *, scope, corpus, chat, positions,
                progress) -> Recommendation:
     import pandas as pd
 
     budget = common["budget"]
     rows, curves = [], []
     if scope == "prompt":
-        kappa = prompt_curvature(model, v, layer, prompts, chat=chat, positions=positions)
+        kappa = prompt_curvature(model, sv, prompts, chat=chat, positions=positions)
         for pi, prompt in enumerate(prompts):
             alpha = budget_alpha(budget, float(kappa[pi]))
             check = [m * alpha for m in QUADRATIC_CHECK]
-            kl = prompt_kl(model, v, layer, prompt, check, chat=chat, positions=positions)
+            kl = prompt_kl(model, sv, prompt, check, chat=chat, positions=positions)
             at = float(kl[QUADRATIC_CHECK.index(1.0)])
             rows.append(dict(labels, prompt_index=pi, prompt=prompt, alpha=alpha, status="ok", kappa=float(kappa[pi]),
                              predicted=budget, measured=at, measured_over_predicted=at / budget,
@@ -767,10 +758,10 @@ def _curvature(model, v, layer, prompts, labels, common, *, scope, corpus, chat,
         ids, _ = _sweep_ids(model, list(corpus), CURVATURE_SEQ_LEN, True, CURVATURE_TOKENS)
         if ids.shape[0] == 0:
             raise InputError(f"the corpus has fewer than {CURVATURE_SEQ_LEN + 1} tokens; give a longer one")
-        d = ce_derivatives(model, v, layer, ids, positions=positions)
+        d = ce_derivatives(model, sv, ids, positions=positions)
         alpha = budget_alpha(budget, d["curvature"], d["slope"])
         check = [m * alpha for m in QUADRATIC_CHECK]
-        sums = cross_entropy_sums(model, v, layer, ids, [0.0] + check, positions=positions)
+        sums = cross_entropy_sums(model, sv, ids, [0.0] + check, positions=positions)
         dce = ((sums[1:] - sums[0]) / (ids.shape[0] * CURVATURE_SEQ_LEN)).numpy()
         at = float(dce[QUADRATIC_CHECK.index(1.0)])
         dep = departure(check, dce, d["slope"], d["curvature"])
@@ -832,7 +823,7 @@ def generation_alphas(model: Model, sv, prompts: Sequence[str], alphas=None, *, 
     """The generation methods' grid: `alphas` (0 added, all >= 0), or linspace(0, GRID_SPAN x alpha_scale, points)."""
     if alphas is not None:
         return _grid(alphas, math.nan, GRID_SPAN, points)
-    return _grid(None, alpha_scale(model, as_vector(model, sv), sv.layer, prompts, chat=chat), GRID_SPAN, points)
+    return _grid(None, alpha_scale(model, sv, prompts, chat=chat), GRID_SPAN, points)
 
 
 def recommendation_tables(recs: Sequence[Recommendation]) -> dict:

@@ -4,7 +4,7 @@ Each takes the model, the steering vectors of one concept (SteeringVector: each 
 config section of its stage (config.py: the only defaults), and returns a `runs.StageResult` (`.tables()`,
 `.summary()`) that `runs.write_result` writes. The run passes `chunk=RunDir.chunk` bound to its stage key, so a killed
 run keeps its finished pieces; the CLI computes them directly. `progress(description, total)` is a context manager
-yielding `advance(n)` (cli.common.progress_bar, or the run's).
+yielding `advance(n)` (progress.progress_bar, or the run's).
 """
 
 from __future__ import annotations
@@ -632,7 +632,7 @@ def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, promp
             t_gen = time.perf_counter()
             with progress(f"{concept}: generations for {' / '.join(generating)}, layer {sv.layer}",
                           len(prompts) * len(alphas) * section.completions) as advance:
-                gens = generate_and_measure(model, sv, sv.layer, prompts, alphas, judge=found_judge, concept=concept,
+                gens = generate_and_measure(model, sv, prompts, alphas, judge=found_judge, concept=concept,
                                             seed=seed, chat=chat, batch_size=section.batch_size, progress=advance,
                                             **sampling)
             t_gen = time.perf_counter() - t_gen

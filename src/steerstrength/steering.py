@@ -54,35 +54,12 @@ def as_vector(model: Model, vector) -> torch.Tensor:
     return v.to(device=model.device, dtype=model.dtype)
 
 
-def takes_vector(fn):
-    """Measurements take a SteeringVector, which knows its layer: f(model, sv, ...). The former form
-    f(model, tensor, layer, ...) still works for one release, with a DeprecationWarning."""
-    import functools
-    import warnings
-
-    @functools.wraps(fn)
-    def wrapper(model, vector, *args, **kwargs):
-        layer_of = getattr(vector, "layer", None)
-        if hasattr(vector, "vectors"):  # a SteeringVectors mapping: the layer argument picks from it
-            return fn(model, vector, *args, **kwargs)
-        if isinstance(layer_of, int) and hasattr(vector, "vector"):  # a SteeringVector
-            given = kwargs.pop("layer", None)
-            if given is None and args and isinstance(args[0], int) and not isinstance(args[0], bool):
-                given, args = args[0], args[1:]
-            if given is not None and given != layer_of:
-                raise InputError(f"the vector is layer {layer_of}'s but layer {given} was given; drop the layer "
-                                 "argument (a SteeringVector knows its layer)")
-            return fn(model, vector, layer_of, *args, **kwargs)
-        import sys
-
-        if sys._getframe(1).f_globals.get("__name__", "").startswith("steerstrength."):
-            return fn(model, vector, *args, **kwargs)  # our own internals pass tensors they unwrapped
-        warnings.warn(f"{fn.__name__}(model, tensor, layer, ...) is deprecated: pass a SteeringVector "
-                      f"(SteeringVectors[layer]), which knows its layer: {fn.__name__}(model, sv, ...)",
-                      DeprecationWarning, stacklevel=2)
-        return fn(model, vector, *args, **kwargs)
-
-    return wrapper
+def vector_of(model: Model, sv) -> tuple[torch.Tensor, int]:
+    """(v as `as_vector` gives it, its layer) of a SteeringVector: the vector carries its layer down to the hook."""
+    if not hasattr(sv, "vector") or not isinstance(getattr(sv, "layer", None), int):
+        raise InputError(f"a measurement takes a SteeringVector (SteeringVectors[layer]), which knows its layer, "
+                         f"not a {type(sv).__name__}")
+    return as_vector(model, sv.vector), check_layer(model, sv.layer)
 
 
 def check_layer(model: Model, layer: int) -> int:
@@ -383,9 +360,8 @@ def forward_over_shared_prefix(model: Model, cache, enc: Encoded, layer: int, hi
 # ----------------------------------------------------------------------------- next-token probabilities
 
 
-@takes_vector
 @torch.inference_mode()
-def next_token_probs(model: Model, vector, layer: int, context: str, alphas, positions: str = "all", *,
+def next_token_probs(model: Model, sv, context: str, alphas, positions: str = "all", *,
                      chat: bool = False, token_budget: int = DEFAULT_TOKEN_BUDGET) -> torch.Tensor:
     """Eq. (1) swept over alpha: [len(alphas), vocab] float32, the softmax of the steered logits after `context`.
 
@@ -394,8 +370,7 @@ def next_token_probs(model: Model, vector, layer: int, context: str, alphas, pos
     the last token goes through the model per alpha.
 
     Args:
-        vector: a SteeringVector (SteeringVectors[layer]), which knows its layer; the former (tensor, layer)
-            pair still works for one release, with a DeprecationWarning.
+        sv: a SteeringVector (SteeringVectors[layer]), which knows its layer.
         context: the text whose next token is predicted.
         alphas: raw strengths, a list or a 1-D tensor (`sv.raw_alphas(grid)` converts an AlphaGrid).
         positions: "all" steers every position, "last" only the last one.
@@ -406,8 +381,7 @@ def next_token_probs(model: Model, vector, layer: int, context: str, alphas, pos
 
         probs = ss.next_token_probs(model, sv[15], "Today I", [-8.0, 0.0, 8.0])   # [3, vocab]
     """
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    v, layer = vector_of(model, sv)
     check_positions(positions)
     a = as_alphas(alphas)
     enc = model.encode([context], chat=chat)
@@ -471,8 +445,8 @@ def _last_token_probs_concat(model, v, layer, T, snapshot, last, h, a, rows, tok
 
 
 @torch.inference_mode()
-def shared_prefix_last_logits(model: Model, v: torch.Tensor, layer: int, rows: Sequence[Sequence[int]],
-                              alphas: torch.Tensor, positions: str, *,
+def shared_prefix_last_logits(model: Model, sv, rows: Sequence[Sequence[int]], alphas: torch.Tensor, positions: str,
+                              *,
                               token_budget: int) -> Iterator[tuple[slice, int, torch.Tensor]]:
     """(alpha slice, row index j, [b, vocab] steered logits at the last token of rows[j]) for token rows
     sharing a prefix (k-shot prompts), over every alpha chunk and row.
@@ -482,6 +456,7 @@ def shared_prefix_last_logits(model: Model, v: torch.Tensor, layer: int, rows: S
     positions="last" it is unsteered throughout and runs once. Each row then runs only its own tokens:
     blocks 0..l once, blocks l+1.. with the alphas in the batch, logits at the last position only.
     """
+    v, layer = vector_of(model, sv)
     n_layers, dev = model.n_layers, model.device
     P = common_prefix_length(rows)
     low, high = range(layer + 1), range(layer + 1, n_layers)

@@ -50,7 +50,7 @@ from steerstrength.errors import InputError
 from steerstrength.grid import default_alphas
 from steerstrength.models import Model
 from steerstrength.sampling import sample_rows
-from steerstrength.steering import takes_vector, as_alphas, as_vector, check_layer, check_positions
+from steerstrength.steering import as_alphas, check_layer, check_positions, vector_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -517,13 +517,6 @@ class ConceptResult:
         return paths
 
 
-def layer_vector(vector, layer: int):
-    """The [d_model] vector for `layer` from a SteeringVectors or a plain vector."""
-    from steerstrength.vectors import SteeringVectors
-
-    return vector[layer] if isinstance(vector, SteeringVectors) else vector
-
-
 def _judges(judges, judge_model, device: str):
     from steerstrength.judges import Judge, make_judge
 
@@ -538,8 +531,7 @@ def _judges(judges, judge_model, device: str):
     return out
 
 
-@takes_vector
-def concept_probability(model: Model, vector, layer: int, concept: str, *, alphas=DEFAULT_ALPHAS,
+def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS,
                         prompts: Sequence[str] | None = None, n_completions: int = 32, max_new_tokens: int = 64,
                         judges=("lexicon",), judge_model: Model | None = None,
                         positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
@@ -551,8 +543,7 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     """Sec. 5: fraction of sampled steered completions a judge finds `concept` in, per alpha (Thm 3.6).
 
     Args:
-        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
-            DeprecationWarning, for one release).
+        sv: a SteeringVector, which knows its layer.
         concept: what the judges look for.
         alphas: raw alphas (default: 41 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
         prompts: the prompts completed (default: metrics.concept.DEFAULT_PROMPTS); n_completions per prompt and alpha.
@@ -575,8 +566,7 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     from steerstrength.judges import judge_accuracy
 
     t_start = time.perf_counter()
-    check_layer(model, layer)
-    v = as_vector(model, layer_vector(vector, layer))
+    v, layer = vector_of(model, sv)
     a = as_alphas(alphas).tolist()
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):

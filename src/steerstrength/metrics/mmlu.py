@@ -25,12 +25,10 @@ from steerstrength.errors import InputError
 from steerstrength.grid import default_alphas
 from steerstrength.models import Model
 from steerstrength.steering import (
-    takes_vector,
     as_alphas,
-    as_vector,
-    check_layer,
     check_positions,
     shared_prefix_last_logits,
+    vector_of,
 )
 from steerstrength.prefix import common_prefix_length
 
@@ -353,14 +351,13 @@ def _letter_logprobs(logits: torch.Tensor, letter_ids: list[list[int]]) -> tuple
 
 
 @torch.inference_mode()
-def subject_letter_logprobs(model: Model, v: torch.Tensor, layer: int, rows: Sequence[Sequence[int]],
-                            alphas: torch.Tensor, positions: str, letter_ids: list[list[int]], *,
+def subject_letter_logprobs(model: Model, sv, rows: Sequence[Sequence[int]], alphas: torch.Tensor, positions: str,
+                            letter_ids: list[list[int]], *,
                             token_budget: int, progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[A, Q, 4] letter log-probs and [A, Q] letter mass for the prompts `rows` sharing a token prefix."""
     out = np.empty((alphas.shape[0], len(rows), 4), dtype=np.float64)
     mass = np.empty((alphas.shape[0], len(rows)), dtype=np.float64)
-    for sl, j, logits in shared_prefix_last_logits(model, v, layer, rows, alphas, positions,
-                                                   token_budget=token_budget):
+    for sl, j, logits in shared_prefix_last_logits(model, sv, rows, alphas, positions, token_budget=token_budget):
         lp, m = _letter_logprobs(logits, letter_ids)
         out[sl, j] = lp.cpu().numpy()
         mass[sl, j] = m.cpu().numpy()
@@ -413,16 +410,14 @@ def accuracy_table(table) -> "pd.DataFrame":
                        "letter_mass"]]
 
 
-@takes_vector
-def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, subjects: Sequence[str] | None = None,
+def mmlu_accuracy(model: Model, sv, *, alphas=DEFAULT_ALPHAS, subjects: Sequence[str] | None = None,
                   source=None, mmlu_dir=None, mmlu_parquet=None, k_shots: int = 5, limit: int | None = None, chat: bool = False,
                   positions: str = "all", concept: str = "", setting: str = "", token_budget: int = 16384,
                   data: dict | None = None, progress: Callable | None = None) -> MMLUResult:
     """Fig. A.6: MMLU accuracy of the steered model per alpha, by answer-letter likelihood after k shots.
 
     Args:
-        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
-            DeprecationWarning, for one release).
+        sv: a SteeringVector, which knows its layer.
         alphas: raw alphas (default: 9 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
         source: a CSV directory, a Parquet file or directory, or "cais/mmlu"; or `mmlu_dir` / `mmlu_parquet`;
             none of them: cais/mmlu through `datasets`; or `data` from `load_mmlu`.
@@ -437,11 +432,8 @@ def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, su
     """
     import pandas as pd
 
-    from steerstrength.metrics.concept import layer_vector
-
     t_start = time.perf_counter()
-    check_layer(model, layer)
-    v = as_vector(model, layer_vector(vector, layer))
+    _, layer = vector_of(model, sv)
     a = as_alphas(alphas)
     check_positions(positions)
     if k_shots < 0:
@@ -461,7 +453,7 @@ def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, su
     records, per_subject = [], {}
     for subject, (dev, test) in data.items():
         rows, k_used = subject_token_rows(model, subject, dev, test, k_shots, chat)
-        lp, mass = subject_letter_logprobs(model, v, layer, rows, a, positions, letter_ids,
+        lp, mass = subject_letter_logprobs(model, sv, rows, a, positions, letter_ids,
                                            token_budget=token_budget, progress=progress)
         per_subject[subject] = {"n_questions": len(test), "k_shots": k_used,
                                 "shared_prefix_tokens": common_prefix_length(rows),
