@@ -313,7 +313,7 @@ def test_a_users_contexts_file_is_swept_whole_unless_n_contexts_is_given(files, 
 
 def test_the_layer_scan_reads_texts_as_the_vectors_do_with_max_length(files):
     from steerstrength.config import VectorsConfig
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
     from steerstrength.stages import scan_stage
 
     model = load_model(str(files / "model"), device="cpu")

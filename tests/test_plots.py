@@ -396,13 +396,13 @@ def test_a_redraw_removes_figures_whose_tables_are_gone(tmp_path):
 def test_cli_plot_redraws_without_loading_a_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import steerstrength.models
+    import steerstrength.loading
     from steerstrength.cli import app
 
     def no_model(*args, **kwargs):
         raise AssertionError("plot must not load a model")
 
-    monkeypatch.setattr(steerstrength.models, "load_model", no_model)
+    monkeypatch.setattr(steerstrength.loading, "load_model", no_model)
     monkeypatch.setattr(steerstrength, "load_model", no_model)
     run = make_run(tmp_path / "cli", concepts=("evil",), layers=(2,), stages=("tokens", "xent"), n_alphas=16)
     result = CliRunner().invoke(app, ["plot", str(run)])

@@ -408,7 +408,7 @@ def test_the_cli_and_the_run_write_the_same_tables(files, monkeypatch, capsys, t
     inputs give the same recommend.parquet, recommend_curve.parquet and recommend_generations.jsonl."""
     from steerstrength.config import preset
     from steerstrength.io import write_jsonl
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
     from steerstrength.pipeline import Context, stage_recommend
     from steerstrength.prompts import rows_from_texts
     from steerstrength.runs import RunDir

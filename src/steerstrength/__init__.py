@@ -7,7 +7,8 @@ from steerstrength.errors import (
     RunError,
     SteerStrengthError,
 )
-from steerstrength.models import Model, load_model
+from steerstrength.models import Model
+from steerstrength.loading import load_model
 from steerstrength.sampling import steered_generate
 from steerstrength.steering import next_token_probs, steer
 from steerstrength.prompts import (concepts, curated_pairs, curated_texts, evaluation_prompts, generate_prompts,

@@ -547,7 +547,7 @@ def validate(cfg: RunConfig) -> None:
         if get(cfg, key) not in allowed:
             raise InputError(f"{key} must be {' or '.join(allowed)}, not {get(cfg, key)!r}")
     if cfg.model.device_map is not None:
-        from steerstrength.models import DEVICE_MAPS
+        from steerstrength.loading import DEVICE_MAPS
 
         if cfg.model.device_map not in DEVICE_MAPS:
             raise InputError(f"model.device_map must be one of {', '.join(DEVICE_MAPS)} or none, not "

@@ -27,7 +27,7 @@ from typing import Callable
 from steerstrength.config import RunConfig, to_toml
 from steerstrength.errors import InputError
 from steerstrength.io import atomic_path, write_json, write_parquet
-from steerstrength.models import spec_kind
+from steerstrength.loading import spec_kind
 
 MODELS_FILE = "models.json"
 

@@ -125,7 +125,7 @@ class Context:
 def stage_prompts(ctx: Context) -> list[str]:
     import pandas as pd
 
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
     from steerstrength.prompts import generate_prompts, load_prompts, rows_from_texts, texts_of
 
     p = ctx.cfg.prompts
@@ -372,7 +372,7 @@ def stage_concept(ctx: Context) -> list:
         prompts = [r["text"] for r in read_texts(c.prompts_file, what="concept prompt file")]
     judge_model = None
     if c.judge == "llm" and c.judge_model is not None:
-        from steerstrength.models import load_model
+        from steerstrength.loading import load_model
 
         judge_model = load_model(c.judge_model, dtype=ctx.cfg.model.dtype, device=ctx.cfg.model.device)
     results = []
@@ -436,7 +436,7 @@ def stage_recommend(ctx: Context) -> list:
         prompts = [r["text"] for r in read_texts(c.prompts_file, what="concept prompt file")]
     judge_model = None
     if "global" in default_methods(ctx.cfg.positions, len(prompts))[0] and c.judge == "llm" and c.judge_model:
-        from steerstrength.models import load_model
+        from steerstrength.loading import load_model
 
         judge_model = load_model(c.judge_model, dtype=ctx.cfg.model.dtype, device=ctx.cfg.model.device)
     corpus = run_corpus(ctx)[0] if ctx.cfg.recommend.curvature_scope == "corpus" else None
@@ -573,7 +573,7 @@ def check_names(cfg: RunConfig) -> None:
 
 def load_run_model(cfg: RunConfig):
     """The model of a run's `model` section (spec, dtype, device, blocks path, device map)."""
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
 
     m = cfg.model
     return load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path, device_map=m.device_map)

@@ -51,7 +51,7 @@ def base_tokenizer():
     <|endoftext|> as BOS, EOS and pad and no chat template: the tiny model is a base model."""
     from transformers import AutoTokenizer
 
-    from steerstrength.models import DEFAULT_MODEL, embedded_gguf, gguf_cache_dir, load_model
+    from steerstrength.loading import DEFAULT_MODEL, embedded_gguf, gguf_cache_dir, load_model
 
     cached = gguf_cache_dir(embedded_gguf(DEFAULT_MODEL))
     tok = (AutoTokenizer.from_pretrained(str(cached)) if (cached / "steerstrength.json").is_file()
@@ -204,7 +204,7 @@ def train_tiny(out_dir, *, minutes: float | None = 15.0, steps: int | None = Non
     import pandas as pd
     from transformers import GPT2LMHeadModel, get_cosine_schedule_with_warmup
 
-    from steerstrength.models import import_transformers
+    from steerstrength.loading import import_transformers
 
     import_transformers()  # also turns off transformers' own progress bars (the save's "Writing model shards")
 

@@ -48,7 +48,7 @@ def check_seed(seed: int, option: str = "--seed") -> None:
 
 
 def load(spec: Optional[str], dtype: str = "float32", device: str = "auto", blocks_path: Optional[str] = None):
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
 
     return load_model(spec, dtype=dtype, device=device, blocks_path=blocks_path)
 
