@@ -228,8 +228,9 @@ class RayConfig:
     num_gpus_per_model: Optional[float] = None  # None: no GPU; 1: a GPU per model; 0.5: two small models share one
     memory_gb: Optional[float] = None  # RAM reserved per model (Ray's `memory`); None: nothing reserved
     max_retries: int = 3  # a model whose worker dies is restarted and resumes from its run directory this often
-    # Actors per model: above 1, the (concept, layer) cells of the long stages (tokens, xent, concept, mmlu) of one
-    # model run in parallel on its actors (each loads the model once); the model's pipeline then assembles the tables.
+    # Actors per model: above 1, each steering vector's (concept, layer) share of the long stages (tokens, xent, concept,
+    # mmlu) of one model runs in parallel on its actors (each loads the model once); the model's pipeline then assembles
+    # the tables.
     actors_per_model: int = 1
 
 

@@ -109,12 +109,12 @@ class ModelCell:
         return run_pipeline(self.cfg, self.out, progress=no_progress, log=self.log,
                             only=self.only if only is None else only, model=self.model())
 
-    def cell(self, concept: str, layer: int) -> list[str]:
-        """One (concept, layer) cell of the long stages: its chunks, in the model's run directory (pipeline.run_cell)."""
-        from steerstrength.pipeline import run_cell
+    def run_vector(self, concept: str, layer: int) -> list[str]:
+        """One vector's share of the long stages: its chunks, in the model's run directory (pipeline.run_vector)."""
+        from steerstrength.pipeline import run_vector
         from steerstrength.stages import no_progress
 
-        return run_cell(self.cfg, self.out, concept, layer, progress=no_progress, log=self.log, model=self.model())
+        return run_vector(self.cfg, self.out, concept, layer, progress=no_progress, log=self.log, model=self.model())
 
     def wait_for_lock(self) -> None:
         """A cell re-run right after its driver was killed may find the old worker still stopping, holding the run
@@ -221,16 +221,16 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
     """Every model as Ray actors, all at once (Ray places them as resources free up); {name: results}.
 
     With `ray.actors_per_model` = 1 a model's actor runs its pipeline. With more (and prompts and vectors among the
-    stages run), its actors are placed together (a placement group) and its pipeline runs in three steps: prompts and vectors on the first actor; then each (concept, layer) cell of the long
-    stages (pipeline.CELL_STAGES) on the model's actors in parallel, each filling its resumable chunks; then the first
+    stages run), its actors are placed together (a placement group) and its pipeline runs in three steps: prompts and vectors on the first actor; then each vector's (concept, layer) share of the
+    long stages (pipeline.PER_VECTOR_STAGES) on the model's actors in parallel, each filling its resumable chunks; then the first
     actor runs the pipeline, which finds every chunk and writes the tables a local run writes.
     """
-    from steerstrength.pipeline import CELL_STAGES, STAGES, enabled, stage_keys, vector_cells
+    from steerstrength.pipeline import PER_VECTOR_STAGES, STAGES, enabled, run_vectors, stage_keys
 
     wanted = [s for s in STAGES if not only or s in only]
     n_actors = cfg.ray.actors_per_model
     phased = (n_actors > 1 and (not only or {"prompts", "vectors"} <= set(only))
-              and any(enabled(c.cfg, s)[0] and s in wanted for c in cells[:1] for s in CELL_STAGES))
+              and any(enabled(c.cfg, s)[0] and s in wanted for c in cells[:1] for s in PER_VECTOR_STAGES))
     with ray_session(cfg, log) as ray:
         check_resources(ray, cfg, n_actors if phased else 1)
         remote_cell = ray.remote(ModelCell)
@@ -240,7 +240,7 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
         keys = {c.name: functools.lru_cache(maxsize=4)(functools.partial(stage_keys, c.cfg)) for c in cells}
         actors: dict[str, list] = {}
         refs: dict = {}  # ref -> (model cell, step)
-        open_cells: dict[str, int] = {}  # model -> its (concept, layer) cells still running
+        open_vectors: dict[str, int] = {}  # model -> its vectors' shares still running
         results, failed = {}, {}
 
         def submit(cell: Cell, step: str, ref) -> None:
@@ -300,17 +300,17 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
                         continue
                     if step == "placed":
                         start(cell, groups[cell.name])
-                    elif step == "vectors":  # the model's cells, spread over its actors
-                        todo = vector_cells(cell.cfg, cell.out)
-                        open_cells[cell.name] = len(todo)
-                        state.stage = f"cells 0/{len(todo)}"
+                    elif step == "vectors":  # the model's vectors, spread over its actors
+                        todo = run_vectors(cell.cfg, cell.out)
+                        open_vectors[cell.name] = len(todo)
+                        state.stage = f"vectors 0/{len(todo)}"
                         for i, (concept, layer) in enumerate(todo):
-                            submit(cell, "cell", actors[cell.name][i % n_actors].cell.remote(concept, layer))
+                            submit(cell, "vector", actors[cell.name][i % n_actors].run_vector.remote(concept, layer))
                         if not todo:
                             submit(cell, "run", actors[cell.name][0].run.remote())
-                    elif step == "cell":
-                        open_cells[cell.name] -= 1
-                        if open_cells[cell.name] == 0:  # every chunk is there: the pipeline assembles the tables
+                    elif step == "vector":
+                        open_vectors[cell.name] -= 1
+                        if open_vectors[cell.name] == 0:  # every chunk is there: the pipeline assembles the tables
                             submit(cell, "run", actors[cell.name][0].run.remote())
                     else:
                         results[cell.name] = value
@@ -323,9 +323,9 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
                             remove_placement_group(groups.pop(cell.name))
                 for cell in cells:
                     st = cell_state(cell, states[cell.name], keys[cell.name], wanted)
-                    if st.state == "running" and open_cells.get(cell.name):
-                        n = sum(1 for c, step in refs.values() if c.name == cell.name and step == "cell")
-                        st.stage = f"cells: {n} of the long stages' (concept, layer) cells left"
+                    if st.state == "running" and open_vectors.get(cell.name):
+                        n = sum(1 for c, step in refs.values() if c.name == cell.name and step == "vector")
+                        st.stage = f"vectors: {n} of the long stages' (concept, layer) shares left"
                 if watch is not None:
                     watch(list(states.values()))
         finally:

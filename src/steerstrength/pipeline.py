@@ -38,11 +38,11 @@ class Context:
     model: object  # the loaded Model (loaded before the run directory is made)
     layers: list[int]  # cfg.layers resolved against the model's depth
     keys: dict = field(default_factory=dict)
-    cell: tuple | None = None  # (concept, layer): compute that vector's resumable chunks only, write no table
+    one_vector: tuple | None = None  # (concept, layer): compute that vector's resumable chunks only, write no table
 
     @property
     def concepts(self) -> list[str]:
-        return [self.cell[0]] if self.cell else list(self.cfg.concepts)
+        return [self.one_vector[0]] if self.one_vector else list(self.cfg.concepts)
 
     def labels(self, concept: str, layer: int | None = None) -> dict:
         """The columns every table row starts with (stages.row_labels), and the layer when given."""
@@ -61,9 +61,9 @@ class Context:
         from steerstrength.vectors import SteeringVectors
 
         sv = SteeringVectors.load(self.run.path("vectors", f"{concept}.safetensors"))
-        if self.cell is None:
+        if self.one_vector is None:
             return sv
-        layer = self.cell[1]
+        layer = self.one_vector[1]
         sv[layer]  # one line for a layer the vectors lack
         return dataclasses.replace(sv, vectors={layer: sv.vectors[layer]},
                                    resamples={k: v for k, v in sv.resamples.items() if k == layer})
@@ -249,10 +249,10 @@ def contexts_note(ctx: Context, concept: str, contexts: list[dict]) -> dict:
 
 
 def _write(ctx: Context, results: list) -> list:
-    """The concepts' results as one set of tables (runs.write_result); nothing for a cell (its chunks are written)."""
+    """The concepts' results as one set of tables (runs.write_result); nothing for one vector (its chunks are written)."""
     from steerstrength.runs import StageResult, write_result
 
-    if ctx.cell is not None:
+    if ctx.one_vector is not None:
         return []
     return write_result(ctx.run.path("tables"), StageResult.combine(results))
 
@@ -635,14 +635,15 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
     return results
 
 
-# ----------------------------------------------------------------------------- cells of a run (executors.py)
+# ----------------------------------------------------------------------------- one vector's share of a run (executors.py)
 
-# The stages whose work is kept in resumable chunks named per (concept, layer): a run's cells can compute them apart.
-CELL_STAGES = ("tokens", "xent", "concept", "mmlu")
+# The stages whose work is kept in resumable chunks named per (concept, layer): each steering vector's share of a run
+# can be computed apart.
+PER_VECTOR_STAGES = ("tokens", "xent", "concept", "mmlu")
 
 
-def vector_cells(cfg: RunConfig, out: str | Path) -> list[tuple[str, int]]:
-    """The (concept, layer) cells of a run directory whose vectors stage is done: one per steering vector."""
+def run_vectors(cfg: RunConfig, out: str | Path) -> list[tuple[str, int]]:
+    """The (concept, layer) of every steering vector of a run directory whose vectors stage is done."""
     from steerstrength.vectors import SteeringVectors
 
     run = RunDir(out)
@@ -650,17 +651,18 @@ def vector_cells(cfg: RunConfig, out: str | Path) -> list[tuple[str, int]]:
             for layer in SteeringVectors.load(run.path("vectors", f"{c}.safetensors")).layers]
 
 
-def run_cell(cfg: RunConfig, out: str | Path, concept: str, layer: int, *, progress, log, model=None) -> list[str]:
-    """Compute (or find) one (concept, layer) cell's chunks of the long stages (CELL_STAGES) in a run directory whose
-    prompts and vectors are done, writing no table and no manifest entry: `run_pipeline` then builds those stages'
-    tables from the chunks, exactly as if it had computed them. Cells of one run may run at once, in other processes
+def run_vector(cfg: RunConfig, out: str | Path, concept: str, layer: int, *, progress, log, model=None) -> list[str]:
+    """Compute (or find) one vector's (concept, layer) chunks of the long stages (PER_VECTOR_STAGES) in a run directory
+    whose prompts and vectors are done, writing no table and no manifest entry: `run_pipeline` then builds those stages'
+    tables from the chunks, exactly as if it had computed them. Vectors of one run may run at once, in other processes
     or on other nodes (each chunk is written atomically under its own name). Returns the stages it filled."""
     model = model or load_run_model(cfg)
     run = RunDir(out)
     ctx = Context(cfg=cfg, run=run, progress=progress, log=log, model=model,
-                  layers=resolve_layers(cfg.layers, model.n_layers), keys=stage_keys(cfg, model.fingerprint()), cell=(concept, layer))
+                  layers=resolve_layers(cfg.layers, model.n_layers), keys=stage_keys(cfg, model.fingerprint()),
+                  one_vector=(concept, layer))
     filled = []
-    for stage in CELL_STAGES:
+    for stage in PER_VECTOR_STAGES:
         if enabled(cfg, stage)[0]:
             STAGE_FUNCS[stage](ctx)
             filled.append(stage)

@@ -519,7 +519,7 @@ def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict
     Args:
         questions: mmlu_questions(...) (read before the model loads).
         source: what the questions are (written in mmlu.json).
-        chunk: a run's resumable pieces, one per vector (a (concept, layer) cell of a Ray run fills its own).
+        chunk: a run's resumable pieces, one per vector (one vector's share of a Ray run fills its own).
     """
     import pandas as pd
 
