@@ -51,7 +51,7 @@ def test_difference_of_means_equals_a_hand_computation_from_hidden_states(model,
     for layer in (0, 1):
         want = torch.stack([hand_mean(model, t, layer, skip_first_token) for t in P]).mean(0) - \
             torch.stack([hand_mean(model, t, layer, skip_first_token) for t in N]).mean(0)
-        torch.testing.assert_close(got[layer].double(), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got[layer].vector.double(), want, atol=1e-6, rtol=1e-5)
 
 
 def test_skip_first_token_keeps_an_attention_sink_out_of_the_vector():
@@ -63,8 +63,8 @@ def test_skip_first_token_keeps_an_attention_sink_out_of_the_vector():
     short, long = ["i am glad", "joy and a smile"], ["the table is in the kitchen and the cat is on it",
                                                      "a cat saw a dog in the house in the evening rain"]
     bos_dir = hand_mean(sink, "the", 1, skip_first_token=False)  # 2 tokens: dominated by BOS
-    plain = difference_of_means(sink, short, long, 1, skip_first_token=False)[1].double()
-    skipped = difference_of_means(sink, short, long, 1)[1].double()
+    plain = difference_of_means(sink, short, long, 1, skip_first_token=False)[1].vector.double()
+    skipped = difference_of_means(sink, short, long, 1)[1].vector.double()
     cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
     assert abs(cos(plain, bos_dir)) > 0.99
     assert abs(cos(skipped, bos_dir)) < 0.5
@@ -91,7 +91,7 @@ def test_rows_and_texts_give_the_same_vectors(model):
 def test_normalize_gives_unit_vectors_along_the_same_direction(model, sv):
     unit = difference_of_means(model, P, N, [0, 1, 2], normalize=True, resamples=4, seed=3)
     for layer in sv.layers:
-        assert abs(float(unit[layer].double().norm()) - 1.0) < 1e-6
+        assert abs(float(unit[layer].vector.double().norm()) - 1.0) < 1e-6
         torch.testing.assert_close(unit[layer].vector, sv[layer].vector / sv[layer].norm(), atol=1e-6, rtol=0)
         assert torch.allclose(unit.resamples[layer].norm(dim=-1), torch.ones(4), atol=1e-6)
 
@@ -131,7 +131,7 @@ def test_safetensors_round_trip_is_bit_for_bit(sv, tmp_path):
     back = SteeringVectors.load(tmp_path / "v.safetensors")
     assert back.layers == sv.layers and back.meta == sv.meta
     for layer in sv.layers:
-        assert back[layer].dtype == sv[layer].dtype and torch.equal(back[layer], sv[layer])
+        assert back[layer].vector.dtype == sv[layer].vector.dtype and torch.equal(back[layer].vector, sv[layer].vector)
         assert torch.equal(back.resamples[layer], sv.resamples[layer])
     assert back.meta["concept"] == "joy" and back.meta["setting"] == "contrastive"
     assert back.meta["skip_first_token"] is True and back.meta["n_positive"] == 4
@@ -165,7 +165,7 @@ def test_gguf_export_refuses_layer_zero(sv, tmp_path):
 
 def test_to_moves_and_casts_every_tensor(sv):
     half = sv.to(dtype=torch.float64)
-    assert all(half[layer].dtype == torch.float64 for layer in half.layers)
+    assert all(half[layer].vector.dtype == torch.float64 for layer in half.layers)
     assert half.resamples[1].dtype == torch.float64 and sv[1].dtype == torch.float32
     assert half.meta == sv.meta
 

@@ -198,10 +198,10 @@ class AlphaGrid:
         if norm is None or not norm > 0:
             raise InputError(f"a grid in {self.unit} units needs the vector's (nonzero) norm to become raw alphas")
         if self.unit == "unit":
-            return self.values / float(norm)
+            return to_raw(self.values, "unit", float(norm))
         if residual_norm is None or not residual_norm > 0:
             raise InputError("a grid in residual units needs the layer's residual norm (a positive number)")
-        return self.values / (float(norm) / float(residual_norm))  # / resid_scale, bit for bit as to_raw
+        return to_raw(self.values, "resid", float(norm) / float(residual_norm))
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -254,20 +254,21 @@ def resid_scale(vector, residual_norm: float) -> float:
     return norm / float(residual_norm)
 
 
-def to_raw(alphas, unit: str, scale: float) -> torch.Tensor:
-    """A grid in `unit` (raw or resid) as the raw alphas of Eq. (1), given alpha_resid per raw alpha; 0 stays 0.
+def to_raw(alphas, unit: str, scale: float | None) -> torch.Tensor:
+    """THE conversion of strengths in `unit` to the raw alphas of Eq. (1) (AlphaGrid.to_raw, SteeringVector.raw_alphas,
+    the exported and served strengths all come here): alphas / scale; 0 stays 0.
 
     Args:
         alphas: an AlphaGrid, a list or a 1-D tensor.
-        unit: "raw" (returned as they are) or "resid".
-        scale: alpha_resid per unit of raw alpha (resid_scale).
+        unit: "raw" (returned as they are), "resid" or "unit".
+        scale: alphas in `unit` per raw alpha: ||v|| / r_l for resid (resid_scale), ||v|| for unit; unused for raw.
 
     Example::
 
         raw = ss.to_raw(torch.linspace(-1.5, 1.5, 61), "resid", sv.resid_scale(28))   # or sv[28].raw_alphas(grid)
     """
     a = alphas.values if isinstance(alphas, AlphaGrid) else as_alphas(alphas)
-    return a if check_unit(unit) == "raw" else a / scale
+    return a if check_unit(unit, UNITS) == "raw" else a / scale
 
 
 def add_resid_column(frame, scale: float, column: str = "alpha"):

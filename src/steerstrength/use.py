@@ -23,12 +23,9 @@ if TYPE_CHECKING:
 
 def raw_alphas(sv, alphas, unit: str, model: Model) -> list[float]:
     """`alphas` in `unit` ("raw" or "resid") as the raw alphas `steer` adds with the SteeringVector `sv`."""
-    from steerstrength.grid import check_unit
-    from steerstrength.steering import as_alphas
+    from steerstrength.grid import check_unit, to_raw
 
-    check_unit(unit)
-    a = as_alphas(alphas).tolist()
-    return a if unit == "raw" else [x / sv.resid_scale(model) for x in a]
+    return to_raw(alphas, check_unit(unit), None if unit == "raw" else sv.resid_scale(model)).tolist()
 
 
 def generate_completions(model: Model, sv, prompts: Sequence[str], alphas, *, unit: str = "raw",

@@ -304,7 +304,7 @@ class SteeringVectors:
         the unscaled v stays in meta["strength"]."""
         import math
 
-        from steerstrength.grid import check_unit
+        from steerstrength.grid import check_unit, to_raw
 
         unit = check_unit(unit, ("raw", "resid"))
         chosen = self.layers if layers is None else sorted(set(int(x) for x in layers))
@@ -316,7 +316,7 @@ class SteeringVectors:
             if a is None or not math.isfinite(float(a)) or float(a) == 0:
                 raise InputError(f"the pre-scaling alpha for layer {layer} must be finite and nonzero, not {a!r}")
             scale = self.resid_scale(layer, model) if unit == "resid" or self._has_r(layer) else None
-            raw[str(layer)] = float(a) / scale if unit == "resid" else float(a)
+            raw[str(layer)] = float(to_raw([float(a)], unit, scale)[0])
             resid[str(layer)] = None if scale is None else raw[str(layer)] * scale
         one = {float(given[x]) for x in chosen}
         meta = dict(self.meta, prescaled=dict(unit=unit, alpha=one.pop() if len(one) == 1 else None, raw_alpha=raw,
