@@ -76,7 +76,8 @@ def test_prompt_is_the_original_mmlu_format():
 def test_mmlu_accuracy_tables_on_a_tiny_model(tmp_path):
     model = tiny_model("llama")
     v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
-    result = mmlu_accuracy(model, SteeringVector(v, 1), alphas=[-4.0, 0.0, 4.0], mmlu_dir=CSV, k_shots=2, limit=3, concept="joy")
+    result = mmlu_accuracy(model, SteeringVector(v, 1), alphas=[-4.0, 0.0, 4.0], mmlu_dir=CSV, k_shots=2, limit=3,
+                           labels=dict(concept="joy"))
     t = result.table
     assert len(t) == 3 * 3 * 3 and set(t["subject"]) == set(FIXTURE_SUBJECTS)
     assert (t["correct"] == (t["answer"] == t["predicted"])).all()

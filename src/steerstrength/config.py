@@ -208,6 +208,25 @@ class UseConfig:
 
 USE = UseConfig()
 
+
+@dataclass
+class TrainTinyConfig:
+    """`steerstrength train-tiny`: Table A.1's 1-block GPT (train_tiny.py). Not a run stage, so not part of RunConfig."""
+
+    minutes: Optional[float] = 15.0  # wall-clock budget of the whole call; None: no cap (then `steps` is needed)
+    steps: Optional[int] = None  # optimizer steps at most; None: as many as fit in `minutes`
+    d_model: int = 176  # 176 gives 9.07 M parameters (8.65 M embedding)
+    n_head: int = 4
+    seq_len: int = 256  # tokens per training window (= the model's n_positions)
+    batch_size: int = 4  # windows per step
+    lr: float = 2e-3  # peak learning rate (AdamW; linear warmup, cosine decay to 0)
+    warmup: float = 0.05  # as a fraction of the steps
+    weight_decay: float = 0.1
+    upper_fraction: float = 0.1  # share of training paragraphs upper-cased (the uppercase concept must be seen)
+    eval_every: int = 50  # held-out loss every so many steps ...
+    eval_windows: int = 32  # ... on the first so many test windows (the final test loss reads them all)
+    seed: int = 0
+
 # A concept without built-in contexts (data/contexts.json) and without tokens.contexts_file: its concept contexts are
 # the opening CONTEXT_WORDS words of its first DERIVED_CONTEXTS held-out P texts (metrics/contexts.py).
 DERIVED_CONTEXTS = 4

@@ -534,8 +534,7 @@ def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict
             with progress(f"{concept}: MMLU, layer {sv.layer} (questions x alphas)", n_questions * len(grid)) as adv:
                 res = mmlu_accuracy(model, sv, alphas=sv.raw_alphas(grid, model), **questions, k_shots=section.k_shot,
                                     limit=section.max_questions, chat=section.chat, positions=positions,
-                                    concept=concept, setting=labels.get("setting", ""),
-                                    token_budget=section.token_budget, progress=adv)
+                                    labels=labels, token_budget=section.token_budget, progress=adv)
             return {"questions": res.table, "subjects": res.accuracy,
                     "summary": pd.DataFrame([{"json": json.dumps(res.summary, default=str)}])}
 

@@ -412,7 +412,7 @@ def accuracy_table(table) -> "pd.DataFrame":
 
 def mmlu_accuracy(model: Model, sv, *, alphas=DEFAULT_ALPHAS, subjects: Sequence[str] | None = None,
                   source=None, mmlu_dir=None, mmlu_parquet=None, k_shots: int = 5, limit: int | None = None, chat: bool = False,
-                  positions: str = "all", concept: str = "", setting: str = "", token_budget: int = 16384,
+                  positions: str = "all", labels: dict | None = None, token_budget: int = 16384,
                   data: dict | None = None, progress: Callable | None = None) -> MMLUResult:
     """Fig. A.6: MMLU accuracy of the steered model per alpha, by answer-letter likelihood after k shots.
 
@@ -423,6 +423,7 @@ def mmlu_accuracy(model: Model, sv, *, alphas=DEFAULT_ALPHAS, subjects: Sequence
             none of them: cais/mmlu through `datasets`; or `data` from `load_mmlu`.
         subjects, limit: which subjects (default: all found), and at most `limit` test questions each.
         k_shots: solved dev questions before each question; chat: the whole prompt in the chat template.
+        labels: the `concept` and `setting` the table rows and the summary carry (stages.row_labels).
         progress: called with the number of (alpha, question) pairs scored.
 
     Example::
@@ -434,6 +435,7 @@ def mmlu_accuracy(model: Model, sv, *, alphas=DEFAULT_ALPHAS, subjects: Sequence
 
     t_start = time.perf_counter()
     _, layer = vector_of(model, sv)
+    concept, setting = (labels or {}).get("concept", ""), (labels or {}).get("setting", "")
     a = as_alphas(alphas)
     check_positions(positions)
     if k_shots < 0:

@@ -437,22 +437,18 @@ def _chunked_sums(model: Model, sv, ids: torch.Tensor, alphas: torch.Tensor, chu
 
 def xent_sweep(model: Model, sv, texts: Sequence[str], alphas=None, *, seq_len: int = 128,
                positions: str = "all", packing: bool = False, max_tokens: int | None = None, curvature: bool = True,
-               curvature_tokens: int | None = None, fit_radius: float | None = None,
-               token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
-               chunk=None, checkpoint_dir=None, chunk_windows: int = 16,
+               curvature_tokens: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
+               logit_budget: int = DEFAULT_LOGIT_BUDGET, chunk=None, chunk_windows: int = 16,
                progress: Progress | None = None) -> XentSweep:
     """Delta CE(alpha) = CE(f_alpha) - CE(f) (Def. 3.7) with curvature (Thm 3.8) and plateau (Prop. 4.1) readings.
 
-    With `chunk` (a run's `chunk(name, compute)`) or a `checkpoint_dir`, the windows are scored in pieces of
-    `chunk_windows`, each piece's float64 sums kept (runs.read_or_compute); a rerun reads them back.
+    With `chunk` (a run's `chunk(name, compute)`, or `lambda name, compute: runs.read_or_compute(folder, name,
+    compute)`), the windows are scored in pieces of `chunk_windows`, each piece's float64 sums kept; a rerun reads
+    them back.
     """
     grid = AlphaGrid.of(alphas, stage="xent", vector=sv, model=model)
     a, inserted = grid.values, grid.inserted_zero
     ids, n_used = _sweep_ids(model, texts, seq_len, packing, max_tokens)
-    if chunk is None and checkpoint_dir is not None:
-        from steerstrength.runs import read_or_compute
-
-        chunk = lambda name, compute: read_or_compute(checkpoint_dir, name, compute)  # noqa: E731
     if chunk is None:
         sums = cross_entropy_sums(model, sv, ids, a, positions=positions, token_budget=token_budget,
                                   logit_budget=logit_budget, progress=progress)
@@ -463,7 +459,7 @@ def xent_sweep(model: Model, sv, texts: Sequence[str], alphas=None, *, seq_len: 
     result = XentSweep(a, ce, int(ids.shape[0]), seq_len, len(texts), n_used, inserted)
     delta = result.delta_ce
     if (a != 0).sum() >= 2:
-        result.fit = quadratic_fit(a, delta, radius=fit_radius)
+        result.fit = quadratic_fit(a, delta)
     result.plateau = plateau(a, delta)
     result.limit = limit_delta_ce(model, sv, ids, float(ce[zero_index(a)]))
     if curvature:
