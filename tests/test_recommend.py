@@ -12,12 +12,18 @@ from steerstrength import InputError, SteeringVectors, difference_of_means, next
 from steerstrength.recommend import (
     METHODS,
     QUADRATIC_CHECK,
+    Curvature,
+    Global,
+    GridJudge,
+    IsoKL,
+    SweetSpot,
     bisect_crossing,
     budget_alpha,
     departure,
     constrained_argmax,
     feasible_run,
     first_crossing,
+    method_options,
     next_token_readings,
     peak_report,
     prompt_curvature,
@@ -142,14 +148,14 @@ BUDGETS = {"sweet-spot": 0.08, "curvature": 0.02, "iso-kl": 0.5, "grid-judge": 1
 
 @pytest.fixture(scope="module")
 def recs(model, vector, M):
-    out = {"sweet-spot": recommend_alpha(model, vector, PROMPTS, method="sweet-spot",
-                                         budget=BUDGETS["sweet-spot"], log_odds=M, n_target=5, alphas=GRID,
-                                         concept="joy")}
-    out["curvature"] = recommend_alpha(model, vector, PROMPTS, method="curvature", budget=BUDGETS["curvature"],
+    out = {"sweet-spot": recommend_alpha(model, vector, PROMPTS, SweetSpot(log_odds=M, n_target=5, alphas=GRID),
+                                         budget=BUDGETS["sweet-spot"], concept="joy")}
+    out["curvature"] = recommend_alpha(model, vector, PROMPTS, Curvature(), budget=BUDGETS["curvature"],
                                        concept="joy")
-    for method in ("grid-judge", "global", "iso-kl"):
-        out[method] = recommend_alpha(model, vector, PROMPTS, method=method, budget=BUDGETS[method],
-                                      concept="joy", judge="lexicon", positive=JOYFUL, negative=PLAIN, **SMALL)
+    for method in (GridJudge(judge="lexicon", refine_steps=2, **SMALL), Global(judge="lexicon", **SMALL),
+                   IsoKL(refine_steps=2, **SMALL)):
+        out[method.name] = recommend_alpha(model, vector, PROMPTS, method, budget=BUDGETS[method.name],
+                                           concept="joy", positive=JOYFUL, negative=PLAIN)
     return out
 
 
@@ -254,23 +260,21 @@ def test_curvature_method_lands_on_its_budget(recs, model, vector, tmp_path):
     # Scope corpus: one alpha from Delta CE's curvature and slope on the texts; its measured Delta CE is the budget's.
     # The texts are the model's own samples (Thm 3.8's kappa > 0 is an expectation under the model).
     corpus = load_corpus(None, model=model, n_samples=8, sample_tokens=80, seed=0, cache_dir=tmp_path)
-    glob = recommend_alpha(model, vector, PROMPTS, method="curvature", budget=0.01, curvature_scope="corpus",
-                           corpus=corpus)
+    glob = recommend_alpha(model, vector, PROMPTS, Curvature(scope="corpus", corpus=corpus), budget=0.01)
     assert glob.table["alpha"].nunique() == 1 and set(glob.curve["prompt_index"]) == {-1}
     assert 0.8 < glob.table["measured_over_predicted"].iloc[0] < 1.25
     with pytest.raises(InputError, match="corpus"):
-        recommend_alpha(model, vector, PROMPTS, method="curvature", curvature_scope="corpus")
+        recommend_alpha(model, vector, PROMPTS, Curvature(scope="corpus"))
     with pytest.raises(InputError, match="curvature_scope"):
-        recommend_alpha(model, vector, PROMPTS, method="curvature", curvature_scope="everywhere")
+        recommend_alpha(model, vector, PROMPTS, Curvature(scope="everywhere"))
 
 
 def test_sweet_spot_between_rule_stays_within_the_budget_below_the_peaks_midpoint(model, vector, M):
     fine = np.linspace(0, 12, 49).tolist()
     for budget in (BUDGETS["sweet-spot"], 50.0):
-        mass = recommend_alpha(model, vector, PROMPTS, method="sweet-spot", budget=budget, log_odds=M,
-                               n_target=5, alphas=fine)
-        between = recommend_alpha(model, vector, PROMPTS, method="sweet-spot", budget=budget, log_odds=M,
-                                  n_target=5, alphas=fine, sweet_spot_rule="between")
+        mass = recommend_alpha(model, vector, PROMPTS, SweetSpot(log_odds=M, n_target=5, alphas=fine), budget=budget)
+        between = recommend_alpha(model, vector, PROMPTS, SweetSpot(log_odds=M, n_target=5, alphas=fine,
+                                                                    rule="between"), budget=budget)
         for (_, m), (_, b) in zip(mass.table.iterrows(), between.table.iterrows()):
             mid = 0.5 * (m["off_target_peak_alpha"] + m["target_peak_alpha"])
             assert b["kl"] <= budget
@@ -281,7 +285,7 @@ def test_sweet_spot_between_rule_stays_within_the_budget_below_the_peaks_midpoin
             else:
                 assert b["alpha"] < mid
     with pytest.raises(InputError, match="sweet_spot_rule"):
-        recommend_alpha(model, vector, PROMPTS, method="sweet-spot", log_odds=M, sweet_spot_rule="peak")
+        recommend_alpha(model, vector, PROMPTS, SweetSpot(log_odds=M, rule="peak"))
 
 
 def test_save_writes_tables_json_texts_and_figure(recs, tmp_path):
@@ -300,20 +304,22 @@ def test_save_writes_tables_json_texts_and_figure(recs, tmp_path):
 
 def test_bad_input_is_one_clear_error(model, vector):
     with pytest.raises(InputError, match="unknown method"):
-        recommend_alpha(model, vector, PROMPTS, method="magic")
+        method_options(["magic"])
+    with pytest.raises(InputError, match="option objects"):
+        recommend_alpha(model, vector, PROMPTS, "sweet-spot")  # a name is not an option object
     with pytest.raises(InputError, match="prompt list is empty"):
-        recommend_alpha(model, vector, [], method="iso-kl")
+        recommend_alpha(model, vector, [], IsoKL())
     for bad in (-1.0, 0.0, float("nan"), float("inf")):
         with pytest.raises(InputError, match="budget"):
             recommend_alpha(model, vector, PROMPTS, budget=bad)
     with pytest.raises(InputError, match="alphas must be >= 0"):
-        recommend_alpha(model, vector, PROMPTS, alphas=[-1, 0, 1], positive=JOYFUL, negative=PLAIN)
+        recommend_alpha(model, vector, PROMPTS, SweetSpot(alphas=[-1, 0, 1]), positive=JOYFUL, negative=PLAIN)
     with pytest.raises(InputError, match="log-odds"):
-        recommend_alpha(model, vector, PROMPTS, method="sweet-spot")
+        recommend_alpha(model, vector, PROMPTS, SweetSpot())
     with pytest.raises(InputError, match="name the concept"):
-        recommend_alpha(model, vector, PROMPTS, method="global", **SMALL)
+        recommend_alpha(model, vector, PROMPTS, Global(judge="lexicon", **SMALL))
     with pytest.raises(InputError, match="positions='all'"):
-        recommend_alpha(model, vector, PROMPTS, method="iso-kl", positions="last")
+        recommend_alpha(model, vector, PROMPTS, IsoKL(), positions="last")
 
 
 # ----------------------------------------------------------------------------- the CLI

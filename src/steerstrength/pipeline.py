@@ -425,7 +425,7 @@ def stage_recommend(ctx: Context) -> list:
 
     from steerstrength.preflight import has_curated
     from steerstrength.prompts import evaluation_prompts
-    from steerstrength.recommend import default_methods
+    from steerstrength.recommend import METHODS, default_methods, method_options
     from steerstrength.stages import recommend_stage
 
     c = ctx.cfg.concept
@@ -452,10 +452,12 @@ def stage_recommend(ctx: Context) -> list:
         judge = c.judge
         if judge == "probe" and not has_curated(concept):
             judge, pos, neg = concept_judge(ctx, concept)  # trained on the train split, measured on the held-out one
+        options = method_options(METHODS, ctx.cfg.recommend, log_odds=M, corpus=corpus, judge=judge,
+                                 judge_model=judge_model)
         results.append(recommend_stage(ctx.model, ctx.vectors(concept).values(), ctx.cfg.recommend, prompts=prompts,
-                                       labels=ctx.labels(concept), log_odds=M, positive=pos, negative=neg,
-                                       judge=judge, judge_model=judge_model, seed=ctx.cfg.seed,
-                                       positions=ctx.cfg.positions, corpus=corpus, progress=ctx.progress, log=ctx.log))
+                                       labels=ctx.labels(concept), options=options, positive=pos, negative=neg,
+                                       seed=ctx.cfg.seed, positions=ctx.cfg.positions, progress=ctx.progress,
+                                       log=ctx.log))
     return _write(ctx, results)
 
 

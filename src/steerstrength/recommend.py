@@ -1,6 +1,7 @@
 """Which alpha? One steering strength per prompt, with the measured curve behind it (Sec. 3.1, Thm 3.3).
 
-Methods (`recommend_alpha(..., method=...)`), all under one distortion budget B in nats:
+Methods (`recommend_alpha(model, sv, prompts, SweetSpot())`: one option object per method), all under one
+distortion budget B in nats:
 - `sweet-spot` (ours, judge-free, one batched sweep per prompt): on the prompt's next-token
   distribution p_alpha, the alpha maximising the mass of the target tokens T (the `n_target` tokens of
   largest log-odds M, Def. 3.2) over the grid points from alpha = 0 up to the first one whose
@@ -36,12 +37,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
-from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
+from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES, ConceptConfig, RecommendConfig
 from steerstrength.errors import InputError
 from steerstrength.forward_ad import forward_ad_safe, forward_from_differentiable
 from steerstrength.models import Model
@@ -62,9 +63,7 @@ if TYPE_CHECKING:
 
 METHODS = ("sweet-spot", "curvature", "iso-kl", "grid-judge", "global")
 GENERATION_METHODS = ("iso-kl", "grid-judge", "global")
-DEFAULT_BUDGET = 1.0  # nats
 KL_PERCENTILE = 95.0
-DEFAULT_N_TARGET = 100  # as metrics.logodds: the top-M target set
 # Default grids in units of alpha_scale (the alpha at which ||alpha v|| is the median residual norm).
 SWEEP_SPAN, SWEEP_POINTS = 3.0, 41
 GRID_SPAN, GRID_POINTS = 0.6, 6
@@ -74,6 +73,7 @@ CURVATURE_SEQ_LEN, CURVATURE_TOKENS = 64, 4096  # curvature, scope corpus: packe
 PEAK_TOP_K = 10  # theory report: tokens that reach the top 10 at some alpha of the sweep
 
 Progress = Callable[[int], None]
+_RECOMMEND = RecommendConfig()  # the defaults of every method's options
 
 
 # ----------------------------------------------------------------------------- selection rules
@@ -134,7 +134,7 @@ def bisect_crossing(measure: Callable[[float], float], lo: float, hi: float, f_l
 # ----------------------------------------------------------------------------- next-token measurements
 
 
-def target_tokens(M: torch.Tensor, n_target: int = DEFAULT_N_TARGET) -> torch.Tensor:
+def target_tokens(M: torch.Tensor, n_target: int = RecommendConfig.n_target) -> torch.Tensor:
     """The target set T: the `n_target` tokens of largest log-odds M (Def. 3.2)."""
     if n_target < 1:
         raise InputError(f"n_target must be at least 1, not {n_target}")
@@ -395,31 +395,131 @@ def ready_judge(judge, concept: str, positive, negative, judge_model, seed: int)
     return j, None
 
 
-def recommend_alpha(model: Model, sv, prompts: Sequence[str], *, budget: float = DEFAULT_BUDGET,
-                    method: str = "sweet-spot", alphas=None, concept: str = "", setting: str = "",
-                    positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
-                    log_odds: torch.Tensor | None = None, n_target: int = DEFAULT_N_TARGET,
-                    entropy_floor: float | None = None, judge="lexicon", judge_model: Model | None = None,
-                    n_completions: int = 4, max_new_tokens: int = 32, refine_steps: int = 2, seed: int = 0,
-                    chat: bool | None = None, positions: str = "all", batch_size: int = 64,
-                    sweet_spot_rule: str = "mass", curvature_scope: str = "prompt",
-                    corpus: Sequence[str] | None = None,
-                    generations: Generations | None = None, progress: Progress | None = None) -> Recommendation:
+# ----------------------------------------------------------------------------- the methods and their options
+# One option object per method, its fields mirroring config.RecommendConfig (the one home of their defaults).
+
+
+@dataclass(frozen=True)
+class SweetSpot:
+    """sweet-spot: the most target mass within the next-token KL budget (rule "mass"), or Thm 3.3's midpoint of the
+    off-target and target bump peaks within it (rule "between")."""
+
+    name: ClassVar[str] = "sweet-spot"
+    log_odds: torch.Tensor | None = None  # M over the vocabulary (Def. 3.2); None: from positive / negative
+    n_target: int = _RECOMMEND.n_target  # target tokens: the n of largest M
+    rule: str = _RECOMMEND.sweet_spot_rule
+    refine_steps: int = _RECOMMEND.sweet_spot_refine_steps  # bisection steps toward the budget boundary
+    entropy_floor: float | None = None  # also keep the next-token entropy at or above this (nats)
+    alphas: Sequence[float] | None = None  # raw alphas >= 0 (0 added); None: linspace(0, 3 alpha_scale, 41)
+
+    @classmethod
+    def of(cls, section: RecommendConfig, **given) -> "SweetSpot":
+        return cls(n_target=section.n_target, rule=section.sweet_spot_rule,
+                   refine_steps=section.sweet_spot_refine_steps, **given)
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """curvature: alpha = sqrt(2 B / kappa) from Thm 3.8's local quadratic, per prompt or from a corpus's Delta CE."""
+
+    name: ClassVar[str] = "curvature"
+    scope: str = _RECOMMEND.curvature_scope  # "prompt" or "corpus"
+    corpus: Sequence[str] | None = None  # scope "corpus": the texts whose Delta CE curvature sets the alpha
+
+    @classmethod
+    def of(cls, section: RecommendConfig, **given) -> "Curvature":
+        return cls(scope=section.curvature_scope, **given)
+
+
+@dataclass(frozen=True)
+class IsoKL:
+    """iso-kl: the alpha where the p95 per-token KL of the steered generations reaches the budget (one for all)."""
+
+    name: ClassVar[str] = "iso-kl"
+    n_completions: int = _RECOMMEND.completions  # per prompt and grid alpha
+    max_new_tokens: int = _RECOMMEND.max_new_tokens
+    batch_size: int = _RECOMMEND.batch_size  # rows (prompt x alpha x completion) per generate call
+    refine_steps: int = _RECOMMEND.refine_steps  # bisection steps toward the budget crossing (more generations)
+    alphas: Sequence[float] | None = None  # raw alphas >= 0 (0 added); None: linspace(0, 0.6 alpha_scale, 6)
+    generations: Generations | None = None  # a measured grid to reuse (generate_and_measure)
+
+    @classmethod
+    def of(cls, section: RecommendConfig, **given):
+        return cls(n_completions=section.completions, max_new_tokens=section.max_new_tokens,
+                   batch_size=section.batch_size, refine_steps=section.refine_steps, **given)
+
+
+@dataclass(frozen=True)
+class GridJudge(IsoKL):
+    """grid-judge: per prompt, the grid alpha of highest judged concept probability within the KL budget."""
+
+    name: ClassVar[str] = "grid-judge"
+    judge: object = None  # a judges.JUDGES name or a Judge; None: the concept section's judge (config.py)
+    judge_model: Model | None = None  # the llm judge's model; None: the steered model
+
+
+@dataclass(frozen=True)
+class Global(GridJudge):
+    """global: grid-judge's rule on the pooled prompts, one alpha for all."""
+
+    name: ClassVar[str] = "global"
+
+
+METHOD_OPTIONS = {m.name: m for m in (SweetSpot, Curvature, IsoKL, GridJudge, Global)}
+
+
+def method_options(names: Sequence[str], section: RecommendConfig | None = None, **given) -> list:
+    """One option object per method name, sized by `section` (default: RecommendConfig()); `given` fields (e.g.
+    alphas, corpus, log_odds) go to the methods that have them."""
+    import dataclasses
+
+    section = RecommendConfig() if section is None else section
+    out = []
+    for name in names:
+        if name not in METHOD_OPTIONS:
+            raise InputError(f"unknown method {name!r}; pick one of {', '.join(METHODS)}")
+        kind = METHOD_OPTIONS[name]
+        fields = {f.name for f in dataclasses.fields(kind)}
+        out.append(kind.of(section, **{k: v for k, v in given.items() if k in fields and v is not None}))
+    return out
+
+
+def recommend_alpha(model: Model, sv, prompts: Sequence[str], method=None, *, budget: float | None = None,
+                    concept: str = "", setting: str = "", positive: Sequence[str] | None = None,
+                    negative: Sequence[str] | None = None, seed: int = 0, chat: bool | None = None,
+                    positions: str = "all", progress: Progress | None = None) -> Recommendation:
     """An alpha per prompt by `method` (module doc), with the measured numbers and the curve behind it.
 
-    `budget`: nats (sweet-spot: next-token KL; iso-kl and the judged methods: p95 per-token KL of the
-    generations). `alphas`: a grid of alphas >= 0 (0 is added); default: scaled to the vector
-    (`alpha_scale`). sweet-spot needs `log_odds` (M over the vocabulary) or `positive`/`negative`
-    texts; grid-judge and global need `concept` and a judge (names from judges.JUDGES or a Judge).
-    `generations`: a measured grid to reuse (generate_and_measure, judged for grid-judge/global).
-    `sweet_spot_rule`: "mass" (the largest target mass within the budget) or "between" (Thm 3.3's midpoint of the
-    off-target and target peak medians, within the budget). curvature: `budget` is the quadratic's distortion in
-    nats; `curvature_scope` "prompt" (per prompt, the mean next-token KL over its positions) or "corpus" (one alpha
-    from Delta CE's curvature on `corpus` texts).
+    `method`: an option object, SweetSpot() (default), Curvature(), IsoKL(), GridJudge() or Global() (their fields:
+    config.RecommendConfig's). `budget`: nats (sweet-spot: next-token KL; iso-kl and the judged methods: p95 per-token
+    KL of the generations; curvature: the quadratic's distortion); default: RecommendConfig's kl_budget. sweet-spot
+    needs its `log_odds` or `positive`/`negative` texts; grid-judge and global need `concept` and a judge.
     `progress(n)` is called per prompt swept or completion generated.
+
+    Example::
+
+        rec = ss.recommend_alpha(model, sv[15], prompts, SweetSpot(), positive=P, negative=N)
+        rec.table[["prompt", "alpha", "kl"]]
     """
+    method = SweetSpot() if method is None else method
+    if not isinstance(method, tuple(METHOD_OPTIONS.values())):
+        raise InputError(f"method must be one of the option objects {', '.join(k.__name__ for k in METHOD_OPTIONS.values())}"
+                         f" (recommend.method_options builds them from names), not {method!r}")
+    budget = _RECOMMEND.kl_budget if budget is None else budget
+    name = method.name
+    # The method's options by name; a method without one reads the defaults it never uses.
+    alphas, log_odds = getattr(method, "alphas", None), getattr(method, "log_odds", None)
+    n_target, entropy_floor = getattr(method, "n_target", _RECOMMEND.n_target), getattr(method, "entropy_floor", None)
+    sweet_spot_rule, refine_steps = getattr(method, "rule", None), getattr(method, "refine_steps", 0)
+    curvature_scope, corpus = getattr(method, "scope", None), getattr(method, "corpus", None)
+    n_completions = getattr(method, "n_completions", _RECOMMEND.completions)
+    max_new_tokens = getattr(method, "max_new_tokens", _RECOMMEND.max_new_tokens)
+    batch_size, generations = getattr(method, "batch_size", _RECOMMEND.batch_size), getattr(method, "generations", None)
+    judge, judge_model = getattr(method, "judge", None), getattr(method, "judge_model", None)
+    if judge is None:
+        judge = ConceptConfig().judge
     t0 = time.perf_counter()
-    _check(model, sv, prompts, method, budget, entropy_floor, positions)
+    _check(model, sv, prompts, name, budget, entropy_floor, positions)
     layer = sv.layer
     if not isinstance(refine_steps, int) or refine_steps < 0:
         raise InputError(f"refine_steps must be an integer >= 0, not {refine_steps!r}")
@@ -428,10 +528,10 @@ def recommend_alpha(model: Model, sv, prompts: Sequence[str], *, budget: float =
     if chat and not model.has_chat_template:
         raise InputError(f"{model.name} has no chat template; pass chat=False (CLI: --no-chat)")
     scale = alpha_scale(model, sv, prompts, chat=chat)
-    labels = _labels(model, concept, layer, setting, method, float(budget))
-    common = dict(method=method, budget=float(budget), alpha_scale=scale, n_prompts=len(prompts), chat=chat,
+    labels = _labels(model, concept, layer, setting, name, float(budget))
+    common = dict(method=name, budget=float(budget), alpha_scale=scale, n_prompts=len(prompts), chat=chat,
                   positions=positions, layer=layer, concept=concept, model=model.name)
-    if method == "sweet-spot":
+    if name == "sweet-spot":
         if sweet_spot_rule not in SWEET_SPOT_RULES:
             raise InputError(f"sweet_spot_rule must be one of {', '.join(SWEET_SPOT_RULES)}, not {sweet_spot_rule!r}")
         common.update(rule=sweet_spot_rule)
@@ -439,7 +539,7 @@ def recommend_alpha(model: Model, sv, prompts: Sequence[str], *, budget: float =
                           positive=positive, negative=negative, M=log_odds, n_target=n_target,
                           entropy_floor=entropy_floor, refine_steps=refine_steps, chat=chat, positions=positions,
                           progress=progress)
-    elif method == "curvature":
+    elif name == "curvature":
         if curvature_scope not in CURVATURE_SCOPES:
             raise InputError(f"curvature_scope must be one of {', '.join(CURVATURE_SCOPES)}, not {curvature_scope!r}")
         rec = _curvature(model, sv, prompts, labels, common, scope=curvature_scope, corpus=corpus, chat=chat,
@@ -448,24 +548,24 @@ def recommend_alpha(model: Model, sv, prompts: Sequence[str], *, budget: float =
         if n_completions < 1 or max_new_tokens < 1:
             raise InputError("n_completions and max_new_tokens must be at least 1")
         j, accuracy = (None, None)
-        if method != "iso-kl" and (generations is None or "judged" not in generations.frame):
+        if name != "iso-kl" and (generations is None or "judged" not in generations.frame):
             j, accuracy = ready_judge(judge, concept, positive, negative, judge_model, seed)
         sampling = dict(n_completions=n_completions, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
                         batch_size=batch_size)
         if generations is None:
             grid = _grid(alphas, scale, GRID_SPAN, GRID_POINTS)
-            if method == "iso-kl":
+            if name == "iso-kl":
                 grid = grid[grid > 0]  # KL is 0 at alpha = 0: nothing to generate
             generations = generate_and_measure(model, sv, prompts, grid, judge=j, concept=concept,
                                                progress=progress, **sampling)
         common.update(sampling=sampling)
         if j is not None or generations.judge is not None:
             common.update(judge=(j or generations.judge).describe(), judge_accuracy=accuracy)
-        if method == "iso-kl":
+        if name == "iso-kl":
             rec = _iso_kl(model, sv, prompts, generations, labels, common, refine_steps=refine_steps,
                           sampling=sampling, progress=progress)
         else:
-            rec = _judged(prompts, generations, labels, common, method)
+            rec = _judged(prompts, generations, labels, common, name)
     rec.summary["seconds"] = time.perf_counter() - t0  # in the JSON only: tables are the same for the same inputs
     return rec
 

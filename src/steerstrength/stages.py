@@ -10,6 +10,7 @@ yielding `advance(n)` (progress.progress_bar, or the run's).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -554,11 +555,9 @@ def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict
 
 
 def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, prompts: Sequence[str], labels: dict,
-                    methods: Sequence[str] | None = None, log_odds: torch.Tensor | None = None,
-                    positive: Sequence[str] | None = None, negative: Sequence[str] | None = None, judge=None,
-                    judge_model=None, seed: int = 0, positions: str = "all", grid: AlphaGrid | None = None,
-                    generation_grid: AlphaGrid | None = None, entropy_floor: float | None = None,
-                    chat: bool | None = None, corpus: Sequence[str] | None = None, progress=no_progress,
+                    methods: Sequence[str] | None = None, options: Sequence | None = None,
+                    positive: Sequence[str] | None = None, negative: Sequence[str] | None = None, seed: int = 0,
+                    positions: str = "all", chat: bool | None = None, progress=no_progress,
                     log: Callable[[str], None] | None = None) -> StageResult:
     """An alpha per prompt and method for every vector (recommend.py): recommend.parquet (method x prompt),
     recommend_curve.parquet (the curves they came from), recommend_generations.jsonl (the completions behind the
@@ -570,78 +569,74 @@ def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, promp
 
     Args:
         section: the recommend section: kl_budget (nats), completions, max_new_tokens, n_alphas, batch_size,
-            refine_steps (iso-kl), sweet_spot_refine_steps, n_target.
+            refine_steps (iso-kl), sweet_spot_refine_steps, n_target, sweet_spot_rule, curvature_scope.
         methods: recommend.METHODS (or "all"); default: the run's rule (recommend.default_methods): sweet-spot,
             curvature, iso-kl unless positions="last", global with several prompts; grid-judge only when asked.
-        log_odds: M over the vocabulary (Def. 3.2), sweet-spot's target tokens; default: from positive / negative.
+        options: method option objects (recommend.SweetSpot, Curvature, IsoKL, GridJudge, Global; build them with
+            recommend.method_options(names, section, ...)) replacing the section's for their methods: sweet-spot's
+            log_odds (default: from positive / negative), alphas (its grid; default: linspace(0, 3 scale, 41)) and
+            entropy_floor; curvature's corpus (scope "corpus"); the generation methods' alphas (one grid for all;
+            default: linspace(0, 0.6 scale, n_alphas)) and the judged ones' judge (a judges.JUDGES name or a Judge;
+            default: the concept section's) and judge_model (default: the steered model).
         positive, negative: P and N texts: log-odds when not given, the judge's calibration and held-out accuracy.
-        judge: grid-judge / global: a judges.JUDGES name or a Judge; judge_model: the llm judge's model (default: the
-            steered one).
-        grid: sweet-spot's raw alphas (>= 0, 0 added); generation_grid: the generation methods'; default: scaled to
-            the vector (recommend.alpha_scale): linspace(0, 3 scale, 41) and linspace(0, 0.6 scale, n_alphas).
-        entropy_floor: sweet-spot: also keep the next-token entropy at or above this (nats).
-        corpus: curvature with section.curvature_scope "corpus": the texts whose Delta CE curvature sets the alpha.
         log: called with one line per vector and method.
     """
     import time
 
     from steerstrength.metrics.logodds import log_odds as compute_log_odds
     from steerstrength.recommend import (GENERATION_METHODS, check_methods, default_methods, generate_and_measure,
-                                         generation_alphas, ready_judge, recommend_alpha, recommendation_summary,
-                                         recommendation_tables)
+                                         generation_alphas, method_options, ready_judge, recommend_alpha,
+                                         recommendation_summary, recommendation_tables)
 
     prompts = list(prompts)
     concept, setting = labels.get("concept", ""), labels.get("setting", "")
     methods, notes = default_methods(positions, len(prompts)) if methods is None else \
         (check_methods(methods, positions), [])
+    given = {o.name: o for o in options or ()}
+    chosen = {name: given.get(name) or method_options([name], section)[0] for name in methods}
     budget = float(section.kl_budget)
     chat = model.has_chat_template if chat is None else bool(chat)
-    if "sweet-spot" in methods and log_odds is None and positive is not None and negative is not None:
-        log_odds = compute_log_odds(model, list(positive), list(negative), chat=False)  # once, not once per layer
+    if "sweet-spot" in chosen and chosen["sweet-spot"].log_odds is None and positive is not None \
+            and negative is not None:  # once, not once per layer
+        chosen["sweet-spot"] = dataclasses.replace(
+            chosen["sweet-spot"], log_odds=compute_log_odds(model, list(positive), list(negative), chat=False))
     found_judge = accuracy = None
-    if any(m in ("grid-judge", "global") for m in methods):
-        if judge is None:
-            raise InputError("grid-judge and global judge concept presence: name a judge (judge=..., CLI --judge, "
-                             "run concept.judge)")
+    judged = [chosen[m] for m in methods if m in ("grid-judge", "global")]
+    if judged:
+        judge = judged[0].judge if judged[0].judge is not None else ConceptConfig().judge
         from steerstrength.judges import judge_for
 
         found_judge, accuracy = ready_judge(judge_for(concept, judge), concept, positive, negative,
-                                            judge_model or model, seed)
+                                            judged[0].judge_model or model, seed)
     generating = [m for m in methods if m in GENERATION_METHODS]
     base = dict(concept=concept, setting=setting, budget=budget, seed=seed, positions=positions, positive=positive,
-                negative=negative, chat=chat, batch_size=section.batch_size)
-    sampling = dict(n_completions=section.completions, max_new_tokens=section.max_new_tokens)
+                negative=negative, chat=chat)
     recs = []
     for sv in vectors:
         found = []
-        if "sweet-spot" in methods:
+        if "sweet-spot" in chosen:
             with progress(f"{concept}: sweet spot, layer {sv.layer}", len(prompts)) as advance:
-                found.append(recommend_alpha(model, sv, prompts, method="sweet-spot", log_odds=log_odds,
-                                             alphas=None if grid is None else grid.values, n_target=section.n_target,
-                                             entropy_floor=entropy_floor, refine_steps=section.sweet_spot_refine_steps,
-                                             sweet_spot_rule=section.sweet_spot_rule, progress=advance, **base))
-        if "curvature" in methods:
+                found.append(recommend_alpha(model, sv, prompts, chosen["sweet-spot"], progress=advance, **base))
+        if "curvature" in chosen:
             with progress(f"{concept}: curvature, layer {sv.layer}", len(prompts)) as advance:
-                found.append(recommend_alpha(model, sv, prompts, method="curvature",
-                                             curvature_scope=section.curvature_scope, corpus=corpus, progress=advance,
-                                             **base))
+                found.append(recommend_alpha(model, sv, prompts, chosen["curvature"], progress=advance, **base))
         if generating:
-            alphas = generation_alphas(model, sv, prompts, None if generation_grid is None else generation_grid.values,
-                                       chat=chat, points=section.n_alphas)
+            first = chosen[generating[0]]  # the generation methods share one grid of generations
+            alphas = generation_alphas(model, sv, prompts, first.alphas, chat=chat, points=section.n_alphas)
             t_gen = time.perf_counter()
             with progress(f"{concept}: generations for {' / '.join(generating)}, layer {sv.layer}",
-                          len(prompts) * len(alphas) * section.completions) as advance:
+                          len(prompts) * len(alphas) * first.n_completions) as advance:
                 gens = generate_and_measure(model, sv, prompts, alphas, judge=found_judge, concept=concept,
-                                            seed=seed, chat=chat, batch_size=section.batch_size, progress=advance,
-                                            **sampling)
+                                            seed=seed, chat=chat, batch_size=first.batch_size, progress=advance,
+                                            n_completions=first.n_completions, max_new_tokens=first.max_new_tokens)
             t_gen = time.perf_counter() - t_gen
             for method in generating:
-                steps = section.refine_steps if method == "iso-kl" else 0  # iso-kl bisects with more generations
+                steps = chosen[method].refine_steps if method == "iso-kl" else 0  # iso-kl bisects with more generations
                 bar = progress(f"{concept}: iso-kl bisection, layer {sv.layer}",
-                               steps * len(prompts) * section.completions) if steps else contextlib.nullcontext()
+                               steps * len(prompts) * first.n_completions) if steps else contextlib.nullcontext()
                 with bar as advance:
-                    rec = recommend_alpha(model, sv, prompts, method=method, generations=gens,
-                                          refine_steps=section.refine_steps, progress=advance, **sampling, **base)
+                    rec = recommend_alpha(model, sv, prompts, dataclasses.replace(chosen[method], generations=gens),
+                                          progress=advance, **base)
                 rec.summary["seconds_shared_generations"] = t_gen  # one grid of generations serves every method
                 rec.summary["seconds"] += t_gen
                 if accuracy is not None:

@@ -164,7 +164,7 @@ def recommend(
     from steerstrength.judges import check_judge_name
     from steerstrength.plots import plot_recommendations
     from steerstrength.prompts import evaluation_prompts
-    from steerstrength.recommend import check_methods
+    from steerstrength.recommend import check_methods, method_options
     from steerstrength.runs import output_folder, write_result
     from steerstrength.stages import judge_texts, recommend_stage
 
@@ -225,11 +225,14 @@ def recommend(
     elif corpus is not None:
         raise InputError("--corpus feeds curvature with --curvature-scope corpus only; drop it or add those")
     with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
+        options = method_options(["sweet-spot"], section, alphas=None if sweep_grid is None else sweep_grid.values,
+                                 entropy_floor=entropy_floor)
+        options += method_options(["curvature", "iso-kl", "grid-judge", "global"], section, corpus=texts,
+                                  alphas=None if gen_grid is None else gen_grid.values, judge=judge,
+                                  judge_model=judge_lm)
         result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list,
-                                 labels=st.labels, methods=methods, positive=pos, negative=neg, judge=judge,
-                                 judge_model=judge_lm, seed=seed, positions=positions, grid=sweep_grid,
-                                 generation_grid=gen_grid, entropy_floor=entropy_floor, chat=chat, corpus=texts,
-                                 progress=progress_bar)
+                                 labels=st.labels, methods=methods, options=options, positive=pos, negative=neg,
+                                 seed=seed, positions=positions, chat=chat, progress=progress_bar)
         _print(result)
         header = st.header(start, metric="recommend", preset=preset, judge=judge if judged else None,
                            judge_model=judge_lm.name if judge_lm is not None else None)
