@@ -339,6 +339,23 @@ def preset(name: str) -> RunConfig:
     raise InputError(f"unknown preset {name!r}; use demo or paper")
 
 
+DEFAULT_PRESET = "demo"  # the preset behind every default: the stages' sections and the commands' --preset
+
+
+def defaults() -> RunConfig:
+    """preset(DEFAULT_PRESET): the sections a stage function reads when none is given, as the CLI does."""
+    return preset(DEFAULT_PRESET)
+
+
+# The metric functions' grids when called without alphas, in raw units as the paper's figures (grid.AlphaGrid.default):
+# (alpha_max, n, zero) for linspace(-alpha_max, alpha_max, n), 0 added when `zero`: 1025 alphas for next-token curves
+# (Fig. 2), 129 for Delta CE, 41 for concept probability and 9 for MMLU; the limit check steers +/- each magnitude.
+# The stages steer their sections' grids instead (in RunConfig.alpha_unit).
+API_GRIDS = {"tokens": (200.0, 1024, True), "xent": (100.0, 128, True), "concept": (40.0, 41, False),
+             "mmlu": (40.0, 9, False)}
+API_LIMIT_ALPHAS = (1e2, 1e3, 1e4)
+
+
 def _set(obj, dotted: str, raw: str) -> None:
     parts = dotted.split(".")
     if parts[:2] == ["prompts", "files"] and len(parts) == 3:  # one concept's files: prompts.files.anger=P,N
@@ -474,7 +491,7 @@ def read_toml(path: Path) -> dict:
         raise InputError(f"{path} is not valid TOML ({exc})") from None
 
 
-def build_config(preset_name: str = "demo", config_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+def build_config(preset_name: str = DEFAULT_PRESET, config_file: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A run's configuration: the preset, then the TOML file, then `key=value` overrides (later wins), validated.
 
     Args:

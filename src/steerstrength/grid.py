@@ -25,14 +25,10 @@ from steerstrength.steering import as_alphas
 UNITS = ("raw", "unit", "resid")
 ALPHA_UNITS = ("raw", "resid")  # the units a run config and the CLI's --alpha-unit take
 
-# The API's grids when none is given (raw units, as the paper's figures): 1025 alphas for next-token curves (Fig. 2),
-# 129 for Delta CE, 41 for concept probability and 9 for MMLU.
-DEFAULT_RAW = {"tokens": (200.0, 1024, True), "xent": (100.0, 128, True), "concept": (40.0, 41, False),
-               "mmlu": (40.0, 9, False)}
 
 
 def default_alphas(stage: str) -> torch.Tensor:
-    """The API's default grid of `stage` (DEFAULT_RAW), as values."""
+    """The API's default grid of `stage` (config.API_GRIDS), as values."""
     return AlphaGrid.default(stage).values
 
 
@@ -155,8 +151,12 @@ class AlphaGrid:
 
     @classmethod
     def default(cls, stage: str) -> "AlphaGrid":
-        """The API's grid for `stage` when none is given (raw units): DEFAULT_RAW."""
-        alpha_max, n, zero = DEFAULT_RAW[stage]
+        """The API's grid for `stage` when none is given (raw units): config.API_GRIDS (API_LIMIT_ALPHAS)."""
+        from steerstrength.config import API_GRIDS, API_LIMIT_ALPHAS
+
+        if stage == "limit":
+            return cls.both_signs(API_LIMIT_ALPHAS)
+        alpha_max, n, zero = API_GRIDS[stage]
         return cls.linspace(-alpha_max, alpha_max, n, zero=zero)
 
     @classmethod

@@ -38,6 +38,21 @@ def no_progress(description: str, total: int):
     yield lambda n=1: None
 
 
+def _defaults(stage: str, section, unit: str | None = None):
+    """(section, unit): the given ones, else config.defaults()'s stage section and alpha unit (what the CLI reads)."""
+    from steerstrength.config import defaults
+
+    cfg = defaults() if section is None or unit is None else None
+    return (getattr(cfg, stage) if section is None else section), (cfg.alpha_unit if unit is None else unit)
+
+
+def _builtin_contexts(model, concept: str, n_contexts: int | None, chat: bool) -> list[dict]:
+    """The built-in contexts of `concept` (the neutral ones and its own; n_contexts of them), checked on the model."""
+    from steerstrength.metrics.contexts import as_contexts, stage_contexts
+
+    return as_contexts(model, stage_contexts(concept, None, n_contexts), chat=chat)
+
+
 def row_labels(model_name: str, concept: str, setting: str, positions: str) -> dict:
     """The columns every stage table starts with."""
     return dict(model=model_name, concept=concept, setting=setting, positions=positions)
@@ -99,18 +114,21 @@ def vectors_stage(model, positive: Sequence, negative: Sequence, section: Vector
 # ----------------------------------------------------------------------------- next-token curves (Def. 3.1, Thm 3.3)
 
 
-def tokens_stage(model, vectors: Sequence, section: TokensConfig, *, contexts: list[dict], labels: dict,
-                 unit: str = "resid", positions: str = "all", grid: AlphaGrid | None = None, tokens: Sequence[int] = (),
+def tokens_stage(model, vectors: Sequence, section: TokensConfig | None = None, *, labels: dict,
+                 contexts: list[dict] | None = None, unit: str | None = None, positions: str = "all", grid: AlphaGrid | None = None, tokens: Sequence[int] = (),
                  chat: bool = False, chunk: Chunk = compute_now, progress=no_progress) -> StageResult:
     """Next-token curves Delta p(z, alpha) of every context at every vector's layer: tokens.parquet,
     tokens_top.parquet and tokens.json (Thm 3.3's shape counts per layer).
 
     Args:
         vectors: SteeringVector per layer, all of `labels["concept"]`.
-        section: the tokens section (alpha_max, n_alphas, top_k, top_each, certify); `grid` replaces its grid.
+        section: the tokens section (alpha_max, n_alphas, top_k, top_each, certify); `grid` replaces its grid;
+            default: config.defaults()'s, as the CLI's.
+        unit: the section grid's unit; default: config.defaults().alpha_unit.
             certify: a bfloat16 / float16 model's tracked curves are re-run in float32 at 11 alphas (plus 0); the
             measured max |p - p_float32| is tokens.parquet's `p_error_bound` (NaN for float32) and tokens.json's.
-        contexts: {id, text, kind} dicts (metrics.contexts.stage_contexts).
+        contexts: {id, text, kind} dicts (metrics.contexts.stage_contexts); default: the built-in ones of the concept,
+            section.n_contexts of them, as `steerstrength sweep tokens`.
         tokens: token ids tracked besides the top-k at both ends (e.g. the target tokens of largest M).
 
     Example::
@@ -121,8 +139,10 @@ def tokens_stage(model, vectors: Sequence, section: TokensConfig, *, contexts: l
     """
     from steerstrength.metrics.tokens import token_curves
 
-    grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, unit=unit)
+    section, unit = _defaults("tokens", section, unit)
     concept = labels.get("concept", "")
+    contexts = _builtin_contexts(model, concept, section.n_contexts, chat) if contexts is None else contexts
+    grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, unit=unit)
     curves, tops, per_curve = [], [], []
     with progress(f"{concept}: next-token curves", len(contexts) * len(vectors)) as advance:
         for sv in vectors:
@@ -292,15 +312,18 @@ def target_tokens(M: torch.Tensor, n_target: int) -> list[int]:
 # ----------------------------------------------------------------------------- the large-alpha limit (Prop. 4.1)
 
 
-def limit_stage(model, vectors: Sequence, section: LimitConfig, *, contexts: list[dict], labels: dict,
-                unit: str = "resid", positions: str = "all", grid: AlphaGrid | None = None, chat: bool = False,
-                progress=no_progress) -> StageResult:
+def limit_stage(model, vectors: Sequence, section: LimitConfig | None = None, *, labels: dict,
+                contexts: list[dict] | None = None, unit: str | None = None, positions: str = "all",
+                grid: AlphaGrid | None = None, chat: bool = False, progress=no_progress) -> StageResult:
     """TV(p_alpha, softmax(LN(+/-v) W^T)) per context and alpha (limit.parquet), and per vector whether it shrinks
-    as |alpha| grows (limit.json). The grid: +/- each of section.alphas, or `grid`."""
+    as |alpha| grows (limit.json). The grid: +/- each of section.alphas (in `unit`), or `grid`. Defaults as
+    `steerstrength sweep limit`: config.defaults()'s section and alpha unit, every built-in context of the concept."""
     from steerstrength.metrics.limits import limit_check
 
-    grid = grid or AlphaGrid.both_signs(section.alphas, unit=unit)
+    section, unit = _defaults("limit", section, unit)
     concept = labels.get("concept", "")
+    contexts = _builtin_contexts(model, concept, None, chat) if contexts is None else contexts
+    grid = grid or AlphaGrid.both_signs(section.alphas, unit=unit)
     frames, summary = [], {}
     with progress(f"{concept}: large-alpha limit", len(contexts) * len(vectors)) as advance:
         for sv in vectors:

@@ -8,11 +8,11 @@ from typing import Callable, Sequence
 import torch
 
 from steerstrength.errors import InputError
+from steerstrength.grid import AlphaGrid
 from steerstrength.metrics.contexts import as_contexts
 from steerstrength.models import Model
 from steerstrength.steering import as_alphas, as_vector, check_positions, next_token_probs, vector_of
 
-DEFAULT_LIMIT_ALPHAS = (-1e4, -1e3, -1e2, 1e2, 1e3, 1e4)
 # The limit counts as reached on a side when the mean TV at its largest |alpha| is at most this; a TV that
 # decreases but stays near 1 (alphas too small for the vector's norm) is not Prop. 4.1 confirmed.
 REACHED_TV = 0.1
@@ -93,14 +93,14 @@ class LimitCheck:
 
 
 def limit_check(model: Model, sv, contexts: Sequence[str | dict],
-                alphas=DEFAULT_LIMIT_ALPHAS, *, positions: str = "all", chat: bool = False,
+                alphas=None, *, positions: str = "all", chat: bool = False,
                 progress: Callable[[int], None] | None = None) -> LimitCheck:
     """Prop. 4.1 on a real model: TV(p_alpha(.|context), softmax(LN(+/-v) W^T)) for large |alpha|.
 
     Args:
         sv: a SteeringVector, which knows its layer.
         contexts: texts, or {id, text, kind} dicts.
-        alphas: nonzero raw alphas (default +/-1e2, 1e3, 1e4; `sv.raw_alphas(AlphaGrid.both_signs(...))` for
+        alphas: nonzero raw alphas (default: +/- config.API_LIMIT_ALPHAS, 1e2, 1e3, 1e4; `sv.raw_alphas(AlphaGrid.both_signs(...))` for
             multiples of r_l).
         positions, chat: as in next_token_probs.
 
@@ -111,7 +111,7 @@ def limit_check(model: Model, sv, contexts: Sequence[str | dict],
     """
     v, _ = vector_of(model, sv)
     check_positions(positions)
-    a = as_alphas(alphas)
+    a = as_alphas(AlphaGrid.default("limit").values if alphas is None else alphas)
     if (a == 0).any():
         raise InputError("alpha = 0 has no large-alpha limit; give nonzero alphas such as +/-1e2, 1e3, 1e4")
     ctxs = as_contexts(model, contexts, chat=chat)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from steerstrength.errors import InputError
-from steerstrength.grid import default_alphas
+from steerstrength.config import MmluConfig
+from steerstrength.grid import AlphaGrid
 from steerstrength.models import Model
 from steerstrength.steering import (
     as_alphas,
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 LETTERS = "ABCD"
 RANDOM_GUESS = 0.25
-DEFAULT_ALPHAS = tuple(default_alphas("mmlu").tolist())
 # The 57 subjects of cais/mmlu (and of the original CSV release).
 SUBJECTS = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
@@ -410,15 +410,16 @@ def accuracy_table(table) -> "pd.DataFrame":
                        "letter_mass"]]
 
 
-def mmlu_accuracy(model: Model, sv, *, alphas=DEFAULT_ALPHAS, subjects: Sequence[str] | None = None,
-                  source=None, mmlu_dir=None, mmlu_parquet=None, k_shots: int = 5, limit: int | None = None, chat: bool = False,
-                  positions: str = "all", labels: dict | None = None, token_budget: int = 16384,
+def mmlu_accuracy(model: Model, sv, *, alphas=None, subjects: Sequence[str] | None = None,
+                  source=None, mmlu_dir=None, mmlu_parquet=None, k_shots: int = MmluConfig.k_shot,
+                  limit: int | None = None, chat: bool = False,
+                  positions: str = "all", labels: dict | None = None, token_budget: int = MmluConfig.token_budget,
                   data: dict | None = None, progress: Callable | None = None) -> MMLUResult:
     """Fig. A.6: MMLU accuracy of the steered model per alpha, by answer-letter likelihood after k shots.
 
     Args:
         sv: a SteeringVector, which knows its layer.
-        alphas: raw alphas (default: 9 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
+        alphas: raw alphas (default: config.API_GRIDS's 9 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
         source: a CSV directory, a Parquet file or directory, or "cais/mmlu"; or `mmlu_dir` / `mmlu_parquet`;
             none of them: cais/mmlu through `datasets`; or `data` from `load_mmlu`.
         subjects, limit: which subjects (default: all found), and at most `limit` test questions each.
@@ -436,7 +437,7 @@ def mmlu_accuracy(model: Model, sv, *, alphas=DEFAULT_ALPHAS, subjects: Sequence
     t_start = time.perf_counter()
     _, layer = vector_of(model, sv)
     concept, setting = (labels or {}).get("concept", ""), (labels or {}).get("setting", "")
-    a = as_alphas(alphas)
+    a = as_alphas(AlphaGrid.default("mmlu").values if alphas is None else alphas)
     check_positions(positions)
     if k_shots < 0:
         raise InputError(f"k_shots must be 0 or more, not {k_shots}")

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from steerstrength.config import TokensConfig
 from steerstrength.errors import InputError
 from steerstrength.metrics.contexts import as_contexts
 from steerstrength.grid import AlphaGrid, zero_index
@@ -31,18 +32,11 @@ from steerstrength.models import Model
 from steerstrength.steering import check_positions, next_token_probs, vector_of
 
 SHAPES = ("bump", "increasing", "decreasing", "other")
-DEFAULT_TOP_K = 100
-DEFAULT_TOP_EACH = 10  # the top tokens at every alpha are kept too (the explorer shows them)
 DEFAULT_REL_TOL = 0.01
 # Bytes of [alphas, vocab] float32 probabilities a sweep may hold at once; past it, two passes of blocks.
 DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
 # certify=True: evenly spaced alphas (plus both ends and 0) where a half-precision sweep is re-run in float32.
 CERTIFY_ALPHAS = 9
-
-
-def default_alphas() -> torch.Tensor:
-    """linspace(-200, 200, 1024) plus 0: 1025 alphas."""
-    return AlphaGrid.linspace(-200.0, 200.0, 1024).values
 
 
 def shape_classes(curves: torch.Tensor, *, rel_tol: float = DEFAULT_REL_TOL) -> tuple[torch.Tensor, list[str]]:
@@ -195,8 +189,8 @@ def constant_column(value, n: int):
 
 
 def token_curves(model: Model, sv, contexts: Sequence[str | dict] | str,
-                 alphas=None, *, positions: str = "all", top_k: int = DEFAULT_TOP_K, tokens: Sequence[int] = (),
-                 top_each: int = DEFAULT_TOP_EACH, chat: bool = False, rel_tol: float = DEFAULT_REL_TOL,
+                 alphas=None, *, positions: str = "all", top_k: int = TokensConfig.top_k, tokens: Sequence[int] = (),
+                 top_each: int = TokensConfig.top_each, chat: bool = False, rel_tol: float = DEFAULT_REL_TOL,
                  progress: Callable[[int], None] | None = None, certify: bool | int = True,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, block: int | None = None) -> TokenCurves:
     """Def. 3.1 / Thm 3.3: Delta p(z, alpha) for the top-k tokens at alpha_max and alpha_min (plus `tokens`).
@@ -224,7 +218,7 @@ def token_curves(model: Model, sv, contexts: Sequence[str | dict] | str,
     """
     _, layer = vector_of(model, sv)
     check_positions(positions)
-    grid = AlphaGrid.explicit(default_alphas() if alphas is None else alphas)
+    grid = AlphaGrid.explicit(AlphaGrid.default("tokens").values if alphas is None else alphas)
     a, inserted = grid.values, grid.inserted_zero
     if a.numel() < 3:
         raise InputError("a curve needs at least 3 alphas (including 0)")

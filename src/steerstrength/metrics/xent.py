@@ -39,13 +39,6 @@ from steerstrength.steering import (
 Progress = Callable[[int], None]
 
 
-def default_alphas() -> torch.Tensor:
-    """linspace(-100, 100, 128) plus 0: 129 alphas (grid.DEFAULT_RAW)."""
-    from steerstrength.grid import default_alphas as of
-
-    return of("xent")
-
-
 def windows(model: Model, texts: Sequence[str], seq_len: int = 128, *, packing: bool = False) -> torch.Tensor:
     """[W, seq_len + 1] token ids: per-text windows with stride seq_len, incomplete last windows dropped."""
     return _windows(model, texts, seq_len, packing)[0]
