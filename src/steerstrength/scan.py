@@ -26,9 +26,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from steerstrength.config import VectorsConfig
 from steerstrength.errors import InputError
 from steerstrength.models import Model
-
 
 RUNNERS_UP = 3  # the next best layers the summary (and the report) show beside the pick
 DEFAULT_EXTREMAL_FRACTION = 0.01
