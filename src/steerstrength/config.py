@@ -231,8 +231,6 @@ class TrainTinyConfig:
 # the opening CONTEXT_WORDS words of its first DERIVED_CONTEXTS held-out P texts (metrics/contexts.py).
 DERIVED_CONTEXTS = 4
 CONTEXT_WORDS = 10
-# A user prompt file needs this many texts: every third is held out, and each split needs at least 2.
-MIN_USER_TEXTS = 6
 
 SWEET_SPOT_RULES = ("mass", "between")  # recommend.sweet_spot_rule (recommend.py's module doc)
 CURVATURE_SCOPES = ("prompt", "corpus")  # recommend.curvature_scope

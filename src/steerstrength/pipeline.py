@@ -557,7 +557,7 @@ def enabled(cfg: RunConfig, stage: str) -> tuple[bool, str]:
 def check_names(cfg: RunConfig) -> None:
     """Concept names and context ids name files: checked (safe, distinct) before the model loads or anything is
     written."""
-    from steerstrength.metrics.contexts import read_contexts
+    from steerstrength.prompts import read_contexts
     from steerstrength.prompts import check_concept
 
     seen: dict[str, str] = {}

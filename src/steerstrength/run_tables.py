@@ -120,7 +120,7 @@ class RunTables:
         """context id -> text: the built-in contexts, or the run's contexts file (best effort)."""
         if "contexts" in self._cache:
             return self._cache["contexts"]
-        from steerstrength.metrics.contexts import builtin_contexts, read_contexts
+        from steerstrength.prompts import builtin_contexts, read_contexts
 
         out: dict[str, str] = {}
         try:

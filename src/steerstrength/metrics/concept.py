@@ -173,7 +173,7 @@ def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer
                   stops: Sequence[int], read_tokens: int = 0, streamer=None) -> list[dict]:
     """One batch of (prompt, vector_index, alpha, seed) rows through the engine sampling.GENERATION_ENGINE names
     (a streamed row through `generate`, which feeds a streamer)."""
-    from steerstrength import sampling
+    import steerstrength.sampling as sampling
 
     kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
               top_k=settings.top_k, stops=stops)
