@@ -232,6 +232,10 @@ class TrainTinyConfig:
 DERIVED_CONTEXTS = 4
 CONTEXT_WORDS = 10
 
+# recommend.py's grids when none is given, in units of alpha_scale (the alpha at which ||alpha v|| is the median
+# residual norm): sweet-spot's (span, points) from 0, and the generation methods' span (points: recommend.n_alphas).
+RECOMMEND_SWEEP = (3.0, 41)
+RECOMMEND_GENERATION_SPAN = 0.6
 SWEET_SPOT_RULES = ("mass", "between")  # recommend.sweet_spot_rule (recommend.py's module doc)
 CURVATURE_SCOPES = ("prompt", "corpus")  # recommend.curvature_scope
 

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
-from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES, ConceptConfig, RecommendConfig
+from steerstrength.config import (CURVATURE_SCOPES, RECOMMEND_GENERATION_SPAN, RECOMMEND_SWEEP, SWEET_SPOT_RULES,
+                                  ConceptConfig, RecommendConfig)
 from steerstrength.errors import InputError
 from steerstrength.forward_ad import forward_ad_safe, forward_from_differentiable
 from steerstrength.models import Model
@@ -64,9 +65,9 @@ if TYPE_CHECKING:
 METHODS = ("sweet-spot", "curvature", "iso-kl", "grid-judge", "global")
 GENERATION_METHODS = ("iso-kl", "grid-judge", "global")
 KL_PERCENTILE = 95.0
-# Default grids in units of alpha_scale (the alpha at which ||alpha v|| is the median residual norm).
-SWEEP_SPAN, SWEEP_POINTS = 3.0, 41
-GRID_SPAN, GRID_POINTS = 0.6, 6
+# Default grids in units of alpha_scale (the alpha at which ||alpha v|| is the median residual norm): config.py's.
+SWEEP_SPAN, SWEEP_POINTS = RECOMMEND_SWEEP
+GRID_SPAN, GRID_POINTS = RECOMMEND_GENERATION_SPAN, RecommendConfig.n_alphas
 QUADRATIC_CHECK = (0.25, 0.5, 1.0, 1.5, 2.0)  # curvature: multiples of its alpha where the quadratic is checked
 QUADRATIC_REL = 0.1  # ... and the relative error that counts as a departure (as metrics.xent.quadratic_range)
 CURVATURE_SEQ_LEN, CURVATURE_TOKENS = 64, 4096  # curvature, scope corpus: packed windows, tokens scored

@@ -26,12 +26,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from steerstrength.config import VectorsConfig
+from steerstrength.config import LogOddsConfig, VectorsConfig
 from steerstrength.errors import InputError
 from steerstrength.models import Model
 
 RUNNERS_UP = 3  # the next best layers the summary (and the report) show beside the pick
-DEFAULT_EXTREMAL_FRACTION = 0.01
+DEFAULT_EXTREMAL_FRACTION = LogOddsConfig.extremal_fraction
 RULE = ("score = (2 * held-out AUC - 1) * lens share; lens share = fraction of the top-{k} tokens of LN(v) W^T "
         "with log-odds M in the top {f:.0%} of the vocabulary; argmax over layers {lo}..{hi}")
 

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from steerstrength.config import XentConfig
 from steerstrength.errors import InputError
 from steerstrength.grid import AlphaGrid, zero_index
 from steerstrength.forward_ad import forward_ad_safe, forward_from_differentiable
@@ -162,7 +163,7 @@ def cross_entropy_sums(model: Model, sv, ids: torch.Tensor, alphas, *, positions
     return sums
 
 
-def cross_entropy_curve(model: Model, sv, texts: Sequence[str], alphas, *, seq_len: int = 128,
+def cross_entropy_curve(model: Model, sv, texts: Sequence[str], alphas, *, seq_len: int = XentConfig.seq_len,
                         positions: str = "all", packing: bool = False, token_budget: int = DEFAULT_TOKEN_BUDGET,
                         logit_budget: int = DEFAULT_LOGIT_BUDGET, progress: Progress | None = None) -> torch.Tensor:
     """Def. 3.7's CE(f_alpha): [len(alphas)] float64, the mean next-token cross-entropy over the windows of `texts`.
@@ -428,10 +429,10 @@ def _chunked_sums(model: Model, sv, ids: torch.Tensor, alphas: torch.Tensor, chu
     return total
 
 
-def xent_sweep(model: Model, sv, texts: Sequence[str], alphas=None, *, seq_len: int = 128,
+def xent_sweep(model: Model, sv, texts: Sequence[str], alphas=None, *, seq_len: int = XentConfig.seq_len,
                positions: str = "all", packing: bool = False, max_tokens: int | None = None, curvature: bool = True,
                curvature_tokens: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-               logit_budget: int = DEFAULT_LOGIT_BUDGET, chunk=None, chunk_windows: int = 16,
+               logit_budget: int = DEFAULT_LOGIT_BUDGET, chunk=None, chunk_windows: int = XentConfig.chunk_windows,
                progress: Progress | None = None) -> XentSweep:
     """Delta CE(alpha) = CE(f_alpha) - CE(f) (Def. 3.7) with curvature (Thm 3.8) and plateau (Prop. 4.1) readings.
 
