@@ -1,4 +1,4 @@
-"""The only place that changes activations: adding alpha * v to the residual stream after block l.
+"""Where activations change: adding alpha * v to the residual stream after block l.
 
 Two ways in:
 - `steer(model, v, layer, alpha)`: a context manager (a forward hook) for any forward or `generate`,
@@ -7,10 +7,10 @@ Two ways in:
   in the batch dimension and run only blocks l+1.. for each alpha, computing logits only where read.
   `next_token_probs` is built on them; every metric uses them.
 
-Also here, as forward-pass tricks: the shared prefix KV cache (`prefix_cache`, `cache_snapshot`,
-`shared_prefix_last_logits`) and the attention that lets every alpha row read a batch-1 prefix cache
-without copying it (`shared_prefix_cache`, `forward_over_shared_prefix`), per-row seeded sampling
-(`RowSampler`, `sample_rows`) and the patches that make nested forward-mode AD exact (`forward_ad_safe`).
+A measurement takes a SteeringVector and reads its v and layer here (`vector_of`). Also here: the forwards over a
+shared prefix (`forward_over_shared_prefix`, `shared_prefix_last_logits`: k-shot rows). The other forward-pass tricks
+are beside this module, one idea each: prefix.py (the shared prefix KV cache and its attention), sampling.py (seeded
+and batched steered sampling) and forward_ad.py (forward-mode AD through a replay).
 """
 
 from __future__ import annotations
