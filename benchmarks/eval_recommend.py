@@ -140,8 +140,8 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
         add("sweet-spot", b, recommend_alpha(model, sv, heldout, SweetSpot(log_odds=M, n_target=100), budget=b,
                                              **common))
     for b in floats(args.between_budgets):
-        add("sweet-spot (between)", b, recommend_alpha(model, sv, heldout, SweetSpot(log_odds=M, n_target=100,
-                                                                                     rule="between"), budget=b, **common))
+        between = SweetSpot(log_odds=M, n_target=100, rule="between")
+        add("sweet-spot (between)", b, recommend_alpha(model, sv, heldout, between, budget=b, **common))
     for b in floats(args.curvature_budgets):
         add("curvature (prompt)", b, recommend_alpha(model, sv, heldout, Curvature(), budget=b, **common))
     for b in floats(args.curvature_budgets):

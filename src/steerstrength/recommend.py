@@ -504,8 +504,9 @@ def recommend_alpha(model: Model, sv, prompts: Sequence[str], method=None, *, bu
     """
     method = SweetSpot() if method is None else method
     if not isinstance(method, tuple(METHOD_OPTIONS.values())):
-        raise InputError(f"method must be one of the option objects {', '.join(k.__name__ for k in METHOD_OPTIONS.values())}"
-                         f" (recommend.method_options builds them from names), not {method!r}")
+        kinds = ", ".join(k.__name__ for k in METHOD_OPTIONS.values())
+        raise InputError(f"method must be one of the option objects {kinds} (recommend.method_options builds them "
+                         f"from names), not {method!r}")
     budget = _RECOMMEND.kl_budget if budget is None else budget
     name = method.name
     # The method's options by name; a method without one reads the defaults it never uses.
