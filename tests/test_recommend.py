@@ -390,7 +390,7 @@ def test_pipeline_stage_writes_its_tables(model, vector, tmp_path):
         yield lambda n=1: None
 
     sv = SteeringVectors({LAYER: vector}, dict(concept="joy"))
-    ctx = SimpleNamespace(cfg=cfg, concepts=list(cfg.concepts), cell=None, run=RunDir(tmp_path), model=model,
+    ctx = SimpleNamespace(cfg=cfg, concepts=list(cfg.concepts), one_vector=None, run=RunDir(tmp_path), model=model,
                           layers=[LAYER], vectors=lambda concept: sv,
                           prompt_texts=lambda concept: (JOYFUL, PLAIN), progress=progress, log=lambda message: None,
                           labels=lambda concept: row_labels(model.name, concept, cfg.setting, cfg.positions))

@@ -85,7 +85,7 @@ def test_rows_and_texts_give_the_same_vectors(model):
     rows = [{"text": t, "concept": "joy"} for t in P]
     a = difference_of_means(model, rows, N, 1)
     b = difference_of_means(model, P, N, 1)
-    assert torch.equal(a[1], b[1])
+    assert torch.equal(a[1].vector, b[1].vector)
 
 
 def test_normalize_gives_unit_vectors_along_the_same_direction(model, sv):
@@ -152,9 +152,9 @@ def test_gguf_export_has_llama_cpp_control_vector_layout(sv, tmp_path):
     for layer in (1, 2):
         t = tensors[f"direction.{layer}"]
         assert t.tensor_type == GGMLQuantizationType.F32 and list(t.shape) == [sv.d_model]
-        assert torch.equal(torch.from_numpy(t.data.copy()), sv[layer])
+        assert torch.equal(torch.from_numpy(t.data.copy()), sv[layer].vector)
     back = SteeringVectors.load(tmp_path / "v.gguf")
-    assert back.layers == [1, 2] and torch.equal(back[2], sv[2]) and back.meta == sv.meta
+    assert back.layers == [1, 2] and torch.equal(back[2].vector, sv[2].vector) and back.meta == sv.meta
 
 
 def test_gguf_export_refuses_layer_zero(sv, tmp_path):
@@ -166,7 +166,7 @@ def test_gguf_export_refuses_layer_zero(sv, tmp_path):
 def test_to_moves_and_casts_every_tensor(sv):
     half = sv.to(dtype=torch.float64)
     assert all(half[layer].vector.dtype == torch.float64 for layer in half.layers)
-    assert half.resamples[1].dtype == torch.float64 and sv[1].dtype == torch.float32
+    assert half.resamples[1].dtype == torch.float64 and sv[1].vector.dtype == torch.float32
     assert half.meta == sv.meta
 
 
@@ -270,7 +270,7 @@ def test_texts_longer_than_the_model_allows_are_refused_unless_truncated(model):
     with pytest.raises(InputError, match="max-length"):
         difference_of_means(model, [long, long], N[:2], 1)
     truncated = difference_of_means(model, [long, long], N[:2], 1, max_length=16)
-    assert truncated.meta["max_length"] == 16 and torch.isfinite(truncated[1]).all()
+    assert truncated.meta["max_length"] == 16 and torch.isfinite(truncated[1].vector).all()
 
 
 # ----------------------------------------------------------------------------- files that are not ours
@@ -378,8 +378,8 @@ def test_gguf_directions_for_one_layer_are_added_like_llama_cpp(tmp_path):
                                                       "direction.3": c[None, :]})  # [1, 4]: ggml counts 1 dim
     sv = SteeringVectors.load(path)
     assert sv.layers == [1, 2, 3]
-    assert torch.equal(sv[1], torch.from_numpy(a + b)) and torch.equal(sv[2], torch.from_numpy(c))
-    assert torch.equal(sv[3], torch.from_numpy(c))
+    assert torch.equal(sv[1].vector, torch.from_numpy(a + b)) and torch.equal(sv[2].vector, torch.from_numpy(c))
+    assert torch.equal(sv[3].vector, torch.from_numpy(c))
 
 
 def test_gguf_metadata_must_be_a_json_object(tmp_path):

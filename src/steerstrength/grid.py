@@ -268,7 +268,7 @@ def to_raw(alphas, unit: str, scale: float | None) -> torch.Tensor:
         raw = ss.to_raw(torch.linspace(-1.5, 1.5, 61), "resid", sv.resid_scale(28))   # or sv[28].raw_alphas(grid)
     """
     a = alphas.values if isinstance(alphas, AlphaGrid) else as_alphas(alphas)
-    return a if check_unit(unit, UNITS) == "raw" else a / scale
+    return a if check_unit(unit, ALPHA_UNITS + ("unit",)) == "raw" else a / scale
 
 
 def add_resid_column(frame, scale: float, column: str = "alpha"):
