@@ -3,7 +3,7 @@
 Columns, for the embedded model (SmolLM2-135M, float32, CPU) at batch sizes B and prompt lengths T, in one process:
   floor     one decode step of the batch (B rows, one token each, over a T-token KV cache): the cost per new token
             no sampler can beat on this hardware;
-  ours      steering.sample_steered: B rows = alphas x directions x completions of one prompt, one decode loop, the
+  ours      sampling.sample_steered: B rows = alphas x directions x completions of one prompt, one decode loop, the
             prompt's blocks shared (new tokens/s over all rows, and its per-token cost / floor);
   hooked    a hooked Hugging Face `generate` per (direction, alpha) (the steering-vectors / repeng way: `with steer(...)`
             around `generate`, batch = the completions of that alpha);
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steerstrength import SteeringVectors, load_model, steer, steering
+from steerstrength import SteeringVectors, load_model, prefix, sampling, steer, steering
 from steerstrength.models import Encoded
 
 
@@ -50,13 +50,13 @@ def prompt_of_length(model, T: int) -> list[int]:
 def floor_step(model, ids: list[int], B: int, repeats: int = 3) -> float:
     """Seconds of one decode forward of B rows over a len(ids)-token cache (no sampling, no steering)."""
     enc = model.pad([ids] * B)
-    cache = steering.prefix_cache(model)
+    cache = prefix.prefix_cache(model)
     with torch.inference_mode():
         steering._forward(model, enc, use_cache=True, past_key_values=cache, logits_to_keep=1)
-        kv = steering.cache_snapshot(cache, range(model.n_layers))
+        kv = prefix.cache_snapshot(cache, range(model.n_layers))
         best = float("inf")
         for _ in range(repeats):
-            c = steering.prefix_cache(model, dict(kv))
+            c = prefix.prefix_cache(model, dict(kv))
             tok = Encoded(enc.input_ids[:, -1:], torch.cat([enc.attention_mask, enc.attention_mask[:, :1]], 1),
                           enc.position_ids[:, -1:] + 1, "left")
             t = time.perf_counter()
@@ -79,7 +79,7 @@ def run_ours(model, ids, vectors, layer, B, new_tokens) -> float:
     alphas = torch.linspace(-1.0, 1.0, na).tolist() if na > 1 else [0.5]
     rows = [(0, d, a * 8.0, 1000 * d + 10 * i + c) for d in range(nd) for i, a in enumerate(alphas) for c in range(nc)]
     t = time.perf_counter()
-    steering.sample_steered(model, [ids], rows, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+    sampling.sample_steered(model, [ids], rows, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                             stops=[], vectors=vectors[:nd], layer=layer)
     return time.perf_counter() - t
 
@@ -250,7 +250,7 @@ def concept_demo(model, vectors, layers) -> dict:
               positive=P, negative=N, batch_size=section.batch_size)
     out = {}
     for name, engine, fluency in (("before", "hf", 0), ("after", "batched", section.fluency_tokens)):
-        steering.GENERATION_ENGINE = engine
+        sampling.GENERATION_ENGINE = engine
         judge = judge_for("joy", section.judge)  # fresh for each run: nothing carried over between them
         t, n, parts = time.perf_counter(), 0, []
         for layer in layers:
@@ -263,7 +263,7 @@ def concept_demo(model, vectors, layers) -> dict:
         out[name] = dict(seconds=total, per_completion=total / n, n=n, parts=parts)
         print(f"concept stage {name}: layers {layers}, {n} completions, {total:.1f} s ({total / n:.3f} s per "
               f"completion); parts {json.dumps(parts, default=lambda x: round(x, 2))}", flush=True)
-    steering.GENERATION_ENGINE = "batched"
+    sampling.GENERATION_ENGINE = "batched"
     out["after_over_before"] = out["after"]["per_completion"] / out["before"]["per_completion"]
     print(f"per completion, after / before: {out['after_over_before']:.2f}")
     return out
@@ -288,7 +288,7 @@ def concept_interleaved(model, vectors, layers, n_prompts: int) -> dict:
                     for c in range(section.completions)]
             texts = {}
             for engine in (("hf", "batched") if i % 2 == 0 else ("batched", "hf")):
-                steering.GENERATION_ENGINE = engine
+                sampling.GENERATION_ENGINE = engine
                 t = time.perf_counter()
                 done = generate_rows(model, sv, layer, rows, settings, batch_size=section.batch_size,
                                      read_tokens=section.fluency_tokens if engine == "batched" else 0)
@@ -296,7 +296,7 @@ def concept_interleaved(model, vectors, layers, n_prompts: int) -> dict:
                 texts[engine] = [d["completion"] for d in done]
             n += len(rows)
             same += sum(a == b for a, b in zip(texts["hf"], texts["batched"]))
-    steering.GENERATION_ENGINE = "batched"
+    sampling.GENERATION_ENGINE = "batched"
     ratio = seconds["batched"] / seconds["hf"]
     print(f"interleaved generation, {n} completions per engine: former {seconds['hf']:.1f} s, batched (with the "
           f"fluency reading) {seconds['batched']:.1f} s: ratio {ratio:.2f}; identical texts {same}/{n}", flush=True)

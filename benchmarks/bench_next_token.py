@@ -17,7 +17,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from steerstrength import load_model
+from steerstrength import SteeringVector, load_model
 from steerstrength.steering import next_token_probs, steer
 
 CONTEXT = "I walked into the kitchen this morning and saw that my old friend had left a note on the"
@@ -62,6 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model(None, dtype="float32", device="cpu")
     v = torch.randn(model.d_model) * 3.0
+    sv = SteeringVector(v, args.layer)
     enc = model.encode([CONTEXT])
     alphas = torch.cat([torch.linspace(-200, 200, args.n_alphas), torch.zeros(1)])
     tokens = enc.input_ids.shape[1]
@@ -81,7 +82,7 @@ def main() -> None:
     results = {"model": model.name, "layer": args.layer, "context_tokens": tokens, "n_alphas": len(alphas),
                "threads": torch.get_num_threads(), "plain_gflops_per_s": plain_rate / 1e9, "positions": {}}
     for positions in ("all", "last"):
-        fast_fn = lambda: next_token_probs(model, v, args.layer, CONTEXT, alphas, positions=positions)  # noqa: E731
+        fast_fn = lambda: next_token_probs(model, sv, CONTEXT, alphas, positions=positions)  # noqa: E731
         slow_fn = lambda: straightforward(model, v, args.layer, enc, alphas, positions)  # noqa: E731
         t_fast, fast = best_time(fast_fn, args.repeats)
         t_slow, slow = best_time(slow_fn, args.repeats)
@@ -104,9 +105,9 @@ def main() -> None:
     if args.bf16:
         bf = load_model(None, dtype="bfloat16", device="cpu")
         for positions in ("all", "last"):
-            ref = next_token_probs(model, v, args.layer, CONTEXT, alphas, positions=positions)
-            t_bf, low = best_time(lambda: next_token_probs(bf, v, args.layer, CONTEXT, alphas, positions=positions), 1)
-            t_fp, _ = best_time(lambda: next_token_probs(model, v, args.layer, CONTEXT, alphas, positions=positions), 1)
+            ref = next_token_probs(model, sv, CONTEXT, alphas, positions=positions)
+            t_bf, low = best_time(lambda: next_token_probs(bf, sv, CONTEXT, alphas, positions=positions), 1)
+            t_fp, _ = best_time(lambda: next_token_probs(model, sv, CONTEXT, alphas, positions=positions), 1)
             diff = (low - ref).abs()
             tv = 0.5 * diff.sum(-1)
             row = {"bf16_s": t_bf, "fp32_s": t_fp, "speedup": t_fp / t_bf, "max_abs_diff": float(diff.max()),

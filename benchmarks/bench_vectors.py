@@ -173,8 +173,9 @@ def main() -> None:
         if not compare:
             continue
         ours, theirs = out["ours"], out["theirs"]
-        cos = {layer: cosine(ours[layer], theirs[layer]) for layer in layers}
-        rel = {layer: float((ours[layer].double() - theirs[layer]).norm() / theirs[layer].norm()) for layer in layers}
+        cos = {layer: cosine(ours[layer].vector, theirs[layer]) for layer in layers}
+        rel = {layer: float((ours[layer].vector.double() - theirs[layer]).norm() / theirs[layer].norm())
+               for layer in layers}
         row = {"seconds": t["theirs"], "cosine": cos, "relative_difference": rel}
         if skip:  # the work done, independent of the machine's load
             row["gflop"], row["ours_gflop"] = gflop(fns["theirs"]), gflop(fns["ours"])

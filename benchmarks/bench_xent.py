@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from steerstrength import load_model
 from steerstrength.corpus import cached_samples, load_corpus
 from steerstrength.metrics.contexts import builtin_contexts
-from steerstrength.grid import linspace_grid
+from steerstrength.grid import AlphaGrid
 from steerstrength.metrics.xent import _rows_per_forward, cross_entropy_sums, windows
 from steerstrength.steering import DEFAULT_LOGIT_BUDGET, DEFAULT_TOKEN_BUDGET, alpha_chunks, steer
 from steerstrength.vectors import difference_of_means
@@ -79,14 +79,14 @@ def head_to_head(model, v, layer, ids, alphas, args):
     # Untimed warm-up of both codes on the first window: the first call of each pays one-off costs
     # (allocator growth, oneDNN kernel selection) that are not part of a sweep's steady cost.
     warm = ids[:1]
-    t_warm_ours, _ = timed(lambda: cross_entropy_sums(model, v, layer, warm, alphas, **budgets))
+    t_warm_ours, _ = timed(lambda: cross_entropy_sums(model, v, warm, alphas, **budgets))
     t_warm_base, _ = timed(lambda: straightforward_sums(model, v, layer, warm, alphas, **budgets))
     print(f"  warm-up (untimed in the totals): ours {t_warm_ours:.1f} s, straightforward {t_warm_base:.1f} s",
           flush=True)
     ratios = []
     for i, start in enumerate(range(0, ids.shape[0], args.block)):
         block = ids[start:start + args.block]
-        run_ours = lambda: cross_entropy_sums(model, v, layer, block, alphas, **budgets)  # noqa: E731
+        run_ours = lambda: cross_entropy_sums(model, v, block, alphas, **budgets)  # noqa: E731
         run_base = lambda: straightforward_sums(model, v, layer, block, alphas, **budgets)  # noqa: E731
         order = [(run_ours, "ours"), (run_base, "base")] if i % 2 == 0 else [(run_base, "base"), (run_ours, "ours")]
         step = {}
@@ -124,9 +124,9 @@ def scaling(model, v_for, ids, args):
     cases += [("layer", base_alphas, base_tokens, layer) for layer in (0, model.n_layers // 4, 3 * model.n_layers // 4,
                                                                         model.n_layers - 1)]
     for what, n_alphas, tokens, layer in cases:
-        alphas = linspace_grid(-100.0, 100.0, n_alphas - 1)
+        alphas = AlphaGrid.linspace(-100.0, 100.0, n_alphas - 1).values
         block = ids[: tokens // args.seq_len]
-        t, _ = timed(lambda: cross_entropy_sums(model, v_for(layer), layer, block, alphas, **budgets))
+        t, _ = timed(lambda: cross_entropy_sums(model, v_for(layer), block, alphas, **budgets))
         rows.append(dict(vary=what, alphas=n_alphas, tokens=tokens, layer=layer, seconds=t,
                          token_alphas_per_s=tokens * n_alphas / t))
         print(f"  vary {what:6s}: alphas {n_alphas:4d}  tokens {tokens:5d}  layer {layer:2d}  {t:8.2f} s  "
@@ -157,7 +157,7 @@ def main() -> None:
     positive = [c["text"] for c in ctx if c["kind"] == "concept"]
     negative = [c["text"] for c in ctx if c["kind"] == "neutral"]
     sv = difference_of_means(model, positive, negative, list(range(model.n_layers)))
-    alphas = linspace_grid(-100.0, 100.0, args.n_alphas)
+    alphas = AlphaGrid.linspace(-100.0, 100.0, args.n_alphas).values
     ids = corpus_windows(model, args)
     rows = _rows_per_forward(model, args.seq_len, args.token_budget, args.logit_budget)
     print(f"model {model.name}  layer {layer}  |v| {float(sv[layer].norm()):.1f}  windows {ids.shape[0]} x "

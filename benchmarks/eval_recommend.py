@@ -96,7 +96,8 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
     from steerstrength.metrics.concept import wilson_interval
     from steerstrength.metrics.xent import xent_sweep
     from steerstrength.prompts import curated_texts, evaluation_prompts, neutral_texts
-    from steerstrength.recommend import KL_PERCENTILE, generate_and_measure, measure_pairs, recommend_alpha
+    from steerstrength.recommend import (KL_PERCENTILE, Curvature, Global, GridJudge, IsoKL, SweetSpot,
+                                         generate_and_measure, measure_pairs, recommend_alpha)
 
     seconds = {}
     t0 = time.perf_counter()
@@ -114,9 +115,10 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
     heldout = evaluation_prompts("heldout")[: args.n_heldout]
     per_resid = sv.resid_scale(model)  # alpha_resid per raw alpha
     grid = [r / per_resid for r in np.linspace(0.0, args.span, args.n_grid).tolist()]
-    common = dict(concept=concept, n_target=100)
+    common = dict(concept=concept)
     chat = model.has_chat_template  # a base model (Gemma-3-270M) completes the prompt as text
-    sampling = dict(n_completions=args.train_completions, max_new_tokens=args.max_new_tokens, chat=chat)
+    sizes = dict(n_completions=args.train_completions, max_new_tokens=args.max_new_tokens)
+    sampling = dict(sizes, chat=chat)
     corpus = wikipedia_texts("test")
     picks, seconds_of, info = {}, {}, {}
 
@@ -135,26 +137,27 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
               f" ({rec.summary['seconds']:.1f} s)", flush=True)
 
     for b in floats(args.sweet_budgets):
-        add("sweet-spot", b, recommend_alpha(model, sv, heldout, method="sweet-spot", budget=b, log_odds=M, **common))
+        add("sweet-spot", b, recommend_alpha(model, sv, heldout, SweetSpot(log_odds=M, n_target=100), budget=b,
+                                             **common))
     for b in floats(args.between_budgets):
-        add("sweet-spot (between)", b, recommend_alpha(model, sv, heldout, method="sweet-spot", budget=b, log_odds=M,
-                                                       sweet_spot_rule="between", **common))
+        between = SweetSpot(log_odds=M, n_target=100, rule="between")
+        add("sweet-spot (between)", b, recommend_alpha(model, sv, heldout, between, budget=b, **common))
     for b in floats(args.curvature_budgets):
-        add("curvature (prompt)", b, recommend_alpha(model, sv, heldout, method="curvature", budget=b, **common))
+        add("curvature (prompt)", b, recommend_alpha(model, sv, heldout, Curvature(), budget=b, **common))
     for b in floats(args.curvature_budgets):
-        add("curvature (corpus)", b, recommend_alpha(model, sv, heldout, method="curvature", budget=b,
-                                                     curvature_scope="corpus", corpus=corpus, **common))
+        add("curvature (corpus)", b, recommend_alpha(model, sv, heldout, Curvature(scope="corpus", corpus=corpus),
+                                                     budget=b, **common))
     t0 = time.perf_counter()
-    gens_pos = generate_and_measure(model, sv, args.layer, train, grid[1:], judge=judge, concept=concept, **sampling)
+    gens_pos = generate_and_measure(model, sv, train, grid[1:], judge=judge, concept=concept, **sampling)
     t_pos = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gens_zero = generate_and_measure(model, sv, args.layer, train, grid[:1], judge=judge, concept=concept, **sampling)
+    gens_zero = generate_and_measure(model, sv, train, grid[:1], judge=judge, concept=concept, **sampling)
     t_zero = time.perf_counter() - t0
     for b in floats(args.kl_budgets):
-        add("iso-kl", b, recommend_alpha(model, sv, train, method="iso-kl", budget=b, generations=gens_pos,
-                                         refine_steps=0, **common, **sampling), t_pos)
-        rec = recommend_alpha(model, sv, train, method="global", budget=b, judge=judge,
-                              generations=gens_zero.extend(gens_pos), **common, **sampling)
+        add("iso-kl", b, recommend_alpha(model, sv, train, IsoKL(generations=gens_pos, refine_steps=0, **sizes),
+                                         budget=b, chat=chat, **common), t_pos)
+        rec = recommend_alpha(model, sv, train, Global(judge=judge, generations=gens_zero.extend(gens_pos), **sizes),
+                              budget=b, chat=chat, **common)
         rec.table = pd.DataFrame(dict(alpha=[rec.summary["alpha"]] * len(heldout)))  # the global alpha, held out
         add("global", b, rec, t_pos + t_zero)
     for label in ("iso-kl",):
@@ -162,19 +165,19 @@ def evaluate_concept(model, args, concept: str, out: Path) -> None:
             a = picks[(label, b)][0]
             picks[(label, b)] = {i: a for i in range(len(heldout))}
     t0 = time.perf_counter()
-    gens_gj = generate_and_measure(model, sv, args.layer, heldout, grid, judge=judge, concept=concept, seed=0,
+    gens_gj = generate_and_measure(model, sv, heldout, grid, judge=judge, concept=concept, seed=0,
                                    n_completions=args.gj_completions, max_new_tokens=args.max_new_tokens, chat=chat)
     t_gj = time.perf_counter() - t0
     for b in floats(args.kl_budgets):
-        add("grid-judge", b, recommend_alpha(model, sv, heldout, method="grid-judge", budget=b, judge=judge,
-                                             generations=gens_gj, **common, **sampling), t_gj)
+        add("grid-judge", b, recommend_alpha(model, sv, heldout, GridJudge(judge=judge, generations=gens_gj, **sizes),
+                                             budget=b, chat=chat, **common), t_gj)
 
     # Evaluation completions (seed 1) at every (held-out prompt, alpha) the frontier or a method needs.
     frontier = [round(a, 10) for a in grid]
     pairs = {(i, a) for i in range(len(heldout)) for a in frontier}
     pairs |= {(i, a) for p in picks.values() for i, a in p.items()}
     t0 = time.perf_counter()
-    ev = measure_pairs(model, sv, args.layer, [(i, heldout[i], a) for i, a in sorted(pairs)], judge=judge,
+    ev = measure_pairs(model, sv, [(i, heldout[i], a) for i, a in sorted(pairs)], judge=judge,
                        concept=concept, seed=1, n_completions=args.completions, max_new_tokens=args.max_new_tokens,
                        chat=chat)
     seconds["evaluation_generations"] = time.perf_counter() - t0

@@ -17,7 +17,7 @@ import torch
 import steerstrength as ss
 from steerstrength.config import PAPER_CONCEPTS
 from steerstrength.metrics.contexts import builtin_contexts
-from steerstrength.grid import linspace_grid
+from steerstrength.grid import AlphaGrid
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     model = ss.load_model(args.model)
     layers = [int(x) for x in args.layers.split(",")]
     contexts = [c for c in builtin_contexts() if c["kind"] == "neutral"][12:12 + args.n_contexts]
-    grid = linspace_grid(-args.alpha_max, args.alpha_max, args.n_alphas)
+    grid = AlphaGrid.linspace(-args.alpha_max, args.alpha_max, args.n_alphas).values
     out = dict(model=model.name, layers=layers, alpha_resid_max=args.alpha_max, n_alphas=args.n_alphas,
                contexts=[c["id"] for c in contexts], machine="2-core CPU, float32", per_concept={})
     for concept in args.concepts.split(","):

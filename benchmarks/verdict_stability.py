@@ -49,7 +49,7 @@ def main() -> None:
 
     from steerstrength.config import build_config
     from steerstrength.pipeline import run_pipeline
-    from steerstrength.plots import RunTables
+    from steerstrength.run_tables import RunTables
     from steerstrength.verdicts import run_verdicts
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from steerstrength.vectors import SteeringVector
 from steerstrength import InputError, concept_probability
 from steerstrength.metrics.concept import (
     SamplingSettings,
@@ -233,7 +234,7 @@ def test_seeds_are_shared_across_alphas_and_distinct_across_completions():
 
 def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path):
     prompts = ["the cat is", "i saw my friend"]
-    result = concept_probability(model, vector, 1, "joy", alphas=[-10.0, 0.0, 10.0], prompts=prompts,
+    result = concept_probability(model, SteeringVector(vector, 1), "joy", alphas=[-10.0, 0.0, 10.0], prompts=prompts,
                                  n_completions=3, max_new_tokens=6, judges=["lexicon"], positive=JOYFUL,
                                  negative=PLAIN, chat=False, batch_size=7, setting="random")
     c = result.completions
@@ -273,7 +274,7 @@ def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path)
 
 
 def test_the_llm_judge_defaults_to_the_steered_model(model, vector):
-    result = concept_probability(model, vector, 1, "joy", alphas=[0.0, 5.0], prompts=["the cat is"], n_completions=2,
+    result = concept_probability(model, SteeringVector(vector, 1), "joy", alphas=[0.0, 5.0], prompts=["the cat is"], n_completions=2,
                                  max_new_tokens=4, judges=["llm"], chat=False)
     assert result.summary["judges"]["llm"]["judge_model"] == model.name
     assert result.scores["score"].between(0, 1).all() and result.summary["judge_answer_mass"]["llm"] > 0
@@ -281,11 +282,11 @@ def test_the_llm_judge_defaults_to_the_steered_model(model, vector):
 
 def test_bad_judge_input_fails_before_any_generation(model, vector):
     with pytest.raises(InputError, match="unknown judge"):
-        concept_probability(model, vector, 1, "joy", judges=["oracle"], prompts=["a"], n_completions=1)
+        concept_probability(model, SteeringVector(vector, 1), "joy", judges=["oracle"], prompts=["a"], n_completions=1)
     with pytest.raises(InputError, match="cannot judge 'lying'"):
-        concept_probability(model, vector, 1, "lying", judges=["lexicon"], prompts=["a"], n_completions=1)
+        concept_probability(model, SteeringVector(vector, 1), "lying", judges=["lexicon"], prompts=["a"], n_completions=1)
     with pytest.raises(InputError, match="--positive / --negative"):
-        concept_probability(model, vector, 1, "joy", judges=["embedding"], prompts=["a"], n_completions=1)
+        concept_probability(model, SteeringVector(vector, 1), "joy", judges=["embedding"], prompts=["a"], n_completions=1)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -334,7 +335,7 @@ def test_cli_sweep_concept_writes_tables(monkeypatch, capsys, tmp_path, model_di
 def test_cli_sweep_concept_takes_its_sizes_from_the_run_preset(monkeypatch, capsys, tmp_path, model_dir, vector_file):
     """One preset system: `sweep concept` measures what `steerstrength run`'s concept stage measures (config.py)."""
     from steerstrength.config import preset
-    from steerstrength.grid import linspace_grid
+    from steerstrength.grid import AlphaGrid
 
     code, _, err = run_cli(["sweep", "concept", "-v", vector_file, "--model", model_dir, "--device", "cpu",
                             "--judge", "lexicon", "--no-chat", "--n-prompts", "1", "--out", tmp_path],
@@ -346,7 +347,7 @@ def test_cli_sweep_concept_takes_its_sizes_from_the_run_preset(monkeypatch, caps
     assert summary["sizes"] == dict(n_alphas=demo.n_alphas, n_prompts=1, completions=demo.completions,
                                     max_new_tokens=demo.max_new_tokens)
     curve = pd.read_parquet(tmp_path / "concept_curve.parquet")
-    grid = linspace_grid(-demo.alpha_max, demo.alpha_max, demo.n_alphas, zero=False).tolist()
+    grid = AlphaGrid.linspace(-demo.alpha_max, demo.alpha_max, demo.n_alphas, zero=False).values.tolist()
     assert sorted(curve["alpha_resid"].unique()) == pytest.approx(grid)
     rows = [json.loads(line) for line in (tmp_path / "concept_completions.jsonl").read_text().splitlines()]
     assert len(rows) == demo.n_alphas * 1 * demo.completions
@@ -398,22 +399,22 @@ def test_rows_of_several_vectors_share_one_decode_and_match_each_vector_alone(mo
 
 
 def test_the_batched_engine_samples_what_hf_generate_samples(model, vector):
-    from steerstrength import steering
+    from steerstrength import sampling
 
     settings = SamplingSettings(max_new_tokens=8, chat=False)
     rows = [("the cat is", a, completion_seed(0, "the cat is", c)) for a in (-8.0, 0.0, 8.0) for c in range(2)]
     rows.append(("i walked into the kitchen this morning", 3.0, 5))
     ours = generate_rows(model, vector, 1, rows, settings, batch_size=7)
     try:
-        steering.GENERATION_ENGINE = "hf"
+        sampling.GENERATION_ENGINE = "hf"
         theirs = generate_rows(model, vector, 1, rows, settings, batch_size=7)
     finally:
-        steering.GENERATION_ENGINE = "batched"
+        sampling.GENERATION_ENGINE = "batched"
     assert ours == theirs
 
 
 def test_completion_nll_is_the_unsteered_models_teacher_forced_loss(model):
-    from steerstrength.steering import completion_nll
+    from steerstrength.sampling import completion_nll
 
     prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
     rows = [(0, model.token_ids("happy and glad")[1:]), (1, model.token_ids("a dog")[1:]), (0, [])]
@@ -457,7 +458,7 @@ def test_the_fluency_check_separates_fluent_from_scrambled_text_on_held_out_text
 def test_the_fluency_read_during_the_decode_is_the_unsteered_models_nll_of_the_tokens(model, vector):
     """sample_steered(read_tokens=k) reruns only blocks l+1.. on the recorded residual stream; it must equal a plain
     teacher-forced unsteered forward of prompt + the first k generated tokens."""
-    from steerstrength.steering import completion_nll, sample_steered
+    from steerstrength.sampling import completion_nll, sample_steered
 
     prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
     rows = [(0, 0, 9.0, 1), (1, 0, -9.0, 2), (0, 0, 0.0, 3), (1, 0, 30.0, 4)]

@@ -111,7 +111,7 @@ def null_run(tiny_dir, tmp_path_factory):  # noqa: F811
 
 
 def test_controls_are_rows_of_every_table_and_readers_see_v(null_run):
-    from steerstrength.plots import RunTables
+    from steerstrength.run_tables import RunTables
 
     want = {"tokens": 4, "tokens_top": 4, "limit": 4, "xent": 3, "concept_scores": 3, "concept_curve": 3, "mmlu": 4,
             "mmlu_questions": 4, "depth": 2, "depth_top": 2}

@@ -43,11 +43,11 @@ def files(tmp_path_factory, model, sv):
 
 
 def test_every_alpha_shares_one_batched_generation(model, sv, monkeypatch):
-    from steerstrength import steering
+    from steerstrength import sampling
 
     calls = []
-    real = steering.sample_steered
-    monkeypatch.setattr(steering, "sample_steered", lambda *a, **k: calls.append([r[2] for r in a[2]]) or real(*a, **k))
+    real = sampling.sample_steered
+    monkeypatch.setattr(sampling, "sample_steered", lambda *a, **k: calls.append([r[2] for r in a[2]]) or real(*a, **k))
     sv[2].generate(model, PROMPTS, [0.0, 0.5, 1.0], unit="raw", settings=SETTINGS, completions=2)
     assert len(calls) == 1 and sorted(set(calls[0])) == [0.0, 0.5, 1.0] and len(calls[0]) == 2 * 3 * 2
 

@@ -212,7 +212,7 @@ DAMAGED_INDEX = ["[1]", "{broken", '{"figures": [{"files": 3}]}', '{"figures": [
 
 
 def test_a_damaged_figure_index_is_redrawn_by_plot_and_skipped_by_the_report(small_run, tmp_path, monkeypatch, capsys):
-    from steerstrength.plots import RunTables
+    from steerstrength.run_tables import RunTables
     from steerstrength.report import section_figures
 
     run = copy_run(small_run, tmp_path)
@@ -313,7 +313,7 @@ def test_a_users_contexts_file_is_swept_whole_unless_n_contexts_is_given(files, 
 
 def test_the_layer_scan_reads_texts_as_the_vectors_do_with_max_length(files):
     from steerstrength.config import VectorsConfig
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
     from steerstrength.stages import scan_stage
 
     model = load_model(str(files / "model"), device="cpu")

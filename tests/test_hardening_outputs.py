@@ -15,7 +15,7 @@ from test_pipeline import config, run, tiny_dir  # noqa: F401  (tiny_dir: the mo
 FAST = ["prompts", "vectors", "tokens"]
 SMALL_CLI = ["layers=1", "model.device=cpu", "tokens.n_alphas=4", "tokens.n_contexts=2"]  # `run`'s key=value sizes
 P = ["i am happy and glad today", "we laugh and smile in the sun", "my friend is very happy", "you love the morning",
-     "the cat is glad to see you", "we smile at the house"]  # a run needs 6 texts a side (config.MIN_USER_TEXTS)
+     "the cat is glad to see you", "we smile at the house"]  # a run needs 6 texts a side (preflight.MIN_USER_TEXTS)
 N = ["i am sad and angry today", "we cry in the rain", "my friend is very sad", "you hate the evening",
      "the cat is sad to see you", "we cry at the house"]
 

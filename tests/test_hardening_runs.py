@@ -10,6 +10,7 @@ import pytest
 from cliutil import run_cli
 import torch
 
+from steerstrength.vectors import SteeringVector
 from steerstrength.errors import InputError
 from steerstrength.pipeline import STAGES
 from test_pipeline import config, run, tables, tiny_dir  # noqa: F401  (tiny_dir: the module's fixture)
@@ -202,21 +203,24 @@ def test_one_garbage_marker_recomputes_that_chunk_only(tiny_dir, tmp_path, monke
 
 
 def test_a_xent_checkpoint_from_other_inputs_is_not_reused(tmp_path):
-    """The checkpoint directory of `xent_sweep` is safe to point at again with another grid or another vector."""
+    """A checkpoint directory of `xent_sweep` (its pieces through runs.read_or_compute) is safe to point at again with
+    another grid or another vector."""
     from steerstrength.metrics.xent import xent_sweep
+    from steerstrength.runs import read_or_compute
 
     model = _tiny()
     texts = ["the cat saw a dog and the dog saw a cat . " * 4] * 3
     v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
-    kw = dict(seq_len=8, curvature=False, checkpoint_dir=tmp_path / "ck", chunk_windows=2)
-    xent_sweep(model, v, 1, texts, [-1.0, 0.0, 1.0], **kw)
-    other = xent_sweep(model, v, 1, texts, [-2.0, 0.0, 2.0], **kw)
-    fresh = xent_sweep(model, v, 1, texts, [-2.0, 0.0, 2.0], seq_len=8, curvature=False)
+    kw = dict(seq_len=8, curvature=False, chunk=lambda name, compute: read_or_compute(tmp_path / "ck", name, compute),
+              chunk_windows=2)
+    xent_sweep(model, SteeringVector(v, 1), texts, [-1.0, 0.0, 1.0], **kw)
+    other = xent_sweep(model, SteeringVector(v, 1), texts, [-2.0, 0.0, 2.0], **kw)
+    fresh = xent_sweep(model, SteeringVector(v, 1), texts, [-2.0, 0.0, 2.0], seq_len=8, curvature=False)
     # Pieces of 2 windows against one batch of all: other matmul shapes, so float32 rounding, not the same bits.
     # A reused piece of the [-1, 0, 1] grid or of +v would be off by far more than that.
     torch.testing.assert_close(other.ce, fresh.ce, **FLOAT32)
-    flipped = xent_sweep(model, -v, 1, texts, [-2.0, 0.0, 2.0], **kw)
-    torch.testing.assert_close(flipped.ce, xent_sweep(model, -v, 1, texts, [-2.0, 0.0, 2.0], seq_len=8,
+    flipped = xent_sweep(model, SteeringVector(-v, 1), texts, [-2.0, 0.0, 2.0], **kw)
+    torch.testing.assert_close(flipped.ce, xent_sweep(model, SteeringVector(-v, 1), texts, [-2.0, 0.0, 2.0], seq_len=8,
                                                       curvature=False).ce, **FLOAT32)
     assert (flipped.ce - other.ce).abs().max() > 1e-3  # the tolerance is far below what a wrong reuse changes
 

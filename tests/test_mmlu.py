@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from steerstrength import InputError, mmlu_accuracy
+from steerstrength import InputError, SteeringVector, mmlu_accuracy
 from steerstrength.metrics.mmlu import (
     SUBJECTS,
     common_prefix_length,
@@ -51,7 +51,8 @@ def test_letter_logprobs_with_shared_prefix_equal_a_steered_full_forward(arch, p
     letter_ids = letter_token_ids(model)
     alphas = torch.tensor([-6.0, 0.0, 9.0], dtype=torch.float64)
     layer = 1
-    lp, mass = subject_letter_logprobs(model, v, layer, rows, alphas, positions, letter_ids, token_budget=300)
+    lp, mass = subject_letter_logprobs(model, SteeringVector(v, layer), rows, alphas, positions, letter_ids,
+                                       token_budget=300)
     assert lp.shape == (3, 4, 4) and ((mass > 0) & (mass <= 1)).all()
     for ai, a in enumerate(alphas.tolist()):
         for qi, ids in enumerate(rows):
@@ -75,7 +76,8 @@ def test_prompt_is_the_original_mmlu_format():
 def test_mmlu_accuracy_tables_on_a_tiny_model(tmp_path):
     model = tiny_model("llama")
     v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
-    result = mmlu_accuracy(model, v, 1, alphas=[-4.0, 0.0, 4.0], mmlu_dir=CSV, k_shots=2, limit=3, concept="joy")
+    result = mmlu_accuracy(model, SteeringVector(v, 1), alphas=[-4.0, 0.0, 4.0], mmlu_dir=CSV, k_shots=2, limit=3,
+                           labels=dict(concept="joy"))
     t = result.table
     assert len(t) == 3 * 3 * 3 and set(t["subject"]) == set(FIXTURE_SUBJECTS)
     assert (t["correct"] == (t["answer"] == t["predicted"])).all()

@@ -162,9 +162,9 @@ def tiny_gguf(tmp_path, monkeypatch):
 def test_cache_conversion_is_atomic_and_survives_a_stale_temp_dir(tiny_gguf, monkeypatch):
     from transformers import PreTrainedTokenizerBase
 
-    from steerstrength import models
+    from steerstrength import loading
 
-    target = models.gguf_cache_dir(tiny_gguf)
+    target = loading.gguf_cache_dir(tiny_gguf)
     # A temp dir left by a process killed mid-write must not be mistaken for a finished cache.
     target.parent.mkdir(parents=True, exist_ok=True)
     stale = target.parent / f".{target.name}.killed"
@@ -183,7 +183,7 @@ def test_cache_conversion_is_atomic_and_survives_a_stale_temp_dir(tiny_gguf, mon
     with monkeypatch.context() as patch:
         patch.setattr(PreTrainedTokenizerBase, "save_pretrained", killed)
         with pytest.raises(Killed):
-            models.convert_gguf(tiny_gguf, target)
+            loading.convert_gguf(tiny_gguf, target)
     assert "model.safetensors" in written  # it did die half-way through the conversion
     assert not target.exists()
     assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == [stale.name]
@@ -194,25 +194,25 @@ def test_cache_conversion_is_atomic_and_survives_a_stale_temp_dir(tiny_gguf, mon
 
 
 def test_gguf_cache_is_keyed_on_the_files_content_not_its_path(tiny_gguf, tmp_path, monkeypatch):
-    from steerstrength import models
+    from steerstrength import loading
 
     first = load_model(tiny_gguf, device="cpu")
     # The same file in another folder (another virtualenv): found in the cache, never converted again.
     copy = tmp_path / "venv2" / "site-packages" / "tiny.gguf"
     copy.parent.mkdir(parents=True)
     copy.write_bytes(tiny_gguf.read_bytes())
-    assert models.gguf_cache_dir(copy) == models.gguf_cache_dir(tiny_gguf)
+    assert loading.gguf_cache_dir(copy) == loading.gguf_cache_dir(tiny_gguf)
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(models, "convert_gguf", no_conversion)
+    monkeypatch.setattr(loading, "convert_gguf", no_conversion)
     again = load_model(copy, device="cpu")
     assert torch.equal(again.unembed.weight, first.unembed.weight)
     # Other content, another entry; the hash of a file is remembered by path, size and mtime.
     other = write_tiny_gguf(tmp_path / "other.gguf", seed=1)
-    assert models.gguf_cache_dir(other) != models.gguf_cache_dir(tiny_gguf)
-    index = json.loads((models.cache_root() / "sha256.json").read_text())
+    assert loading.gguf_cache_dir(other) != loading.gguf_cache_dir(tiny_gguf)
+    index = json.loads((loading.cache_root() / "sha256.json").read_text())
     assert {key.rsplit("|", 2)[0] for key in index} == {str(p.resolve()) for p in (tiny_gguf, copy, other)}
 
 
@@ -299,7 +299,7 @@ def test_corrupt_and_truncated_gguf(tmp_path):
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(ModelLoadError, match="not a GGUF"):
         load_model(bad)
-    from steerstrength.models import embedded_gguf
+    from steerstrength.loading import embedded_gguf
 
     real = embedded_gguf("smollm2-135m-instruct").read_bytes()
     truncated = tmp_path / "truncated.gguf"
@@ -338,7 +338,7 @@ def test_the_embedded_gemma3_270m(tmp_path, monkeypatch, capsys):
     import json
 
     from steerstrength.cli import app
-    from steerstrength.models import EMBEDDED, embedded_gguf, file_sha256
+    from steerstrength.loading import EMBEDDED, embedded_gguf, file_sha256
     from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["models", "show", "gemma3-270m"])

@@ -173,20 +173,20 @@ def test_layers_auto_steers_the_scanned_layer_with_both_alpha_columns(tiny_dir, 
     assert [r["text"] for r in rows] == curated_texts("joy", "positive", "train")
 
 
-def test_cells_computed_apart_give_the_tables_of_a_plain_run(tiny_dir, tmp_path, monkeypatch):
-    """run_cell fills one (concept, layer)'s chunks of tokens, xent, concept and MMLU; the run then only assembles them."""
-    from steerstrength.pipeline import run_cell, vector_cells
+def test_vectors_computed_apart_give_the_tables_of_a_plain_run(tiny_dir, tmp_path, monkeypatch):
+    """run_vector fills one (concept, layer)'s chunks of tokens, xent, concept and MMLU; the run then only assembles them."""
+    from steerstrength.pipeline import run_vector, run_vectors
 
     cfg = config(tiny_dir, "concepts=joy,evil", "layers=1,2")
     run(cfg, tmp_path / "plain")
-    cells_dir = tmp_path / "cells"
-    run(cfg, cells_dir, only=["prompts", "vectors"])
-    cells = vector_cells(cfg, cells_dir)
-    assert cells == [("joy", 1), ("joy", 2), ("evil", 1), ("evil", 2)]
-    for concept, layer in reversed(cells):  # any order
-        assert run_cell(cfg, cells_dir, concept, layer, progress=Quiet(), log=lambda m: None) == [
+    apart = tmp_path / "apart"
+    run(cfg, apart, only=["prompts", "vectors"])
+    shares = run_vectors(cfg, apart)
+    assert shares == [("joy", 1), ("joy", 2), ("evil", 1), ("evil", 2)]
+    for concept, layer in reversed(shares):  # any order
+        assert run_vector(cfg, apart, concept, layer, progress=Quiet(), log=lambda m: None) == [
             "tokens", "xent", "concept", "mmlu"]
-    assert not (cells_dir / "tables" / "tokens.parquet").exists()  # cells write chunks, never tables
+    assert not (apart / "tables" / "tokens.parquet").exists()  # vectors' shares write chunks, never tables
     import steerstrength.runs as runs
 
     real, computed = runs.read_or_compute, []
@@ -197,9 +197,9 @@ def test_cells_computed_apart_give_the_tables_of_a_plain_run(tiny_dir, tmp_path,
         return real(directory, name, compute, log=log)
 
     monkeypatch.setattr(runs, "read_or_compute", watching)
-    run(cfg, cells_dir)
-    assert not computed, computed  # the run found every cell's chunks
-    a, b = tables(tmp_path / "plain"), tables(cells_dir)
+    run(cfg, apart)
+    assert not computed, computed  # the run found every vector's chunks
+    a, b = tables(tmp_path / "plain"), tables(apart)
     assert a.keys() == b.keys()
     for name in a:
         if isinstance(a[name], str):

@@ -12,7 +12,7 @@ import torch
 from steerstrength import InputError, difference_of_means, next_token_probs
 from steerstrength.errors import ModelLoadError
 from steerstrength.metrics.xent import ce_derivatives, cross_entropy_sums, windows
-from steerstrength.models import load_model
+from steerstrength.loading import load_model
 from steerstrength.recommend import prompt_curvature, token_kl
 from steerstrength.steering import steer
 from tiny import save_tiny_models

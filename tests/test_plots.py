@@ -19,7 +19,7 @@ from steerstrength.config import build_config, to_toml
 from steerstrength.errors import InputError
 from steerstrength.io import write_json, write_parquet
 from steerstrength.metrics.concept import concept_curve, tanh_curve
-from steerstrength.grid import linspace_grid
+from steerstrength.grid import AlphaGrid
 from steerstrength.metrics.limits import LimitCheck
 from steerstrength.metrics.logodds import log_odds_analysis, log_odds_frame
 from steerstrength.metrics.mmlu import accuracy_table
@@ -27,13 +27,13 @@ from steerstrength.metrics.tokens import CurveSet, TokenCurves, shape_classes
 from steerstrength.metrics.xent import XentSweep, plateau, quadratic_fit
 from steerstrength.plots import (
     N_TOP,
-    RunTables,
     draw_all,
     fig_concept_xent,
     fig_delta_p,
     save_figure,
     token_label,
 )
+from steerstrength.run_tables import RunTables
 from steerstrength.vectors import SteeringVectors
 
 WORDS = [" joy", " happy", " glad", " delight", " smile", " cheer", " bliss", " grin", " sad", " gloom", " grief",
@@ -101,7 +101,7 @@ def token_tables(concept: str, layers, alphas: torch.Tensor, top_k: int = 10):
 
 def xent_sweep_of(layer: int) -> XentSweep:
     """Delta CE = L (1 - exp(-kappa alpha^2 / 2L)): curvature kappa at 0, plateau L (Thm 3.8, Prop. 4.1)."""
-    a = linspace_grid(-100, 100, 16)
+    a = AlphaGrid.linspace(-100, 100, 16).values
     kappa, L = 0.002 * (1 + layer), 3.0 + layer / 10
     ce = 3.5 + L * (1 - torch.exp(-kappa * a**2 / (2 * L)))
     d = ce - 3.5
@@ -184,7 +184,7 @@ def make_run(root: Path, *, concepts=("joy",), layers=(3, 5), stages=ALL_STAGES,
             SteeringVectors(vecs, {"concept": concept}, res).save(root / "vectors" / f"{concept}.safetensors")
             outputs["vectors"].append(f"vectors/{concept}.safetensors")
     if "tokens" in stages:
-        alphas = linspace_grid(-200, 200, n_alphas)
+        alphas = AlphaGrid.linspace(-200, 200, n_alphas).values
         parts = [token_tables(c, layers, alphas) for c in concepts]
         put("tokens", "tokens.parquet", pd.concat([p[0] for p in parts], ignore_index=True))
         put("tokens", "tokens_top.parquet", pd.concat([p[1] for p in parts], ignore_index=True))
@@ -396,13 +396,13 @@ def test_a_redraw_removes_figures_whose_tables_are_gone(tmp_path):
 def test_cli_plot_redraws_without_loading_a_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import steerstrength.models
+    import steerstrength.loading
     from steerstrength.cli import app
 
     def no_model(*args, **kwargs):
         raise AssertionError("plot must not load a model")
 
-    monkeypatch.setattr(steerstrength.models, "load_model", no_model)
+    monkeypatch.setattr(steerstrength.loading, "load_model", no_model)
     monkeypatch.setattr(steerstrength, "load_model", no_model)
     run = make_run(tmp_path / "cli", concepts=("evil",), layers=(2,), stages=("tokens", "xent"), n_alphas=16)
     result = CliRunner().invoke(app, ["plot", str(run)])

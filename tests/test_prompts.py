@@ -14,7 +14,7 @@ from steerstrength.prompts import (
     resolve_opposite,
     sample_continuations,
 )
-from steerstrength.steering import filtered_probs
+from steerstrength.sampling import filtered_probs
 from cliutil import run_cli
 from tiny import tiny_model
 

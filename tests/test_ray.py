@@ -14,7 +14,7 @@ from cliutil import error_lines, run_cli
 from steerstrength.config import build_config
 from steerstrength.crossmodel import run_models
 from steerstrength.errors import InputError
-from steerstrength.executors import KILL_ENV
+from steerstrength import executors
 from steerstrength.pipeline import stage_keys
 from steerstrength.pipeline import STAGES
 from test_pipeline import SMALL, Quiet, tables
@@ -36,6 +36,31 @@ def ray_cluster():
         pytest.skip(f"a local Ray instance cannot start on this machine: {type(exc).__name__}: {exc}")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def worker_killed_after(monkeypatch):
+    """kill(stage, marker): the first actor whose pipeline logs `[stage] done` SIGKILLs its own worker process (as the
+    kernel's OOM killer would), once: the marker file records that it happened. The actor class is defined here, so
+    Ray ships it to the workers by value; production code carries no fault hook."""
+
+    def kill(stage: str, marker: Path) -> None:
+        class DyingCell(executors.ModelCell):
+            def log(self, line: str) -> None:
+                import os
+                import signal
+
+                super().log(line)
+                if line.startswith(f"[{stage}] done"):
+                    try:
+                        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # once, whichever is first
+                    except FileExistsError:
+                        return
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        monkeypatch.setattr(executors, "ModelCell", DyingCell)
+
+    return kill
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +191,10 @@ def test_ray_run_of_the_grid_writes_the_local_tables_exactly(ray_cluster, models
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_resumes_to_the_local_tables(ray_cluster, models, corpus, local_run,
-                                                                              tmp_path, monkeypatch, capsys):
+                                                                              tmp_path, monkeypatch, capsys,
+                                                                              worker_killed_after):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_ENV, f"tokens:{marker}")  # the worker SIGKILLs itself once its tokens stage is done
+    worker_killed_after("tokens", marker)  # the worker SIGKILLs itself once its tokens stage is done
     out = tmp_path / "ray"
     results = run_models(grid(models[:1], corpus, "executor=ray"), out, progress=Quiet(), log=lambda m: None,
                          only=TABLES)

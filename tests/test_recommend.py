@@ -12,12 +12,18 @@ from steerstrength import InputError, SteeringVectors, difference_of_means, next
 from steerstrength.recommend import (
     METHODS,
     QUADRATIC_CHECK,
+    Curvature,
+    Global,
+    GridJudge,
+    IsoKL,
+    SweetSpot,
     bisect_crossing,
     budget_alpha,
     departure,
     constrained_argmax,
     feasible_run,
     first_crossing,
+    method_options,
     next_token_readings,
     peak_report,
     prompt_curvature,
@@ -52,7 +58,7 @@ def vector(model):
 @pytest.fixture(scope="module")
 def M(model, vector):
     """Log-odds whose top tokens are those the vector promotes (as Def. 3.2 gives on a real model)."""
-    p = next_token_probs(model, vector, LAYER, PROMPTS[0], [0.0, 4.0], chat=True).double()
+    p = next_token_probs(model, vector, PROMPTS[0], [0.0, 4.0], chat=True).double()
     return p[1].log() - p[0].log()
 
 
@@ -120,7 +126,7 @@ def test_token_kl_matches_a_plain_steered_forward(model, vector):
     prompts = [model.token_ids(p, chat=True) for p in PROMPTS]
     completions = [model.token_ids("i am happy", chat=False)[1:], model.token_ids("so", chat=False)[1:]]
     alphas = [3.0, 3.0]
-    got = token_kl(model, vector, LAYER, prompts, completions, alphas)
+    got = token_kl(model, vector, prompts, completions, alphas)
     for p, c, a, kl in zip(prompts, completions, alphas, got):
         ids = torch.tensor([p + c])
         with torch.no_grad(), steer(model, vector, LAYER, a):
@@ -131,7 +137,7 @@ def test_token_kl_matches_a_plain_steered_forward(model, vector):
         want = [float((steered[t].exp() * (steered[t] - plain[t])).sum()) for t in positions]
         assert kl.shape == (len(c),)
         np.testing.assert_allclose(kl, want, rtol=1e-4, atol=1e-6)
-    assert np.all(token_kl(model, vector, LAYER, prompts, completions, [0.0, 0.0])[0] == 0)
+    assert np.all(token_kl(model, vector, prompts, completions, [0.0, 0.0])[0] == 0)
 
 
 # ----------------------------------------------------------------------------- every method on a tiny model
@@ -142,14 +148,14 @@ BUDGETS = {"sweet-spot": 0.08, "curvature": 0.02, "iso-kl": 0.5, "grid-judge": 1
 
 @pytest.fixture(scope="module")
 def recs(model, vector, M):
-    out = {"sweet-spot": recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot",
-                                         budget=BUDGETS["sweet-spot"], log_odds=M, n_target=5, alphas=GRID,
-                                         concept="joy")}
-    out["curvature"] = recommend_alpha(model, vector, LAYER, PROMPTS, method="curvature", budget=BUDGETS["curvature"],
+    out = {"sweet-spot": recommend_alpha(model, vector, PROMPTS, SweetSpot(log_odds=M, n_target=5, alphas=GRID),
+                                         budget=BUDGETS["sweet-spot"], concept="joy")}
+    out["curvature"] = recommend_alpha(model, vector, PROMPTS, Curvature(), budget=BUDGETS["curvature"],
                                        concept="joy")
-    for method in ("grid-judge", "global", "iso-kl"):
-        out[method] = recommend_alpha(model, vector, LAYER, PROMPTS, method=method, budget=BUDGETS[method],
-                                      concept="joy", judge="lexicon", positive=JOYFUL, negative=PLAIN, **SMALL)
+    for method in (GridJudge(judge="lexicon", refine_steps=2, **SMALL), Global(judge="lexicon", **SMALL),
+                   IsoKL(refine_steps=2, **SMALL)):
+        out[method.name] = recommend_alpha(model, vector, PROMPTS, method, budget=BUDGETS[method.name],
+                                           concept="joy", positive=JOYFUL, negative=PLAIN)
     return out
 
 
@@ -217,14 +223,14 @@ def test_iso_kl_lands_on_the_budget(recs):
 
 def test_curvature_is_the_second_derivative_of_the_measured_kl(model, vector):
     """Thm 3.8 on a prompt: KL(p_0 || p_alpha) = kappa alpha^2 / 2 + O(alpha^3), kappa from one forward-mode pass."""
-    kappa = prompt_curvature(model, vector, LAYER, PROMPTS, chat=True)
+    kappa = prompt_curvature(model, vector, PROMPTS, chat=True)
     assert kappa.shape == (len(PROMPTS),) and np.all(kappa > 0)
     for prompt, k in zip(PROMPTS, kappa):
         h = 1e-2 * budget_alpha(1.0, k)  # small against the alpha where the KL is 1 nat
-        kl = prompt_kl(model, vector, LAYER, prompt, [h, 2 * h], chat=True)
+        kl = prompt_kl(model, vector, prompt, [h, 2 * h], chat=True)
         np.testing.assert_allclose(2 * kl / np.square([h, 2 * h]), k, rtol=2e-2)
         # Steering the last position only is another (smaller) curvature: the direction is zero elsewhere.
-    last = prompt_curvature(model, vector, LAYER, PROMPTS, chat=True, positions="last")
+    last = prompt_curvature(model, vector, PROMPTS, chat=True, positions="last")
     assert np.all(last < kappa)
 
 
@@ -254,23 +260,21 @@ def test_curvature_method_lands_on_its_budget(recs, model, vector, tmp_path):
     # Scope corpus: one alpha from Delta CE's curvature and slope on the texts; its measured Delta CE is the budget's.
     # The texts are the model's own samples (Thm 3.8's kappa > 0 is an expectation under the model).
     corpus = load_corpus(None, model=model, n_samples=8, sample_tokens=80, seed=0, cache_dir=tmp_path)
-    glob = recommend_alpha(model, vector, LAYER, PROMPTS, method="curvature", budget=0.01, curvature_scope="corpus",
-                           corpus=corpus)
+    glob = recommend_alpha(model, vector, PROMPTS, Curvature(scope="corpus", corpus=corpus), budget=0.01)
     assert glob.table["alpha"].nunique() == 1 and set(glob.curve["prompt_index"]) == {-1}
     assert 0.8 < glob.table["measured_over_predicted"].iloc[0] < 1.25
     with pytest.raises(InputError, match="corpus"):
-        recommend_alpha(model, vector, LAYER, PROMPTS, method="curvature", curvature_scope="corpus")
+        recommend_alpha(model, vector, PROMPTS, Curvature(scope="corpus"))
     with pytest.raises(InputError, match="curvature_scope"):
-        recommend_alpha(model, vector, LAYER, PROMPTS, method="curvature", curvature_scope="everywhere")
+        recommend_alpha(model, vector, PROMPTS, Curvature(scope="everywhere"))
 
 
 def test_sweet_spot_between_rule_stays_within_the_budget_below_the_peaks_midpoint(model, vector, M):
     fine = np.linspace(0, 12, 49).tolist()
     for budget in (BUDGETS["sweet-spot"], 50.0):
-        mass = recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot", budget=budget, log_odds=M,
-                               n_target=5, alphas=fine)
-        between = recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot", budget=budget, log_odds=M,
-                                  n_target=5, alphas=fine, sweet_spot_rule="between")
+        mass = recommend_alpha(model, vector, PROMPTS, SweetSpot(log_odds=M, n_target=5, alphas=fine), budget=budget)
+        between = recommend_alpha(model, vector, PROMPTS, SweetSpot(log_odds=M, n_target=5, alphas=fine,
+                                                                    rule="between"), budget=budget)
         for (_, m), (_, b) in zip(mass.table.iterrows(), between.table.iterrows()):
             mid = 0.5 * (m["off_target_peak_alpha"] + m["target_peak_alpha"])
             assert b["kl"] <= budget
@@ -281,7 +285,7 @@ def test_sweet_spot_between_rule_stays_within_the_budget_below_the_peaks_midpoin
             else:
                 assert b["alpha"] < mid
     with pytest.raises(InputError, match="sweet_spot_rule"):
-        recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot", log_odds=M, sweet_spot_rule="peak")
+        recommend_alpha(model, vector, PROMPTS, SweetSpot(log_odds=M, rule="peak"))
 
 
 def test_save_writes_tables_json_texts_and_figure(recs, tmp_path):
@@ -300,20 +304,22 @@ def test_save_writes_tables_json_texts_and_figure(recs, tmp_path):
 
 def test_bad_input_is_one_clear_error(model, vector):
     with pytest.raises(InputError, match="unknown method"):
-        recommend_alpha(model, vector, LAYER, PROMPTS, method="magic")
+        method_options(["magic"])
+    with pytest.raises(InputError, match="option objects"):
+        recommend_alpha(model, vector, PROMPTS, "sweet-spot")  # a name is not an option object
     with pytest.raises(InputError, match="prompt list is empty"):
-        recommend_alpha(model, vector, LAYER, [], method="iso-kl")
+        recommend_alpha(model, vector, [], IsoKL())
     for bad in (-1.0, 0.0, float("nan"), float("inf")):
         with pytest.raises(InputError, match="budget"):
-            recommend_alpha(model, vector, LAYER, PROMPTS, budget=bad)
+            recommend_alpha(model, vector, PROMPTS, budget=bad)
     with pytest.raises(InputError, match="alphas must be >= 0"):
-        recommend_alpha(model, vector, LAYER, PROMPTS, alphas=[-1, 0, 1], positive=JOYFUL, negative=PLAIN)
+        recommend_alpha(model, vector, PROMPTS, SweetSpot(alphas=[-1, 0, 1]), positive=JOYFUL, negative=PLAIN)
     with pytest.raises(InputError, match="log-odds"):
-        recommend_alpha(model, vector, LAYER, PROMPTS, method="sweet-spot")
+        recommend_alpha(model, vector, PROMPTS, SweetSpot())
     with pytest.raises(InputError, match="name the concept"):
-        recommend_alpha(model, vector, LAYER, PROMPTS, method="global", **SMALL)
+        recommend_alpha(model, vector, PROMPTS, Global(judge="lexicon", **SMALL))
     with pytest.raises(InputError, match="positions='all'"):
-        recommend_alpha(model, vector, LAYER, PROMPTS, method="iso-kl", positions="last")
+        recommend_alpha(model, vector, PROMPTS, IsoKL(), positions="last")
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -384,7 +390,7 @@ def test_pipeline_stage_writes_its_tables(model, vector, tmp_path):
         yield lambda n=1: None
 
     sv = SteeringVectors({LAYER: vector}, dict(concept="joy"))
-    ctx = SimpleNamespace(cfg=cfg, concepts=list(cfg.concepts), cell=None, run=RunDir(tmp_path), model=model,
+    ctx = SimpleNamespace(cfg=cfg, concepts=list(cfg.concepts), one_vector=None, run=RunDir(tmp_path), model=model,
                           layers=[LAYER], vectors=lambda concept: sv,
                           prompt_texts=lambda concept: (JOYFUL, PLAIN), progress=progress, log=lambda message: None,
                           labels=lambda concept: row_labels(model.name, concept, cfg.setting, cfg.positions))
@@ -408,7 +414,7 @@ def test_the_cli_and_the_run_write_the_same_tables(files, monkeypatch, capsys, t
     inputs give the same recommend.parquet, recommend_curve.parquet and recommend_generations.jsonl."""
     from steerstrength.config import preset
     from steerstrength.io import write_jsonl
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
     from steerstrength.pipeline import Context, stage_recommend
     from steerstrength.prompts import rows_from_texts
     from steerstrength.runs import RunDir

@@ -8,7 +8,7 @@ import torch
 
 from steerstrength import InputError, SteeringVectors, next_token_probs, token_curves
 from steerstrength.config import TokensConfig
-from steerstrength.grid import linspace_grid
+from steerstrength.grid import AlphaGrid
 from steerstrength.metrics.reduce import KL, Entropy, Rows, TopK, Track, blocks, next_token_reduce
 from steerstrength.metrics.tokens import check_alphas
 from steerstrength.stages import row_labels, tokens_stage
@@ -26,7 +26,7 @@ def vector(model, layer=1, seed=2):
 def test_reductions_equal_the_full_matrix(positions):
     model = tiny_model("llama")
     sv = vector(model)
-    alphas = linspace_grid(-20, 20, 30)  # 31 alphas: blocks of 4 leave a short last one
+    alphas = AlphaGrid.linspace(-20, 20, 30).values  # 31 alphas: blocks of 4 leave a short last one
     probs = next_token_probs(model, sv, CONTEXT, alphas, positions=positions)
     p0 = probs[alphas.tolist().index(0.0)]
     out = next_token_reduce(model, sv, CONTEXT, alphas, {"kl": KL(), "H": Entropy(), "top": TopK(5),
@@ -74,7 +74,7 @@ def test_streamed_token_curves_give_identical_tables(arch, positions, block):
     shapes; probabilities to float32 rounding, as the two paths may batch the alphas differently)."""
     model = tiny_model(arch)
     sv = vector(model)
-    alphas = linspace_grid(-20, 20, 32)
+    alphas = AlphaGrid.linspace(-20, 20, 32).values
     kw = dict(positions=positions, top_k=5, top_each=3, tokens=[7], block=block)
     one_pass = token_curves(model, sv, [CONTEXT, "the cat saw a dog and"], alphas, **kw)
     streamed = token_curves(model, sv, [CONTEXT, "the cat saw a dog and"], alphas, memory_budget=1, **kw)
@@ -91,7 +91,7 @@ def test_certified_bfloat16_curves_report_the_measured_error_at_the_check_alphas
     half = tiny_model("llama")
     half.hf.to(torch.bfloat16)
     sv = vector(model, seed=3)
-    alphas = linspace_grid(-5, 5, 40)
+    alphas = AlphaGrid.linspace(-5, 5, 40).values
     res = token_curves(half, sv, [CONTEXT], alphas, top_k=5)
     s = res.sets[0]
     reference = half.in_dtype(torch.float32)

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from test_plots import CONTEXTS, make_run
 
-from steerstrength.plots import RunTables, draw_all, token_label
+from steerstrength.plots import draw_all, token_label
+from steerstrength.run_tables import RunTables
 from steerstrength.report import EXPLORER_SHOW, P_SCALE, explorer_data, write_report
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), "/usr/bin/chromium", shutil.which("chromium-browser"))
@@ -238,7 +239,7 @@ def test_a_concept_curve_with_too_few_fluent_alphas_is_unclear_with_the_reason()
     """Gemma-3-270M at layer 14 (demo grid, 9 alphas in +/-1 r_l): text degenerates past 0.25 r_l, leaving 4 fluent
     alphas; a 4-parameter tanh fits them exactly, so the badge must not read that as agreement."""
     from steerstrength.metrics.concept import fit_tanh
-    from steerstrength.report import rule_concept, rule_concept_text
+    from steerstrength.verdicts import rule_concept, rule_concept_text
 
     alphas = [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0]
     p = [0.0, 0.0, 0.0, 0.0, 0.0, 0.12, 0.12, 0.08, 0.0]

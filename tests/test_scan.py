@@ -94,10 +94,10 @@ def test_a_residual_unit_grid_adds_alpha_times_the_residual_norm(model):
     r = sv.residual_norm(1)
     assert r == pytest.approx(residual_norms(model, [1])[1])  # recorded when the vector was made
     scale = sv.resid_scale(1)
-    assert scale == pytest.approx(float(sv[1].double().norm()) / r)
+    assert scale == pytest.approx(float(sv[1].vector.double().norm()) / r)
     grid = torch.tensor([-2.0, 0.0, 0.5, 1.0], dtype=torch.float64)
     raw = to_raw(grid, "resid", scale)
-    added = (raw[:, None] * sv[1].double()[None, :]).norm(dim=-1)
+    added = (raw[:, None] * sv[1].vector.double()[None, :]).norm(dim=-1)
     assert torch.allclose(added, grid.abs() * r)
     assert raw[1] == 0 and torch.equal(to_raw(grid, "raw", scale), grid)
     import pandas as pd

@@ -1,13 +1,12 @@
 """One home per idea: `sweep X` and the run's stage X are one function writing the same tables; one alpha grid; a
-SteeringVector that knows its layer; the former call forms still work, with a DeprecationWarning."""
+SteeringVector that knows its layer. A bare tensor is refused with one line."""
 
-import warnings
 
 import pandas as pd
 import pytest
 import torch
 
-from steerstrength.grid import AlphaGrid, linspace_grid, log_grid, stage_grid, with_zero
+from steerstrength.grid import AlphaGrid
 from steerstrength.vectors import SteeringVector, SteeringVectors
 from cliutil import run_cli
 from test_pipeline import config, run, tiny_dir  # noqa: F401 - the fixture
@@ -98,14 +97,6 @@ def test_an_odd_symmetric_grid_holds_zero_exactly_once():
         assert len(g) == n and g.zero == n // 2 and (g.values.abs() < 1e-12).sum() == 1
 
 
-def test_the_former_grid_functions_give_the_same_values():
-    assert torch.equal(linspace_grid(-2, 2, 8), AlphaGrid.linspace(-2, 2, 8).values)
-    assert torch.equal(log_grid(4.0, 6), AlphaGrid.log(4.0, 6).values)
-    assert torch.equal(stage_grid(1.0, 5, "linear", zero=False), AlphaGrid.symmetric(1.0, 5, zero=False).values)
-    values, inserted = with_zero([1.0, -1.0], warn=False)
-    assert values.tolist() == [-1.0, 0.0, 1.0] and inserted
-
-
 def test_units_convert_to_the_raw_alphas_steer_adds():
     v = SteeringVector(torch.tensor([3.0, 4.0]), layer=2, residual_norm=10.0)
     resid = AlphaGrid.linspace(-1, 1, 3, unit="resid")
@@ -153,21 +144,6 @@ def test_a_steering_vector_knows_its_layer_and_applies_itself(model):
     assert not torch.equal(plain, applied)
     assert torch.equal((-v).vector, -v.vector) and torch.equal((2 * v).vector, 2 * v.vector)
     assert (-v).layer == 1 and float(v.normalized().norm()) == pytest.approx(1.0)
-    with pytest.raises(Exception, match="layer 1's but layer 2"):
-        ss.next_token_probs(model, v, 2, "the cat", [0.0, 1.0])
+    with pytest.raises(ss.InputError, match="takes a SteeringVector"):  # a bare tensor does not know its layer
+        ss.next_token_probs(model, v.vector, "the cat", [0.0, 1.0])
 
-
-def test_the_former_call_forms_still_work_with_a_deprecation_warning(model):
-    import steerstrength as ss
-
-    torch.manual_seed(1)
-    sv = SteeringVectors({1: torch.randn(model.d_model)}, {})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the new form warns nothing
-        new = ss.next_token_probs(model, sv[1], "the cat saw", [-1.0, 0.0, 1.0])
-    with pytest.warns(DeprecationWarning, match="SteeringVector"):
-        old = ss.next_token_probs(model, sv.vectors[1], 1, "the cat saw", [-1.0, 0.0, 1.0])
-    assert torch.equal(new, old)
-    with pytest.warns(DeprecationWarning, match=r"\.vector for the tensor"):
-        norm = sv[1].double().norm()  # SteeringVectors[layer] used as the tensor it was
-    assert float(norm) == pytest.approx(float(sv.vectors[1].double().norm()))

@@ -6,7 +6,8 @@ import torch
 from steerstrength.vectors import SteeringVector
 
 from steerstrength import InputError
-from steerstrength.steering import next_token_probs, steer, steered_generate
+from steerstrength.sampling import steered_generate
+from steerstrength.steering import next_token_probs, steer
 from tiny import ARCHITECTURES, tiny_model
 
 CONTEXT = "i walked into the kitchen this morning and saw my friend"
@@ -32,7 +33,7 @@ def test_next_token_probs_matches_a_full_forward(arch, positions):
     v = torch.randn(model.d_model)
     alphas = torch.linspace(-8, 8, 7)
     for layer in (0, 1, model.n_layers - 1):
-        fast = next_token_probs(model, v, layer, CONTEXT, alphas, positions=positions, token_budget=40)
+        fast = next_token_probs(model, SteeringVector(v, layer), CONTEXT, alphas, positions=positions, token_budget=40)
         ref = plain_probs(model, v, layer, CONTEXT, alphas, positions)
         assert fast.shape == (7, model.vocab_size)
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
@@ -61,7 +62,7 @@ def test_hooks_are_removed_even_when_an_exception_is_raised():
 def test_engine_restores_blocks_after_a_sweep():
     model = tiny_model("llama")
     blocks = list(model.blocks)
-    next_token_probs(model, torch.ones(model.d_model), 1, CONTEXT, [0.0, 1.0])
+    next_token_probs(model, SteeringVector(torch.ones(model.d_model), 1), CONTEXT, [0.0, 1.0])
     assert list(model.blocks) == blocks
     assert all(len(b._forward_hooks) == 0 and len(b._forward_pre_hooks) == 0 for b in model.blocks)
 
@@ -138,7 +139,8 @@ def test_bad_input_is_a_clear_error(kwargs, message):
     args = dict(vector=torch.ones(32), layer=1, alphas=[0.0, 1.0], positions="all")
     args.update(kwargs)
     with pytest.raises(InputError, match=message):
-        next_token_probs(model, args["vector"], args["layer"], CONTEXT, args["alphas"], positions=args["positions"])
+        next_token_probs(model, SteeringVector(args["vector"], args["layer"]), CONTEXT, args["alphas"],
+                         positions=args["positions"])
 
 
 @pytest.mark.slow
@@ -147,7 +149,7 @@ def test_default_model_fast_path_matches_plain_code(default_model):
     v = torch.randn(default_model.d_model)
     alphas = torch.linspace(-50, 50, 5)
     for positions in ("all", "last"):
-        fast = next_token_probs(default_model, v, 15, CONTEXT, alphas, positions=positions)
+        fast = next_token_probs(default_model, SteeringVector(v, 15), CONTEXT, alphas, positions=positions)
         ref = plain_probs(default_model, v, 15, CONTEXT, alphas, positions)
         assert (fast - ref).abs().max() < 1e-5
 
@@ -268,7 +270,7 @@ def test_forcing_the_concatenating_path_gives_the_same_probabilities(monkeypatch
 def test_batched_steered_sampling_picks_the_tokens_of_a_hooked_full_forward(arch, positions):
     """sample_steered (prompt shared, per-row vectors, preallocated cache, finished rows leaving) against the plain
     computation: each row alone, a hooked full forward over prompt + its tokens so far at every step."""
-    from steerstrength.steering import sample_steered
+    from steerstrength.sampling import sample_steered
 
     model = tiny_model(arch)
     torch.manual_seed(0)
@@ -298,7 +300,7 @@ def test_batched_steered_sampling_picks_the_tokens_of_a_hooked_full_forward(arch
 def test_batched_steered_sampling_with_last_position_steering_matches_hooked_generate(arch):
     """positions="last" steers each token when it is the newest (its keys above l stay steered): the reference is
     a hooked `generate`, row by row (a full forward would steer only the newest token)."""
-    from steerstrength.steering import sample_rows, sample_steered
+    from steerstrength.sampling import sample_rows, sample_steered
 
     model = tiny_model(arch)
     torch.manual_seed(0)

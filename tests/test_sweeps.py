@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from steerstrength.vectors import SteeringVector
 from steerstrength import InputError, cross_entropy_curve, limit_check, log_odds, next_token_probs, token_curves
-from steerstrength.grid import linspace_grid, with_zero
+from steerstrength.grid import AlphaGrid
 from steerstrength.metrics.limits import LimitCheck, limit_logits, total_variation
 from steerstrength.metrics.logodds import extremal_thresholds, log_odds_analysis
 from steerstrength.metrics.tokens import shape_classes
@@ -102,7 +103,7 @@ def test_cross_entropy_curve_matches_a_full_forward(arch, positions):
     alphas = torch.tensor([-6.0, 0.0, 1.5, 9.0])
     ref = plain_ce(model, v, 1, hand_windows(model, texts, 8), alphas, positions)
     # tiny budgets force several window batches and alpha chunks
-    fast = cross_entropy_curve(model, v, 1, texts, alphas, seq_len=8, positions=positions, token_budget=24)
+    fast = cross_entropy_curve(model, SteeringVector(v, 1), texts, alphas, seq_len=8, positions=positions, token_budget=24)
     assert fast.dtype == torch.float64 and fast.shape == (4,)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=0)
 
@@ -111,7 +112,7 @@ def test_xent_sweep_inserts_zero_and_reports_delta_against_it():
     model = tiny_model("llama")
     v = torch.randn(model.d_model)
     with pytest.warns(UserWarning, match="inserted alpha = 0"):
-        result = xent_sweep(model, v, 1, word_texts([30, 30]), [-4.0, -1.0, 2.0, 4.0], seq_len=8, curvature=False)
+        result = xent_sweep(model, SteeringVector(v, 1), word_texts([30, 30]), [-4.0, -1.0, 2.0, 4.0], seq_len=8, curvature=False)
     assert result.inserted_zero and 0.0 in result.alphas.tolist()
     assert result.delta_ce[result.alphas.tolist().index(0.0)] == 0
     frame = result.frame(model="m", concept="c", setting="s", layer=1)
@@ -138,14 +139,14 @@ def test_jvp_curvature_equals_finite_differences(arch, scale, h):
     v = scale * torch.randn(model.d_model, dtype=torch.float64)
     ids = hand_windows(model, word_texts([30, 20]), 8)
     ce0, d1, d2 = fd_derivatives(model, v, 1, ids, h)
-    got = ce_derivatives(model, v, 1, ids, token_budget=16)  # several window batches
+    got = ce_derivatives(model, SteeringVector(v, 1), ids, token_budget=16)  # several window batches
     assert got["ce"] == pytest.approx(ce0, rel=1e-12)
     assert got["slope"] == pytest.approx(d1, rel=1e-4)
     assert got["curvature"] == pytest.approx(d2, rel=1e-3)
 
 
 def test_quadratic_fit_plateau_and_range_read_a_known_curve():
-    a = linspace_grid(-50, 50, 100)
+    a = AlphaGrid.linspace(-50, 50, 100).values
     y = 0.3 * a + 0.8 * a**2  # exactly quadratic
     fit = quadratic_fit(a, y)
     assert fit["slope"] == pytest.approx(0.3) and fit["curvature"] == pytest.approx(1.6)
@@ -180,10 +181,10 @@ def test_token_curves_store_delta_p_top_k_and_shapes():
     model = tiny_model("llama")
     torch.manual_seed(2)
     v = torch.randn(model.d_model)
-    alphas = linspace_grid(-20, 20, 16)
-    result = token_curves(model, v, 1, [CONTEXT], alphas, top_k=5, tokens=[7])
+    alphas = AlphaGrid.linspace(-20, 20, 16).values
+    result = token_curves(model, SteeringVector(v, 1), [CONTEXT], alphas, top_k=5, tokens=[7])
     s = result.sets[0]
-    probs = next_token_probs(model, v, 1, CONTEXT, alphas)
+    probs = next_token_probs(model, SteeringVector(v, 1), CONTEXT, alphas)
     i0 = alphas.tolist().index(0.0)
     # Def. 3.1 and the stored top-k
     torch.testing.assert_close(s.delta_p, probs[:, s.token_ids] - probs[i0, s.token_ids])
@@ -201,14 +202,14 @@ def test_token_curves_store_delta_p_top_k_and_shapes():
     # the top tokens at every alpha are tracked too (default top_each=10); top_each=0 keeps only the ends
     kept = set(s.token_ids.tolist())
     assert all(set(row.topk(10).indices.tolist()) <= kept for row in probs)
-    ends = token_curves(model, v, 1, [CONTEXT], alphas, top_k=5, tokens=[7], top_each=0).sets[0].token_ids
+    ends = token_curves(model, SteeringVector(v, 1), [CONTEXT], alphas, top_k=5, tokens=[7], top_each=0).sets[0].token_ids
     assert set(ends.tolist()) == set(s.top_max.tolist()) | set(s.top_min.tolist()) | {7}
 
 
 def test_token_curves_warn_and_insert_a_missing_zero():
     model = tiny_model("llama")
     with pytest.warns(UserWarning, match="inserted alpha = 0"):
-        result = token_curves(model, torch.ones(model.d_model), 1, [CONTEXT], [-1.0, 1.0, 2.0], top_k=3)
+        result = token_curves(model, SteeringVector(torch.ones(model.d_model), 1), [CONTEXT], [-1.0, 1.0, 2.0], top_k=3)
     assert result.inserted_zero and result.alphas.tolist() == [-1.0, 0.0, 1.0, 2.0]
 
 
@@ -274,7 +275,7 @@ def test_limit_tv_shrinks_with_alpha(arch):
     torch.manual_seed(4)
     v = torch.randn(model.d_model)
     # tiny random models have small hidden states: v dominates from |alpha| ~ 1 on
-    check = limit_check(model, v, 1, [CONTEXT, "the cat saw a dog"], [-1e4, -1e2, -1, 0.1, 1, 1e2, 1e4])
+    check = limit_check(model, SteeringVector(v, 1), [CONTEXT, "the cat saw a dog"], [-1e4, -1e2, -1, 0.1, 1, 1e2, 1e4])
     summary = check.summary()
     assert summary["tv_shrinks"] == {"positive": True, "negative": True}
     assert summary["limit_reached"] == {"positive": True, "negative": True}
@@ -305,22 +306,22 @@ def test_bad_inputs_give_one_clear_error():
     model = tiny_model("gpt2")  # max length 128
     v = torch.ones(model.d_model)
     with pytest.raises(InputError, match="empty"):
-        cross_entropy_curve(model, v, 1, [], [0.0])
+        cross_entropy_curve(model, SteeringVector(v, 1), [], [0.0])
     with pytest.raises(InputError, match="at least seq_len"):
-        cross_entropy_curve(model, v, 1, word_texts([5, 6]), [0.0], seq_len=8)
+        cross_entropy_curve(model, SteeringVector(v, 1), word_texts([5, 6]), [0.0], seq_len=8)
     with pytest.raises(InputError, match="maximum length"):
-        cross_entropy_curve(model, v, 1, word_texts([300]), [0.0], seq_len=200)
+        cross_entropy_curve(model, SteeringVector(v, 1), word_texts([300]), [0.0], seq_len=200)
     with pytest.raises(InputError, match="more than"):
-        token_curves(model, v, 1, [" ".join(["cat"] * 200)], [-1.0, 0.0, 1.0])
+        token_curves(model, SteeringVector(v, 1), [" ".join(["cat"] * 200)], [-1.0, 0.0, 1.0])
     with pytest.raises(InputError, match="more than"):
-        limit_check(model, v, 1, [CONTEXT, " ".join(["cat"] * 200)])
+        limit_check(model, SteeringVector(v, 1), [CONTEXT, " ".join(["cat"] * 200)])
     with pytest.raises(InputError, match="alpha = 0"):
-        limit_check(model, v, 1, [CONTEXT], [0.0, 1e3])
+        limit_check(model, SteeringVector(v, 1), [CONTEXT], [0.0, 1e3])
     with pytest.raises(InputError, match="repeated"):
-        with_zero([1.0, 1.0])
+        AlphaGrid.explicit([1.0, 1.0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert with_zero([-1.0, 0.0, 1.0])[1] is False  # no warning when 0 is there
+        assert AlphaGrid.explicit([-1.0, 0.0, 1.0]).inserted_zero is False  # no warning when 0 is there
 
 
 # ----------------------------------------------------------------------------- the default model
@@ -334,10 +335,10 @@ def test_default_model_cross_entropy_and_next_token_probs_match_a_full_forward(d
     texts = ["The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships that "
              "passed in the night trusted its beam to guide them safely past the rocks near the harbour entrance."]
     alphas = torch.tensor([-5.0, 0.0, 3.0])
-    fast = cross_entropy_curve(model, v, 15, texts, alphas, seq_len=16)
+    fast = cross_entropy_curve(model, SteeringVector(v, 15), texts, alphas, seq_len=16)
     ref = plain_ce(model, v, 15, hand_windows(model, texts, 16), alphas)
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=0)
-    probs = next_token_probs(model, v, 15, CONTEXT, alphas)
+    probs = next_token_probs(model, SteeringVector(v, 15), CONTEXT, alphas)
     torch.testing.assert_close(probs, plain_probs(model, v, 15, CONTEXT, alphas), atol=2e-6, rtol=0)
 
 
@@ -346,12 +347,12 @@ def test_default_model_limit_and_curvature(default_model):
     model = default_model
     torch.manual_seed(0)
     v = torch.randn(model.d_model)
-    check = limit_check(model, v, 15, [CONTEXT, "The weather today is"], [-1e4, -1e3, -1e2, 1e2, 1e3, 1e4])
+    check = limit_check(model, SteeringVector(v, 15), [CONTEXT, "The weather today is"], [-1e4, -1e3, -1e2, 1e2, 1e3, 1e4])
     assert check.summary()["tv_shrinks"] == {"positive": True, "negative": True}
     assert float(check.tv[:, [0, -1]].max()) < 0.05
     # Thm 3.8 on the real model: the jvp curvature against five-point differences of the sweep
     ids = hand_windows(model, ["The old lighthouse keeper climbed the stairs every evening to light the lamp."], 12)
-    got = ce_derivatives(model, v, 15, ids)
+    got = ce_derivatives(model, SteeringVector(v, 15), ids)
     ce0, d1, d2 = fd_derivatives(model, v, 15, ids, h=0.05)
     assert got["ce"] == pytest.approx(ce0, rel=1e-5)
     assert got["curvature"] == pytest.approx(d2, rel=2e-2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from steerstrength import InputError, difference_of_means, load_model
+from steerstrength.config import TrainTinyConfig
 from steerstrength.corpus import wikipedia_texts
 from steerstrength.prompts import curated_pairs, curated_texts
 from steerstrength.train_tiny import base_tokenizer, gpt_config, mean_loss, pack, train_tiny
@@ -25,7 +26,7 @@ def texts():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, texts):
     out = tmp_path_factory.mktemp("tiny") / "gpt"
-    summary = train_tiny(out, minutes=None, steps=15, texts=texts[0], test_texts=texts[1], **MICRO)
+    summary = train_tiny(out, TrainTinyConfig(minutes=None, steps=15, **MICRO), texts=texts[0], test_texts=texts[1])
     return out, summary
 
 
@@ -85,8 +86,8 @@ def test_the_trained_model_loads_as_a_one_block_base_model_and_steers(trained):
 
 
 def test_seeded_runs_are_identical_and_a_killed_run_leaves_nothing(tmp_path, texts):
-    a = train_tiny(tmp_path / "a", minutes=10, steps=3, texts=texts[0], test_texts=texts[1], **MICRO)
-    train_tiny(tmp_path / "b", minutes=10, steps=3, texts=texts[0], test_texts=texts[1], **MICRO)
+    a = train_tiny(tmp_path / "a", TrainTinyConfig(minutes=10, steps=3, **MICRO), texts=texts[0], test_texts=texts[1])
+    train_tiny(tmp_path / "b", TrainTinyConfig(minutes=10, steps=3, **MICRO), texts=texts[0], test_texts=texts[1])
     assert a["steps_planned"] == 3 and set(a["timing"]) == {"step_seconds", "eval_seconds", "steps_that_fit"}
     assert pd.read_parquet(tmp_path / "a" / "loss.parquet")["train_loss"].equals(
         pd.read_parquet(tmp_path / "b" / "loss.parquet")["train_loss"])
@@ -100,15 +101,16 @@ def test_seeded_runs_are_identical_and_a_killed_run_leaves_nothing(tmp_path, tex
         return contextlib.nullcontext(advance)
 
     with pytest.raises(KeyboardInterrupt):
-        train_tiny(tmp_path / "c", minutes=None, steps=3, texts=texts[0], test_texts=texts[1], progress=killed, **MICRO)
+        train_tiny(tmp_path / "c", TrainTinyConfig(minutes=None, steps=3, **MICRO), texts=texts[0], test_texts=texts[1],
+                   progress=killed)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 def test_bad_options_are_refused_before_any_work(tmp_path):
     with pytest.raises(InputError, match="multiple of"):
-        train_tiny(tmp_path / "x", steps=2, d_model=16, n_head=3)
+        train_tiny(tmp_path / "x", TrainTinyConfig(steps=2, d_model=16, n_head=3))
     with pytest.raises(InputError, match="upper-fraction"):
-        train_tiny(tmp_path / "x", steps=2, upper_fraction=1.5)
+        train_tiny(tmp_path / "x", TrainTinyConfig(steps=2, upper_fraction=1.5))
     assert not (tmp_path / "x").exists()
 
 

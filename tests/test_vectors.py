@@ -51,7 +51,7 @@ def test_difference_of_means_equals_a_hand_computation_from_hidden_states(model,
     for layer in (0, 1):
         want = torch.stack([hand_mean(model, t, layer, skip_first_token) for t in P]).mean(0) - \
             torch.stack([hand_mean(model, t, layer, skip_first_token) for t in N]).mean(0)
-        torch.testing.assert_close(got[layer].double(), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got[layer].vector.double(), want, atol=1e-6, rtol=1e-5)
 
 
 def test_skip_first_token_keeps_an_attention_sink_out_of_the_vector():
@@ -63,8 +63,8 @@ def test_skip_first_token_keeps_an_attention_sink_out_of_the_vector():
     short, long = ["i am glad", "joy and a smile"], ["the table is in the kitchen and the cat is on it",
                                                      "a cat saw a dog in the house in the evening rain"]
     bos_dir = hand_mean(sink, "the", 1, skip_first_token=False)  # 2 tokens: dominated by BOS
-    plain = difference_of_means(sink, short, long, 1, skip_first_token=False)[1].double()
-    skipped = difference_of_means(sink, short, long, 1)[1].double()
+    plain = difference_of_means(sink, short, long, 1, skip_first_token=False)[1].vector.double()
+    skipped = difference_of_means(sink, short, long, 1)[1].vector.double()
     cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
     assert abs(cos(plain, bos_dir)) > 0.99
     assert abs(cos(skipped, bos_dir)) < 0.5
@@ -85,13 +85,13 @@ def test_rows_and_texts_give_the_same_vectors(model):
     rows = [{"text": t, "concept": "joy"} for t in P]
     a = difference_of_means(model, rows, N, 1)
     b = difference_of_means(model, P, N, 1)
-    assert torch.equal(a[1], b[1])
+    assert torch.equal(a[1].vector, b[1].vector)
 
 
 def test_normalize_gives_unit_vectors_along_the_same_direction(model, sv):
     unit = difference_of_means(model, P, N, [0, 1, 2], normalize=True, resamples=4, seed=3)
     for layer in sv.layers:
-        assert abs(float(unit[layer].double().norm()) - 1.0) < 1e-6
+        assert abs(float(unit[layer].vector.double().norm()) - 1.0) < 1e-6
         torch.testing.assert_close(unit[layer].vector, sv[layer].vector / sv[layer].norm(), atol=1e-6, rtol=0)
         assert torch.allclose(unit.resamples[layer].norm(dim=-1), torch.ones(4), atol=1e-6)
 
@@ -131,7 +131,7 @@ def test_safetensors_round_trip_is_bit_for_bit(sv, tmp_path):
     back = SteeringVectors.load(tmp_path / "v.safetensors")
     assert back.layers == sv.layers and back.meta == sv.meta
     for layer in sv.layers:
-        assert back[layer].dtype == sv[layer].dtype and torch.equal(back[layer], sv[layer])
+        assert back[layer].vector.dtype == sv[layer].vector.dtype and torch.equal(back[layer].vector, sv[layer].vector)
         assert torch.equal(back.resamples[layer], sv.resamples[layer])
     assert back.meta["concept"] == "joy" and back.meta["setting"] == "contrastive"
     assert back.meta["skip_first_token"] is True and back.meta["n_positive"] == 4
@@ -152,9 +152,9 @@ def test_gguf_export_has_llama_cpp_control_vector_layout(sv, tmp_path):
     for layer in (1, 2):
         t = tensors[f"direction.{layer}"]
         assert t.tensor_type == GGMLQuantizationType.F32 and list(t.shape) == [sv.d_model]
-        assert torch.equal(torch.from_numpy(t.data.copy()), sv[layer])
+        assert torch.equal(torch.from_numpy(t.data.copy()), sv[layer].vector)
     back = SteeringVectors.load(tmp_path / "v.gguf")
-    assert back.layers == [1, 2] and torch.equal(back[2], sv[2]) and back.meta == sv.meta
+    assert back.layers == [1, 2] and torch.equal(back[2].vector, sv[2].vector) and back.meta == sv.meta
 
 
 def test_gguf_export_refuses_layer_zero(sv, tmp_path):
@@ -165,8 +165,8 @@ def test_gguf_export_refuses_layer_zero(sv, tmp_path):
 
 def test_to_moves_and_casts_every_tensor(sv):
     half = sv.to(dtype=torch.float64)
-    assert all(half[layer].dtype == torch.float64 for layer in half.layers)
-    assert half.resamples[1].dtype == torch.float64 and sv[1].dtype == torch.float32
+    assert all(half[layer].vector.dtype == torch.float64 for layer in half.layers)
+    assert half.resamples[1].dtype == torch.float64 and sv[1].vector.dtype == torch.float32
     assert half.meta == sv.meta
 
 
@@ -270,7 +270,7 @@ def test_texts_longer_than_the_model_allows_are_refused_unless_truncated(model):
     with pytest.raises(InputError, match="max-length"):
         difference_of_means(model, [long, long], N[:2], 1)
     truncated = difference_of_means(model, [long, long], N[:2], 1, max_length=16)
-    assert truncated.meta["max_length"] == 16 and torch.isfinite(truncated[1]).all()
+    assert truncated.meta["max_length"] == 16 and torch.isfinite(truncated[1].vector).all()
 
 
 # ----------------------------------------------------------------------------- files that are not ours
@@ -378,8 +378,8 @@ def test_gguf_directions_for_one_layer_are_added_like_llama_cpp(tmp_path):
                                                       "direction.3": c[None, :]})  # [1, 4]: ggml counts 1 dim
     sv = SteeringVectors.load(path)
     assert sv.layers == [1, 2, 3]
-    assert torch.equal(sv[1], torch.from_numpy(a + b)) and torch.equal(sv[2], torch.from_numpy(c))
-    assert torch.equal(sv[3], torch.from_numpy(c))
+    assert torch.equal(sv[1].vector, torch.from_numpy(a + b)) and torch.equal(sv[2].vector, torch.from_numpy(c))
+    assert torch.equal(sv[3].vector, torch.from_numpy(c))
 
 
 def test_gguf_metadata_must_be_a_json_object(tmp_path):

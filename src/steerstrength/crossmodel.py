@@ -6,7 +6,7 @@ Layout of a run with `models = [...]`:
     RUN/config.toml                 the whole configuration (models listed)
     RUN/models/<name>/              one ordinary run directory per model (its own manifest, resume, report.html)
     RUN/models.json                 the models, ordered by parameter count, with their facts
-    RUN/tables/badges.parquet       every theory badge per model (report.badges: model, concept, layer, claim, verdict)
+    RUN/tables/badges.parquet       every theory badge per model (verdicts.badges: model, concept, layer, claim, verdict)
     RUN/figures/fig6_models_<concept>.png/.pdf   Fig. 6 across models, one panel per model, by size
     RUN/report.html                 the comparison, linking each model's own report
 
@@ -27,7 +27,7 @@ from typing import Callable
 from steerstrength.config import RunConfig, to_toml
 from steerstrength.errors import InputError
 from steerstrength.io import atomic_path, write_json, write_parquet
-from steerstrength.models import spec_kind
+from steerstrength.loading import spec_kind
 
 MODELS_FILE = "models.json"
 
@@ -147,7 +147,8 @@ def fig6_layer(run, concept: str) -> int | None:
 def fig_models(root: Path, concept: str, models: list[dict]):
     """Fig. 6 across models: Delta p(z, alpha) of the top-8 tokens at alpha_max, one panel per model (by size), on
     each model's first context, x in residual units (alpha / r_l) so models compare at the same relative strength."""
-    from steerstrength.plots import N_TOP as TOP, OFF_STYLE, TARGET_STYLE, RunTables, _panels, palette, token_label
+    from steerstrength.plots import N_TOP as TOP, OFF_STYLE, TARGET_STYLE, _panels, palette, token_label
+    from steerstrength.run_tables import RunTables
 
     fig, axes = _panels(len(models), 4, (3.6, 2.8), top=0.62)
     colors = palette()
@@ -194,8 +195,10 @@ def draw_models(root: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from steerstrength.plots import DPI, SAFE_NAME, RunTables
-    from steerstrength.report import badges
+    from steerstrength.plots import DPI
+    from steerstrength.prompts import SAFE_NAME
+    from steerstrength.run_tables import RunTables
+    from steerstrength.verdicts import badges
     
     root = Path(root)
     models = model_runs(root)

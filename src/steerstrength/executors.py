@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,6 @@ from typing import Callable, Iterator
 from steerstrength.config import RunConfig
 from steerstrength.errors import InputError, RunError, SteerStrengthError
 
-# Fault injection for tests/test_ray.py: "STAGE:MARKER" makes the first cell that finishes STAGE kill its own worker
-# process (SIGKILL, as the kernel's OOM killer would), once: the marker file records that it happened.
-KILL_ENV = "STEERSTRENGTH_TEST_KILL_CELL"
 POLL_SECONDS = 1.0
 LOCK_WAIT_SECONDS = 60.0
 
@@ -88,10 +84,10 @@ def require_ray():
 class ModelCell:
     """One model's pipeline in one Ray worker process (`ray.remote(ModelCell)`): the model loads once, there."""
 
-    def __init__(self, cfg: RunConfig, out: str, only: list[str] | None, cwd: str, fault: str | None = None):
+    def __init__(self, cfg: RunConfig, out: str, only: list[str] | None, cwd: str):
         if os.path.isdir(cwd):  # relative paths in the config mean what they meant to the driver
             os.chdir(cwd)
-        self.cfg, self.out, self.only, self.fault = cfg, out, only, fault
+        self.cfg, self.out, self.only = cfg, out, only
         self.name = Path(out).name
         self._model = None
 
@@ -113,12 +109,12 @@ class ModelCell:
         return run_pipeline(self.cfg, self.out, progress=no_progress, log=self.log,
                             only=self.only if only is None else only, model=self.model())
 
-    def cell(self, concept: str, layer: int) -> list[str]:
-        """One (concept, layer) cell of the long stages: its chunks, in the model's run directory (pipeline.run_cell)."""
-        from steerstrength.pipeline import run_cell
+    def run_vector(self, concept: str, layer: int) -> list[str]:
+        """One vector's share of the long stages: its chunks, in the model's run directory (pipeline.run_vector)."""
+        from steerstrength.pipeline import run_vector
         from steerstrength.stages import no_progress
 
-        return run_cell(self.cfg, self.out, concept, layer, progress=no_progress, log=self.log, model=self.model())
+        return run_vector(self.cfg, self.out, concept, layer, progress=no_progress, log=self.log, model=self.model())
 
     def wait_for_lock(self) -> None:
         """A cell re-run right after its driver was killed may find the old worker still stopping, holding the run
@@ -136,14 +132,6 @@ class ModelCell:
 
     def log(self, line: str) -> None:
         print(f"[{self.name}] {line}", flush=True)  # Ray forwards a worker's output to the driver's terminal
-        if self.fault:
-            stage, marker = self.fault.split(":", 1)
-            if line.startswith(f"[{stage}] done"):
-                try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # once, whichever cell is first
-                except FileExistsError:
-                    return
-                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def actor_options(cfg: RunConfig) -> dict:
@@ -233,26 +221,26 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
     """Every model as Ray actors, all at once (Ray places them as resources free up); {name: results}.
 
     With `ray.actors_per_model` = 1 a model's actor runs its pipeline. With more (and prompts and vectors among the
-    stages run), its actors are placed together (a placement group) and its pipeline runs in three steps: prompts and vectors on the first actor; then each (concept, layer) cell of the long
-    stages (pipeline.CELL_STAGES) on the model's actors in parallel, each filling its resumable chunks; then the first
+    stages run), its actors are placed together (a placement group) and its pipeline runs in three steps: prompts and vectors on the first actor; then each vector's (concept, layer) share of the
+    long stages (pipeline.PER_VECTOR_STAGES) on the model's actors in parallel, each filling its resumable chunks; then the first
     actor runs the pipeline, which finds every chunk and writes the tables a local run writes.
     """
-    from steerstrength.pipeline import CELL_STAGES, STAGES, enabled, stage_keys, vector_cells
+    from steerstrength.pipeline import PER_VECTOR_STAGES, STAGES, enabled, run_vectors, stage_keys
 
     wanted = [s for s in STAGES if not only or s in only]
     n_actors = cfg.ray.actors_per_model
     phased = (n_actors > 1 and (not only or {"prompts", "vectors"} <= set(only))
-              and any(enabled(c.cfg, s)[0] and s in wanted for c in cells[:1] for s in CELL_STAGES))
+              and any(enabled(c.cfg, s)[0] and s in wanted for c in cells[:1] for s in PER_VECTOR_STAGES))
     with ray_session(cfg, log) as ray:
         check_resources(ray, cfg, n_actors if phased else 1)
         remote_cell = ray.remote(ModelCell)
         actor_class = remote_cell.options(**actor_options(cfg))
-        fault, cwd = os.environ.get(KILL_ENV), os.getcwd()
+        cwd = os.getcwd()
         states = {c.name: CellState(c.name, n_stages=len(wanted)) for c in cells}
         keys = {c.name: functools.lru_cache(maxsize=4)(functools.partial(stage_keys, c.cfg)) for c in cells}
         actors: dict[str, list] = {}
         refs: dict = {}  # ref -> (model cell, step)
-        open_cells: dict[str, int] = {}  # model -> its (concept, layer) cells still running
+        open_vectors: dict[str, int] = {}  # model -> its vectors' shares still running
         results, failed = {}, {}
 
         def submit(cell: Cell, step: str, ref) -> None:
@@ -268,7 +256,7 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
 
                 klass = remote_cell.options(**actor_options(cfg),
                                             scheduling_strategy=PlacementGroupSchedulingStrategy(group))
-            actors[cell.name] = [klass.remote(cell.cfg, out, only, cwd, fault) for _ in range(n_actors if phased else 1)]
+            actors[cell.name] = [klass.remote(cell.cfg, out, only, cwd) for _ in range(n_actors if phased else 1)]
             first = actors[cell.name][0]
             submit(cell, "vectors" if phased else "run",
                    first.run.remote(["prompts", "vectors"]) if phased else first.run.remote())
@@ -312,17 +300,17 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
                         continue
                     if step == "placed":
                         start(cell, groups[cell.name])
-                    elif step == "vectors":  # the model's cells, spread over its actors
-                        todo = vector_cells(cell.cfg, cell.out)
-                        open_cells[cell.name] = len(todo)
-                        state.stage = f"cells 0/{len(todo)}"
+                    elif step == "vectors":  # the model's vectors, spread over its actors
+                        todo = run_vectors(cell.cfg, cell.out)
+                        open_vectors[cell.name] = len(todo)
+                        state.stage = f"vectors 0/{len(todo)}"
                         for i, (concept, layer) in enumerate(todo):
-                            submit(cell, "cell", actors[cell.name][i % n_actors].cell.remote(concept, layer))
+                            submit(cell, "vector", actors[cell.name][i % n_actors].run_vector.remote(concept, layer))
                         if not todo:
                             submit(cell, "run", actors[cell.name][0].run.remote())
-                    elif step == "cell":
-                        open_cells[cell.name] -= 1
-                        if open_cells[cell.name] == 0:  # every chunk is there: the pipeline assembles the tables
+                    elif step == "vector":
+                        open_vectors[cell.name] -= 1
+                        if open_vectors[cell.name] == 0:  # every chunk is there: the pipeline assembles the tables
                             submit(cell, "run", actors[cell.name][0].run.remote())
                     else:
                         results[cell.name] = value
@@ -335,9 +323,9 @@ def run_ray(cfg: RunConfig, cells: list[Cell], *, log: Callable[[str], None], on
                             remove_placement_group(groups.pop(cell.name))
                 for cell in cells:
                     st = cell_state(cell, states[cell.name], keys[cell.name], wanted)
-                    if st.state == "running" and open_cells.get(cell.name):
-                        n = sum(1 for c, step in refs.values() if c.name == cell.name and step == "cell")
-                        st.stage = f"cells: {n} of the long stages' (concept, layer) cells left"
+                    if st.state == "running" and open_vectors.get(cell.name):
+                        n = sum(1 for c, step in refs.values() if c.name == cell.name and step == "vector")
+                        st.stage = f"vectors: {n} of the long stages' (concept, layer) shares left"
                 if watch is not None:
                     watch(list(states.values()))
         finally:

@@ -25,14 +25,10 @@ from steerstrength.steering import as_alphas
 UNITS = ("raw", "unit", "resid")
 ALPHA_UNITS = ("raw", "resid")  # the units a run config and the CLI's --alpha-unit take
 
-# The API's grids when none is given (raw units, as the paper's figures): 1025 alphas for next-token curves (Fig. 2),
-# 129 for Delta CE, 41 for concept probability and 9 for MMLU.
-DEFAULT_RAW = {"tokens": (200.0, 1024, True), "xent": (100.0, 128, True), "concept": (40.0, 41, False),
-               "mmlu": (40.0, 9, False)}
 
 
 def default_alphas(stage: str) -> torch.Tensor:
-    """The API's default grid of `stage` (DEFAULT_RAW), as values."""
+    """The API's default grid of `stage` (config.API_GRIDS), as values."""
     return AlphaGrid.default(stage).values
 
 
@@ -155,8 +151,12 @@ class AlphaGrid:
 
     @classmethod
     def default(cls, stage: str) -> "AlphaGrid":
-        """The API's grid for `stage` when none is given (raw units): DEFAULT_RAW."""
-        alpha_max, n, zero = DEFAULT_RAW[stage]
+        """The API's grid for `stage` when none is given (raw units): config.API_GRIDS (API_LIMIT_ALPHAS)."""
+        from steerstrength.config import API_GRIDS, API_LIMIT_ALPHAS
+
+        if stage == "limit":
+            return cls.both_signs(API_LIMIT_ALPHAS)
+        alpha_max, n, zero = API_GRIDS[stage]
         return cls.linspace(-alpha_max, alpha_max, n, zero=zero)
 
     @classmethod
@@ -198,10 +198,10 @@ class AlphaGrid:
         if norm is None or not norm > 0:
             raise InputError(f"a grid in {self.unit} units needs the vector's (nonzero) norm to become raw alphas")
         if self.unit == "unit":
-            return self.values / float(norm)
+            return to_raw(self.values, "unit", float(norm))
         if residual_norm is None or not residual_norm > 0:
             raise InputError("a grid in residual units needs the layer's residual norm (a positive number)")
-        return self.values / (float(norm) / float(residual_norm))  # / resid_scale, bit for bit as to_raw
+        return to_raw(self.values, "resid", float(norm) / float(residual_norm))
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -254,20 +254,21 @@ def resid_scale(vector, residual_norm: float) -> float:
     return norm / float(residual_norm)
 
 
-def to_raw(alphas, unit: str, scale: float) -> torch.Tensor:
-    """A grid in `unit` (raw or resid) as the raw alphas of Eq. (1), given alpha_resid per raw alpha; 0 stays 0.
+def to_raw(alphas, unit: str, scale: float | None) -> torch.Tensor:
+    """THE conversion of strengths in `unit` to the raw alphas of Eq. (1) (AlphaGrid.to_raw, SteeringVector.raw_alphas,
+    the exported and served strengths all come here): alphas / scale; 0 stays 0.
 
     Args:
         alphas: an AlphaGrid, a list or a 1-D tensor.
-        unit: "raw" (returned as they are) or "resid".
-        scale: alpha_resid per unit of raw alpha (resid_scale).
+        unit: "raw" (returned as they are), "resid" or "unit".
+        scale: alphas in `unit` per raw alpha: ||v|| / r_l for resid (resid_scale), ||v|| for unit; unused for raw.
 
     Example::
 
         raw = ss.to_raw(torch.linspace(-1.5, 1.5, 61), "resid", sv.resid_scale(28))   # or sv[28].raw_alphas(grid)
     """
     a = alphas.values if isinstance(alphas, AlphaGrid) else as_alphas(alphas)
-    return a if check_unit(unit) == "raw" else a / scale
+    return a if check_unit(unit, ALPHA_UNITS + ("unit",)) == "raw" else a / scale
 
 
 def add_resid_column(frame, scale: float, column: str = "alpha"):
@@ -275,30 +276,6 @@ def add_resid_column(frame, scale: float, column: str = "alpha"):
     if column in frame.columns and "alpha_resid" not in frame.columns:
         frame.insert(list(frame.columns).index(column) + 1, "alpha_resid", frame[column].astype("float64") * scale)
     return frame
-
-
-# ----------------------------------------------------------------------------- the former functions (one release)
-
-
-def linspace_grid(alpha_min: float, alpha_max: float, n: int, *, zero: bool = True) -> torch.Tensor:
-    """Deprecated form of AlphaGrid.linspace(...).values."""
-    return AlphaGrid.linspace(alpha_min, alpha_max, n, zero=zero).values
-
-
-def log_grid(alpha_max: float, n: int) -> torch.Tensor:
-    """Deprecated form of AlphaGrid.log(...).values."""
-    return AlphaGrid.log(alpha_max, n).values
-
-
-def stage_grid(alpha_max: float, n: int, spacing: str = "linear", *, zero: bool = True) -> torch.Tensor:
-    """Deprecated form of AlphaGrid.symmetric(...).values."""
-    return AlphaGrid.symmetric(alpha_max, n, spacing, zero=zero).values
-
-
-def with_zero(alphas, *, warn: bool = True) -> tuple[torch.Tensor, bool]:
-    """The grid sorted with 0 inserted if missing: (values, inserted). AlphaGrid.explicit is the new form."""
-    grid = AlphaGrid.explicit(alphas, note=warn)
-    return grid.values, grid.inserted_zero
 
 
 def refuse_with_explicit(alphas, **options) -> None:

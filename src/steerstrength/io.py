@@ -37,6 +37,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 TEMP_NAME = re.compile(r"\..+\.(parquet|jsonl?|safetensors|gguf|png|pdf|html|toml|done)\.[a-z0-9_]+\.tmp")
 
 
+def json_digest(obj) -> str:
+    """The first 16 hex digits of sha256 over `obj` as sorted JSON: the one key of configs and stage inputs."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def is_temp_name(name: str) -> bool:
     return TEMP_NAME.fullmatch(name) is not None
 

@@ -8,7 +8,6 @@ and ends with the same tables as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Callable
 
 from steerstrength.config import ConceptConfig, RunConfig, resolve_layers, to_toml, wants_auto
 from steerstrength.errors import InputError
-from steerstrength.io import atomic_path, write_jsonl
+from steerstrength.io import atomic_path, json_digest, write_jsonl
 from steerstrength.runs import RunDir, package_versions
 
 STAGES = ("prompts", "vectors", "tokens", "logodds", "depth", "limit", "xent", "concept", "mmlu", "recommend", "figures",
@@ -25,7 +24,7 @@ STAGES = ("prompts", "vectors", "tokens", "logodds", "depth", "limit", "xent", "
 
 
 def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(parts)
 
 
 @dataclass
@@ -39,11 +38,11 @@ class Context:
     model: object  # the loaded Model (loaded before the run directory is made)
     layers: list[int]  # cfg.layers resolved against the model's depth
     keys: dict = field(default_factory=dict)
-    cell: tuple | None = None  # (concept, layer): compute that vector's resumable chunks only, write no table
+    one_vector: tuple | None = None  # (concept, layer): compute that vector's resumable chunks only, write no table
 
     @property
     def concepts(self) -> list[str]:
-        return [self.cell[0]] if self.cell else list(self.cfg.concepts)
+        return [self.one_vector[0]] if self.one_vector else list(self.cfg.concepts)
 
     def labels(self, concept: str, layer: int | None = None) -> dict:
         """The columns every table row starts with (stages.row_labels), and the layer when given."""
@@ -62,9 +61,9 @@ class Context:
         from steerstrength.vectors import SteeringVectors
 
         sv = SteeringVectors.load(self.run.path("vectors", f"{concept}.safetensors"))
-        if self.cell is None:
+        if self.one_vector is None:
             return sv
-        layer = self.cell[1]
+        layer = self.one_vector[1]
         sv[layer]  # one line for a layer the vectors lack
         return dataclasses.replace(sv, vectors={layer: sv.vectors[layer]},
                                    resamples={k: v for k, v in sv.resamples.items() if k == layer})
@@ -126,7 +125,7 @@ class Context:
 def stage_prompts(ctx: Context) -> list[str]:
     import pandas as pd
 
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
     from steerstrength.prompts import generate_prompts, load_prompts, rows_from_texts, texts_of
 
     p = ctx.cfg.prompts
@@ -250,10 +249,10 @@ def contexts_note(ctx: Context, concept: str, contexts: list[dict]) -> dict:
 
 
 def _write(ctx: Context, results: list) -> list:
-    """The concepts' results as one set of tables (runs.write_result); nothing for a cell (its chunks are written)."""
+    """The concepts' results as one set of tables (runs.write_result); nothing for one vector (its chunks are written)."""
     from steerstrength.runs import StageResult, write_result
 
-    if ctx.cell is not None:
+    if ctx.one_vector is not None:
         return []
     return write_result(ctx.run.path("tables"), StageResult.combine(results))
 
@@ -373,7 +372,7 @@ def stage_concept(ctx: Context) -> list:
         prompts = [r["text"] for r in read_texts(c.prompts_file, what="concept prompt file")]
     judge_model = None
     if c.judge == "llm" and c.judge_model is not None:
-        from steerstrength.models import load_model
+        from steerstrength.loading import load_model
 
         judge_model = load_model(c.judge_model, dtype=ctx.cfg.model.dtype, device=ctx.cfg.model.device)
     results = []
@@ -426,7 +425,7 @@ def stage_recommend(ctx: Context) -> list:
 
     from steerstrength.preflight import has_curated
     from steerstrength.prompts import evaluation_prompts
-    from steerstrength.recommend import default_methods
+    from steerstrength.recommend import METHODS, default_methods, method_options
     from steerstrength.stages import recommend_stage
 
     c = ctx.cfg.concept
@@ -437,7 +436,7 @@ def stage_recommend(ctx: Context) -> list:
         prompts = [r["text"] for r in read_texts(c.prompts_file, what="concept prompt file")]
     judge_model = None
     if "global" in default_methods(ctx.cfg.positions, len(prompts))[0] and c.judge == "llm" and c.judge_model:
-        from steerstrength.models import load_model
+        from steerstrength.loading import load_model
 
         judge_model = load_model(c.judge_model, dtype=ctx.cfg.model.dtype, device=ctx.cfg.model.device)
     corpus = run_corpus(ctx)[0] if ctx.cfg.recommend.curvature_scope == "corpus" else None
@@ -453,10 +452,12 @@ def stage_recommend(ctx: Context) -> list:
         judge = c.judge
         if judge == "probe" and not has_curated(concept):
             judge, pos, neg = concept_judge(ctx, concept)  # trained on the train split, measured on the held-out one
+        options = method_options(METHODS, ctx.cfg.recommend, log_odds=M, corpus=corpus, judge=judge,
+                                 judge_model=judge_model)
         results.append(recommend_stage(ctx.model, ctx.vectors(concept).values(), ctx.cfg.recommend, prompts=prompts,
-                                       labels=ctx.labels(concept), log_odds=M, positive=pos, negative=neg,
-                                       judge=judge, judge_model=judge_model, seed=ctx.cfg.seed,
-                                       positions=ctx.cfg.positions, corpus=corpus, progress=ctx.progress, log=ctx.log))
+                                       labels=ctx.labels(concept), options=options, positive=pos, negative=neg,
+                                       seed=ctx.cfg.seed, positions=ctx.cfg.positions, progress=ctx.progress,
+                                       log=ctx.log))
     return _write(ctx, results)
 
 
@@ -556,7 +557,7 @@ def enabled(cfg: RunConfig, stage: str) -> tuple[bool, str]:
 def check_names(cfg: RunConfig) -> None:
     """Concept names and context ids name files: checked (safe, distinct) before the model loads or anything is
     written."""
-    from steerstrength.metrics.contexts import read_contexts
+    from steerstrength.prompts import read_contexts
     from steerstrength.prompts import check_concept
 
     seen: dict[str, str] = {}
@@ -574,7 +575,7 @@ def check_names(cfg: RunConfig) -> None:
 
 def load_run_model(cfg: RunConfig):
     """The model of a run's `model` section (spec, dtype, device, blocks path, device map)."""
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
 
     m = cfg.model
     return load_model(m.spec, dtype=m.dtype, device=m.device, blocks_path=m.blocks_path, device_map=m.device_map)
@@ -594,7 +595,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
 
     Example::
 
-        from steerstrength.cli.common import progress_bar      # or stages.no_progress
+        from steerstrength.progress import progress_bar        # or stages.no_progress
         ss.run_pipeline(ss.build_config("demo"), "runs/demo", progress=progress_bar, log=print)
     """
     # The model and the layers are checked before anything is written: a wrong model spec or a layer
@@ -636,14 +637,15 @@ def run_pipeline(cfg: RunConfig, out: str | Path, *, progress, log, only: list[s
     return results
 
 
-# ----------------------------------------------------------------------------- cells of a run (executors.py)
+# ----------------------------------------------------------------------------- one vector's share of a run (executors.py)
 
-# The stages whose work is kept in resumable chunks named per (concept, layer): a run's cells can compute them apart.
-CELL_STAGES = ("tokens", "xent", "concept", "mmlu")
+# The stages whose work is kept in resumable chunks named per (concept, layer): each steering vector's share of a run
+# can be computed apart.
+PER_VECTOR_STAGES = ("tokens", "xent", "concept", "mmlu")
 
 
-def vector_cells(cfg: RunConfig, out: str | Path) -> list[tuple[str, int]]:
-    """The (concept, layer) cells of a run directory whose vectors stage is done: one per steering vector."""
+def run_vectors(cfg: RunConfig, out: str | Path) -> list[tuple[str, int]]:
+    """The (concept, layer) of every steering vector of a run directory whose vectors stage is done."""
     from steerstrength.vectors import SteeringVectors
 
     run = RunDir(out)
@@ -651,17 +653,18 @@ def vector_cells(cfg: RunConfig, out: str | Path) -> list[tuple[str, int]]:
             for layer in SteeringVectors.load(run.path("vectors", f"{c}.safetensors")).layers]
 
 
-def run_cell(cfg: RunConfig, out: str | Path, concept: str, layer: int, *, progress, log, model=None) -> list[str]:
-    """Compute (or find) one (concept, layer) cell's chunks of the long stages (CELL_STAGES) in a run directory whose
-    prompts and vectors are done, writing no table and no manifest entry: `run_pipeline` then builds those stages'
-    tables from the chunks, exactly as if it had computed them. Cells of one run may run at once, in other processes
+def run_vector(cfg: RunConfig, out: str | Path, concept: str, layer: int, *, progress, log, model=None) -> list[str]:
+    """Compute (or find) one vector's (concept, layer) chunks of the long stages (PER_VECTOR_STAGES) in a run directory
+    whose prompts and vectors are done, writing no table and no manifest entry: `run_pipeline` then builds those stages'
+    tables from the chunks, exactly as if it had computed them. Vectors of one run may run at once, in other processes
     or on other nodes (each chunk is written atomically under its own name). Returns the stages it filled."""
     model = model or load_run_model(cfg)
     run = RunDir(out)
     ctx = Context(cfg=cfg, run=run, progress=progress, log=log, model=model,
-                  layers=resolve_layers(cfg.layers, model.n_layers), keys=stage_keys(cfg, model.fingerprint()), cell=(concept, layer))
+                  layers=resolve_layers(cfg.layers, model.n_layers), keys=stage_keys(cfg, model.fingerprint()),
+                  one_vector=(concept, layer))
     filled = []
-    for stage in CELL_STAGES:
+    for stage in PER_VECTOR_STAGES:
         if enabled(cfg, stage)[0]:
             STAGE_FUNCS[stage](ctx)
             filled.append(stage)

@@ -1,5 +1,8 @@
 """What a run needs, checked before its first stage: each concept's P and N, its judge, its contexts.
 
+Every function takes a config.RunConfig (`cfg`); config.py calls into this module (validate, build_config), so this
+module never imports config back.
+
 `check_run` reads the user's files and names the first problem in one InputError line (the CLI: exit code 2), before
 the model loads and before anything is written to the run directory, so no stage fails minutes into a run.
 
@@ -12,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from steerstrength.config import MIN_USER_TEXTS, RunConfig
 from steerstrength.errors import InputError
+
+# A user prompt file needs this many texts: every third is held out, and each split needs at least 2.
+MIN_USER_TEXTS = 6
 
 
 @dataclass(frozen=True)
@@ -32,19 +37,19 @@ class PromptSource:
                 "generate": "generated with the paper's template"}[self.kind]
 
 
-def has_user_files(cfg: RunConfig) -> bool:
+def has_user_files(cfg) -> bool:
     p = cfg.prompts
     return bool(p.files) or p.positive_file is not None or p.negative_file is not None
 
 
-def settle_source(cfg: RunConfig) -> None:
+def settle_source(cfg) -> None:
     """prompts.source records the truth: "files" when every concept has user files (build_config calls this)."""
     if cfg.prompts.source == "curated" and has_user_files(cfg) and \
             all(s.kind == "files" for s in prompt_sources(cfg).values()):
         cfg.prompts.source = "files"
 
 
-def check_file_keys(cfg: RunConfig) -> None:
+def check_file_keys(cfg) -> None:
     """The shape of prompts.files and positive_file / negative_file, without reading any file (config.validate)."""
     from pathlib import Path
 
@@ -84,7 +89,7 @@ def check_file_keys(cfg: RunConfig) -> None:
                 raise InputError(f"{key}: the {kind} file {f} is not a file; check the path")
 
 
-def prompt_sources(cfg: RunConfig) -> dict[str, PromptSource]:
+def prompt_sources(cfg) -> dict[str, PromptSource]:
     """Each concept's P and N source (module doc)."""
     p = cfg.prompts
     out = {}
@@ -106,7 +111,7 @@ def has_curated(concept: str) -> bool:
     return concept.strip().lower() in curated_concepts() or concept.strip().lower() in DERIVED
 
 
-def check_run(cfg: RunConfig) -> dict[str, PromptSource]:
+def check_run(cfg) -> dict[str, PromptSource]:
     """Every concept's files, texts, judge and contexts, before any stage: one InputError line for the first problem.
     Returns the concepts' prompt sources."""
     from steerstrength.prompts import curated_concepts, load_prompts
@@ -134,7 +139,7 @@ def check_run(cfg: RunConfig) -> dict[str, PromptSource]:
         if cfg.concept.enabled or cfg.recommend.enabled:
             check_judge(cfg, concept)
     if cfg.tokens.contexts_file:
-        from steerstrength.metrics.contexts import read_contexts
+        from steerstrength.prompts import read_contexts
 
         read_contexts(cfg.tokens.contexts_file)  # its texts and ids
     # Otherwise every concept has contexts: the built-in neutral ones, plus its own (built-in for the 8 curated
@@ -142,7 +147,7 @@ def check_run(cfg: RunConfig) -> dict[str, PromptSource]:
     return sources
 
 
-def check_judge(cfg: RunConfig, concept: str) -> None:
+def check_judge(cfg, concept: str) -> None:
     """The run's judge (concept.judge) can judge `concept`: the probe trains on any concept's P / N, the lexicon
     knows emotion words only, the case judge knows "uppercase" only."""
     from steerstrength.judges import RULE_JUDGES, LexiconJudge, judge_for

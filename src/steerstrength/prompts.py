@@ -18,7 +18,7 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
-from steerstrength.steering import sample_rows
+from steerstrength.sampling import sample_rows
 
 KINDS = ("positive", "negative")
 SETTINGS = ("contrastive", "random")
@@ -244,15 +244,6 @@ def sample_continuations(model: Model, prompt_ids: Sequence[int], seeds: Sequenc
     return out
 
 
-def sample_texts(*args, **kwargs) -> list[dict]:
-    """Deprecated name of `sample_continuations` (it collided with corpus.sample_texts)."""
-    import warnings
-
-    warnings.warn("steerstrength.prompts.sample_texts is deprecated; use sample_continuations",
-                  DeprecationWarning, stacklevel=2)
-    return sample_continuations(*args, **kwargs)
-
-
 # ----------------------------------------------------------------------------- prompt sets
 
 
@@ -414,3 +405,31 @@ def builtin_contexts(concept: str | None = None) -> list[dict]:
     if concept:
         out += [dict(c, kind="concept") for c in data["concepts"].get(concept.lower(), [])]
     return out
+
+
+def read_contexts(path) -> list[dict]:
+    """User contexts: JSONL with a `text` field (optional `id`, `kind`) or one context per line."""
+    from pathlib import Path
+
+    from steerstrength.io import read_texts
+
+    rows = read_texts(Path(path), what="contexts file")
+    out = [dict(id=str(r.get("id", f"user-{i + 1:02d}")), text=r["text"], kind=str(r.get("kind", "user")))
+           for i, r in enumerate(rows)]
+    return check_ids(out, where=f"{path}: ")
+
+
+def check_ids(contexts: list[dict], *, where: str = "") -> list[dict]:
+    """The contexts unchanged if every id is a safe file-name part (ids name chunk files) and no two are the same
+    (ignoring case, as some disks do); else one InputError line."""
+    seen: dict[str, int] = {}
+    for i, c in enumerate(contexts):
+        try:
+            check_name(c["id"], "context id")
+        except InputError as exc:
+            raise InputError(f"{where}context {i + 1}: {exc}") from None
+        first = seen.setdefault(c["id"].casefold(), i)
+        if first != i:
+            raise InputError(f"{where}context id {c['id']!r} is given twice (contexts {first + 1} and {i + 1}; ids "
+                             "name files, so they must differ in more than case); give each context its own id")
+    return contexts

@@ -1,6 +1,7 @@
 """Which alpha? One steering strength per prompt, with the measured curve behind it (Sec. 3.1, Thm 3.3).
 
-Methods (`recommend_alpha(..., method=...)`), all under one distortion budget B in nats:
+Methods (`recommend_alpha(model, sv, prompts, SweetSpot())`: one option object per method), all under one
+distortion budget B in nats:
 - `sweet-spot` (ours, judge-free, one batched sweep per prompt): on the prompt's next-token
   distribution p_alpha, the alpha maximising the mass of the target tokens T (the `n_target` tokens of
   largest log-odds M, Def. 3.2) over the grid points from alpha = 0 up to the first one whose
@@ -36,28 +37,26 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
-from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
+from steerstrength.config import (CURVATURE_SCOPES, RECOMMEND_GENERATION_SPAN, RECOMMEND_SWEEP, SWEET_SPOT_RULES,
+                                  ConceptConfig, RecommendConfig)
 from steerstrength.errors import InputError
+from steerstrength.forward_ad import forward_ad_safe, forward_from_differentiable
 from steerstrength.models import Model
 from steerstrength.steering import (
-    takes_vector,
     DEFAULT_LOGIT_BUDGET,
     as_alphas,
-    as_vector,
-    check_layer,
     check_positions,
-    forward_ad_safe,
     forward_from,
-    forward_from_differentiable,
     hidden_at,
     next_token_probs,
     repeat_rows,
     steered_hidden,
+    vector_of,
 )
 
 if TYPE_CHECKING:
@@ -65,18 +64,17 @@ if TYPE_CHECKING:
 
 METHODS = ("sweet-spot", "curvature", "iso-kl", "grid-judge", "global")
 GENERATION_METHODS = ("iso-kl", "grid-judge", "global")
-DEFAULT_BUDGET = 1.0  # nats
 KL_PERCENTILE = 95.0
-DEFAULT_N_TARGET = 100  # as metrics.logodds: the top-M target set
-# Default grids in units of alpha_scale (the alpha at which ||alpha v|| is the median residual norm).
-SWEEP_SPAN, SWEEP_POINTS = 3.0, 41
-GRID_SPAN, GRID_POINTS = 0.6, 6
+# Default grids in units of alpha_scale (the alpha at which ||alpha v|| is the median residual norm): config.py's.
+SWEEP_SPAN, SWEEP_POINTS = RECOMMEND_SWEEP
+GRID_SPAN, GRID_POINTS = RECOMMEND_GENERATION_SPAN, RecommendConfig.n_alphas
 QUADRATIC_CHECK = (0.25, 0.5, 1.0, 1.5, 2.0)  # curvature: multiples of its alpha where the quadratic is checked
 QUADRATIC_REL = 0.1  # ... and the relative error that counts as a departure (as metrics.xent.quadratic_range)
 CURVATURE_SEQ_LEN, CURVATURE_TOKENS = 64, 4096  # curvature, scope corpus: packed windows, tokens scored
 PEAK_TOP_K = 10  # theory report: tokens that reach the top 10 at some alpha of the sweep
 
 Progress = Callable[[int], None]
+_RECOMMEND = RecommendConfig()  # the defaults of every method's options
 
 
 # ----------------------------------------------------------------------------- selection rules
@@ -137,7 +135,7 @@ def bisect_crossing(measure: Callable[[float], float], lo: float, hi: float, f_l
 # ----------------------------------------------------------------------------- next-token measurements
 
 
-def target_tokens(M: torch.Tensor, n_target: int = DEFAULT_N_TARGET) -> torch.Tensor:
+def target_tokens(M: torch.Tensor, n_target: int = RecommendConfig.n_target) -> torch.Tensor:
     """The target set T: the `n_target` tokens of largest log-odds M (Def. 3.2)."""
     if n_target < 1:
         raise InputError(f"n_target must be at least 1, not {n_target}")
@@ -184,9 +182,8 @@ def peak_report(alphas: torch.Tensor, probs: torch.Tensor, target_ids: torch.Ten
 # ----------------------------------------------------------------------------- generation measurements
 
 
-@takes_vector
 @torch.inference_mode()
-def token_kl(model: Model, vector, layer: int, prompt_ids: Sequence[Sequence[int]],
+def token_kl(model: Model, sv, prompt_ids: Sequence[Sequence[int]],
              completion_ids: Sequence[Sequence[int]], alphas, *,
              logit_budget: int = DEFAULT_LOGIT_BUDGET) -> list[np.ndarray]:
     """Per generated token, KL(p_alpha || p_0) in nats, teacher-forced on prompt + completion (module doc).
@@ -194,8 +191,7 @@ def token_kl(model: Model, vector, layer: int, prompt_ids: Sequence[Sequence[int
     Row r is steered with alphas[r] at every position; blocks 0..layer run once per batch, and the
     steered and unsteered copies go through blocks layer+1.. together (steering.forward_from).
     """
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    v, layer = vector_of(model, sv)
     a = as_alphas(alphas).tolist()
     if not len(prompt_ids) == len(completion_ids) == len(a):
         raise InputError("token_kl needs one prompt, one completion and one alpha per row")
@@ -264,14 +260,14 @@ class Generations:
         return out
 
 
-def generate_and_measure(model: Model, vector, layer: int, prompts: Sequence[str], alphas, **kwargs) -> Generations:
+def generate_and_measure(model: Model, sv, prompts: Sequence[str], alphas, **kwargs) -> Generations:
     """Steered completions for every prompt at every alpha of the grid (see `measure_pairs`)."""
     a = as_alphas(alphas).tolist()
-    return measure_pairs(model, vector, layer, [(pi, p, alpha) for pi, p in enumerate(prompts) for alpha in a],
+    return measure_pairs(model, sv, [(pi, p, alpha) for pi, p in enumerate(prompts) for alpha in a],
                          **kwargs)
 
 
-def measure_pairs(model: Model, vector, layer: int, pairs: Sequence[tuple[int, str, float]], *, n_completions: int,
+def measure_pairs(model: Model, sv, pairs: Sequence[tuple[int, str, float]], *, n_completions: int,
                   max_new_tokens: int, seed: int = 0, chat: bool = True, temperature: float = 1.0, judge=None,
                   concept: str = "", batch_size: int = 64, progress: Progress | None = None) -> Generations:
     """`n_completions` steered completions per (prompt_index, prompt, alpha), their per-token KL, judged when `judge`.
@@ -287,12 +283,12 @@ def measure_pairs(model: Model, vector, layer: int, pairs: Sequence[tuple[int, s
     rows = [(p, float(alpha), completion_seed(seed, p, c)) for _, p, alpha in pairs for c in range(n_completions)]
     meta = [(pi, c) for pi, _, _ in pairs for c in range(n_completions)]
     as_alphas([r[1] for r in rows] or [0.0])
-    done = generate_rows(model, vector, layer, rows, settings, batch_size=batch_size, progress=progress)
+    done = generate_rows(model, sv.vector, sv.layer, rows, settings, batch_size=batch_size, progress=progress)
     frame = pd.DataFrame([dict(prompt_index=pi, prompt=p, alpha=alpha, completion_index=c, seed=s, **g)
                           for (p, alpha, s), (pi, c), g in zip(rows, meta, done)])
     prompt_ids = {p: model.token_ids(p, chat=chat) for _, p, _ in pairs}
     completion_ids = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in frame["completion"]]
-    kl = token_kl(model, vector, layer, [prompt_ids[p] for p in frame["prompt"]], completion_ids,
+    kl = token_kl(model, sv, [prompt_ids[p] for p in frame["prompt"]], completion_ids,
                   frame["alpha"].tolist())
     frame["p95_kl"] = [float(np.percentile(x, KL_PERCENTILE)) if x.size else 0.0 for x in kl]
     if judge is not None:
@@ -336,7 +332,7 @@ def save_recommendations(recs: Sequence[Recommendation], out_dir) -> dict[str, P
     return {names[p.name]: p for p in write_result(out_dir, result)}
 
 
-def _check(model: Model, vector, layer: int, prompts, method: str, budget: float, entropy_floor, positions: str):
+def _check(model: Model, sv, prompts, method: str, budget: float, entropy_floor, positions: str):
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; pick one of {', '.join(METHODS)}")
     if isinstance(prompts, str) or not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -348,14 +344,12 @@ def _check(model: Model, vector, layer: int, prompts, method: str, budget: float
     check_positions(positions)
     if method in GENERATION_METHODS and positions != "all":
         raise InputError(f"{method} steers generations at all positions; use positions='all' (or method sweet-spot)")
-    check_layer(model, layer)
-    from steerstrength.metrics.concept import layer_vector
-
-    return as_vector(model, layer_vector(vector, layer))
+    vector_of(model, sv)
 
 
-def alpha_scale(model: Model, vector: torch.Tensor, layer: int, prompts: Sequence[str], *, chat: bool) -> float:
-    """The alpha at which ||alpha v|| is the median residual norm at `layer` on the prompts (first tokens skipped)."""
+def alpha_scale(model: Model, sv, prompts: Sequence[str], *, chat: bool) -> float:
+    """The alpha at which ||alpha v|| is the median residual norm at v's layer on the prompts (first tokens skipped)."""
+    vector, layer = vector_of(model, sv)
     enc = model.encode(list(prompts), chat=chat)
     h = hidden_at(model, enc, layer)
     keep = enc.attention_mask.bool() & (enc.position_ids > 0)  # position 0: the attention sink
@@ -402,82 +396,183 @@ def ready_judge(judge, concept: str, positive, negative, judge_model, seed: int)
     return j, None
 
 
-@takes_vector
-def recommend_alpha(model: Model, vector, layer: int, prompts: Sequence[str], *, budget: float = DEFAULT_BUDGET,
-                    method: str = "sweet-spot", alphas=None, concept: str = "", setting: str = "",
-                    positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
-                    log_odds: torch.Tensor | None = None, n_target: int = DEFAULT_N_TARGET,
-                    entropy_floor: float | None = None, judge="lexicon", judge_model: Model | None = None,
-                    n_completions: int = 4, max_new_tokens: int = 32, refine_steps: int = 2, seed: int = 0,
-                    chat: bool | None = None, positions: str = "all", batch_size: int = 64,
-                    sweet_spot_rule: str = "mass", curvature_scope: str = "prompt",
-                    corpus: Sequence[str] | None = None,
-                    generations: Generations | None = None, progress: Progress | None = None) -> Recommendation:
+# ----------------------------------------------------------------------------- the methods and their options
+# One option object per method, its fields mirroring config.RecommendConfig (the one home of their defaults).
+
+
+@dataclass(frozen=True)
+class SweetSpot:
+    """sweet-spot: the most target mass within the next-token KL budget (rule "mass"), or Thm 3.3's midpoint of the
+    off-target and target bump peaks within it (rule "between")."""
+
+    name: ClassVar[str] = "sweet-spot"
+    log_odds: torch.Tensor | None = None  # M over the vocabulary (Def. 3.2); None: from positive / negative
+    n_target: int = _RECOMMEND.n_target  # target tokens: the n of largest M
+    rule: str = _RECOMMEND.sweet_spot_rule
+    refine_steps: int = _RECOMMEND.sweet_spot_refine_steps  # bisection steps toward the budget boundary
+    entropy_floor: float | None = None  # also keep the next-token entropy at or above this (nats)
+    alphas: Sequence[float] | None = None  # raw alphas >= 0 (0 added); None: linspace(0, 3 alpha_scale, 41)
+
+    @classmethod
+    def of(cls, section: RecommendConfig, **given) -> "SweetSpot":
+        return cls(n_target=section.n_target, rule=section.sweet_spot_rule,
+                   refine_steps=section.sweet_spot_refine_steps, **given)
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """curvature: alpha = sqrt(2 B / kappa) from Thm 3.8's local quadratic, per prompt or from a corpus's Delta CE."""
+
+    name: ClassVar[str] = "curvature"
+    scope: str = _RECOMMEND.curvature_scope  # "prompt" or "corpus"
+    corpus: Sequence[str] | None = None  # scope "corpus": the texts whose Delta CE curvature sets the alpha
+
+    @classmethod
+    def of(cls, section: RecommendConfig, **given) -> "Curvature":
+        return cls(scope=section.curvature_scope, **given)
+
+
+@dataclass(frozen=True)
+class IsoKL:
+    """iso-kl: the alpha where the p95 per-token KL of the steered generations reaches the budget (one for all)."""
+
+    name: ClassVar[str] = "iso-kl"
+    n_completions: int = _RECOMMEND.completions  # per prompt and grid alpha
+    max_new_tokens: int = _RECOMMEND.max_new_tokens
+    batch_size: int = _RECOMMEND.batch_size  # rows (prompt x alpha x completion) per generate call
+    refine_steps: int = _RECOMMEND.refine_steps  # bisection steps toward the budget crossing (more generations)
+    alphas: Sequence[float] | None = None  # raw alphas >= 0 (0 added); None: linspace(0, 0.6 alpha_scale, 6)
+    generations: Generations | None = None  # a measured grid to reuse (generate_and_measure)
+
+    @classmethod
+    def of(cls, section: RecommendConfig, **given):
+        return cls(n_completions=section.completions, max_new_tokens=section.max_new_tokens,
+                   batch_size=section.batch_size, refine_steps=section.refine_steps, **given)
+
+
+@dataclass(frozen=True)
+class GridJudge(IsoKL):
+    """grid-judge: per prompt, the grid alpha of highest judged concept probability within the KL budget."""
+
+    name: ClassVar[str] = "grid-judge"
+    judge: object = None  # a judges.JUDGES name or a Judge; None: the concept section's judge (config.py)
+    judge_model: Model | None = None  # the llm judge's model; None: the steered model
+
+
+@dataclass(frozen=True)
+class Global(GridJudge):
+    """global: grid-judge's rule on the pooled prompts, one alpha for all."""
+
+    name: ClassVar[str] = "global"
+
+
+METHOD_OPTIONS = {m.name: m for m in (SweetSpot, Curvature, IsoKL, GridJudge, Global)}
+
+
+def method_options(names: Sequence[str], section: RecommendConfig | None = None, **given) -> list:
+    """One option object per method name, sized by `section` (default: RecommendConfig()); `given` fields (e.g.
+    alphas, corpus, log_odds) go to the methods that have them."""
+    import dataclasses
+
+    section = RecommendConfig() if section is None else section
+    out = []
+    for name in names:
+        if name not in METHOD_OPTIONS:
+            raise InputError(f"unknown method {name!r}; pick one of {', '.join(METHODS)}")
+        kind = METHOD_OPTIONS[name]
+        fields = {f.name for f in dataclasses.fields(kind)}
+        out.append(kind.of(section, **{k: v for k, v in given.items() if k in fields and v is not None}))
+    return out
+
+
+def recommend_alpha(model: Model, sv, prompts: Sequence[str], method=None, *, budget: float | None = None,
+                    concept: str = "", setting: str = "", positive: Sequence[str] | None = None,
+                    negative: Sequence[str] | None = None, seed: int = 0, chat: bool | None = None,
+                    positions: str = "all", progress: Progress | None = None) -> Recommendation:
     """An alpha per prompt by `method` (module doc), with the measured numbers and the curve behind it.
 
-    `budget`: nats (sweet-spot: next-token KL; iso-kl and the judged methods: p95 per-token KL of the
-    generations). `alphas`: a grid of alphas >= 0 (0 is added); default: scaled to the vector
-    (`alpha_scale`). sweet-spot needs `log_odds` (M over the vocabulary) or `positive`/`negative`
-    texts; grid-judge and global need `concept` and a judge (names from judges.JUDGES or a Judge).
-    `generations`: a measured grid to reuse (generate_and_measure, judged for grid-judge/global).
-    `sweet_spot_rule`: "mass" (the largest target mass within the budget) or "between" (Thm 3.3's midpoint of the
-    off-target and target peak medians, within the budget). curvature: `budget` is the quadratic's distortion in
-    nats; `curvature_scope` "prompt" (per prompt, the mean next-token KL over its positions) or "corpus" (one alpha
-    from Delta CE's curvature on `corpus` texts).
+    `method`: an option object, SweetSpot() (default), Curvature(), IsoKL(), GridJudge() or Global() (their fields:
+    config.RecommendConfig's). `budget`: nats (sweet-spot: next-token KL; iso-kl and the judged methods: p95 per-token
+    KL of the generations; curvature: the quadratic's distortion); default: RecommendConfig's kl_budget. sweet-spot
+    needs its `log_odds` or `positive`/`negative` texts; grid-judge and global need `concept` and a judge.
     `progress(n)` is called per prompt swept or completion generated.
+
+    Example::
+
+        rec = ss.recommend_alpha(model, sv[15], prompts, SweetSpot(), positive=P, negative=N)
+        rec.table[["prompt", "alpha", "kl"]]
     """
+    method = SweetSpot() if method is None else method
+    if not isinstance(method, tuple(METHOD_OPTIONS.values())):
+        kinds = ", ".join(k.__name__ for k in METHOD_OPTIONS.values())
+        raise InputError(f"method must be one of the option objects {kinds} (recommend.method_options builds them "
+                         f"from names), not {method!r}")
+    budget = _RECOMMEND.kl_budget if budget is None else budget
+    name = method.name
+    # The method's options by name; a method without one reads the defaults it never uses.
+    alphas, log_odds = getattr(method, "alphas", None), getattr(method, "log_odds", None)
+    n_target, entropy_floor = getattr(method, "n_target", _RECOMMEND.n_target), getattr(method, "entropy_floor", None)
+    sweet_spot_rule, refine_steps = getattr(method, "rule", None), getattr(method, "refine_steps", 0)
+    curvature_scope, corpus = getattr(method, "scope", None), getattr(method, "corpus", None)
+    n_completions = getattr(method, "n_completions", _RECOMMEND.completions)
+    max_new_tokens = getattr(method, "max_new_tokens", _RECOMMEND.max_new_tokens)
+    batch_size, generations = getattr(method, "batch_size", _RECOMMEND.batch_size), getattr(method, "generations", None)
+    judge, judge_model = getattr(method, "judge", None), getattr(method, "judge_model", None)
+    if judge is None:
+        judge = ConceptConfig().judge
     t0 = time.perf_counter()
-    v = _check(model, vector, layer, prompts, method, budget, entropy_floor, positions)
+    _check(model, sv, prompts, name, budget, entropy_floor, positions)
+    layer = sv.layer
     if not isinstance(refine_steps, int) or refine_steps < 0:
         raise InputError(f"refine_steps must be an integer >= 0, not {refine_steps!r}")
     prompts = list(prompts)
     chat = model.has_chat_template if chat is None else bool(chat)
     if chat and not model.has_chat_template:
         raise InputError(f"{model.name} has no chat template; pass chat=False (CLI: --no-chat)")
-    scale = alpha_scale(model, v, layer, prompts, chat=chat)
-    labels = _labels(model, concept, layer, setting, method, float(budget))
-    common = dict(method=method, budget=float(budget), alpha_scale=scale, n_prompts=len(prompts), chat=chat,
+    scale = alpha_scale(model, sv, prompts, chat=chat)
+    labels = _labels(model, concept, layer, setting, name, float(budget))
+    common = dict(method=name, budget=float(budget), alpha_scale=scale, n_prompts=len(prompts), chat=chat,
                   positions=positions, layer=layer, concept=concept, model=model.name)
-    if method == "sweet-spot":
+    if name == "sweet-spot":
         if sweet_spot_rule not in SWEET_SPOT_RULES:
             raise InputError(f"sweet_spot_rule must be one of {', '.join(SWEET_SPOT_RULES)}, not {sweet_spot_rule!r}")
         common.update(rule=sweet_spot_rule)
-        rec = _sweet_spot(model, v, layer, prompts, _grid(alphas, scale, SWEEP_SPAN, SWEEP_POINTS), labels, common,
+        rec = _sweet_spot(model, sv, prompts, _grid(alphas, scale, SWEEP_SPAN, SWEEP_POINTS), labels, common,
                           positive=positive, negative=negative, M=log_odds, n_target=n_target,
                           entropy_floor=entropy_floor, refine_steps=refine_steps, chat=chat, positions=positions,
                           progress=progress)
-    elif method == "curvature":
+    elif name == "curvature":
         if curvature_scope not in CURVATURE_SCOPES:
             raise InputError(f"curvature_scope must be one of {', '.join(CURVATURE_SCOPES)}, not {curvature_scope!r}")
-        rec = _curvature(model, v, layer, prompts, labels, common, scope=curvature_scope, corpus=corpus, chat=chat,
+        rec = _curvature(model, sv, prompts, labels, common, scope=curvature_scope, corpus=corpus, chat=chat,
                          positions=positions, progress=progress)
     else:
         if n_completions < 1 or max_new_tokens < 1:
             raise InputError("n_completions and max_new_tokens must be at least 1")
         j, accuracy = (None, None)
-        if method != "iso-kl" and (generations is None or "judged" not in generations.frame):
+        if name != "iso-kl" and (generations is None or "judged" not in generations.frame):
             j, accuracy = ready_judge(judge, concept, positive, negative, judge_model, seed)
         sampling = dict(n_completions=n_completions, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
                         batch_size=batch_size)
         if generations is None:
             grid = _grid(alphas, scale, GRID_SPAN, GRID_POINTS)
-            if method == "iso-kl":
+            if name == "iso-kl":
                 grid = grid[grid > 0]  # KL is 0 at alpha = 0: nothing to generate
-            generations = generate_and_measure(model, v, layer, prompts, grid, judge=j, concept=concept,
+            generations = generate_and_measure(model, sv, prompts, grid, judge=j, concept=concept,
                                                progress=progress, **sampling)
         common.update(sampling=sampling)
         if j is not None or generations.judge is not None:
             common.update(judge=(j or generations.judge).describe(), judge_accuracy=accuracy)
-        if method == "iso-kl":
-            rec = _iso_kl(model, v, layer, prompts, generations, labels, common, refine_steps=refine_steps,
+        if name == "iso-kl":
+            rec = _iso_kl(model, sv, prompts, generations, labels, common, refine_steps=refine_steps,
                           sampling=sampling, progress=progress)
         else:
-            rec = _judged(prompts, generations, labels, common, method)
+            rec = _judged(prompts, generations, labels, common, name)
     rec.summary["seconds"] = time.perf_counter() - t0  # in the JSON only: tables are the same for the same inputs
     return rec
 
 
-def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floor, refine_steps, chat,
+def _sweet_spot_prompt(model, sv, prompt, grid, T, budget, *, entropy_floor, refine_steps, chat,
                       positions, rule: str = "mass") -> tuple[dict, "pd.DataFrame"]:
     """One prompt: the sweep, the constrained argmax, and bisection toward the budget boundary when it binds.
 
@@ -486,7 +581,7 @@ def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floo
     """
     import pandas as pd
 
-    probs = next_token_probs(model, v, layer, prompt, grid, positions=positions, chat=chat)
+    probs = next_token_probs(model, sv, prompt, grid, positions=positions, chat=chat)
     r = next_token_readings(probs, T)
     feasible = feasible_run(r["kl"], budget, entropy=r["entropy"], entropy_floor=entropy_floor)
     best = constrained_argmax(r["target_mass"], r["kl"], budget, entropy=r["entropy"], entropy_floor=entropy_floor)
@@ -501,7 +596,7 @@ def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floo
         for _ in range(refine_steps):
             mid = 0.5 * (lo + hi)
             probe = next_token_readings(torch.cat([probs[:1], next_token_probs(
-                model, v, layer, prompt, [mid], positions=positions, chat=chat)]), T)
+                model, sv, prompt, [mid], positions=positions, chat=chat)]), T)
             m = {k: float(x[1]) for k, x in probe.items()}
             ok = bool(feasible_run([0.0, m["kl"]], budget, entropy=[math.inf, m["entropy"]],
                                    entropy_floor=entropy_floor)[1])
@@ -517,7 +612,7 @@ def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floo
             edge = max([float(grid[i]) for i in np.flatnonzero(feasible)] + [e["alpha"] for e in extra if e["feasible"]])
             alpha = min(mid, edge)
             m = next_token_readings(torch.cat([probs[:1], next_token_probs(
-                model, v, layer, prompt, [alpha], positions=positions, chat=chat)]), T)
+                model, sv, prompt, [alpha], positions=positions, chat=chat)]), T)
             at = {k: float(x[1]) for k, x in m.items()}
             status = "between the peaks" if alpha == mid else "budget edge below the peaks' midpoint"
             extra.append(dict(alpha=alpha, feasible=at["kl"] <= budget, **at))
@@ -534,7 +629,7 @@ def _sweet_spot_prompt(model, v, layer, prompt, grid, T, budget, *, entropy_floo
     return row, curve
 
 
-def _sweet_spot(model, v, layer, prompts, grid, labels, common, *, positive, negative, M, n_target, entropy_floor,
+def _sweet_spot(model, sv, prompts, grid, labels, common, *, positive, negative, M, n_target, entropy_floor,
                 refine_steps, chat, positions, progress) -> Recommendation:
     import pandas as pd
 
@@ -551,7 +646,7 @@ def _sweet_spot(model, v, layer, prompts, grid, labels, common, *, positive, neg
     T = target_tokens(M, n_target)
     rows, curves = [], []
     for pi, prompt in enumerate(prompts):
-        row, curve = _sweet_spot_prompt(model, v, layer, prompt, grid, T, common["budget"], entropy_floor=entropy_floor,
+        row, curve = _sweet_spot_prompt(model, sv, prompt, grid, T, common["budget"], entropy_floor=entropy_floor,
                                         refine_steps=refine_steps, chat=chat, positions=positions,
                                         rule=common.get("rule", "mass"))
         rows.append(dict(labels, prompt_index=pi, prompt=prompt, **row))
@@ -582,7 +677,7 @@ def _from_zero(alphas, kl) -> tuple[np.ndarray, np.ndarray]:
     return (a, y) if a.size and a[0] == 0 else (np.r_[0.0, a], np.r_[0.0, y])
 
 
-def _iso_kl(model, v, layer, prompts, gens: Generations, labels, common, *, refine_steps, sampling,
+def _iso_kl(model, sv, prompts, gens: Generations, labels, common, *, refine_steps, sampling,
             progress) -> Recommendation:
     import pandas as pd
 
@@ -598,7 +693,7 @@ def _iso_kl(model, v, layer, prompts, gens: Generations, labels, common, *, refi
     elif refine_steps:
         def measure(a: float) -> float:
             nonlocal gens
-            more = generate_and_measure(model, v, layer, prompts, [a], judge=gens.judge, concept=labels["concept"],
+            more = generate_and_measure(model, sv, prompts, [a], judge=gens.judge, concept=labels["concept"],
                                         progress=progress, **sampling)
             gens = gens.extend(more)
             tokens = np.concatenate(more.kl_tokens + [np.zeros(0)])
@@ -661,8 +756,7 @@ def _prompt_positions(enc) -> torch.Tensor:
     return (enc.attention_mask.bool() & (enc.position_ids > 0)).cpu()
 
 
-@takes_vector
-def prompt_curvature(model: Model, vector, layer: int, prompts: Sequence[str], *, chat: bool,
+def prompt_curvature(model: Model, sv, prompts: Sequence[str], *, chat: bool,
                      positions: str = "all") -> np.ndarray:
     """Per prompt, kappa = d^2/d alpha^2 of KL(p_0 || p_alpha) at alpha = 0, the mean over the prompt's positions
     (after the first) of the next-token Fisher information along v: Var_{z ~ p_0}[d logit_z / d alpha].
@@ -672,8 +766,7 @@ def prompt_curvature(model: Model, vector, layer: int, prompts: Sequence[str], *
     """
     from torch.func import jvp
 
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    v, layer = vector_of(model, sv)
     check_positions(positions)
     out = np.zeros(len(prompts))
     for i, prompt in enumerate(prompts):
@@ -700,12 +793,11 @@ def prompt_curvature(model: Model, vector, layer: int, prompts: Sequence[str], *
     return out
 
 
-@takes_vector
 @torch.inference_mode()
-def prompt_kl(model: Model, vector, layer: int, prompt: str, alphas, *, chat: bool,
+def prompt_kl(model: Model, sv, prompt: str, alphas, *, chat: bool,
               positions: str = "all") -> np.ndarray:
     """[len(alphas)] the mean over the prompt's positions (after the first) of KL(p_0 || p_alpha), nats."""
-    v = as_vector(model, vector)
+    v, layer = vector_of(model, sv)
     a = torch.cat([torch.zeros(1, dtype=torch.float64), as_alphas(alphas)])
     enc = model.encode([prompt], chat=chat)
     keep = _prompt_positions(enc)[0]
@@ -738,18 +830,18 @@ def departure(alphas, measured, slope: float, curvature: float, *, rel: float = 
                 departs_at=float(a[first_bad]) if first_bad is not None else None)
 
 
-def _curvature(model, v, layer, prompts, labels, common, *, scope, corpus, chat, positions,
+def _curvature(model, sv, prompts, labels, common, *, scope, corpus, chat, positions,
                progress) -> Recommendation:
     import pandas as pd
 
     budget = common["budget"]
     rows, curves = [], []
     if scope == "prompt":
-        kappa = prompt_curvature(model, v, layer, prompts, chat=chat, positions=positions)
+        kappa = prompt_curvature(model, sv, prompts, chat=chat, positions=positions)
         for pi, prompt in enumerate(prompts):
             alpha = budget_alpha(budget, float(kappa[pi]))
             check = [m * alpha for m in QUADRATIC_CHECK]
-            kl = prompt_kl(model, v, layer, prompt, check, chat=chat, positions=positions)
+            kl = prompt_kl(model, sv, prompt, check, chat=chat, positions=positions)
             at = float(kl[QUADRATIC_CHECK.index(1.0)])
             rows.append(dict(labels, prompt_index=pi, prompt=prompt, alpha=alpha, status="ok", kappa=float(kappa[pi]),
                              predicted=budget, measured=at, measured_over_predicted=at / budget,
@@ -768,10 +860,10 @@ def _curvature(model, v, layer, prompts, labels, common, *, scope, corpus, chat,
         ids, _ = _sweep_ids(model, list(corpus), CURVATURE_SEQ_LEN, True, CURVATURE_TOKENS)
         if ids.shape[0] == 0:
             raise InputError(f"the corpus has fewer than {CURVATURE_SEQ_LEN + 1} tokens; give a longer one")
-        d = ce_derivatives(model, v, layer, ids, positions=positions)
+        d = ce_derivatives(model, sv, ids, positions=positions)
         alpha = budget_alpha(budget, d["curvature"], d["slope"])
         check = [m * alpha for m in QUADRATIC_CHECK]
-        sums = cross_entropy_sums(model, v, layer, ids, [0.0] + check, positions=positions)
+        sums = cross_entropy_sums(model, sv, ids, [0.0] + check, positions=positions)
         dce = ((sums[1:] - sums[0]) / (ids.shape[0] * CURVATURE_SEQ_LEN)).numpy()
         at = float(dce[QUADRATIC_CHECK.index(1.0)])
         dep = departure(check, dce, d["slope"], d["curvature"])
@@ -833,7 +925,7 @@ def generation_alphas(model: Model, sv, prompts: Sequence[str], alphas=None, *, 
     """The generation methods' grid: `alphas` (0 added, all >= 0), or linspace(0, GRID_SPAN x alpha_scale, points)."""
     if alphas is not None:
         return _grid(alphas, math.nan, GRID_SPAN, points)
-    return _grid(None, alpha_scale(model, as_vector(model, sv), sv.layer, prompts, chat=chat), GRID_SPAN, points)
+    return _grid(None, alpha_scale(model, sv, prompts, chat=chat), GRID_SPAN, points)
 
 
 def recommendation_tables(recs: Sequence[Recommendation]) -> dict:

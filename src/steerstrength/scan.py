@@ -26,12 +26,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from steerstrength.config import LogOddsConfig, VectorsConfig
 from steerstrength.errors import InputError
 from steerstrength.models import Model
 
-DEFAULT_TOP_K = 50
 RUNNERS_UP = 3  # the next best layers the summary (and the report) show beside the pick
-DEFAULT_EXTREMAL_FRACTION = 0.01
+DEFAULT_EXTREMAL_FRACTION = LogOddsConfig.extremal_fraction
 RULE = ("score = (2 * held-out AUC - 1) * lens share; lens share = fraction of the top-{k} tokens of LN(v) W^T "
         "with log-odds M in the top {f:.0%} of the vocabulary; argmax over layers {lo}..{hi}")
 
@@ -86,7 +86,7 @@ def _pass(model: Model, texts: Sequence[str], layers: list[int], batch_size: int
 
 def scan_layers(model: Model, positive: Sequence[str], negative: Sequence[str], *,
                 heldout_positive: Sequence[str] | None = None, heldout_negative: Sequence[str] | None = None,
-                layers: Sequence[int] | None = None, top_k: int = DEFAULT_TOP_K,
+                layers: Sequence[int] | None = None, top_k: int = VectorsConfig.scan_top_k,
                 extremal_fraction: float = DEFAULT_EXTREMAL_FRACTION, batch_size: int = 8,
                 max_length: int | None = None, skip_first_token: bool = True,
                 progress: Callable[[int], None] | None = None, labels: dict | None = None) -> LayerScan:

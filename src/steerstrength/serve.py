@@ -22,6 +22,7 @@ from pathlib import Path
 
 from steerstrength.config import USE
 from steerstrength.errors import InputError
+from steerstrength.grid import to_raw
 from steerstrength.models import Model
 
 MAX_BODY = 64 * 1024  # bytes of a request body: a prompt of max_prompt_chars fits many times over
@@ -139,7 +140,7 @@ def next_tokens(s: Steerable, body) -> dict:
     from steerstrength.use import top_tokens
 
     vec, prompt, alpha = _request(s, body)
-    raw = alpha / vec.resid_scale(s.model)
+    raw = float(to_raw([alpha], "resid", vec.resid_scale(s.model))[0])
     with s.lock:
         out = top_tokens(s.model, vec, prompt, raw, chat=s.model.has_chat_template)
     return dict(out, alpha_resid=alpha, alpha=raw)

@@ -4,12 +4,13 @@ Each takes the model, the steering vectors of one concept (SteeringVector: each 
 config section of its stage (config.py: the only defaults), and returns a `runs.StageResult` (`.tables()`,
 `.summary()`) that `runs.write_result` writes. The run passes `chunk=RunDir.chunk` bound to its stage key, so a killed
 run keeps its finished pieces; the CLI computes them directly. `progress(description, total)` is a context manager
-yielding `advance(n)` (cli.common.progress_bar, or the run's).
+yielding `advance(n)` (progress.progress_bar, or the run's).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,21 @@ def compute_now(name: str, compute: Callable[[], dict]) -> dict:
 @contextlib.contextmanager
 def no_progress(description: str, total: int):
     yield lambda n=1: None
+
+
+def _defaults(stage: str, section, unit: str | None = None):
+    """(section, unit): the given ones, else config.defaults()'s stage section and alpha unit (what the CLI reads)."""
+    from steerstrength.config import defaults
+
+    cfg = defaults() if section is None or unit is None else None
+    return (getattr(cfg, stage) if section is None else section), (cfg.alpha_unit if unit is None else unit)
+
+
+def _builtin_contexts(model, concept: str, n_contexts: int | None, chat: bool) -> list[dict]:
+    """The built-in contexts of `concept` (the neutral ones and its own; n_contexts of them), checked on the model."""
+    from steerstrength.metrics.contexts import as_contexts, stage_contexts
+
+    return as_contexts(model, stage_contexts(concept, None, n_contexts), chat=chat)
 
 
 def row_labels(model_name: str, concept: str, setting: str, positions: str) -> dict:
@@ -98,18 +114,21 @@ def vectors_stage(model, positive: Sequence, negative: Sequence, section: Vector
 # ----------------------------------------------------------------------------- next-token curves (Def. 3.1, Thm 3.3)
 
 
-def tokens_stage(model, vectors: Sequence, section: TokensConfig, *, contexts: list[dict], labels: dict,
-                 unit: str = "resid", positions: str = "all", grid: AlphaGrid | None = None, tokens: Sequence[int] = (),
+def tokens_stage(model, vectors: Sequence, section: TokensConfig | None = None, *, labels: dict,
+                 contexts: list[dict] | None = None, unit: str | None = None, positions: str = "all", grid: AlphaGrid | None = None, tokens: Sequence[int] = (),
                  chat: bool = False, chunk: Chunk = compute_now, progress=no_progress) -> StageResult:
     """Next-token curves Delta p(z, alpha) of every context at every vector's layer: tokens.parquet,
     tokens_top.parquet and tokens.json (Thm 3.3's shape counts per layer).
 
     Args:
         vectors: SteeringVector per layer, all of `labels["concept"]`.
-        section: the tokens section (alpha_max, n_alphas, top_k, top_each, certify); `grid` replaces its grid.
+        section: the tokens section (alpha_max, n_alphas, top_k, top_each, certify); `grid` replaces its grid;
+            default: config.defaults()'s, as the CLI's.
+        unit: the section grid's unit; default: config.defaults().alpha_unit.
             certify: a bfloat16 / float16 model's tracked curves are re-run in float32 at 11 alphas (plus 0); the
             measured max |p - p_float32| is tokens.parquet's `p_error_bound` (NaN for float32) and tokens.json's.
-        contexts: {id, text, kind} dicts (metrics.contexts.stage_contexts).
+        contexts: {id, text, kind} dicts (metrics.contexts.stage_contexts); default: the built-in ones of the concept,
+            section.n_contexts of them, as `steerstrength sweep tokens`.
         tokens: token ids tracked besides the top-k at both ends (e.g. the target tokens of largest M).
 
     Example::
@@ -120,8 +139,10 @@ def tokens_stage(model, vectors: Sequence, section: TokensConfig, *, contexts: l
     """
     from steerstrength.metrics.tokens import token_curves
 
-    grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, unit=unit)
+    section, unit = _defaults("tokens", section, unit)
     concept = labels.get("concept", "")
+    contexts = _builtin_contexts(model, concept, section.n_contexts, chat) if contexts is None else contexts
+    grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, unit=unit)
     curves, tops, per_curve = [], [], []
     with progress(f"{concept}: next-token curves", len(contexts) * len(vectors)) as advance:
         for sv in vectors:
@@ -291,15 +312,18 @@ def target_tokens(M: torch.Tensor, n_target: int) -> list[int]:
 # ----------------------------------------------------------------------------- the large-alpha limit (Prop. 4.1)
 
 
-def limit_stage(model, vectors: Sequence, section: LimitConfig, *, contexts: list[dict], labels: dict,
-                unit: str = "resid", positions: str = "all", grid: AlphaGrid | None = None, chat: bool = False,
-                progress=no_progress) -> StageResult:
+def limit_stage(model, vectors: Sequence, section: LimitConfig | None = None, *, labels: dict,
+                contexts: list[dict] | None = None, unit: str | None = None, positions: str = "all",
+                grid: AlphaGrid | None = None, chat: bool = False, progress=no_progress) -> StageResult:
     """TV(p_alpha, softmax(LN(+/-v) W^T)) per context and alpha (limit.parquet), and per vector whether it shrinks
-    as |alpha| grows (limit.json). The grid: +/- each of section.alphas, or `grid`."""
+    as |alpha| grows (limit.json). The grid: +/- each of section.alphas (in `unit`), or `grid`. Defaults as
+    `steerstrength sweep limit`: config.defaults()'s section and alpha unit, every built-in context of the concept."""
     from steerstrength.metrics.limits import limit_check
 
-    grid = grid or AlphaGrid.both_signs(section.alphas, unit=unit)
+    section, unit = _defaults("limit", section, unit)
     concept = labels.get("concept", "")
+    contexts = _builtin_contexts(model, concept, None, chat) if contexts is None else contexts
+    grid = grid or AlphaGrid.both_signs(section.alphas, unit=unit)
     frames, summary = [], {}
     with progress(f"{concept}: large-alpha limit", len(contexts) * len(vectors)) as advance:
         for sv in vectors:
@@ -519,7 +543,7 @@ def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict
     Args:
         questions: mmlu_questions(...) (read before the model loads).
         source: what the questions are (written in mmlu.json).
-        chunk: a run's resumable pieces, one per vector (a (concept, layer) cell of a Ray run fills its own).
+        chunk: a run's resumable pieces, one per vector (one vector's share of a Ray run fills its own).
     """
     import pandas as pd
 
@@ -534,8 +558,7 @@ def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict
             with progress(f"{concept}: MMLU, layer {sv.layer} (questions x alphas)", n_questions * len(grid)) as adv:
                 res = mmlu_accuracy(model, sv, alphas=sv.raw_alphas(grid, model), **questions, k_shots=section.k_shot,
                                     limit=section.max_questions, chat=section.chat, positions=positions,
-                                    concept=concept, setting=labels.get("setting", ""),
-                                    token_budget=section.token_budget, progress=adv)
+                                    labels=labels, token_budget=section.token_budget, progress=adv)
             return {"questions": res.table, "subjects": res.accuracy,
                     "summary": pd.DataFrame([{"json": json.dumps(res.summary, default=str)}])}
 
@@ -555,11 +578,9 @@ def mmlu_stage(model, vectors: Sequence, section: MmluConfig, *, questions: dict
 
 
 def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, prompts: Sequence[str], labels: dict,
-                    methods: Sequence[str] | None = None, log_odds: torch.Tensor | None = None,
-                    positive: Sequence[str] | None = None, negative: Sequence[str] | None = None, judge=None,
-                    judge_model=None, seed: int = 0, positions: str = "all", grid: AlphaGrid | None = None,
-                    generation_grid: AlphaGrid | None = None, entropy_floor: float | None = None,
-                    chat: bool | None = None, corpus: Sequence[str] | None = None, progress=no_progress,
+                    methods: Sequence[str] | None = None, options: Sequence | None = None,
+                    positive: Sequence[str] | None = None, negative: Sequence[str] | None = None, seed: int = 0,
+                    positions: str = "all", chat: bool | None = None, progress=no_progress,
                     log: Callable[[str], None] | None = None) -> StageResult:
     """An alpha per prompt and method for every vector (recommend.py): recommend.parquet (method x prompt),
     recommend_curve.parquet (the curves they came from), recommend_generations.jsonl (the completions behind the
@@ -571,78 +592,74 @@ def recommend_stage(model, vectors: Sequence, section: RecommendConfig, *, promp
 
     Args:
         section: the recommend section: kl_budget (nats), completions, max_new_tokens, n_alphas, batch_size,
-            refine_steps (iso-kl), sweet_spot_refine_steps, n_target.
+            refine_steps (iso-kl), sweet_spot_refine_steps, n_target, sweet_spot_rule, curvature_scope.
         methods: recommend.METHODS (or "all"); default: the run's rule (recommend.default_methods): sweet-spot,
             curvature, iso-kl unless positions="last", global with several prompts; grid-judge only when asked.
-        log_odds: M over the vocabulary (Def. 3.2), sweet-spot's target tokens; default: from positive / negative.
+        options: method option objects (recommend.SweetSpot, Curvature, IsoKL, GridJudge, Global; build them with
+            recommend.method_options(names, section, ...)) replacing the section's for their methods: sweet-spot's
+            log_odds (default: from positive / negative), alphas (its grid; default: linspace(0, 3 scale, 41)) and
+            entropy_floor; curvature's corpus (scope "corpus"); the generation methods' alphas (one grid for all;
+            default: linspace(0, 0.6 scale, n_alphas)) and the judged ones' judge (a judges.JUDGES name or a Judge;
+            default: the concept section's) and judge_model (default: the steered model).
         positive, negative: P and N texts: log-odds when not given, the judge's calibration and held-out accuracy.
-        judge: grid-judge / global: a judges.JUDGES name or a Judge; judge_model: the llm judge's model (default: the
-            steered one).
-        grid: sweet-spot's raw alphas (>= 0, 0 added); generation_grid: the generation methods'; default: scaled to
-            the vector (recommend.alpha_scale): linspace(0, 3 scale, 41) and linspace(0, 0.6 scale, n_alphas).
-        entropy_floor: sweet-spot: also keep the next-token entropy at or above this (nats).
-        corpus: curvature with section.curvature_scope "corpus": the texts whose Delta CE curvature sets the alpha.
         log: called with one line per vector and method.
     """
     import time
 
     from steerstrength.metrics.logodds import log_odds as compute_log_odds
     from steerstrength.recommend import (GENERATION_METHODS, check_methods, default_methods, generate_and_measure,
-                                         generation_alphas, ready_judge, recommend_alpha, recommendation_summary,
-                                         recommendation_tables)
+                                         generation_alphas, method_options, ready_judge, recommend_alpha,
+                                         recommendation_summary, recommendation_tables)
 
     prompts = list(prompts)
     concept, setting = labels.get("concept", ""), labels.get("setting", "")
     methods, notes = default_methods(positions, len(prompts)) if methods is None else \
         (check_methods(methods, positions), [])
+    given = {o.name: o for o in options or ()}
+    chosen = {name: given.get(name) or method_options([name], section)[0] for name in methods}
     budget = float(section.kl_budget)
     chat = model.has_chat_template if chat is None else bool(chat)
-    if "sweet-spot" in methods and log_odds is None and positive is not None and negative is not None:
-        log_odds = compute_log_odds(model, list(positive), list(negative), chat=False)  # once, not once per layer
+    if "sweet-spot" in chosen and chosen["sweet-spot"].log_odds is None and positive is not None \
+            and negative is not None:  # once, not once per layer
+        chosen["sweet-spot"] = dataclasses.replace(
+            chosen["sweet-spot"], log_odds=compute_log_odds(model, list(positive), list(negative), chat=False))
     found_judge = accuracy = None
-    if any(m in ("grid-judge", "global") for m in methods):
-        if judge is None:
-            raise InputError("grid-judge and global judge concept presence: name a judge (judge=..., CLI --judge, "
-                             "run concept.judge)")
+    judged = [chosen[m] for m in methods if m in ("grid-judge", "global")]
+    if judged:
+        judge = judged[0].judge if judged[0].judge is not None else ConceptConfig().judge
         from steerstrength.judges import judge_for
 
         found_judge, accuracy = ready_judge(judge_for(concept, judge), concept, positive, negative,
-                                            judge_model or model, seed)
+                                            judged[0].judge_model or model, seed)
     generating = [m for m in methods if m in GENERATION_METHODS]
     base = dict(concept=concept, setting=setting, budget=budget, seed=seed, positions=positions, positive=positive,
-                negative=negative, chat=chat, batch_size=section.batch_size)
-    sampling = dict(n_completions=section.completions, max_new_tokens=section.max_new_tokens)
+                negative=negative, chat=chat)
     recs = []
     for sv in vectors:
         found = []
-        if "sweet-spot" in methods:
+        if "sweet-spot" in chosen:
             with progress(f"{concept}: sweet spot, layer {sv.layer}", len(prompts)) as advance:
-                found.append(recommend_alpha(model, sv, prompts, method="sweet-spot", log_odds=log_odds,
-                                             alphas=None if grid is None else grid.values, n_target=section.n_target,
-                                             entropy_floor=entropy_floor, refine_steps=section.sweet_spot_refine_steps,
-                                             sweet_spot_rule=section.sweet_spot_rule, progress=advance, **base))
-        if "curvature" in methods:
+                found.append(recommend_alpha(model, sv, prompts, chosen["sweet-spot"], progress=advance, **base))
+        if "curvature" in chosen:
             with progress(f"{concept}: curvature, layer {sv.layer}", len(prompts)) as advance:
-                found.append(recommend_alpha(model, sv, prompts, method="curvature",
-                                             curvature_scope=section.curvature_scope, corpus=corpus, progress=advance,
-                                             **base))
+                found.append(recommend_alpha(model, sv, prompts, chosen["curvature"], progress=advance, **base))
         if generating:
-            alphas = generation_alphas(model, sv, prompts, None if generation_grid is None else generation_grid.values,
-                                       chat=chat, points=section.n_alphas)
+            first = chosen[generating[0]]  # the generation methods share one grid of generations
+            alphas = generation_alphas(model, sv, prompts, first.alphas, chat=chat, points=section.n_alphas)
             t_gen = time.perf_counter()
             with progress(f"{concept}: generations for {' / '.join(generating)}, layer {sv.layer}",
-                          len(prompts) * len(alphas) * section.completions) as advance:
-                gens = generate_and_measure(model, sv, sv.layer, prompts, alphas, judge=found_judge, concept=concept,
-                                            seed=seed, chat=chat, batch_size=section.batch_size, progress=advance,
-                                            **sampling)
+                          len(prompts) * len(alphas) * first.n_completions) as advance:
+                gens = generate_and_measure(model, sv, prompts, alphas, judge=found_judge, concept=concept,
+                                            seed=seed, chat=chat, batch_size=first.batch_size, progress=advance,
+                                            n_completions=first.n_completions, max_new_tokens=first.max_new_tokens)
             t_gen = time.perf_counter() - t_gen
             for method in generating:
-                steps = section.refine_steps if method == "iso-kl" else 0  # iso-kl bisects with more generations
+                steps = chosen[method].refine_steps if method == "iso-kl" else 0  # iso-kl bisects with more generations
                 bar = progress(f"{concept}: iso-kl bisection, layer {sv.layer}",
-                               steps * len(prompts) * section.completions) if steps else contextlib.nullcontext()
+                               steps * len(prompts) * first.n_completions) if steps else contextlib.nullcontext()
                 with bar as advance:
-                    rec = recommend_alpha(model, sv, prompts, method=method, generations=gens,
-                                          refine_steps=section.refine_steps, progress=advance, **sampling, **base)
+                    rec = recommend_alpha(model, sv, prompts, dataclasses.replace(chosen[method], generations=gens),
+                                          progress=advance, **base)
                 rec.summary["seconds_shared_generations"] = t_gen  # one grid of generations serves every method
                 rec.summary["seconds"] += t_gen
                 if accuracy is not None:

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from steerstrength.config import TrainTinyConfig
 from steerstrength.errors import InputError
 
 CONFIG_FILE = "train_tiny.json"
@@ -51,7 +52,7 @@ def base_tokenizer():
     <|endoftext|> as BOS, EOS and pad and no chat template: the tiny model is a base model."""
     from transformers import AutoTokenizer
 
-    from steerstrength.models import DEFAULT_MODEL, embedded_gguf, gguf_cache_dir, load_model
+    from steerstrength.loading import DEFAULT_MODEL, embedded_gguf, gguf_cache_dir, load_model
 
     cached = gguf_cache_dir(embedded_gguf(DEFAULT_MODEL))
     tok = (AutoTokenizer.from_pretrained(str(cached)) if (cached / "steerstrength.json").is_file()
@@ -175,22 +176,16 @@ def planned_steps(model, optimizer_args: tuple, first: torch.Tensor, evals: torc
                                                          "steps_that_fit": fit}
 
 
-def train_tiny(out_dir, *, minutes: float | None = 15.0, steps: int | None = None, d_model: int = 176,
-               n_head: int = 4, seq_len: int = 256, batch_size: int = 4, lr: float = 2e-3, warmup: float = 0.05,
-               weight_decay: float = 0.1, upper_fraction: float = 0.1, eval_every: int = 50, eval_windows: int = 32,
-               seed: int = 0, texts: Sequence[str] | None = None, test_texts: Sequence[str] | None = None,
-               force: bool = False, progress=no_progress, log: Callable[[str], None] | None = None) -> dict:
+def train_tiny(out_dir, section: TrainTinyConfig | None = None, *, texts: Sequence[str] | None = None,
+               test_texts: Sequence[str] | None = None, force: bool = False, progress=no_progress,
+               log: Callable[[str], None] | None = None) -> dict:
     """Train Table A.1's 0.009B model (a 1-block GPT-2, ~9 M parameters) and save it to `out_dir` atomically.
 
     Args:
         out_dir: the model directory to write (safetensors, tokenizer, train_tiny.json, loss.parquet, loss.png).
-        minutes: wall-clock budget of the whole call (tokenizing, training, evaluating, saving); None: no cap.
-        steps: optimizer steps at most; None: as many as fit in `minutes` (module doc: the schedule).
-        d_model, n_head, seq_len: the block's width, heads and context length (n_positions).
-        batch_size, lr, warmup, weight_decay: AdamW, peak learning rate, warmup as a fraction of the steps.
-        upper_fraction: share of training paragraphs upper-cased (the uppercase concept must be seen).
-        eval_every, eval_windows: held-out loss every so many steps, on the first `eval_windows` test windows
-            (the final test loss uses every test window).
+        section: the sizes and the schedule (config.TrainTinyConfig: minutes, steps, d_model, n_head, seq_len,
+            batch_size, lr, warmup, weight_decay, upper_fraction, eval_every, eval_windows, seed); default: its defaults.
+            minutes caps the whole call (tokenizing, training, evaluating, saving); steps: None, as many as fit.
         texts, test_texts: training and held-out texts; default: wikipedia_texts("train") and ("test").
         force: replace a non-empty `out_dir`.
         progress: (description, total) -> context manager yielding advance(n), as the CLI's progress_bar.
@@ -199,12 +194,16 @@ def train_tiny(out_dir, *, minutes: float | None = 15.0, steps: int | None = Non
 
     Example::
 
-        summary = train_tiny("/tmp/tiny_gpt", minutes=15)       # then: ss.load_model("/tmp/tiny_gpt")
+        summary = train_tiny("/tmp/tiny_gpt", TrainTinyConfig(minutes=15))   # then: ss.load_model("/tmp/tiny_gpt")
     """
+    s = TrainTinyConfig() if section is None else section
+    minutes, steps, d_model, n_head, seq_len = s.minutes, s.steps, s.d_model, s.n_head, s.seq_len
+    batch_size, lr, warmup, weight_decay, seed = s.batch_size, s.lr, s.warmup, s.weight_decay, s.seed
+    upper_fraction, eval_every, eval_windows = s.upper_fraction, s.eval_every, s.eval_windows
     import pandas as pd
     from transformers import GPT2LMHeadModel, get_cosine_schedule_with_warmup
 
-    from steerstrength.models import import_transformers
+    from steerstrength.loading import import_transformers
 
     import_transformers()  # also turns off transformers' own progress bars (the save's "Writing model shards")
 

@@ -23,12 +23,9 @@ if TYPE_CHECKING:
 
 def raw_alphas(sv, alphas, unit: str, model: Model) -> list[float]:
     """`alphas` in `unit` ("raw" or "resid") as the raw alphas `steer` adds with the SteeringVector `sv`."""
-    from steerstrength.grid import check_unit
-    from steerstrength.steering import as_alphas
+    from steerstrength.grid import check_unit, to_raw
 
-    check_unit(unit)
-    a = as_alphas(alphas).tolist()
-    return a if unit == "raw" else [x / sv.resid_scale(model) for x in a]
+    return to_raw(alphas, check_unit(unit), None if unit == "raw" else sv.resid_scale(model)).tolist()
 
 
 def generate_completions(model: Model, sv, prompts: Sequence[str], alphas, *, unit: str = "raw",
@@ -74,7 +71,7 @@ def generate_completions(model: Model, sv, prompts: Sequence[str], alphas, *, un
                          batch_size=USE.batch_size if batch_size is None else int(batch_size))
     prompt_ids = {p: model.token_ids(p, chat=settings.chat) for p in prompts}
     completion_ids = [model.tokenizer(g["completion"], add_special_tokens=False)["input_ids"] for g in done]
-    kl = token_kl(model, sv.vector, sv.layer, [prompt_ids[r[0]] for r in rows], completion_ids, [r[1] for r in rows])
+    kl = token_kl(model, sv, [prompt_ids[r[0]] for r in rows], completion_ids, [r[1] for r in rows])
     out = []
     for (p, a, s), (pi, c), g, k in zip(rows, where, done, kl):
         out.append(dict(model=model.name, concept=sv.meta.get("concept") or "", layer=sv.layer,

@@ -19,9 +19,9 @@ from typing import Sequence
 import torch
 
 from steerstrength.errors import InputError
-from steerstrength.io import atomic_path
+from steerstrength.io import atomic_path, json_digest
 from steerstrength.models import Model
-from steerstrength.steering import check_layer, layer_states, token_means, token_norms  # noqa: F401
+from steerstrength.steering import check_layer, layer_states, token_means, token_norms
 
 GGUF_ARCH = "controlvector"
 # The only tensor names of a safetensors vector file (no leading zeros: one name per layer).
@@ -130,22 +130,6 @@ class SteeringVector:
         what = " ".join(f"{k}={self.meta[k]!r}" for k in ("concept", "model") if self.meta.get(k))
         return f"SteeringVector(layer={self.layer}, d={self.vector.shape[-1]}, norm={float(self.norm()):.4g}{' ' + what if what else ''})"
 
-    # One release of the old form, where SteeringVectors[layer] was the tensor itself: tensor attributes and torch
-    # functions reach `.vector`, with a DeprecationWarning.
-    def __getattr__(self, name):
-        if name.startswith("__") or name in ("vector", "layer", "residual_norm", "meta") or not hasattr(torch.Tensor, name):
-            raise AttributeError(name)
-        _tensor_use(name)
-        return getattr(self.vector, name)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        _tensor_use(getattr(func, "__name__", str(func)))
-        unwrap = lambda x: x.vector if isinstance(x, SteeringVector) else x  # noqa: E731
-        args = tuple(unwrap(a) for a in args)
-        kwargs = {k: unwrap(v) for k, v in (kwargs or {}).items()}
-        return func(*args, **kwargs)
-
 
 def _check_residual_norms(norms) -> None:
     """The metadata's r_l per layer: {"layer": positive finite number}, or absent (measured on the model)."""
@@ -197,13 +181,6 @@ def random_controls(sv: SteeringVector, n: int, *, seed: int = 0) -> list[Steeri
         out.append(SteeringVector(r.to(sv.vector.dtype).to(sv.vector.device), sv.layer, sv.residual_norm,
                                   dict(sv.meta, direction=f"random-{k}")))
     return out
-
-
-def _tensor_use(what: str) -> None:
-    import warnings
-
-    warnings.warn(f"SteeringVectors[layer] is a SteeringVector now; use .vector for the tensor (used as one: {what}); "
-                  "the tensor form goes in the next release", DeprecationWarning, stacklevel=3)
 
 
 @dataclass
@@ -327,7 +304,7 @@ class SteeringVectors:
         the unscaled v stays in meta["strength"]."""
         import math
 
-        from steerstrength.grid import check_unit
+        from steerstrength.grid import check_unit, to_raw
 
         unit = check_unit(unit, ("raw", "resid"))
         chosen = self.layers if layers is None else sorted(set(int(x) for x in layers))
@@ -339,7 +316,7 @@ class SteeringVectors:
             if a is None or not math.isfinite(float(a)) or float(a) == 0:
                 raise InputError(f"the pre-scaling alpha for layer {layer} must be finite and nonzero, not {a!r}")
             scale = self.resid_scale(layer, model) if unit == "resid" or self._has_r(layer) else None
-            raw[str(layer)] = float(a) / scale if unit == "resid" else float(a)
+            raw[str(layer)] = float(to_raw([float(a)], unit, scale)[0])
             resid[str(layer)] = None if scale is None else raw[str(layer)] * scale
         one = {float(given[x]) for x in chosen}
         meta = dict(self.meta, prescaled=dict(unit=unit, alpha=one.pop() if len(one) == 1 else None, raw_alpha=raw,
@@ -609,10 +586,6 @@ def save_vectors(sv: SteeringVectors, out, gguf_out=None, gguf_layers: Sequence[
             sv._write_gguf(stack.enter_context(atomic_path(gguf_out)), chosen)
 
 
-def config_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def parse_layers(spec: str | int | Sequence[int], n_layers: int) -> list[int]:
     """Layers from "5,15,25", "all", "early,middle,late" (n/6, n/2, 5n/6) or ints; checked (config.resolve_layers)."""
     from steerstrength.config import resolve_layers
@@ -800,7 +773,7 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
         residual_norms={str(k): r for k, r in residual_norms(model, sorted(vectors)).items()},
         resamples=resamples,
         seed=seed,
-        config_hash=config_hash(dict(settings, positive=list(positive), negative=list(negative), layers=sorted(vectors),
+        config_hash=json_digest(dict(settings, positive=list(positive), negative=list(negative), layers=sorted(vectors),
                                      resamples=resamples, seed=seed)),
         **settings,
     )

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from steerstrength.run_tables import RunTables
 
 AGREES, DISAGREES, INCONCLUSIVE = "agrees", "disagrees", "inconclusive"
 GENERIC, SPECIFIC = "generic", "concept-specific"
@@ -465,3 +468,154 @@ def run_verdicts(run) -> "pd.DataFrame":
         rows += mmlu_verdicts(run.table("mmlu", direction=None))
     columns = [f for f in Verdict.__dataclass_fields__]
     return pd.DataFrame([asdict(r) for r in rows], columns=columns)
+
+
+# ----------------------------------------------------------------------------- the theory badges
+# One home for each theory badge's rule (moved here from report.py, which only renders them): the report's findings
+# print them, `badges` tabulates them (the cross-model report compares models with it).
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Numbers for people: 3 significant digits, integers as they are, None/NaN as a dash."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "–"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+RULE_TOKENS = ("at least 75% of the dominating tokens' Δp curves are unimodal (a bump, or still increasing at "
+               "α_max)")
+RULE_CURVATURE = "the curvature of ΔCE at α = 0 (jvp) is positive"
+RULE_PLATEAU = "ΔCE(α_edge) / ΔCE(α_edge/2) < 2 on both sides (a parabola gives 4, a plateau 1)"
+RULE_MMLU = "accuracy at both ends of the α grid is at most the unsteered accuracy"
+
+
+def rule_tokens(dom) -> bool | None:
+    """Thm 3.3 on the top-8 rows at α_max (tokens_top, side alpha_max)."""
+    n = len(dom)
+    return (n - int((dom["shape"] == "other").sum())) >= 0.75 * n if n else None
+
+
+def rule_limit(s: dict) -> bool | None:
+    shrinks, reached = s.get("tv_shrinks", {}), s.get("limit_reached", {})
+    return all(shrinks.values()) and all(reached.values()) if shrinks and reached else None
+
+
+def rule_limit_text(s: dict) -> str:
+    return (f"the mean TV to softmax(LN(±v) Wᵀ) decreases as |α| grows, on each side, down to at most "
+            f"{fmt(s.get('reached_tv', 0.1))} at the largest |α|")
+
+
+def rule_curvature(s: dict) -> bool | None:
+    kappa = (s.get("curvature") or {}).get("jvp")
+    return None if kappa is None else kappa > 0
+
+
+def plateau_growth(s: dict) -> list:
+    plateau = s.get("plateau") or {}
+    return [plateau[side]["growth"] for side in ("negative", "positive") if side in plateau]
+
+
+def rule_plateau(s: dict) -> bool | None:
+    growth = plateau_growth(s)
+    return None if not growth else all(g < 2 for g in growth)
+
+
+def rule_concept(cur: dict) -> bool | None:
+    """Thm 3.6 on one judge's pooled curve, over its non-degenerate range."""
+    fit = cur.get("tanh_fit") or {}
+    nd = cur.get("tanh_fit_nondegenerate") or fit
+    r2 = nd.get("r2") if nd.get("status") == "ok" else None
+    rho = cur.get("spearman_rho_nondegenerate", cur.get("spearman_rho"))
+    return None if r2 is None or rho is None or not math.isfinite(rho) else (r2 >= 0.8 and abs(rho) >= 0.8)
+
+
+def rule_concept_text(cur: dict) -> str:
+    nd = cur.get("tanh_fit_nondegenerate") or cur.get("tanh_fit") or {}
+    if str(nd.get("status", "")).startswith("too few alphas"):
+        span = cur.get("fit_range") or [None, None]
+        inside = sum(1 for a in cur.get("alpha") or [] if span[0] is not None and span[0] <= a <= span[1])
+        return (f"not judged: the fluent (non-degenerate) range α ∈ [{fmt(span[0])}, {fmt(span[1])}] holds "
+                f"{inside} grid points, too few for the 4-parameter tanh; rerun with a finer grid inside it (a smaller "
+                "concept.alpha_max)")
+    bad = cur.get("degenerate_alphas") or []
+    where = (f" over the non-degenerate range α ∈ [{fmt((cur.get('fit_range') or [None])[0])}, "
+             f"{fmt((cur.get('fit_range') or [None, None])[1])}]" if bad else "")
+    return f"the pooled curve{where} is monotone (|Spearman| ≥ 0.8) and sigmoidal (tanh fit R² ≥ 0.8)"
+
+
+def rule_mmlu(s: dict) -> tuple[bool | None, dict]:
+    """(verdict, facts): accuracy at both ends at most the unsteered one; unclear when the unsteered accuracy's
+    95% interval is not above random guessing (no skill for steering to remove)."""
+    acc = s.get("accuracy") or {}
+    alphas, values = acc.get("alpha") or [], acc.get("accuracy") or []
+    at0 = next((v for a, v in zip(alphas, values) if a == 0), None)
+    ends = [values[0], values[-1]] if values else []
+    ok = None if at0 is None or not ends else all(e <= at0 for e in ends)
+    i0 = alphas.index(0) if 0 in alphas else None
+    lows, highs = acc.get("ci_low") or [], acc.get("ci_high") or []
+    low = lows[i0] if i0 is not None and i0 < len(lows) else None
+    high = highs[i0] if i0 is not None and i0 < len(highs) else None
+    guess = s.get("random_guess", 0.25)
+    at_chance = i0 is not None and low is not None and low <= guess
+    return (None if at_chance else ok), dict(at0=at0, ends=ends, low=low, high=high, guess=guess, at_chance=at_chance)
+
+
+def _key(key: str) -> tuple[str, int | None]:
+    concept, _, layer = str(key).rpartition("/")
+    return (concept, int(layer)) if layer.lstrip("-").isdigit() else (str(key), None)
+
+
+def badges(run: "RunTables"):
+    """Every theory badge of a run as rows (concept, layer, claim, verdict, rule): the report's verdicts as data."""
+    import pandas as pd
+
+    word = {True: "agrees", False: "disagrees", None: "unclear"}
+    rows = []
+
+    def add(concept, layer, claim, ok, rule):
+        rows.append(dict(concept=concept, layer=layer, claim=claim, verdict=word[ok], rule=rule))
+
+    top = run.table("tokens_top")
+    if top is not None and not top.empty:
+        for (concept, layer), g in top.groupby(["concept", "layer"], sort=False):
+            add(concept, int(layer), "Thm 3.3", rule_tokens(g[(g["rank"] < 8) & (g["side"] == "alpha_max")]),
+                RULE_TOKENS)
+    for key, s in (run.summary("concept") or {}).items():
+        for judge, cur in (s.get("curves") or {}).items():
+            add(*_key(key), "Thm 3.6", rule_concept(cur),
+                f"{judge}: {rule_concept_text(cur)}{judge_caveat(run, s, judge)}")
+    for key, s in ((run.summary("xent") or {}).get("per_vector") or {}).items():
+        add(*_key(key), "Thm 3.8", rule_curvature(s), RULE_CURVATURE)
+        add(*_key(key), "Prop. 4.1 (ΔCE plateau)", rule_plateau(s), RULE_PLATEAU)
+    for key, s in (run.summary("limit") or {}).items():
+        add(*_key(key), "Prop. 4.1 (limit)", rule_limit(s), rule_limit_text(s))
+    for key, s in ((run.summary("mmlu") or {}).get("per_vector") or {}).items():
+        add(*_key(key), "MMLU (Fig. A.6)", rule_mmlu(s)[0], RULE_MMLU)
+    return pd.DataFrame(rows, columns=["concept", "layer", "claim", "verdict", "rule"])
+
+
+def judge_floor(run: "RunTables") -> float:
+    from steerstrength.config import ConceptConfig
+
+    floor = run.manifest.get("config", {}).get("concept", {}).get("judge_floor")
+    return float(floor) if isinstance(floor, (int, float)) else ConceptConfig().judge_floor
+
+
+def judge_caveat(run: "RunTables", s: dict, judge: str) -> str:
+    """The warning set beside every concept-probability verdict whose judge measured below concept.judge_floor (or
+    was not measured)."""
+    acc = ((s.get("judge_accuracy") or {}).get(judge) or {}).get("balanced_accuracy")
+    floor = judge_floor(run)
+    if acc is None or not math.isfinite(acc):
+        return f" — the {judge} judge's held-out accuracy was not measured: read this verdict with care"
+    if acc < floor:
+        return (f" — the {judge} judge measured balanced accuracy {acc:.2f} on held-out P/N, below the floor "
+                f"{floor:.2f} (concept.judge_floor): this verdict rests on an unreliable judge")
+    return ""

@@ -11,7 +11,7 @@ from scipy.special import softmax
 
 from steerstrength.theory import laws
 from steerstrength.theory.dataset import concept_dataset
-from steerstrength.theory.ufm import difference_of_means, steering_sets
+from steerstrength.theory.ufm import ufm_difference_of_means, steering_sets
 
 PROPERTY = settings(max_examples=30, deadline=None)
 NOISE = 1e-13  # float64 round-off on probabilities of order 1
@@ -201,7 +201,7 @@ def test_lemmas_b2_b3_steering_a_perfect_ufm(world, seed):
     d = ds.vocab_size
     W = rng.normal(size=(ds.vocab_size, d))
     H = np.linalg.solve(W, logits.T)  # W H = logits^T exactly (W is invertible a.s.)
-    v = difference_of_means(H, P, N)
+    v = ufm_difference_of_means(H, P, N)
     alphas = np.linspace(-5, 5, 11)
     for j in one_context_per_concept(ds):
         direct = (W @ (H[:, [j]] + v[:, None] * alphas[None, :])).T

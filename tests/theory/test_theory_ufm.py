@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from steerstrength.errors import InputError
 from steerstrength.theory import laws
 from steerstrength.theory.dataset import concept_dataset, dataset_entropy, empirical_dataset, sample_pairs
-from steerstrength.theory.ufm import difference_of_means, steered_logits, steering_sets, train_ufm
+from steerstrength.theory.ufm import ufm_difference_of_means, steered_logits, steering_sets, train_ufm
 from steerstrength.theory.verify import TheoryConfig, build_world, check_claims
 
 
@@ -83,7 +83,7 @@ def test_difference_of_means_and_steered_logits():
     rng = np.random.default_rng(0)
     W, H = rng.normal(size=(5, 3)), rng.normal(size=(3, 8))
     P, N = np.array([0, 2]), np.array([5, 7])
-    v = difference_of_means(H, P, N)
+    v = ufm_difference_of_means(H, P, N)
     assert np.allclose(v, (H[:, 0] + H[:, 2]) / 2 - (H[:, 5] + H[:, 7]) / 2)
 
     class Model:

@@ -48,7 +48,7 @@ def models_show(
     blocks_path: Optional[str] = BlocksPathOpt,
 ) -> None:
     """Load a model and print its facts as JSON."""
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
 
     model = load_model(spec, dtype=dtype, device=device, blocks_path=blocks_path)
     print(json.dumps(model.describe(), indent=2))

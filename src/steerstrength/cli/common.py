@@ -8,13 +8,9 @@ import time
 from typing import Iterator, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from steerstrength.cli.options import ContextOptions, GridOptions, ModelOptions, SteeredOptions, SweepRun, grouped
-
-console = Console(stderr=True)
-state = {"quiet": False}
+from steerstrength.progress import console, progress_bar, state  # noqa: F401 - the CLI modules import them from here
 
 sweep_app = typer.Typer(help="Alpha sweeps on a real model; each writes a Parquet table and a JSON summary.",
                         no_args_is_help=True)
@@ -50,22 +46,9 @@ def check_seed(seed: int, option: str = "--seed") -> None:
 
 
 def load(spec: Optional[str], dtype: str = "float32", device: str = "auto", blocks_path: Optional[str] = None):
-    from steerstrength.models import load_model
+    from steerstrength.loading import load_model
 
     return load_model(spec, dtype=dtype, device=device, blocks_path=blocks_path)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int, *, quiet: bool | None = None) -> Iterator:
-    """A rich progress bar with ETA; yields `advance(n)`. Silent when quiet."""
-    quiet = state["quiet"] if quiet is None else quiet
-    if quiet:
-        yield lambda n=1: None
-        return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
 
 
 def log(message: str) -> None:

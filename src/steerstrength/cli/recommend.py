@@ -154,7 +154,7 @@ def recommend(
     from steerstrength.config import CURVATURE_SCOPES, SWEET_SPOT_RULES
     from steerstrength.judges import check_judge_name
     from steerstrength.plots import plot_recommendations
-    from steerstrength.recommend import check_methods
+    from steerstrength.recommend import check_methods, method_options
     from steerstrength.stages import judge_texts, recommend_stage
 
     check_at_least(("--n-prompts", prompts.n_prompts, 1), ("--completions", sizes.completions, 1),
@@ -205,11 +205,14 @@ def recommend(
     elif corpus.corpus is not None:
         raise InputError("--corpus feeds curvature with --curvature-scope corpus only; drop it or add those")
     with run.folder():
+        options = method_options(["sweet-spot"], section, alphas=None if sweep_grid is None else sweep_grid.values,
+                                 entropy_floor=sweet_spot.entropy_floor)
+        options += method_options(["curvature", "iso-kl", "grid-judge", "global"], section, corpus=evaluation,
+                                  alphas=None if gen_grid is None else gen_grid.values, judge=judge_name,
+                                  judge_model=judge_lm)
         result = recommend_stage(st.model, list(st.vectors.values()), section, prompts=prompt_list,
-                                 labels=st.labels, methods=methods, positive=pos, negative=neg, judge=judge_name,
-                                 judge_model=judge_lm, seed=seed, positions=steered.positions, grid=sweep_grid,
-                                 generation_grid=gen_grid, entropy_floor=sweet_spot.entropy_floor, chat=prompts.chat,
-                                 corpus=evaluation, progress=progress_bar)
+                                 labels=st.labels, methods=methods, options=options, positive=pos, negative=neg,
+                                 seed=seed, positions=steered.positions, chat=prompts.chat, progress=progress_bar)
         _print(result)
         header = st.header(run.start, metric="recommend", preset=run.preset, judge=judge_name if judged else None,
                            judge_model=judge_lm.name if judge_lm is not None else None)

@@ -82,7 +82,7 @@ def run(
         else:  # one model: one cell (on Ray, one actor)
             from steerstrength.crossmodel import model_dir_name
             from steerstrength.executors import Cell, run_cells
-            from steerstrength.models import DEFAULT_MODEL
+            from steerstrength.loading import DEFAULT_MODEL
 
             name = model_dir_name(cfg.model.spec or DEFAULT_MODEL)
             per_model = {"": run_cells(cfg, [Cell(name, cfg, out)], progress=progress_bar, log=log, only=stages,

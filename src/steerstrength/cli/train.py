@@ -28,13 +28,15 @@ def train_tiny(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
 ) -> None:
     """Train a 1-layer GPT (~9 M parameters, SmolLM2's tokenizer) on CPU on the Wikipedia paragraphs (Fig. A.4)."""
+    from steerstrength.config import TrainTinyConfig
     from steerstrength.train_tiny import train_tiny as train
 
     check_seed(seed)
     keep_freed_memory()
-    summary = train(out, minutes=minutes, steps=steps, d_model=d_model, n_head=n_head, seq_len=seq_len,
-                    batch_size=batch_size, lr=lr, warmup=warmup, upper_fraction=upper_fraction, eval_every=eval_every,
-                    seed=seed, force=force, progress=progress_bar, log=log)
+    section = TrainTinyConfig(minutes=minutes, steps=steps, d_model=d_model, n_head=n_head, seq_len=seq_len,
+                              batch_size=batch_size, lr=lr, warmup=warmup, upper_fraction=upper_fraction,
+                              eval_every=eval_every, seed=seed)
+    summary = train(out, section, force=force, progress=progress_bar, log=log)
     log(f"{summary['parameters']:,} parameters, {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
         f"{summary['minutes_total']:.1f} min; train loss {summary['final_train_loss']:.3f}, test loss "
         f"{summary['final_test_loss']:.3f} (upper-cased {summary['final_test_loss_upper']:.3f}); "

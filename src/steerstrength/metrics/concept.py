@@ -25,7 +25,7 @@ alphas (on the sorted grid) containing alpha = 0, or, when 0 is degenerate or of
 non-degenerate alpha nearest to 0 (a tie goes to the longer run, then to the negative side).
 
 Reproducibility: row r samples with its own generator torch.Generator(seed_r), one uniform per decode
-step, by inverse CDF (steering.RowSampler). A completion is therefore a function of (prompt, alpha,
+step, by inverse CDF (sampling.RowSampler). A completion is therefore a function of (prompt, alpha,
 seed_r), the sampling settings and the model/dtype/device, not of which rows shared its batch (up to
 float rounding between batch shapes, which flips a token only if a uniform falls within ~1e-6 of a
 CDF boundary). Seeds are shared across alphas (common random numbers), so differences between alphas
@@ -49,7 +49,8 @@ import numpy as np
 from steerstrength.errors import InputError
 from steerstrength.grid import default_alphas
 from steerstrength.models import Model
-from steerstrength.steering import takes_vector, as_alphas, as_vector, check_layer, check_positions, sample_rows
+from steerstrength.sampling import sample_rows
+from steerstrength.steering import as_alphas, check_layer, check_positions, vector_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -124,7 +125,7 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
                   streamer=None) -> list[dict]:
     """Completions of (prompt, alpha, seed) rows, or of (prompt, vector_index, alpha, seed) rows when `vector` is a
     stacked [n_vectors, d] tensor (or a list of vectors): the concept direction and its random controls, every
-    alpha and completion, share one batched decode loop (steering.sample_steered).
+    alpha and completion, share one batched decode loop (sampling.sample_steered).
 
     Each row samples from its own generator, so its text depends on its (prompt, vector, alpha, seed) and the
     settings only. Rows are batched by prompt, then vector and alpha: a batch's prompt runs once through blocks
@@ -134,7 +135,7 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
     engines sample alike, tests/test_concept.py).
     """
     from steerstrength.prompts import stop_ids
-    from steerstrength.steering import as_vectors
+    from steerstrength.sampling import as_vectors
 
     settings.check(batch_size)
     vectors = as_vectors(model, vector)
@@ -170,13 +171,13 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
 
 def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer: int, settings: SamplingSettings,
                   stops: Sequence[int], read_tokens: int = 0, streamer=None) -> list[dict]:
-    """One batch of (prompt, vector_index, alpha, seed) rows through the engine steering.GENERATION_ENGINE names
+    """One batch of (prompt, vector_index, alpha, seed) rows through the engine sampling.GENERATION_ENGINE names
     (a streamed row through `generate`, which feeds a streamer)."""
-    from steerstrength import steering
+    import steerstrength.sampling as sampling
 
     kw = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
               top_k=settings.top_k, stops=stops)
-    if steering.GENERATION_ENGINE == "hf" or streamer is not None:  # one `generate` with a hook, one vector per call
+    if sampling.GENERATION_ENGINE == "hf" or streamer is not None:  # one `generate` with a hook, one vector per call
         out: list[dict] = [{} for _ in rows]
         for k in sorted({int(r[1]) for r in rows}):
             idx = [i for i, r in enumerate(rows) if int(r[1]) == k]
@@ -189,7 +190,7 @@ def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer
         return out
     prompts = sorted({r[0] for r in rows})
     slot = {p: i for i, p in enumerate(prompts)}
-    done = steering.sample_steered(model, [ids[p] for p in prompts], [(slot[r[0]], int(r[1]), float(r[2]), int(r[3]))
+    done = sampling.sample_steered(model, [ids[p] for p in prompts], [(slot[r[0]], int(r[1]), float(r[2]), int(r[3]))
                                                                         for r in rows],
                                    vectors=vectors, layer=layer, positions=settings.positions,
                                    read_tokens=read_tokens, **kw)
@@ -248,7 +249,7 @@ def mean_nll(model: Model, prompts: Sequence[str], texts: Sequence[str], *, chat
              max_tokens: int | None = None) -> np.ndarray:
     """Per text: the unsteered model's mean per-token negative log-likelihood (nats) of `texts[i]` (its first
     `max_tokens` tokens) after `prompts[i]` (NaN for an empty text); each distinct prompt runs once."""
-    from steerstrength.steering import completion_nll
+    from steerstrength.sampling import completion_nll
 
     distinct = sorted(set(prompts))
     slot = {p: i for i, p in enumerate(distinct)}
@@ -516,13 +517,6 @@ class ConceptResult:
         return paths
 
 
-def layer_vector(vector, layer: int):
-    """The [d_model] vector for `layer` from a SteeringVectors or a plain vector."""
-    from steerstrength.vectors import SteeringVectors
-
-    return vector[layer] if isinstance(vector, SteeringVectors) else vector
-
-
 def _judges(judges, judge_model, device: str):
     from steerstrength.judges import Judge, make_judge
 
@@ -537,8 +531,7 @@ def _judges(judges, judge_model, device: str):
     return out
 
 
-@takes_vector
-def concept_probability(model: Model, vector, layer: int, concept: str, *, alphas=DEFAULT_ALPHAS,
+def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS,
                         prompts: Sequence[str] | None = None, n_completions: int = 32, max_new_tokens: int = 64,
                         judges=("lexicon",), judge_model: Model | None = None,
                         positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
@@ -550,8 +543,7 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     """Sec. 5: fraction of sampled steered completions a judge finds `concept` in, per alpha (Thm 3.6).
 
     Args:
-        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
-            DeprecationWarning, for one release).
+        sv: a SteeringVector, which knows its layer.
         concept: what the judges look for.
         alphas: raw alphas (default: 41 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
         prompts: the prompts completed (default: metrics.concept.DEFAULT_PROMPTS); n_completions per prompt and alpha.
@@ -574,8 +566,7 @@ def concept_probability(model: Model, vector, layer: int, concept: str, *, alpha
     from steerstrength.judges import judge_accuracy
 
     t_start = time.perf_counter()
-    check_layer(model, layer)
-    v = as_vector(model, layer_vector(vector, layer))
+    v, layer = vector_of(model, sv)
     a = as_alphas(alphas).tolist()
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):

@@ -2,40 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
-from steerstrength.prompts import builtin_concepts, builtin_contexts  # noqa: F401 (the shipped contexts)
-
-
-def read_contexts(path) -> list[dict]:
-    """User contexts: JSONL with a `text` field (optional `id`, `kind`) or one context per line."""
-    from steerstrength.io import read_texts
-
-    rows = read_texts(Path(path), what="contexts file")
-    out = [dict(id=str(r.get("id", f"user-{i + 1:02d}")), text=r["text"], kind=str(r.get("kind", "user")))
-           for i, r in enumerate(rows)]
-    return check_ids(out, where=f"{path}: ")
-
-
-def check_ids(contexts: list[dict], *, where: str = "") -> list[dict]:
-    """The contexts unchanged if every id is a safe file-name part (ids name chunk files) and no two are the same
-    (ignoring case, as some disks do); else one InputError line."""
-    from steerstrength.prompts import check_name
-
-    seen: dict[str, int] = {}
-    for i, c in enumerate(contexts):
-        try:
-            check_name(c["id"], "context id")
-        except InputError as exc:
-            raise InputError(f"{where}context {i + 1}: {exc}") from None
-        first = seen.setdefault(c["id"].casefold(), i)
-        if first != i:
-            raise InputError(f"{where}context id {c['id']!r} is given twice (contexts {first + 1} and {i + 1}; ids "
-                             "name files, so they must differ in more than case); give each context its own id")
-    return contexts
+from steerstrength.prompts import builtin_concepts, builtin_contexts, check_ids, read_contexts  # noqa: F401
 
 
 def as_contexts(model: Model, contexts: Sequence[str | dict] | str, *, chat: bool = False) -> list[dict]:

@@ -8,11 +8,11 @@ from typing import Callable, Sequence
 import torch
 
 from steerstrength.errors import InputError
+from steerstrength.grid import AlphaGrid
 from steerstrength.metrics.contexts import as_contexts
 from steerstrength.models import Model
-from steerstrength.steering import takes_vector, as_alphas, as_vector, check_layer, check_positions, next_token_probs
+from steerstrength.steering import as_alphas, as_vector, check_positions, next_token_probs, vector_of
 
-DEFAULT_LIMIT_ALPHAS = (-1e4, -1e3, -1e2, 1e2, 1e3, 1e4)
 # The limit counts as reached on a side when the mean TV at its largest |alpha| is at most this; a TV that
 # decreases but stays near 1 (alphas too small for the vector's norm) is not Prop. 4.1 confirmed.
 REACHED_TV = 0.1
@@ -92,17 +92,15 @@ class LimitCheck:
                         f" with the model's final logit soft-capping ({self.softcap})" if self.softcap else ""))
 
 
-@takes_vector
-def limit_check(model: Model, vector, layer: int, contexts: Sequence[str | dict],
-                alphas=DEFAULT_LIMIT_ALPHAS, *, positions: str = "all", chat: bool = False,
+def limit_check(model: Model, sv, contexts: Sequence[str | dict],
+                alphas=None, *, positions: str = "all", chat: bool = False,
                 progress: Callable[[int], None] | None = None) -> LimitCheck:
     """Prop. 4.1 on a real model: TV(p_alpha(.|context), softmax(LN(+/-v) W^T)) for large |alpha|.
 
     Args:
-        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
-            DeprecationWarning, for one release).
+        sv: a SteeringVector, which knows its layer.
         contexts: texts, or {id, text, kind} dicts.
-        alphas: nonzero raw alphas (default +/-1e2, 1e3, 1e4; `sv.raw_alphas(AlphaGrid.both_signs(...))` for
+        alphas: nonzero raw alphas (default: +/- config.API_LIMIT_ALPHAS, 1e2, 1e3, 1e4; `sv.raw_alphas(AlphaGrid.both_signs(...))` for
             multiples of r_l).
         positions, chat: as in next_token_probs.
 
@@ -111,10 +109,9 @@ def limit_check(model: Model, vector, layer: int, contexts: Sequence[str | dict]
         check = ss.limit_check(model, sv[15], ["Today I", "The weather is"])
         check.tv                                 # [contexts, alphas]; check.summary()["tv_shrinks"]
     """
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    v, _ = vector_of(model, sv)
     check_positions(positions)
-    a = as_alphas(alphas)
+    a = as_alphas(AlphaGrid.default("limit").values if alphas is None else alphas)
     if (a == 0).any():
         raise InputError("alpha = 0 has no large-alpha limit; give nonzero alphas such as +/-1e2, 1e3, 1e4")
     ctxs = as_contexts(model, contexts, chat=chat)
@@ -122,7 +119,7 @@ def limit_check(model: Model, vector, layer: int, contexts: Sequence[str | dict]
     tv = torch.empty((len(ctxs), a.numel()), dtype=torch.float64)
     top1 = torch.empty((len(ctxs), a.numel()), dtype=torch.long)
     for c, ctx in enumerate(ctxs):
-        probs = next_token_probs(model, v, layer, ctx["text"], a, positions=positions, chat=chat)
+        probs = next_token_probs(model, sv, ctx["text"], a, positions=positions, chat=chat)
         for i, alpha in enumerate(a.tolist()):
             tv[c, i] = total_variation(probs[i], limits[1 if alpha > 0 else -1])
         top1[c] = probs.argmax(-1)

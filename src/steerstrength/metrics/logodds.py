@@ -20,17 +20,19 @@ from typing import Callable, Sequence
 
 import torch
 
+from steerstrength.config import LogOddsConfig
 from steerstrength.errors import InputError
 from steerstrength.models import Model
 
-DEFAULT_MAX_TOKENS = 100
-DEFAULT_EXTREMAL_FRACTION = 0.01
-DEFAULT_N_DOMINANT = 8
-DEFAULT_N_TARGET = 100
+# The defaults are the logodds section's (config.py).
+DEFAULT_MAX_TOKENS = LogOddsConfig.max_tokens
+DEFAULT_EXTREMAL_FRACTION = LogOddsConfig.extremal_fraction
+DEFAULT_N_DOMINANT = LogOddsConfig.n_dominant
+DEFAULT_N_TARGET = LogOddsConfig.n_target
 
 
 @torch.inference_mode()
-def mean_log_probs(model: Model, texts: Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = 8,
+def mean_log_probs(model: Model, texts: Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = LogOddsConfig.batch_size,
                    chat: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """[V] float64: mean over texts of log p(. | first max_tokens tokens of the text), unsteered."""
     if isinstance(texts, str) or not texts:
@@ -53,7 +55,7 @@ def mean_log_probs(model: Model, texts: Sequence[str], *, max_tokens: int = DEFA
 
 
 def log_odds(model: Model, positive: Sequence[str], negative: Sequence[str], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-             batch_size: int = 8, chat: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+             batch_size: int = LogOddsConfig.batch_size, chat: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Def. 3.2: M(z) = mean_{P} log p(z | text) - mean_{N} log p(z | text), [V] float64.
 
     Args:

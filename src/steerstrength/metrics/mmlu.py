@@ -22,24 +22,22 @@ import numpy as np
 import torch
 
 from steerstrength.errors import InputError
-from steerstrength.grid import default_alphas
+from steerstrength.config import MmluConfig
+from steerstrength.grid import AlphaGrid
 from steerstrength.models import Model
 from steerstrength.steering import (
-    takes_vector,
     as_alphas,
-    as_vector,
-    check_layer,
     check_positions,
-    common_prefix_length,
     shared_prefix_last_logits,
+    vector_of,
 )
+from steerstrength.prefix import common_prefix_length
 
 if TYPE_CHECKING:
     import pandas as pd
 
 LETTERS = "ABCD"
 RANDOM_GUESS = 0.25
-DEFAULT_ALPHAS = tuple(default_alphas("mmlu").tolist())
 # The 57 subjects of cais/mmlu (and of the original CSV release).
 SUBJECTS = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
@@ -353,14 +351,13 @@ def _letter_logprobs(logits: torch.Tensor, letter_ids: list[list[int]]) -> tuple
 
 
 @torch.inference_mode()
-def subject_letter_logprobs(model: Model, v: torch.Tensor, layer: int, rows: Sequence[Sequence[int]],
-                            alphas: torch.Tensor, positions: str, letter_ids: list[list[int]], *,
+def subject_letter_logprobs(model: Model, sv, rows: Sequence[Sequence[int]], alphas: torch.Tensor, positions: str,
+                            letter_ids: list[list[int]], *,
                             token_budget: int, progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[A, Q, 4] letter log-probs and [A, Q] letter mass for the prompts `rows` sharing a token prefix."""
     out = np.empty((alphas.shape[0], len(rows), 4), dtype=np.float64)
     mass = np.empty((alphas.shape[0], len(rows)), dtype=np.float64)
-    for sl, j, logits in shared_prefix_last_logits(model, v, layer, rows, alphas, positions,
-                                                   token_budget=token_budget):
+    for sl, j, logits in shared_prefix_last_logits(model, sv, rows, alphas, positions, token_budget=token_budget):
         lp, m = _letter_logprobs(logits, letter_ids)
         out[sl, j] = lp.cpu().numpy()
         mass[sl, j] = m.cpu().numpy()
@@ -413,21 +410,21 @@ def accuracy_table(table) -> "pd.DataFrame":
                        "letter_mass"]]
 
 
-@takes_vector
-def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, subjects: Sequence[str] | None = None,
-                  source=None, mmlu_dir=None, mmlu_parquet=None, k_shots: int = 5, limit: int | None = None, chat: bool = False,
-                  positions: str = "all", concept: str = "", setting: str = "", token_budget: int = 16384,
+def mmlu_accuracy(model: Model, sv, *, alphas=None, subjects: Sequence[str] | None = None,
+                  source=None, mmlu_dir=None, mmlu_parquet=None, k_shots: int = MmluConfig.k_shot,
+                  limit: int | None = None, chat: bool = False,
+                  positions: str = "all", labels: dict | None = None, token_budget: int = MmluConfig.token_budget,
                   data: dict | None = None, progress: Callable | None = None) -> MMLUResult:
     """Fig. A.6: MMLU accuracy of the steered model per alpha, by answer-letter likelihood after k shots.
 
     Args:
-        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
-            DeprecationWarning, for one release).
-        alphas: raw alphas (default: 9 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
+        sv: a SteeringVector, which knows its layer.
+        alphas: raw alphas (default: config.API_GRIDS's 9 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
         source: a CSV directory, a Parquet file or directory, or "cais/mmlu"; or `mmlu_dir` / `mmlu_parquet`;
             none of them: cais/mmlu through `datasets`; or `data` from `load_mmlu`.
         subjects, limit: which subjects (default: all found), and at most `limit` test questions each.
         k_shots: solved dev questions before each question; chat: the whole prompt in the chat template.
+        labels: the `concept` and `setting` the table rows and the summary carry (stages.row_labels).
         progress: called with the number of (alpha, question) pairs scored.
 
     Example::
@@ -437,12 +434,10 @@ def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, su
     """
     import pandas as pd
 
-    from steerstrength.metrics.concept import layer_vector
-
     t_start = time.perf_counter()
-    check_layer(model, layer)
-    v = as_vector(model, layer_vector(vector, layer))
-    a = as_alphas(alphas)
+    _, layer = vector_of(model, sv)
+    concept, setting = (labels or {}).get("concept", ""), (labels or {}).get("setting", "")
+    a = as_alphas(AlphaGrid.default("mmlu").values if alphas is None else alphas)
     check_positions(positions)
     if k_shots < 0:
         raise InputError(f"k_shots must be 0 or more, not {k_shots}")
@@ -461,7 +456,7 @@ def mmlu_accuracy(model: Model, vector, layer: int, *, alphas=DEFAULT_ALPHAS, su
     records, per_subject = [], {}
     for subject, (dev, test) in data.items():
         rows, k_used = subject_token_rows(model, subject, dev, test, k_shots, chat)
-        lp, mass = subject_letter_logprobs(model, v, layer, rows, a, positions, letter_ids,
+        lp, mass = subject_letter_logprobs(model, sv, rows, a, positions, letter_ids,
                                            token_budget=token_budget, progress=progress)
         per_subject[subject] = {"n_questions": len(test), "k_shots": k_used,
                                 "shared_prefix_tokens": common_prefix_length(rows),

@@ -17,7 +17,7 @@ import torch
 
 from steerstrength.errors import InputError
 from steerstrength.models import Model
-from steerstrength.steering import as_alphas, as_vector, check_layer, check_positions, next_token_probs, takes_vector
+from steerstrength.steering import as_alphas, check_positions, next_token_probs, vector_of
 
 # A block of next-token probabilities held at once: rows x vocabulary x 4 bytes (128 MB: 682 alphas at vocabulary
 # 49,152, 128 at 262,144). Grids that fit run as one block, exactly as one `next_token_probs` call.
@@ -154,8 +154,7 @@ def blocks(n_alphas: int, block: int, first: int | None = None) -> list[slice]:
     return out
 
 
-@takes_vector
-def next_token_reduce(model: Model, vector, layer: int, context: str, alphas, reductions: Mapping[str, Reduction], *,
+def next_token_reduce(model: Model, sv, context: str, alphas, reductions: Mapping[str, Reduction], *,
                       positions: str = "all", chat: bool = False, block: int | None = None) -> dict:
     """{name: reduction.result()} over the steered next-token distributions p_alpha, computed `block` alphas at a time.
 
@@ -167,8 +166,7 @@ def next_token_reduce(model: Model, vector, layer: int, context: str, alphas, re
     `block` (default: `default_block(vocab)`, 128 MB of probabilities) bounds the memory; the results are the same for
     any block size up to the last bits of the forward (each block is one `next_token_probs` call).
     """
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    vector_of(model, sv)
     check_positions(positions)
     a = as_alphas(alphas)
     block = default_block(model.vocab_size) if block is None else int(block)
@@ -181,16 +179,16 @@ def next_token_reduce(model: Model, vector, layer: int, context: str, alphas, re
     todo = blocks(a.shape[0], block, i0)
     first = None
     if i0 is None:
-        p0 = next_token_probs(model, v, layer, context, torch.zeros(1, dtype=torch.float64), positions=positions,
+        p0 = next_token_probs(model, sv, context, torch.zeros(1, dtype=torch.float64), positions=positions,
                               chat=chat)[0]
     else:  # the block holding alpha = 0 runs first: p_0 is its row
-        first = next_token_probs(model, v, layer, context, a[todo[0]], positions=positions, chat=chat)
+        first = next_token_probs(model, sv, context, a[todo[0]], positions=positions, chat=chat)
         p0 = first[i0 - todo[0].start].clone()
     for r in reductions.values():
         r.start(a.shape[0], p0)
     for k, sl in enumerate(todo):
         probs = first if k == 0 and first is not None else \
-            next_token_probs(model, v, layer, context, a[sl], positions=positions, chat=chat)
+            next_token_probs(model, sv, context, a[sl], positions=positions, chat=chat)
         first = None
         for r in reductions.values():
             r.update(sl, probs)

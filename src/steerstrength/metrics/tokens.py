@@ -18,31 +18,25 @@ measured error bound (docs/steering.md, "bfloat16 sweeps and their error bound")
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from steerstrength.config import TokensConfig
 from steerstrength.errors import InputError
 from steerstrength.metrics.contexts import as_contexts
-from steerstrength.grid import linspace_grid, with_zero, zero_index
+from steerstrength.grid import AlphaGrid, zero_index
 from steerstrength.metrics.reduce import Rows, TopK, Track, next_token_reduce
 from steerstrength.models import Model
-from steerstrength.steering import takes_vector, as_vector, check_layer, check_positions, next_token_probs
+from steerstrength.steering import check_positions, next_token_probs, vector_of
 
 SHAPES = ("bump", "increasing", "decreasing", "other")
-DEFAULT_TOP_K = 100
-DEFAULT_TOP_EACH = 10  # the top tokens at every alpha are kept too (the explorer shows them)
 DEFAULT_REL_TOL = 0.01
 # Bytes of [alphas, vocab] float32 probabilities a sweep may hold at once; past it, two passes of blocks.
 DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
 # certify=True: evenly spaced alphas (plus both ends and 0) where a half-precision sweep is re-run in float32.
 CERTIFY_ALPHAS = 9
-
-
-def default_alphas() -> torch.Tensor:
-    """linspace(-200, 200, 1024) plus 0: 1025 alphas."""
-    return linspace_grid(-200.0, 200.0, 1024)
 
 
 def shape_classes(curves: torch.Tensor, *, rel_tol: float = DEFAULT_REL_TOL) -> tuple[torch.Tensor, list[str]]:
@@ -194,23 +188,15 @@ def constant_column(value, n: int):
     return pd.array(pa.chunked_array(parts, type=pa.large_string()), dtype=dtype)
 
 
-def _vector_for(vector, layer: int):
-    if isinstance(vector, Mapping) or hasattr(vector, "vectors"):
-        return vector[layer]
-    return vector
-
-
-@takes_vector
-def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Sequence[str | dict] | str,
-                 alphas=None, *, positions: str = "all", top_k: int = DEFAULT_TOP_K, tokens: Sequence[int] = (),
-                 top_each: int = DEFAULT_TOP_EACH, chat: bool = False, rel_tol: float = DEFAULT_REL_TOL,
+def token_curves(model: Model, sv, contexts: Sequence[str | dict] | str,
+                 alphas=None, *, positions: str = "all", top_k: int = TokensConfig.top_k, tokens: Sequence[int] = (),
+                 top_each: int = TokensConfig.top_each, chat: bool = False, rel_tol: float = DEFAULT_REL_TOL,
                  progress: Callable[[int], None] | None = None, certify: bool | int = True,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, block: int | None = None) -> TokenCurves:
     """Def. 3.1 / Thm 3.3: Delta p(z, alpha) for the top-k tokens at alpha_max and alpha_min (plus `tokens`).
 
     Args:
-        vector: a SteeringVector, which knows its layer; or a SteeringVectors / {layer: tensor} followed by the
-            layers to sweep (the former (tensor, layer) pair still works, with a DeprecationWarning).
+        sv: a SteeringVector, which knows its layer.
         contexts: one text, texts, or {id, text, kind} dicts.
         alphas: raw alphas (default: 1025 in [-200, 200]); without 0, 0 is inserted (with a warning): Delta p
             is measured against alpha = 0.
@@ -230,14 +216,10 @@ def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Se
         curves = ss.token_curves(model, sv[28], ["Today I feel"], sv[28].raw_alphas(grid))
         curves.curves_frame(model)               # one row per (layer, context, token, alpha)
     """
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    if not layers:
-        raise InputError("no layer given; pass at least one layer")
-    for layer in layers:
-        check_layer(model, layer)
-        as_vector(model, _vector_for(vector, layer))
+    _, layer = vector_of(model, sv)
     check_positions(positions)
-    a, inserted = with_zero(default_alphas() if alphas is None else alphas)
+    grid = AlphaGrid.explicit(AlphaGrid.default("tokens").values if alphas is None else alphas)
+    a, inserted = grid.values, grid.inserted_zero
     if a.numel() < 3:
         raise InputError("a curve needs at least 3 alphas (including 0)")
     if top_k < 1:
@@ -253,26 +235,24 @@ def token_curves(model: Model, vector, layers: int | Sequence[int], contexts: Se
     n_check = int(certify) if not isinstance(certify, (bool, np.bool_)) else CERTIFY_ALPHAS if certify else 0
     n_check = 0 if model.dtype == torch.float32 else n_check
     sets = []
-    for layer in layers:
-        v = _vector_for(vector, layer)
-        for ctx in ctxs:
-            ids, p, top_max, top_min = tracked_curves(model, v, layer, ctx["text"], a, top_k=top_k, top_each=top_each,
-                                                      extra=extra, positions=positions, chat=chat,
-                                                      memory_budget=memory_budget, block=block)
-            bound = float("nan")
-            if n_check > 0:
-                bound = error_bound(model, v, layer, ctx["text"], a, ids, p, n_check, positions=positions, chat=chat)
-            p0 = p[i0].clone()
-            delta = p - p0[None, :]
-            del p
-            peak, shapes = shape_classes(delta, rel_tol=rel_tol)
-            sets.append(CurveSet(layer, ctx, ids, delta, p0, top_max, top_min, peak, shapes, bound))
-            if progress is not None:
-                progress(1)
+    for ctx in ctxs:
+        ids, p, top_max, top_min = tracked_curves(model, sv, ctx["text"], a, top_k=top_k, top_each=top_each,
+                                                  extra=extra, positions=positions, chat=chat,
+                                                  memory_budget=memory_budget, block=block)
+        bound = float("nan")
+        if n_check > 0:
+            bound = error_bound(model, sv, ctx["text"], a, ids, p, n_check, positions=positions, chat=chat)
+        p0 = p[i0].clone()
+        delta = p - p0[None, :]
+        del p
+        peak, shapes = shape_classes(delta, rel_tol=rel_tol)
+        sets.append(CurveSet(layer, ctx, ids, delta, p0, top_max, top_min, peak, shapes, bound))
+        if progress is not None:
+            progress(1)
     return TokenCurves(a, sets, top_k, inserted)
 
 
-def tracked_curves(model: Model, v, layer: int, text: str, a: torch.Tensor, *, top_k: int, top_each: int,
+def tracked_curves(model: Model, sv, text: str, a: torch.Tensor, *, top_k: int, top_each: int,
                    extra: torch.Tensor, positions: str = "all", chat: bool = False,
                    memory_budget: int = DEFAULT_MEMORY_BUDGET,
                    block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,17 +264,17 @@ def tracked_curves(model: Model, v, layer: int, text: str, a: torch.Tensor, *, t
     make the same `next_token_probs` calls on the same blocks, so their results are identical."""
     kw = dict(positions=positions, chat=chat, block=block)
     if 4 * a.numel() * model.vocab_size <= memory_budget:
-        probs = next_token_reduce(model, v, layer, text, a, {"p": Rows()}, **kw)["p"]
+        probs = next_token_reduce(model, sv, text, a, {"p": Rows()}, **kw)["p"]
         ends, each = probs[[0, -1]], probs.topk(top_each, dim=1).indices if top_each else None
     else:
         wanted = {"ends": Rows([0, -1]), **({"each": TopK(top_each)} if top_each else {})}
-        found = next_token_reduce(model, v, layer, text, a, wanted, **kw)
+        found = next_token_reduce(model, sv, text, a, wanted, **kw)
         probs, ends, each = None, found["ends"], found["each"][0] if top_each else None
     top_min, top_max = ends[0].topk(top_k).indices, ends[1].topk(top_k).indices
     ids = torch.unique(torch.cat([top_max, top_min, extra] + ([each.reshape(-1)] if top_each else [])))
     if probs is not None:
         return ids, probs[:, ids], top_max, top_min
-    return ids, next_token_reduce(model, v, layer, text, a, {"p": Track(ids)}, **kw)["p"], top_max, top_min
+    return ids, next_token_reduce(model, sv, text, a, {"p": Track(ids)}, **kw)["p"], top_max, top_min
 
 
 def check_alphas(n_alphas: int, i0: int, n_check: int = CERTIFY_ALPHAS) -> torch.Tensor:
@@ -304,11 +284,11 @@ def check_alphas(n_alphas: int, i0: int, n_check: int = CERTIFY_ALPHAS) -> torch
     return torch.unique(torch.cat([spaced, torch.tensor([i0])]))
 
 
-def error_bound(model: Model, v, layer: int, text: str, a: torch.Tensor, ids: torch.Tensor, p: torch.Tensor,
+def error_bound(model: Model, sv, text: str, a: torch.Tensor, ids: torch.Tensor, p: torch.Tensor,
                 n_check: int = CERTIFY_ALPHAS, *, positions: str = "all", chat: bool = False) -> float:
     """max |p - p_float32| over the tracked tokens `ids` (p: their [A, U] curves in the model's dtype) at the check
     alphas; the float32 reference is `model.in_dtype(torch.float32)` (made once per model)."""
     idx = check_alphas(a.numel(), zero_index(a), n_check)
-    reference = next_token_probs(model.in_dtype(torch.float32), v, layer, text, a[idx], positions=positions,
+    reference = next_token_probs(model.in_dtype(torch.float32), sv, text, a[idx], positions=positions,
                                  chat=chat)[:, ids]
     return float((p[idx] - reference).abs().max())

@@ -19,34 +19,25 @@ from typing import Callable, Sequence
 
 import torch
 
+from steerstrength.config import XentConfig
 from steerstrength.errors import InputError
 from steerstrength.grid import AlphaGrid, zero_index
+from steerstrength.forward_ad import forward_ad_safe, forward_from_differentiable
 from steerstrength.models import Encoded, Model
 from steerstrength.steering import (
-    takes_vector,
     DEFAULT_LOGIT_BUDGET,
     DEFAULT_TOKEN_BUDGET,
     alpha_chunks,
     as_alphas,
-    as_vector,
-    check_layer,
     check_positions,
     forward_from,
-    forward_ad_safe,
-    forward_from_differentiable,
     hidden_at,
     repeat_rows,
     steered_hidden,
+    vector_of,
 )
 
 Progress = Callable[[int], None]
-
-
-def default_alphas() -> torch.Tensor:
-    """linspace(-100, 100, 128) plus 0: 129 alphas (grid.DEFAULT_RAW)."""
-    from steerstrength.grid import default_alphas as of
-
-    return of("xent")
 
 
 def windows(model: Model, texts: Sequence[str], seq_len: int = 128, *, packing: bool = False) -> torch.Tensor:
@@ -138,9 +129,8 @@ def _rows_per_forward(model: Model, seq_len: int, token_budget: int, logit_budge
 # ----------------------------------------------------------------------------- the sweep
 
 
-@takes_vector
 @torch.inference_mode()
-def cross_entropy_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas, *, positions: str = "all",
+def cross_entropy_sums(model: Model, sv, ids: torch.Tensor, alphas, *, positions: str = "all",
                        token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
                        progress: Progress | None = None) -> torch.Tensor:
     """[A] float64: summed next-token CE over windows `ids` [W, T+1] for each alpha.
@@ -148,8 +138,7 @@ def cross_entropy_sums(model: Model, vector, layer: int, ids: torch.Tensor, alph
     Blocks 0..layer run once per window batch; alphas go in the batch through blocks layer+1..;
     each chunk's logits [rows, T, V] are reduced to per-row sums at once and freed.
     """
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    v, layer = vector_of(model, sv)
     check_positions(positions)
     a = as_alphas(alphas)
     if ids.ndim != 2 or ids.shape[1] < 2:
@@ -174,15 +163,13 @@ def cross_entropy_sums(model: Model, vector, layer: int, ids: torch.Tensor, alph
     return sums
 
 
-@takes_vector
-def cross_entropy_curve(model: Model, vector, layer: int, texts: Sequence[str], alphas, *, seq_len: int = 128,
+def cross_entropy_curve(model: Model, sv, texts: Sequence[str], alphas, *, seq_len: int = XentConfig.seq_len,
                         positions: str = "all", packing: bool = False, token_budget: int = DEFAULT_TOKEN_BUDGET,
                         logit_budget: int = DEFAULT_LOGIT_BUDGET, progress: Progress | None = None) -> torch.Tensor:
     """Def. 3.7's CE(f_alpha): [len(alphas)] float64, the mean next-token cross-entropy over the windows of `texts`.
 
     Args:
-        vector: a SteeringVector, which knows its layer (the former (tensor, layer) pair still works, with a
-            DeprecationWarning, for one release).
+        sv: a SteeringVector, which knows its layer.
         texts: the corpus; each text is cut into windows of seq_len + 1 tokens (module doc).
         alphas: raw alphas; include 0 for the baseline CE(f).
         seq_len: scored tokens per window; packing: concatenate the texts before windowing.
@@ -194,7 +181,7 @@ def cross_entropy_curve(model: Model, vector, layer: int, texts: Sequence[str], 
         delta_ce = ce - ce[1]                    # Delta CE(alpha)
     """
     ids = windows(model, texts, seq_len, packing=packing)
-    sums = cross_entropy_sums(model, vector, layer, ids, alphas, positions=positions, token_budget=token_budget,
+    sums = cross_entropy_sums(model, sv, ids, alphas, positions=positions, token_budget=token_budget,
                               logit_budget=logit_budget, progress=progress)
     return sums / (ids.shape[0] * seq_len)
 
@@ -202,8 +189,7 @@ def cross_entropy_curve(model: Model, vector, layer: int, texts: Sequence[str], 
 # ----------------------------------------------------------------------------- curvature at alpha = 0 (Thm 3.8)
 
 
-@takes_vector
-def ce_derivatives(model: Model, vector, layer: int, ids: torch.Tensor, *, positions: str = "all",
+def ce_derivatives(model: Model, sv, ids: torch.Tensor, *, positions: str = "all",
                    token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
                    progress: Progress | None = None) -> dict:
     """Thm 3.8: mean CE, d CE / d alpha and d^2 CE / d alpha^2 at alpha = 0, by forward-over-forward AD.
@@ -213,8 +199,7 @@ def ce_derivatives(model: Model, vector, layer: int, ids: torch.Tensor, *, posit
     """
     from torch.func import jvp
 
-    v = as_vector(model, vector)
-    check_layer(model, layer)
+    v, layer = vector_of(model, sv)
     check_positions(positions)
     T = ids.shape[1] - 1
     # Forward-over-forward carries four copies of every activation (primal and three tangents).
@@ -412,7 +397,7 @@ def _digest(*parts) -> str:
     return h.hexdigest()
 
 
-def _chunked_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas: torch.Tensor, chunk,
+def _chunked_sums(model: Model, sv, ids: torch.Tensor, alphas: torch.Tensor, chunk,
                   chunk_windows: int, **kwargs) -> torch.Tensor:
     """`cross_entropy_sums` piece by piece of `chunk_windows` windows through `chunk(name, compute)` (the run's one
     resume mechanism, runs.read_or_compute): finished pieces are read back. A piece's name carries a digest of its
@@ -422,7 +407,7 @@ def _chunked_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas: t
     if chunk_windows < 1:
         raise InputError(f"chunk_windows must be at least 1, not {chunk_windows}")
     progress = kwargs.pop("progress", None)
-    v = as_vector(model, vector)
+    v, layer = vector_of(model, sv)
     total = torch.zeros(alphas.numel(), dtype=torch.float64)
     for start in range(0, ids.shape[0], chunk_windows):
         part = ids[start:start + chunk_windows]
@@ -430,7 +415,7 @@ def _chunked_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas: t
         computed = []
 
         def compute(part=part) -> dict:
-            sums = cross_entropy_sums(model, vector, layer, part, alphas, progress=progress, **kwargs)
+            sums = cross_entropy_sums(model, sv, part, alphas, progress=progress, **kwargs)
             computed.append(1)
             return {"sums": pd.DataFrame({"sum": sums.double().cpu().numpy()})}
 
@@ -444,41 +429,36 @@ def _chunked_sums(model: Model, vector, layer: int, ids: torch.Tensor, alphas: t
     return total
 
 
-@takes_vector
-def xent_sweep(model: Model, vector, layer: int, texts: Sequence[str], alphas=None, *, seq_len: int = 128,
+def xent_sweep(model: Model, sv, texts: Sequence[str], alphas=None, *, seq_len: int = XentConfig.seq_len,
                positions: str = "all", packing: bool = False, max_tokens: int | None = None, curvature: bool = True,
-               curvature_tokens: int | None = None, fit_radius: float | None = None,
-               token_budget: int = DEFAULT_TOKEN_BUDGET, logit_budget: int = DEFAULT_LOGIT_BUDGET,
-               chunk=None, checkpoint_dir=None, chunk_windows: int = 16,
+               curvature_tokens: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
+               logit_budget: int = DEFAULT_LOGIT_BUDGET, chunk=None, chunk_windows: int = XentConfig.chunk_windows,
                progress: Progress | None = None) -> XentSweep:
     """Delta CE(alpha) = CE(f_alpha) - CE(f) (Def. 3.7) with curvature (Thm 3.8) and plateau (Prop. 4.1) readings.
 
-    With `chunk` (a run's `chunk(name, compute)`) or a `checkpoint_dir`, the windows are scored in pieces of
-    `chunk_windows`, each piece's float64 sums kept (runs.read_or_compute); a rerun reads them back.
+    With `chunk` (a run's `chunk(name, compute)`, or `lambda name, compute: runs.read_or_compute(folder, name,
+    compute)`), the windows are scored in pieces of `chunk_windows`, each piece's float64 sums kept; a rerun reads
+    them back.
     """
-    grid = AlphaGrid.of(alphas, stage="xent", vector=vector, model=model)
+    grid = AlphaGrid.of(alphas, stage="xent", vector=sv, model=model)
     a, inserted = grid.values, grid.inserted_zero
     ids, n_used = _sweep_ids(model, texts, seq_len, packing, max_tokens)
-    if chunk is None and checkpoint_dir is not None:
-        from steerstrength.runs import read_or_compute
-
-        chunk = lambda name, compute: read_or_compute(checkpoint_dir, name, compute)  # noqa: E731
     if chunk is None:
-        sums = cross_entropy_sums(model, vector, layer, ids, a, positions=positions, token_budget=token_budget,
+        sums = cross_entropy_sums(model, sv, ids, a, positions=positions, token_budget=token_budget,
                                   logit_budget=logit_budget, progress=progress)
     else:
-        sums = _chunked_sums(model, vector, layer, ids, a, chunk, chunk_windows, positions=positions,
+        sums = _chunked_sums(model, sv, ids, a, chunk, chunk_windows, positions=positions,
                              token_budget=token_budget, logit_budget=logit_budget, progress=progress)
     ce = sums / (ids.shape[0] * seq_len)
     result = XentSweep(a, ce, int(ids.shape[0]), seq_len, len(texts), n_used, inserted)
     delta = result.delta_ce
     if (a != 0).sum() >= 2:
-        result.fit = quadratic_fit(a, delta, radius=fit_radius)
+        result.fit = quadratic_fit(a, delta)
     result.plateau = plateau(a, delta)
-    result.limit = limit_delta_ce(model, vector, ids, float(ce[zero_index(a)]))
+    result.limit = limit_delta_ce(model, sv, ids, float(ce[zero_index(a)]))
     if curvature:
         sub = ids if curvature_tokens is None else ids[: max(1, curvature_tokens // seq_len)]
-        result.derivatives = ce_derivatives(model, vector, layer, sub, positions=positions, token_budget=token_budget,
+        result.derivatives = ce_derivatives(model, sv, sub, positions=positions, token_budget=token_budget,
                                             logit_budget=logit_budget)
         result.derivatives["n_tokens"] = int(sub.shape[0] * seq_len)
     return result

@@ -172,9 +172,6 @@ def ufm_difference_of_means(H: np.ndarray, P: np.ndarray, N: np.ndarray) -> np.n
     return H[:, P].mean(axis=1) - H[:, N].mean(axis=1)
 
 
-difference_of_means = ufm_difference_of_means  # the former name; steerstrength.difference_of_means is the LLM one
-
-
 def steered_logits(ufm: UFM, v: np.ndarray, j: int | np.ndarray, alphas: np.ndarray) -> np.ndarray:
     """Sec. 3.1: f_alpha(c_j) = W (h_j + alpha v); (A, V) for one j, (A, len(j), V) for several."""
     alphas = np.asarray(alphas, dtype=np.float64)
