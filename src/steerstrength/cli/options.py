@@ -131,7 +131,7 @@ class ModelOptions:
     blocks_path: Optional[str] = BlocksPathOpt
 
     def load(self):
-        from steerstrength.models import load_model
+        from steerstrength.loading import load_model
 
         return load_model(self.model, dtype=self.dtype, device=self.device, blocks_path=self.blocks_path)
 
