@@ -118,36 +118,44 @@ def throughput(model, vectors, layer, sizes, lengths, new_tokens) -> list[dict]:
     return out
 
 
-def concept_demo(model, vectors, layers) -> dict:
-    """The demo preset's concept stage over its layers (one judge object for all, as the stage), the former way
-    and now, per completion."""
+def concept_demo(model, vectors, layers, n_controls: int | None = None) -> dict:
+    """The demo preset's concept stage over its layers (one judge object for all, as the stage), the former way and
+    now, per completion: before, v alone per call through a hooked `generate` with the rule-based degeneration check;
+    now, v and the preset's random controls (controls.n_concept) sampled in one decode loop per layer, with the
+    unsteered-NLL fluency check."""
+    import dataclasses
+
     from steerstrength.config import preset
     from steerstrength.grid import AlphaGrid
     from steerstrength.judges import judge_for
     from steerstrength.metrics.concept import concept_probability
     from steerstrength.prompts import curated_texts, evaluation_prompts
+    from steerstrength.vectors import random_controls
 
-    section = preset("demo").concept
+    cfg = preset("demo")
+    section = cfg.concept
+    n_controls = cfg.controls.n_concept if n_controls is None else n_controls
     grid = AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit="resid")
     prompts = evaluation_prompts("train")[:section.n_prompts]
     P, N = curated_texts("joy", "positive"), curated_texts("joy", "negative")
-    kw = dict(prompts=prompts, n_completions=section.completions, max_new_tokens=section.max_new_tokens,
-              positive=P, negative=N, batch_size=section.batch_size)
     out = {}
-    for name, engine, fluency in (("before", "hf", 0), ("after", "batched", section.fluency_tokens)):
+    for name, engine, controls, sec in (("before", "hf", 0, dataclasses.replace(section, fluency_tokens=0)),
+                                        ("after", "batched", n_controls, section)):
         steering.GENERATION_ENGINE = engine
         judge = judge_for("joy", section.judge)  # fresh for each run: nothing carried over between them
         t, n, parts = time.perf_counter(), 0, []
         for layer in layers:
             sv = vectors[layer]
-            res = concept_probability(model, sv, "joy", alphas=sv.raw_alphas(grid, model), judges=[judge],
-                                      fluency_tokens=fluency, fluency_texts_n=section.fluency_texts, **kw)
+            group = [sv, *random_controls(sv, controls, seed=0)]
+            res = concept_probability(model, group, "joy", sec, alphas=grid, prompts=prompts, judges=[judge],
+                                      positive=P, negative=N)
             n += len(res.completions)
             parts.append(res.summary["seconds"])
         total = time.perf_counter() - t
-        out[name] = dict(seconds=total, per_completion=total / n, n=n, parts=parts)
-        print(f"concept stage {name}: layers {layers}, {n} completions, {total:.1f} s ({total / n:.3f} s per "
-              f"completion); parts {json.dumps(parts, default=lambda x: round(x, 2))}", flush=True)
+        out[name] = dict(seconds=total, per_completion=total / n, n=n, directions=1 + controls, parts=parts)
+        print(f"concept stage {name}: layers {layers}, {1 + controls} direction(s), {n} completions, {total:.1f} s "
+              f"({total / n:.3f} s per completion); parts {json.dumps(parts, default=lambda x: round(x, 2))}",
+              flush=True)
     steering.GENERATION_ENGINE = "batched"
     out["after_over_before"] = out["after"]["per_completion"] / out["before"]["per_completion"]
     print(f"per completion, after / before: {out['after_over_before']:.2f}")
@@ -175,7 +183,7 @@ def concept_interleaved(model, vectors, layers, n_prompts: int) -> dict:
             for engine in (("hf", "batched") if i % 2 == 0 else ("batched", "hf")):
                 steering.GENERATION_ENGINE = engine
                 t = time.perf_counter()
-                done = generate_rows(model, sv, layer, rows, settings, batch_size=section.batch_size,
+                done = generate_rows(model, sv, rows, settings, batch_size=section.batch_size,
                                      read_tokens=section.fluency_tokens if engine == "batched" else 0)
                 seconds[engine] += time.perf_counter() - t
                 texts[engine] = [d["completion"] for d in done]
@@ -196,7 +204,7 @@ def main() -> None:
     parser.add_argument("--concept", action="store_true", help="also the demo's concept stage before/after")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--interleaved", type=int, default=0, help="N prompts: generation, engines alternating")
-    parser.add_argument("--concept-layers", default="28,15", help="the demo's layers (auto = 28 on SmolLM2, middle)")
+    parser.add_argument("--concept-layers", default="29,15", help="the demo's layers (auto = 29 on SmolLM2, middle)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per row (the full grid)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

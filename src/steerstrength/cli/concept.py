@@ -162,8 +162,8 @@ def sweep_concept(
               for name in judge]
     with output_folder(out):  # one writer; its tables are one set (runs.check_result_set)
         result = concept_stage(st.model, st.steered(cfg, "concept", controls, seed), size, prompts=prompt_list, labels=st.labels,
-                               positions=positions, grid=grid, judges=judges, judge_model=judge_lm, positive=pos,
-                               negative=neg, seed=seed, progress=progress_bar, on_vector=_concept_table)
+                               positions=positions, grid=grid, judges=judges, judge_model=judge_lm, texts=(pos, neg),
+                               seed=seed, progress=progress_bar, on_vector=_concept_table)
         header = st.header(start, metric="concept_probability", preset=preset, judges=list(judge),
                            judge_model=judge_lm.name if judge_lm is not None else None,
                            sizes=dict(n_alphas=len(grid), n_prompts=len(prompt_list), completions=size.completions,
