@@ -118,7 +118,7 @@ def throughput(model, vectors, layer, sizes, lengths, new_tokens) -> list[dict]:
     return out
 
 
-def concept_demo(model, vectors, layers, n_controls: int | None = None) -> dict:
+def concept_demo(model, vectors, layers, n_controls: int | None = None, n_prompts: int | None = None) -> dict:
     """The demo preset's concept stage over its layers (one judge object for all, as the stage), the former way and
     now, per completion: before, v alone per call through a hooked `generate` with the rule-based degeneration check;
     now, v and the preset's random controls (controls.n_concept) sampled in one decode loop per layer, with the
@@ -136,26 +136,28 @@ def concept_demo(model, vectors, layers, n_controls: int | None = None) -> dict:
     section = cfg.concept
     n_controls = cfg.controls.n_concept if n_controls is None else n_controls
     grid = AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit="resid")
-    prompts = evaluation_prompts("train")[:section.n_prompts]
+    prompts = evaluation_prompts("train")[:n_prompts or section.n_prompts]
     P, N = curated_texts("joy", "positive"), curated_texts("joy", "negative")
-    out = {}
-    for name, engine, controls, sec in (("before", "hf", 0, dataclasses.replace(section, fluency_tokens=0)),
-                                        ("after", "batched", n_controls, section)):
-        steering.GENERATION_ENGINE = engine
-        judge = judge_for("joy", section.judge)  # fresh for each run: nothing carried over between them
-        t, n, parts = time.perf_counter(), 0, []
-        for layer in layers:
-            sv = vectors[layer]
+    ways = (("before", "hf", 0, dataclasses.replace(section, fluency_tokens=0)),
+            ("after", "batched", n_controls, section))
+    out = {name: dict(seconds=0.0, n=0, directions=1 + controls, parts=[]) for name, _, controls, _ in ways}
+    for i, layer in enumerate(layers):  # layer by layer, the two ways alternating: both see the same load
+        sv = vectors[layer]
+        for name, engine, controls, sec in (ways if i % 2 == 0 else ways[::-1]):
+            steering.GENERATION_ENGINE = engine
+            judge = judge_for("joy", section.judge)  # fresh for each run: nothing carried over between them
             group = [sv, *random_controls(sv, controls, seed=0)]
+            t = time.perf_counter()
             res = concept_probability(model, group, "joy", sec, alphas=grid, prompts=prompts, judges=[judge],
                                       positive=P, negative=N)
-            n += len(res.completions)
-            parts.append(res.summary["seconds"])
-        total = time.perf_counter() - t
-        out[name] = dict(seconds=total, per_completion=total / n, n=n, directions=1 + controls, parts=parts)
-        print(f"concept stage {name}: layers {layers}, {1 + controls} direction(s), {n} completions, {total:.1f} s "
-              f"({total / n:.3f} s per completion); parts {json.dumps(parts, default=lambda x: round(x, 2))}",
-              flush=True)
+            out[name]["seconds"] += time.perf_counter() - t
+            out[name]["n"] += len(res.completions)
+            out[name]["parts"].append(dict(layer=layer, n=len(res.completions), **res.summary["seconds"]))
+    for name, o in out.items():
+        o["per_completion"] = o["seconds"] / o["n"]
+        print(f"concept stage {name}: layers {layers}, {o['directions']} direction(s), {o['n']} completions, "
+              f"{o['seconds']:.1f} s ({o['per_completion']:.3f} s per completion); parts "
+              f"{json.dumps(o['parts'], default=lambda x: round(x, 2))}", flush=True)
     steering.GENERATION_ENGINE = "batched"
     out["after_over_before"] = out["after"]["per_completion"] / out["before"]["per_completion"]
     print(f"per completion, after / before: {out['after_over_before']:.2f}")
@@ -206,6 +208,7 @@ def main() -> None:
     parser.add_argument("--interleaved", type=int, default=0, help="N prompts: generation, engines alternating")
     parser.add_argument("--concept-layers", default="29,15", help="the demo's layers (auto = 29 on SmolLM2, middle)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per row (the full grid)")
+    parser.add_argument("--concept-prompts", type=int, default=None, help="--concept: fewer prompts than the demo's")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -225,7 +228,8 @@ def main() -> None:
         results["throughput"] = throughput(model, vectors, args.layer, sizes, lengths, new)
     if args.concept:
         everything = SteeringVectors.load(args.vectors)
-        results["concept"] = concept_demo(model, everything, [int(x) for x in args.concept_layers.split(",")])
+        results["concept"] = concept_demo(model, everything, [int(x) for x in args.concept_layers.split(",")],
+                                          n_prompts=args.concept_prompts)
     if args.interleaved:
         everything = SteeringVectors.load(args.vectors)
         results["interleaved"] = concept_interleaved(model, everything, [int(x) for x in args.concept_layers.split(",")],

@@ -458,7 +458,9 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
         group = [sv for sv in vectors if sv.layer == layer]
 
         def compute(group=group):
-            total = len(group) * len(grid) * len(prompts) * section.completions * (1 + len(judges))
+            per = [section.completions if direction_of(sv) == "v" or section.control_completions is None
+                   else section.control_completions for sv in group]
+            total = sum(per) * len(grid) * len(prompts) * (1 + len(judges))
             what = "" if len(group) == 1 else f" and {len(group) - 1} random directions"
             with progress(f"{concept}: steered generations, layer {layer}{what} (generate, then judge)",
                           total) as adv:
