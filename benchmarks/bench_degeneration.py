@@ -72,7 +72,7 @@ def main() -> None:
         scales = [0.0, 3.0, 6.0]
         raw = sv.raw_alphas(AlphaGrid(np.array(scales), unit="resid"), model).tolist()
         rows = [(p, a, completion_seed(0, p, c)) for p in prompts for a in raw for c in range(2)]
-        done = generate_rows(model, sv, layer, rows, settings)
+        done = generate_rows(model, sv, rows, settings)
         texts = [d["completion"] for d in done]
         nll = mean_nll(model, [r[0] for r in rows], texts, chat=True, max_tokens=tokens)
         rules = np.array([degeneration(t)["degenerate"] for t in texts])

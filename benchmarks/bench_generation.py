@@ -17,9 +17,11 @@ Columns, for the embedded model (SmolLM2-135M, float32, CPU) at batch sizes B an
             llama.cpp decode and against ours (total variation). --llamacpp-bound B adds a bound that is not the
             llama.cpp way: all B rows in ONE llama.cpp context at one alpha (as if a control vector could differ per
             sequence), against ours.
-With --concept, the demo preset's concept stage per completion (9 alphas x 6 prompts x 4 completions x 32 tokens at
-each of its two layers, 28 and 15, the probe judge) the former way (hooked `generate` in batches, rule-based degeneration) and now (batched
-engine + the unsteered-NLL fluency check), same process, same core.
+With --concept, the demo preset's concept stage per completion (9 alphas x 8 prompts x 8 completions x 24 tokens at
+each of its two layers, 29 and 15, the probe judge; --concept-prompts N for fewer prompts) the former way (v alone,
+hooked `generate` in batches, rule-based degeneration) and now (v with the preset's 2 random directions in one batched
+decode loop, 2 completions each, + the unsteered-NLL fluency check), same process, same core, alternating layer by
+layer.
 
     steerstrength vectors --concept joy --layers 15,28 --normalize --out /tmp/joy.safetensors
     taskset -c 1 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_generation.py --vectors /tmp/joy.safetensors \\
@@ -233,36 +235,46 @@ def _one_context(cpp, ids, cvec_file, B, new_tokens) -> float:
     return time.perf_counter() - t
 
 
-def concept_demo(model, vectors, layers) -> dict:
-    """The demo preset's concept stage over its layers (one judge object for all, as the stage), the former way
-    and now, per completion."""
+def concept_demo(model, vectors, layers, n_controls: int | None = None, n_prompts: int | None = None) -> dict:
+    """The demo preset's concept stage over its layers (one judge object for all, as the stage), the former way and
+    now, per completion: before, v alone per call through a hooked `generate` with the rule-based degeneration check;
+    now, v and the preset's random controls (controls.n_concept) sampled in one decode loop per layer, with the
+    unsteered-NLL fluency check."""
+    import dataclasses
+
     from steerstrength.config import preset
     from steerstrength.grid import AlphaGrid
     from steerstrength.judges import judge_for
     from steerstrength.metrics.concept import concept_probability
     from steerstrength.prompts import curated_texts, evaluation_prompts
+    from steerstrength.vectors import random_controls
 
-    section = preset("demo").concept
+    cfg = preset("demo")
+    section = cfg.concept
+    n_controls = cfg.controls.n_concept if n_controls is None else n_controls
     grid = AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit="resid")
-    prompts = evaluation_prompts("train")[:section.n_prompts]
+    prompts = evaluation_prompts("train")[:n_prompts or section.n_prompts]
     P, N = curated_texts("joy", "positive"), curated_texts("joy", "negative")
-    kw = dict(prompts=prompts, n_completions=section.completions, max_new_tokens=section.max_new_tokens,
-              positive=P, negative=N, batch_size=section.batch_size)
-    out = {}
-    for name, engine, fluency in (("before", "hf", 0), ("after", "batched", section.fluency_tokens)):
-        sampling.GENERATION_ENGINE = engine
-        judge = judge_for("joy", section.judge)  # fresh for each run: nothing carried over between them
-        t, n, parts = time.perf_counter(), 0, []
-        for layer in layers:
-            sv = vectors[layer]
-            res = concept_probability(model, sv, "joy", alphas=sv.raw_alphas(grid, model), judges=[judge],
-                                      fluency_tokens=fluency, fluency_texts_n=section.fluency_texts, **kw)
-            n += len(res.completions)
-            parts.append(res.summary["seconds"])
-        total = time.perf_counter() - t
-        out[name] = dict(seconds=total, per_completion=total / n, n=n, parts=parts)
-        print(f"concept stage {name}: layers {layers}, {n} completions, {total:.1f} s ({total / n:.3f} s per "
-              f"completion); parts {json.dumps(parts, default=lambda x: round(x, 2))}", flush=True)
+    ways = (("before", "hf", 0, dataclasses.replace(section, fluency_tokens=0)),
+            ("after", "batched", n_controls, section))
+    out = {name: dict(seconds=0.0, n=0, directions=1 + controls, parts=[]) for name, _, controls, _ in ways}
+    for i, layer in enumerate(layers):  # layer by layer, the two ways alternating: both see the same load
+        sv = vectors[layer]
+        for name, engine, controls, sec in (ways if i % 2 == 0 else ways[::-1]):
+            sampling.GENERATION_ENGINE = engine
+            judge = judge_for("joy", section.judge)  # fresh for each run: nothing carried over between them
+            group = [sv, *random_controls(sv, controls, seed=0)]
+            t = time.perf_counter()
+            res = concept_probability(model, group, "joy", sec, alphas=grid, prompts=prompts, judges=[judge],
+                                      positive=P, negative=N)
+            out[name]["seconds"] += time.perf_counter() - t
+            out[name]["n"] += len(res.completions)
+            out[name]["parts"].append(dict(layer=layer, n=len(res.completions), **res.summary["seconds"]))
+    for name, o in out.items():
+        o["per_completion"] = o["seconds"] / o["n"]
+        print(f"concept stage {name}: layers {layers}, {o['directions']} direction(s), {o['n']} completions, "
+              f"{o['seconds']:.1f} s ({o['per_completion']:.3f} s per completion); parts "
+              f"{json.dumps(o['parts'], default=lambda x: round(x, 2))}", flush=True)
     sampling.GENERATION_ENGINE = "batched"
     out["after_over_before"] = out["after"]["per_completion"] / out["before"]["per_completion"]
     print(f"per completion, after / before: {out['after_over_before']:.2f}")
@@ -290,7 +302,7 @@ def concept_interleaved(model, vectors, layers, n_prompts: int) -> dict:
             for engine in (("hf", "batched") if i % 2 == 0 else ("batched", "hf")):
                 sampling.GENERATION_ENGINE = engine
                 t = time.perf_counter()
-                done = generate_rows(model, sv, layer, rows, settings, batch_size=section.batch_size,
+                done = generate_rows(model, sv, rows, settings, batch_size=section.batch_size,
                                      read_tokens=section.fluency_tokens if engine == "batched" else 0)
                 seconds[engine] += time.perf_counter() - t
                 texts[engine] = [d["completion"] for d in done]
@@ -311,12 +323,13 @@ def main() -> None:
     parser.add_argument("--concept", action="store_true", help="also the demo's concept stage before/after")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--interleaved", type=int, default=0, help="N prompts: generation, engines alternating")
-    parser.add_argument("--concept-layers", default="28,15", help="the demo's layers (auto = 28 on SmolLM2, middle)")
+    parser.add_argument("--concept-layers", default="29,15", help="the demo's layers (auto = 29 on SmolLM2, middle)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens per row (the full grid)")
     parser.add_argument("--no-llamacpp", action="store_true", help="leave out the llama.cpp columns")
     parser.add_argument("--llamacpp-bound", type=int, default=0,
                         help="B: also llama.cpp with all B rows in one context at one alpha (a bound), against ours")
     parser.add_argument("--workdir", default="/tmp/steerstrength-llamacpp", help="the F32 GGUF and control vectors")
+    parser.add_argument("--concept-prompts", type=int, default=None, help="--concept: fewer prompts than the demo's")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -354,7 +367,8 @@ def main() -> None:
                                                        args.llamacpp_bound, lengths, new)
     if args.concept:
         everything = SteeringVectors.load(args.vectors)
-        results["concept"] = concept_demo(model, everything, [int(x) for x in args.concept_layers.split(",")])
+        results["concept"] = concept_demo(model, everything, [int(x) for x in args.concept_layers.split(",")],
+                                          n_prompts=args.concept_prompts)
     if args.interleaved:
         everything = SteeringVectors.load(args.vectors)
         results["interleaved"] = concept_interleaved(model, everything, [int(x) for x in args.concept_layers.split(",")],

@@ -1,5 +1,6 @@
 """Concept probability: seeded steered sampling, binomial intervals, the tanh fit of Thm 3.6, degeneration, the CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from steerstrength.vectors import SteeringVector
-from steerstrength import InputError, concept_probability
+from steerstrength import InputError, SteeringVector, concept_probability
+from steerstrength.config import ConceptConfig
 from steerstrength.metrics.concept import (
     SamplingSettings,
     completion_seed,
@@ -37,7 +38,12 @@ def model():
 @pytest.fixture(scope="module")
 def vector(model):
     torch.manual_seed(0)
-    return torch.randn(model.d_model)
+    return SteeringVector(torch.randn(model.d_model), 1)
+
+
+def section(**kw) -> ConceptConfig:
+    """The concept section with small sizes for the tiny model."""
+    return dataclasses.replace(ConceptConfig(judge="lexicon", max_new_tokens=6, completions=1, chat=False), **kw)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -201,25 +207,25 @@ def test_a_completion_is_reproduced_from_its_seed_alone_or_in_another_batch(mode
             (long_prompt, -4.0, completion_seed(0, long_prompt, 1)),
             ("the cat is", 0.0, completion_seed(0, "the cat is", 2)),
             ("a", 8.0, 12345)]
-    batch = generate_rows(model, vector, 1, rows, settings, batch_size=4)
+    batch = generate_rows(model, vector, rows, settings, batch_size=4)
     # Alone, and inside a differently composed and padded batch.
-    other = generate_rows(model, vector, 1, [rows[3], ("you are", 1.0, 7), rows[1], rows[0], rows[2]], settings,
+    other = generate_rows(model, vector, [rows[3], ("you are", 1.0, 7), rows[1], rows[0], rows[2]], settings,
                           batch_size=2)
     for i, row in enumerate(rows):
-        alone = regenerate(model, vector, 1, *row, settings)
+        alone = regenerate(model, vector, *row, settings)
         assert alone == batch[i]["completion"]
     assert [o["completion"] for o in other] == [batch[3]["completion"], other[1]["completion"],
                                                batch[1]["completion"], batch[0]["completion"],
                                                batch[2]["completion"]]
     # Different seeds give different samples (the generator is really used).
-    texts = {regenerate(model, vector, 1, "the cat is", 0.0, s, settings) for s in range(6)}
+    texts = {regenerate(model, vector, "the cat is", 0.0, s, settings) for s in range(6)}
     assert len(texts) > 1
 
 
 def test_steering_reaches_decode_steps(model, vector):
     settings = SamplingSettings(max_new_tokens=8, chat=False)
     seed = completion_seed(0, "the cat is", 0)
-    texts = {regenerate(model, vector, 1, "the cat is", a, seed, settings) for a in (-30.0, 0.0, 30.0)}
+    texts = {regenerate(model, vector, "the cat is", a, seed, settings) for a in (-30.0, 0.0, 30.0)}
     assert len(texts) == 3  # same uniforms, different alphas: the steered distributions differ
 
 
@@ -234,9 +240,9 @@ def test_seeds_are_shared_across_alphas_and_distinct_across_completions():
 
 def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path):
     prompts = ["the cat is", "i saw my friend"]
-    result = concept_probability(model, SteeringVector(vector, 1), "joy", alphas=[-10.0, 0.0, 10.0], prompts=prompts,
-                                 n_completions=3, max_new_tokens=6, judges=["lexicon"], positive=JOYFUL,
-                                 negative=PLAIN, chat=False, batch_size=7, setting="random")
+    result = concept_probability(model, vector, "joy", section(completions=3, batch_size=7),
+                                 alphas=[-10.0, 0.0, 10.0], prompts=prompts, positive=JOYFUL, negative=PLAIN,
+                                 setting="random")
     c = result.completions
     assert len(c) == 3 * 2 * 3 and c["completion_id"].is_unique
     assert set(c["alpha"]) == {-10.0, 0.0, 10.0} and (c["n_new_tokens"] <= 6).all()
@@ -270,23 +276,46 @@ def test_concept_probability_end_to_end_on_a_tiny_model(model, vector, tmp_path)
     # A stored completion is regenerated from its recorded row.
     row = json.loads(lines[5])
     settings = SamplingSettings(**summary["sampling"])
-    assert regenerate(model, vector, 1, row["prompt"], row["alpha"], row["seed"], settings) == row["completion"]
+    assert regenerate(model, vector, row["prompt"], row["alpha"], row["seed"], settings) == row["completion"]
+
+
+def test_controls_sampled_beside_v_give_the_rows_each_direction_gives_alone(model, vector):
+    """The concept direction and a random control in one decode loop: the `direction` column tells their rows apart,
+    each direction's completions and curve are those it gives alone, and the summary is v's."""
+    torch.manual_seed(2)
+    control = SteeringVector(torch.randn(model.d_model), 1, meta={"direction": "random-0"})
+    kw = dict(alphas=[-8.0, 0.0, 8.0], prompts=["the cat is", "i saw my friend"], positive=JOYFUL, negative=PLAIN)
+    both = concept_probability(model, [vector, control], "joy", section(completions=2), **kw)
+    assert both.summary["directions"] == ["v", "random-0"]
+    for sv, d in ((vector, "v"), (control, "random-0")):
+        alone = concept_probability(model, sv, "joy", section(completions=2), **kw)
+        mine = both.completions[both.completions["direction"] == d]
+        assert mine["completion"].tolist() == alone.completions["completion"].tolist()
+        curve = both.curve[both.curve["direction"] == d].reset_index(drop=True)
+        assert curve[["alpha", "k", "n"]].equals(alone.curve[["alpha", "k", "n"]])
+    v_alone = concept_probability(model, vector, "joy", section(completions=2), **kw)
+    assert json.dumps(both.summary["curves"], sort_keys=True) == json.dumps(v_alone.summary["curves"], sort_keys=True)
+    with pytest.raises(InputError, match="one decode loop steers one layer"):
+        concept_probability(model, [vector, SteeringVector(control.vector, 0, meta=control.meta)], "joy", section(),
+                            prompts=["a"])
+    with pytest.raises(InputError, match="directions repeat"):
+        concept_probability(model, [vector, vector], "joy", section(), prompts=["a"])
 
 
 def test_the_llm_judge_defaults_to_the_steered_model(model, vector):
-    result = concept_probability(model, SteeringVector(vector, 1), "joy", alphas=[0.0, 5.0], prompts=["the cat is"], n_completions=2,
-                                 max_new_tokens=4, judges=["llm"], chat=False)
+    result = concept_probability(model, vector, "joy", section(judge="llm", completions=2, max_new_tokens=4),
+                                 alphas=[0.0, 5.0], prompts=["the cat is"])
     assert result.summary["judges"]["llm"]["judge_model"] == model.name
     assert result.scores["score"].between(0, 1).all() and result.summary["judge_answer_mass"]["llm"] > 0
 
 
 def test_bad_judge_input_fails_before_any_generation(model, vector):
     with pytest.raises(InputError, match="unknown judge"):
-        concept_probability(model, SteeringVector(vector, 1), "joy", judges=["oracle"], prompts=["a"], n_completions=1)
+        concept_probability(model, vector, "joy", section(), judges=["oracle"], prompts=["a"])
     with pytest.raises(InputError, match="cannot judge 'lying'"):
-        concept_probability(model, SteeringVector(vector, 1), "lying", judges=["lexicon"], prompts=["a"], n_completions=1)
+        concept_probability(model, vector, "lying", section(), prompts=["a"])
     with pytest.raises(InputError, match="--positive / --negative"):
-        concept_probability(model, SteeringVector(vector, 1), "joy", judges=["embedding"], prompts=["a"], n_completions=1)
+        concept_probability(model, vector, "joy", section(judge="embedding"), prompts=["a"])
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -306,7 +335,7 @@ def vector_file(model, vector, tmp_path_factory):
     from steerstrength.vectors import SteeringVectors
 
     path = tmp_path_factory.mktemp("vectors") / "joy.safetensors"
-    SteeringVectors({1: vector.clone()}, {"concept": "joy", "setting": "random"}).save(path)
+    SteeringVectors({1: vector.vector.clone()}, {"concept": "joy", "setting": "random"}).save(path)
     return path
 
 
@@ -381,21 +410,21 @@ def test_cli_sweep_concept_errors_exit_2(monkeypatch, capsys, tmp_path, model_di
 
 
 def test_rows_of_several_vectors_share_one_decode_and_match_each_vector_alone(model, vector):
-    """(prompt, vector_index, alpha, seed) rows over a stacked [n, d] tensor: each row's text is the text its own
-    vector gives alone, whatever else shares the batch (a control direction beside v)."""
+    """(prompt, vector_index, alpha, seed) rows over several SteeringVectors of one layer: each row's text is the
+    text its own vector gives alone, whatever else shares the batch (a control direction beside v)."""
     torch.manual_seed(1)
-    control = torch.randn(model.d_model)
+    control = SteeringVector(torch.randn(model.d_model), 1, meta={"direction": "random-0"})
     settings = SamplingSettings(max_new_tokens=8, chat=False)
     rows = [("the cat is", 0, 6.0, 11), ("the cat is", 1, 6.0, 11), ("i saw my friend", 1, -6.0, 12),
             ("i saw my friend", 0, 0.0, 13), ("the cat is", 1, 6.0, 14)]
-    mixed = generate_rows(model, torch.stack([vector, control]), 1, rows, settings, batch_size=5)
+    mixed = generate_rows(model, [vector, control], rows, settings, batch_size=5)
     for (prompt, k, alpha, seed), got in zip(rows, mixed):
-        alone = generate_rows(model, [vector, control][k], 1, [(prompt, alpha, seed)], settings)[0]
+        alone = generate_rows(model, [vector, control][k], [(prompt, alpha, seed)], settings)[0]
         assert got["completion"] == alone["completion"]
     # The two directions steer differently at the same alpha and seed.
     assert mixed[0]["completion"] != mixed[1]["completion"]
     with pytest.raises(InputError, match="names vector 2"):
-        generate_rows(model, torch.stack([vector, control]), 1, [("the cat is", 2, 1.0, 0)], settings)
+        generate_rows(model, [vector, control], [("the cat is", 2, 1.0, 0)], settings)
 
 
 def test_the_batched_engine_samples_what_hf_generate_samples(model, vector):
@@ -404,10 +433,10 @@ def test_the_batched_engine_samples_what_hf_generate_samples(model, vector):
     settings = SamplingSettings(max_new_tokens=8, chat=False)
     rows = [("the cat is", a, completion_seed(0, "the cat is", c)) for a in (-8.0, 0.0, 8.0) for c in range(2)]
     rows.append(("i walked into the kitchen this morning", 3.0, 5))
-    ours = generate_rows(model, vector, 1, rows, settings, batch_size=7)
+    ours = generate_rows(model, vector, rows, settings, batch_size=7)
     try:
         sampling.GENERATION_ENGINE = "hf"
-        theirs = generate_rows(model, vector, 1, rows, settings, batch_size=7)
+        theirs = generate_rows(model, vector, rows, settings, batch_size=7)
     finally:
         sampling.GENERATION_ENGINE = "batched"
     assert ours == theirs
@@ -463,7 +492,7 @@ def test_the_fluency_read_during_the_decode_is_the_unsteered_models_nll_of_the_t
     prompts = [model.token_ids("the cat is"), model.token_ids("i walked into the kitchen this morning")]
     rows = [(0, 0, 9.0, 1), (1, 0, -9.0, 2), (0, 0, 0.0, 3), (1, 0, 30.0, 4)]
     done = sample_steered(model, prompts, rows, max_new_tokens=7, temperature=1.0, top_p=1.0, top_k=0, stops=[2],
-                          vectors=vector[None, :], layer=1, read_tokens=5)
+                          vectors=vector.vector[None, :], layer=1, read_tokens=5)
     want = completion_nll(model, prompts, [(r[0], d["ids"][:5]) for r, d in zip(rows, done)])
     for d, w in zip(done, want):
         assert d["nll"].shape == w.shape and np.allclose(d["nll"], w, atol=1e-4)

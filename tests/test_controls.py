@@ -88,6 +88,42 @@ def test_level_and_outlier_verdicts():
     assert V.outlier_verdict(10.0, [1.0], V.CURVATURE_RATIO)["verdict"] == V.INCONCLUSIVE
 
 
+def _scores(rate, n_prompts, n_completions=8, seed=0):
+    """Synthetic concept_scores rows: at each alpha, each prompt's completions judged with probability rate(alpha)."""
+    rng = np.random.default_rng(seed)
+    rows = [dict(prompt_index=p, alpha=a, judged=bool(rng.random() < rate(a)), score=0.0, degenerate=False,
+                 judge="probe")
+            for a in np.linspace(-1, 1, 9) for p in range(n_prompts) for _ in range(n_completions)]
+    return pd.DataFrame(rows)
+
+
+def _sigmoid(frame):
+    from steerstrength.metrics.concept import concept_curve, curve_summary
+
+    cur = next(iter(curve_summary(concept_curve(frame)).values()))
+    return V.sigmoid_verdict(frame, cur, n_boot=500, seed=0)
+
+
+def test_thm_3_6_gets_an_interval_over_prompts():
+    rising = _sigmoid(_scores(lambda a: 0.5 + 0.45 * np.tanh(3 * a), 12))
+    assert rising["verdict"] == V.AGREES and V.SIGMOID_SPEARMAN < rising["low"] <= rising["high"] <= 1
+    flat = _sigmoid(_scores(lambda a: 0.3, 12))
+    assert flat["verdict"] in (V.DISAGREES, V.INCONCLUSIVE) and flat["low"] < V.SIGMOID_SPEARMAN
+    few = _sigmoid(_scores(lambda a: 0.5 + 0.3 * np.tanh(a), 2, n_completions=2))
+    assert few["verdict"] == V.INCONCLUSIVE and few["n_more"] > 0
+
+
+def test_mmlu_drops_are_paired_over_questions():
+    costly = np.column_stack([np.ones(40), np.ones(40)])  # every question lost at both ends
+    assert V.accuracy_drop_verdict(costly, n_boot=500, seed=0)["verdict"] == V.AGREES
+    harmless = np.zeros((40, 2))
+    harmless[:20, 0] = -1  # one end gains on half the questions
+    assert V.accuracy_drop_verdict(harmless, n_boot=500, seed=0)["verdict"] == V.DISAGREES
+    noisy = np.array([[1, 1], [0, -1], [1, 0]], dtype=float)
+    res = V.accuracy_drop_verdict(noisy, n_boot=500, seed=0)
+    assert res["verdict"] == V.INCONCLUSIVE and res["low"] <= 0 <= res["high"]
+
+
 def test_decide_reads_the_interval_against_the_threshold():
     assert V.decide(0.2, 0.4, 0.1) == V.AGREES
     assert V.decide(-0.1, 0.05, 0.1) == V.DISAGREES

@@ -123,6 +123,9 @@ class ConceptConfig:
     n_alphas: int = 41
     n_prompts: int = 12
     completions: int = 32
+    # Completions per prompt and alpha for the random directions (their rate is the judge's false-positive baseline
+    # at the same strength, read at alpha_max); None: completions.
+    control_completions: Optional[int] = None
     max_new_tokens: int = 64
     prompts_file: Optional[str] = None
     temperature: float = 1.0  # sampling of the steered completions
@@ -320,23 +323,23 @@ def preset(name: str) -> RunConfig:
         cfg.vectors.normalize = True
         # +/-1.5 x the residual norm: concept words bump inside the grid at the scanned layer (beyond ~3x the
         # stream is in Prop. 4.1's limit regime, whose top tokens are LN(v) W^T's rare strings).
-        cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=256, n_contexts=6, top_k=100)
+        cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=128, n_contexts=6, top_k=100)
         # Log-spaced to 16x the residual norm: dense near 0 for Thm 3.8's quadratic, far enough for the plateau of
-        # Prop. 4.1 (the limit stage reaches TV 0.2 at ~10x); the curvature on the same 1024 tokens as Delta CE.
-        cfg.xent = XentConfig(n_tokens=768, seq_len=64, alpha_max=16.0, n_alphas=32, chunk_windows=4,
+        # Prop. 4.1 (the limit stage reaches TV 0.2 at ~10x); the curvature on the same 512 tokens as Delta CE.
+        cfg.xent = XentConfig(n_tokens=512, seq_len=64, alpha_max=16.0, n_alphas=24, chunk_windows=4,
                               curvature_tokens=None, spacing="log")
         # Text at the scanned layer stays fluent to ~0.5 and degenerates past ~1.2 x the residual norm (measured).
-        cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=6, completions=4,
-                                    max_new_tokens=32)
-        # The real MMLU test set, 4 subjects x 3 questions (each subject's first 5 questions are its shots).
+        # 8 prompts x 8 completions = 64 per alpha under v: a Wilson 95% half-width of at most 0.12 at any rate; the
+        # random directions 8 x 2 each (their rate at alpha_max is the judge's false-positive baseline).
+        cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=8, completions=8,
+                                    control_completions=2, max_new_tokens=24)
+        # The real MMLU test set, 4 subjects x 3 questions (each subject's first 5 questions are its shots); Fig.
+        # A.6's rule reads the grid's two ends against alpha = 0.
         cfg.mmlu = MmluConfig(source="mmlu", subjects=["high_school_geography", "marketing", "nutrition", "sociology"],
-                              k_shot=2, alpha_max=1.0, n_alphas=5, max_questions=3)
+                              k_shot=2, alpha_max=1.0, n_alphas=3, max_questions=3)
         cfg.limit.alphas = [1e1, 1e2, 1e3, 1e4]
-        cfg.depth = DepthConfig(every=4, alpha_max=1.5, n_alphas=48, n_contexts=3)
+        cfg.depth = DepthConfig(every=6, alpha_max=1.5, n_alphas=32, n_contexts=3)
         cfg.recommend = RecommendConfig(n_prompts=3, completions=3, max_new_tokens=24, n_alphas=4)
-        # 4 random directions per layer through the cheap stages; 2 through Delta CE and the generations (the two
-        # long stages; 2 is the fewest whose spread a verdict can read: docs/fidelity.md, "Controls and verdicts"),
-        # 1 per layer of the depth profile (its figure's band).
         cfg.controls = ControlsConfig(n_random=4, n_xent=2, n_concept=2, n_depth=1)
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
@@ -352,10 +355,9 @@ def defaults() -> RunConfig:
 
 # The metric functions' grids when called without alphas, in raw units as the paper's figures (grid.AlphaGrid.default):
 # (alpha_max, n, zero) for linspace(-alpha_max, alpha_max, n), 0 added when `zero`: 1025 alphas for next-token curves
-# (Fig. 2), 129 for Delta CE, 41 for concept probability and 9 for MMLU; the limit check steers +/- each magnitude.
+# (Fig. 2), 129 for Delta CE and 9 for MMLU; the limit check steers +/- each magnitude (concept probability: its section).
 # The stages steer their sections' grids instead (in RunConfig.alpha_unit).
-API_GRIDS = {"tokens": (200.0, 1024, True), "xent": (100.0, 128, True), "concept": (40.0, 41, False),
-             "mmlu": (40.0, 9, False)}
+API_GRIDS = {"tokens": (200.0, 1024, True), "xent": (100.0, 128, True), "mmlu": (40.0, 9, False)}
 API_LIMIT_ALPHAS = (1e2, 1e3, 1e4)
 
 
@@ -534,7 +536,8 @@ MINIMUM = {  # integer keys: the smallest valid value
     "logodds.max_tokens": 1, "logodds.batch_size": 1, "logodds.n_dominant": 1, "logodds.n_target": 1,
     "depth.every": 1, "depth.n_alphas": 2, "depth.n_contexts": 1,
     "xent.n_tokens": 1, "xent.seq_len": 1, "xent.n_alphas": 2, "xent.chunk_windows": 1, "xent.curvature_tokens": 1,
-    "concept.n_alphas": 2, "concept.n_prompts": 1, "concept.completions": 1, "concept.max_new_tokens": 1,
+    "concept.n_alphas": 2, "concept.n_prompts": 1, "concept.completions": 1, "concept.control_completions": 1,
+    "concept.max_new_tokens": 1,
     "concept.top_k": 0, "concept.batch_size": 1, "concept.fluency_tokens": 0, "concept.fluency_texts": 2,
     "mmlu.token_budget": 1,
     "mmlu.k_shot": 0, "mmlu.max_questions": 1, "mmlu.n_alphas": 2,
@@ -550,6 +553,7 @@ INT_MAX = 2**31 - 1  # any other integer key: a size torch and numpy index in 32
 GRID_MAX = 100_000  # alphas in one grid (the paper's largest has 1024): every alpha is rows per context and token
 MAXIMUM = {"seed": SEED_MAX, **{key: GRID_MAX for key in MINIMUM if key.endswith(".n_alphas")}}  # else INT_MAX
 OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions",
+            "concept.control_completions",
             "controls.n_xent", "controls.n_concept", "controls.n_depth",
             "ray.num_gpus_per_model", "ray.memory_gb")  # None: off / all / none
 POSITIVE = ("prompts.temperature", "concept.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",

@@ -380,7 +380,7 @@ def stage_concept(ctx: Context) -> list:
         judge, pos, neg = concept_judge(ctx, concept)
         results.append(concept_stage(ctx.model, ctx.steered(concept, "concept"), c, prompts=prompts,
                                      labels=ctx.labels(concept), unit=ctx.cfg.alpha_unit, positions=ctx.cfg.positions,
-                                     judges=[judge], judge_model=judge_model, positive=pos, negative=neg,
+                                     judges=[judge], judge_model=judge_model, texts=(pos, neg),
                                      seed=ctx.cfg.seed, chunk=ctx.chunk_fn("concept"), progress=ctx.progress))
     return _write(ctx, results)
 

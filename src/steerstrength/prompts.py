@@ -147,7 +147,7 @@ def evaluation_prompts(split: str = "all") -> list[str]:
 
     Example::
 
-        ss.concept_probability(model, sv[28], "joy", alphas=[0.0, 200.0], prompts=ss.evaluation_prompts("train")[:6])
+        ss.concept_probability(model, sv[28], "joy", prompts=ss.evaluation_prompts("train")[:6])
     """
     _check_split(split)
     return [r["text"] for r in _data_jsonl("eval_prompts.jsonl") if split == "all" or r["split"] == split]

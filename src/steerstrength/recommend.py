@@ -283,7 +283,7 @@ def measure_pairs(model: Model, sv, pairs: Sequence[tuple[int, str, float]], *, 
     rows = [(p, float(alpha), completion_seed(seed, p, c)) for _, p, alpha in pairs for c in range(n_completions)]
     meta = [(pi, c) for pi, _, _ in pairs for c in range(n_completions)]
     as_alphas([r[1] for r in rows] or [0.0])
-    done = generate_rows(model, sv.vector, sv.layer, rows, settings, batch_size=batch_size, progress=progress)
+    done = generate_rows(model, sv, rows, settings, batch_size=batch_size, progress=progress)
     frame = pd.DataFrame([dict(prompt_index=pi, prompt=p, alpha=alpha, completion_index=c, seed=s, **g)
                           for (p, alpha, s), (pi, c), g in zip(rows, meta, done)])
     prompt_ids = {p: model.token_ids(p, chat=chat) for _, p, _ in pairs}

@@ -454,8 +454,7 @@ def judge_texts(concept: str, fallback: tuple | None = None) -> tuple:
 
 def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: Sequence[str], labels: dict,
                   unit: str = "resid", positions: str = "all", grid: AlphaGrid | None = None, judges=None,
-                  judge_model=None, positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
-                  seed: int = 0, judge_device: str = "cpu", chunk: Chunk = compute_now, progress=no_progress,
+                  judge_model=None, texts: tuple | None = None, seed: int = 0, chunk: Chunk = compute_now, progress=no_progress,
                   on_vector: Callable[[dict], None] | None = None) -> StageResult:
     """Sampled steered completions of `prompts`, judged: concept_completions.jsonl, concept_scores.parquet,
     concept_curve.parquet and concept.json (per vector: the judge's held-out accuracy, the tanh fit, degeneration).
@@ -463,48 +462,54 @@ def concept_stage(model, vectors: Sequence, section: ConceptConfig, *, prompts: 
     Args:
         section: sizes (alpha_max, n_alphas, completions, max_new_tokens), sampling and the judge's name.
         judges: judge names or objects (judges.py); default: section.judge.
-        positive, negative: texts the judges are measured (and calibrated) on.
+        texts: (P, N), the texts the judges are measured (and calibrated) on.
         on_vector: called with each vector's summary when it is done (the CLI prints a table).
+    A layer's vectors (v and its random controls) are sampled in one decode loop: one resumable piece per layer.
     """
     import pandas as pd
 
+    from steerstrength.judges import judge_for
     from steerstrength.metrics.concept import concept_probability, curve_summary
 
     grid = grid or AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit=unit)
-    from steerstrength.judges import judge_for
-
+    positive, negative = texts or (None, None)
     concept = labels.get("concept", "")
     judges = [judge_for(concept, j) for j in (list(judges) if judges else [section.judge])]
     parts: dict[str, list] = {"completions": [], "scores": [], "curve": []}
     summary = {}
-    for sv in vectors:
-        def compute(sv=sv):
-            total = len(grid) * len(prompts) * section.completions * (1 + len(judges))
-            what = "" if direction_of(sv) == "v" else f", control {direction_of(sv)}"
-            with progress(f"{concept}: steered generations, layer {sv.layer}{what} (generate, then judge)",
+    layers = list(dict.fromkeys(sv.layer for sv in vectors))
+    for layer in layers:
+        group = [sv for sv in vectors if sv.layer == layer]
+
+        def compute(group=group):
+            per = [section.completions if direction_of(sv) == "v" or section.control_completions is None
+                   else section.control_completions for sv in group]
+            total = sum(per) * len(grid) * len(prompts) * (1 + len(judges))
+            what = "" if len(group) == 1 else f" and {len(group) - 1} random directions"
+            with progress(f"{concept}: steered generations, layer {layer}{what} (generate, then judge)",
                           total) as adv:
-                res = concept_probability(
-                    model, sv, concept, alphas=sv.raw_alphas(grid, model), prompts=list(prompts),
-                    n_completions=section.completions, max_new_tokens=section.max_new_tokens, judges=judges,
-                    judge_model=judge_model, positive=positive, negative=negative, temperature=section.temperature,
-                    top_p=section.top_p, top_k=section.top_k, seed=seed, chat=section.chat, positions=positions,
-                    setting=labels.get("setting", ""), batch_size=section.batch_size, holdout=section.holdout,
-                    judge_device=judge_device, fluency_tokens=section.fluency_tokens,
-                    fluency_texts_n=section.fluency_texts, progress=adv)
+                res = concept_probability(model, group, concept, section, alphas=grid, prompts=list(prompts),
+                                          judges=judges, judge_model=judge_model, positive=positive,
+                                          negative=negative, seed=seed, positions=positions,
+                                          setting=labels.get("setting", ""), progress=adv)
             return {"completions": res.completions, "scores": res.scores, "curve": res.curve,
                     "summary": pd.DataFrame([{"json": json.dumps(res.summary, default=str)}])}
 
-        done = chunk(piece_name(concept, sv), compute)
-        scale = sv.resid_scale(model)
-        for name in parts:
-            parts[name].append(add_resid_column(done[name].assign(layer=sv.layer, direction=direction_of(sv)), scale))
-        if direction_of(sv) != "v":  # a control's rows are in the tables (its false-positive rate); no summary
+        done = chunk(piece_name(concept, group[0], *([f"{len(group)}-directions"] if len(group) > 1 else [])),
+                     compute)
+        for sv in group:  # each direction's rows in residual units of its own vector
+            d, scale = direction_of(sv), sv.resid_scale(model)
+            for name in parts:
+                mine = done[name][done[name]["direction"] == d]
+                parts[name].append(add_resid_column(mine.assign(layer=sv.layer), scale))
+        v = next((sv for sv in group if direction_of(sv) == "v"), None)
+        if v is None:  # controls alone: their rows are in the tables (their false-positive rate); no summary
             continue
         # The fits are re-derived from the curve, so generations kept from an earlier run are analysed by this code.
-        summary[f"{concept}/{sv.layer}"] = dict(json.loads(done["summary"]["json"].iloc[0]),
-                                                curves=curve_summary(done["curve"]))
+        curve = done["curve"][done["curve"]["direction"] == "v"]
+        summary[f"{concept}/{layer}"] = dict(json.loads(done["summary"]["json"].iloc[0]), curves=curve_summary(curve))
         if on_vector is not None:
-            on_vector(summary[f"{concept}/{sv.layer}"])
+            on_vector(summary[f"{concept}/{layer}"])
     tables = {"concept_completions.jsonl": pd.concat(parts["completions"], ignore_index=True),
               "concept_scores.parquet": pd.concat(parts["scores"], ignore_index=True),
               "concept_curve.parquet": pd.concat(parts["curve"], ignore_index=True)}

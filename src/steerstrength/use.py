@@ -67,7 +67,7 @@ def generate_completions(model: Model, sv, prompts: Sequence[str], alphas, *, un
     if streamer is not None and len(rows) != 1:
         raise InputError(f"streaming shows one completion at a time; this call has {len(rows)} "
                          "(one prompt, one alpha, one completion)")
-    done = generate_rows(model, sv.vector, sv.layer, rows, settings.check(), progress=progress, streamer=streamer,
+    done = generate_rows(model, sv, rows, settings.check(), progress=progress, streamer=streamer,
                          batch_size=USE.batch_size if batch_size is None else int(batch_size))
     prompt_ids = {p: model.token_ids(p, chat=settings.chat) for p in prompts}
     completion_ids = [model.tokenizer(g["completion"], add_special_tokens=False)["input_ids"] for g in done]

@@ -54,13 +54,14 @@ RULES = {
     "concept probability rises under v": (SPECIFIC, f"the judge's rate at α_max exceeds its rate under random "
                                                     f"directions of the same strength (its false-positive baseline) by "
                                                     f"more than {CONCEPT_RISE_LEAD:.2f}"),
-    "Thm 3.6 (sigmoidal rise)": (GENERIC, "the pooled curve is monotone (|Spearman| ≥ 0.8) and sigmoidal (tanh fit "
-                                          "R² ≥ 0.8)"),
+    "Thm 3.6 (sigmoidal rise)": (GENERIC, "the pooled curve is monotone (|Spearman| ≥ 0.8, 95% interval over prompts) "
+                                          "and sigmoidal (tanh fit R² ≥ 0.8)"),
     "ΔCE curvature against controls": (SPECIFIC, f"log κ_v lies outside the random directions' log κ by more than "
                                                  f"log {CURVATURE_RATIO} (95% prediction interval of a random "
                                                  "direction)"),
     "Thm 3.8 (positive curvature)": (GENERIC, "the curvature of ΔCE at α = 0 is positive"),
-    "MMLU (Fig. A.6)": (GENERIC, "accuracy at both ends of the α grid is at most the unsteered accuracy"),
+    "MMLU (Fig. A.6)": (GENERIC, "accuracy at both ends of the α grid is at most the unsteered accuracy (the smaller "
+                                 "drop, 95% interval over questions, above 0)"),
 }
 
 
@@ -212,6 +213,65 @@ def outlier_verdict(v_value: float, control_values: Sequence[float], ratio: floa
                 controls=float(np.exp(c.mean())), controls_sd=float(c.std(ddof=1)), v=float(v_value), n_controls=k)
 
 
+SIGMOID_SPEARMAN, SIGMOID_R2 = 0.8, 0.8  # Thm 3.6's rule (report.rule_concept): |Spearman| and tanh R^2 of the curve
+
+
+def sigmoid_verdict(rows, cur: dict, *, n_boot: int, seed: int) -> dict:
+    """Generic, Thm 3.6: the pooled curve's |Spearman(alpha, p)| over its non-degenerate fit range with a bootstrap
+    95% interval over prompts (the curve recomputed from resampled prompts), against SIGMOID_SPEARMAN; the tanh fit's
+    R^2 (a point estimate: one fit per resample would cost 12 starts each) must reach SIGMOID_R2 for "agrees".
+    `rows`: concept_scores rows of one (layer, judge) and one direction or the controls pooled; `cur`: their
+    curve_summary entry."""
+    from scipy.stats import spearmanr
+
+    span = cur.get("fit_range")
+    fit = cur.get("tanh_fit_nondegenerate") or cur.get("tanh_fit") or {}
+    r2 = fit.get("r2")
+    rho = cur.get("spearman_rho_nondegenerate", cur.get("spearman_rho"))
+    est = abs(rho) if rho is not None and math.isfinite(rho) else math.nan
+    base = dict(estimate=est, low=math.nan, high=math.nan, threshold=SIGMOID_SPEARMAN, r2=r2,
+                n=int(rows["prompt_index"].nunique()))
+    if span is None or r2 is None or not math.isfinite(est):
+        return dict(base, verdict=INCONCLUSIVE, n_more=math.inf)
+    inside = rows[rows["alpha"].between(*span)]
+    rate = inside.groupby(["prompt_index", "alpha"])["judged"].mean().unstack("alpha")  # [prompts, alphas]
+    R, alphas = rate.to_numpy(dtype=np.float64), rate.columns.to_numpy(dtype=np.float64)
+    if R.shape[0] < MIN_UNITS or R.shape[1] < 3:
+        return dict(base, verdict=INCONCLUSIVE, n_more=_more(est, -math.inf, math.inf, SIGMOID_SPEARMAN, R.shape[0]))
+    rng = np.random.default_rng(seed)
+    curves = np.nanmean(R[rng.integers(0, R.shape[0], size=(n_boot, R.shape[0]))], axis=1)  # [n_boot, alphas]
+    flat = np.ptp(curves, axis=1) == 0  # a flat resampled curve rises nowhere: |rho| = 0
+    rho_b = np.zeros(n_boot)
+    if (~flat).any():
+        ranked = spearmanr(np.vstack([alphas, curves[~flat]]), axis=1).statistic
+        rho_b[~flat] = np.abs(np.atleast_2d(ranked)[0, 1:])
+    low, high = float(np.quantile(rho_b, 0.025)), float(np.quantile(rho_b, 0.975))
+    verdict = decide(low, high, SIGMOID_SPEARMAN)
+    if verdict == AGREES and r2 < SIGMOID_R2:
+        verdict = INCONCLUSIVE  # monotone beyond doubt, but the tanh does not fit the mean curve (yet)
+    return dict(base, verdict=verdict, low=low, high=high,
+                n_more=_more(est, low, high, SIGMOID_SPEARMAN, R.shape[0]) if verdict == INCONCLUSIVE else 0.0)
+
+
+def accuracy_drop_verdict(per_question, *, n_boot: int, seed: int) -> dict:
+    """Generic, Fig. A.6: the smaller of the accuracy drops at the two ends of the grid (unsteered minus steered),
+    paired over questions, with a bootstrap 95% interval over questions; agrees when the interval is above 0 (both
+    ends cost accuracy), disagrees when below. `per_question`: [questions, 2] drops (0/1 differences) at the ends."""
+    d = np.asarray(per_question, dtype=np.float64)
+    d = d[np.isfinite(d).all(axis=1)]
+    n = d.shape[0]
+    if n == 0:
+        return dict(verdict=INCONCLUSIVE, estimate=math.nan, low=math.nan, high=math.nan, threshold=0.0, n=0,
+                    n_more=math.inf)
+    est = float(d.mean(axis=0).min())
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, n, size=(n_boot, n))].mean(axis=1).min(axis=1)
+    low, high = float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+    verdict = decide(low, high, 0.0) if n >= MIN_UNITS else INCONCLUSIVE
+    return dict(verdict=verdict, estimate=est, low=low, high=high, threshold=0.0, n=n,
+                n_more=_more(est, low, high, 0.0, n) if verdict == INCONCLUSIVE else 0.0)
+
+
 # ----------------------------------------------------------------------------- statistics per unit, from the tables
 
 
@@ -323,7 +383,6 @@ def concept_verdicts(concept: str, scores, *, n_boot: int, seed: int) -> list[Ve
     """The judge's rate at alpha_max under v against random directions' (per prompt), and Thm 3.6's rule for v and
     for the controls (generic). `scores`: concept_scores rows of every direction."""
     from steerstrength.metrics.concept import concept_curve, curve_summary
-    from steerstrength.report import rule_concept
 
     out = []
     for (layer, judge), g in scores.groupby(["layer", "judge"]):
@@ -346,16 +405,13 @@ def concept_verdicts(concept: str, scores, *, n_boot: int, seed: int) -> list[Ve
             if rows.empty:
                 continue
             cur = next(iter(curve_summary(concept_curve(rows.drop(columns=["direction"]))).values()))
-            ok = rule_concept(cur)
-            r2 = ((cur.get("tanh_fit_nondegenerate") or cur.get("tanh_fit") or {}).get("r2"))
-            rho = cur.get("spearman_rho_nondegenerate", cur.get("spearman_rho"))
-            res = dict(verdict={True: AGREES, False: DISAGREES, None: INCONCLUSIVE}[ok], estimate=math.nan,
-                       low=math.nan, high=math.nan, threshold=0.8, n=int(rows["prompt_index"].nunique()),
-                       n_more=0.0 if ok is not None else math.inf, n_controls=len(controls))
+            res = dict(sigmoid_verdict(rows, cur, n_boot=n_boot, seed=seed), n_controls=len(controls))
             fit = cur.get("tanh_fit_nondegenerate") or cur.get("tanh_fit") or {}
             status = "" if fit.get("status") in (None, "ok") else f" (tanh fit: {fit['status']})"
-            why = (f"{judge} judge, {'v' if direction == 'v' else 'random directions pooled'}: Spearman "
-                   f"{num(rho)}, tanh R² {num(r2)}{status}")
+            span = (f" [{res['low']:.2f}, {res['high']:.2f}] over {res['n']} prompts"
+                    if math.isfinite(res["low"]) else "")
+            why = (f"{judge} judge, {'v' if direction == 'v' else 'random directions pooled'}: |Spearman| "
+                   f"{num(res['estimate'])}{span}, tanh R² {num(res['r2'])}{status}")
             out.append(_row(concept, layer, "Thm 3.6 (sigmoidal rise)", direction, res, why, "prompts"))
     return out
 
@@ -390,8 +446,26 @@ def xent_verdicts(summary: dict) -> list[Verdict]:
     return out
 
 
-def mmlu_verdicts(mmlu) -> list[Verdict]:
-    """Fig. A.6's rule for v and for each random direction (generic): steering hard costs accuracy in any direction?"""
+def question_drops(questions) -> dict:
+    """{direction: [questions, 2]}: per question, correct at alpha = 0 minus correct at each end of the grid (the
+    questions every alpha of the direction answered); `questions`: mmlu_questions rows of one (concept, layer)."""
+    out = {}
+    for direction, d in questions.groupby("direction"):
+        wide = d.pivot_table(index=["subject", "question_index"], columns="alpha", values="correct", aggfunc="first")
+        wide = wide.dropna()
+        if 0.0 not in wide.columns or wide.shape[1] < 3:
+            continue
+        c = wide.to_numpy(dtype=np.float64)
+        zero = c[:, list(wide.columns).index(0.0)][:, None]
+        out[direction] = zero - c[:, [0, -1]]
+    return out
+
+
+def mmlu_verdicts(mmlu, questions=None, *, n_boot: int = 2000, seed: int = 0) -> list[Verdict]:
+    """Fig. A.6's rule for v and for the random directions (generic): does steering hard cost accuracy in any
+    direction? With the per-question table, the smaller of the two end drops with a paired bootstrap interval over
+    questions (the controls' drops averaged over directions per question); else the share of directions whose both
+    ends are at most the unsteered accuracy."""
     out = []
     acc = mmlu[mmlu["subject"] == "ALL"] if "subject" in mmlu.columns else mmlu
     for (concept, layer), g in acc.groupby(["concept", "layer"]):
@@ -406,19 +480,36 @@ def mmlu_verdicts(mmlu) -> list[Verdict]:
             if "ci_low" in zero.columns and "random_guess" in zero.columns:  # report.rule_mmlu's "unclear"
                 at_chance |= bool(zero["ci_low"].iloc[0] <= zero["random_guess"].iloc[0])
         controls = [h for d, h in holds.items() if d != "v"]
+        drops = {}
+        if questions is not None:
+            q = questions[(questions["concept"] == concept) & (questions["layer"] == layer)]
+            drops = question_drops(q)
+        random_drops = [x for d, x in drops.items() if d != "v"]
+        if random_drops and len({x.shape for x in random_drops}) == 1:
+            drops["random"] = np.mean(random_drops, axis=0)
         for direction, values in (("v", [holds["v"]] if "v" in holds else []), ("random", controls)):
             if not values:
                 continue
             share = float(np.mean(values))
-            word = AGREES if share == 1 else DISAGREES if share == 0 else INCONCLUSIVE
-            res = dict(verdict=INCONCLUSIVE if at_chance else word, estimate=share,
-                       low=math.nan, high=math.nan, threshold=1.0, n=len(values), n_more=math.nan,
-                       n_controls=len(controls))
-            why = (f"accuracy at both ends ≤ unsteered for {sum(values)} of {len(values)} "
-                   f"{'(v)' if direction == 'v' else 'random directions'}"
-                   + ("; the unsteered accuracy's 95% interval reaches random guessing: no skill for steering to "
-                      "remove" if at_chance else ""))
-            out.append(_row(concept, layer, "MMLU (Fig. A.6)", direction, res, why, "directions"))
+            who = "(v)" if direction == "v" else "random directions"
+            if direction in drops:
+                res = accuracy_drop_verdict(drops[direction], n_boot=n_boot, seed=seed)
+                why = (f"accuracy drop at the grid's ends (the smaller of the two, paired over {res['n']} questions"
+                       f"{', averaged over the directions' if direction == 'random' else ''}): {res['estimate']:+.2f} "
+                       f"[{res['low']:+.2f}, {res['high']:+.2f}]; both ends ≤ unsteered for {sum(values)} of "
+                       f"{len(values)} {who}")
+            else:
+                word = AGREES if share == 1 else DISAGREES if share == 0 else INCONCLUSIVE
+                res = dict(verdict=word, estimate=share, low=math.nan, high=math.nan, threshold=1.0, n=len(values),
+                           n_more=math.nan)
+                why = f"accuracy at both ends ≤ unsteered for {sum(values)} of {len(values)} {who}"
+            if at_chance:
+                res["verdict"] = INCONCLUSIVE
+                why += ("; the unsteered accuracy's 95% interval reaches random guessing: no skill for steering to "
+                        "remove")
+            res["n_controls"] = len(controls)
+            out.append(_row(concept, layer, "MMLU (Fig. A.6)", direction, res, why,
+                            "questions" if direction in drops else "directions"))
     return out
 
 
@@ -465,7 +556,8 @@ def run_verdicts(run) -> "pd.DataFrame":
     if xent:
         rows += xent_verdicts(xent)
     if run.has_directions("mmlu"):
-        rows += mmlu_verdicts(run.table("mmlu", direction=None))
+        questions = run.table("mmlu_questions", direction=None) if run.has_directions("mmlu_questions") else None
+        rows += mmlu_verdicts(run.table("mmlu", direction=None), questions, n_boot=n_boot, seed=seed)
     columns = [f for f in Verdict.__dataclass_fields__]
     return pd.DataFrame([asdict(r) for r in rows], columns=columns)
 

@@ -126,8 +126,8 @@ def sweep_concept(
               for name in judge]
     with run.folder():
         result = concept_stage(st.model, st.steered(cfg, run.controls, seed), size, prompts=prompt_list, labels=st.labels,
-                               positions=steered.positions, grid=alphas, judges=judges, judge_model=judge_lm, positive=pos,
-                               negative=neg, seed=seed, progress=progress_bar, on_vector=_concept_table)
+                               positions=steered.positions, grid=alphas, judges=judges, judge_model=judge_lm,
+                               texts=(pos, neg), seed=seed, progress=progress_bar, on_vector=_concept_table)
         header = st.header(run.start, metric="concept_probability", preset=run.preset, judges=list(judge),
                            judge_model=judge_lm.name if judge_lm is not None else None,
                            sizes=dict(n_alphas=len(alphas), n_prompts=len(prompt_list), completions=size.completions,

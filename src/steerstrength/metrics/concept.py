@@ -47,31 +47,14 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from steerstrength.errors import InputError
-from steerstrength.grid import default_alphas
 from steerstrength.models import Model
 from steerstrength.sampling import sample_rows
-from steerstrength.steering import as_alphas, check_layer, check_positions, vector_of
+from steerstrength.steering import as_alphas, check_layer, check_positions
 
 if TYPE_CHECKING:
     import pandas as pd
 
-# Our own wording: short, open-ended, emotionally neutral prompts that leave room for any concept.
-DEFAULT_PROMPTS = (
-    "Tell me about your day.",
-    "What do you think about the weather lately?",
-    "Describe the house you grew up in.",
-    "Write a short note to a friend.",
-    "What are you planning for the weekend?",
-    "Describe your morning routine.",
-    "Tell me a short story about a dog.",
-    "What is your favourite meal, and why?",
-    "Describe a walk through a city park.",
-    "What did you learn this week?",
-    "Write a few sentences about the ocean.",
-    "How would you spend a free afternoon?",
-)
-
-DEFAULT_ALPHAS = tuple(default_alphas("concept").tolist())
+    from steerstrength.config import ConceptConfig
 
 Z95 = 1.959963984540054
 
@@ -120,11 +103,24 @@ class SamplingSettings:
         return self
 
 
-def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], settings: SamplingSettings, *,
+def one_layer(vectors) -> tuple[list, int]:
+    """(the SteeringVectors as a list, their one layer): one decode loop steers one block."""
+    from steerstrength.vectors import SteeringVector
+
+    svs = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
+    if not svs or not all(isinstance(sv, SteeringVector) for sv in svs):
+        raise InputError("give a SteeringVector or a list of them (ss.SteeringVectors.load(FILE)[layer])")
+    layers = sorted({sv.layer for sv in svs})
+    if len(layers) != 1:
+        raise InputError(f"the vectors steer layers {layers}; one decode loop steers one layer: give them apart")
+    return svs, layers[0]
+
+
+def generate_rows(model: Model, vectors, rows: Sequence[tuple], settings: SamplingSettings, *,
                   batch_size: int = 64, read_tokens: int = 0, progress: Callable | None = None,
                   streamer=None) -> list[dict]:
-    """Completions of (prompt, alpha, seed) rows, or of (prompt, vector_index, alpha, seed) rows when `vector` is a
-    stacked [n_vectors, d] tensor (or a list of vectors): the concept direction and its random controls, every
+    """Completions of (prompt, alpha, seed) rows steered by one SteeringVector, or of (prompt, vector_index, alpha,
+    seed) rows over a list of SteeringVectors of one layer: the concept direction and its random controls, every
     alpha and completion, share one batched decode loop (sampling.sample_steered).
 
     Each row samples from its own generator, so its text depends on its (prompt, vector, alpha, seed) and the
@@ -138,12 +134,13 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
     from steerstrength.sampling import as_vectors
 
     settings.check(batch_size)
-    vectors = as_vectors(model, vector)
+    svs, layer = one_layer(vectors)
+    stacked = as_vectors(model, [sv.vector for sv in svs])
     check_layer(model, layer)
     rows = [tuple(r) if len(r) == 4 else (r[0], 0, r[1], r[2]) for r in rows]
-    bad = [r for r in rows if not 0 <= int(r[1]) < len(vectors)]
+    bad = [r for r in rows if not 0 <= int(r[1]) < len(svs)]
     if bad:
-        raise InputError(f"a row names vector {bad[0][1]} but {len(vectors)} vector(s) were given")
+        raise InputError(f"a row names vector {bad[0][1]} but {len(svs)} vector(s) were given")
     if settings.chat and not model.has_chat_template:
         raise InputError(f"{model.name} has no chat template; run without the chat template (--no-chat)")
     stops = stop_ids(model)
@@ -159,7 +156,7 @@ def generate_rows(model: Model, vector, layer: int, rows: Sequence[tuple], setti
                                                     float(rows[i][2])))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        for i, s in zip(idx, _sample_batch(model, ids, [rows[i] for i in idx], vectors, layer, settings, stops,
+        for i, s in zip(idx, _sample_batch(model, ids, [rows[i] for i in idx], stacked, layer, settings, stops,
                                            read_tokens, streamer)):
             out[i] = {"completion": s["text"], "n_new_tokens": s["n_tokens"], "finish": s["finish"]}
             if "nll" in s:
@@ -199,10 +196,9 @@ def _sample_batch(model: Model, ids: dict, rows: Sequence[tuple], vectors, layer
             for d in done]
 
 
-def regenerate(model: Model, vector, layer: int, prompt: str, alpha: float, seed: int,
-               settings: SamplingSettings) -> str:
+def regenerate(model: Model, sv, prompt: str, alpha: float, seed: int, settings: SamplingSettings) -> str:
     """One completion again, alone, from its recorded (prompt, alpha, seed) and the run's settings."""
-    return generate_rows(model, vector, layer, [(prompt, float(alpha), int(seed))], settings)[0]["completion"]
+    return generate_rows(model, sv, [(prompt, float(alpha), int(seed))], settings)[0]["completion"]
 
 
 # ----------------------------------------------------------------------------- degeneration
@@ -531,51 +527,71 @@ def _judges(judges, judge_model, device: str):
     return out
 
 
-def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS,
-                        prompts: Sequence[str] | None = None, n_completions: int = 32, max_new_tokens: int = 64,
-                        judges=("lexicon",), judge_model: Model | None = None,
-                        positive: Sequence[str] | None = None, negative: Sequence[str] | None = None,
-                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                        chat: bool | None = None,
-                        positions: str = "all", setting: str = "", batch_size: int = 64, holdout: float = 0.5,
-                        judge_device: str = "cpu", fluency_tokens: int = 16, fluency_texts_n: int = 16,
+def concept_probability(model: Model, vectors, concept: str, section: "ConceptConfig | None" = None, *,
+                        alphas=None, prompts: Sequence[str] | None = None, judges=None, judge_model: Model | None = None,
+                        positive: Sequence[str] | None = None, negative: Sequence[str] | None = None, seed: int = 0,
+                        positions: str = "all", setting: str = "", judge_device: str = "cpu",
                         progress: Callable | None = None) -> ConceptResult:
     """Sec. 5: fraction of sampled steered completions a judge finds `concept` in, per alpha (Thm 3.6).
 
     Args:
-        sv: a SteeringVector, which knows its layer.
+        vectors: a SteeringVector, or several of one layer (the concept's direction and its random controls: one
+            decode loop samples them all; the tables' `direction` column tells them apart, the summary is the
+            first one's).
         concept: what the judges look for.
-        alphas: raw alphas (default: 41 in [-40, 40]; `sv.raw_alphas(grid)` converts an AlphaGrid in resid units).
-        prompts: the prompts completed (default: metrics.concept.DEFAULT_PROMPTS); n_completions per prompt and alpha.
-        judges: names from judges.JUDGES or Judge objects (the llm judge asks `judge_model`, by default the
-            steered model itself, unsteered).
+        section: sizes, sampling, judge and fluency settings (config.ConceptConfig; default: its defaults, the run's).
+        alphas: an AlphaGrid (each vector's raw alphas from it) or raw alphas; default: the section's grid, in
+            residual units (the run's stage grid).
+        prompts: the prompts completed (default: the section's n_prompts evaluation prompts, the run's);
+            section.completions per prompt and alpha.
+        judges: names from judges.JUDGES or Judge objects (default: section.judge; the llm judge asks `judge_model`,
+            by default the steered model itself, unsteered).
         positive, negative: P and N texts: calibrate the embedding judge and give every judge's held-out accuracy.
-        seed: completion seeds derive from (seed, prompt, index), the same for every alpha.
-        fluency_tokens: the first this many tokens of each completion are read by the unsteered model; a mean NLL
-            above the threshold calibrated on `fluency_texts_n` fluent texts and their shuffles marks it degenerate
-            (0: the repetition and non-word rules only).
+        seed: completion seeds derive from (seed, prompt, index), the same for every alpha and vector.
         progress: called with the number of completions generated, then judged by each judge.
+
+    The fluency check reads each completion's first section.fluency_tokens tokens with the unsteered model; a mean
+    NLL above the threshold calibrated on section.fluency_texts fluent texts and their shuffles marks it degenerate
+    (fluency_tokens 0: the repetition and non-word rules only).
 
     Example::
 
-        res = ss.concept_probability(model, sv[28], "joy", alphas=[-200.0, 0.0, 200.0], n_completions=4)
+        res = ss.concept_probability(model, sv[28], "joy", alphas=[-200.0, 0.0, 200.0])
         res.curve                                # judge, scope, alpha, k, n, p, ci_low, ci_high, mean_score
     """
     import pandas as pd
 
+    from steerstrength.config import ConceptConfig
+    from steerstrength.grid import AlphaGrid
     from steerstrength.judges import judge_accuracy
+    from steerstrength.prompts import evaluation_prompts
+    from steerstrength.vectors import direction_of
 
+    section = section or ConceptConfig()
+    svs, layer = one_layer(vectors)
+    if alphas is None:
+        alphas = AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit="resid")
+    raw = [as_alphas(sv.raw_alphas(alphas, model) if isinstance(alphas, AlphaGrid) else alphas).tolist()
+           for sv in svs]
+    directions = [direction_of(sv) for sv in svs]
+    if len(set(directions)) != len(directions):
+        raise InputError(f"the vectors' directions repeat ({', '.join(directions)}); give each direction once")
+    n_completions, judges = section.completions, judges or [section.judge]
+    # The random directions' completions: their rate is a baseline (the judge's false positives), not the curve.
+    per_direction = [n_completions if d == "v" or section.control_completions is None
+                     else section.control_completions for d in directions]
     t_start = time.perf_counter()
-    v, layer = vector_of(model, sv)
-    a = as_alphas(alphas).tolist()
-    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    check_layer(model, layer)
+    prompts = list(evaluation_prompts("train")[:section.n_prompts] if prompts is None else prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise InputError("the prompt list is empty or has an empty prompt; give non-empty prompts")
-    if n_completions < 1:
-        raise InputError(f"n_completions must be at least 1, not {n_completions}")
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                chat=model.has_chat_template if chat is None else bool(chat),
-                                positions=positions).check(batch_size)
+    if min(per_direction) < 1:
+        raise InputError(f"concept.completions and concept.control_completions must be at least 1, not "
+                         f"{min(per_direction)}")
+    settings = SamplingSettings(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                                top_p=section.top_p, top_k=section.top_k,
+                                chat=model.has_chat_template if section.chat is None else bool(section.chat),
+                                positions=positions).check(section.batch_size)
     judge_objs = _judges(judges, judge_model if judge_model is not None else model, judge_device)
     for j in judge_objs:
         j.check(concept)
@@ -588,21 +604,28 @@ def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS
     accuracy = {}
     if have_pn:
         for j in judge_objs:
-            accuracy[j.name] = judge_accuracy(j, concept, positive, negative, holdout=holdout, seed=seed).to_dict()
+            accuracy[j.name] = judge_accuracy(j, concept, positive, negative, holdout=section.holdout,
+                                              seed=seed).to_dict()
 
     if len(set(prompts)) != len(prompts):
-        raise InputError("the prompt list repeats a prompt; give each prompt once (raise n_completions for more samples)")
-    rows = [(p, alpha, completion_seed(seed, p, c)) for p in prompts for alpha in a for c in range(n_completions)]
-    meta = [(pi, c) for pi, _ in enumerate(prompts) for _ in a for c in range(n_completions)]
+        raise InputError("the prompt list repeats a prompt; give each prompt once (raise concept.completions for more samples)")
+    # Vector by vector, then prompt, alpha, completion: each vector's rows are the rows it would have alone
+    # (common random numbers across alphas and vectors), sampled together.
+    rows = [(p, k, alpha, completion_seed(seed, p, c)) for k in range(len(svs)) for p in prompts for alpha in raw[k]
+            for c in range(per_direction[k])]
+    meta = [(directions[k], pi, c) for k in range(len(svs)) for pi, _ in enumerate(prompts) for _ in raw[k]
+            for c in range(per_direction[k])]
+    fluency_tokens = section.fluency_tokens
     t0 = time.perf_counter()
-    generated = generate_rows(model, v, layer, rows, settings, batch_size=batch_size, read_tokens=fluency_tokens,
+    generated = generate_rows(model, svs, rows, settings, batch_size=section.batch_size, read_tokens=fluency_tokens,
                               progress=progress)
     read_nll = [g.pop("nll", None) for g in generated]
     gen_seconds = time.perf_counter() - t0
     base = dict(model=model.name, concept=concept, layer=layer, setting=setting)
     completions = pd.DataFrame([
-        dict(base, completion_id=i, alpha=alpha, prompt_index=pi, prompt=prompt, completion_index=ci, seed=s, **g)
-        for i, ((prompt, alpha, s), (pi, ci), g) in enumerate(zip(rows, meta, generated))
+        dict(base, direction=d, completion_id=i, alpha=alpha, prompt_index=pi, prompt=prompt, completion_index=ci,
+             seed=s, **g)
+        for i, ((prompt, _, alpha, s), (d, pi, ci), g) in enumerate(zip(rows, meta, generated))
     ])
 
     texts = completions["completion"].tolist()
@@ -611,8 +634,8 @@ def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS
         completions[col] = measures[col].to_numpy()
     fluency, t0 = None, time.perf_counter()
     if fluency_tokens > 0:  # gibberish is never the concept: the unsteered model's reading of each completion
-        fluency = calibrate_fluency(model, chat=settings.chat, n_texts=fluency_texts_n, max_tokens=fluency_tokens,
-                                    seed=seed)
+        fluency = calibrate_fluency(model, chat=settings.chat, n_texts=section.fluency_texts,
+                                    max_tokens=fluency_tokens, seed=seed)
         # Read during the decode (blocks l+1.. only) where the engine did; else teacher-forced from the text.
         completions["nll"] = read_nll if all(x is not None for x in read_nll) else \
             mean_nll(model, completions["prompt"].tolist(), texts, chat=settings.chat, max_tokens=fluency_tokens)
@@ -632,7 +655,8 @@ def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS
         s = np.concatenate(chunks) if chunks else np.zeros(0)
         judge_seconds[j.name] = time.perf_counter() - t0
         completions[f"score_{j.name}"] = s
-        frame = completions[["completion_id", "model", "concept", "layer", "setting", "alpha", "prompt_index",
+        frame = completions[["completion_id", "model", "concept", "layer", "setting", "direction", "alpha",
+                             "prompt_index",
                              "completion_index", "seed", *DEGENERATION_COLUMNS,
                              *[c for c in FLUENCY_COLUMNS if c in completions]]].copy()
         frame["judge"] = j.name
@@ -640,7 +664,7 @@ def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS
         frame["judged"] = s >= j.threshold
         score_frames.append(frame)
     scores = pd.concat(score_frames, ignore_index=True)
-    curve = concept_curve(scores)
+    curve = concept_curve(scores, group=("direction", "judge"))
     curve = curve.assign(**base)[list(base) + list(curve.columns)]
 
     notes, answer_mass = [], {}
@@ -649,7 +673,7 @@ def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS
         if mean_mass < 0.5:
             notes.append(f"the {name} judge put only {mean_mass:.2f} of its next-token mass on '1'/'0' on "
                          "average: it may not be following the question; try a stronger --judge-model")
-    curves = curve_summary(curve)
+    curves = curve_summary(curve[curve["direction"] == directions[0]])
     first = next(iter(curves.values()))  # degeneration is a property of the completions, not of the judge
     if first["degenerate_alphas"]:
         where = ("no alpha is left to fit" if first["fit_range"] is None else
@@ -658,11 +682,13 @@ def concept_probability(model: Model, sv, concept: str, *, alphas=DEFAULT_ALPHAS
                      f"(repetition or non-words; rule: {DEGENERATION_RULE}): {where}")
     summary = {
         "metric": "concept_probability", "model": model.name, "model_fingerprint": model.fingerprint(),
-        "concept": concept, "layer": layer, "setting": setting, "alphas": a, "prompts": prompts,
-        "n_completions": n_completions, "seed": seed, "batch_size": batch_size,
+        "concept": concept, "layer": layer, "setting": setting, "alphas": raw[0], "prompts": prompts,
+        "directions": directions, "n_completions": n_completions,
+        "n_completions_per_direction": dict(zip(directions, per_direction)), "seed": seed, "batch_size": section.batch_size,
         "sampling": dataclasses.asdict(settings),
-        "reproduce": "a completion is regenerated by steerstrength.metrics.concept.regenerate(model, vector, layer, "
-                     "prompt, alpha, seed, SamplingSettings(**sampling)) with the same model, dtype and device",
+        "reproduce": "a completion is regenerated by steerstrength.metrics.concept.regenerate(model, sv, prompt, "
+                     "alpha, seed, SamplingSettings(**sampling)) with its direction's vector and the same model, "
+                     "dtype and device",
         "judges": {j.name: j.describe() for j in judge_objs},
         "judge_accuracy": accuracy,
         "judge_answer_mass": answer_mass,
