@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from steerstrength import difference_of_means
+from steerstrength import difference_of_means, generate_completions
 from steerstrength.metrics.concept import SamplingSettings, degeneration
 from steerstrength.steering import steer
 from cliutil import error_lines, run_cli
@@ -30,7 +30,7 @@ def sv(model):
 
 @pytest.fixture(scope="module")
 def frame(model, sv):
-    return sv[2].generate(model, PROMPTS, [0.0, 1.0, 4.0], unit="resid", settings=SETTINGS, seed=3)
+    return generate_completions(model, sv[2], PROMPTS, [0.0, 1.0, 4.0], unit="resid", settings=SETTINGS, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_every_alpha_shares_one_batched_generation(model, sv, monkeypatch):
     calls = []
     real = sampling.sample_steered
     monkeypatch.setattr(sampling, "sample_steered", lambda *a, **k: calls.append([r[2] for r in a[2]]) or real(*a, **k))
-    sv[2].generate(model, PROMPTS, [0.0, 0.5, 1.0], unit="raw", settings=SETTINGS, completions=2)
+    generate_completions(model, sv[2], PROMPTS, [0.0, 0.5, 1.0], unit="raw", settings=SETTINGS, completions=2)
     assert len(calls) == 1 and sorted(set(calls[0])) == [0.0, 0.5, 1.0] and len(calls[0]) == 2 * 3 * 2
 
 
@@ -60,10 +60,10 @@ def test_alphas_are_in_the_unit_asked_and_both_columns_are_kept(frame, sv):
 
 
 def test_a_completion_depends_on_its_seed_not_on_the_batch(model, sv, frame):
-    alone = sv[2].generate(model, ["the cat"], [4.0], unit="resid", settings=SETTINGS, seed=3)
+    alone = generate_completions(model, sv[2], ["the cat"], [4.0], unit="resid", settings=SETTINGS, seed=3)
     both = frame[(frame["prompt"] == "the cat") & (frame["alpha_resid"] == 4.0)]
     assert alone["completion"].iloc[0] == both["completion"].iloc[0]
-    other_seed = sv[2].generate(model, PROMPTS, [0.0, 1.0, 4.0], unit="resid", settings=SETTINGS, seed=4)
+    other_seed = generate_completions(model, sv[2], PROMPTS, [0.0, 1.0, 4.0], unit="resid", settings=SETTINGS, seed=4)
     assert other_seed["completion"].tolist() != frame["completion"].tolist()
 
 

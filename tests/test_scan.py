@@ -128,11 +128,13 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
-def test_api_layers_auto_adds_the_scanned_layer():
+def test_api_layers_auto_is_the_scan_s_pick_given_as_a_number():
     model = tiny_model("llama")
-    sv = difference_of_means(model, P + HP, N + HN, "auto,0")
     chosen = scan_layers(model, P + HP, N + HN).chosen
-    assert sv.meta["auto_layer"] == chosen and sv.layers == sorted({0, chosen})
+    sv = difference_of_means(model, P + HP, N + HN, [0, chosen])
+    assert sv.layers == sorted({0, chosen})
+    with pytest.raises(InputError, match="scan_layers"):
+        difference_of_means(model, P + HP, N + HN, "auto,0")
 
 
 def test_cli_vectors_layers_auto_and_vectors_scan(tiny_dir, tmp_path, monkeypatch, capsys):

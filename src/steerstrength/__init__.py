@@ -27,6 +27,7 @@ from steerstrength.metrics.xent import cross_entropy_curve
 from steerstrength.metrics.concept import concept_probability
 from steerstrength.metrics.mmlu import mmlu_accuracy
 from steerstrength.recommend import recommend_alpha
+from steerstrength.use import generate_completions
 from steerstrength.plots import draw_all
 from steerstrength.report import write_report
 from steerstrength.pipeline import run_pipeline
@@ -45,6 +46,7 @@ __all__ = [
     "next_token_probs",
     "steer",
     "steered_generate",
+    "generate_completions",
     "SteeringVectors",
     "difference_of_means",
     "random_controls",

@@ -20,7 +20,6 @@ from steerstrength.run_tables import RunTables
 from steerstrength.verdicts import (RULE_CURVATURE, RULE_MMLU, RULE_PLATEAU, RULE_TOKENS, fmt, judge_caveat,
                                     plateau_growth, rule_concept, rule_concept_text, rule_curvature, rule_limit,
                                     rule_limit_text, rule_mmlu, rule_plateau, rule_tokens)
-from steerstrength.verdicts import _key  # noqa: F401 - verdicts.xent_verdicts still imports it from here
 
 EXPLORER_ALPHAS = 61  # alpha points per slider (subsampled from the sweep's grid; 0 always kept)
 EXPLORER_TOKENS = 32  # tokens kept per (concept, layer, context): the union of the top ones along the slider

@@ -65,20 +65,10 @@ class SteeringVector:
 
         return steer(model, self.vector, self.layer, alpha, positions)
 
-    def generate(self, model: Model, prompts, alphas, *, unit: str = "raw", completions: int | None = None,
-                 settings=None, seed: int | None = None, streamer=None, progress=None):
-        """Steered completions side by side: a DataFrame, one row per (prompt, alpha, completion), each with its
-        per-token KL to the unsteered model and the degeneration verdict (use.generate_completions). All alphas
-        share one batched generation (alpha per row); `unit` "resid" reads alphas in residual units.
-
-        Example::
-
-            sv.generate(model, ["Tell me about your day."], [0, 0.5, 1], unit="resid")[["alpha", "completion"]]
-        """
-        from steerstrength.use import generate_completions
-
-        return generate_completions(model, self, prompts, alphas, unit=unit, completions=completions,
-                                    settings=settings, seed=seed, streamer=streamer, progress=progress)
+    @property
+    def direction(self) -> str:
+        """The tables' `direction` column: "v" for the concept's own vector, "random-k" for a control."""
+        return direction_of(self)
 
     def norm(self) -> torch.Tensor:
         """||v|| (a 0-d tensor, as the tensor's own .norm())."""
@@ -147,8 +137,7 @@ def _check_residual_norms(norms) -> None:
 
 def direction_of(sv) -> str:
     """A vector's `direction` column: "v" for the concept's own vector, "random-k" for a control (random_controls)."""
-    meta = getattr(sv, "meta", None) or {}
-    return str(meta.get("direction", "v"))
+    return str((getattr(sv, "meta", None) or {}).get("direction", "v"))
 
 
 def control_seed(seed: int, concept: str, layer: int) -> int:
@@ -701,8 +690,8 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
 
     Args:
         positive, negative: texts, or prompt-set rows with a "text" field (at least 2 each).
-        layers: ints, or a spec such as "5,15,25", "middle", "early,middle,late", "all"; "auto" adds the layer
-            scan's pick on these texts (every third held out; scan.py), recorded as meta["auto_layer"].
+        layers: ints, or a spec such as "5,15,25", "middle", "early,middle,late", "all" (the layer scan's pick:
+            scan.scan_layers(model, P, N).chosen; the vectors stage records it as meta["auto_layer"]).
         skip_first_token: leave position 0 (the attention sink) out of each text's average.
         normalize: scale each vector to unit norm.
         resamples: K > 0 adds K bootstrap replicates per layer (`.resamples[layer]`, [K, d]) for error bars.
@@ -715,19 +704,12 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
     """
     positive = [t if isinstance(t, str) else t["text"] for t in positive]
     negative = [t if isinstance(t, str) else t["text"] for t in negative]
-    scanned = None
     items = [x.strip() for x in layers.split(",")] if isinstance(layers, str) else (
         [layers] if isinstance(layers, int) else list(layers))
-    if any(isinstance(x, str) and x.lower() == "auto" for x in items):  # the layer scan's pick (scan.py)
-        from steerstrength.scan import scan_layers
-
-        scanned = scan_layers(model, positive, negative, batch_size=batch_size).chosen
-        items = [x for x in items if not (isinstance(x, str) and x.lower() == "auto")] + [scanned]
-        from steerstrength.config import resolve_layers
-
-        layers = resolve_layers(items, model.n_layers)
-    else:
-        layers = parse_layers(layers, model.n_layers)
+    if any(isinstance(x, str) and x.lower() == "auto" for x in items):
+        raise InputError("layers 'auto' is the layer scan's pick: give it as a number (ss.scan_layers(model, P, N)."
+                         "chosen); `steerstrength vectors --layers auto` and `run` scan for you")
+    layers = parse_layers(layers, model.n_layers)
     if len(positive) < 2 or len(negative) < 2:
         raise InputError(f"P has {len(positive)} and N has {len(negative)} texts; each needs at least 2")
     if resamples < 0:
@@ -777,6 +759,4 @@ def difference_of_means(model: Model, positive: Sequence[str | dict], negative: 
                                      resamples=resamples, seed=seed)),
         **settings,
     )
-    if scanned is not None:
-        meta["auto_layer"] = scanned
     return SteeringVectors(vectors, meta, replicates)

@@ -418,8 +418,6 @@ def concept_verdicts(concept: str, scores, *, n_boot: int, seed: int) -> list[Ve
 
 def xent_verdicts(summary: dict) -> list[Verdict]:
     """Thm 3.8 for v and the controls (generic), and v's curvature against the controls' (concept-specific)."""
-    from steerstrength.report import _key
-
     per_vector, controls = summary.get("per_vector") or {}, summary.get("controls") or {}
     out = []
     for key, s in per_vector.items():
@@ -514,7 +512,7 @@ def mmlu_verdicts(mmlu, questions=None, *, n_boot: int = 2000, seed: int = 0) ->
 
 
 def run_verdicts(run) -> "pd.DataFrame":
-    """Every verdict of a run directory (plots.RunTables) as rows (the Verdict fields): the report renders them."""
+    """Every verdict of a run directory (run_tables.RunTables) as rows (the Verdict fields): the report renders them."""
     import pandas as pd
 
     from steerstrength.config import ControlsConfig

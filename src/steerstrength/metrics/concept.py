@@ -105,10 +105,8 @@ class SamplingSettings:
 
 def one_layer(vectors) -> tuple[list, int]:
     """(the SteeringVectors as a list, their one layer): one decode loop steers one block."""
-    from steerstrength.vectors import SteeringVector
-
-    svs = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
-    if not svs or not all(isinstance(sv, SteeringVector) for sv in svs):
+    svs = [vectors] if hasattr(vectors, "layer") else list(vectors)
+    if not svs or not all(hasattr(sv, "vector") and isinstance(getattr(sv, "layer", None), int) for sv in svs):
         raise InputError("give a SteeringVector or a list of them (ss.SteeringVectors.load(FILE)[layer])")
     layers = sorted({sv.layer for sv in svs})
     if len(layers) != 1:
@@ -565,7 +563,6 @@ def concept_probability(model: Model, vectors, concept: str, section: "ConceptCo
     from steerstrength.grid import AlphaGrid
     from steerstrength.judges import judge_accuracy
     from steerstrength.prompts import evaluation_prompts
-    from steerstrength.vectors import direction_of
 
     section = section or ConceptConfig()
     svs, layer = one_layer(vectors)
@@ -573,7 +570,7 @@ def concept_probability(model: Model, vectors, concept: str, section: "ConceptCo
         alphas = AlphaGrid.symmetric(section.alpha_max, section.n_alphas, zero=False, unit="resid")
     raw = [as_alphas(sv.raw_alphas(alphas, model) if isinstance(alphas, AlphaGrid) else alphas).tolist()
            for sv in svs]
-    directions = [direction_of(sv) for sv in svs]
+    directions = [sv.direction for sv in svs]
     if len(set(directions)) != len(directions):
         raise InputError(f"the vectors' directions repeat ({', '.join(directions)}); give each direction once")
     n_completions, judges = section.completions, judges or [section.judge]
