@@ -166,6 +166,7 @@ class ControlsConfig:
     n_xent: Optional[int] = None  # Delta CE sweeps of random directions; None: n_random
     n_concept: Optional[int] = None  # steered generations of random directions; None: n_random
     n_depth: Optional[int] = None  # per layer of the depth profile; None: n_random
+    n_mmlu: Optional[int] = None  # MMLU sweeps of random directions (Fig. A.6's rule, pooled); None: n_random
     n_bootstrap: int = 2000  # resamples of contexts / prompts behind every verdict's 95% interval (verdicts.py)
     n_sweep: int = 0  # random directions a `steerstrength sweep X` command steers beside v unless --controls says
 
@@ -325,22 +326,22 @@ def preset(name: str) -> RunConfig:
         # stream is in Prop. 4.1's limit regime, whose top tokens are LN(v) W^T's rare strings).
         cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=128, n_contexts=6, top_k=100)
         # Log-spaced to 16x the residual norm: dense near 0 for Thm 3.8's quadratic, far enough for the plateau of
-        # Prop. 4.1 (the limit stage reaches TV 0.2 at ~10x); the curvature on the same 512 tokens as Delta CE.
-        cfg.xent = XentConfig(n_tokens=512, seq_len=64, alpha_max=16.0, n_alphas=24, chunk_windows=4,
+        # Prop. 4.1 (the limit stage reaches TV 0.2 at ~10x); the curvature on the same 384 tokens as Delta CE.
+        cfg.xent = XentConfig(n_tokens=384, seq_len=64, alpha_max=16.0, n_alphas=24, chunk_windows=4,
                               curvature_tokens=None, spacing="log")
         # Text at the scanned layer stays fluent to ~0.5 and degenerates past ~1.2 x the residual norm (measured).
         # 8 prompts x 8 completions = 64 per alpha under v: a Wilson 95% half-width of at most 0.12 at any rate; the
         # random directions 8 x 2 each (their rate at alpha_max is the judge's false-positive baseline).
         cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=8, completions=8,
-                                    control_completions=2, max_new_tokens=24)
+                                    control_completions=2, max_new_tokens=20)
         # The real MMLU test set, 4 subjects x 3 questions (each subject's first 5 questions are its shots); Fig.
         # A.6's rule reads the grid's two ends against alpha = 0.
         cfg.mmlu = MmluConfig(source="mmlu", subjects=["high_school_geography", "marketing", "nutrition", "sociology"],
                               k_shot=2, alpha_max=1.0, n_alphas=3, max_questions=3)
         cfg.limit.alphas = [1e1, 1e2, 1e3, 1e4]
         cfg.depth = DepthConfig(every=6, alpha_max=1.5, n_alphas=32, n_contexts=3)
-        cfg.recommend = RecommendConfig(n_prompts=3, completions=3, max_new_tokens=24, n_alphas=4)
-        cfg.controls = ControlsConfig(n_random=4, n_xent=2, n_concept=2, n_depth=1)
+        cfg.recommend = RecommendConfig(n_prompts=3, completions=3, max_new_tokens=16, n_alphas=4)
+        cfg.controls = ControlsConfig(n_random=4, n_xent=2, n_concept=2, n_depth=1, n_mmlu=2)
         return cfg
     raise InputError(f"unknown preset {name!r}; use demo or paper")
 
@@ -545,7 +546,7 @@ MINIMUM = {  # integer keys: the smallest valid value
     "recommend.refine_steps": 0, "recommend.sweet_spot_refine_steps": 0, "recommend.n_target": 1,
     "recommend.batch_size": 1,
     "controls.n_random": 0, "controls.n_xent": 0, "controls.n_concept": 0, "controls.n_bootstrap": 100,
-    "controls.n_sweep": 0, "controls.n_depth": 0,
+    "controls.n_sweep": 0, "controls.n_depth": 0, "controls.n_mmlu": 0,
     "ray.num_cpus_per_model": 1, "ray.max_retries": 0, "ray.actors_per_model": 1,
 }
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators all take seeds in [0, 2**32) (prompts add offsets < 2**22)
@@ -554,7 +555,7 @@ GRID_MAX = 100_000  # alphas in one grid (the paper's largest has 1024): every a
 MAXIMUM = {"seed": SEED_MAX, **{key: GRID_MAX for key in MINIMUM if key.endswith(".n_alphas")}}  # else INT_MAX
 OPTIONAL = ("vectors.max_length", "tokens.n_contexts", "xent.curvature_tokens", "mmlu.max_questions",
             "concept.control_completions",
-            "controls.n_xent", "controls.n_concept", "controls.n_depth",
+            "controls.n_xent", "controls.n_concept", "controls.n_depth", "controls.n_mmlu",
             "ray.num_gpus_per_model", "ray.memory_gb")  # None: off / all / none
 POSITIVE = ("prompts.temperature", "concept.temperature", "tokens.alpha_max", "depth.alpha_max", "xent.alpha_max", "concept.alpha_max",
             "mmlu.alpha_max", "recommend.kl_budget", "ray.num_gpus_per_model", "ray.memory_gb")  # floats: positive and finite

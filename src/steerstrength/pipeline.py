@@ -81,7 +81,7 @@ class Context:
     def n_controls(self, stage: str) -> int:
         """Random directions per vector in `stage` (the controls section)."""
         c = self.cfg.controls
-        n = {"xent": c.n_xent, "concept": c.n_concept, "depth": c.n_depth}.get(stage)
+        n = {"xent": c.n_xent, "concept": c.n_concept, "depth": c.n_depth, "mmlu": c.n_mmlu}.get(stage)
         return c.n_random if n is None else n
 
     def prompt_texts(self, concept: str) -> tuple[list[str], list[str]]:
