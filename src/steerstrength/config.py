@@ -324,7 +324,7 @@ def preset(name: str) -> RunConfig:
         cfg.vectors.normalize = True
         # +/-1.5 x the residual norm: concept words bump inside the grid at the scanned layer (beyond ~3x the
         # stream is in Prop. 4.1's limit regime, whose top tokens are LN(v) W^T's rare strings).
-        cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=128, n_contexts=6, top_k=100)
+        cfg.tokens = TokensConfig(alpha_max=1.5, n_alphas=96, n_contexts=6, top_k=100)
         # Log-spaced to 16x the residual norm: dense near 0 for Thm 3.8's quadratic, far enough for the plateau of
         # Prop. 4.1 (the limit stage reaches TV 0.2 at ~10x); the curvature on the same 384 tokens as Delta CE.
         cfg.xent = XentConfig(n_tokens=384, seq_len=64, alpha_max=16.0, n_alphas=24, chunk_windows=4,
@@ -333,13 +333,13 @@ def preset(name: str) -> RunConfig:
         # 8 prompts x 8 completions = 64 per alpha under v: a Wilson 95% half-width of at most 0.12 at any rate; the
         # random directions 8 x 2 each (their rate at alpha_max is the judge's false-positive baseline).
         cfg.concept = ConceptConfig(judge="probe", alpha_max=1.0, n_alphas=9, n_prompts=8, completions=8,
-                                    control_completions=2, max_new_tokens=20)
+                                    control_completions=2, max_new_tokens=18)
         # The real MMLU test set, 4 subjects x 3 questions (each subject's first 5 questions are its shots); Fig.
         # A.6's rule reads the grid's two ends against alpha = 0.
         cfg.mmlu = MmluConfig(source="mmlu", subjects=["high_school_geography", "marketing", "nutrition", "sociology"],
                               k_shot=2, alpha_max=1.0, n_alphas=3, max_questions=3)
         cfg.limit.alphas = [1e1, 1e2, 1e3, 1e4]
-        cfg.depth = DepthConfig(every=6, alpha_max=1.5, n_alphas=32, n_contexts=3)
+        cfg.depth = DepthConfig(every=6, alpha_max=1.5, n_alphas=24, n_contexts=3)
         cfg.recommend = RecommendConfig(n_prompts=3, completions=3, max_new_tokens=16, n_alphas=4)
         cfg.controls = ControlsConfig(n_random=4, n_xent=2, n_concept=2, n_depth=1, n_mmlu=2)
         return cfg
