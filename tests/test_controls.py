@@ -109,6 +109,8 @@ def test_thm_3_6_gets_an_interval_over_prompts():
     assert rising["verdict"] == V.AGREES and V.SIGMOID_SPEARMAN < rising["low"] <= rising["high"] <= 1
     flat = _sigmoid(_scores(lambda a: 0.3, 12))
     assert flat["verdict"] in (V.DISAGREES, V.INCONCLUSIVE) and flat["low"] < V.SIGMOID_SPEARMAN
+    never = _sigmoid(_scores(lambda a: 0.0, 12))  # the judge finds the concept at no alpha: no rise
+    assert never["verdict"] == V.DISAGREES and never["high"] == 0.0
     few = _sigmoid(_scores(lambda a: 0.5 + 0.3 * np.tanh(a), 2, n_completions=2))
     assert few["verdict"] == V.INCONCLUSIVE and few["n_more"] > 0
 

@@ -231,6 +231,9 @@ def sigmoid_verdict(rows, cur: dict, *, n_boot: int, seed: int) -> dict:
     est = abs(rho) if rho is not None and math.isfinite(rho) else math.nan
     base = dict(estimate=est, low=math.nan, high=math.nan, threshold=SIGMOID_SPEARMAN, r2=r2,
                 n=int(rows["prompt_index"].nunique()))
+    if str(fit.get("status", "")).startswith("flat curve") and span is not None:
+        # The judge's rate is the same at every fluent alpha: no rise at all (|rho| 0), however many prompts.
+        return dict(base, estimate=0.0, low=0.0, high=0.0, verdict=DISAGREES, n_more=0.0)
     if span is None or r2 is None or not math.isfinite(est):
         return dict(base, verdict=INCONCLUSIVE, n_more=math.inf)
     inside = rows[rows["alpha"].between(*span)]
