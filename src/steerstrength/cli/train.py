@@ -8,27 +8,32 @@ from typing import Optional
 import typer
 
 from steerstrength.cli.common import check_seed, log, progress_bar
+from steerstrength.config import TrainTinyConfig
+
+TRAIN = TrainTinyConfig()  # the options' defaults: config.py is their one home
 
 
 def train_tiny(
     out: Path = typer.Option(..., "--out", "-o", help="The model directory to write (loads with --model DIR)."),
-    minutes: float = typer.Option(15.0, "--minutes", help="Wall-clock budget of the whole command."),
+    minutes: float = typer.Option(TRAIN.minutes, "--minutes", help="Wall-clock budget of the whole command."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps at most; default: as many as fit "
                                                               "in --minutes (the cosine schedule spans them)."),
-    d_model: int = typer.Option(176, "--d-model", help="Width; 176 gives 9.07 M parameters (8.65 M embedding)."),
-    n_head: int = typer.Option(4, "--n-head"),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training window (= the model's n_positions)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per step."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW; linear warmup, cosine decay to 0)."),
-    warmup: float = typer.Option(0.05, "--warmup", help="Warmup, as a fraction of the steps."),
-    upper_fraction: float = typer.Option(0.1, "--upper-fraction", help="Share of training paragraphs upper-cased "
-                                                                       "(so that the model knows the concept)."),
-    eval_every: int = typer.Option(50, "--eval-every", help="Held-out loss every N steps."),
-    seed: int = typer.Option(0, "--seed"),
+    d_model: int = typer.Option(TRAIN.d_model, "--d-model",
+                                help="Width; 176 gives 9.07 M parameters (8.65 M embedding)."),
+    n_head: int = typer.Option(TRAIN.n_head, "--n-head"),
+    seq_len: int = typer.Option(TRAIN.seq_len, "--seq-len",
+                                help="Tokens per training window (= the model's n_positions)."),
+    batch_size: int = typer.Option(TRAIN.batch_size, "--batch-size", help="Windows per step."),
+    lr: float = typer.Option(TRAIN.lr, "--lr", help="Peak learning rate (AdamW; linear warmup, cosine decay to 0)."),
+    warmup: float = typer.Option(TRAIN.warmup, "--warmup", help="Warmup, as a fraction of the steps."),
+    upper_fraction: float = typer.Option(TRAIN.upper_fraction, "--upper-fraction",
+                                         help="Share of training paragraphs upper-cased (so that the model knows the "
+                                              "concept)."),
+    eval_every: int = typer.Option(TRAIN.eval_every, "--eval-every", help="Held-out loss every N steps."),
+    seed: int = typer.Option(TRAIN.seed, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
 ) -> None:
     """Train a 1-layer GPT (~9 M parameters, SmolLM2's tokenizer) on CPU on the Wikipedia paragraphs (Fig. A.4)."""
-    from steerstrength.config import TrainTinyConfig
     from steerstrength.train_tiny import train_tiny as train
 
     check_seed(seed)
