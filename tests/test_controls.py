@@ -137,7 +137,8 @@ def test_decide_reads_the_interval_against_the_threshold():
 
 from test_pipeline import config, run, tiny_dir  # noqa: E402,F401 - the fixture
 
-CONTROLS = ["controls.n_random=3", "controls.n_xent=2", "controls.n_concept=2", "tokens.n_contexts=6"]
+CONTROLS = ["controls.n_random=3", "controls.n_xent=2", "controls.n_concept=2", "controls.n_mmlu=2",
+            "tokens.n_contexts=6"]
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,8 @@ def null_run(tiny_dir, tmp_path_factory):  # noqa: F811
 def test_controls_are_rows_of_every_table_and_readers_see_v(null_run):
     from steerstrength.run_tables import RunTables
 
-    want = {"tokens": 4, "tokens_top": 4, "limit": 4, "xent": 3, "concept_scores": 3, "concept_curve": 3, "mmlu": 4,
-            "mmlu_questions": 4, "depth": 2, "depth_top": 2}
+    want = {"tokens": 4, "tokens_top": 4, "limit": 4, "xent": 3, "concept_scores": 3, "concept_curve": 3, "mmlu": 3,
+            "mmlu_questions": 3, "depth": 2, "depth_top": 2}  # each stage's own count of random directions
     for name, n in want.items():
         t = pd.read_parquet(null_run / "tables" / f"{name}.parquet")
         assert sorted(t["direction"].unique()) == [f"random-{k}" for k in range(n - 1)] + ["v"], name
