@@ -28,7 +28,7 @@ def same_table(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 
 # The run's sizes (test_pipeline.SMALL) as the sweep commands' options; everything else is the demo preset's.
-# The random directions too: the demo's controls section (n_random 4, n_xent 2, n_concept 2).
+# The random directions too: the demo's controls section (n_random 4, n_xent 2, n_concept 2, n_mmlu 2).
 SWEEPS = {
     "tokens": (["--n-alphas", "16", "--n-contexts", "2", "--top-k", "5", "--controls", "4"],
                ["tokens.parquet", "tokens_top.parquet"]),
@@ -36,7 +36,7 @@ SWEEPS = {
     "xent": (["--max-tokens", "96", "--seq-len", "8", "--n-alphas", "6", "--controls", "2"], ["xent.parquet"]),
     "concept": (["--n-alphas", "3", "--completions", "1", "--n-prompts", "1", "--max-new-tokens", "4", "--controls",
                  "2"], ["concept_scores.parquet", "concept_curve.parquet", "concept_completions.jsonl"]),
-    "mmlu": (["--limit", "2", "--n-alphas", "3", "--k-shots", "1", "--controls", "4"],
+    "mmlu": (["--limit", "2", "--n-alphas", "3", "--k-shots", "1", "--controls", "2"],
              ["mmlu.parquet", "mmlu_questions.parquet"]),
 }
 
