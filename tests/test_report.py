@@ -46,7 +46,10 @@ def test_the_page_is_self_contained(full_report):
 def test_the_page_holds_config_stages_and_findings(full_report):
     page = full_report.read_text()
     run = full_report.parent
-    assert "[tokens]" in page and "n_alphas = 256" in page  # config.toml
+    from steerstrength.config import tomllib  # tomllib, or tomli before Python 3.11
+
+    n_alphas = tomllib.loads((run / "config.toml").read_text())["tokens"]["n_alphas"]
+    assert "[tokens]" in page and f"n_alphas = {n_alphas}" in page  # config.toml, as the run wrote it
     for stage in ("prompts", "vectors", "tokens", "xent", "concept", "mmlu", "recommend"):
         assert f"<td>{stage}</td>" in page
     xent = json.loads((run / "tables" / "xent.json").read_text())["per_vector"]
